@@ -1,0 +1,129 @@
+/* ivshm_layout.h - the shared-memory ABI of a pyivshmem region.
+ *
+ * Everything another process or another VM sees is defined here and nowhere else: the region
+ * header with its ring directory, the ring control block and the slot headers.  All fields are
+ * little-endian, naturally aligned, fixed-width.  docs/layout.md is the prose twin of this file;
+ * the static asserts at the bottom pin every offset the documentation names.
+ *
+ * Region:  [ header, 4096 bytes ][ ring 0 ][ ring 1 ] ...   (rings are 128-byte aligned)
+ * Ring:    [ control block, 384 bytes: info line | producer line | consumer line ][ slots ]
+ * Slot:    SPSC: [ u32 len | u32 flags | payload ]   MPMC: [ u64 seq | u32 len | u32 flags | payload ]
+ *
+ * Nothing in this file is trusted when read from a mapping: see ivshm_region.c and the rings.
+ */
+#ifndef IVSHM_LAYOUT_H
+#define IVSHM_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define IVSHM_MAGIC            0x314d485356495950ULL /* "PYIVSHM1" as little-endian bytes */
+#define IVSHM_MAGIC_FORMATTING 0x2a2a2a2a2a2a2a2aULL /* "********": a formatter is at work */
+#define IVSHM_LAYOUT_VERSION   1u
+#define IVSHM_HDR_SIZE         4096u
+#define IVSHM_MIN_REGION_SIZE  8192u           /* header + one small ring */
+#define IVSHM_NAME_MAX         32u             /* bytes including the terminating NUL */
+#define IVSHM_MAX_RINGS        62u             /* (4096 - 128) / 64 directory entries */
+#define IVSHM_LINE             128u            /* separation of producer/consumer fields */
+#define IVSHM_RING_ALIGN       128u
+#define IVSHM_RING_MAGIC       0x474e495248535649ULL /* "IVSHRING" */
+
+#define IVSHM_KIND_SPSC 1u
+#define IVSHM_KIND_MPMC 2u
+
+#define IVSHM_DESC_FREE  0u
+#define IVSHM_DESC_READY 1u
+
+#define IVSHM_SLOT_MORE  1u /* flags: this chunk is followed by another of the same message */
+#define IVSHM_SLOT_FLAGS_VALID IVSHM_SLOT_MORE
+
+#define IVSHM_SPSC_SLOT_HDR 8u
+#define IVSHM_MPMC_SLOT_HDR 16u
+#define IVSHM_MAX_SLOT_SIZE (1u << 30)         /* payload bytes per slot */
+#define IVSHM_MAX_CAPACITY  (1u << 30)         /* slots per ring */
+
+/* One directory entry.  `state` is the only field written after creation; it is published with a
+ * release store once every other field (and the ring's control block) is in place, and read with
+ * an acquire load (ivshm_region.c). */
+struct ivshm_ring_desc {
+    char     name[IVSHM_NAME_MAX]; /*  0: NUL-terminated, NUL-padded */
+    uint32_t state;                /* 32: IVSHM_DESC_FREE / IVSHM_DESC_READY */
+    uint32_t kind;                 /* 36: IVSHM_KIND_* */
+    uint64_t offset;               /* 40: of the control block, from the region's base */
+    uint64_t size;                 /* 48: control block + slots, bytes */
+    uint32_t slot_size;            /* 56: largest payload of one slot, bytes */
+    uint32_t capacity;             /* 60: slots, a power of two */
+};
+
+struct ivshm_region_hdr {
+    uint64_t magic;        /*   0: IVSHM_MAGIC once formatted */
+    uint32_t version;      /*   8: IVSHM_LAYOUT_VERSION */
+    uint32_t hdr_size;     /*  12: IVSHM_HDR_SIZE */
+    uint64_t region_size;  /*  16: bytes, a power of two */
+    uint64_t generation;   /*  24: new random value on every (re)format */
+    uint32_t max_rings;    /*  32: IVSHM_MAX_RINGS */
+    uint32_t nrings;       /*  36: entries handed out (informational) */
+    uint64_t alloc_off;    /*  40: first free byte for the next ring; only under `lock` */
+    uint64_t lock;         /*  48: directory lock, 0 = free, else the holder's token */
+    uint64_t lock_time;    /*  56: CLOCK_MONOTONIC ns when taken (diagnostics only) */
+    uint8_t  reserved[64]; /*  64 */
+    struct ivshm_ring_desc rings[IVSHM_MAX_RINGS]; /* 128 */
+};
+
+/* A ring's control block.  Line 0 is written once by the creator, before the directory entry is
+ * published.  Line 1 is written only by producers, line 2 only by consumers, so the two sides
+ * never write the same 128-byte pair of cache lines. */
+struct ivshm_ring_ctrl {
+    /* line 0: immutable description, checked against the directory on attach */
+    uint64_t magic;          /*   0: IVSHM_RING_MAGIC */
+    uint32_t kind;           /*   8 */
+    uint32_t slot_size;      /*  12 */
+    uint32_t capacity;       /*  16 */
+    uint32_t stride;         /*  20: bytes from one slot to the next */
+    uint64_t generation;     /*  24: the region's generation when the ring was made */
+    uint8_t  pad0[IVSHM_LINE - 32];
+    /* line 1: producer side */
+    uint64_t head;           /* 128: SPSC: next index to publish; MPMC: next index to claim */
+    uint32_t prod_waiting;   /* 136: producers asleep on a full ring (wake-up protocol) */
+    uint32_t prod_peer;      /* 140: doorbell routing: ring this peer id ... */
+    uint32_t prod_vector;    /* 144: ... on this vector to wake a producer */
+    uint32_t prod_flags;     /* 148: bit 0: prod_peer/prod_vector are valid */
+    uint8_t  pad1[IVSHM_LINE - 24];
+    /* line 2: consumer side */
+    uint64_t tail;           /* 256: SPSC: next index to consume; MPMC: next index to claim */
+    uint32_t cons_waiting;   /* 264: consumers asleep on an empty ring */
+    uint32_t cons_peer;      /* 268 */
+    uint32_t cons_vector;    /* 272 */
+    uint32_t cons_flags;     /* 276: bit 0: cons_peer/cons_vector are valid */
+    uint8_t  pad2[IVSHM_LINE - 24];
+};
+
+#define IVSHM_ROUTE_VALID 1u
+
+struct ivshm_spsc_slot_hdr {
+    uint32_t len;   /* payload bytes in this slot */
+    uint32_t flags; /* IVSHM_SLOT_MORE */
+};
+
+struct ivshm_mpmc_slot_hdr {
+    uint64_t seq;   /* Vyukov sequence: == index when free, == index + 1 when full */
+    uint32_t len;
+    uint32_t flags;
+};
+
+#define IVSHM_CTRL_SIZE ((uint32_t)sizeof(struct ivshm_ring_ctrl))
+
+_Static_assert(sizeof(struct ivshm_ring_desc) == 64, "directory entry is 64 bytes");
+_Static_assert(sizeof(struct ivshm_region_hdr) == IVSHM_HDR_SIZE, "region header is 4096 bytes");
+_Static_assert(offsetof(struct ivshm_region_hdr, rings) == 128, "directory starts at 128");
+_Static_assert(offsetof(struct ivshm_region_hdr, generation) == 24, "generation at 24");
+_Static_assert(offsetof(struct ivshm_region_hdr, lock) == 48, "lock at 48");
+_Static_assert(sizeof(struct ivshm_ring_ctrl) == 3 * IVSHM_LINE, "control block is 384 bytes");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, head) == IVSHM_LINE, "head on line 1");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, tail) == 2 * IVSHM_LINE, "tail on line 2");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, cons_waiting) == 264, "cons_waiting at 264");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, prod_waiting) == 136, "prod_waiting at 136");
+_Static_assert(sizeof(struct ivshm_spsc_slot_hdr) == IVSHM_SPSC_SLOT_HDR, "spsc slot header");
+_Static_assert(sizeof(struct ivshm_mpmc_slot_hdr) == IVSHM_MPMC_SLOT_HDR, "mpmc slot header");
+
+#endif /* IVSHM_LAYOUT_H */

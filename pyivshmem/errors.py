@@ -1,0 +1,112 @@
+"""The exception hierarchy, and the one place that turns C error codes into exceptions.
+
+Every exception is an :class:`IvshmemError` and also the builtin a caller would catch anyway
+(``ValueError``, ``TimeoutError``, ``ConnectionError``, ``OSError``, ...).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+
+__all__ = [
+    "IvshmemError",
+    "ConfigError",
+    "RegionFormatError",
+    "StaleRegionError",
+    "CorruptionError",
+    "MessageTooLargeError",
+    "WaitTimeout",
+    "StallError",
+    "ClosedError",
+    "ProtocolError",
+    "PeerDisconnected",
+    "DeviceError",
+    "error_from_code",
+]
+
+
+class IvshmemError(Exception):
+    """Root of every error pyivshmem raises."""
+
+
+class ConfigError(IvshmemError, ValueError):
+    """A bad argument: a size that is not a power of two, an unknown ring kind, a name too long."""
+
+
+class RegionFormatError(IvshmemError, ValueError):
+    """The memory is not a pyivshmem region (bad magic, unknown layout version, wrong size)."""
+
+
+class StaleRegionError(IvshmemError, RuntimeError):
+    """The region was re-formatted (its generation changed) since this side attached to it."""
+
+
+class CorruptionError(IvshmemError, RuntimeError):
+    """A shared-memory invariant of one ring is violated; other rings are unaffected.
+
+    ``ring`` names the ring; the message says which field held what.
+    """
+
+    def __init__(self, message: str, ring: str | None = None):
+        super().__init__(message)
+        self.ring = ring
+
+
+class MessageTooLargeError(IvshmemError, ValueError):
+    """A message longer than the ring can carry, or than the caller's buffer can hold."""
+
+
+class WaitTimeout(IvshmemError, TimeoutError):
+    """A blocking send/recv/wait ran out of time."""
+
+
+class StallError(WaitTimeout):
+    """An MPMC slot was claimed by a producer (or consumer) that never finished with it."""
+
+
+class ClosedError(IvshmemError, ValueError):
+    """An operation on a region, ring, channel or peer that was already closed."""
+
+
+class ProtocolError(IvshmemError, ConnectionError):
+    """An ivshmem server or client broke the protocol (IVSHMEM.md section 2)."""
+
+
+class PeerDisconnected(IvshmemError, ConnectionError):
+    """The peer or server at the other end went away."""
+
+
+class DeviceError(IvshmemError, OSError):
+    """A PCI/VFIO problem inside a guest (not root, device missing, VFIO not usable)."""
+
+
+def error_from_code(code: int, context: str, detail: str | None = None) -> Exception:
+    """Map a negative errno from the C core to the matching exception.
+
+    ``context`` says what was being done ("send on ring 'jobs'"); ``detail`` is the C core's own
+    explanation where it has one (which field held which value).
+    """
+    code = -code if code < 0 else code
+    msg = context if not detail else f"{context}: {detail}"
+    if code == _errno.EPROTO:
+        return CorruptionError(msg)
+    if code == _errno.EMSGSIZE:
+        return MessageTooLargeError(msg)
+    if code == _errno.ETIMEDOUT:
+        return WaitTimeout(msg)
+    if code == _errno.EDEADLK:
+        return StallError(msg)
+    if code == _errno.ESTALE:
+        return StaleRegionError(msg)
+    if code in (_errno.EINVAL, _errno.ERANGE, _errno.ENAMETOOLONG):
+        return ConfigError(msg)
+    if code in (_errno.EBADMSG, _errno.ENOEXEC):
+        return RegionFormatError(msg)
+    if code == _errno.ENOENT:
+        return KeyError(msg)
+    if code == _errno.EEXIST:
+        return FileExistsError(code, msg)
+    if code == _errno.ENOSPC:
+        err = IvshmemError(msg)
+        return err
+    return OSError(code, f"{msg}: {_os.strerror(code)}")

@@ -1,0 +1,74 @@
+"""Build of pyivshmem: one Cython extension (the ring hot path) and cffi API-mode modules.
+
+Environment switches:
+  PYIVSHMEM_DEBUG=1      -O0 -g, assertions on
+  PYIVSHMEM_SANITIZE=address,undefined | thread   compile and link with those sanitizers
+Each cffi module is described by a script pyivshmem/_build/ffi_*.py defining `ffibuilder`.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"
+
+
+def _flags():
+    cflags = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"]
+    ldflags = []
+    if os.environ.get("PYIVSHMEM_DEBUG"):
+        cflags += ["-O0", "-g", "-UNDEBUG"]
+    else:
+        cflags += ["-O2"]
+    san = os.environ.get("PYIVSHMEM_SANITIZE")
+    if san:
+        cflags += ["-fsanitize=" + san, "-fno-omit-frame-pointer", "-g"]
+        ldflags += ["-fsanitize=" + san]
+    return cflags, ldflags
+
+
+CFLAGS, LDFLAGS = _flags()
+CORE_SOURCES = sorted(
+    os.path.join(CSRC, f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c")
+)
+
+
+class BuildPy(build_py):
+    """Ship the C core's headers inside the package (pyivshmem/include) for C programs."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "pyivshmem", "include")
+        os.makedirs(dest, exist_ok=True)
+        for h in glob.glob(os.path.join(HERE, CSRC, "*.h")):
+            shutil.copy(h, dest)
+
+
+ring_ext = Extension(
+    "pyivshmem._ring",
+    sources=["pyivshmem/_ring.pyx"] + CORE_SOURCES,
+    include_dirs=[CSRC],
+    extra_compile_args=CFLAGS,
+    extra_link_args=LDFLAGS,
+)
+
+
+def _cythonize(exts):
+    from Cython.Build import cythonize
+
+    return cythonize(
+        exts,
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+    )
+
+
+setup(
+    ext_modules=_cythonize([ring_ext]),
+    cffi_modules=[
+        f"{p}:ffibuilder" for p in sorted(glob.glob("pyivshmem/_build/ffi_*.py"))
+    ],
+    cmdclass={"build_py": BuildPy},
+)

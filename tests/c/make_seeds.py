@@ -1,0 +1,83 @@
+"""Write the seed inputs of the fuzz harnesses into corpus/region and corpus/rings.
+
+Region seeds are real region images made through the Python API (so the C harness also reads
+what Python wrote) in raw mode, plus patch-mode scripts; ring seeds are short operation scripts.
+The seeds are committed; rerun this only to regenerate them:
+    PYTHONPATH=../.. python make_seeds.py
+Crash reproducers found later are added to the same directories by hand (see docs/hardening.md).
+"""
+import os
+import random
+import struct
+import tempfile
+
+from pyivshmem import Region
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def region_image(size, rings):
+    fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="pyivshmem-seed-")
+    os.close(fd)
+    os.unlink(path)
+    try:
+        with Region.create(path, size) as r:
+            for name, kind, slot, cap, msgs, take in rings:
+                q = r.create_ring(name, kind, slot_size=slot, capacity=cap)
+                for m in msgs:
+                    assert q.try_send(m)
+                for _ in range(take):
+                    q.try_recv()
+                q.close()
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def write(sub, name, data):
+    d = os.path.join(HERE, "corpus", sub)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    rnd = random.Random(1234)
+    # raw mode (bit 0), 8 KiB (bits 1-2 = 0): a region with one ring of each kind
+    img = region_image(8192, [
+        ("a", "spsc", 16, 8, [b"x" * n for n in (3, 40, 0, 16)], 1),
+        ("b", "mpmc", 24, 4, [b"m1", b"m2" * 5], 0),
+    ])
+    write("region", "seed-raw-8k-two-rings", bytes([0x01]) + img.rstrip(b"\0"))
+    img = region_image(16384, [
+        ("s%d" % i, "spsc" if i % 2 else "mpmc", 8 + 8 * i, 2 << (i % 3), [b"q" * i], 0) for i in range(6)
+    ])
+    write("region", "seed-raw-16k-six-rings", bytes([0x03]) + img.rstrip(b"\0"))
+    write("region", "seed-raw-empty-format", bytes([0x09]))
+    # patch mode: the harness's own fixture with a few patches on header, directory and rings
+    write("region", "seed-patch-none", bytes([0x00]))
+    write("region", "seed-patch-64k", bytes([0x06]))
+    for i, (off, data) in enumerate([
+        (128 + 40, struct.pack("<Q", 1 << 40)),     # directory entry 0 offset
+        (4096 + 128, struct.pack("<Q", 1000)),      # ring s head
+        (4096 + 256, struct.pack("<Q", 7)),         # ring s tail
+        (4096 + 384 + 4, struct.pack("<I", 1)),     # ring s slot 0 flags
+        (4096 + 640 + 384, struct.pack("<Q", 99)),  # ring m slot 0 seq
+        (8, struct.pack("<I", 2)),                  # version
+    ]):
+        write("region", "seed-patch-%d" % i, bytes([0x00]) + struct.pack("<HB", off, len(data)) + data)
+    # ring scripts: shape byte, then operations (see fuzz_rings.c: op % 20)
+    for i in range(12):
+        ops = bytes(rnd.randrange(256) for _ in range(rnd.randrange(20, 200)))
+        write("rings", "seed-script-%02d" % i, bytes([rnd.randrange(256)]) + ops)
+    # clean traffic only: sends and receives on both rings, no pokes
+    clean = bytearray([0x55])
+    for _ in range(100):
+        clean += bytes([rnd.choice([0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 18]), rnd.randrange(256),
+                        rnd.randrange(256), rnd.randrange(256)])
+    write("rings", "seed-clean-traffic", bytes(clean))
+
+
+if __name__ == "__main__":
+    main()

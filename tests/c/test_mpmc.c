@@ -1,0 +1,343 @@
+/* test_mpmc.c - exactly-once, per-producer-order stress of the MPMC ring with several threads.
+ *
+ * Every message carries {producer id, length, sequence number} in its first 16 bytes and a byte
+ * pattern after that.  Producers send bursts with try_send, send_fixed and claim/commit (committing
+ * a burst's slots in reverse order, so consumers meet claimed-but-uncommitted slots); consumers
+ * take them with try_recv, recv_fixed (zero-padded cells) and claim_recv/verify in place/release.
+ * A shared table marks each (producer, seq) once: a second mark is a duplicate, a missing mark at
+ * the end a loss; each consumer checks that it sees every producer's numbers increasing.
+ */
+#include "tcommon.h"
+
+#define MAXP 4
+#define MAXC 4
+#define HDR 16
+
+struct mpmc_test {
+    struct ivshm_region *region;
+    struct ivshm_ring_info info;
+    int np, nc;
+    uint64_t per_producer;
+    uint64_t total_received; /* atomic */
+    uint8_t *seen[MAXP];
+    double deadline;
+    uint64_t bytes[MAXC];
+    int max_burst;
+};
+
+struct worker {
+    struct mpmc_test *t;
+    int id;
+};
+
+static void make_msg(uint8_t *p, uint32_t pid, uint64_t seq, uint32_t len)
+{
+    memcpy(p, &pid, 4);
+    memcpy(p + 4, &len, 4);
+    memcpy(p + 8, &seq, 8);
+    for (uint32_t j = HDR; j < len; j++)
+        p[j] = tc_byte(pid, seq, j);
+}
+
+static void *mpmc_producer(void *arg)
+{
+    struct worker *w = arg;
+    struct mpmc_test *t = w->t;
+    struct ivshm_mpmc q;
+    const char *why = NULL;
+    CHECKP(ivshm_mpmc_attach(&q, t->region, &t->info, &why) == 0, "attach: %s", why);
+    struct trng rng = {tc_mix(0x5eed + (uint64_t)w->id)};
+    uint32_t slot = t->info.slot_size;
+    uint8_t *arr = malloc((size_t)slot * (size_t)t->max_burst);
+    CHECKP(arr != NULL, "malloc");
+    uint64_t seq = 0, spins = 0;
+    while (seq < t->per_producer && !tc_failed()) {
+        uint32_t len = HDR + (uint32_t)trng_below(&rng, slot - HDR + 1);
+        uint64_t burst = 1 + trng_below(&rng, (uint64_t)t->max_burst);
+        if (burst > t->per_producer - seq)
+            burst = t->per_producer - seq;
+        int api = (int)trng_below(&rng, 3);
+        int64_t sent = 0;
+        if (api == 0) {
+            make_msg(arr, (uint32_t)w->id, seq, len);
+            int rc = ivshm_mpmc_try_send(&q, arr, len);
+            CHECKP(rc == 0 || rc == -EAGAIN, "try_send = %d (%s)", rc, q.why);
+            sent = rc == 0;
+        } else if (api == 1) {
+            for (uint64_t i = 0; i < burst; i++)
+                make_msg(arr + i * len, (uint32_t)w->id, seq + i, len);
+            sent = ivshm_mpmc_send_fixed(&q, arr, len, burst);
+            CHECKP(sent >= 0 && (uint64_t)sent <= burst, "send_fixed = %" PRId64 " (%s)", sent, q.why);
+        } else {
+            uint64_t pos;
+            int64_t m = ivshm_mpmc_claim_send(&q, burst, &pos);
+            CHECKP(m > 0 || m == -EAGAIN, "claim_send = %" PRId64 " (%s)", m, q.why);
+            if (m > 0) {
+                CHECKP((uint64_t)m <= burst, "claimed %" PRId64 " of %" PRIu64, m, burst);
+                for (int64_t i = 0; i < m; i++)
+                    make_msg(ivshm_mpmc_payload(&q, pos + (uint64_t)i), (uint32_t)w->id,
+                             seq + (uint64_t)i, len);
+                /* commit in reverse: consumers must wait at the first, not skip it */
+                for (int64_t i = m - 1; i >= 0; i--)
+                    ivshm_mpmc_commit_one(&q, pos + (uint64_t)i, len);
+                sent = m;
+            }
+        }
+        seq += (uint64_t)sent;
+        if (!sent) {
+            tc_relax();
+            if ((++spins & 0xffff) == 0)
+                CHECKP(tc_now() < t->deadline, "producer %d stuck at %" PRIu64, w->id, seq);
+        }
+    }
+    free(arr);
+    return NULL;
+}
+
+/* Check one received message; returns its length or -1 after recording a failure. */
+static int64_t check_msg(struct mpmc_test *t, int cid, uint64_t *last, const uint8_t *p, uint64_t len)
+{
+    uint32_t pid, hlen;
+    uint64_t seq;
+    if (len < HDR) {
+        tc_fail(__FILE__, __LINE__, "consumer %d: message of %" PRIu64 " bytes", cid, len);
+        return -1;
+    }
+    memcpy(&pid, p, 4);
+    memcpy(&hlen, p + 4, 4);
+    memcpy(&seq, p + 8, 8);
+    if (pid >= (uint32_t)t->np || hlen != len || seq >= t->per_producer) {
+        tc_fail(__FILE__, __LINE__, "consumer %d: bad header pid=%u len=%u/%" PRIu64 " seq=%" PRIu64,
+                cid, pid, hlen, len, seq);
+        return -1;
+    }
+    for (uint64_t j = HDR; j < len; j++)
+        if (p[j] != tc_byte(pid, seq, j)) {
+            tc_fail(__FILE__, __LINE__, "message %u/%" PRIu64 " byte %" PRIu64 " wrong", pid, seq, j);
+            return -1;
+        }
+    if (last[pid] != UINT64_MAX && seq <= last[pid]) {
+        tc_fail(__FILE__, __LINE__, "consumer %d: producer %u order broken: %" PRIu64 " after %" PRIu64,
+                cid, pid, seq, last[pid]);
+        return -1;
+    }
+    last[pid] = seq;
+    if (__atomic_exchange_n(&t->seen[pid][seq], 1, __ATOMIC_RELAXED)) {
+        tc_fail(__FILE__, __LINE__, "message %u/%" PRIu64 " delivered twice", pid, seq);
+        return -1;
+    }
+    t->bytes[cid] += len;
+    return (int64_t)len;
+}
+
+static void *mpmc_consumer(void *arg)
+{
+    struct worker *w = arg;
+    struct mpmc_test *t = w->t;
+    struct ivshm_mpmc q;
+    const char *why = NULL;
+    CHECKP(ivshm_mpmc_attach(&q, t->region, &t->info, &why) == 0, "attach: %s", why);
+    struct trng rng = {tc_mix(0xc0de + (uint64_t)w->id)};
+    uint32_t slot = t->info.slot_size;
+    uint8_t *arr = malloc((size_t)slot * (size_t)t->max_burst);
+    CHECKP(arr != NULL, "malloc");
+    uint64_t last[MAXP];
+    for (int i = 0; i < MAXP; i++)
+        last[i] = UINT64_MAX;
+    uint64_t total = (uint64_t)t->np * t->per_producer, spins = 0;
+    while (__atomic_load_n(&t->total_received, __ATOMIC_RELAXED) < total && !tc_failed()) {
+        int api = (int)trng_below(&rng, 3);
+        uint64_t burst = 1 + trng_below(&rng, (uint64_t)t->max_burst);
+        int64_t got = 0;
+        if (api == 0) {
+            uint64_t needed = 0;
+            int64_t n = ivshm_mpmc_try_recv(&q, arr, slot, &needed);
+            CHECKP(n >= 0 || n == -EAGAIN, "try_recv = %" PRId64 " (%s)", n, q.why);
+            if (n >= 0) {
+                CHECKP(needed == (uint64_t)n, "needed %" PRIu64 " != %" PRId64, needed, n);
+                if (check_msg(t, w->id, last, arr, (uint64_t)n) < 0)
+                    return NULL;
+                got = 1;
+            }
+        } else if (api == 1) {
+            int64_t n = ivshm_mpmc_recv_fixed(&q, arr, slot, burst);
+            CHECKP(n >= 0, "recv_fixed = %" PRId64 " (%s)", n, q.why);
+            for (int64_t i = 0; i < n; i++) {
+                const uint8_t *cell = arr + (uint64_t)i * slot;
+                uint32_t len;
+                memcpy(&len, cell + 4, 4);
+                CHECKP(len >= HDR && len <= slot, "recv_fixed cell with length %u", len);
+                for (uint32_t j = len; j < slot; j++)
+                    CHECKP(cell[j] == 0, "recv_fixed padding not zeroed");
+                if (check_msg(t, w->id, last, cell, len) < 0)
+                    return NULL;
+            }
+            got = n;
+        } else {
+            uint64_t pos;
+            int64_t m = ivshm_mpmc_claim_recv(&q, burst, &pos);
+            CHECKP(m > 0 || m == -EAGAIN, "claim_recv = %" PRId64 " (%s)", m, q.why);
+            for (int64_t i = 0; i < m; i++) {
+                int64_t len = ivshm_mpmc_msg_len(&q, pos + (uint64_t)i);
+                CHECKP(len >= 0, "msg_len: %s", q.why);
+                if (check_msg(t, w->id, last, ivshm_mpmc_payload(&q, pos + (uint64_t)i), (uint64_t)len) < 0)
+                    return NULL;
+                ivshm_mpmc_release_one(&q, pos + (uint64_t)i);
+            }
+            got = m > 0 ? m : 0;
+        }
+        if (got)
+            __atomic_fetch_add(&t->total_received, (uint64_t)got, __ATOMIC_RELAXED);
+        else {
+            tc_relax();
+            if ((++spins & 0xffff) == 0)
+                CHECKP(tc_now() < t->deadline, "consumer %d stuck (%" PRIu64 " of %" PRIu64 " received)",
+                       w->id, __atomic_load_n(&t->total_received, __ATOMIC_RELAXED), total);
+        }
+    }
+    free(arr);
+    return NULL;
+}
+
+static void run_mpmc(int np, int nc, uint32_t slot, uint32_t cap, int max_burst, uint64_t per,
+                     char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 1u << 20) == 0, "region");
+    struct mpmc_test t;
+    memset(&t, 0, sizeof(t));
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "mpmc", IVSHM_KIND_MPMC, slot, cap, 1, 0, &t.info, &why) == 0,
+          "create: %s", why);
+    t.region = &tr.r;
+    t.np = np;
+    t.nc = nc;
+    t.per_producer = tc_count(per, 1000);
+    t.max_burst = max_burst;
+    t.deadline = tc_now() + 120;
+    for (int i = 0; i < np; i++)
+        CHECK((t.seen[i] = calloc(t.per_producer, 1)) != NULL, "calloc");
+    pthread_t th[MAXP + MAXC];
+    struct worker w[MAXP + MAXC];
+    for (int i = 0; i < nc; i++) {
+        w[i] = (struct worker){&t, i};
+        pthread_create(&th[i], NULL, mpmc_consumer, &w[i]);
+    }
+    for (int i = 0; i < np; i++) {
+        w[nc + i] = (struct worker){&t, i};
+        pthread_create(&th[nc + i], NULL, mpmc_producer, &w[nc + i]);
+    }
+    for (int i = 0; i < np + nc; i++)
+        pthread_join(th[i], NULL);
+    uint64_t missing = 0, bytes = 0;
+    for (int i = 0; i < np; i++) {
+        for (uint64_t s = 0; s < t.per_producer; s++)
+            missing += !t.seen[i][s];
+        free(t.seen[i]);
+    }
+    for (int i = 0; i < nc; i++)
+        bytes += t.bytes[i];
+    if (!tc_failed()) {
+        CHECK(missing == 0, "%" PRIu64 " messages never delivered", missing);
+        struct ivshm_mpmc q;
+        CHECK(ivshm_mpmc_attach(&q, &tr.r, &t.info, &why) == 0, "attach");
+        CHECK(ivshm_mpmc_count(&q) == 0, "ring not empty at the end");
+        uint8_t b[8];
+        CHECK(ivshm_mpmc_try_recv(&q, b, 0, NULL) == -EAGAIN, "a message after the last one");
+    }
+    tregion_free(&tr);
+    snprintf(detail, dn, "%dx%d, %" PRIu64 " messages exactly once, %" PRIu64 " bytes checked", np, nc,
+             (uint64_t)np * t.per_producer, bytes);
+}
+
+static void mpmc_2x2_cap1024(char *d, size_t n) { run_mpmc(2, 2, 64, 1024, 32, 1000000, d, n); }
+static void mpmc_2x2_cap4_burst(char *d, size_t n) { run_mpmc(2, 2, 24, 4, 8, 300000, d, n); }
+static void mpmc_1x1_fifo(char *d, size_t n) { run_mpmc(1, 1, 40, 16, 16, 1000000, d, n); }
+static void mpmc_3x3_cap8(char *d, size_t n) { run_mpmc(3, 3, 32, 8, 4, 150000, d, n); }
+static void mpmc_4x1_cap2(char *d, size_t n) { run_mpmc(4, 1, 16, 2, 2, 100000, d, n); }
+
+/* A producer that claimed a slot and did not commit: consumers stop there, stalled() says where;
+ * the commit lets everything behind it through, in order. */
+static void mpmc_stall_detected(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 8, 1, 0, &info, &why) == 0, "create");
+    struct ivshm_mpmc a, b, c;
+    CHECK(ivshm_mpmc_attach(&a, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&b, &tr.r, &info, &why) == 0 &&
+              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    uint8_t buf[16];
+    uint64_t pos = 99, spos = 0;
+    CHECK(ivshm_mpmc_try_send(&a, "0", 1) == 0, "send 0");
+    CHECK(ivshm_mpmc_claim_send(&a, 1, &pos) == 1 && pos == 1, "claim 1");
+    CHECK(ivshm_mpmc_try_send(&b, "2", 1) == 0, "send 2 behind the claimed slot");
+    CHECK(ivshm_mpmc_stalled(&c, &spos) == 0, "not stalled while message 0 is ready");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == '0', "recv 0");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "consumer waits at the claim");
+    CHECK(ivshm_mpmc_stalled(&c, &spos) == 1 && spos == 1, "stalled() reports slot 1 (got %" PRIu64 ")", spos);
+    CHECK(ivshm_mpmc_count(&c) == 2, "count includes the claim");
+    memcpy(ivshm_mpmc_payload(&a, pos), "1", 1);
+    ivshm_mpmc_commit_one(&a, pos, 1);
+    CHECK(ivshm_mpmc_stalled(&c, &spos) == 0, "not stalled after the commit");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == '1', "recv 1");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == '2', "recv 2");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "empty");
+    /* full ring: -EAGAIN, and the claim of a burst stops at the first taken slot */
+    for (int i = 0; i < 8; i++)
+        CHECK(ivshm_mpmc_try_send(&a, "x", 1) == 0, "fill %d", i);
+    CHECK(ivshm_mpmc_try_send(&a, "x", 1) == -EAGAIN, "full");
+    CHECK(ivshm_mpmc_send_fixed(&a, "xxxx", 1, 4) == 0, "send_fixed on a full ring sends 0");
+    CHECK(ivshm_mpmc_try_send(&a, buf, 17) == -EMSGSIZE, "over the slot size");
+    CHECK(ivshm_mpmc_send_fixed(&a, buf, 17, 1) == -EMSGSIZE, "send_fixed over the slot size");
+    /* a too-small buffer truncates, reports the length and still consumes */
+    uint64_t needed = 0;
+    CHECK(ivshm_mpmc_try_recv(&c, buf, 0, &needed) == 1 && needed == 1, "truncating recv");
+    CHECK(ivshm_mpmc_count(&c) == 7, "truncated message was consumed");
+    tregion_free(&tr);
+    snprintf(detail, dn, "claim without commit seen as stall at slot 1");
+}
+
+/* Bursts of zero messages are no-ops, not a retry loop that ends in -EPROTO. */
+static void mpmc_zero_bursts(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 8, 1, 0, &info, &why) == 0, "create");
+    struct ivshm_mpmc q;
+    CHECK(ivshm_mpmc_attach(&q, &tr.r, &info, &why) == 0, "attach");
+    uint8_t buf[64];
+    uint64_t pos;
+    int64_t rc = ivshm_mpmc_send_fixed(&q, buf, 8, 0);
+    CHECK(rc == 0, "send_fixed of 0 messages = %" PRId64 " (%s)", rc, q.why ? q.why : "");
+    rc = ivshm_mpmc_recv_fixed(&q, buf, 8, 0);
+    CHECK(rc == 0, "recv_fixed of 0 messages on an empty ring = %" PRId64, rc);
+    CHECK(ivshm_mpmc_try_send(&q, "abc", 3) == 0, "send");
+    rc = ivshm_mpmc_recv_fixed(&q, buf, 8, 0);
+    CHECK(rc == 0, "recv_fixed of 0 messages = %" PRId64, rc);
+    rc = ivshm_mpmc_claim_send(&q, 0, &pos);
+    CHECK(rc == 0, "claim_send(0) = %" PRId64, rc);
+    rc = ivshm_mpmc_claim_recv(&q, 0, &pos);
+    CHECK(rc == 0, "claim_recv(0) = %" PRId64, rc);
+    CHECK(ivshm_mpmc_count(&q) == 1, "nothing claimed");
+    CHECK(ivshm_mpmc_try_recv(&q, buf, sizeof(buf), NULL) == 3, "the message is still there");
+    tregion_free(&tr);
+    snprintf(detail, dn, "no-ops");
+}
+
+int main(int argc, char **argv)
+{
+    static const struct tcase cases[] = {
+        {"mpmc_2x2_cap1024", mpmc_2x2_cap1024, 0},
+        {"mpmc_2x2_cap4_burst", mpmc_2x2_cap4_burst, 0},
+        {"mpmc_1x1_fifo", mpmc_1x1_fifo, 0},
+        {"mpmc_3x3_cap8", mpmc_3x3_cap8, 0},
+        {"mpmc_4x1_cap2", mpmc_4x1_cap2, 0},
+        {"mpmc_stall_detected", mpmc_stall_detected, 0},
+        {"mpmc_zero_bursts", mpmc_zero_bursts, 0},
+    };
+    return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
+}

@@ -135,9 +135,9 @@ class Peer:
                 ) from None
             self._sock.setblocking(False)
             self._ws = WaitSet()
-            self._setup(deadline, timeout)
             self._ws.add(self._sock.fileno(), _SOCK_TAG, drain=False)
             self._sock_watched = True
+            self._setup(deadline, timeout)
         except BaseException:
             self._closed = True
             self._release()

@@ -61,6 +61,20 @@ class Conn:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         self.sock.sendmsg([data], anc)
 
+    def flushed(self, timeout: float = 20.0) -> None:
+        """Wait until the client has read everything sent so far (SIOCOUTQ reaches 0)."""
+        import fcntl
+        import termios
+        import time
+
+        end = time.monotonic() + timeout
+        buf = array.array("i", [0])
+        while True:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf, True)
+            if buf[0] == 0 or time.monotonic() > end:
+                return
+            time.sleep(0.001)
+
     def setup(self, my_id: int, *, vectors: int = 1, others: Sequence[int] = (),
               size: int = MiB) -> dict:
         """The well-behaved set-up sequence; returns {peer_id: [server-side eventfds]}."""

@@ -108,6 +108,7 @@ class Peer:
         *,
         timeout: Optional[float] = 5.0,
         format_region: bool = True,
+        vectors: Optional[int] = None,
     ) -> "Peer":
         """Connect to the ivshmem server listening on ``socket_path``.
 
@@ -115,12 +116,20 @@ class Peer:
         memory and my own vectors.  ``format_region`` formats the memory as a pyivshmem region if
         it is still empty (all zeros), as happens on a fresh server.
 
+        ``vectors``: how many vectors of mine to wait for.  None (the default) waits for at least
+        one, then for as many as the other peers have (every peer of a server has the same
+        number), or until the server is quiet for a moment when I am alone.  Pass the server's
+        vector count to wait for exactly that many, and 0 for a server with no vectors (which
+        sends nothing after the memory).  Vectors arriving later are still added.
+
         Raises ProtocolError when the server breaks the protocol or stalls during set-up, and
         ConnectionRefusedError / FileNotFoundError when nothing listens there.
         """
         self = cls()
         self._path = os.fspath(socket_path)
         self._format_region = format_region
+        if vectors is not None and not 0 <= vectors <= MAX_VECTORS:
+            raise ConfigError(f"vectors must be None or 0..{MAX_VECTORS}, not {vectors!r}")
         deadline = _deadline(timeout)
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -137,7 +146,7 @@ class Peer:
             self._ws = WaitSet()
             self._ws.add(self._sock.fileno(), _SOCK_TAG, drain=False)
             self._sock_watched = True
-            self._setup(deadline, timeout)
+            self._setup(deadline, timeout, vectors)
         except BaseException:
             self._closed = True
             self._release()
@@ -188,7 +197,8 @@ class Peer:
         raise OSError(-rc, f"receiving from the ivshmem server at {self._path!r}: "
                            f"{os.strerror(-rc)}")
 
-    def _setup(self, deadline: Optional[float], timeout: Optional[float]) -> None:
+    def _setup(self, deadline: Optional[float], timeout: Optional[float],
+               vectors: Optional[int]) -> None:
         got: List[str] = []
 
         def recv(what: str) -> _Msg:
@@ -233,15 +243,16 @@ class Peer:
         self._map_memory(m.fd)
         got.append("the shared memory")
 
-        # Then: every existing peer's vectors, and finally my own (at least one).  Anything
-        # already queued after my first vector is taken now, so .vectors is complete.
-        while not self._own:
+        # Then: every existing peer's vectors, and finally my own.
+        want = 1 if vectors is None else vectors
+        while len(self._own) < want:
             m = recv(f"the vectors of the existing peers and ours (id {self._id} with an fd)")
             self._handle(m, during_setup=True, got=got)
             got.append(_show(m.value, m.fd).replace(" with an fd", "+fd"))
             if len(got) > 12:
                 got[3:-8] = ["..."]
-        self._rest_of_own_vectors(deadline)
+        if vectors is None:
+            self._rest_of_own_vectors(deadline)
         self._drain_server()
 
     def _rest_of_own_vectors(self, deadline: Optional[float]) -> None:

@@ -106,7 +106,9 @@ class FakeServer:
     connection (``connections`` of them).  When the script returns, the connection stays open
     until the client closes it or the server is stopped, unless the script closed it."""
 
-    def __init__(self, path: str, script: Callable[[Conn], None], *, connections: int = 1):
+    def __init__(self, path: str, script: Callable[[Conn], None], *, connections: int = 1,
+                 linger: bool = False):
+        self.linger = linger  # keep the server-side fds open until stop(), after the client left
         self.path = path
         self.script = script
         self.connections = connections
@@ -140,6 +142,8 @@ class FakeServer:
                                 continue
                             except OSError:
                                 break
+                    if self.linger:
+                        self.stop_event.wait(30)
                 finally:
                     conn.close()
         except BaseException as e:  # reported by stop()
@@ -164,9 +168,9 @@ def fake(sock_dir):
     """fake(script, connections=1) -> FakeServer; all stopped at the end of the test."""
     servers: List[FakeServer] = []
 
-    def start(script, connections: int = 1) -> FakeServer:
+    def start(script, connections: int = 1, linger: bool = False) -> FakeServer:
         srv = FakeServer(os.path.join(sock_dir, f"s{len(servers)}"), script,
-                         connections=connections)
+                         connections=connections, linger=linger)
         servers.append(srv)
         return srv
 
@@ -371,3 +375,197 @@ def test_connect_without_server_says_so(sock_dir):
     s.close()  # a socket file nobody listens on
     with pytest.raises(ConnectionRefusedError, match="is a server running"):
         Peer.connect(path)
+
+
+# ---------------------------------------------------------------------------- vectors=
+def test_connect_waits_for_the_vectors_asked_for(fake):
+    def script(c):
+        c.send(0)
+        c.send(0)
+        c.send(-1, c.memfd())
+        for _ in range(3):
+            c.flushed()  # arrive one by one: the client must keep waiting
+            c.send(0, c.efd())
+
+    srv = fake(script)
+    with Peer.connect(srv.path, vectors=3) as p:
+        assert p.vectors == 3
+
+
+def test_connect_to_a_server_without_vectors(fake):
+    def script(c):
+        c.send(0)
+        c.send(0)
+        c.send(-1, c.memfd())
+
+    srv = fake(script)
+    with Peer.connect(srv.path, vectors=0) as p:
+        assert p.vectors == 0 and p.peers == {}
+        assert p.wait(0) == []
+        with pytest.raises(ConfigError):
+            p.notify(0)
+    with pytest.raises(ConfigError):
+        Peer.connect(srv.path, vectors=65)
+
+
+def test_own_vectors_arriving_late_are_added(fake):
+    go = threading.Event()
+    table = {}
+
+    def script(c):
+        table.update(c.setup(1))
+        go.wait(20)
+        table[1].append(c.efd())
+        c.send(1, table[1][-1])
+
+    srv = fake(script)
+    with Peer.connect(srv.path, vectors=1) as p:
+        assert p.vectors == 1
+        go.set()
+        while p.vectors < 2:
+            p.wait(0.05)
+            assert p.events() == []
+        ring(table[1][1])
+        assert p.wait(5) == [1]
+
+
+# ---------------------------------------------------------------------------- the client CLI
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _client(path: str, *args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyivshmem", "client", "-S", path, *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, **kw,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    pump = getattr(proc, "_pump", None)
+    if pump is not None:
+        pump.join(20)
+    else:
+        proc.stdout.read()
+    proc.stderr.read()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        f.close()
+
+
+def _expect(proc: subprocess.Popen, text: str, timeout: float = 20.0) -> List[str]:
+    """Read the client's output lines until one contains ``text``; all lines read."""
+    import queue
+
+    q = getattr(proc, "_lines", None)
+    if q is None:
+        q = proc._lines = queue.Queue()
+
+        def pump():
+            for line in proc.stdout:
+                q.put(line.rstrip("\n"))
+            q.put(None)
+
+        proc._pump = threading.Thread(target=pump, daemon=True)
+        proc._pump.start()
+    lines: List[str] = []
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            line = q.get(timeout=max(0.0, end - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            raise AssertionError(f"client never printed {text!r}; got {lines!r}")
+        lines.append(line)
+        if text in line:
+            return lines
+
+
+@pytest.mark.timeout(60)
+def test_client_piped_commands(fake):
+    table = {}
+    srv = fake(lambda c: table.update(c.setup(3, vectors=2, others=[1])), linger=True)
+    script = "help\ndump\nint 1 0\nint 1 all\nint all\nint 9 0\nint 1 7\nint x 0\nbogus\n"
+    proc = _client(srv.path, "-v")
+    out, err = proc.communicate(script, timeout=30)
+    assert proc.returncode == 0, err
+    assert "my id is 3, 2 vector(s)" in out
+    assert "peer 1 is connected (2 vector(s))" in out
+    assert "int <peer> <vector>" in out  # help
+    assert "peer 1: 2 vector(s)" in out  # dump
+    assert out.count("notified peer 1 vector 0") == 3
+    assert out.count("notified peer 1 vector 1") == 2
+    assert "error: cannot notify peer 9: not connected" in out
+    assert "error: cannot notify peer 1 on vector 7" in out
+    assert "peer id must be a number" in out
+    assert "invalid command 'bogus'" in out
+    assert drain(table[1][0]) == 3 and drain(table[1][1]) == 2
+    assert "cmd>" not in out  # no prompt when stdin is not a terminal
+
+
+@pytest.mark.timeout(60)
+def test_client_reports_interrupts_and_peers(fake):
+    go = threading.Event()
+    table = {}
+
+    def script(c):
+        table.update(c.setup(2, others=[0]))
+        go.wait(20)
+        ring(table[2][0])
+        c.flushed()
+        table[4] = [c.efd()]
+        c.send(4, table[4][0])
+        c.send(4)
+
+    srv = fake(script)
+    proc = _client(srv.path)
+    try:
+        _expect(proc, "my id is 2")
+        go.set()
+        lines = _expect(proc, "peer 4 left")
+        assert "interrupt on vector 0" in lines
+        assert "peer 4 joined (1 vector(s))" in lines
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        assert proc.wait(20) == 0
+    finally:
+        _finish(proc)
+
+
+@pytest.mark.timeout(60)
+def test_client_exits_when_server_goes_away(fake):
+    go = threading.Event()
+
+    def script(c):
+        c.setup(0)
+        go.wait(20)
+        c.sock.shutdown(socket.SHUT_RDWR)
+
+    srv = fake(script)
+    proc = _client(srv.path)
+    try:
+        _expect(proc, "my id is 0")
+        go.set()
+        _expect(proc, "the server closed the connection")
+        assert proc.wait(20) == 1
+    finally:
+        _finish(proc)
+
+
+def test_client_usage_and_connect_errors(sock_dir):
+    from pyivshmem.client import main
+
+    assert main(["-x"]) == 2
+    assert main(["extra"]) == 2
+    proc = _client(os.path.join(sock_dir, "none"))
+    out, err = proc.communicate("", timeout=30)
+    assert proc.returncode == 1
+    assert "cannot connect to the ivshmem server" in err and "is a server running" in err

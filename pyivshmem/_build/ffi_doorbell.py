@@ -1,10 +1,24 @@
 """cffi build script for pyivshmem._ffi_doorbell: eventfd doorbells, the epoll wait loop, and
 the client side of the ivshmem server protocol (csrc/ivshm_doorbell.c, csrc/ivshm_peer.c)."""
+import importlib.util
 import os
 
 from cffi import FFI
 
-from pyivshmem._build import CSRC, compile_flags
+
+def _build_helpers():
+    # pyivshmem/_build/__init__.py loaded by path: importing the pyivshmem package would need
+    # the extension modules this build is about to produce
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_pyivshmem_build",
+                                                  os.path.join(here, "__init__.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_helpers = _build_helpers()
+CSRC, compile_flags = _helpers.CSRC, _helpers.compile_flags
 
 ffibuilder = FFI()
 ffibuilder.cdef(

@@ -569,3 +569,153 @@ def test_client_usage_and_connect_errors(sock_dir):
     out, err = proc.communicate("", timeout=30)
     assert proc.returncode == 1
     assert "cannot connect to the ivshmem server" in err and "is a server running" in err
+
+
+# ---------------------------------------------------------------------------- the real Server
+@pytest.fixture
+def server(sock_dir):
+    mod = pytest.importorskip("pyivshmem.server",
+                              reason="pyivshmem.server (the real Server) is not on this branch")
+    with mod.Server(os.path.join(sock_dir, "srv"), size="1M", vectors=2) as srv:
+        yield srv
+
+
+def _events_until(p: Peer, pred, timeout: float = 20.0) -> List[PeerEvent]:
+    seen: List[PeerEvent] = []
+    end = time.monotonic() + timeout
+    while not pred(seen):
+        assert time.monotonic() < end, f"no matching events; got {seen!r}"
+        p.wait(0.05)
+        seen += p.events()
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_two_peers_on_the_real_server(server):
+    base = fd_count()
+    with Peer.connect(server.socket_path) as a:
+        assert a.vectors == 2 and a.peers == {}
+        with Peer.connect(server.socket_path) as b:
+            assert b.vectors == 2 and b.peers == {a.id: 2} and b.id != a.id
+            seen = _events_until(a, lambda s: a.peers.get(b.id) == 2)
+            assert [(e.kind, e.peer) for e in seen] == [(JOINED, b.id)]
+
+            # ring each other's vectors
+            a.notify(b.id, 1)
+            assert b.wait(10) == [1]
+            b.notify(a.id, 0)
+            b.notify(a.id, 1)
+            got = set()
+            while got != {0, 1}:
+                got.update(a.wait(10))
+            assert a.wait(0.1) == []  # timeout: nothing pending
+
+            # a blocked wait() wakes when rung from another thread
+            t = threading.Timer(0.1, a.notify, (b.id, 0))
+            t.start()
+            assert b.wait(20) == [0]
+            t.join()
+
+            # the same memory on both sides
+            ring_a = a.region.create_ring("peer-test", kind="spsc", slot_size=64, capacity=8)
+            ring_b = b.region.ring("peer-test")
+            assert ring_a.try_send(b"over the server's memory")
+            assert ring_b.try_recv() == b"over the server's memory"
+            b_id = b.id
+        seen = _events_until(a, lambda s: any(e.kind == LEFT for e in s))
+        assert seen == [PeerEvent(LEFT, b_id, 2)]
+        assert a.peers == {}
+    assert fd_count() == base
+
+
+@pytest.mark.timeout(120)
+def test_server_shutdown_is_reported(sock_dir):
+    mod = pytest.importorskip("pyivshmem.server",
+                              reason="pyivshmem.server (the real Server) is not on this branch")
+    srv = mod.Server(os.path.join(sock_dir, "srv"), size="64K", vectors=1).start()
+    try:
+        a = Peer.connect(srv.socket_path)
+        b = Peer.connect(srv.socket_path)
+        _events_until(a, lambda s: b.id in a.peers)
+    finally:
+        srv.close()
+    with a, b:
+        seen = _events_until(a, lambda s: any(e.kind == DISCONNECTED for e in s))
+        assert [(e.kind, e.peer) for e in seen] == [(LEFT, b.id), (DISCONNECTED, None)]
+        with pytest.raises(PeerDisconnected):
+            a.events()
+
+
+@pytest.mark.timeout(180)
+def test_churn_on_the_real_server_keeps_fd_count(server):
+    with Peer.connect(server.socket_path) as watcher:
+        with Peer.connect(server.socket_path):  # warm-up
+            pass
+        _events_until(watcher, lambda s: any(e.kind == LEFT for e in s))
+        base = fd_count()
+        for _ in range(100):
+            with Peer.connect(server.socket_path) as p:
+                assert p.vectors == 2 and watcher.id in p.peers
+        # the watcher followed all of them
+        _events_until(watcher, lambda s: sum(e.kind == LEFT for e in s) == 100)
+        assert watcher.peers == {}
+        assert fd_count() == base
+
+
+def test_client_cli_with_the_real_server(server):
+    with Peer.connect(server.socket_path) as other:
+        proc = _client(server.socket_path, "-v")
+        try:
+            _expect(proc, "my id is")
+            proc.stdin.write(f"int {other.id} 1\nint all\n")
+            proc.stdin.flush()
+            _expect(proc, f"notified peer {other.id} vector 1")
+            got = set()
+            while got != {0, 1}:
+                got.update(other.wait(10))
+            joined = _events_until(other, lambda s: any(e.kind == JOINED for e in s))
+            other.notify(joined[0].peer, 1)
+            _expect(proc, "interrupt on vector 1")
+            proc.stdin.close()
+            assert proc.wait(20) == 0
+        finally:
+            _finish(proc)
+
+
+# ---------------------------------------------------------------------------- QEMU interop
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_qemu_joins_is_rung_and_leaves(server):
+    with Peer.connect(server.socket_path) as p:
+        qemu = subprocess.Popen(
+            [QEMU, "-accel", "tcg", "-M", "q35", "-nographic", "-nodefaults", "-S", "-m", "64",
+             "-chardev", f"socket,path={server.socket_path},id=iv",
+             "-device", "ivshmem-doorbell,vectors=2,chardev=iv"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            end = time.monotonic() + 120
+            joined: List[PeerEvent] = []
+            while not joined or p.peers.get(joined[0].peer) != 2:
+                if time.monotonic() > end or qemu.poll() is not None:
+                    qemu.kill()
+                    pytest.fail(f"QEMU never joined: {qemu.communicate()[1]!r}")
+                p.wait(0.1)
+                joined += [e for e in p.events() if e.kind == JOINED]
+            qemu_id = joined[0].peer
+            assert p.peers == {qemu_id: 2}
+            p.notify(qemu_id, 0)
+            p.notify(qemu_id, 1)
+            assert p.notify_target(qemu_id, 1)[0] == NOTIFY_EVENTFD
+            assert qemu.poll() is None  # still running after being rung
+        finally:
+            qemu.kill()  # by pid, always
+            qemu.wait(timeout=30)
+            qemu.stderr.close()
+        seen = _events_until(p, lambda s: any(e.kind == LEFT for e in s), timeout=60)
+        assert (LEFT, qemu_id) in [(e.kind, e.peer) for e in seen]
+        assert p.peers == {}

@@ -592,6 +592,9 @@ def _events_until(p: Peer, pred, timeout: float = 20.0) -> List[PeerEvent]:
 
 @pytest.mark.timeout(120)
 def test_two_peers_on_the_real_server(server):
+    with Peer.connect(server.socket_path):  # warm-up: lazy imports, cffi allocations
+        pass
+    assert server.wait_until(lambda peers: not peers, 20)
     base = fd_count()
     with Peer.connect(server.socket_path) as a:
         assert a.vectors == 2 and a.peers == {}
@@ -625,6 +628,8 @@ def test_two_peers_on_the_real_server(server):
         seen = _events_until(a, lambda s: any(e.kind == LEFT for e in s))
         assert seen == [PeerEvent(LEFT, b_id, 2)]
         assert a.peers == {}
+    # the server runs in this process: let it finish closing its side of both connections
+    assert server.wait_until(lambda peers: not peers, 20)
     assert fd_count() == base
 
 
@@ -652,6 +657,7 @@ def test_churn_on_the_real_server_keeps_fd_count(server):
         with Peer.connect(server.socket_path):  # warm-up
             pass
         _events_until(watcher, lambda s: any(e.kind == LEFT for e in s))
+        assert server.wait_until(lambda peers: peers == (watcher.id,), 20)
         base = fd_count()
         for _ in range(100):
             with Peer.connect(server.socket_path) as p:
@@ -659,6 +665,7 @@ def test_churn_on_the_real_server_keeps_fd_count(server):
         # the watcher followed all of them
         _events_until(watcher, lambda s: sum(e.kind == LEFT for e in s) == 100)
         assert watcher.peers == {}
+        assert server.wait_until(lambda peers: peers == (watcher.id,), 20)
         assert fd_count() == base
 
 

@@ -37,7 +37,8 @@ __all__ = [
 
 #: notify_target() kind: write the 64-bit integer 1 to the eventfd (``(1, fd, 0)``).
 NOTIFY_EVENTFD = 1
-#: notify_target() kind: a 32-bit volatile store of ``value`` at ``address`` (``(2, address, value)``).
+#: notify_target() kind: a 32-bit volatile store of ``value`` at ``address``
+#: (``(2, address, value)``).
 NOTIFY_MMIO32 = 2
 
 _INT_MAX_MS = 2**31 - 1

@@ -20,11 +20,14 @@ import os
 import socket
 import time
 import warnings
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 from ._ffi_doorbell import ffi, lib
 from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
 from .errors import ClosedError, ConfigError, PeerDisconnected, ProtocolError
+
+if TYPE_CHECKING:
+    from ._ring import Region
 
 __all__ = ["Peer", "PeerEvent", "JOINED", "LEFT", "DISCONNECTED", "DEFAULT_SOCKET"]
 
@@ -98,7 +101,8 @@ class Peer:
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
-        self.region = None
+        #: The shared memory, a pyivshmem Region (closed with the Peer).
+        self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
 
     # ------------------------------------------------------------------ connecting
     @classmethod
@@ -509,7 +513,7 @@ class Peer:
         out, self._pending = self._pending, []
         # Report each joined peer with its vector count as of now.
         return [PeerEvent(e.kind, e.peer, len(self._peers.get(e.peer, ())) or e.vectors)
-                if e.kind == JOINED else e for e in out]
+                if e.kind == JOINED and e.peer is not None else e for e in out]
 
     # ------------------------------------------------------------------ closing
     def _release(self) -> None:

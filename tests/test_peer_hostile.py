@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def no_leak(fake):
+def no_leak(fake):  # noqa: F811 (the fixture imported above)
     """Yields fake(); asserts at the end that every fd (ours and the fake server's) is closed."""
     base = fd_count()
     started = []

@@ -16,7 +16,10 @@ from pyivshmem import ClosedError, ConfigError
 from pyivshmem._ffi_doorbell import ffi, lib
 from pyivshmem.doorbell import Doorbell, WaitSet, drain, eventfd, ring, wait_readable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pyivshmem  # noqa: E402
+
+# where this process imported pyivshmem from (source tree or site-packages): the child uses it too
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
 
 
 def fd_count() -> int:

@@ -434,7 +434,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory this process imported pyivshmem from (the source tree or site-packages), so the
+# child runs the same build
+import pyivshmem  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
 
 
 def _client(path: str, *args: str, **kw) -> subprocess.Popen:

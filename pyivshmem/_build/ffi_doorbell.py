@@ -66,7 +66,8 @@ _cflags, _ldflags = compile_flags()
 ffibuilder.set_source(
     "pyivshmem._ffi_doorbell",
     '#include "ivshm_doorbell.h"\n#include "ivshm_peer.h"\n',
-    sources=[os.path.join(CSRC, "ivshm_doorbell.c"), os.path.join(CSRC, "ivshm_peer.c")],
+    # relative paths: setuptools refuses absolute ones when building a wheel
+    sources=[os.path.relpath(os.path.join(CSRC, f)) for f in ("ivshm_doorbell.c", "ivshm_peer.c")],
     include_dirs=[CSRC],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,

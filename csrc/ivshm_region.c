@@ -160,12 +160,13 @@ static int copy_desc(const struct ivshm_region *r, uint32_t index, struct ivshm_
     uint32_t state = IVSHM_LOAD_ACQUIRE(&d->state);
     if (state == IVSHM_DESC_FREE)
         return -ENOENT;
+    /* the name first: callers match it even when the entry turns out corrupt */
+    memset(out, 0, sizeof(*out));
+    memcpy(out->name, d->name, IVSHM_NAME_MAX);
     if (state != IVSHM_DESC_READY) {
         *why = "directory entry has an invalid state";
         return -EPROTO;
     }
-    memset(out, 0, sizeof(*out));
-    memcpy(out->name, d->name, IVSHM_NAME_MAX);
     out->index = index;
     out->kind = IVSHM_READ_ONCE(&d->kind);
     out->slot_size = IVSHM_READ_ONCE(&d->slot_size);

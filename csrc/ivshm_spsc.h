@@ -79,7 +79,8 @@ static inline int ivshm_spsc_corrupt(struct ivshm_spsc *q, const char *why, uint
 /* Slots a message of `len` bytes needs. */
 static inline uint64_t ivshm_spsc_slots_for(const struct ivshm_spsc *q, uint64_t len)
 {
-    return len <= q->slot_size ? 1 : (len + q->slot_size - 1) / q->slot_size;
+    /* not (len + slot_size - 1) / slot_size: that wraps for len near 2^64 and yields 0 slots */
+    return len <= q->slot_size ? 1 : len / q->slot_size + (len % q->slot_size != 0);
 }
 
 /* Free slots for the producer, re-reading the consumer's index if fewer than `need` are cached.

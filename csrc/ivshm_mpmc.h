@@ -69,9 +69,12 @@ static inline int ivshm_mpmc_corrupt(struct ivshm_mpmc *q, const char *why, uint
 
 /* Claim up to n consecutive free slots for writing.  On success returns the count m >= 1 and the
  * first index in *pos; the caller fills payloads and calls ivshm_mpmc_commit_one for each.
- * -EAGAIN when full, -EPROTO when the indices keep moving without end (hostile peer). */
+ * 0 when n is 0, -EAGAIN when full, -EPROTO when the indices keep moving without end (hostile
+ * peer). */
 static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, uint64_t *pos)
 {
+    if (IVSHM_UNLIKELY(n == 0))
+        return 0; /* else the loop below claims nothing, retries and reports a hostile peer */
     if (n > q->capacity)
         n = q->capacity;
     uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->head);
@@ -109,10 +112,12 @@ static inline void ivshm_mpmc_commit_one(struct ivshm_mpmc *q, uint64_t i, uint3
     IVSHM_STORE_RELEASE(&s->seq, i + 1);
 }
 
-/* Claim up to n consecutive full slots for reading; -EAGAIN when empty (or when the next slot is
- * claimed by a producer that has not committed: see ivshm_mpmc_stalled). */
+/* Claim up to n consecutive full slots for reading; 0 when n is 0, -EAGAIN when empty (or when the
+ * next slot is claimed by a producer that has not committed: see ivshm_mpmc_stalled). */
 static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, uint64_t *pos)
 {
+    if (IVSHM_UNLIKELY(n == 0))
+        return 0;
     if (n > q->capacity)
         n = q->capacity;
     uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);

@@ -91,7 +91,14 @@ static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, ui
         if (m == 0) {
             if (dif < 0)
                 return -EAGAIN; /* the slot still holds the previous lap's message: full */
-            p = IVSHM_LOAD_RELAXED(&q->ctrl->head); /* another producer got there first */
+            /* Another producer got there first: it moved head past p with its CAS before the seq
+             * store our acquire load saw, so head must have changed.  If it has not, the sequence
+             * word was forged: report it now instead of retrying 2^20 times. */
+            uint64_t again = IVSHM_LOAD_RELAXED(&q->ctrl->head);
+            if (IVSHM_UNLIKELY(again == p))
+                return ivshm_mpmc_corrupt(q, "slot sequence number is ahead of the producer index",
+                                          p + (uint64_t)dif, p);
+            p = again;
             continue;
         }
         /* orders our claim against other producers' claims; on failure p is reloaded */
@@ -134,7 +141,13 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
         if (m == 0) {
             if (dif < 0)
                 return -EAGAIN;
-            p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+            /* Consumed by another consumer, whose CAS moved tail past p before the seq store we
+             * saw; an unchanged tail means a forged sequence word (see claim_send). */
+            uint64_t again = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+            if (IVSHM_UNLIKELY(again == p))
+                return ivshm_mpmc_corrupt(q, "slot sequence number is ahead of the consumer index",
+                                          p + 1 + (uint64_t)dif, p);
+            p = again;
             continue;
         }
         if (IVSHM_CAS(&q->ctrl->tail, &p, p + m)) { /* orders claims among consumers */

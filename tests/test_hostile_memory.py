@@ -1,0 +1,429 @@
+"""Shared memory written by a buggy or malicious peer, one field at a time, through a second mapping.
+
+Each case corrupts one field of the region header, a directory entry, a ring's control block or
+its slots, and expects the specific exception (CorruptionError naming the ring, RegionFormatError,
+StaleRegionError, ...), never a crash, a hang or a wrong message; a bystander ring in the same
+region keeps working throughout.  The byte offsets come from csrc/ivshm_layout.h (docs/layout.md).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from pyivshmem import (
+    ConfigError,
+    CorruptionError,
+    IvshmemError,
+    MessageTooLargeError,
+    Region,
+    RegionFormatError,
+    StaleRegionError,
+    StallError,
+    WaitTimeout,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+# csrc/ivshm_layout.h
+HDR_MAGIC, HDR_VERSION, HDR_HDR_SIZE, HDR_REGION_SIZE, HDR_GENERATION = 0, 8, 12, 16, 24
+HDR_MAX_RINGS, HDR_ALLOC_OFF, HDR_LOCK = 32, 40, 48
+DIR_BASE, DIR_ENTRY = 128, 64
+D_NAME, D_STATE, D_KIND, D_OFFSET, D_SIZE, D_SLOT_SIZE, D_CAPACITY = 0, 32, 36, 40, 48, 56, 60
+C_MAGIC, C_KIND, C_SLOT_SIZE, C_CAPACITY, C_STRIDE = 0, 8, 12, 16, 20
+C_HEAD, C_TAIL, CTRL_SIZE = 128, 256, 384
+SLOT_MORE = 1
+
+
+class Peer:
+    """The hostile side: a second, raw mapping of the region file."""
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.size = os.fstat(fd).st_size
+            self.m = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.m.close()
+
+    def get(self, off: int, fmt: str) -> int:
+        return struct.unpack_from("<" + fmt, self.m, off)[0]
+
+    def put(self, off: int, fmt: str, value: int) -> None:
+        struct.pack_into("<" + fmt, self.m, off, value)
+
+    def entry(self, name: str) -> int:
+        """Offset of the directory entry of `name`."""
+        for i in range(62):
+            off = DIR_BASE + i * DIR_ENTRY
+            raw = bytes(self.m[off:off + 32]).split(b"\0")[0]
+            if raw == name.encode():
+                return off
+        raise LookupError(name)
+
+    def ring(self, name: str) -> tuple[int, int, int, int]:
+        """(control block offset, stride, capacity, slot size) of ring `name`."""
+        e = self.entry(name)
+        ctrl = self.get(e + D_OFFSET, "Q")
+        return ctrl, self.get(ctrl + C_STRIDE, "I"), self.get(ctrl + C_CAPACITY, "I"), self.get(ctrl + C_SLOT_SIZE, "I")
+
+    def slot(self, name: str, index: int) -> int:
+        ctrl, stride, cap, _ = self.ring(name)
+        return ctrl + CTRL_SIZE + (index % cap) * stride
+
+
+@pytest.fixture
+def setup(shm_path):
+    """A region with an SPSC victim, an MPMC victim and a bystander, plus the hostile mapping."""
+    region = Region.create(shm_path, "256K")
+    rings = {
+        "spsc": region.create_ring("spsc", "spsc", slot_size=32, capacity=8),
+        "mpmc": region.create_ring("mpmc", "mpmc", slot_size=32, capacity=8),
+        "bystander": region.create_ring("bystander", "spsc", slot_size=16, capacity=4),
+    }
+    peer = Peer(shm_path)
+    yield region, rings, peer
+    for r in rings.values():
+        r.close()
+    peer.close()
+    region.close()
+
+
+def bystander_works(region: Region, rings: dict) -> None:
+    """The ring next door still carries messages, through the old handle and a new one."""
+    b = rings["bystander"]
+    assert b.try_send(b"still fine" * 3)
+    assert b.try_recv() == b"still fine" * 3
+    fresh = region.ring("bystander")
+    assert fresh.try_send(b"x")
+    assert b.try_recv() == b"x"
+    fresh.close()
+
+
+def expect_corrupt(call, ring_name: str, *words: str) -> CorruptionError:
+    with pytest.raises(CorruptionError) as ei:
+        call()
+    err = ei.value
+    assert err.ring == ring_name, f"CorruptionError.ring is {err.ring!r}, not {ring_name!r}: {err}"
+    assert ring_name in str(err)
+    for w in words:
+        assert w in str(err), f"{w!r} not in {str(err)!r}"
+    return err
+
+
+# -- SPSC, consumer side: the producer's index and the slots ---------------------------------------
+
+@pytest.mark.parametrize("head", ["far_ahead", "huge", "behind_tail"])
+def test_spsc_head_lies(setup, head):
+    region, rings, peer = setup
+    q = rings["spsc"]
+    for i in range(3):
+        assert q.try_send(b"m%d" % i)
+    assert [q.try_recv() for _ in range(3)] == [b"m0", b"m1", b"m2"]
+    ctrl = peer.ring("spsc")[0]
+    good = peer.get(ctrl + C_HEAD, "Q")
+    peer.put(ctrl + C_HEAD, "Q", {"far_ahead": 3 + 8 + 1, "huge": 2**64 - 1, "behind_tail": 1}[head])
+    expect_corrupt(q.try_recv, "spsc", "producer index")
+    expect_corrupt(lambda: q.recv_many(10), "spsc")
+    expect_corrupt(lambda: q.recv_into(bytearray(64)), "spsc")
+    expect_corrupt(q.peek, "spsc")
+    expect_corrupt(lambda: q.recv(timeout=0.01), "spsc")
+    # a new handle refuses indices more than a ring apart
+    expect_corrupt(lambda: region.ring("spsc"), "spsc")
+    bystander_works(region, rings)
+    peer.put(ctrl + C_HEAD, "Q", good)  # the real producer's next publish repairs it
+    assert q.try_recv() is None
+    assert q.try_send(b"after") and q.try_recv() == b"after"
+
+
+def test_spsc_head_repaired_by_the_producer(setup):
+    """A lie about head is overwritten by the honest producer's next publish."""
+    region, rings, peer = setup
+    q = rings["spsc"]
+    ctrl = peer.ring("spsc")[0]
+    peer.put(ctrl + C_HEAD, "Q", 100)
+    expect_corrupt(q.try_recv, "spsc")
+    assert q.try_send(b"one")   # the producer never reads head: it publishes its own value
+    assert q.try_recv() == b"one"
+
+
+@pytest.mark.parametrize("length", [33, 1000, 2**32 - 1])
+def test_spsc_slot_length_over_slot_size(setup, length):
+    region, rings, peer = setup
+    q = rings["spsc"]
+    assert q.try_send(b"hello")
+    peer.put(peer.slot("spsc", 0), "I", length)
+    err = expect_corrupt(q.try_recv, "spsc", "length")
+    assert str(length) in str(err)
+    expect_corrupt(lambda: q.recv_many(), "spsc")
+    expect_corrupt(q.peek, "spsc")
+    bystander_works(region, rings)
+    peer.put(peer.slot("spsc", 0), "I", 5)
+    assert q.try_recv() == b"hello"
+
+
+@pytest.mark.parametrize("case", ["unknown_flag", "more_on_short_chunk", "chain_past_head",
+                                  "middle_chunk_short", "last_chunk_flags", "last_chunk_long"])
+def test_spsc_bad_chunk_chains(setup, case):
+    region, rings, peer = setup
+    q = rings["spsc"]
+    big = bytes(range(80))  # 3 slots of 32: 32 + 32 + 16
+    if case in ("unknown_flag", "more_on_short_chunk", "chain_past_head"):
+        assert q.try_send(b"short")
+        s0 = peer.slot("spsc", 0)
+        if case == "unknown_flag":
+            peer.put(s0 + 4, "I", 0x80)
+            words = ("flags",)
+        elif case == "more_on_short_chunk":
+            peer.put(s0 + 4, "I", SLOT_MORE)
+            words = ("not full",)
+        else:
+            peer.put(s0, "I", 32)
+            peer.put(s0 + 4, "I", SLOT_MORE)
+            words = ("past the published",)
+    else:
+        assert q.try_send(big)
+        s1, s2 = peer.slot("spsc", 1), peer.slot("spsc", 2)
+        assert peer.get(s1 + 4, "I") == SLOT_MORE and peer.get(s2, "I") == 16
+        if case == "middle_chunk_short":
+            peer.put(s1, "I", 31)
+            words = ("not full",)
+        elif case == "last_chunk_flags":  # says "more" but is short (and the last published)
+            peer.put(s2 + 4, "I", SLOT_MORE)
+            words = ("not full",)
+        else:
+            peer.put(s2, "I", 33)
+            words = ("length",)
+    expect_corrupt(q.try_recv, "spsc", *words)
+    expect_corrupt(lambda: q.recv_into(bytearray(200)), "spsc")
+    bystander_works(region, rings)
+
+
+def test_spsc_tail_lies_to_the_producer(setup):
+    region, rings, peer = setup
+    q = rings["spsc"]
+    for _ in range(8):
+        assert q.try_send(b"fill")
+    assert not q.try_send(b"full")
+    ctrl = peer.ring("spsc")[0]
+    peer.put(ctrl + C_TAIL, "Q", 9)  # beyond head (8)
+    expect_corrupt(lambda: q.try_send(b"x"), "spsc", "consumer index")
+    expect_corrupt(lambda: q.send_many([b"x", b"y"]), "spsc")
+    expect_corrupt(lambda: q.reserve(4), "spsc")
+    expect_corrupt(lambda: q.send(b"x", timeout=0.01), "spsc")
+    peer.put(ctrl + C_TAIL, "Q", 2**63)
+    expect_corrupt(lambda: q.try_send(b"x"), "spsc")
+    bystander_works(region, rings)
+
+
+# -- MPMC ------------------------------------------------------------------------------------------
+
+def test_mpmc_slot_length_and_flags(setup):
+    region, rings, peer = setup
+    q = rings["mpmc"]
+    assert q.try_send(b"one") and q.try_send(b"two") and q.try_send(b"three")
+    peer.put(peer.slot("mpmc", 0) + 8, "I", 33)          # len over the slot size
+    peer.put(peer.slot("mpmc", 1) + 12, "I", 4)          # unknown flags
+    expect_corrupt(q.try_recv, "mpmc", "length")
+    expect_corrupt(q.try_recv, "mpmc", "flags")
+    # the bad slots were handed back: the ring goes on
+    assert q.try_recv() == b"three"
+    assert q.try_send(b"four") and q.try_recv() == b"four"
+    bystander_works(region, rings)
+
+
+def test_mpmc_sequence_ahead_is_corruption(setup):
+    region, rings, peer = setup
+    q = rings["mpmc"]
+    assert q.try_send(b"a")
+    s0 = peer.slot("mpmc", 0)
+    peer.put(s0, "Q", 1000)  # consumers' view: "taken by someone else", forever
+    expect_corrupt(q.try_recv, "mpmc", "sequence")
+    expect_corrupt(lambda: q.recv(timeout=0.01), "mpmc")
+    expect_corrupt(lambda: q.recv_many(4), "mpmc")
+    peer.put(s0, "Q", 1)
+    assert q.try_recv() == b"a"
+    peer.put(peer.slot("mpmc", 1), "Q", 77)  # producers' view
+    expect_corrupt(lambda: q.try_send(b"b"), "mpmc", "sequence")
+    expect_corrupt(lambda: q.reserve(4), "mpmc")
+    bystander_works(region, rings)
+
+
+def test_mpmc_sequence_behind_looks_empty_or_full(setup):
+    """A sequence word from an older lap is indistinguishable from a slow peer: empty/full, and a
+    blocking call ends with a timeout, never a hang and never a message."""
+    region, rings, peer = setup
+    q = rings["mpmc"]
+    assert q.try_send(b"a") and q.try_recv() == b"a"
+    assert q.try_send(b"b")
+    s1 = peer.slot("mpmc", 1)
+    peer.put(s1, "Q", 0)
+    assert q.try_recv() is None
+    with pytest.raises(WaitTimeout) as ei:
+        q.recv(timeout=0.05)
+    assert not isinstance(ei.value, StallError)
+    peer.put(s1, "Q", 2)
+    assert q.try_recv() == b"b"
+    peer.put(peer.slot("mpmc", 2), "Q", 1)  # slot 2 still "holds" the previous lap: full
+    assert q.try_send(b"c") is False
+    with pytest.raises(WaitTimeout):
+        q.send(b"c", timeout=0.05)
+    bystander_works(region, rings)
+
+
+@pytest.mark.parametrize("head,tail", [(2**64 - 1, 0), (0, 2**64 - 1), (5, 100), (2**63, 2**63 + 3),
+                                       (1 << 40, 0)])
+def test_mpmc_indices_anywhere(setup, head, tail):
+    """Garbage indices only ever address slots inside the ring; results stay bounded."""
+    region, rings, peer = setup
+    q = rings["mpmc"]
+    ctrl = peer.ring("mpmc")[0]
+    peer.put(ctrl + C_HEAD, "Q", head)
+    peer.put(ctrl + C_TAIL, "Q", tail)
+    for _ in range(20):
+        for op in (lambda: q.try_send(b"zz"), q.try_recv, lambda: q.recv_many(8), lambda: len(q), q.stalled):
+            try:
+                r = op()
+            except CorruptionError as e:
+                assert e.ring == "mpmc"
+                continue
+            if isinstance(r, bytes):
+                assert len(r) <= 32
+            elif isinstance(r, list):
+                assert all(len(m) <= 32 for m in r)
+            elif isinstance(r, int) and not isinstance(r, bool):
+                assert r >= 0
+    assert 0 <= len(q) <= 8
+    bystander_works(region, rings)
+
+
+# -- directory entries, control blocks, region header ---------------------------------------------
+
+@pytest.mark.parametrize("field,fmt,value,words", [
+    (D_OFFSET, "Q", 256 * 1024, "outside"),
+    (D_OFFSET, "Q", 256 * 1024 - 128, "outside"),
+    (D_OFFSET, "Q", 2**64 - 128, "outside"),
+    (D_OFFSET, "Q", 0, "outside"),
+    (D_OFFSET, "Q", 4096 + 8, "outside"),
+    (D_SIZE, "Q", 2**40, "size"),
+    (D_CAPACITY, "I", 6, "capacity"),
+    (D_CAPACITY, "I", 0, "capacity"),
+    (D_SLOT_SIZE, "I", 0, "slot size"),
+    (D_SLOT_SIZE, "I", 2**31, "slot size"),
+    (D_KIND, "I", 9, "kind"),
+    (D_STATE, "I", 7, "state"),
+])
+def test_directory_entry_corrupt(setup, field, fmt, value, words):
+    region, rings, peer = setup
+    e = peer.entry("spsc")
+    peer.put(e + field, fmt, value)
+    expect_corrupt(lambda: region.ring("spsc"), "spsc", words)
+    listing = {d.get("name"): d for d in region.rings()}
+    assert any("error" in d for d in region.rings()), listing
+    assert "bystander" in listing and "mpmc" in listing
+    # handles attached before the corruption keep their validated private copy
+    assert rings["spsc"].try_send(b"old handle") and rings["spsc"].try_recv() == b"old handle"
+    bystander_works(region, rings)
+    # creating a ring of that name reports the corruption instead of making a second one
+    with pytest.raises(CorruptionError):
+        region.create_ring("spsc", "spsc", slot_size=32, capacity=8)
+
+
+def test_directory_name_without_terminator(setup):
+    region, rings, peer = setup
+    e = peer.entry("spsc")
+    peer.m[e:e + 32] = b"z" * 32
+    with pytest.raises(KeyError):
+        region.ring("spsc")
+    assert any("error" in d and "name" in d["error"] for d in region.rings())
+    bystander_works(region, rings)
+
+
+@pytest.mark.parametrize("field,fmt,delta,words", [
+    (C_MAGIC, "Q", 1, "magic"),
+    (C_KIND, "I", 1, "directory"),
+    (C_SLOT_SIZE, "I", 8, "directory"),
+    (C_CAPACITY, "I", 8, "directory"),
+    (C_STRIDE, "I", 8, "directory"),
+])
+@pytest.mark.parametrize("name", ["spsc", "mpmc"])
+def test_control_block_line0_corrupt(setup, name, field, fmt, delta, words):
+    region, rings, peer = setup
+    ctrl = peer.ring(name)[0]
+    peer.put(ctrl + field, fmt, peer.get(ctrl + field, fmt) + delta)
+    expect_corrupt(lambda: region.ring(name), name, words)
+    bystander_works(region, rings)
+
+
+@pytest.mark.parametrize("head,tail", [(9, 0), (0, 1), (2**64 - 1, 3)])
+def test_attach_refuses_inconsistent_indices(setup, head, tail):
+    region, rings, peer = setup
+    ctrl = peer.ring("spsc")[0]
+    peer.put(ctrl + C_HEAD, "Q", head)
+    peer.put(ctrl + C_TAIL, "Q", tail)
+    expect_corrupt(lambda: region.ring("spsc"), "spsc", "indices")
+    bystander_works(region, rings)
+
+
+@pytest.mark.parametrize("field,fmt,value,exc,words", [
+    (HDR_MAGIC, "Q", 0x1234, RegionFormatError, "not a pyivshmem region"),
+    (HDR_MAGIC, "Q", 0, RegionFormatError, "not a pyivshmem region"),
+    (HDR_VERSION, "I", 2, RegionFormatError, "version"),
+    (HDR_HDR_SIZE, "I", 8192, RegionFormatError, "inconsistent"),
+    (HDR_REGION_SIZE, "Q", 512 * 1024, RegionFormatError, "inconsistent"),
+    (HDR_MAX_RINGS, "I", 1000, RegionFormatError, "inconsistent"),
+])
+def test_region_header_corrupt(setup, shm_path, field, fmt, value, exc, words):
+    region, rings, peer = setup
+    peer.put(field, fmt, value)
+    with pytest.raises(exc) as ei:
+        Region.open(shm_path)
+    assert words in str(ei.value) and shm_path in str(ei.value)
+    # rings already attached carry on: their handles hold validated private copies
+    bystander_works_old_handle = rings["bystander"]
+    assert bystander_works_old_handle.try_send(b"ok") and bystander_works_old_handle.try_recv() == b"ok"
+
+
+def test_region_magic_gone_and_generation_changed(setup):
+    region, rings, peer = setup
+    region.check()
+    gen = peer.get(HDR_GENERATION, "Q")
+    peer.put(HDR_GENERATION, "Q", gen ^ 0xFF)
+    with pytest.raises(StaleRegionError):
+        region.check()
+    peer.put(HDR_GENERATION, "Q", gen)
+    peer.put(HDR_MAGIC, "Q", 0x5555)
+    with pytest.raises(RegionFormatError):
+        region.check()
+
+
+@pytest.mark.parametrize("alloc", [0, 100, 256 * 1024, 2**64 - 1, 256 * 1024 - 64])
+def test_allocation_pointer_corrupt(setup, alloc):
+    """A new ring is never placed outside the region or over the header."""
+    region, rings, peer = setup
+    peer.put(HDR_ALLOC_OFF, "Q", alloc)
+    with pytest.raises(ConfigError, match="not enough free space"):
+        region.create_ring("new", "spsc", slot_size=64, capacity=16)
+    bystander_works(region, rings)
+
+
+def test_directory_lock_held_by_nobody(setup):
+    """A lock word a dead (or hostile) creator left behind: creating fails after a bounded wait,
+    opening by name needs no lock."""
+    region, rings, peer = setup
+    peer.put(HDR_LOCK, "Q", 0xDEAD)
+    with pytest.raises(WaitTimeout, match="lock"):
+        region.create_ring("new", "spsc", slot_size=64, capacity=16)
+    assert region.ring("bystander").name == "bystander"
+    assert region.info()["directory_locked"]
+
+
+def test_every_error_is_an_ivshmem_error():
+    for cls in (CorruptionError, RegionFormatError, StaleRegionError, StallError, WaitTimeout,
+                MessageTooLargeError, ConfigError):
+        assert issubclass(cls, IvshmemError)

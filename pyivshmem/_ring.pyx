@@ -135,6 +135,14 @@ cdef class _Waiter:
         return 1
 
 
+cdef object _ring_error(int rc, context, const char *why, name):
+    """The exception for error code rc about ring `name`; a CorruptionError carries the name."""
+    err = _error_from_code(rc, context, why.decode() if why != NULL else None)
+    if isinstance(err, CorruptionError):
+        err.ring = name
+    return err
+
+
 cdef object _detail(const char *why, uint64_t a, uint64_t b):
     if why == NULL:
         return None
@@ -424,7 +432,7 @@ cdef class Region:
                 raise ConfigError(f"cannot create ring {name!r}: {detail}; it needs {need} bytes "
                                   f"and the region has {self._size} in all: use a larger region or "
                                   "a smaller ring")
-            raise _error_from_code(rc, f"create ring {name!r}", detail)
+            raise _ring_error(rc, f"create ring {name!r}", why, name)
         return self._attach(&info)
 
     def ring(self, name):
@@ -438,7 +446,7 @@ cdef class Region:
             known = [r["name"] for r in self.rings()]
             raise KeyError(f"no ring named {name!r} in this region (rings: {known})")
         if rc < 0:
-            raise _error_from_code(rc, f"open ring {name!r}", why.decode() if why != NULL else None)
+            raise _ring_error(rc, f"open ring {name!r}", why, name)
         return self._attach(&info)
 
     cdef object _attach(self, ivshm_ring_info *info):
@@ -654,7 +662,7 @@ cdef class SpscRing(_Ring):
         cdef const char *why = NULL
         rc = ivshm_spsc_attach(&self._q, &region._r, info, &why)
         if rc != 0:
-            raise _error_from_code(rc, f"open ring {self._name!r}", why.decode() if why != NULL else None)
+            raise _ring_error(rc, f"open ring {self._name!r}", why, self._name)
         self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
         self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
         if self._ptrs == NULL or self._lens == NULL:
@@ -917,7 +925,7 @@ cdef class MpmcRing(_Ring):
         cdef const char *why = NULL
         rc = ivshm_mpmc_attach(&self._q, &region._r, info, &why)
         if rc != 0:
-            raise _error_from_code(rc, f"open ring {self._name!r}", why.decode() if why != NULL else None)
+            raise _ring_error(rc, f"open ring {self._name!r}", why, self._name)
         self._stash = None
 
     @property

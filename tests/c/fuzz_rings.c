@@ -231,8 +231,10 @@ static void spsc_op(struct world *w, struct fz_in *in, uint8_t op)
                 if (want == 0 && n > 0)
                     want = -ENOMSG;
             }
-            FUZZ_ASSERT(got == want, "recv_fixed(%u, %" PRIu64 ") = %" PRId64 ", model says %" PRId64, elem, n, got,
-                        want);
+            /* the consumer re-reads the producer's index only when its cached view is empty, so a
+             * batch may stop at what the cache knows: at least one, at most the model's count */
+            FUZZ_ASSERT(want > 0 ? (got >= 1 && got <= want) : got == want,
+                        "recv_fixed(%u, %" PRIu64 ") = %" PRId64 ", model says %" PRId64, elem, n, got, want);
         } else {
             FUZZ_ASSERT((got >= 0 && (uint64_t)got <= n) || got == -ENOMSG || got == -EMSGSIZE || got == -EPROTO,
                         "recv_fixed %" PRId64, got);

@@ -134,9 +134,6 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "-n") && i + 1 < argc)
             name = argv[++i];
     }
-    const char *scale = getenv("IVSHM_TEST_SCALE");
-    if (scale && atof(scale) > 0)
-        random_runs = (long)((double)random_runs * atof(scale));
     if (getenv("REPLAY_CRASH_FILE"))
         crash_file = getenv("REPLAY_CRASH_FILE");
     signal(SIGABRT, on_crash);

@@ -1,7 +1,7 @@
 #!/bin/sh
 # fuzz.sh SECONDS HARNESS... - run each libFuzzer harness (built by `make fuzz-build`) for a fixed
-# time, starting from the saved corpus in corpus/<name>/ plus what earlier runs found
-# (bin/fuzz/corpus-<name>/).  Prints the executions run per harness and exits non-zero if any
+# time, starting from the seeds in corpus/<name>/ plus what earlier runs found (bin/fuzz/corpus-<name>/,
+# filled from corpus/<name>.pack on a fresh checkout).  Prints the executions run per harness and exits non-zero if any
 # harness crashed, timed out or broke an invariant: its input is then in bin/fuzz/artifacts-<name>/;
 # copy it into corpus/<name>/ so that every C test run replays it from then on.
 set -u
@@ -13,6 +13,10 @@ bad=0
 for h in "$@"; do
     name=${h#fuzz_}
     mkdir -p "bin/fuzz/corpus-$name" "bin/fuzz/artifacts-$name"
+    # start from what earlier fuzzing found (committed as a pack) on a fresh checkout
+    if [ -f "corpus/$name.pack" ] && [ -z "$(ls -A "bin/fuzz/corpus-$name")" ]; then
+        python3 make_seeds.py unpack "corpus/$name.pack" "bin/fuzz/corpus-$name" >/dev/null
+    fi
     log="bin/fuzz/$h.log"
     echo "== $h: $seconds s"
     ./bin/fuzz/"$h" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \

@@ -1,22 +1,28 @@
-"""Write the seed inputs of the fuzz harnesses into corpus/region and corpus/rings.
+"""Seed inputs of the fuzz harnesses, and the packed corpora the C test run replays.
+
+    PYTHONPATH=../.. python make_seeds.py         write corpus/region/seed-* and corpus/rings/seed-*
+    python make_seeds.py pack DIR OUT.pack        pack every file of DIR into one file
+    python make_seeds.py unpack IN.pack DIR       the reverse (`make fuzz` starts from it)
 
 Region seeds are real region images made through the Python API (so the C harness also reads
 what Python wrote) in raw mode, plus patch-mode scripts; ring seeds are short operation scripts.
-The seeds are committed; rerun this only to regenerate them:
-    PYTHONPATH=../.. python make_seeds.py
-Crash reproducers found later are added to the same directories by hand (see docs/hardening.md).
+A pack is records of {u32 little-endian length, bytes}: `make corpus-pack` writes
+corpus/<harness>.pack from a minimised fuzzing corpus, so the inputs fuzzing found interesting are
+replayed by every C test run without committing thousands of files.  Crash reproducers go into
+corpus/<harness>/ as single files (see docs/hardening.md).
 """
 import os
 import random
 import struct
+import sys
 import tempfile
-
-from pyivshmem import Region
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def region_image(size, rings):
+    from pyivshmem import Region
+
     fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="pyivshmem-seed-")
     os.close(fd)
     os.unlink(path)
@@ -79,5 +85,35 @@ def main():
     write("rings", "seed-clean-traffic", bytes(clean))
 
 
+def pack(src, out):
+    names = sorted(os.listdir(src))
+    with open(out, "wb") as f:
+        for n in names:
+            with open(os.path.join(src, n), "rb") as g:
+                data = g.read()
+            f.write(struct.pack("<I", len(data)) + data)
+    print(f"packed {len(names)} inputs into {out}")
+
+
+def unpack(src, out):
+    os.makedirs(out, exist_ok=True)
+    with open(src, "rb") as f:
+        data = f.read()
+    off = k = 0
+    while off + 4 <= len(data):
+        (n,) = struct.unpack_from("<I", data, off)
+        off += 4
+        with open(os.path.join(out, "pack-%05d" % k), "wb") as g:
+            g.write(data[off:off + n])
+        off += n
+        k += 1
+    print(f"unpacked {k} inputs from {src} into {out}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["pack"]:
+        pack(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["unpack"]:
+        unpack(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -63,7 +63,55 @@ static void run_one(const uint8_t *p, size_t n)
     LLVMFuzzerTestOneInput(p, n);
 }
 
-static void add_file(const char *path)
+static void add_input(const char *name, uint8_t *p, size_t n)
+{
+    if (ninputs == cap) {
+        cap = cap ? 2 * cap : 64;
+        inputs = realloc(inputs, cap * sizeof(*inputs));
+    }
+    inputs[ninputs++] = (struct input){p, n};
+    current = name;
+    run_one(p, n);
+}
+
+/* A pack (corpus/<harness>.pack) is many inputs in one file: records of a little-endian u32
+ * length and that many bytes.  `make corpus-pack` writes it from a minimised fuzzing corpus. */
+static uint8_t *read_all(const char *path, size_t *n);
+
+static void add_pack(const char *path, const char *unpack_dir)
+{
+    size_t n, off = 0, k = 0;
+    uint8_t *all = read_all(path, &n);
+    while (off + 4 <= n) {
+        uint32_t len = (uint32_t)all[off] | (uint32_t)all[off + 1] << 8 | (uint32_t)all[off + 2] << 16 |
+                       (uint32_t)all[off + 3] << 24;
+        off += 4;
+        if (len > n - off) {
+            fprintf(stderr, "replay: %s is truncated\n", path);
+            exit(2);
+        }
+        if (unpack_dir) {
+            char out[4096];
+            snprintf(out, sizeof(out), "%s/pack-%05zu", unpack_dir, k);
+            FILE *f = fopen(out, "wb");
+            if (!f || fwrite(all + off, 1, len, f) != len || fclose(f) != 0) {
+                fprintf(stderr, "replay: cannot write %s\n", out);
+                exit(2);
+            }
+        } else {
+            uint8_t *p = malloc(len ? len : 1);
+            memcpy(p, all + off, len);
+            add_input(path, p, len);
+        }
+        off += len;
+        k++;
+    }
+    free(all);
+    if (unpack_dir)
+        printf("unpacked %zu inputs from %s into %s\n", k, path, unpack_dir);
+}
+
+static uint8_t *read_all(const char *path, size_t *size)
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -79,13 +127,15 @@ static void add_file(const char *path)
         exit(2);
     }
     fclose(f);
-    if (ninputs == cap) {
-        cap = cap ? 2 * cap : 64;
-        inputs = realloc(inputs, cap * sizeof(*inputs));
-    }
-    inputs[ninputs++] = (struct input){p, (size_t)n};
-    current = path;
-    run_one(p, (size_t)n);
+    *size = (size_t)n;
+    return p;
+}
+
+static void add_file(const char *path)
+{
+    size_t n;
+    uint8_t *p = read_all(path, &n);
+    add_input(path, p, n);
 }
 
 static int by_name(const struct dirent **a, const struct dirent **b) { return strcmp((*a)->d_name, (*b)->d_name); }
@@ -98,7 +148,11 @@ static void add_path(const char *path)
         exit(2);
     }
     if (!S_ISDIR(st.st_mode)) {
-        add_file(path);
+        size_t len = strlen(path);
+        if (len > 5 && !strcmp(path + len - 5, ".pack"))
+            add_pack(path, NULL);
+        else
+            add_file(path);
         return;
     }
     struct dirent **ents;
@@ -128,6 +182,10 @@ int main(int argc, char **argv)
     long random_runs = 0;
     const char *name = "replay";
     int i = 1;
+    if (argc == 4 && !strcmp(argv[1], "--unpack")) { /* replay_X --unpack PACK DIR */
+        add_pack(argv[2], argv[3]);
+        return 0;
+    }
     for (; i < argc && argv[i][0] == '-'; i++) {
         if (!strcmp(argv[i], "-r") && i + 1 < argc)
             random_runs = atol(argv[++i]);

@@ -16,7 +16,10 @@ trap 'rm -f "$log"' EXIT INT TERM
 for prog in test_spsc test_mpmc test_region test_hostile replay_region replay_rings; do
     exe=$bindir/$prog
     case $prog in
-        replay_*) args="-n $prog-corpus -r ${REPLAY_RUNS:-20000} corpus/${prog#replay_}" ;;
+        replay_*)
+            name=${prog#replay_}
+            args="-n $prog-corpus -r ${REPLAY_RUNS:-20000} corpus/$name"
+            [ -f "corpus/$name.pack" ] && args="$args corpus/$name.pack" ;;
         *) args="" ;;
     esac
     echo "== $variant/$prog"

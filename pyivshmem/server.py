@@ -499,9 +499,16 @@ class Server:
                 if kind == "shm_name" else self._shm_path
             )
             try:
-                fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, self._mode)
+                try:
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self._mode)
+                    created = True
+                except FileExistsError:
+                    fd = os.open(path, flags | os.O_NOFOLLOW)
+                    created = False
             except OSError as exc:
                 raise _path_error(exc, "cannot open the shared memory file", path) from exc
+            if created:
+                os.fchmod(fd, self._mode)       # exactly the mode asked, whatever the umask
             where = path
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -669,7 +676,8 @@ class Server:
         self._stats["messages_sent"] += sent
         if rc == 0:
             self._set_writing(client, False)
-        elif rc == -errno.EAGAIN:
+            return
+        if rc == -errno.EAGAIN:
             self._set_writing(client, True)
         elif rc in (-errno.ETOOMANYREFS, -errno.ENOBUFS, -errno.ENOMEM):
             # the kernel refuses for now (too many fds in flight for this user, or memory):
@@ -683,6 +691,10 @@ class Server:
             self._set_writing(client, False)
         else:
             self._disconnect(client, f"send failed: {os.strerror(-rc)}")
+            return
+        # the bound applies to what the client leaves unread, not to a burst being delivered
+        if len(queue) > client.limit and client not in self._overflow:
+            self._overflow.append(client)
 
     def _set_writing(self, client: _Client, on: bool) -> None:
         if client.writing == on or client.dead:
@@ -699,8 +711,6 @@ class Server:
         n = len(client.queue)
         if n > self._stats["max_queue_seen"]:
             self._stats["max_queue_seen"] = n
-        if n == client.limit + 1:
-            self._overflow.append(client)
 
     # ---------------------------------------------------------------- connections
     def _pause_accept(self) -> None:

@@ -6,6 +6,7 @@ announcement in order, and the server's open file descriptors return to their st
 from __future__ import annotations
 
 import array
+import errno
 import os
 import resource
 import signal
@@ -332,3 +333,44 @@ def test_fd_exhaustion_does_not_stop_the_server(sock_path, tmp_path):
         assert "Too many open files" in err or "eventfd" in err, err
     finally:
         _stop(proc)
+
+
+class _RefusingLib:
+    """Wraps the C send side: the kernel refuses the first `fail` sends that carry an fd
+    (ETOOMANYREFS: too many fds in flight for this user), as it does for unprivileged servers
+    whose clients do not read."""
+
+    def __init__(self, lib, fail: int):
+        self._lib = lib
+        self.fail = fail
+
+    def ivshm_server_send_msg(self, sock, value, fd, done):
+        if fd >= 0 and self.fail > 0:
+            self.fail -= 1
+            return -errno.ETOOMANYREFS
+        return self._lib.ivshm_server_send_msg(sock, value, fd, done)
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+
+@pytest.mark.timeout(120)
+def test_kernel_refusing_fds_for_a_while_loses_nothing(sock_path):
+    server = Server(sock_path, size=4096, vectors=2)
+    refusing = _RefusingLib(server._lib, fail=25)
+    server._lib = refusing      # white-box: inject the kernel's refusal
+    with server:
+        clients = []
+        try:
+            for i in range(4):
+                c = RawClient(sock_path)
+                clients.append(c)
+                assert c.handshake()[0] == i
+                assert [join(c, 2)[0] for _ in range(i + 1)] == list(range(i + 1))
+            for i, c in enumerate(clients):
+                assert [join(c, 2)[0] for _ in range(3 - i)] == list(range(i + 1, 4))
+            assert refusing.fail == 0
+            assert server.stats["dropped_overflow"] == 0
+        finally:
+            for c in clients:
+                c.close()

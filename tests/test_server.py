@@ -32,7 +32,6 @@ from pyivshmem.server import (
     round_up_pow2,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECV_TIMEOUT = 20.0
 
 
@@ -615,8 +614,12 @@ def test_bad_arguments(sock_path):
 # command line
 # ------------------------------------------------------------------------------------------
 def _env() -> Dict[str, str]:
+    """Subprocesses import the same pyivshmem as this process (in-place build or installed)."""
+    import pyivshmem
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    where = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
+    env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 

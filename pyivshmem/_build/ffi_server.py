@@ -30,7 +30,8 @@ _cflags, _ldflags = compile_flags()
 ffibuilder.set_source(
     "pyivshmem._ffi_server",
     '#include "ivshm_server.h"',
-    sources=[os.path.join(CSRC, "ivshm_server.c")],
+    # relative: setuptools refuses absolute source paths (cffi runs this from setup.py's dir)
+    sources=[os.path.relpath(os.path.join(CSRC, "ivshm_server.c"))],
     include_dirs=[CSRC],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,

@@ -494,10 +494,12 @@ class Server:
             if self._mode != 0o600:
                 os.fchmod(fd, self._mode)
         else:
-            path = (
-                os.path.join(_SHM_DIR, self._shm_name)  # type: ignore[arg-type]
-                if kind == "shm_name" else self._shm_path
-            )
+            if kind == "shm_name":
+                assert self._shm_name is not None
+                path = os.path.join(_SHM_DIR, self._shm_name)
+            else:
+                assert self._shm_path is not None
+                path = self._shm_path
             try:
                 try:
                     fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self._mode)

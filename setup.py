@@ -61,7 +61,7 @@ def _cythonize(exts):
 
     return cythonize(
         exts,
-        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+        compiler_directives={"language_level": "3", "boundscheck": False},
     )
 
 

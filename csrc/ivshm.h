@@ -1,0 +1,8 @@
+/* ivshm.h - the whole C core for C programs: layout, region, SPSC and MPMC rings. */
+#ifndef IVSHM_H
+#define IVSHM_H
+#include "ivshm_layout.h"
+#include "ivshm_region.h"
+#include "ivshm_spsc.h"
+#include "ivshm_mpmc.h"
+#endif

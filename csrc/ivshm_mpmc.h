@@ -1,0 +1,266 @@
+/* ivshm_mpmc.h - multi-producer multi-consumer ring with per-slot sequence numbers.
+ *
+ * Each slot carries a sequence word: seq == i means slot i is free for the producer of index i,
+ * seq == i + 1 means it holds the message of index i, and the consumer of index i hands it to the
+ * next lap by storing i + capacity.  Producers claim indices by CAS on ctrl->head, consumers on
+ * ctrl->tail; a burst claims several consecutive indices with one CAS after checking each slot's
+ * sequence.  A slow producer delays only the consumers that reach its slot.
+ *
+ * Pairings:
+ *   producer: writes payload, then release-stores seq = i + 1   -> consumer's acquire load of seq
+ *   consumer: reads payload,  then release-stores seq = i + cap -> producer's acquire load of seq
+ *   CAS on head/tail: acq_rel, they only order the claims among producers (resp. consumers).
+ *
+ * Cooperating peers only: a producer that dies between claim and commit leaves its slot claimed
+ * forever and consumers stop there.  ivshm_mpmc_stalled() detects that state so callers can report
+ * it after a timeout.  Values read from shared memory are validated (lengths, flags); every loop
+ * that retries after another party's progress is bounded, so a hostile peer cannot spin us forever.
+ */
+#ifndef IVSHM_MPMC_H
+#define IVSHM_MPMC_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ivshm_atomic.h"
+#include "ivshm_layout.h"
+#include "ivshm_region.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define IVSHM_MPMC_MAX_RETRIES (1u << 20)
+
+struct ivshm_mpmc {
+    struct ivshm_ring_ctrl *ctrl;
+    uint8_t *slots;
+    uint64_t mask;
+    uint32_t capacity;
+    uint32_t slot_size;
+    uint32_t stride;
+    uint32_t _pad;
+    const char *why;
+    uint64_t why_a, why_b;
+};
+
+int ivshm_mpmc_attach(struct ivshm_mpmc *q, const struct ivshm_region *r,
+                      const struct ivshm_ring_info *info, const char **why);
+
+static inline struct ivshm_mpmc_slot_hdr *ivshm_mpmc_slot(const struct ivshm_mpmc *q, uint64_t i)
+{
+    return (struct ivshm_mpmc_slot_hdr *)(q->slots + (i & q->mask) * (uint64_t)q->stride);
+}
+
+static inline uint8_t *ivshm_mpmc_payload(const struct ivshm_mpmc *q, uint64_t i)
+{
+    return (uint8_t *)ivshm_mpmc_slot(q, i) + IVSHM_MPMC_SLOT_HDR;
+}
+
+static inline int ivshm_mpmc_corrupt(struct ivshm_mpmc *q, const char *why, uint64_t a, uint64_t b)
+{
+    q->why = why;
+    q->why_a = a;
+    q->why_b = b;
+    return -EPROTO;
+}
+
+/* Claim up to n consecutive free slots for writing.  On success returns the count m >= 1 and the
+ * first index in *pos; the caller fills payloads and calls ivshm_mpmc_commit_one for each.
+ * -EAGAIN when full, -EPROTO when the indices keep moving without end (hostile peer). */
+static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, uint64_t *pos)
+{
+    if (n > q->capacity)
+        n = q->capacity;
+    uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->head);
+    for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
+        uint64_t m = 0;
+        int64_t dif = 0;
+        for (; m < n; m++) {
+            /* pairs with the consumer's release store of seq = i + capacity (slot handed back) */
+            uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, p + m)->seq);
+            dif = (int64_t)(seq - (p + m));
+            if (dif != 0)
+                break;
+        }
+        if (m == 0) {
+            if (dif < 0)
+                return -EAGAIN; /* the slot still holds the previous lap's message: full */
+            p = IVSHM_LOAD_RELAXED(&q->ctrl->head); /* another producer got there first */
+            continue;
+        }
+        /* orders our claim against other producers' claims; on failure p is reloaded */
+        if (IVSHM_CAS(&q->ctrl->head, &p, p + m)) {
+            *pos = p;
+            return (int64_t)m;
+        }
+    }
+    return ivshm_mpmc_corrupt(q, "producer index keeps changing (hostile peer?)", p, 0);
+}
+
+static inline void ivshm_mpmc_commit_one(struct ivshm_mpmc *q, uint64_t i, uint32_t len)
+{
+    struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, i);
+    s->len = len;
+    s->flags = 0;
+    /* pairs with the consumer's acquire load of seq in ivshm_mpmc_claim_recv */
+    IVSHM_STORE_RELEASE(&s->seq, i + 1);
+}
+
+/* Claim up to n consecutive full slots for reading; -EAGAIN when empty (or when the next slot is
+ * claimed by a producer that has not committed: see ivshm_mpmc_stalled). */
+static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, uint64_t *pos)
+{
+    if (n > q->capacity)
+        n = q->capacity;
+    uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+    for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
+        uint64_t m = 0;
+        int64_t dif = 0;
+        for (; m < n; m++) {
+            /* pairs with the producer's release store of seq = i + 1 in ivshm_mpmc_commit_one */
+            uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, p + m)->seq);
+            dif = (int64_t)(seq - (p + m + 1));
+            if (dif != 0)
+                break;
+        }
+        if (m == 0) {
+            if (dif < 0)
+                return -EAGAIN;
+            p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+            continue;
+        }
+        if (IVSHM_CAS(&q->ctrl->tail, &p, p + m)) { /* orders claims among consumers */
+            *pos = p;
+            return (int64_t)m;
+        }
+    }
+    return ivshm_mpmc_corrupt(q, "consumer index keeps changing (hostile peer?)", p, 0);
+}
+
+/* Validated length of the claimed message at index i (or -EPROTO). */
+static inline int64_t ivshm_mpmc_msg_len(struct ivshm_mpmc *q, uint64_t i)
+{
+    const struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, i);
+    uint32_t len = IVSHM_READ_ONCE(&s->len);
+    uint32_t flags = IVSHM_READ_ONCE(&s->flags);
+    if (IVSHM_UNLIKELY(len > q->slot_size))
+        return ivshm_mpmc_corrupt(q, "slot length exceeds the slot size", len, q->slot_size);
+    if (IVSHM_UNLIKELY(flags != 0))
+        return ivshm_mpmc_corrupt(q, "slot has unknown flags", flags, i);
+    return len;
+}
+
+/* Hand a consumed slot back to producers of the next lap. */
+static inline void ivshm_mpmc_release_one(struct ivshm_mpmc *q, uint64_t i)
+{
+    /* pairs with the producer's acquire load of seq in ivshm_mpmc_claim_send */
+    IVSHM_STORE_RELEASE(&ivshm_mpmc_slot(q, i)->seq, i + q->capacity);
+}
+
+static inline int ivshm_mpmc_try_send(struct ivshm_mpmc *q, const void *data, uint64_t len)
+{
+    if (IVSHM_UNLIKELY(len > q->slot_size))
+        return -EMSGSIZE;
+    uint64_t p;
+    int64_t m = ivshm_mpmc_claim_send(q, 1, &p);
+    if (IVSHM_UNLIKELY(m <= 0))
+        return (int)m;
+    memcpy(ivshm_mpmc_payload(q, p), data, len);
+    ivshm_mpmc_commit_one(q, p, (uint32_t)len);
+    return 0;
+}
+
+/* Receive one message into buf: its length, -EAGAIN, -EPROTO.  A message longer than cap is
+ * truncated to cap bytes (its slot is already claimed and must be released): *needed reports the
+ * full length so the caller can tell. */
+static inline int64_t ivshm_mpmc_try_recv(struct ivshm_mpmc *q, void *buf, uint64_t cap,
+                                          uint64_t *needed)
+{
+    uint64_t p;
+    int64_t m = ivshm_mpmc_claim_recv(q, 1, &p);
+    if (IVSHM_UNLIKELY(m <= 0))
+        return m;
+    int64_t len = ivshm_mpmc_msg_len(q, p);
+    if (len >= 0) {
+        if (needed)
+            *needed = (uint64_t)len;
+        memcpy(buf, ivshm_mpmc_payload(q, p), (uint64_t)len < cap ? (uint64_t)len : cap);
+    }
+    ivshm_mpmc_release_one(q, p);
+    return len;
+}
+
+static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *data, uint32_t elem,
+                                            uint64_t n)
+{
+    if (IVSHM_UNLIKELY(elem > q->slot_size))
+        return -EMSGSIZE;
+    uint64_t p;
+    int64_t m = ivshm_mpmc_claim_send(q, n, &p);
+    if (m <= 0)
+        return m == -EAGAIN ? 0 : m;
+    const uint8_t *src = (const uint8_t *)data;
+    for (int64_t k = 0; k < m; k++) {
+        memcpy(ivshm_mpmc_payload(q, p + (uint64_t)k), src + (uint64_t)k * elem, elem);
+        ivshm_mpmc_commit_one(q, p + (uint64_t)k, elem);
+    }
+    return m;
+}
+
+/* Receive up to n messages into an array of `elem`-byte cells (shorter messages are zero-padded,
+ * longer ones are a -EMSGSIZE for the whole call after the slots are released). */
+static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uint32_t elem,
+                                            uint64_t n)
+{
+    uint64_t p;
+    int64_t m = ivshm_mpmc_claim_recv(q, n, &p);
+    if (m <= 0)
+        return m == -EAGAIN ? 0 : m;
+    uint8_t *d = (uint8_t *)dst;
+    int64_t rc = m;
+    for (int64_t k = 0; k < m; k++) {
+        uint64_t i = p + (uint64_t)k;
+        int64_t len = ivshm_mpmc_msg_len(q, i);
+        if (len < 0 || (uint64_t)len > elem) {
+            rc = len < 0 ? len : -EMSGSIZE;
+        } else {
+            memcpy(d + (uint64_t)k * elem, ivshm_mpmc_payload(q, i), (uint64_t)len);
+            if ((uint64_t)len < elem)
+                memset(d + (uint64_t)k * elem + len, 0, elem - (uint64_t)len);
+        }
+        ivshm_mpmc_release_one(q, i);
+    }
+    return rc;
+}
+
+/* Messages in the ring as the shared indices say (claims included), clamped to [0, capacity]. */
+static inline uint64_t ivshm_mpmc_count(const struct ivshm_mpmc *q)
+{
+    uint64_t t = IVSHM_LOAD_ACQUIRE(&q->ctrl->tail);
+    uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->head);
+    uint64_t d = h - t;
+    return d > q->capacity ? 0 : d;
+}
+
+/* 1 if the slot at the consumers' index is claimed by a producer that has not committed yet (the
+ * state a dead producer leaves behind), with its index in *pos; else 0. */
+static inline int ivshm_mpmc_stalled(const struct ivshm_mpmc *q, uint64_t *pos)
+{
+    uint64_t t = IVSHM_LOAD_ACQUIRE(&q->ctrl->tail);
+    uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->head);
+    if (h == t || h - t > q->capacity)
+        return 0;
+    uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, t)->seq);
+    if (seq != t)
+        return 0;
+    *pos = t;
+    return 1;
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* IVSHM_MPMC_H */

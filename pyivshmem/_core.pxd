@@ -1,0 +1,116 @@
+# Declarations of the C core (csrc/) for Cython.  The hot path is static inline in the headers.
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+
+cdef extern from "ivshm_layout.h" nogil:
+    enum:
+        IVSHM_NAME_MAX
+        IVSHM_MAX_RINGS
+        IVSHM_KIND_SPSC
+        IVSHM_KIND_MPMC
+        IVSHM_HDR_SIZE
+        IVSHM_MIN_REGION_SIZE
+        IVSHM_LAYOUT_VERSION
+        IVSHM_CTRL_SIZE
+        IVSHM_ROUTE_VALID
+    ctypedef struct ivshm_ring_ctrl "struct ivshm_ring_ctrl":
+        uint64_t magic
+        uint32_t kind
+        uint64_t head
+        uint32_t prod_waiting
+        uint32_t prod_peer
+        uint32_t prod_vector
+        uint32_t prod_flags
+        uint64_t tail
+        uint32_t cons_waiting
+        uint32_t cons_peer
+        uint32_t cons_vector
+        uint32_t cons_flags
+    ctypedef struct ivshm_region_hdr "struct ivshm_region_hdr":
+        uint64_t magic
+        uint32_t version
+        uint64_t region_size
+        uint64_t generation
+        uint32_t nrings
+        uint64_t alloc_off
+        uint64_t lock
+
+cdef extern from "ivshm_region.h" nogil:
+    ctypedef struct ivshm_region "struct ivshm_region":
+        uint8_t *base
+        uint64_t size
+        uint64_t generation
+    ctypedef struct ivshm_ring_info "struct ivshm_ring_info":
+        char name[32]
+        uint32_t index
+        uint32_t kind
+        uint32_t slot_size
+        uint32_t capacity
+        uint32_t stride
+        uint64_t offset
+        uint64_t size
+    enum:
+        IVSHM_ATTACH_FORMAT_IF_EMPTY
+        IVSHM_ATTACH_FORMAT
+    int ivshm_region_size_ok(uint64_t size)
+    int ivshm_region_attach(ivshm_region *r, void *base, uint64_t size, unsigned flags,
+                            uint64_t generation, int wait_ms)
+    int ivshm_region_check(const ivshm_region *r)
+    uint64_t ivshm_ring_bytes(uint32_t kind, uint32_t slot_size, uint32_t capacity)
+    int ivshm_ring_shape_ok(uint32_t kind, uint32_t slot_size, uint32_t capacity, const char **why)
+    int ivshm_region_ring_at(const ivshm_region *r, uint32_t index, ivshm_ring_info *out,
+                             const char **why)
+    int ivshm_region_find_ring(const ivshm_region *r, const char *name, ivshm_ring_info *out,
+                               const char **why)
+    int ivshm_region_create_ring(ivshm_region *r, const char *name, uint32_t kind,
+                                 uint32_t slot_size, uint32_t capacity, uint64_t token, int wait_ms,
+                                 ivshm_ring_info *out, const char **why)
+
+cdef extern from "ivshm_spsc.h" nogil:
+    ctypedef struct ivshm_spsc "struct ivshm_spsc":
+        ivshm_ring_ctrl *ctrl
+        uint32_t capacity
+        uint32_t slot_size
+        uint64_t head
+        uint64_t tail
+        const char *why
+        uint64_t why_a
+        uint64_t why_b
+    ctypedef struct ivshm_spsc_msg "struct ivshm_spsc_msg":
+        const uint8_t *data
+        uint64_t len
+        uint32_t nslots
+    int ivshm_spsc_attach(ivshm_spsc *q, const ivshm_region *r, const ivshm_ring_info *info,
+                          const char **why)
+    uint64_t ivshm_spsc_slots_for(const ivshm_spsc *q, uint64_t len)
+    int64_t ivshm_spsc_free(ivshm_spsc *q, uint64_t need)
+    int ivshm_spsc_write(ivshm_spsc *q, const void *data, uint64_t len)
+    void ivshm_spsc_publish(ivshm_spsc *q)
+    int ivshm_spsc_try_send(ivshm_spsc *q, const void *data, uint64_t len)
+    int64_t ivshm_spsc_avail(ivshm_spsc *q)
+    int ivshm_spsc_next(ivshm_spsc *q, ivshm_spsc_msg *m)
+    void ivshm_spsc_copy(const ivshm_spsc *q, const ivshm_spsc_msg *m, void *dst)
+    void ivshm_spsc_advance(ivshm_spsc *q, const ivshm_spsc_msg *m)
+    void ivshm_spsc_release(ivshm_spsc *q)
+    int ivshm_spsc_reserve(ivshm_spsc *q, uint64_t len, uint8_t **ptr)
+    void ivshm_spsc_commit(ivshm_spsc *q, uint32_t len)
+    uint64_t ivshm_spsc_count(const ivshm_spsc *q)
+
+cdef extern from "ivshm_mpmc.h" nogil:
+    ctypedef struct ivshm_mpmc "struct ivshm_mpmc":
+        ivshm_ring_ctrl *ctrl
+        uint32_t capacity
+        uint32_t slot_size
+        const char *why
+        uint64_t why_a
+        uint64_t why_b
+    int ivshm_mpmc_attach(ivshm_mpmc *q, const ivshm_region *r, const ivshm_ring_info *info,
+                          const char **why)
+    int64_t ivshm_mpmc_claim_send(ivshm_mpmc *q, uint64_t n, uint64_t *pos)
+    void ivshm_mpmc_commit_one(ivshm_mpmc *q, uint64_t i, uint32_t len)
+    int64_t ivshm_mpmc_claim_recv(ivshm_mpmc *q, uint64_t n, uint64_t *pos)
+    int64_t ivshm_mpmc_msg_len(ivshm_mpmc *q, uint64_t i)
+    void ivshm_mpmc_release_one(ivshm_mpmc *q, uint64_t i)
+    uint8_t *ivshm_mpmc_payload(const ivshm_mpmc *q, uint64_t i)
+    int ivshm_mpmc_try_send(ivshm_mpmc *q, const void *data, uint64_t len)
+    uint64_t ivshm_mpmc_count(const ivshm_mpmc *q)
+    int ivshm_mpmc_stalled(const ivshm_mpmc *q, uint64_t *pos)

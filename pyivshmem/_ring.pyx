@@ -1,0 +1,1097 @@
+# cython: language_level=3, boundscheck=False, cdivision=True
+"""The hot path: regions and rings over the C core (csrc/), with no Python work per message beyond
+the call itself.  Everything here maps 1:1 onto csrc/ivshm_*.h; errors go through
+pyivshmem.errors.error_from_code, the one place that turns C error codes into exceptions.
+"""
+import os as _os
+import stat as _stat
+import warnings as _warnings
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_Append
+from libc.errno cimport errno
+from cpython.object cimport PyObject
+
+cdef extern from "<errno.h>":
+    enum:
+        EAGAIN
+        EPROTO
+        EMSGSIZE
+        ENOENT
+        EEXIST
+        ENOSPC
+        ETIMEDOUT
+        EBADMSG
+        ENOEXEC
+        ESTALE
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, strlen
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.time cimport clock_gettime, CLOCK_MONOTONIC, timespec, nanosleep
+
+from pyivshmem._core cimport *
+
+from pyivshmem.errors import (
+    error_from_code as _error_from_code,
+    ClosedError, ConfigError, CorruptionError, MessageTooLargeError, RegionFormatError,
+    StallError, WaitTimeout,
+)
+
+__all__ = ["Region", "SpscRing", "MpmcRing", "parse_size"]
+
+cdef extern from "Python.h":
+    int PySequence_Fast_GET_SIZE(object o)
+    void *PySequence_Fast_ITEMS(object o)
+
+_KINDS = {"spsc": IVSHM_KIND_SPSC, "mpmc": IVSHM_KIND_MPMC}
+_KIND_NAMES = {IVSHM_KIND_SPSC: "spsc", IVSHM_KIND_MPMC: "mpmc"}
+_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+#: Default busy-spin budget of blocking calls before they start sleeping, in seconds.
+DEFAULT_SPIN = 50e-6
+cdef int _LOCK_WAIT_MS = 2000
+cdef int _FORMAT_WAIT_MS = 2000
+cdef Py_ssize_t _BATCH = 256
+
+
+def parse_size(size):
+    """Bytes from an int or a string such as "4096", "64K", "16M", "1G" (powers of 1024)."""
+    if isinstance(size, bool):
+        raise ConfigError(f"size must be an int or a string like '16M', not {size!r}")
+    if isinstance(size, int):
+        if size <= 0:
+            raise ConfigError(f"size must be positive, got {size}")
+        return size
+    if not isinstance(size, str):
+        raise ConfigError(f"size must be an int or a string like '16M', not {type(size).__name__}")
+    s = size.strip().upper()
+    if s.endswith("IB"):
+        s = s[:-2]
+    elif s.endswith("B"):
+        s = s[:-1]
+    mult = 1
+    if s and s[-1] in _SUFFIX:
+        mult = _SUFFIX[s[-1]]
+        s = s[:-1]
+    try:
+        n = int(s.strip())
+    except ValueError:
+        raise ConfigError(f"cannot parse size {size!r}: use bytes or a K/M/G suffix, e.g. '16M'") from None
+    if n <= 0:
+        raise ConfigError(f"size must be positive, got {size!r}")
+    return n * mult
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline void _sleep_ns(long ns) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = ns // 1000000000
+    ts.tv_nsec = ns % 1000000000
+    nanosleep(&ts, NULL)
+
+
+cdef class _Waiter:
+    """Spin, then sleep with exponential back-off (1 us .. 1 ms), GIL released while asleep,
+    Ctrl-C honoured.  Used by the rings' blocking calls; Channel replaces sleeping by doorbells."""
+    cdef double deadline
+    cdef double spin_until
+    cdef long sleep_ns
+    cdef bint forever
+
+    def __cinit__(self, timeout, double spin):
+        cdef double now = _now()
+        self.forever = timeout is None
+        if not self.forever:
+            if timeout < 0:
+                raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
+            self.deadline = now + <double>timeout
+        self.spin_until = now + spin
+        self.sleep_ns = 1000
+
+    cdef int pause(self) except -1:
+        """Return 1 to try again, 0 when the deadline passed."""
+        cdef double now = _now()
+        if not self.forever and now >= self.deadline:
+            return 0
+        if now < self.spin_until:
+            return 1
+        with nogil:
+            _sleep_ns(self.sleep_ns)
+        if self.sleep_ns < 1000000:
+            self.sleep_ns *= 2
+        PyErr_CheckSignals()
+        return 1
+
+
+cdef object _detail(const char *why, uint64_t a, uint64_t b):
+    if why == NULL:
+        return None
+    return f"{why.decode()} (values {a}, {b})"
+
+
+cdef class _SlotView:
+    """Buffer over one slot's payload; counted by its region so the mapping outlives it."""
+    cdef Region region
+    cdef char *ptr
+    cdef Py_ssize_t n
+    cdef bint readonly
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self.region._base == NULL:
+            raise ClosedError("the region behind this view is closed")
+        PyBuffer_FillInfo(buf, self, self.ptr, self.n, self.readonly, flags)
+        self.region._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.region._exports -= 1
+
+
+cdef memoryview _make_view(Region region, void *ptr, Py_ssize_t n, bint readonly):
+    cdef _SlotView v = _SlotView.__new__(_SlotView)
+    v.region = region
+    v.ptr = <char *>ptr
+    v.n = n
+    v.readonly = readonly
+    return memoryview(v)
+
+
+cdef class Region:
+    """A shared-memory region: a header, a directory of named rings, the rings.
+
+    Make one with :meth:`create`, :meth:`open` or :meth:`from_fd`.  The size is a power of two
+    (QEMU requires it of ivshmem memory).  Closing unmaps it; rings made from it then raise
+    ClosedError.  A context manager.
+    """
+    cdef ivshm_region _r
+    cdef uint8_t *_base
+    cdef uint64_t _size
+    cdef int _fd
+    cdef object _path
+    cdef public Py_ssize_t _exports
+
+    def __cinit__(self):
+        self._base = NULL
+        self._fd = -1
+        self._exports = 0
+
+    # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _check_size(uint64_t size, what):
+        if ivshm_region_size_ok(size) != 0:
+            raise ConfigError(
+                f"{what} is {size} bytes: a region must be a power of two of at least "
+                f"{IVSHM_MIN_REGION_SIZE} bytes (QEMU requires a power of two); e.g. 64K, 16M, 1G")
+
+    @classmethod
+    def create(cls, path, size, *, exist_ok=False, mode=0o600):
+        """Create a new region file at ``path`` (e.g. /dev/shm/name or a hugetlbfs file) of ``size``
+        bytes (int or "64K"/"16M"/"1G") and format it.  Existing files are refused unless
+        ``exist_ok``, in which case the region there is opened (its size must match)."""
+        cdef uint64_t n = parse_size(size)
+        Region._check_size(n, "the requested size")
+        path = _os.fspath(path)
+        flags = _os.O_RDWR | _os.O_CREAT | _os.O_EXCL | _os.O_NOFOLLOW | _os.O_CLOEXEC
+        try:
+            fd = _os.open(path, flags, mode)
+        except FileExistsError:
+            if not exist_ok:
+                raise FileExistsError(
+                    f"region file {path} already exists: use Region.open({path!r}) to attach to it, "
+                    f"or exist_ok=True") from None
+            region = cls.open(path, format_if_empty=True)
+            if region.size != n:
+                region.close()
+                raise ConfigError(f"region file {path} exists with size {region.size}, not {n}")
+            return region
+        except PermissionError as e:
+            raise PermissionError(e.errno, f"cannot create region file {path}: permission denied") from None
+        try:
+            try:
+                _os.ftruncate(fd, n)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot size region file {path} to {n} bytes: {e.strerror} "
+                              "(on hugetlbfs the size must be a multiple of the huge page size)") from None
+            region = cls._map(fd, n, 0, path, IVSHM_ATTACH_FORMAT)
+        except BaseException:
+            _os.close(fd)
+            try:
+                _os.unlink(path)
+            except OSError:
+                pass
+            raise
+        return region
+
+    @classmethod
+    def open(cls, path, *, format_if_empty=False):
+        """Attach to the region in an existing file (its size is the file's size).  An all-zero
+        file is formatted when ``format_if_empty`` (safe when several processes race)."""
+        path = _os.fspath(path)
+        try:
+            fd = _os.open(path, _os.O_RDWR | _os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(2, f"no region file at {path}: create it with Region.create(path, size)") from None
+        except PermissionError:
+            raise PermissionError(13, f"cannot open region file {path}: permission denied") from None
+        try:
+            st = _os.fstat(fd)
+            if not (_stat.S_ISREG(st.st_mode)):
+                raise ConfigError(f"{path} is not a regular file")
+            Region._check_size(st.st_size, f"file {path}")
+            return cls._map(fd, st.st_size, 0, path,
+                            IVSHM_ATTACH_FORMAT_IF_EMPTY if format_if_empty else 0)
+        except BaseException:
+            _os.close(fd)
+            raise
+
+    @classmethod
+    def from_fd(cls, int fd, *, size=None, offset=0, format_if_empty=True):
+        """Attach to memory behind a file descriptor (a memfd, the server's memory fd, a VFIO
+        device fd with ``offset``).  ``fd`` is duplicated; the caller keeps its own."""
+        if size is None:
+            st = _os.fstat(fd)
+            size = st.st_size
+        cdef uint64_t n = parse_size(size)
+        Region._check_size(n, f"the memory behind fd {fd}")
+        dup = _os.dup(fd)
+        _os.set_inheritable(dup, False)
+        try:
+            return cls._map(dup, n, offset, None,
+                            IVSHM_ATTACH_FORMAT_IF_EMPTY if format_if_empty else 0)
+        except BaseException:
+            _os.close(dup)
+            raise
+
+    @classmethod
+    def _map(cls, int fd, uint64_t size, offset, path, unsigned flags):
+        cdef Region self = cls.__new__(cls)
+        cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, <long>offset)
+        if p == MAP_FAILED:
+            e = errno
+            raise OSError(e, f"cannot map {size} bytes of {path or 'fd %d' % fd}: {_os.strerror(e)}")
+        cdef uint64_t gen = int.from_bytes(_os.urandom(8), "little") | 1
+        cdef int rc
+        with nogil:
+            rc = ivshm_region_attach(&self._r, p, size, flags, gen, _FORMAT_WAIT_MS)
+        if rc != 0:
+            munmap(p, size)
+            where = path or f"fd {fd}"
+            if rc == -EBADMSG:
+                raise RegionFormatError(
+                    f"{where} is not a pyivshmem region (bad magic); create it with Region.create, "
+                    "or pass format_if_empty=True for fresh all-zero memory")
+            if rc == -ENOEXEC:
+                raise RegionFormatError(f"{where} uses an unsupported layout version "
+                                        f"(this pyivshmem reads version {IVSHM_LAYOUT_VERSION})")
+            if rc == -EPROTO:
+                raise RegionFormatError(f"{where}: region header is inconsistent (size or fields "
+                                        "do not match the mapping)")
+            if rc == -ETIMEDOUT:
+                raise WaitTimeout(f"{where}: another process started formatting the region and did not finish")
+            raise _error_from_code(rc, f"attach to {where}")
+        self._base = <uint8_t *>p
+        self._size = size
+        self._fd = fd
+        self._path = path
+        return self
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self):
+        """Unmap and close.  Idempotent.  Refused (BufferError) while zero-copy views are held."""
+        if self._base == NULL:
+            return
+        if self._exports > 0:
+            raise BufferError(f"cannot close the region: {self._exports} zero-copy view(s) still "
+                              "held; release() them (or drop the memoryviews) first")
+        munmap(self._base, self._size)
+        self._base = NULL
+        if self._fd >= 0:
+            _os.close(self._fd)
+            self._fd = -1
+
+    def __dealloc__(self):
+        if self._base != NULL:
+            munmap(self._base, self._size)
+            self._base = NULL
+        if self._fd >= 0:
+            _os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        if self._base != NULL:
+            _warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
+    def __enter__(self):
+        self._ensure_open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    cdef inline int _ensure_open(self) except -1:
+        if self._base == NULL:
+            raise ClosedError("the region is closed")
+        return 0
+
+    def __repr__(self):
+        state = "closed" if self._base == NULL else f"size={self._size}"
+        return f"<pyivshmem.Region {self._path or 'fd'} {state}>"
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def closed(self):
+        return self._base == NULL
+
+    @property
+    def size(self):
+        return self._size
+
+    @property
+    def path(self):
+        return self._path
+
+    @property
+    def address(self):
+        """Base address of the mapping in this process (for C code sharing the mapping)."""
+        self._ensure_open()
+        return <size_t>self._base
+
+    @property
+    def generation(self):
+        """Generation seen at attach: a new random value on every (re)format."""
+        return self._r.generation
+
+    def fileno(self):
+        self._ensure_open()
+        return self._fd
+
+    def check(self):
+        """Raise StaleRegionError if the region was re-formatted since this side attached."""
+        self._ensure_open()
+        rc = ivshm_region_check(&self._r)
+        if rc != 0:
+            raise _error_from_code(rc, "region check",
+                                   "the region was re-formatted (generation changed); re-open it"
+                                   if rc == -ESTALE else "the region header's magic is gone")
+
+    # -- rings ------------------------------------------------------------------------------
+    def create_ring(self, name, kind="spsc", *, slot_size=256, capacity=1024, exist_ok=True):
+        """Create a ring of ``capacity`` slots (a power of two) carrying messages of up to
+        ``slot_size`` bytes, or open it if it exists with the same shape (``exist_ok``).  Safe when
+        several processes do it at once."""
+        self._ensure_open()
+        if kind not in _KINDS:
+            raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc' or 'mpmc'")
+        slot_size = parse_size(slot_size)
+        bname = _ring_name(name)
+        cdef ivshm_ring_info info
+        cdef const char *why = NULL
+        cdef uint64_t token = int.from_bytes(_os.urandom(8), "little") | 1
+        cdef int rc
+        cdef const char *cname = bname
+        cdef uint32_t k = _KINDS[kind]
+        if slot_size > 0xFFFFFFFF or capacity > 0xFFFFFFFF or capacity < 0:
+            raise ConfigError(f"slot_size {slot_size} or capacity {capacity} out of range")
+        cdef uint32_t ss = slot_size
+        cdef uint32_t cap = capacity
+        with nogil:
+            rc = ivshm_region_create_ring(&self._r, cname, k, ss, cap, token, _LOCK_WAIT_MS, &info, &why)
+        if rc == 1 and not exist_ok:
+            raise FileExistsError(f"a ring named {name!r} already exists in this region")
+        if rc < 0:
+            detail = why.decode() if why != NULL else None
+            if rc == -EEXIST:
+                raise ConfigError(f"ring {name!r} exists as {_KIND_NAMES.get(info.kind, '?')} with "
+                                  f"slot_size={info.slot_size}, capacity={info.capacity}; asked for "
+                                  f"{kind} with slot_size={slot_size}, capacity={capacity}")
+            if rc == -ENOSPC:
+                need = ivshm_ring_bytes(k, ss, cap)
+                raise ConfigError(f"cannot create ring {name!r}: {detail}; it needs {need} bytes "
+                                  f"and the region has {self._size} in all: use a larger region or "
+                                  "a smaller ring")
+            raise _error_from_code(rc, f"create ring {name!r}", detail)
+        return self._attach(&info)
+
+    def ring(self, name):
+        """Open an existing ring by name (KeyError if there is none)."""
+        self._ensure_open()
+        bname = _ring_name(name)
+        cdef ivshm_ring_info info
+        cdef const char *why = NULL
+        cdef int rc = ivshm_region_find_ring(&self._r, bname, &info, &why)
+        if rc == -ENOENT:
+            known = [r["name"] for r in self.rings()]
+            raise KeyError(f"no ring named {name!r} in this region (rings: {known})")
+        if rc < 0:
+            raise _error_from_code(rc, f"open ring {name!r}", why.decode() if why != NULL else None)
+        return self._attach(&info)
+
+    cdef object _attach(self, ivshm_ring_info *info):
+        cls = SpscRing if info.kind == IVSHM_KIND_SPSC else MpmcRing
+        cdef _Ring ring = cls.__new__(cls)
+        ring._init(self, info)
+        return ring
+
+    def rings(self):
+        """The rings in this region: name, kind, capacity, slot_size, offset, size, count (messages
+        waiting), producers_waiting, consumers_waiting.  Corrupt entries are listed with an error."""
+        self._ensure_open()
+        out = []
+        cdef ivshm_ring_info info
+        cdef const char *why = NULL
+        cdef ivshm_ring_ctrl *c
+        cdef uint64_t h, t
+        for i in range(IVSHM_MAX_RINGS):
+            why = NULL
+            rc = ivshm_region_ring_at(&self._r, i, &info, &why)
+            if rc == -ENOENT:
+                continue
+            if rc < 0:
+                out.append({"index": i, "error": why.decode() if why != NULL else str(rc)})
+                continue
+            c = <ivshm_ring_ctrl *>(self._base + info.offset)
+            h = c.head
+            t = c.tail
+            out.append({
+                "index": i,
+                "name": info.name.decode("utf-8", "replace"),
+                "kind": _KIND_NAMES[info.kind],
+                "capacity": info.capacity,
+                "slot_size": info.slot_size,
+                "offset": info.offset,
+                "size": info.size,
+                "head": h,
+                "tail": t,
+                "count": (h - t) if h - t <= info.capacity else None,
+                "producers_waiting": c.prod_waiting,
+                "consumers_waiting": c.cons_waiting,
+            })
+        return out
+
+    def info(self):
+        """The region header as a dict."""
+        self._ensure_open()
+        cdef ivshm_region_hdr *h = <ivshm_region_hdr *>self._base
+        return {"size": self._size, "version": h.version, "generation": h.generation,
+                "rings": h.nrings, "allocated": h.alloc_off, "free": self._size - h.alloc_off
+                if h.alloc_off <= self._size else 0, "directory_locked": h.lock != 0}
+
+
+def _ring_name(name):
+    if not isinstance(name, str):
+        raise ConfigError(f"ring names are str, not {type(name).__name__}")
+    b = name.encode("utf-8")
+    if not 0 < len(b) < IVSHM_NAME_MAX:
+        raise ConfigError(f"ring name {name!r} must be 1 to {IVSHM_NAME_MAX - 1} bytes of UTF-8")
+    if b"\0" in b:
+        raise ConfigError("ring names cannot contain NUL")
+    return b
+
+
+cdef class _Ring:
+    """Common part of SpscRing and MpmcRing."""
+    cdef Region _region
+    cdef ivshm_ring_info _info
+    cdef object _name
+    cdef public double spin
+    cdef object _view          # outstanding zero-copy memoryview
+    cdef Py_ssize_t _view_len  # reserved bytes (producer) or -1
+
+    cdef _init(self, Region region, ivshm_ring_info *info):
+        self._region = region
+        self._info = info[0]
+        self._name = info.name.decode("utf-8", "replace")
+        self.spin = DEFAULT_SPIN
+        self._view = None
+        self._view_len = -1
+
+    def __init__(self, *a, **k):
+        raise TypeError("rings are made by Region.create_ring() or Region.ring()")
+
+    cdef inline int _check(self) except -1:
+        if self._region is None or self._region._base == NULL:
+            raise ClosedError(f"ring {self._name!r}: its region is closed")
+        return 0
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def capacity(self):
+        return self._info.capacity
+
+    @property
+    def slot_size(self):
+        return self._info.slot_size
+
+    @property
+    def region(self):
+        return self._region
+
+    @property
+    def closed(self):
+        return self._region is None or self._region._base == NULL
+
+    def close(self):
+        """Drop this handle (the ring stays in the region).  Idempotent."""
+        self._drop_view()
+        self._region = None
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<pyivshmem.{type(self).__name__} {self._name!r} capacity={self.capacity} slot_size={self.slot_size}>"
+
+    cdef _drop_view(self):
+        if self._view is not None:
+            try:
+                self._view.release()
+            except BufferError:
+                pass  # the caller holds sub-views; they stay readable until dropped
+            self._view = None
+        self._view_len = -1
+
+    cdef object _corrupt(self, int rc, const char *why, uint64_t a, uint64_t b, what):
+        err = _error_from_code(rc, f"{what} on ring {self._name!r}", _detail(why, a, b))
+        if isinstance(err, CorruptionError):
+            err.ring = self._name
+        return err
+
+    # subclass hooks ---------------------------------------------------------------------------
+    cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
+        raise NotImplementedError
+
+    cdef object _recv_obj(self):
+        raise NotImplementedError
+
+    cdef int _send_obj(self, data) except -2:
+        """0 sent, -1 full."""
+        cdef Py_buffer buf
+        cdef int rc
+        if PyBytes_CheckExact(data):
+            return self._send_ptr(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            rc = self._send_ptr(<const char *>buf.buf, buf.len)
+        finally:
+            PyBuffer_Release(&buf)
+        return rc
+
+    # public, common ---------------------------------------------------------------------------
+    def try_send(self, data):
+        """Send one message if there is room: True if sent, False if the ring is full."""
+        return self._send_obj(data) == 0
+
+    def try_recv(self):
+        """The next message as bytes, or None if the ring is empty."""
+        return self._recv_obj()
+
+    def send(self, data, timeout=None):
+        """Send, waiting up to ``timeout`` seconds (None: forever) for room; WaitTimeout if the
+        ring stays full.  Waits by spinning for ``self.spin`` seconds, then sleeping briefly."""
+        if self._send_obj(data) == 0:
+            return
+        cdef _Waiter w = _Waiter(timeout, self.spin)
+        while w.pause():
+            if self._send_obj(data) == 0:
+                return
+        raise WaitTimeout(f"send on ring {self._name!r}: still full after {timeout} s "
+                          f"({len(self)} of {self.capacity} slots in use); is the consumer running?")
+
+    def recv(self, timeout=None):
+        """Receive, waiting up to ``timeout`` seconds (None: forever); WaitTimeout if none came."""
+        msg = self._recv_obj()
+        if msg is not None:
+            return msg
+        cdef _Waiter w = _Waiter(timeout, self.spin)
+        while w.pause():
+            msg = self._recv_obj()
+            if msg is not None:
+                return msg
+        self._timeout_error(timeout)
+
+    cdef _timeout_error(self, timeout):
+        raise WaitTimeout(f"recv on ring {self._name!r}: nothing arrived within {timeout} s")
+
+
+cdef class SpscRing(_Ring):
+    """Single-producer single-consumer ring.  Exactly one process (or thread) sends and one
+    receives.  Messages longer than ``slot_size`` are split over consecutive slots automatically
+    (up to ``capacity * slot_size`` bytes) and arrive whole."""
+    cdef ivshm_spsc _q
+    cdef const char **_ptrs
+    cdef uint64_t *_lens
+
+    cdef _init(self, Region region, ivshm_ring_info *info):
+        _Ring._init(self, region, info)
+        cdef const char *why = NULL
+        rc = ivshm_spsc_attach(&self._q, &region._r, info, &why)
+        if rc != 0:
+            raise _error_from_code(rc, f"open ring {self._name!r}", why.decode() if why != NULL else None)
+        self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
+        self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
+        if self._ptrs == NULL or self._lens == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self._ptrs)
+        free(self._lens)
+
+    @property
+    def kind(self):
+        return "spsc"
+
+    @property
+    def max_message(self):
+        """Largest message this ring carries (it is split over up to ``capacity`` slots)."""
+        return <uint64_t>self._info.capacity * self._info.slot_size
+
+    def __len__(self):
+        self._check()
+        return ivshm_spsc_count(&self._q)
+
+    cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
+        self._check()
+        cdef int rc
+        if n <= 65536:
+            rc = ivshm_spsc_try_send(&self._q, p, n)
+        else:
+            with nogil:
+                rc = ivshm_spsc_try_send(&self._q, p, n)
+        if rc == 0:
+            return 0
+        if rc == -EAGAIN:
+            return -1
+        if rc == -EMSGSIZE:
+            raise MessageTooLargeError(
+                f"message of {n} bytes does not fit ring {self._name!r}: at most "
+                f"{self.max_message} bytes ({self.capacity} slots of {self.slot_size})")
+        raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send")
+
+    cdef object _recv_obj(self):
+        self._check()
+        cdef ivshm_spsc_msg m
+        cdef char *dst
+        cdef int rc = ivshm_spsc_next(&self._q, &m)
+        if rc != 0:
+            if rc == -EAGAIN:
+                return None
+            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv")
+        cdef object out
+        if m.nslots == 1:
+            out = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
+        else:
+            out = PyBytes_FromStringAndSize(NULL, m.len)
+            dst = PyBytes_AS_STRING(out)
+            with nogil:
+                ivshm_spsc_copy(&self._q, &m, dst)
+        ivshm_spsc_advance(&self._q, &m)
+        ivshm_spsc_release(&self._q)
+        return out
+
+    def send_many(self, messages, timeout=0.0):
+        """Send messages from the front of ``messages`` (a list or tuple; other iterables are
+        materialised first) with one publish per batch.  With ``timeout=0`` (default) it stops when
+        the ring is full; otherwise it waits up to ``timeout`` seconds (None: forever) for room.
+        Returns how many were sent: the rest are ``messages[n:]``."""
+        self._check()
+        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        cdef Py_ssize_t total = len(seq), sent = 0
+        cdef _Waiter w = None
+        while True:
+            sent += self._send_batch(seq, sent, total)
+            if sent >= total or timeout == 0:
+                return sent
+            if w is None:
+                w = _Waiter(timeout, self.spin)
+            if not w.pause():
+                return sent
+
+    cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
+        cdef Py_ssize_t i, k, n, done = 0
+        cdef int rc = 0
+        cdef object item
+        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        while start + done < total:
+            n = total - start - done
+            if n > _BATCH:
+                n = _BATCH
+            # gather pointers with the GIL (bytes fast path; other buffers are converted)
+            for k in range(n):
+                item = <object>items[start + done + k]
+                if not PyBytes_CheckExact(item):
+                    return done + self._send_slow(seq, start + done, start + done + n)
+                self._ptrs[k] = PyBytes_AS_STRING(item)
+                self._lens[k] = PyBytes_GET_SIZE(item)
+            # copy and publish without it
+            with nogil:
+                k = 0
+                while k < n:
+                    rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
+                    if rc != 0:
+                        break
+                    k += 1
+                ivshm_spsc_publish(&self._q)
+            done += k
+            if rc == -EAGAIN:
+                return done
+            if rc != 0:
+                self._send_error(rc, start + done)
+        return done
+
+    cdef Py_ssize_t _send_slow(self, seq, Py_ssize_t start, Py_ssize_t end) except -1:
+        cdef Py_ssize_t i
+        for i in range(start, end):
+            if self._send_obj(seq[i]) != 0:
+                return i - start
+        return end - start
+
+    cdef _send_error(self, int rc, Py_ssize_t index):
+        if rc == -EMSGSIZE:
+            raise MessageTooLargeError(
+                f"message {index} does not fit ring {self._name!r} (at most {self.max_message} "
+                f"bytes); the {index} before it were sent")
+        raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
+
+    def recv_many(self, Py_ssize_t max_count=_BATCH, timeout=0.0):
+        """Up to ``max_count`` messages that are already there, as a list (one release for all).
+        With ``timeout`` > 0 or None, waits that long for the first one."""
+        self._check()
+        cdef list out = []
+        cdef ivshm_spsc_msg m
+        cdef int rc = 0
+        cdef Py_ssize_t got = 0
+        cdef _Waiter w = None
+        cdef object b
+        while True:
+            while got < max_count:
+                rc = ivshm_spsc_next(&self._q, &m)
+                if rc != 0:
+                    break
+                if m.nslots == 1:
+                    b = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
+                else:
+                    b = PyBytes_FromStringAndSize(NULL, m.len)
+                    ivshm_spsc_copy(&self._q, &m, PyBytes_AS_STRING(b))
+                PyList_Append(out, b)
+                ivshm_spsc_advance(&self._q, &m)
+                got += 1
+            ivshm_spsc_release(&self._q)
+            if rc != 0 and rc != -EAGAIN and got == 0:
+                raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
+            if got or timeout == 0 or max_count <= 0:
+                return out
+            if w is None:
+                w = _Waiter(timeout, self.spin)
+            if not w.pause():
+                return out
+
+    def recv_into(self, buffer):
+        """Receive the next message into a writable buffer: its length, or None if the ring is
+        empty.  MessageTooLargeError if the buffer is too small (the message stays queued)."""
+        self._check()
+        cdef Py_buffer buf
+        cdef ivshm_spsc_msg m
+        cdef int rc = ivshm_spsc_next(&self._q, &m)
+        if rc == -EAGAIN:
+            return None
+        if rc != 0:
+            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_into")
+        PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
+        try:
+            if <uint64_t>buf.len < m.len:
+                raise MessageTooLargeError(
+                    f"the next message on ring {self._name!r} is {m.len} bytes; the buffer holds "
+                    f"{buf.len}: pass a larger buffer (it stays queued)")
+            with nogil:
+                ivshm_spsc_copy(&self._q, &m, buf.buf)
+            ivshm_spsc_advance(&self._q, &m)
+            ivshm_spsc_release(&self._q)
+        finally:
+            PyBuffer_Release(&buf)
+        return m.len
+
+    # zero copy -------------------------------------------------------------------------------
+    def reserve(self, Py_ssize_t size):
+        """A writable memoryview of ``size`` bytes inside the next free slot, or None if the ring
+        is full.  Fill it, then :meth:`commit`; the view is invalid afterwards."""
+        self._check()
+        if self._view_len >= 0:
+            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
+        if size < 0:
+            raise ConfigError("size must be >= 0")
+        cdef uint8_t *p
+        cdef int rc = ivshm_spsc_reserve(&self._q, size, &p)
+        if rc == -EAGAIN:
+            return None
+        if rc == -EMSGSIZE:
+            raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: zero-copy messages "
+                                       f"are at most one slot ({self.slot_size} bytes)")
+        if rc != 0:
+            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "reserve")
+        self._view = _make_view(self._region, p, size, False)
+        self._view_len = size
+        return self._view
+
+    def commit(self, size=None):
+        """Publish the reserved slot with ``size`` bytes (default: all that was reserved)."""
+        self._check()
+        if self._view_len < 0:
+            raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
+        cdef Py_ssize_t n = self._view_len if size is None else size
+        if n < 0 or n > self._view_len:
+            raise ConfigError(f"commit({size}): between 0 and the {self._view_len} bytes reserved")
+        self._drop_view()
+        ivshm_spsc_commit(&self._q, <uint32_t>n)
+
+    def peek(self):
+        """A read-only memoryview of the next message without consuming it, or None if the ring
+        is empty.  Call :meth:`release` when done; the view is invalid afterwards."""
+        self._check()
+        if self._view is not None:
+            raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
+        cdef ivshm_spsc_msg m
+        cdef int rc = ivshm_spsc_next(&self._q, &m)
+        if rc == -EAGAIN:
+            return None
+        if rc != 0:
+            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "peek")
+        if m.nslots != 1:
+            raise MessageTooLargeError(f"the next message on ring {self._name!r} spans {m.nslots} "
+                                       "slots and cannot be viewed in place: use recv()")
+        self._view = _make_view(self._region, <void *>m.data, m.len, True)
+        return self._view
+
+    def release(self):
+        """Consume the peeked message."""
+        self._check()
+        if self._view is None or self._view_len >= 0:
+            raise ConfigError(f"ring {self._name!r}: release() without peek()")
+        self._drop_view()
+        cdef ivshm_spsc_msg m
+        cdef int rc = ivshm_spsc_next(&self._q, &m)
+        if rc != 0:
+            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "release")
+        ivshm_spsc_advance(&self._q, &m)
+        ivshm_spsc_release(&self._q)
+
+
+cdef class MpmcRing(_Ring):
+    """Multi-producer multi-consumer ring (per-slot sequence numbers).  Any number of processes
+    send and receive.  Messages are at most ``slot_size`` bytes.  Only between cooperating peers: a
+    producer that dies between reserving and committing a slot stalls consumers at that slot;
+    blocking receives report that as StallError instead of waiting forever."""
+    cdef ivshm_mpmc _q
+    cdef object _stash            # a message that did not fit a recv_into buffer
+    cdef uint64_t _view_pos
+
+    cdef _init(self, Region region, ivshm_ring_info *info):
+        _Ring._init(self, region, info)
+        cdef const char *why = NULL
+        rc = ivshm_mpmc_attach(&self._q, &region._r, info, &why)
+        if rc != 0:
+            raise _error_from_code(rc, f"open ring {self._name!r}", why.decode() if why != NULL else None)
+        self._stash = None
+
+    @property
+    def kind(self):
+        return "mpmc"
+
+    @property
+    def max_message(self):
+        return self._info.slot_size
+
+    def __len__(self):
+        self._check()
+        return ivshm_mpmc_count(&self._q) + (self._stash is not None)
+
+    def stalled(self):
+        """The index of a slot claimed by a producer that has not committed it, or None."""
+        self._check()
+        cdef uint64_t pos
+        return pos if ivshm_mpmc_stalled(&self._q, &pos) else None
+
+    cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
+        self._check()
+        if n > self._info.slot_size:
+            raise MessageTooLargeError(
+                f"message of {n} bytes does not fit ring {self._name!r}: MPMC slots hold at most "
+                f"{self.slot_size} bytes (use a larger slot_size, or an SPSC ring, which splits "
+                "large messages)")
+        cdef int rc = ivshm_mpmc_try_send(&self._q, p, n)
+        if rc == 0:
+            return 0
+        if rc == -EAGAIN:
+            return -1
+        raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send")
+
+    cdef object _recv_obj(self):
+        self._check()
+        if self._stash is not None:
+            out, self._stash = self._stash, None
+            return out
+        cdef uint64_t pos
+        cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
+        if m <= 0:
+            if m == -EAGAIN:
+                return None
+            raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "recv")
+        cdef int64_t n = ivshm_mpmc_msg_len(&self._q, pos)
+        if n < 0:
+            ivshm_mpmc_release_one(&self._q, pos)
+            raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv")
+        out = PyBytes_FromStringAndSize(<const char *>ivshm_mpmc_payload(&self._q, pos), n)
+        ivshm_mpmc_release_one(&self._q, pos)
+        return out
+
+    cdef _timeout_error(self, timeout):
+        cdef uint64_t pos
+        if ivshm_mpmc_stalled(&self._q, &pos):
+            raise StallError(
+                f"recv on ring {self._name!r}: slot {pos} was claimed by a producer that has not "
+                f"committed it for {timeout} s (producer stalled or died; later messages wait behind it)")
+        _Ring._timeout_error(self, timeout)
+
+    def send_many(self, messages, timeout=0.0):
+        """Send messages from the front of ``messages``; see SpscRing.send_many."""
+        self._check()
+        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        cdef Py_ssize_t total = len(seq), sent = 0
+        cdef _Waiter w = None
+        while True:
+            while sent < total and self._send_obj(seq[sent]) == 0:
+                sent += 1
+            if sent >= total or timeout == 0:
+                return sent
+            if w is None:
+                w = _Waiter(timeout, self.spin)
+            if not w.pause():
+                return sent
+
+    def recv_many(self, Py_ssize_t max_count=_BATCH, timeout=0.0):
+        """Up to ``max_count`` messages already there (claimed with one CAS per burst)."""
+        self._check()
+        cdef list out = []
+        cdef uint64_t pos
+        cdef int64_t m, k, n
+        cdef object err = None
+        cdef _Waiter w = None
+        if self._stash is not None and max_count > 0:
+            out.append(self._stash)
+            self._stash = None
+        while True:
+            while len(out) < max_count:
+                m = ivshm_mpmc_claim_recv(&self._q, max_count - len(out), &pos)
+                if m <= 0:
+                    if m != -EAGAIN and not out:
+                        raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
+                    break
+                for k in range(m):
+                    n = ivshm_mpmc_msg_len(&self._q, pos + k)
+                    if n >= 0:
+                        out.append(PyBytes_FromStringAndSize(
+                            <const char *>ivshm_mpmc_payload(&self._q, pos + k), n))
+                    elif err is None:
+                        err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
+                    ivshm_mpmc_release_one(&self._q, pos + k)
+            if err is not None and not out:
+                raise err
+            if out or timeout == 0 or max_count <= 0:
+                return out
+            if w is None:
+                w = _Waiter(timeout, self.spin)
+            if not w.pause():
+                return out
+
+    def recv_into(self, buffer):
+        """Receive into a writable buffer: the length, or None if empty.  A message too large for
+        the buffer raises MessageTooLargeError and is kept for the next recv/recv_into."""
+        self._check()
+        msg = self._recv_obj()
+        if msg is None:
+            return None
+        mv = memoryview(buffer)
+        try:
+            if mv.readonly:
+                raise ConfigError("recv_into needs a writable buffer")
+            if mv.nbytes < len(msg):
+                self._stash = msg
+                raise MessageTooLargeError(
+                    f"the next message on ring {self._name!r} is {len(msg)} bytes; the buffer holds "
+                    f"{mv.nbytes}: pass a larger buffer (it is kept for the next receive)")
+            mv.cast("B")[:len(msg)] = msg
+        finally:
+            mv.release()
+        return len(msg)
+
+    def reserve(self, Py_ssize_t size):
+        """Claim the next free slot and return a writable view of ``size`` bytes (None if full).
+        Consumers wait at this slot until :meth:`commit`, so commit promptly."""
+        self._check()
+        if self._view_len >= 0:
+            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
+        if size < 0 or size > self._info.slot_size:
+            raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: at most {self.slot_size} bytes")
+        cdef uint64_t pos
+        cdef int64_t m = ivshm_mpmc_claim_send(&self._q, 1, &pos)
+        if m == -EAGAIN:
+            return None
+        if m < 0:
+            raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "reserve")
+        self._view_pos = pos
+        self._view = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), size, False)
+        self._view_len = size
+        return self._view
+
+    def commit(self, size=None):
+        self._check()
+        if self._view_len < 0:
+            raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
+        cdef Py_ssize_t n = self._view_len if size is None else size
+        if n < 0 or n > self._view_len:
+            raise ConfigError(f"commit({size}): between 0 and the {self._view_len} bytes reserved")
+        self._drop_view()
+        ivshm_mpmc_commit_one(&self._q, self._view_pos, <uint32_t>n)
+
+    def peek(self):
+        """Claim the next message and return a read-only view of it (None if empty); other
+        consumers skip it.  :meth:`release` hands the slot back."""
+        self._check()
+        if self._view is not None:
+            raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
+        if self._stash is not None:
+            raise ConfigError(f"ring {self._name!r}: a message kept by recv_into is pending: recv() it first")
+        cdef uint64_t pos
+        cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
+        if m == -EAGAIN:
+            return None
+        if m < 0:
+            raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "peek")
+        cdef int64_t n = ivshm_mpmc_msg_len(&self._q, pos)
+        if n < 0:
+            ivshm_mpmc_release_one(&self._q, pos)
+            raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "peek")
+        self._view_pos = pos
+        self._view = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), n, True)
+        return self._view
+
+    def release(self):
+        self._check()
+        if self._view is None or self._view_len >= 0:
+            raise ConfigError(f"ring {self._name!r}: release() without peek()")
+        self._drop_view()
+        ivshm_mpmc_release_one(&self._q, self._view_pos)

@@ -8,12 +8,13 @@ implementation to test the guest side against.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
 import struct
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 
 def _eventfd() -> int:
@@ -160,3 +161,23 @@ class MiniServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def ivshmem_server(socket_path: str, size: int, vectors: int) -> Iterator[object]:
+    """pyivshmem.Server when the package has it, else a MiniServer over a fresh memfd."""
+    try:
+        from pyivshmem import Server  # type: ignore[attr-defined]
+    except ImportError:
+        Server = None
+    if Server is not None:
+        with Server(socket_path, size=size, vectors=vectors) as srv:
+            yield srv
+        return
+    fd = os.memfd_create("pyivshmem-vmtest", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with MiniServer(socket_path, fd, vectors) as srv:
+            yield srv
+    finally:
+        os.close(fd)

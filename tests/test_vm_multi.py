@@ -117,18 +117,17 @@ STREAMER_GUEST = r"""
 import os
 import vmguest
 from pyivshmem import Channel, PciDevice
-from pump import make_messages
+from pump import message
 
-TAG = os.environ["TAG"].encode()
+TAG, N = os.environ["TAG"].encode(), int(os.environ["N"])
 with PciDevice.open(vfio=True) as dev:
     tx = Channel(dev.region.ring(os.environ["RING"]), dev, vector=1)
     vmguest.stage("ready", id=dev.id)
-    msgs = make_messages(int(os.environ["N"]), TAG)
-    for i, m in enumerate(msgs):
-        tx.send(m, timeout=120)
+    for i in range(N):
+        tx.send(message(i, TAG), timeout=120)
         if (i + 1) % 200 == 0:
             vmguest.stage("committed", count=i + 1)   # every message before this one is in the ring
-    vmguest.result(sent=len(msgs))
+    vmguest.result(sent=N)
 """
 
 

@@ -12,15 +12,16 @@ import time
 from typing import Callable, Dict, List, Sequence
 
 
+def message(i: int, tag: bytes, size: int = 64) -> bytes:
+    """Message number i: 4-byte sequence number, tag, then deterministic filler."""
+    head = i.to_bytes(4, "little") + tag
+    body = hashlib.blake2b(head, digest_size=32).digest()
+    return (head + body * 8)[:8 + (i * 37) % (size - 8)]
+
+
 def make_messages(n: int, tag: bytes, size: int = 64) -> List[bytes]:
-    """n distinct messages: 4-byte sequence number, tag, then deterministic filler."""
-    out = []
-    for i in range(n):
-        head = i.to_bytes(4, "little") + tag
-        body = hashlib.blake2b(head, digest_size=32).digest()
-        length = 8 + (i * 37) % (size - 8)
-        out.append((head + body * 8)[:length])
-    return out
+    """n distinct messages (see message())."""
+    return [message(i, tag, size) for i in range(n)]
 
 
 def pump(send_ring, recv_ring, outgoing: Sequence[bytes], n_in: int, ring_peer: Callable[[], None],

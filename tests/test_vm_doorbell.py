@@ -107,3 +107,37 @@ def test_doorbell_host_guest(image, memfd, tmp_path):
     assert res["token"] == token
     assert res["select_ready"] is True
     assert res["fired2"] == [0]
+
+
+NOT_VIABLE_GUEST = r"""
+import os
+import vmguest
+from pyivshmem import PciDevice, DeviceError
+
+info = PciDevice.list()[0]
+group = f"/sys/kernel/iommu_groups/{info.iommu_group}/devices"
+out = {"members": sorted(os.listdir(group))}
+try:
+    PciDevice.open(vfio=True)
+    out["error"] = None
+except DeviceError as e:
+    out["error"], out["errno"] = str(e), e.errno
+vmguest.result(**out)
+"""
+
+
+def test_vfio_group_not_viable(image, memfd, tmp_path):
+    """Behind a PCIe-to-PCI bridge the ivshmem device shares its IOMMU group with a PCI serial port
+    that the guest's serial driver owns: VFIO refuses the group, and the error names the culprit."""
+    sock = str(tmp_path / "ivshmem.sock")
+    devices = ["-device", "pcie-pci-bridge,id=br0", "-device", "pci-serial,bus=br0,addr=1"]
+    devices += harness.ivshmem_doorbell(sock, vectors=1, extra=",bus=br0,addr=2")
+    with MiniServer(sock, memfd, vectors=1):
+        with harness.Vm(NOT_VIABLE_GUEST, devices, workdir=tmp_path, image=image) as vm:
+            res = vm.result(timeout=120)
+    assert len(res["members"]) >= 2
+    assert res["error"] is not None, "VFIO accepted a group with a host-owned device"
+    assert "not viable" in res["error"] and "serial" in res["error"]
+    import errno
+
+    assert res["errno"] == errno.EBUSY

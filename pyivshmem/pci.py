@@ -28,7 +28,7 @@ import select
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ClosedError, ConfigError, DeviceError
 
@@ -209,7 +209,7 @@ class PciDevice:
         self.interrupts = False
         self.poll_interval = DEFAULT_POLL_INTERVAL
         self._format_if_empty = True
-        self._vfio = None  # cdata struct ivshm_vfio
+        self._vfio: Any = None  # cdata struct ivshm_vfio
         self._bar0 = 0
         self._bar0_len = 0
         self._bar0_off = 0  # VFIO offset of BAR0 when it cannot be mapped (pwrite fallback)
@@ -389,7 +389,6 @@ class PciDevice:
 
     def _open_vfio(self) -> None:
         lib, ffi = _cffi()
-        devdir = self.info.sysfs_path
         group = PciDevice.bind_vfio(self.bdf, sysfs=self._sysfs)
         v = ffi.new("struct ivshm_vfio *")
         lib.ivshm_vfio_init(v)
@@ -495,7 +494,7 @@ class PciDevice:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed PciDevice {self.bdf}", ResourceWarning, source=self)
+            warnings.warn(f"unclosed PciDevice {self.bdf}", ResourceWarning, stacklevel=2, source=self)
             try:
                 self.close()
             except Exception:

@@ -8,7 +8,6 @@ qemu-system-x86_64 (skips otherwise).
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest

@@ -441,8 +441,13 @@ def _elf_interp(path: str) -> Optional[str]:
 
 def python_key() -> str:
     exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    st = os.stat(exe)
-    raw = f"{exe}|{sys.version}|{st.st_size}|{st.st_mtime_ns}|{HARNESS_FORMAT}"
+    import _cffi_backend
+
+    parts = [f"{sys.version}|{HARNESS_FORMAT}"]
+    for f in (exe, os.path.realpath(_cffi_backend.__file__)):
+        st = os.stat(f)
+        parts.append(f"{f}|{st.st_size}|{st.st_mtime_ns}")
+    raw = "|".join(parts)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -188,13 +188,13 @@ def kernel_package() -> str:
     try:
         out = _run(["apt-cache", "depends", "linux-image-amd64"], timeout=60)
     except (OSError, VmUnavailable) as e:
-        cached = sorted(cache_dir().glob("kernel-*/base.cpio.gz"))
+        cached = sorted(cache_dir().glob("kernel-*/base-*.cpio.gz"))
         if cached:
             return "linux-image-" + cached[-1].parent.name[len("kernel-"):]
         raise VmUnavailable(f"cannot find the Debian kernel package (apt-cache): {e}") from None
     m = re.search(r"Depends:\s*<?(linux-image-[0-9][^\s>]*)", out)
     if not m:
-        cached = sorted(cache_dir().glob("kernel-*/base.cpio.gz"))
+        cached = sorted(cache_dir().glob("kernel-*/base-*.cpio.gz"))
         if cached:
             return "linux-image-" + cached[-1].parent.name[len("kernel-"):]
         raise VmUnavailable(
@@ -277,8 +277,9 @@ done < /etc/pyivshmem/modules
 [ -f /test/env ] && . /test/env
 echo "@@PYIVSHMEM:booted $(uname -r)"
 cd /test
+# a last bound, so a guest whose host went away still powers off (and its QEMU ends)
 if [ -f /test/main.py ] && [ -n "$PYIVSHMEM_PYTHON" ]; then
-  "$PYIVSHMEM_PYTHON" -u /test/main.py
+  timeout -s KILL "${PYIVSHMEM_GUEST_TIMEOUT:-900}" "$PYIVSHMEM_PYTHON" -u /test/main.py
   rc=$?
 elif [ -f /test/main.sh ]; then
   sh /test/main.sh
@@ -304,7 +305,8 @@ def ensure_kernel() -> Kernel:
     pkg = kernel_package()
     version = pkg[len("linux-image-"):]
     kdir = cache_dir() / f"kernel-{version}"
-    vmlinuz, base = kdir / "vmlinuz", kdir / "base.cpio.gz"
+    key = hashlib.sha256((INIT_SCRIPT + "|".join(VFIO_MODULES)).encode()).hexdigest()[:12]
+    vmlinuz, base = kdir / "vmlinuz", kdir / f"base-{key}.cpio.gz"
     if vmlinuz.exists() and base.exists():
         return Kernel(version, vmlinuz, base)
     with _locked(cache_dir() / f"kernel-{version}.lock"):
@@ -344,6 +346,9 @@ def ensure_kernel() -> Kernel:
                 c.file("/etc/pyivshmem/modules", ("\n".join(names) + "\n").encode())
 
             _write_cpio_gz(base, fill)
+            for old in kdir.glob("base*.cpio.gz"):
+                if old != base:
+                    old.unlink()
             vm_src = root / "boot" / f"vmlinuz-{version}"
             shutil.copyfile(vm_src, vmlinuz.with_name("vmlinuz.tmp"))
             os.replace(vmlinuz.with_name("vmlinuz.tmp"), vmlinuz)
@@ -599,13 +604,16 @@ class Vm:
                  name: str = "vm", iommu: bool = True, memory: int = 1024, smp: int = 1,
                  files: Optional[Dict[str, Union[str, bytes]]] = None,
                  env: Optional[Dict[str, str]] = None, image: Optional[Image] = None,
-                 kernel_args: str = ""):
+                 kernel_args: str = "", guest_timeout: float = 900):
         self.image = image or ensure_image()
         self.name = f"{name}-{uuid.uuid4().hex[:6]}"
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{self.name}.serial.log"
         self.initrd = self.workdir / f"{self.name}.initrd"
+        # the guest kills its own script after guest_timeout seconds and powers off, so even a
+        # QEMU orphaned by a crashed test process ends
+        env = {"PYIVSHMEM_GUEST_TIMEOUT": str(int(guest_timeout)), **(env or {})}
         self._script, self._files, self._env = script, files, env
         self._devices = list(devices)
         self._iommu, self._memory, self._smp, self._kargs = iommu, memory, smp, kernel_args
@@ -696,7 +704,8 @@ class Vm:
 
     def __exit__(self, et, ev, tb) -> None:
         self.close()
-        if et is not None or os.environ.get("PYIVSHMEM_VM_KEEP_LOGS") == "1":
+        # a VmError already carries the log
+        if (et is not None and not issubclass(et, VmError)) or os.environ.get("PYIVSHMEM_VM_KEEP_LOGS") == "1":
             sys.stderr.write(self.log_text())
 
     # -- output --------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class MiniServer:
 def ivshmem_server(socket_path: str, size: int, vectors: int) -> Iterator[object]:
     """pyivshmem.Server when the package has it, else a MiniServer over a fresh memfd."""
     try:
-        from pyivshmem import Server  # type: ignore[attr-defined]
+        from pyivshmem.server import Server
     except ImportError:
         Server = None
     if Server is not None:

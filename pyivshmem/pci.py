@@ -457,13 +457,14 @@ class PciDevice:
         (see :meth:`unbind_vfio`). Refused (BufferError) while views of ``memory`` are held."""
         if self._closed:
             return
+        # these two refuse (BufferError) while views of them are held: release nothing else then
         if self._mmap is not None:
-            self._mmap.close()  # BufferError while exported: nothing released yet
+            self._mmap.close()
             self._mmap = None
-        self._closed = True
         if self._region is not None:
             self._region.close()
             self._region = None
+        self._closed = True
         lib = _lib
         if self._epoll is not None:
             self._epoll.close()

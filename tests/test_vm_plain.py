@@ -218,6 +218,17 @@ try:
 except ClosedError as e:
     out["closed"] = str(e)
 
+# close() refuses while a view of the memory is alive, and works once it is released
+dev = PciDevice.open(vfio=False)
+view = dev.memory
+try:
+    dev.close()
+except BufferError:
+    out["busy"] = not dev.closed
+view.release()
+dev.close()
+out["closed_after_release"] = dev.closed
+
 # memory decoding off: clear bit 1 of the command register through sysfs config space
 cfg = f"/sys/bus/pci/devices/{info.bdf}/config"
 with open(cfg, "r+b", buffering=0) as f:
@@ -268,3 +279,4 @@ def test_plain_errors(image, shm_path, tmp_path):
     assert "closed" in res["closed"]
     assert "memory decoding is off" in res["decoding_off"]
     assert res["not_root_status"] == 0
+    assert res["busy"] is True and res["closed_after_release"] is True

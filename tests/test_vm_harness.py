@@ -28,7 +28,7 @@ def test_guest_exception_is_reported_with_traceback(image, tmp_path):
 
 def test_waits_are_bounded_and_a_hung_guest_powers_off(image, tmp_path):
     script = "import time, vmguest\nvmguest.stage('sleeping')\ntime.sleep(3600)\n"
-    with harness.Vm(script, workdir=tmp_path, iommu=False, image=image, guest_timeout=15) as vm:
+    with harness.Vm(script, workdir=tmp_path, iommu=False, image=image, guest_timeout=5) as vm:
         vm.wait_for("stage", timeout=harness.BOOT_TIMEOUT)
         with pytest.raises(harness.VmError, match=r"no 'result' within 2s"):
             vm.wait_for("result", timeout=2)

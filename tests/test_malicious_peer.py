@@ -103,7 +103,7 @@ def _honest(path: str, seconds: float, seed: int, conn) -> None:
     rnd = random.Random(seed)
     stats = collections.Counter()
     with Region.open(path) as region:
-        rings = {name: region.ring(name) for name in VICTIMS}
+        rings = dict.fromkeys(VICTIMS)  # opened on first use: the attacker may already be at work
         canary = region.ring("canary")
         canary_seq = 0
         deadline = time.monotonic() + seconds

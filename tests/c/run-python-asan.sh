@@ -2,7 +2,8 @@
 # run-python-asan.sh [PYTEST ARGS...] - a chosen part of the Python test suite under ASan/UBSan.
 #
 # Builds a copy of the package with PYIVSHMEM_SANITIZE=address,undefined (setup.py) in
-# tests/c/bin/pyasan/ (the source tree's own build is left alone), then runs pytest there with
+# build/pyasan/ (ignored by git and by pytest's collection; the source tree's own build is left
+# alone), then runs pytest there with
 # libasan preloaded into CPython (which is not instrumented itself; leak checking is off, as
 # CPython keeps memory until exit), PYTHONMALLOC=malloc so that Python objects live in ASan's heap,
 # and every sanitizer report written to a log file.  Child processes (spawned tests, the malicious
@@ -11,7 +12,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-build=$here/bin/pyasan
+build=$root/build/pyasan
 logs=$build/logs
 PYTHON=${PYTHON:-python3}
 CC=${CC:-gcc}

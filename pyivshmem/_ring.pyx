@@ -390,7 +390,10 @@ cdef class Region:
         self._ensure_open()
         if kind not in _KINDS:
             raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc' or 'mpmc'")
-        slot_size = parse_size(slot_size)
+        try:
+            slot_size = parse_size(slot_size)
+        except ConfigError as e:
+            raise ConfigError(f"slot size of ring {name!r}: {e}") from None
         bname = _ring_name(name)
         cdef ivshm_ring_info info
         cdef const char *why = NULL
@@ -603,6 +606,8 @@ cdef class _Ring:
     def send(self, data, timeout=None):
         """Send, waiting up to ``timeout`` seconds (None: forever) for room; WaitTimeout if the
         ring stays full.  Waits by spinning for ``self.spin`` seconds, then sleeping briefly."""
+        if timeout is not None and timeout < 0:
+            raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
         if self._send_obj(data) == 0:
             return
         cdef _Waiter w = _Waiter(timeout, self.spin)
@@ -614,6 +619,8 @@ cdef class _Ring:
 
     def recv(self, timeout=None):
         """Receive, waiting up to ``timeout`` seconds (None: forever); WaitTimeout if none came."""
+        if timeout is not None and timeout < 0:
+            raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
         msg = self._recv_obj()
         if msg is not None:
             return msg
@@ -1074,7 +1081,9 @@ cdef class MpmcRing(_Ring):
         if self._view is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
         if self._stash is not None:
-            raise ConfigError(f"ring {self._name!r}: a message kept by recv_into is pending: recv() it first")
+            self._view = memoryview(self._stash)
+            self._view_pos = <uint64_t>-1
+            return self._view
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
         if m == -EAGAIN:
@@ -1094,4 +1103,7 @@ cdef class MpmcRing(_Ring):
         if self._view is None or self._view_len >= 0:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
         self._drop_view()
+        if self._view_pos == <uint64_t>-1:
+            self._stash = None
+            return
         ivshm_mpmc_release_one(&self._q, self._view_pos)

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="short run (under a minute on 2 CPUs)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON (docs/bench.md)")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR (needs matplotlib)")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="write a Markdown results section (the README's is made this way)")
     p.add_argument("--scenarios", default="all",
                    help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")
     p.add_argument("--peers", default="all",
@@ -191,10 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"pyivshmem bench: unknown scenario {', '.join(bad) or '(none)'}; choose from "
                   f"{', '.join(SCENARIOS)}", file=sys.stderr)
             return 2
-    for path in filter(None, (args.json,)):
+    for opt, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if not path:
+            continue
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            print(f"pyivshmem bench: --json {path}: directory {parent} does not exist", file=sys.stderr)
+            print(f"pyivshmem bench: {opt} {path}: directory {parent} does not exist",
+                  file=sys.stderr)
             return 2
 
     s = Settings.preset(args.quick)
@@ -212,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s.mpmc_producers, s.mpmc_consumers = args.mpmc
     s.topology = args.topology
 
-    from .report import build_document, format_report, write_json, write_plots
+    from .report import build_document, format_markdown, format_report, write_json, write_plots
     from .scenarios import PyivshmemTransport
     from .workers import usable_cpus
 
@@ -233,8 +238,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         write_json(doc, args.json)
         print(f"JSON written to {args.json}", file=sys.stderr)
+    plots = []
     if args.plot:
-        for path in write_plots(doc, args.plot):
+        plots = write_plots(doc, args.plot)
+        for path in plots:
             print(f"plot written to {path}", file=sys.stderr)
+    if args.markdown:
+        main_plot = next((p for p in plots if p.endswith("pyivshmem_vs_peers.png")), None)
+        if main_plot:
+            main_plot = os.path.relpath(main_plot, os.path.dirname(os.path.abspath(args.markdown)))
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(doc, main_plot) + "\n")
+        print(f"Markdown written to {args.markdown}", file=sys.stderr)
     failed = [r for r in records if r["is_pyivshmem"] and r["status"] == "failed"]
     return 1 if failed else 0

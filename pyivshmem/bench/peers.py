@@ -332,7 +332,8 @@ class _PipeFramer:
         self.buf = b""
         self.pos = 0
         self.poller = select.poll()
-        self.poller.register(rfd, select.POLLIN)
+        if rfd >= 0:
+            self.poller.register(rfd, select.POLLIN)
 
     def send(self, data: bytes) -> None:
         n = len(data)

@@ -30,6 +30,7 @@ __all__ = [
     "validate",
     "write_json",
     "format_report",
+    "format_markdown",
     "write_plots",
     "PlotUnavailable",
     "host_info",
@@ -655,3 +656,75 @@ def write_plots(doc: Dict[str, Any], directory: str) -> List[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown (the README's results section is generated with --markdown)
+def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
+    """A results section in Markdown: summary, round trip, throughput, MPMC, wake-up."""
+    host = doc["host"]
+    recs = doc["records"]
+    cmd = " ".join(doc["command"])
+    out = [
+        "## Results",
+        "",
+        f"Measured by `{cmd}` on {host['cpu_model']} ({host['cpu_count']} CPUs, Linux "
+        f"{host['kernel']}, {host['implementation']} {host['python']}), {doc['created'][:10]}. "
+        "Every peer is measured in the same run; compare ratios, not absolute numbers, across "
+        "machines. Latencies in microseconds; xN means pyivshmem's figure is N times better.",
+        "",
+    ]
+    heads = [h for h in doc["headlines"] if h["pyivshmem"] is not None]
+    if heads:
+        rows = []
+        for h in heads:
+            f = (lambda v: f"{fmt_us(v)} us") if h["unit"] == "ns" else (lambda v: f"{fmt_rate(v)}/s")
+            rows.append([h["figure"], f(h["pyivshmem"]),
+                         f"{h['best_peer']}: {f(h['best_peer_value'])}" if h["best_peer"] else "-",
+                         f"x{h['ratio']:.2g}" if h["ratio"] else "-"])
+        out += _md_table(["figure", "pyivshmem", "best peer", "pyivshmem vs best"], rows)
+    if plot:
+        out += [f"![pyivshmem against the alternatives]({plot})", ""]
+    rtt = [r for r in recs if r["scenario"] == "roundtrip" and r["status"] == "ok"]
+    if rtt:
+        out.append(f"Round trip, {fmt_size(rtt[0]['size'])} messages, processes on two CPUs:")
+        out.append("")
+        rows = [[r["mode"] or "", r["label"], f"`{r['variant']}`", fmt_us(r["latency_ns"]["p50"]),
+                 fmt_us(r["latency_ns"]["p99"]), fmt_us(r["latency_ns"]["p99_9"]),
+                 fmt_us(r["latency_ns"]["max"]), fmt_ratio(r)]
+                for r in sorted(rtt, key=lambda r: (r["group"], not r["is_pyivshmem"]))]
+        out += _md_table(["mode", "transport", "calls", "p50", "p99", "p99.9", "max", "vs"], rows)
+    tp = [r for r in recs if r["scenario"] == "throughput"]
+    if any(r["status"] == "ok" for r in tp):
+        sizes = sorted({r["size"] for r in tp})
+        by: Dict[Tuple[str, str, str], Dict[int, Dict[str, Any]]] = {}
+        for r in _ordered(tp):
+            by.setdefault((r["label"], r["method"], r["variant"]), {})[r["size"]] = r
+        rows = [[label, f"`{variant}`"] + [_rate_cell(cells.get(s)) for s in sizes]
+                for (label, method, variant), cells in by.items()
+                if any(c["status"] == "ok" for c in cells.values())]
+        out.append("One-way throughput, messages/s (GB/s from 4 KiB):")
+        out.append("")
+        out += _md_table(["transport", "calls"] + [fmt_size(s) for s in sizes], rows)
+    mp = [r for r in recs if r["scenario"] == "mpmc" and r["status"] == "ok"]
+    if mp:
+        out.append(f"MPMC, {mp[0]['producers']} producers and {mp[0]['consumers']} consumers, "
+                   f"{fmt_size(mp[0]['size'])} messages:")
+        out.append("")
+        out += _md_table(["transport", "msgs/s", "vs"],
+                         [[r["label"], fmt_rate(r["throughput"]["msgs_per_s"]), fmt_ratio(r)]
+                          for r in _ordered(mp)])
+    wk = [r for r in recs if r["scenario"] == "wakeup" and r["status"] == "ok"]
+    if wk:
+        out.append("Wake-up of a receiver asleep in a blocking receive (one way):")
+        out.append("")
+        out += _md_table(["transport", "calls", "p50", "p99", "vs"],
+                         [[r["label"], f"`{r['variant']}`", fmt_us(r["latency_ns"]["p50"]),
+                           fmt_us(r["latency_ns"]["p99"]), fmt_ratio(r)] for r in _ordered(wk)])
+    return "\n".join(out)

@@ -5,4 +5,5 @@
 #include "ivshm_region.h"
 #include "ivshm_spsc.h"
 #include "ivshm_mpmc.h"
+#include "ivshm_wake.h"
 #endif

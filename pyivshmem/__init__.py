@@ -1,7 +1,7 @@
 """pyivshmem: lock-free messaging over shared memory between QEMU VMs and host processes."""
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
-from ._ring import Region, SpscRing, MpmcRing, parse_size  # noqa: F401
+from ._ring import Channel, MpmcRing, Region, SpscRing, parse_size  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["Region", "SpscRing", "MpmcRing", "parse_size"] + list(_errors_all)
+__all__ = ["Region", "SpscRing", "MpmcRing", "Channel", "parse_size"] + list(_errors_all)

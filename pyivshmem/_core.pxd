@@ -114,3 +114,24 @@ cdef extern from "ivshm_mpmc.h" nogil:
     int ivshm_mpmc_try_send(ivshm_mpmc *q, const void *data, uint64_t len)
     uint64_t ivshm_mpmc_count(const ivshm_mpmc *q)
     int ivshm_mpmc_stalled(const ivshm_mpmc *q, uint64_t *pos)
+
+cdef extern from "ivshm_wake.h" nogil:
+    enum:
+        IVSHM_BELL_NONE
+        IVSHM_BELL_EVENTFD
+        IVSHM_BELL_MMIO
+        IVSHM_MAX_VECTORS
+    ctypedef struct ivshm_bell "struct ivshm_bell":
+        int kind
+        int fd
+        volatile uint32_t *reg
+        uint32_t value
+    void ivshm_wake_arm(uint32_t *waiting)
+    void ivshm_wake_disarm(uint32_t *waiting)
+    int ivshm_wake_needed(uint32_t *waiting)
+    void ivshm_route_set(uint32_t *peer_f, uint32_t *vector_f, uint32_t *flags_f, uint32_t peer,
+                         uint32_t vector)
+    int ivshm_route_get(const uint32_t *peer_f, const uint32_t *vector_f, const uint32_t *flags_f,
+                        uint32_t *peer, uint32_t *vector)
+    int ivshm_bell_ring(const ivshm_bell *b)
+    int ivshm_wait_fd(int fd, int timeout_ms)

@@ -26,6 +26,7 @@ cdef extern from "<errno.h>":
         EBADMSG
         ENOEXEC
         ESTALE
+        EINTR_ "EINTR"
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, strlen
@@ -34,13 +35,16 @@ from posix.time cimport clock_gettime, CLOCK_MONOTONIC, timespec, nanosleep
 
 from pyivshmem._core cimport *
 
+cdef extern from "ivshm_atomic.h" nogil:
+    void IVSHM_CPU_RELAX()
+
 from pyivshmem.errors import (
     error_from_code as _error_from_code,
     ClosedError, ConfigError, CorruptionError, MessageTooLargeError, RegionFormatError,
     StallError, WaitTimeout,
 )
 
-__all__ = ["Region", "SpscRing", "MpmcRing", "parse_size"]
+__all__ = ["Region", "SpscRing", "MpmcRing", "Channel", "parse_size"]
 
 cdef extern from "Python.h":
     int PySequence_Fast_GET_SIZE(object o)
@@ -507,10 +511,12 @@ cdef class _Ring:
     cdef public double spin
     cdef object _view          # outstanding zero-copy memoryview
     cdef Py_ssize_t _view_len  # reserved bytes (producer) or -1
+    cdef ivshm_ring_ctrl *_ctrl
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         self._region = region
         self._info = info[0]
+        self._ctrl = <ivshm_ring_ctrl *>(region._base + info.offset)
         self._name = info.name.decode("utf-8", "replace")
         self.spin = DEFAULT_SPIN
         self._view = None
@@ -1107,3 +1113,489 @@ cdef class MpmcRing(_Ring):
             self._stash = None
             return
         ivshm_mpmc_release_one(&self._q, self._view_pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel: a ring bound to doorbells
+# ---------------------------------------------------------------------------------------------
+
+#: Default busy-spin budget of a Channel before it sleeps on its doorbell, in seconds.  A wake-up
+#: through a doorbell costs tens of microseconds on virtual machines, so a short spin pays off.
+CHANNEL_SPIN = 100e-6
+#: Default interval after which a sleeper re-checks shared memory even without a doorbell.
+CHANNEL_RECHECK = 0.05
+
+import asyncio as _asyncio
+
+
+cdef class Channel:
+    """A ring bound to doorbells: blocking send/recv that sleep only when they must, and wake the
+    other side only when it sleeps (csrc/ivshm_wake.h has the protocol and its argument).
+
+    ``doorbell`` is a doorbell provider (a host :class:`Peer`, a guest :class:`PciDevice`, or any
+    object with ``id``, ``vector_fd(v)`` and ``notify_target(peer, v)``); ``vector`` is this side's
+    vector to sleep on (use one vector per blocking channel in a process).  Without a doorbell, or
+    when the provider has no interrupt fd (a guest without VFIO), sleeping degrades to polling with
+    back-off, re-checking at least every ``recheck`` seconds.
+    """
+    cdef _Ring _ring
+    cdef object _doorbell
+    cdef int _vector
+    cdef int _fd
+    cdef int _my_id
+    cdef public double spin
+    cdef public double recheck
+    cdef bint _cons_route, _prod_route, _closed
+    cdef ivshm_bell _bell_cons, _bell_prod     # how to wake the consumer / the producer
+    cdef int64_t _bell_cons_key, _bell_prod_key  # (peer << 8 | vector) they were built for, -1 none
+    cdef uint64_t _doorbells, _sleeps, _wakeups, _sent, _received, _lost_rings
+
+    def __init__(self, ring, doorbell=None, *, int vector=0, spin=None, recheck=None):
+        if not isinstance(ring, _Ring):
+            raise ConfigError(f"Channel needs an SpscRing or MpmcRing, not {type(ring).__name__}")
+        if not 0 <= vector < IVSHM_MAX_VECTORS:
+            raise ConfigError(f"vector {vector} out of range 0..{IVSHM_MAX_VECTORS - 1}")
+        (<_Ring>ring)._check()
+        self._ring = ring
+        self._doorbell = doorbell
+        self._vector = vector
+        self.spin = CHANNEL_SPIN if spin is None else spin
+        self.recheck = CHANNEL_RECHECK if recheck is None else recheck
+        if self.recheck <= 0:
+            raise ConfigError("recheck must be > 0 seconds")
+        self._fd = -1
+        self._my_id = -1
+        if doorbell is not None:
+            self._my_id = int(doorbell.id)
+            fd = doorbell.vector_fd(vector)
+            if fd is not None:
+                _os.set_blocking(fd, False)
+                self._fd = fd
+        self._bell_cons_key = -1
+        self._bell_prod_key = -1
+
+    # -- plumbing -------------------------------------------------------------------------------
+    cdef inline int _check(self) except -1:
+        if self._closed:
+            raise ClosedError("the channel is closed")
+        return self._ring._check()
+
+    cdef int _fill_bell(self, ivshm_bell *bell, int64_t *key, uint32_t peer, uint32_t vector) except -1:
+        cdef int64_t k = (<int64_t>peer << 8) | vector
+        if key[0] == k:
+            return 0
+        bell.kind = IVSHM_BELL_NONE
+        key[0] = -1
+        if self._doorbell is None:
+            return 0
+        target = self._doorbell.notify_target(peer, vector)
+        if target is None:
+            return 0  # that peer is not connected (yet): the doorbell is lost, it re-checks
+        kind, where, value = target
+        bell.kind = kind
+        if kind == IVSHM_BELL_EVENTFD:
+            bell.fd = where
+        elif kind == IVSHM_BELL_MMIO:
+            bell.reg = <volatile uint32_t *><size_t>where
+            bell.value = value
+        else:
+            raise ConfigError(f"unknown doorbell kind {kind} from {self._doorbell!r}")
+        key[0] = k
+        return 0
+
+    cdef int _wake_consumer(self) except -1:
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        cdef uint32_t peer, vector
+        if not ivshm_wake_needed(&c.cons_waiting):
+            return 0
+        if ivshm_route_get(&c.cons_peer, &c.cons_vector, &c.cons_flags, &peer, &vector) != 0:
+            self._lost_rings += 1
+            return 0
+        self._fill_bell(&self._bell_cons, &self._bell_cons_key, peer, vector)
+        if self._bell_cons.kind == IVSHM_BELL_NONE:
+            self._lost_rings += 1
+            return 0
+        self._doorbells += 1
+        if ivshm_bell_ring(&self._bell_cons) != 0:
+            self._bell_cons_key = -1  # the fd went bad: look it up again next time
+        return 0
+
+    cdef int _wake_producer(self) except -1:
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        cdef uint32_t peer, vector
+        if not ivshm_wake_needed(&c.prod_waiting):
+            return 0
+        if ivshm_route_get(&c.prod_peer, &c.prod_vector, &c.prod_flags, &peer, &vector) != 0:
+            self._lost_rings += 1
+            return 0
+        self._fill_bell(&self._bell_prod, &self._bell_prod_key, peer, vector)
+        if self._bell_prod.kind == IVSHM_BELL_NONE:
+            self._lost_rings += 1
+            return 0
+        self._doorbells += 1
+        if ivshm_bell_ring(&self._bell_prod) != 0:
+            self._bell_prod_key = -1
+        return 0
+
+    cdef int _sleep(self, double deadline, bint forever, long *backoff_ns) except -1:
+        """Block until a doorbell, the re-check interval or the deadline, GIL released."""
+        cdef double now = _now()
+        cdef double span = self.recheck if forever else min(self.recheck, deadline - now)
+        cdef int ms, rc = 0
+        if span <= 0:
+            return 0
+        self._sleeps += 1
+        if self._fd >= 0:
+            ms = <int>(span * 1000.0) + 1
+            with nogil:
+                rc = ivshm_wait_fd(self._fd, ms)
+            if rc == 1:
+                self._wakeups += 1
+            elif rc == -EINTR_:
+                PyErr_CheckSignals()
+            elif rc < 0:
+                raise OSError(-rc, f"waiting on doorbell fd {self._fd}: {_os.strerror(-rc)}")
+        else:
+            if backoff_ns[0] > <long>(span * 1e9):
+                backoff_ns[0] = <long>(span * 1e9)
+            with nogil:
+                _sleep_ns(backoff_ns[0])
+            if backoff_ns[0] < 1000000:
+                backoff_ns[0] *= 2
+            PyErr_CheckSignals()
+        return 0
+
+    # -- receive ------------------------------------------------------------------------------
+    cdef object _try_recv(self):
+        msg = self._ring._recv_obj()
+        if msg is not None:
+            self._received += 1
+            self._wake_producer()
+        return msg
+
+    def try_recv(self):
+        """The next message, or None; wakes a producer that sleeps on a full ring."""
+        self._check()
+        return self._try_recv()
+
+    def recv(self, timeout=None):
+        """The next message, waiting up to ``timeout`` seconds (None: forever): spin for
+        ``spin`` seconds, then sleep on the doorbell.  WaitTimeout when nothing came."""
+        self._check()
+        msg = self._try_recv()
+        if msg is not None:
+            return msg
+        return self._recv_slow(timeout)
+
+    cdef object _recv_slow(self, timeout):
+        cdef bint forever = timeout is None
+        cdef double now = _now()
+        cdef double deadline = 0.0
+        cdef long backoff = 1000
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        if not forever:
+            if timeout < 0:
+                raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
+            deadline = now + <double>timeout
+        cdef double spin_end = now + self.spin
+        while True:
+            msg = self._try_recv()
+            if msg is not None:
+                return msg
+            now = _now()
+            if not forever and now >= deadline:
+                self._ring._timeout_error(timeout)
+            if now < spin_end:
+                IVSHM_CPU_RELAX()
+                continue
+            break
+        if not self._cons_route and self._fd >= 0:
+            ivshm_route_set(&c.cons_peer, &c.cons_vector, &c.cons_flags, self._my_id, self._vector)
+            self._cons_route = True
+        while True:
+            ivshm_wake_arm(&c.cons_waiting)
+            msg = self._try_recv()
+            if msg is not None:
+                ivshm_wake_disarm(&c.cons_waiting)
+                return msg
+            self._sleep(deadline, forever, &backoff)
+            ivshm_wake_disarm(&c.cons_waiting)
+            self._ring._check()
+            msg = self._try_recv()
+            if msg is not None:
+                return msg
+            if not forever and _now() >= deadline:
+                self._ring._timeout_error(timeout)
+
+    def recv_many(self, Py_ssize_t max_count=256, timeout=0.0):
+        """Up to ``max_count`` messages; with ``timeout`` > 0 or None waits for the first."""
+        self._check()
+        out = self._ring.recv_many(max_count)
+        if not out and timeout != 0 and max_count > 0:
+            try:
+                out = [self.recv(timeout)]
+            except WaitTimeout:
+                return []
+            if max_count > 1:
+                out += self._ring.recv_many(max_count - 1)
+        if out:
+            self._received += len(out)
+            self._wake_producer()
+        return out
+
+    def recv_into(self, buffer, timeout=0.0):
+        """Receive into ``buffer``: the length, or None when nothing came within ``timeout``."""
+        self._check()
+        n = self._ring.recv_into(buffer)
+        if n is None and timeout != 0:
+            deadline = None if timeout is None else _now() + timeout
+            while n is None:
+                left = None if deadline is None else max(0.0, deadline - _now())
+                if left == 0.0:
+                    return None
+                self._wait_readable(left)
+                n = self._ring.recv_into(buffer)
+        if n is not None:
+            self._received += 1
+            self._wake_producer()
+        return n
+
+    cdef _wait_readable(self, timeout):
+        """Sleep (armed) until the ring may have a message or `timeout` passes."""
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        cdef long backoff = 1000
+        cdef bint forever = timeout is None
+        cdef double deadline = 0.0 if forever else _now() + timeout
+        if not self._cons_route and self._fd >= 0:
+            ivshm_route_set(&c.cons_peer, &c.cons_vector, &c.cons_flags, self._my_id, self._vector)
+            self._cons_route = True
+        ivshm_wake_arm(&c.cons_waiting)
+        if len(self._ring) == 0:
+            self._sleep(deadline, forever, &backoff)
+        ivshm_wake_disarm(&c.cons_waiting)
+
+    # -- send ---------------------------------------------------------------------------------
+    def try_send(self, data):
+        """Send if there is room (True), else False; rings the consumer only if it sleeps."""
+        self._check()
+        if self._ring._send_obj(data) != 0:
+            return False
+        self._sent += 1
+        self._wake_consumer()
+        return True
+
+    def send(self, data, timeout=None):
+        """Send, waiting up to ``timeout`` seconds for room (spin, then sleep on the doorbell
+        until the consumer frees slots).  WaitTimeout if the ring stays full."""
+        self._check()
+        if self._ring._send_obj(data) == 0:
+            self._sent += 1
+            self._wake_consumer()
+            return
+        self._send_slow(data, timeout)
+
+    cdef _send_slow(self, data, timeout):
+        cdef bint forever = timeout is None
+        cdef double now = _now()
+        cdef double deadline = 0.0
+        cdef long backoff = 1000
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        if not forever:
+            if timeout < 0:
+                raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
+            deadline = now + <double>timeout
+        cdef double spin_end = now + self.spin
+        while True:
+            if self._ring._send_obj(data) == 0:
+                break
+            now = _now()
+            if not forever and now >= deadline:
+                self._full_error(timeout)
+            if now < spin_end:
+                IVSHM_CPU_RELAX()
+                continue
+            if not self._prod_route and self._fd >= 0:
+                ivshm_route_set(&c.prod_peer, &c.prod_vector, &c.prod_flags, self._my_id, self._vector)
+                self._prod_route = True
+            ivshm_wake_arm(&c.prod_waiting)
+            if self._ring._send_obj(data) == 0:
+                ivshm_wake_disarm(&c.prod_waiting)
+                break
+            self._sleep(deadline, forever, &backoff)
+            ivshm_wake_disarm(&c.prod_waiting)
+            self._ring._check()
+        self._sent += 1
+        self._wake_consumer()
+
+    cdef _full_error(self, timeout):
+        raise WaitTimeout(f"send on channel over ring {self._ring._name!r}: still full after "
+                          f"{timeout} s; is the consumer running?")
+
+    def send_many(self, messages, timeout=0.0):
+        """Send from the front of ``messages`` (one publish per batch, at most one doorbell);
+        with ``timeout`` waits for room until all are sent.  Returns how many were sent."""
+        self._check()
+        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        cdef Py_ssize_t total = len(seq)
+        cdef Py_ssize_t sent = self._ring.send_many(seq)
+        if sent:
+            self._sent += sent
+            self._wake_consumer()
+        if sent >= total or timeout == 0:
+            return sent
+        deadline = None if timeout is None else _now() + timeout
+        while sent < total:
+            left = None if deadline is None else deadline - _now()
+            if left is not None and left <= 0:
+                break
+            try:
+                self.send(seq[sent], left)
+            except WaitTimeout:
+                break
+            sent += 1
+            n = self._ring.send_many(seq[sent:])
+            if n:
+                sent += n
+                self._sent += n
+                self._wake_consumer()
+        return sent
+
+    # -- asyncio ------------------------------------------------------------------------------
+    async def recv_async(self, timeout=None):
+        """``await channel.recv_async()``: the next message, sleeping in the event loop (a reader
+        on the doorbell fd, re-checking every ``recheck`` seconds).  WaitTimeout on timeout."""
+        self._check()
+        msg = self._try_recv()
+        if msg is not None:
+            return msg
+        loop = _asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._arm_cons(True)
+            msg = self._try_recv()
+            if msg is not None:
+                self._arm_cons(False)
+                return msg
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                self._arm_cons(False)
+                self._ring._timeout_error(timeout)
+            span = self.recheck if left is None else min(self.recheck, left)
+            await self._await_fd(loop, span)
+            self._arm_cons(False)
+            self._check()
+            msg = self._try_recv()
+            if msg is not None:
+                return msg
+
+    async def send_async(self, data, timeout=None):
+        """``await channel.send_async(data)``: send, sleeping in the event loop while full."""
+        self._check()
+        if self.try_send(data):
+            return
+        loop = _asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._arm_prod(True)
+            if self.try_send(data):
+                self._arm_prod(False)
+                return
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                self._arm_prod(False)
+                self._full_error(timeout)
+            span = self.recheck if left is None else min(self.recheck, left)
+            await self._await_fd(loop, span)
+            self._arm_prod(False)
+            self._check()
+            if self.try_send(data):
+                return
+
+    async def _await_fd(self, loop, span):
+        if self._fd < 0:
+            await _asyncio.sleep(min(span, 0.001))
+            return
+        fut = loop.create_future()
+
+        def ready():
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(self._fd, ready)
+        self._sleeps += 1
+        try:
+            await _asyncio.wait_for(fut, span)
+            self._wakeups += 1
+        except _asyncio.TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(self._fd)
+        try:
+            _os.eventfd_read(self._fd)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _arm_cons(self, bint on):
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        if on:
+            if not self._cons_route and self._fd >= 0:
+                ivshm_route_set(&c.cons_peer, &c.cons_vector, &c.cons_flags, self._my_id, self._vector)
+                self._cons_route = True
+            ivshm_wake_arm(&c.cons_waiting)
+        else:
+            ivshm_wake_disarm(&c.cons_waiting)
+
+    def _arm_prod(self, bint on):
+        cdef ivshm_ring_ctrl *c = self._ring._ctrl
+        if on:
+            if not self._prod_route and self._fd >= 0:
+                ivshm_route_set(&c.prod_peer, &c.prod_vector, &c.prod_flags, self._my_id, self._vector)
+                self._prod_route = True
+            ivshm_wake_arm(&c.prod_waiting)
+        else:
+            ivshm_wake_disarm(&c.prod_waiting)
+
+    # -- the rest -----------------------------------------------------------------------------
+    @property
+    def ring(self):
+        return self._ring
+
+    @property
+    def doorbell(self):
+        return self._doorbell
+
+    @property
+    def vector(self):
+        return self._vector
+
+    @property
+    def stats(self):
+        """Counters of this side: messages sent/received, doorbells rung, sleeps, wake-ups by a
+        doorbell, wake-ups that found no route (the other side was polling or not connected)."""
+        return {"sent": self._sent, "received": self._received, "doorbells": self._doorbells,
+                "sleeps": self._sleeps, "wakeups": self._wakeups, "unrouted": self._lost_rings}
+
+    def fileno(self):
+        """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls."""
+        return self._fd
+
+    def __len__(self):
+        return len(self._ring)
+
+    def close(self):
+        """Forget the ring and doorbell (neither is closed: they belong to the caller)."""
+        self._closed = True
+
+    @property
+    def closed(self):
+        return self._closed or self._ring.closed
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<pyivshmem.Channel ring={self._ring._name!r} vector={self._vector} fd={self._fd}>"

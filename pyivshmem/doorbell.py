@@ -1,0 +1,206 @@
+"""Doorbells: the interface a Channel needs from a host Peer or a guest PciDevice, and the
+eventfd / epoll helpers behind the host side.
+
+A *doorbell provider* (see :class:`Doorbell`) knows its own peer id, can ring any peer's vector,
+and can wait until one of its own vectors fires.  On the host the vectors are eventfds handed out
+by an ivshmem server; in a guest they are the BAR0 Doorbell register (to ring) and VFIO MSI-X
+eventfds (to wait).
+
+The helpers here call the C code in ``csrc/ivshm_doorbell.c`` through cffi; the GIL is released
+while a call blocks.  A blocked :meth:`WaitSet.wait` returns to Python when a signal arrives, so
+Python runs its handlers (Ctrl-C raises ``KeyboardInterrupt`` as usual), and then resumes with the
+time that is left.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import time
+import warnings
+from typing import List, Optional, Protocol, Tuple, runtime_checkable
+
+from ._ffi_doorbell import ffi, lib
+from .errors import ClosedError, ConfigError, error_from_code
+
+__all__ = [
+    "Doorbell",
+    "NOTIFY_EVENTFD",
+    "NOTIFY_MMIO32",
+    "WaitSet",
+    "eventfd",
+    "ring",
+    "drain",
+    "wait_readable",
+    "timeout_ms",
+]
+
+#: notify_target() kind: write the 64-bit integer 1 to the eventfd (``(1, fd, 0)``).
+NOTIFY_EVENTFD = 1
+#: notify_target() kind: a 32-bit volatile store of ``value`` at ``address``
+#: (``(2, address, value)``).
+NOTIFY_MMIO32 = 2
+
+_INT_MAX_MS = 2**31 - 1
+
+
+@runtime_checkable
+class Doorbell(Protocol):
+    """What a Channel needs to ring peers and to sleep until it is rung.
+
+    Implemented by :class:`pyivshmem.Peer` (host, eventfds from a server) and by
+    ``pyivshmem.PciDevice`` (guest, BAR0 + VFIO).
+    """
+
+    @property
+    def id(self) -> int:
+        """My peer id."""
+        ...
+
+    def notify(self, peer_id: int, vector: int = 0) -> None:
+        """Ring ``vector`` of ``peer_id``."""
+        ...
+
+    def vector_fd(self, vector: int) -> Optional[int]:
+        """An eventfd readable when my ``vector`` fires (read 8 bytes to drain), or None when
+        interrupts are unavailable and the caller must poll."""
+        ...
+
+    def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
+        """How to ring ``peer_id``'s ``vector`` from C: ``(NOTIFY_EVENTFD, fd, 0)`` or
+        ``(NOTIFY_MMIO32, address, value)``; None when that peer or vector is unknown."""
+        ...
+
+    def wait(self, timeout: Optional[float]) -> List[int]:
+        """Sleep until one of my vectors fires; the vectors that fired, [] on timeout."""
+        ...
+
+    def fileno(self) -> int:
+        """An fd that is readable when one of my vectors fired (for select/epoll/asyncio)."""
+        ...
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise error_from_code(rc, what)
+    return rc
+
+
+def timeout_ms(deadline: Optional[float]) -> int:
+    """Milliseconds (rounded up) from now until ``deadline`` (a time.monotonic() value);
+    -1 for no deadline, 0 when it has passed."""
+    if deadline is None:
+        return -1
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return 0
+    return min(_INT_MAX_MS, math.ceil(left * 1000.0))
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if timeout != timeout or timeout < 0:  # NaN or negative
+        raise ConfigError(f"timeout must be None (wait forever) or a number >= 0, not {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def eventfd(*, nonblock: bool = True) -> int:
+    """A new close-on-exec eventfd (non-blocking unless asked otherwise).  The caller owns it."""
+    return _check(lib.ivshm_eventfd_create(1 if nonblock else 0), "create an eventfd")
+
+
+def ring(fd: int) -> None:
+    """Ring a doorbell: add 1 to the eventfd's counter."""
+    _check(lib.ivshm_eventfd_ring(fd), f"ring eventfd {fd}")
+
+
+def drain(fd: int) -> int:
+    """Read and reset an eventfd's counter without blocking; the number of rings (0 if none)."""
+    count = ffi.new("uint64_t *")
+    _check(lib.ivshm_eventfd_drain(fd, count), f"drain eventfd {fd}")
+    return int(count[0])
+
+
+def wait_readable(fd: int, timeout: Optional[float]) -> bool:
+    """Block (GIL released) until ``fd`` is readable; False on timeout."""
+    deadline = _deadline(timeout)
+    while True:
+        rc = lib.ivshm_wait_readable(fd, timeout_ms(deadline), 0, ffi.NULL)
+        if rc == -errno.EINTR:
+            continue  # Python runs its signal handlers here (Ctrl-C raises), then we resume
+        return _check(rc, f"wait for fd {fd}") > 0
+
+
+class WaitSet:
+    """A set of fds to sleep on (an epoll instance).
+
+    Each fd is registered with a tag (0..0x7fffffff).  Eventfds registered with ``drain=True``
+    are drained when they fire and reported with the count read; other fds (a socket) are only
+    reported.  The WaitSet does not own the fds it watches; close them after removing them (or
+    after closing the WaitSet).
+    """
+
+    def __init__(self, max_events: int = 64):
+        if max_events < 1:
+            raise ConfigError(f"max_events must be at least 1, not {max_events}")
+        self._fd = -1
+        self._fd = _check(lib.ivshm_waitset_create(), "create an epoll wait set")
+        self._max = max_events
+        self._out = ffi.new("struct ivshm_fired[]", max_events)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _live(self) -> int:
+        if self._fd < 0:
+            raise ClosedError("this WaitSet is closed")
+        return self._fd
+
+    def fileno(self) -> int:
+        """The epoll fd: readable whenever a watched fd is readable."""
+        return self._live()
+
+    def add(self, fd: int, tag: int, *, drain: bool = True) -> None:
+        if not 0 <= tag <= lib.IVSHM_WS_TAG_MAX:
+            raise ConfigError(f"tag must be in 0..{lib.IVSHM_WS_TAG_MAX}, not {tag}")
+        flags = lib.IVSHM_WS_DRAIN if drain else 0
+        _check(lib.ivshm_waitset_add(self._live(), fd, tag, flags), f"watch fd {fd}")
+
+    def remove(self, fd: int) -> None:
+        _check(lib.ivshm_waitset_remove(self._live(), fd), f"stop watching fd {fd}")
+
+    def wait(self, timeout: Optional[float]) -> List[Tuple[int, int]]:
+        """Sleep (GIL released) until a watched fd is readable or ``timeout`` seconds pass
+        (None: no limit).  Returns ``[(tag, count), ...]`` (count 0 for non-drained fds), or []
+        on timeout.  Signals interrupt the sleep so their Python handlers run; the wait then
+        resumes with the time left."""
+        deadline = _deadline(timeout)
+        out = self._out
+        while True:
+            rc = lib.ivshm_waitset_wait(self._live(), timeout_ms(deadline), 0, out, self._max,
+                                        ffi.NULL)
+            if rc == -errno.EINTR:
+                continue  # Python runs its signal handlers here (Ctrl-C raises), then we resume
+            n = _check(rc, "wait on the doorbells")
+            return [(int(out[i].tag), int(out[i].count)) for i in range(n)]
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> "WaitSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed WaitSet (epoll fd {self._fd})", ResourceWarning, source=self)
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<WaitSet fd={self._fd}>" if self._fd >= 0 else "<WaitSet closed>"

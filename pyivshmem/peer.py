@@ -1,0 +1,559 @@
+"""The host peer: the client side of the ivshmem server protocol.
+
+``Peer.connect(path)`` connects to an ivshmem server (QEMU's ``ivshmem-server`` or
+:class:`pyivshmem.Server`), receives its peer id, the shared memory and the eventfds of every peer,
+and maps the memory as a :class:`pyivshmem.Region`.  Then it rings other peers' vectors
+(:meth:`Peer.notify`), sleeps on its own (:meth:`Peer.wait`), and follows peers joining and
+leaving (:meth:`Peer.events`).
+
+Every message from the server is validated (docs/peer.md lists the rules); anything unexpected
+raises :class:`pyivshmem.ProtocolError` saying what was received and what was expected, and
+every fd that came with it is closed.
+
+A Peer is meant to be used from one thread at a time; :meth:`notify` only writes to an eventfd
+and may be called from other threads as long as the peer being rung does not leave meanwhile.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+import warnings
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
+
+from ._ffi_doorbell import ffi, lib
+from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
+from .errors import ClosedError, ConfigError, PeerDisconnected, ProtocolError
+
+if TYPE_CHECKING:
+    from ._ring import Region
+
+__all__ = ["Peer", "PeerEvent", "JOINED", "LEFT", "DISCONNECTED", "DEFAULT_SOCKET"]
+
+DEFAULT_SOCKET = "/tmp/ivshmem_socket"
+MAX_ID = 65535
+MAX_VECTORS = 64
+#: After my first vector, how long connect() waits for more of mine when no other peer tells
+#: how many to expect (seconds).
+SETUP_QUIET = 0.05
+
+#: PeerEvent kinds.
+JOINED = "joined"
+LEFT = "left"
+DISCONNECTED = "disconnected"
+
+_SOCK_TAG = 0x7FFFFFFF  # wait-set tag of the server socket; vectors use their number
+
+
+class PeerEvent(NamedTuple):
+    """Something that happened on the server connection.
+
+    ``kind`` is ``"joined"`` (``peer`` connected; its vector count is ``vectors``), ``"left"``
+    (``peer`` disconnected) or ``"disconnected"`` (the server closed our connection; ``peer`` is
+    None).
+    """
+
+    kind: str
+    peer: Optional[int]
+    vectors: int = 0
+
+
+class _Msg(NamedTuple):
+    value: int
+    fd: int  # -1 when none; owned by the receiver of the _Msg
+
+
+def _fd_kind(fd: int) -> str:
+    buf = ffi.new("char[]", 256)
+    if lib.ivshm_fd_describe(fd, buf, 256) < 0:
+        return "an fd of unknown type"
+    text = ffi.string(buf).decode(errors="replace")
+    return {"anon_inode:[eventfd]": "an eventfd"}.get(text, repr(text))
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _show(value: int, fd: int) -> str:
+    return f"{value} with an fd" if fd >= 0 else f"{value} without an fd"
+
+
+class Peer:
+    """A connection to an ivshmem server: my id, the shared memory, and the doorbells."""
+
+    def __init__(self) -> None:
+        # Use Peer.connect(); the constructor only makes an empty, closed-safe object.
+        self._closed = False
+        self._sock: Optional[socket.socket] = None
+        self._sock_watched = False
+        self._ws: Optional[WaitSet] = None
+        self._msg = ffi.new("struct ivshm_proto_msg *")
+        lib.ivshm_proto_msg_init(self._msg)
+        self._id = -1
+        self._own: List[int] = []  # my vector eventfds
+        self._peers: Dict[int, List[int]] = {}  # other peer id -> its vector eventfds
+        self._pending: List[PeerEvent] = []
+        self._server_gone: Optional[str] = None  # why the server connection ended
+        self._path = ""
+        self._format_region = True
+        #: The shared memory, a pyivshmem Region (closed with the Peer).
+        self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
+
+    # ------------------------------------------------------------------ connecting
+    @classmethod
+    def connect(
+        cls,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        timeout: Optional[float] = 5.0,
+        format_region: bool = True,
+        vectors: Optional[int] = None,
+    ) -> "Peer":
+        """Connect to the ivshmem server listening on ``socket_path``.
+
+        Waits (at most ``timeout`` seconds in all) for the protocol version, my id, the shared
+        memory and my own vectors.  ``format_region`` formats the memory as a pyivshmem region if
+        it is still empty (all zeros), as happens on a fresh server.
+
+        ``vectors``: how many vectors of mine to wait for.  None (the default) waits for at least
+        one, then for as many as the other peers have (every peer of a server has the same
+        number), or until the server is quiet for a moment when I am alone.  Pass the server's
+        vector count to wait for exactly that many, and 0 for a server with no vectors (which
+        sends nothing after the memory).  Vectors arriving later are still added.
+
+        Raises ProtocolError when the server breaks the protocol or stalls during set-up, and
+        ConnectionRefusedError / FileNotFoundError when nothing listens there.
+        """
+        self = cls()
+        self._path = os.fspath(socket_path)
+        self._format_region = format_region
+        if vectors is not None and not 0 <= vectors <= MAX_VECTORS:
+            raise ConfigError(f"vectors must be None or 0..{MAX_VECTORS}, not {vectors!r}")
+        deadline = _deadline(timeout)
+        try:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.connect(self._path)
+            except OSError as e:
+                raise type(e)(
+                    e.errno,
+                    f"cannot connect to the ivshmem server at {self._path!r}: "
+                    f"{e.strerror} (is a server running there?)",
+                ) from None
+            self._sock.setblocking(False)
+            self._ws = WaitSet()
+            self._ws.add(self._sock.fileno(), _SOCK_TAG, drain=False)
+            self._sock_watched = True
+            self._setup(deadline, timeout, vectors)
+        except BaseException:
+            self._closed = True
+            self._release()
+            raise
+        return self
+
+    def _recv(self, deadline: Optional[float], what: str, got: List[str]) -> Optional[_Msg]:
+        """One complete, transport-checked message, or None when none is complete by
+        ``deadline`` (a partial one is kept for the next call).  Raises ProtocolError on a
+        malformed message and PeerDisconnected on EOF."""
+        assert self._sock is not None
+        msg = self._msg
+        while True:
+            rc = lib.ivshm_proto_recv(self._sock.fileno(), msg, timeout_ms(deadline), 0, ffi.NULL)
+            if rc == -errno.EINTR:
+                continue  # Python runs its signal handlers here, then we resume
+            break
+        so_far = "; received so far: " + (", ".join(got) if got else "nothing")
+        if rc == 0:
+            m = _Msg(int(msg.value), int(msg.fd))
+            msg.fd = -1  # ownership moves to the caller
+            lib.ivshm_proto_msg_reset(msg)
+            return m
+        if rc == -errno.ETIMEDOUT:
+            return None
+        if rc == -errno.ECONNRESET:
+            part = f" in the middle of a message ({msg.nbytes} of 8 bytes)" if msg.nbytes else ""
+            lib.ivshm_proto_msg_reset(msg)
+            raise PeerDisconnected(
+                f"ivshmem server at {self._path!r} closed the connection{part} while we waited "
+                f"for {what}{so_far}"
+            )
+        if rc == -errno.EBADMSG:
+            value = int(msg.value)
+            if msg.ctrunc:
+                why = (f"its control data was truncated ({msg.nfds} fds arrived and were closed;"
+                       " too many fds, or this process ran out of fds)")
+            elif msg.late_fd:
+                why = "an fd arrived in the middle of the 8-byte message (it was closed)"
+            else:
+                why = f"it carried {msg.nfds} fds (a message carries at most one; all were closed)"
+            lib.ivshm_proto_msg_reset(msg)
+            raise ProtocolError(
+                f"ivshmem server at {self._path!r} sent a malformed message (value {value}): "
+                f"{why}; expected {what}{so_far}"
+            )
+        lib.ivshm_proto_msg_reset(msg)
+        raise OSError(-rc, f"receiving from the ivshmem server at {self._path!r}: "
+                           f"{os.strerror(-rc)}")
+
+    def _setup(self, deadline: Optional[float], timeout: Optional[float],
+               vectors: Optional[int]) -> None:
+        got: List[str] = []
+
+        def recv(what: str) -> _Msg:
+            try:
+                m = self._recv(deadline, what, got)
+            except PeerDisconnected as e:
+                raise ProtocolError(f"set-up incomplete: {e}") from None
+            if m is None:
+                part = (f" (only {self._msg.nbytes} of its 8 bytes arrived)"
+                        if self._msg.nbytes else "")
+                raise ProtocolError(
+                    f"set-up timed out after {timeout} s: the ivshmem server at {self._path!r} "
+                    f"sent nothing more while we waited for {what}{part}; received so far: "
+                    + (", ".join(got) if got else "nothing")
+                )
+            return m
+
+        def bad(m: _Msg, expected: str) -> ProtocolError:
+            if m.fd >= 0:
+                _close(m.fd)
+            return ProtocolError(
+                f"ivshmem server at {self._path!r} broke the set-up order: expected {expected}, "
+                f"received {_show(m.value, m.fd)}; received before: "
+                + (", ".join(got) if got else "nothing")
+            )
+
+        m = recv("the protocol version (0, without an fd)")
+        if m.value != 0 or m.fd >= 0:
+            what = (f"protocol version {m.value}" if m.fd < 0 else _show(m.value, m.fd))
+            raise bad(m, f"protocol version 0 without an fd (got {what}; only version 0 exists)")
+        got.append("version 0")
+
+        m = recv("our peer id (0..65535, without an fd)")
+        if m.fd >= 0 or lib.ivshm_proto_check_value(m.value, 0) != 0:
+            raise bad(m, "our peer id, 0..65535, without an fd")
+        self._id = m.value
+        got.append(f"id {m.value}")
+
+        m = recv("the shared memory (-1 with its fd)")
+        if m.value != -1 or m.fd < 0:
+            raise bad(m, "the shared memory: value -1 with a memory fd")
+        self._map_memory(m.fd)
+        got.append("the shared memory")
+
+        # Then: every existing peer's vectors, and finally my own.
+        want = 1 if vectors is None else vectors
+        while len(self._own) < want:
+            m = recv(f"the vectors of the existing peers and ours (id {self._id} with an fd)")
+            self._handle(m, during_setup=True, got=got)
+            got.append(_show(m.value, m.fd).replace(" with an fd", "+fd"))
+            if len(got) > 12:
+                got[3:-8] = ["..."]
+        if vectors is None:
+            self._rest_of_own_vectors(deadline)
+        self._drain_server()
+
+    def _rest_of_own_vectors(self, deadline: Optional[float]) -> None:
+        """The server sends my vectors back to back, but they may reach us one by one.  Every
+        peer of a server has the same number of vectors, so when others are connected, read
+        until I have as many as they do; otherwise until the server stays quiet for
+        SETUP_QUIET seconds.  A vector arriving later is still added when it comes."""
+        target = max((len(fds) for fds in self._peers.values()), default=0)
+        while target == 0 or len(self._own) < target:
+            quiet = time.monotonic() + SETUP_QUIET
+            try:
+                m = self._recv(quiet if deadline is None else min(quiet, deadline),
+                               f"more vectors of ours (id {self._id})", [])
+            except PeerDisconnected as e:
+                self._drop_server(str(e))
+                self._pending.append(PeerEvent(DISCONNECTED, None))
+                return
+            if m is None:
+                return
+            ev = self._handle(m)
+            if ev is not None:
+                self._pending.append(ev)
+            if m.value != self._id:
+                return  # the server has moved on to other business
+
+    def _map_memory(self, fd: int) -> None:
+        from . import Region
+
+        try:
+            size = ffi.new("uint64_t *")
+            rc = lib.ivshm_fd_check_shm(fd, size)
+            if rc == -errno.ENOTSUP:
+                raise ProtocolError(
+                    f"ivshmem server at {self._path!r} sent {_fd_kind(fd)} as the shared memory; "
+                    "expected a regular file (memfd, /dev/shm or hugetlbfs file)"
+                )
+            if rc == -errno.EINVAL:
+                raise ProtocolError(
+                    f"ivshmem server at {self._path!r} sent shared memory of {int(size[0])} bytes; "
+                    "expected a size that is a power of two (QEMU requires it)"
+                )
+            if rc < 0:
+                raise OSError(-rc, f"cannot inspect the shared memory fd: {os.strerror(-rc)}")
+            self.region = Region.from_fd(fd, format_if_empty=self._format_region)
+        finally:
+            _close(fd)  # Region.from_fd keeps its own duplicate
+
+    # ------------------------------------------------------------------ messages
+    def _handle(self, m: _Msg, *, during_setup: bool = False,
+                got: Optional[List[str]] = None) -> Optional[PeerEvent]:
+        """Apply one message after the memory step; the event it causes, if any."""
+        value, fd = m
+        ctx = ("during set-up" if during_setup else "")
+
+        def fail(text: str) -> ProtocolError:
+            if fd >= 0:
+                _close(fd)
+            before = f"; received before: {', '.join(got)}" if got else ""
+            return ProtocolError(f"ivshmem server at {self._path!r} {ctx + ' ' if ctx else ''}"
+                                 f"sent {_show(value, fd)}: {text}{before}")
+
+        if value == -1:
+            raise fail("a second shared memory message (-1 is only valid as the third message)")
+        if lib.ivshm_proto_check_value(value, 0) != 0:
+            raise fail(f"expected a peer id in 0..{MAX_ID}")
+        if fd >= 0 and lib.ivshm_fd_check_eventfd(fd) != 0:
+            kind = _fd_kind(fd)
+            raise fail(f"expected an eventfd for a vector of peer {value}, got {kind}")
+
+        if value == self._id:
+            if fd < 0:
+                raise fail("our own id without an fd would mean we disconnected")
+            if len(self._own) >= MAX_VECTORS:
+                raise fail(f"more than {MAX_VECTORS} vectors for us")
+            os.set_blocking(fd, False)  # we may drain from several places; never block there
+            try:
+                assert self._ws is not None
+                self._ws.add(fd, len(self._own), drain=True)
+            except BaseException:
+                _close(fd)
+                raise
+            self._own.append(fd)
+            return None
+
+        if fd < 0:
+            fds = self._peers.pop(value, None)
+            if fds is None:
+                raise fail(f"a disconnect of peer {value}, which is not connected "
+                           f"(known peers: {sorted(self._peers) or 'none'})")
+            for f in fds:
+                _close(f)
+            return PeerEvent(LEFT, value, len(fds))
+
+        fds = self._peers.get(value)
+        if fds is None:
+            self._peers[value] = [fd]
+            return None if during_setup else PeerEvent(JOINED, value, 1)
+        if len(fds) >= MAX_VECTORS:
+            raise fail(f"more than {MAX_VECTORS} vectors for peer {value}")
+        fds.append(fd)
+        return None
+
+    def _drain_server(self, setup_got: Optional[List[str]] = None) -> None:
+        """Handle every message already waiting on the socket (never blocks); events go to the
+        pending list.  On EOF the server connection is dropped and a DISCONNECTED event queued;
+        on a protocol violation it is dropped and ProtocolError raised."""
+        while self._sock is not None:
+            try:
+                m = self._recv(time.monotonic(), "a peer id", setup_got or [])
+                if m is None:
+                    return  # nothing (more) complete queued
+                ev = self._handle(m, got=setup_got)
+            except PeerDisconnected as e:
+                self._drop_server(str(e))
+                self._pending.append(PeerEvent(DISCONNECTED, None))
+                return
+            except ProtocolError as e:
+                self._drop_server(f"protocol error: {e}")
+                raise
+            if ev is not None:
+                self._pending.append(ev)
+
+    def _drop_server(self, why: str) -> None:
+        self._server_gone = why
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._sock_watched and self._ws is not None and not self._ws.closed:
+                self._ws.remove(sock.fileno())
+            self._sock_watched = False
+            sock.close()
+        lib.ivshm_proto_msg_reset(self._msg)
+
+    # ------------------------------------------------------------------ public API
+    def _live(self) -> None:
+        if self._closed:
+            raise ClosedError("this Peer is closed")
+
+    @property
+    def id(self) -> int:
+        """My peer id, as given by the server."""
+        self._live()
+        return self._id
+
+    @property
+    def vectors(self) -> int:
+        """How many vectors (interrupt lines) I have."""
+        self._live()
+        return len(self._own)
+
+    @property
+    def peers(self) -> Dict[int, int]:
+        """The other connected peers: ``{peer_id: number_of_vectors}`` (a copy)."""
+        self._live()
+        return {pid: len(fds) for pid, fds in sorted(self._peers.items())}
+
+    @property
+    def connected(self) -> bool:
+        """False once the server closed our connection (doorbells keep working)."""
+        return not self._closed and self._sock is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
+    def _fds_of(self, peer_id: int) -> Optional[List[int]]:
+        if peer_id == self._id:
+            return self._own
+        return self._peers.get(peer_id)
+
+    def notify(self, peer_id: int, vector: int = 0) -> None:
+        """Ring ``vector`` of ``peer_id`` (my own id rings myself).
+
+        Raises ConfigError for a peer that is not connected or a vector it does not have."""
+        self._live()
+        fds = self._fds_of(peer_id)
+        if fds is None:
+            raise ConfigError(
+                f"cannot notify peer {peer_id}: not connected to the server at {self._path!r} "
+                f"(connected peers: {sorted(self._peers) or 'none'}; my id is {self._id})"
+            )
+        if not 0 <= vector < len(fds):
+            raise ConfigError(
+                f"cannot notify peer {peer_id} on vector {vector}: it has {len(fds)} vector(s), "
+                f"0..{len(fds) - 1}"
+            )
+        rc = lib.ivshm_eventfd_ring(fds[vector])
+        if rc < 0:
+            raise OSError(-rc, f"ringing peer {peer_id} vector {vector}: {os.strerror(-rc)}")
+
+    def vector_fd(self, vector: int) -> Optional[int]:
+        """The eventfd of my own ``vector`` (readable when it fires; read 8 bytes to drain).
+        The Peer owns it: valid until close()."""
+        self._live()
+        if not 0 <= vector < len(self._own):
+            raise ConfigError(f"I have {len(self._own)} vector(s); there is no vector {vector}")
+        return self._own[vector]
+
+    def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
+        """``(NOTIFY_EVENTFD, fd, 0)`` to ring ``peer_id``'s ``vector`` from C, or None when that
+        peer or vector is unknown.  The fd is closed when that peer leaves (a LEFT event) or this
+        Peer is closed: stop using it then."""
+        self._live()
+        fds = self._fds_of(peer_id)
+        if fds is None or not 0 <= vector < len(fds):
+            return None
+        return (NOTIFY_EVENTFD, fds[vector], 0)
+
+    def fileno(self) -> int:
+        """An epoll fd, readable when one of my vectors fired or a server message is waiting:
+        register it with select/epoll/asyncio, then call wait(0) and events()."""
+        self._live()
+        assert self._ws is not None
+        return self._ws.fileno()
+
+    def wait(self, timeout: Optional[float] = None) -> List[int]:
+        """Sleep (GIL released) until one of my vectors fires, at most ``timeout`` seconds (None:
+        no limit).  Returns the vectors that fired (drained), or [] on timeout.
+
+        Server messages arriving meanwhile are handled (their events wait for events()); a signal
+        runs its Python handler (Ctrl-C raises KeyboardInterrupt) and the wait goes on."""
+        self._live()
+        assert self._ws is not None
+        deadline = _deadline(timeout)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            fired = self._ws.wait(left)
+            vectors = sorted({tag for tag, _ in fired if tag != _SOCK_TAG})
+            if any(tag == _SOCK_TAG for tag, _ in fired):
+                self._drain_server()
+            if vectors:
+                return vectors
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+            if not fired:
+                return []
+
+    def events(self) -> List[PeerEvent]:
+        """Handle the server messages waiting (never blocks); the peers that joined or left since
+        the last call, and a DISCONNECTED event when the server closed the connection.
+
+        After the DISCONNECTED event was returned, further calls raise PeerDisconnected.  A server
+        that breaks the protocol raises ProtocolError and the connection to it is dropped (the
+        doorbells of known peers keep working)."""
+        self._live()
+        if self._sock is None and not self._pending:
+            raise PeerDisconnected(
+                f"no longer connected to the ivshmem server at {self._path!r}: {self._server_gone}"
+            )
+        self._drain_server()
+        out, self._pending = self._pending, []
+        # Report each joined peer with its vector count as of now.
+        return [PeerEvent(e.kind, e.peer, len(self._peers.get(e.peer, ())) or e.vectors)
+                if e.kind == JOINED and e.peer is not None else e for e in out]
+
+    # ------------------------------------------------------------------ closing
+    def _release(self) -> None:
+        self._drop_server(self._server_gone or "closed")
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+        for fd in self._own:
+            _close(fd)
+        self._own = []
+        for fds in self._peers.values():
+            for fd in fds:
+                _close(fd)
+        self._peers = {}
+        lib.ivshm_proto_msg_reset(self._msg)
+        if self.region is not None:
+            self.region.close()
+
+    def close(self) -> None:
+        """Disconnect from the server (it tells the others we left), unmap the region (unless
+        already closed) and close every fd.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def __enter__(self) -> "Peer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_id", -1) >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<Peer closed>"
+        return (f"<Peer id={self._id} vectors={len(self._own)} peers={sorted(self._peers)} "
+                f"server={self._path!r}{'' if self._sock else ' (disconnected)'}>")

@@ -189,7 +189,8 @@ def _rec(**kw):
         "label": "X", "is_pyivshmem": False, "variant": "calls", "mode": "busy-poll",
         "method": None, "size": 64, "batch": 1, "placement": "cross", "cpus": [0, 1],
         "producers": 1, "consumers": 1, "rank": None, "status": "ok", "note": None,
-        "latency_ns": None, "throughput": None, "doorbells_per_msg": None, "reference": False,
+        "latency_ns": None, "throughput": None, "doorbells_per_msg": None, "counters": None,
+        "reference": False,
         "ratio": None, "elapsed_s": 0.1,
     }
     rec.update(kw)
@@ -294,7 +295,8 @@ def test_schema_is_stable():
     assert set(report.RECORD_FIELDS) == {
         "scenario", "group", "transport", "label", "is_pyivshmem", "variant", "mode", "method",
         "size", "batch", "placement", "cpus", "producers", "consumers", "rank", "status", "note",
-        "latency_ns", "throughput", "doorbells_per_msg", "reference", "ratio", "elapsed_s"}
+        "latency_ns", "throughput", "doorbells_per_msg", "counters", "reference", "ratio",
+        "elapsed_s"}
     assert set(report.LATENCY_FIELDS) == {
         "count", "min", "p50", "p99", "p99_9", "max", "mean", "histogram"}
     assert set(report.THROUGHPUT_FIELDS) == {
@@ -527,10 +529,21 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     assert {r["transport"] for r in recs} == {"pyivshmem", "mp-pipe", "os-pipe", "mp-queue"}
     ours = {(r["scenario"], r["mode"], r["method"], r["size"]): r for r in recs if r["is_pyivshmem"]}
     for key in [("roundtrip", "busy-poll", None, 64), ("roundtrip", "adaptive", None, 64),
-                ("throughput", "blocking", "send/recv", 64), ("throughput", "blocking", "send/recv", 4096),
-                ("throughput", "busy-poll", "batch", 64), ("throughput", "busy-poll", "zero-copy", 4096),
-                ("mpmc", "blocking", "send/recv", 64)]:
+                ("roundtrip", "blocking", None, 64),
+                ("throughput", "adaptive", "send/recv", 64),
+                ("throughput", "adaptive", "send/recv", 4096),
+                ("throughput", "busy-poll", "try_send/try_recv", 64),
+                ("throughput", "busy-poll", "batch", 64),
+                ("throughput", "busy-poll", "zero-copy", 4096),
+                ("mpmc", "blocking", "send/recv", 64), ("wakeup", "blocking", None, 64),
+                ("doorbells", "adaptive", "streaming", 64),
+                ("doorbells", "blocking", "ping-pong", 64)]:
         assert ours[key]["status"] == "ok", (key, ours[key]["note"])
+    # doorbells: counted from both sides' Channel.stats (the numbers themselves depend on timing)
+    pp = ours[("doorbells", "blocking", "ping-pong", 64)]
+    assert pp["counters"]["a_sent"] > 0 and pp["counters"]["b_sent"] > 0
+    assert 0 <= pp["doorbells_per_msg"] <= 2
+    assert 0 <= ours[("doorbells", "adaptive", "streaming", 64)]["doorbells_per_msg"] <= 1
     for r in recs:
         if r["status"] == "ok" and r["latency_ns"]:
             assert r["latency_ns"]["count"] > 0

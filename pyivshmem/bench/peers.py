@@ -90,6 +90,8 @@ class Endpoint:
     recv_many: Optional[Callable[[int], List[Any]]] = None
     # True when send_many returns how many it sent (pyivshmem); False when it sends them all.
     send_many_partial: bool = False
+    # Counters of the endpoint (pyivshmem Channel: sent, doorbells, sleeps, ...), or None.
+    stats: Optional[Callable[[], Dict[str, int]]] = None
 
     def __init__(self, **calls: Any) -> None:
         self._closers: List[Callable[[], Any]] = []

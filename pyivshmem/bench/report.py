@@ -88,6 +88,7 @@ RECORD_FIELDS: Dict[str, tuple] = {
     "latency_ns": (dict, type(None)),
     "throughput": (dict, type(None)),
     "doorbells_per_msg": _OPT_NUM,
+    "counters": (dict, type(None)),  # raw counters behind doorbells_per_msg (Channel.stats)
     "reference": (bool,),          # this record is the pyivshmem figure of its group
     "ratio": _OPT_NUM,             # pyivshmem reference vs this record; > 1: pyivshmem better
     "elapsed_s": _OPT_NUM,
@@ -450,10 +451,15 @@ def _doorbell_section(recs: List[Dict[str, Any]]) -> List[str]:
     ok = [r for r in recs if r["status"] == "ok"]
     if not ok:
         return []
-    rows = [["mode", "calls", "doorbells per message"]]
+    rows = [["load", "calls", "doorbells/msg", "sleeps/msg"]]
     for r in ok:
-        rows.append([r["mode"] or "", r["variant"], f"{r['doorbells_per_msg']:.4f}"])
-    return ["Doorbells rung per message (pyivshmem Channel)"] + _table(rows, right=(2,)) + [""]
+        c = r["counters"] or {}
+        sent = sum(v for k, v in c.items() if k.endswith("_sent")) or 1
+        sleeps = sum(v for k, v in c.items() if k.endswith("_sleeps"))
+        rows.append([r["method"] or "", r["variant"], f"{r['doorbells_per_msg']:.4f}",
+                     f"{sleeps / sent:.4f}"])
+    return (["Doorbells rung per message sent (pyivshmem Channel; both sides together)"]
+            + _table(rows, right=(2, 3)) + [""])
 
 
 def _headline_lines(doc: Dict[str, Any]) -> List[str]:

@@ -188,6 +188,7 @@ class Runner:
             "latency_ns": None,
             "throughput": None,
             "doorbells_per_msg": None,
+            "counters": None,
             "reference": False,
             "ratio": None,
             "elapsed_s": None,
@@ -208,6 +209,8 @@ class Runner:
             result = f"p50 {_fmt_ns(lat['p50'])}  p99 {_fmt_ns(lat['p99'])}"
         elif rec["throughput"]:
             result = f"{_fmt_rate(rec['throughput']['msgs_per_s'])} msg/s"
+        elif rec["doorbells_per_msg"] is not None:
+            result = f"{rec['doorbells_per_msg']:.4f} doorbells per message"
         else:
             result = "done"
         total = time.monotonic() - self._started
@@ -297,7 +300,8 @@ class Runner:
             else:
                 hist = Histogram.from_dict(res["a"]["histogram"])
                 rec = self._record(t, "roundtrip", group, latency_ns=_latency(hist),
-                                   elapsed_s=time.monotonic() - t0, **fields)
+                                   counters=_counters(res), elapsed_s=time.monotonic() - t0,
+                                   **fields)
             self._say(rec)
 
     # one-way throughput ----------------------------------------------------------------------
@@ -325,7 +329,8 @@ class Runner:
             kind = "batch" if v["batch"] > 1 else "single"
             group = f"throughput/{kind}/{size}/{self.placement}"
             fields = dict(method=v["method"], variant=v["variant"], size=size, batch=v["batch"],
-                          rank=v.get("rank"), mode="busy-poll" if v["busy"] else "blocking")
+                          rank=v.get("rank"),
+                          mode=v.get("mode") or ("busy-poll" if v["busy"] else "blocking"))
             why = v.get("skip") or bad.get(size) or (self._busy_problem() if v["busy"] else None)
             if why:
                 self._skip(t, "throughput", group, why, **fields)
@@ -374,7 +379,8 @@ class Runner:
             else:
                 hist = Histogram.from_dict(res["b"]["histogram"])
                 rec = self._record(t, "wakeup", group, latency_ns=_latency(hist),
-                                   elapsed_s=time.monotonic() - t0, **fields)
+                                   counters=_counters(res), elapsed_s=time.monotonic() - t0,
+                                   **fields)
             self._say(rec)
 
     # MPMC ------------------------------------------------------------------------------------
@@ -428,13 +434,65 @@ class Runner:
 
     # doorbells -------------------------------------------------------------------------------
     def _doorbells(self, t: Transport) -> None:
+        """Channel counters over a stream (should ring almost never) and over ping-pongs."""
         from .scenarios import channel_problem
 
-        why = channel_problem()
-        for mode in ("streaming", "ping-pong"):
-            group = f"doorbells/{mode}"
-            fields = dict(mode=mode, variant="Channel send/recv", size=self.s.rtt_size, rank=0)
-            self._skip(t, "doorbells", group, why or "not implemented for this Channel", **fields)
+        size = self.s.rtt_size
+        why = channel_problem() or self._busy_problem()
+        runs = [
+            ("streaming", "adaptive", "Channel send/recv, one-way stream"),
+            ("ping-pong", "adaptive", "Channel: spin 100 us, then doorbell"),
+            ("ping-pong", "blocking", "Channel: no spin, doorbell"),
+        ]
+        pair: Optional[_Session] = None
+        try:
+            for kind, mode, variant in runs:
+                group = f"doorbells/{kind}/{mode}/{size}"
+                fields = dict(mode=mode, method=kind, variant=variant, size=size, rank=0)
+                if why:
+                    self._skip(t, "doorbells", group, why, **fields)
+                    continue
+                if pair is None:
+                    pair = _Session(self, t, ["a", "b"], self.pair_cpus, [size])
+                task = {"size": size, "mode": mode, "busy": False, "batch": 1}
+                if kind == "streaming":
+                    count = self.s.count or int(min(5e6, max(2e4, 2e6 * self.s.duration)))
+                    tasks = {"a": dict(task, count=count, pattern="tput-send"),
+                             "b": dict(task, count=count, pattern="tput-recv")}
+                else:
+                    n = min(self.s.rtt_samples, 20_000)
+                    task.update(samples=n, seconds=self.s.rtt_seconds, warmup=min(100, n))
+                    tasks = {"a": dict(task, pattern="rtt-client"), "b": dict(task, pattern="rtt-echo")}
+                t0 = time.monotonic()
+                try:
+                    res = pair.run(tasks, 60 + 20 * max(self.s.duration, self.s.rtt_seconds),
+                                   order=["b", "a"])
+                except WorkerFailed as exc:
+                    rec = self._record(t, "doorbells", group, status="failed", note=str(exc), **fields)
+                else:
+                    counters = _counters(res) or {}
+                    sent = counters.get("a_sent", 0) + counters.get("b_sent", 0)
+                    bells = counters.get("a_doorbells", 0) + counters.get("b_doorbells", 0)
+                    if sent <= 0:
+                        rec = self._record(t, "doorbells", group, status="failed",
+                                           note="the Channel counted no messages", **fields)
+                    else:
+                        rec = self._record(t, "doorbells", group, doorbells_per_msg=bells / sent,
+                                           counters=counters, elapsed_s=time.monotonic() - t0,
+                                           **fields)
+                self._say(rec)
+        finally:
+            if pair is not None:
+                pair.close()
+
+
+def _counters(res: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, int]]:
+    """The endpoints' counters of a pair run, prefixed by role ("a_doorbells", ...), or None."""
+    out: Dict[str, int] = {}
+    for role in ("a", "b"):
+        for k, v in (res.get(role, {}).get("counters") or {}).items():
+            out[f"{role}_{k}"] = v
+    return out or None
 
 
 def _latency(hist: Histogram) -> Dict[str, Any]:

@@ -4,15 +4,22 @@ The benchmark creates its own region file in /dev/shm (removed at the end) holdi
 message size, one SPSC ring per direction (``ab-<size>``, ``ba-<size>``) and one MPMC ring
 (``mpmc-<size>``).  Each worker process opens the region and the rings it needs.
 
+Doorbells: the blocking figures use :class:`pyivshmem.Channel` with eventfds the benchmark
+creates itself (:class:`EventfdBell`, two vectors per process), the same kind of doorbell a host
+:class:`Peer` receives from an ivshmem server, so no server is needed.  Each process sleeps on
+vector 0 for its incoming ring and on vector 1 for its outgoing ring.
+
 Variants (``docs/bench.md`` explains each figure):
 
-* round trip: ``busy-poll`` (try_send/try_recv in a spin), ``adaptive`` (the blocking send/recv:
-  spin briefly, then sleep), ``blocking`` (sleep at once, woken by a doorbell: needs Channel);
-* one-way throughput: send/recv (the blocking calls), try_send/try_recv, send_many/recv_many in
-  batches, and zero-copy reserve/commit + peek/release;
-* MPMC: an MpmcRing shared by every producer and consumer, blocking send/recv;
-* wake-up: the blocking recv of a process that has gone to sleep;
-* doorbells per message: counted by a Channel (needs Channel).
+* round trip: ``busy-poll`` (try_recv in a spin), ``adaptive`` (Channel.recv: spin briefly, then
+  sleep until the doorbell), ``blocking`` (Channel with no spin: sleep at once);
+* one-way throughput: Channel send/recv (the blocking calls), the ring's try_send/try_recv,
+  send_many/recv_many in batches, and zero-copy reserve/commit + peek/release;
+* MPMC: an MpmcRing shared by every producer and consumer, its blocking send/recv (spin, then
+  sleep with back-off: a Channel has one consumer route, so several sleeping consumers are not its
+  use);
+* wake-up: Channel.recv of a process that has gone to sleep;
+* doorbells per message: Channel.stats counted over a stream and over ping-pongs.
 
 Each variant names its comparison ``group`` and a ``rank``: in every group the available
 pyivshmem variant with the lowest rank is the reference the peers' ratios are computed against.
@@ -20,11 +27,11 @@ pyivshmem variant with the lowest rank is the reference the peers' ratios are co
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .peers import Endpoint, Transport
+from .peers import Endpoint, InheritedFd, Transport
 
-__all__ = ["PyivshmemTransport", "channel_problem", "ring_shape"]
+__all__ = ["PyivshmemTransport", "EventfdBell", "channel_problem", "ring_shape"]
 
 
 def channel_problem() -> Optional[str]:
@@ -33,12 +40,37 @@ def channel_problem() -> Optional[str]:
         import pyivshmem
     except ImportError as exc:  # pragma: no cover - the bench lives inside the package
         return f"pyivshmem cannot be imported ({exc})"
-    missing = [n for n in ("Channel", "Server", "Peer") if not hasattr(pyivshmem, n)]
-    if missing:
-        return (
-            f"needs pyivshmem.{'/'.join(missing)} (doorbells), which this build does not have yet"
-        )
+    if not hasattr(pyivshmem, "Channel"):
+        return "needs pyivshmem.Channel (doorbells), which this build does not have"
+    if not hasattr(os, "eventfd"):
+        return "needs os.eventfd (Linux, Python 3.10 or later) for the doorbells"
     return None
+
+
+class EventfdBell:
+    """A doorbell provider over eventfds: peer ``my_id`` knows every peer's fds, one per vector.
+
+    The same interface as a host Peer (``id``, ``vector_fd``, ``notify_target``, ``notify``).
+    """
+
+    def __init__(self, my_id: int, fds: Dict[int, List[int]]) -> None:
+        self.id = my_id
+        self.fds = fds
+
+    def vector_fd(self, vector: int) -> Optional[int]:
+        mine = self.fds.get(self.id, [])
+        return mine[vector] if vector < len(mine) else None
+
+    def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
+        theirs = self.fds.get(peer_id)
+        if theirs is None or vector >= len(theirs):
+            return None
+        return (1, theirs[vector], 0)
+
+    def notify(self, peer_id: int, vector: int = 0) -> None:
+        target = self.notify_target(peer_id, vector)
+        if target is not None:
+            os.eventfd_write(target[1], 1)
 
 
 def ring_shape(size: int) -> Dict[str, int]:
@@ -92,6 +124,10 @@ class PyivshmemTransport(Transport):
                     region.create_ring(f"{chan}-{size}", "spsc", **shape)
                 region.create_ring(f"mpmc-{size}", "mpmc", **shape)
         state["path"] = path
+        if channel_problem() is None:
+            raw = {peer: [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)] for peer in (0, 1)}
+            state["raw_fds"] = raw
+            state["bell_fds"] = {p: [InheritedFd(fd) for fd in fds] for p, fds in raw.items()}
         return state
 
     def teardown(self, state):
@@ -101,6 +137,9 @@ class PyivshmemTransport(Transport):
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        for fds in state.pop("raw_fds", {}).values():
+            for fd in fds:
+                os.close(fd)
 
     def _region(self, state: Dict[str, Any]) -> Any:
         region = state.get("_region")
@@ -119,12 +158,38 @@ class PyivshmemTransport(Transport):
             ring = rings[name] = self._region(state).ring(name)
         return ring
 
+    def _bell(self, state: Dict[str, Any], role: str) -> Any:
+        bell = state.get("_bell")
+        if bell is None:
+            fds = state.get("bell_fds")
+            if fds is None:
+                raise RuntimeError(channel_problem() or "no doorbells were set up")
+            bell = state["_bell"] = EventfdBell(0 if role == "a" else 1, fds)
+        return bell
+
     def open(self, state, role, size, mode):
         if role in ("a", "b"):
             out, inc = ("ab", "ba") if role == "a" else ("ba", "ab")
             r_out, r_in = self._ring(state, f"{out}-{size}"), self._ring(state, f"{inc}-{size}")
         else:
             r_out = r_in = self._ring(state, f"mpmc-{size}")
+        if mode in ("adaptive", "blocking") and role in ("a", "b"):
+            from pyivshmem import Channel
+
+            bell = self._bell(state, role)
+            spin = 0.0 if mode == "blocking" else None
+            rx = Channel(r_in, bell, vector=0, spin=spin)
+            tx = Channel(r_out, bell, vector=1, spin=spin)
+
+            def stats() -> Dict[str, int]:
+                a, b = rx.stats, tx.stats
+                return {k: a[k] + b[k] for k in a}
+
+            ep = Endpoint(send=tx.send, recv=rx.recv, try_send=tx.try_send,
+                          try_recv=rx.try_recv, stats=stats)
+            ep.on_close(rx.close)
+            ep.on_close(tx.close)
+            return ep
         ep = Endpoint(
             send=r_out.send,
             recv=r_in.recv,
@@ -151,18 +216,20 @@ class PyivshmemTransport(Transport):
     def roundtrip_variants(self) -> List[Dict[str, Any]]:
         note = channel_problem()
         return [
-            {"mode": "busy-poll", "variant": "try_send/try_recv", "busy": True,
+            {"mode": "busy-poll", "variant": "try_recv spin", "busy": True,
              "group_mode": "busy-poll", "rank": 0},
-            {"mode": "adaptive", "variant": "send/recv (spin, then sleep)",
-             "busy": False, "group_mode": "blocking", "rank": 1},
-            {"mode": "blocking", "variant": "Channel, sleep until doorbell",
-             "busy": False, "group_mode": "blocking", "rank": 0, "skip": note},
+            {"mode": "adaptive", "variant": "Channel: spin 100 us, then doorbell", "busy": False,
+             "group_mode": "blocking", "rank": 1, "skip": note},
+            {"mode": "blocking", "variant": "Channel: no spin, doorbell", "busy": False,
+             "group_mode": "blocking", "rank": 0, "skip": note},
         ]
 
     def throughput_variants(self, size: int, batch: int) -> List[Dict[str, Any]]:
+        note = channel_problem()
         return [
-            {"method": "send/recv", "variant": "send/recv", "busy": False, "batch": 1, "rank": 0},
-            {"method": "try_send/try_recv", "variant": "try_send/try_recv", "busy": True,
+            {"method": "send/recv", "variant": "Channel send/recv", "busy": False, "batch": 1,
+             "rank": 0, "mode": "adaptive", "skip": note},
+            {"method": "try_send/try_recv", "variant": "ring try_send/try_recv", "busy": True,
              "batch": 1, "rank": 1},
             {"method": "zero-copy", "variant": "reserve/commit + peek/release", "busy": True,
              "batch": 1, "rank": 2, "send": "zc-send", "recv": "zc-recv"},
@@ -176,8 +243,7 @@ class PyivshmemTransport(Transport):
     def wakeup_variants(self) -> List[Dict[str, Any]]:
         note = channel_problem()
         return [
-            {"mode": "blocking", "variant": "Channel.recv (doorbell)", "rank": 0,
+            {"mode": "blocking", "variant": "Channel: no spin, doorbell", "rank": 0, "skip": note},
+            {"mode": "adaptive", "variant": "Channel: spin 100 us, then doorbell", "rank": 1,
              "skip": note},
-            {"mode": "adaptive", "variant": "recv (spin, then sleep)",
-             "rank": 1},
         ]

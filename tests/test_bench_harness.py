@@ -198,7 +198,6 @@ def _rec(**kw):
 
 
 def _records():
-    g_rt = "roundtrip/busy-poll/64/cross"
     g_tp = "throughput/single/64/cross"
     return [
         _rec(transport="pyivshmem", label="pyivshmem", is_pyivshmem=True, rank=0,

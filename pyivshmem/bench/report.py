@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
-import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .stats import Histogram, ratio
@@ -232,7 +230,7 @@ def headlines(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         best = None
         if peers:
             pick = max if higher else min
-            best = pick(peers, key=lambda r: _figure(r)[0])
+            best = pick(peers, key=lambda r: _figure(r)[0] or 0.0)
         if ref["scenario"] in ("roundtrip", "wakeup") and ref["mode"] and ref["mode"] not in ref["group"]:
             title += f" (pyivshmem {ref['mode']})"
         out.append({
@@ -424,7 +422,7 @@ def _throughput_section(recs: List[Dict[str, Any]]) -> List[str]:
         for r in _ordered(mine):
             keys.setdefault((r["label"], r["method"]), {})[r["size"]] = r
         first = True
-        for (label, method), by_size in keys.items():
+        for (label, _method), by_size in keys.items():
             if not any(x["status"] == "ok" for x in by_size.values()):
                 continue
             variant = next(iter(by_size.values()))["variant"]
@@ -713,7 +711,7 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
         for r in _ordered(tp):
             by.setdefault((r["label"], r["method"], r["variant"]), {})[r["size"]] = r
         rows = [[label, f"`{variant}`"] + [_rate_cell(cells.get(s)) for s in sizes]
-                for (label, method, variant), cells in by.items()
+                for (label, _method, variant), cells in by.items()
                 if any(c["status"] == "ok" for c in cells.values())]
         out.append("One-way throughput, messages/s (GB/s from 4 KiB):")
         out.append("")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .peers import Transport
@@ -305,7 +304,8 @@ class Runner:
             self._say(rec)
 
     # one-way throughput ----------------------------------------------------------------------
-    def _calibrated(self, run_once: Callable[[int], Tuple[int, float]], size: int) -> Tuple[int, List[float], int, float]:
+    def _calibrated(self, run_once: Callable[[int], Tuple[int, float]],
+                    size: int) -> Tuple[int, List[float], int, float]:
         """Trials of ``run_once(count) -> (messages, seconds)``: (count, rates, total msgs, secs)."""
         if self.s.count:
             count = self.s.count
@@ -338,7 +338,8 @@ class Runner:
             base = {"size": size, "mode": fields["mode"], "busy": v["busy"], "batch": v["batch"]}
             send_p, recv_p = v.get("send", "tput-send"), v.get("recv", "tput-recv")
 
-            def once(count: int) -> Tuple[int, float]:
+            def once(count: int, base: Dict[str, Any] = base, send_p: str = send_p,
+                     recv_p: str = recv_p, size: int = size) -> Tuple[int, float]:
                 timeout = 60 + 10 * self.s.duration + count * size / 50e6
                 res = pair.run({"a": dict(base, count=count, pattern=send_p),
                                 "b": dict(base, count=count, pattern=recv_p)}, timeout,

@@ -411,7 +411,7 @@ def worker_main(role: str, cpu: Optional[int], transport: Transport, state: Dict
                 result = fn(ep, task)
                 if stats is not None:
                     after = stats()
-                    result["counters"] = {k: after[k] - before.get(k, 0) for k in after}
+                    result["counters"] = {k: after[k] - (before or {}).get(k, 0) for k in after}
             except BaseException:  # noqa: BLE001 - reported to the parent, then this worker ends
                 conn.send(("error", traceback.format_exc()))
                 return

@@ -847,7 +847,7 @@ cdef class SpscRing(_Ring):
             raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
         if size < 0:
             raise ConfigError("size must be >= 0")
-        cdef uint8_t *p
+        cdef uint8_t *p = NULL
         cdef int rc = ivshm_spsc_reserve(&self._q, size, &p)
         if rc == -EAGAIN:
             return None
@@ -1147,7 +1147,6 @@ cdef class Channel:
     cdef public double recheck
     cdef bint _cons_route, _prod_route, _closed
     cdef ivshm_bell _bell_cons, _bell_prod     # how to wake the consumer / the producer
-    cdef int64_t _bell_cons_key, _bell_prod_key  # (peer << 8 | vector) they were built for, -1 none
     cdef uint64_t _doorbells, _sleeps, _wakeups, _sent, _received, _lost_rings
 
     def __init__(self, ring, doorbell=None, *, int vector=0, spin=None, recheck=None):
@@ -1171,8 +1170,6 @@ cdef class Channel:
             if fd is not None:
                 _os.set_blocking(fd, False)
                 self._fd = fd
-        self._bell_cons_key = -1
-        self._bell_prod_key = -1
 
     # -- plumbing -------------------------------------------------------------------------------
     cdef inline int _check(self) except -1:
@@ -1180,19 +1177,17 @@ cdef class Channel:
             raise ClosedError("the channel is closed")
         return self._ring._check()
 
-    cdef int _fill_bell(self, ivshm_bell *bell, int64_t *key, uint32_t peer, uint32_t vector) except -1:
-        cdef int64_t k = (<int64_t>peer << 8) | vector
-        if key[0] == k:
-            return 0
+    cdef int _fill_bell(self, ivshm_bell *bell, uint32_t peer, uint32_t vector) except -1:
+        """Ask the provider how to ring (peer, vector).  Asked afresh for every doorbell (at most
+        one per sleep of the other side): a provider closes a departed peer's fds, so a cached
+        fd number could name some unrelated file later."""
         bell.kind = IVSHM_BELL_NONE
-        key[0] = -1
         if self._doorbell is None:
             return 0
         target = self._doorbell.notify_target(peer, vector)
         if target is None:
             return 0  # that peer is not connected (yet): the doorbell is lost, it re-checks
         kind, where, value = target
-        bell.kind = kind
         if kind == IVSHM_BELL_EVENTFD:
             bell.fd = where
         elif kind == IVSHM_BELL_MMIO:
@@ -1200,7 +1195,7 @@ cdef class Channel:
             bell.value = value
         else:
             raise ConfigError(f"unknown doorbell kind {kind} from {self._doorbell!r}")
-        key[0] = k
+        bell.kind = kind
         return 0
 
     cdef int _wake_consumer(self) except -1:
@@ -1211,13 +1206,12 @@ cdef class Channel:
         if ivshm_route_get(&c.cons_peer, &c.cons_vector, &c.cons_flags, &peer, &vector) != 0:
             self._lost_rings += 1
             return 0
-        self._fill_bell(&self._bell_cons, &self._bell_cons_key, peer, vector)
+        self._fill_bell(&self._bell_cons, peer, vector)
         if self._bell_cons.kind == IVSHM_BELL_NONE:
             self._lost_rings += 1
             return 0
         self._doorbells += 1
-        if ivshm_bell_ring(&self._bell_cons) != 0:
-            self._bell_cons_key = -1  # the fd went bad: look it up again next time
+        ivshm_bell_ring(&self._bell_cons)  # a failed ring is a lost hint: the sleeper re-checks
         return 0
 
     cdef int _wake_producer(self) except -1:
@@ -1228,13 +1222,12 @@ cdef class Channel:
         if ivshm_route_get(&c.prod_peer, &c.prod_vector, &c.prod_flags, &peer, &vector) != 0:
             self._lost_rings += 1
             return 0
-        self._fill_bell(&self._bell_prod, &self._bell_prod_key, peer, vector)
+        self._fill_bell(&self._bell_prod, peer, vector)
         if self._bell_prod.kind == IVSHM_BELL_NONE:
             self._lost_rings += 1
             return 0
         self._doorbells += 1
-        if ivshm_bell_ring(&self._bell_prod) != 0:
-            self._bell_prod_key = -1
+        ivshm_bell_ring(&self._bell_prod)
         return 0
 
     cdef int _sleep(self, double deadline, bint forever, long *backoff_ns) except -1:

@@ -4,6 +4,24 @@ import uuid
 import pytest
 
 
+def pytest_configure(config):
+    # Run from a neutral directory: a subprocess started as `python -m pyivshmem` must import the
+    # installed package, not the source tree (which has no compiled modules) from the repo root.
+    import tempfile
+
+    config._pyivshmem_cwd = (os.getcwd(), tempfile.mkdtemp(prefix="pyivshmem-tests-"))
+    os.chdir(config._pyivshmem_cwd[1])
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    old, tmp = getattr(config, "_pyivshmem_cwd", (None, None))
+    if tmp:
+        os.chdir(old)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture
 def shm_path():
     """A unique /dev/shm path, removed after the test."""

@@ -1,7 +1,10 @@
 """cffi build scripts (API mode, out-of-line).  Each ffi_*.py defines `ffibuilder`."""
 import os
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+# relative to the working directory (the project root during a build): setuptools refuses
+# absolute source paths when it builds a wheel
+CSRC = os.path.relpath(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc"))
 
 
 def compile_flags():

@@ -46,7 +46,8 @@ struct job {
     unsigned burst;
     uint64_t n;
     int cpu[2];
-    void *ring; /* struct ivshm_spsc / ivshm_mpmc / rte_ring */
+    void *ring;   /* the producer's view: struct ivshm_spsc / ivshm_mpmc / rte_ring */
+    void *ring_c; /* the consumer's view (its own private struct, as in another process) */
     atomic_int ready;
     atomic_int go;
     struct timespec start, end;
@@ -77,36 +78,36 @@ static void wait_start(struct job *j)
 }
 
 /* Returns the number of elements moved (0 when full/empty) or -errno. */
-static int64_t put(struct job *j, const uint64_t *src, unsigned n)
+static inline int64_t put(enum kind kind, void *ring, const uint64_t *src, unsigned n)
 {
-    switch (j->kind) {
+    switch (kind) {
     case IVSHM_SPSC:
-        return ivshm_spsc_send_fixed(j->ring, src, 8, n);
+        return ivshm_spsc_send_fixed(ring, src, 8, n);
     case IVSHM_MPMC:
-        return ivshm_mpmc_send_fixed(j->ring, src, 8, n);
+        return ivshm_mpmc_send_fixed(ring, src, 8, n);
 #ifdef HAVE_DPDK
     case RTE_SPSC:
     case RTE_MPMC:
-        return rte_ring_enqueue_burst(j->ring, (void *const *)src, n, NULL);
+        return rte_ring_enqueue_burst(ring, (void *const *)src, n, NULL);
 #endif
     default:
         return -ENOSYS;
     }
 }
 
-static int64_t get(struct job *j, uint64_t *dst, unsigned n)
+static inline int64_t get(enum kind kind, void *ring, uint64_t *dst, unsigned n)
 {
-    switch (j->kind) {
+    switch (kind) {
     case IVSHM_SPSC: {
-        int64_t m = ivshm_spsc_recv_fixed(j->ring, dst, 8, n);
+        int64_t m = ivshm_spsc_recv_fixed(ring, dst, 8, n);
         return m == -EAGAIN ? 0 : m;
     }
     case IVSHM_MPMC:
-        return ivshm_mpmc_recv_fixed(j->ring, dst, 8, n);
+        return ivshm_mpmc_recv_fixed(ring, dst, 8, n);
 #ifdef HAVE_DPDK
     case RTE_SPSC:
     case RTE_MPMC:
-        return rte_ring_dequeue_burst(j->ring, (void **)dst, n, NULL);
+        return rte_ring_dequeue_burst(ring, (void **)dst, n, NULL);
 #endif
     default:
         return -ENOSYS;
@@ -117,17 +118,21 @@ static void *producer(void *arg)
 {
     struct job *j = arg;
     uint64_t buf[MAX_BURST];
+    const enum kind kind = j->kind;
+    void *const ring = j->ring;
+    const uint64_t n = j->n;
+    const unsigned burst = j->burst;
     pin(j->cpu[0]);
     wait_start(j);
     clock_gettime(CLOCK_MONOTONIC, &j->start);
     uint64_t next = 0;
-    while (next < j->n) {
-        unsigned want = j->burst;
-        if (j->n - next < want)
-            want = (unsigned)(j->n - next);
+    while (next < n) {
+        unsigned want = burst;
+        if (n - next < want)
+            want = (unsigned)(n - next);
         for (unsigned k = 0; k < want; k++)
             buf[k] = next + k + 1; /* never 0: a NULL pointer for rte_ring is fine, but be clear */
-        int64_t m = put(j, buf, want);
+        int64_t m = put(kind, ring, buf, want);
         if (m < 0) {
             j->error = (int)m;
             return NULL;
@@ -143,11 +148,15 @@ static void *consumer(void *arg)
 {
     struct job *j = arg;
     uint64_t buf[MAX_BURST];
+    const enum kind kind = j->kind;
+    void *const ring = j->ring_c;
+    const uint64_t n = j->n;
+    const unsigned burst = j->burst;
     pin(j->cpu[1]);
     wait_start(j);
     uint64_t expect = 1, bad = 0;
-    while (expect <= j->n) {
-        int64_t m = get(j, buf, j->burst);
+    while (expect <= n) {
+        int64_t m = get(kind, ring, buf, burst);
         if (m < 0) {
             j->error = (int)m;
             return NULL;
@@ -165,8 +174,18 @@ static void *consumer(void *arg)
 }
 
 /* Build a fresh ring of `kind` with `capacity` slots in `mem` (zeroed by the caller). */
+/* The two sides' private ring structs, each on cache lines of its own (128-byte aligned and
+ * padded), as they would be in two processes. */
+struct view {
+    _Alignas(128) union {
+        struct ivshm_spsc spsc;
+        struct ivshm_mpmc mpmc;
+    } u;
+};
+_Static_assert(sizeof(struct view) % 128 == 0, "views must not share a cache line pair");
+
 static int make_ring(struct job *j, void *mem, size_t memsize, uint32_t capacity,
-                     struct ivshm_region *reg, struct ivshm_spsc *spsc, struct ivshm_mpmc *mpmc)
+                     struct ivshm_region *reg, struct view views[2])
 {
     const char *why = NULL;
     struct ivshm_ring_info info;
@@ -184,14 +203,16 @@ static int make_ring(struct job *j, void *mem, size_t memsize, uint32_t capacity
             fprintf(stderr, "create ring: %s (%s)\n", strerror(-rc), why ? why : "");
             return rc;
         }
-        if (j->kind == IVSHM_SPSC) {
-            rc = ivshm_spsc_attach(spsc, reg, &info, &why);
-            j->ring = spsc;
-        } else {
-            rc = ivshm_mpmc_attach(mpmc, reg, &info, &why);
-            j->ring = mpmc;
+        /* each side attaches its own private struct, as two processes would */
+        for (int side = 0; side < 2 && rc >= 0; side++) {
+            if (j->kind == IVSHM_SPSC)
+                rc = ivshm_spsc_attach(&views[side].u.spsc, reg, &info, &why);
+            else
+                rc = ivshm_mpmc_attach(&views[side].u.mpmc, reg, &info, &why);
         }
-        return rc;
+        j->ring = &views[0].u;
+        j->ring_c = &views[1].u;
+        return rc < 0 ? rc : 0;
     }
 #ifdef HAVE_DPDK
     case RTE_SPSC:
@@ -203,7 +224,7 @@ static int make_ring(struct job *j, void *mem, size_t memsize, uint32_t capacity
         /* RING_F_EXACT_SZ: usable capacity == capacity, as for the ivshm rings */
         unsigned flags = RING_F_EXACT_SZ | (j->kind == RTE_SPSC ? RING_F_SP_ENQ | RING_F_SC_DEQ : 0);
         rc = rte_ring_init(mem, "bench", capacity, flags);
-        j->ring = mem;
+        j->ring = j->ring_c = mem; /* one shared struct by design (prod/cons lines apart) */
         return rc;
     }
 #endif
@@ -299,6 +320,7 @@ int main(int argc, char **argv)
         return 1;
     }
 
+    static struct view views[2];
     static const unsigned bursts[] = {1, 8, 32};
     double result[4][3] = {{0}};
     printf("# %" PRIu64 " 8-byte elements per run, capacity %u, median of %d runs, CPUs %d,%d\n",
@@ -313,9 +335,7 @@ int main(int argc, char **argv)
                 struct job j = {.kind = (enum kind)k, .burst = bursts[b], .n = n,
                                 .cpu = {cpu[0], cpu[1]}};
                 struct ivshm_region reg;
-                struct ivshm_spsc spsc;
-                struct ivshm_mpmc mpmc;
-                int rc = make_ring(&j, mem, memsize, capacity, &reg, &spsc, &mpmc);
+                int rc = make_ring(&j, mem, memsize, capacity, &reg, views);
                 if (rc) {
                     fprintf(stderr, "%s: cannot make the ring: %s\n", kind_names[k], strerror(-rc));
                     return 1;

@@ -610,12 +610,14 @@ def write_plots(doc: Dict[str, Any], directory: str) -> List[str]:
                 name += " (batch)"
             series.setdefault(name, []).append(
                 (r["size"], r["throughput"]["msgs_per_s"], r["throughput"]["bytes_per_s"] / 1e9))
-        for name, pts in series.items():
+        colors = plt.get_cmap("tab20").colors
+        for i, (name, pts) in enumerate(series.items()):
             pts.sort()
             bold = name.startswith("pyivshmem")
+            style = dict(marker="o", label=name, color=colors[i % len(colors)],
+                         linewidth=2.4 if bold else 1.2, linestyle="-" if bold else "--")
             for ax, idx in ((axes[0], 1), (axes[1], 2)):
-                ax.plot([p[0] for p in pts], [p[idx] for p in pts], marker="o", label=name,
-                        linewidth=2.2 if bold else 1.2)
+                ax.plot([p[0] for p in pts], [p[idx] for p in pts], **style)
         sizes = sorted({r["size"] for r in tp})
         for ax, ylabel in ((axes[0], "messages/s"), (axes[1], "GB/s")):
             ax.set_xscale("log")
@@ -640,17 +642,24 @@ def write_plots(doc: Dict[str, Any], directory: str) -> List[str]:
         if rs:
             groups.append((h["figure"], rs))
     if groups:
-        fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.0 + 0.42 * sum(len(g[1]) for g in groups)
-                                                          + 0.6 * len(groups)), squeeze=False)
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        heights = [len(rs) + 1.5 for _, rs in groups]
+        fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.9 + 0.32 * sum(heights)),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
         for ax, (title, rs) in zip(axes[:, 0], groups):
             names = [r["label"] for r in rs]
             values = [r["ratio"] for r in rs]
             colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
-            ax.barh(names, values, color=colors)
+            ax.barh(names, values, color=colors, height=0.6)
             ax.axvline(1.0, color="black", linewidth=0.8)
             ax.set_xscale("log")
-            for i, v in enumerate(values):
-                ax.text(v, i, f" x{v:.1f}", va="center", fontsize=8)
+            lo, hi = min(values + [1.0]), max(values + [1.0])
+            ax.set_xlim(lo / 1.5, hi * 2.5)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"x{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            for i, r in enumerate(rs):
+                ax.text(r["ratio"], i, " " + fmt_ratio(r), va="center", fontsize=8)
             ax.set_title(f"{title}: pyivshmem is N times better", fontsize=9)
             ax.invert_yaxis()
             ax.tick_params(labelsize=8)

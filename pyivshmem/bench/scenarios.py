@@ -13,8 +13,9 @@ Variants (``docs/bench.md`` explains each figure):
 
 * round trip: ``busy-poll`` (try_recv in a spin), ``adaptive`` (Channel.recv: spin briefly, then
   sleep until the doorbell), ``blocking`` (Channel with no spin: sleep at once);
-* one-way throughput: Channel send/recv (the blocking calls), the ring's try_send/try_recv,
-  send_many/recv_many in batches, and zero-copy reserve/commit + peek/release;
+* one-way throughput: Channel send/recv (the blocking calls), the ring's own send/recv (spin,
+  then sleep with back-off: no doorbell), its try_send/try_recv, send_many/recv_many in batches,
+  and zero-copy reserve/commit + peek/release;
 * MPMC: an MpmcRing shared by every producer and consumer, its blocking send/recv (spin, then
   sleep with back-off: a Channel has one consumer route, so several sleeping consumers are not its
   use);
@@ -229,10 +230,12 @@ class PyivshmemTransport(Transport):
         return [
             {"method": "send/recv", "variant": "Channel send/recv", "busy": False, "batch": 1,
              "rank": 0, "mode": "adaptive", "skip": note},
+            {"method": "ring send/recv", "variant": "ring send/recv (no doorbell)", "busy": False,
+             "batch": 1, "rank": 1, "mode": "ring"},
             {"method": "try_send/try_recv", "variant": "ring try_send/try_recv", "busy": True,
-             "batch": 1, "rank": 1},
+             "batch": 1, "rank": 2},
             {"method": "zero-copy", "variant": "reserve/commit + peek/release", "busy": True,
-             "batch": 1, "rank": 2, "send": "zc-send", "recv": "zc-recv"},
+             "batch": 1, "rank": 3, "send": "zc-send", "recv": "zc-recv"},
             {"method": "batch", "variant": f"send_many/recv_many x{batch}", "busy": True,
              "batch": batch, "rank": 0},
         ]

@@ -708,10 +708,11 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
     if rtt:
         out.append(f"Round trip, {fmt_size(rtt[0]['size'])} messages, processes on two CPUs:")
         out.append("")
+        ordered = [r for g in dict.fromkeys(x["group"] for x in rtt)
+                   for r in _ordered([x for x in rtt if x["group"] == g])]
         rows = [[r["mode"] or "", r["label"], f"`{r['variant']}`", fmt_us(r["latency_ns"]["p50"]),
                  fmt_us(r["latency_ns"]["p99"]), fmt_us(r["latency_ns"]["p99_9"]),
-                 fmt_us(r["latency_ns"]["max"]), fmt_ratio(r)]
-                for r in sorted(rtt, key=lambda r: (r["group"], not r["is_pyivshmem"]))]
+                 fmt_us(r["latency_ns"]["max"]), fmt_ratio(r)] for r in ordered]
         out += _md_table(["mode", "transport", "calls", "p50", "p99", "p99.9", "max", "vs"], rows)
     tp = [r for r in recs if r["scenario"] == "throughput"]
     if any(r["status"] == "ok" for r in tp):

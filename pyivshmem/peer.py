@@ -464,6 +464,14 @@ class Peer:
         Peer is closed: stop using it then."""
         self._live()
         fds = self._fds_of(peer_id)
+        if fds is None and self._sock is not None:
+            # A peer we have not heard of may have joined since events() last ran: take in the
+            # server's waiting messages (never blocks; their events still reach events()).
+            try:
+                self._drain_server()
+            except ProtocolError:
+                pass  # the connection was dropped; events() reports it
+            fds = self._fds_of(peer_id)
         if fds is None or not 0 <= vector < len(fds):
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)

@@ -1,0 +1,41 @@
+"""cffi (API mode, out-of-line) build of pyivshmem._ffi_server: the server's send side."""
+import importlib.util
+import os
+
+from cffi import FFI
+
+
+def _build_helpers():
+    # Load pyivshmem/_build/__init__.py by path: importing the pyivshmem package itself would
+    # pull in extension modules that are not built yet while setup.py runs this script.
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_pyivshmem_build", os.path.join(here, "__init__.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_helpers = _build_helpers()
+CSRC = _helpers.CSRC
+compile_flags = _helpers.compile_flags
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    int ivshm_server_send_msg(int sock, int64_t value, int fd, unsigned *done);
+    int ivshm_server_eventfd(int *fd_out);
+    """
+)
+_cflags, _ldflags = compile_flags()
+ffibuilder.set_source(
+    "pyivshmem._ffi_server",
+    '#include "ivshm_server.h"',
+    # relative: setuptools refuses absolute source paths (cffi runs this from setup.py's dir)
+    sources=[os.path.relpath(os.path.join(CSRC, "ivshm_server.c"))],
+    include_dirs=[CSRC],
+    extra_compile_args=_cflags,
+    extra_link_args=_ldflags,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

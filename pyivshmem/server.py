@@ -1,0 +1,1217 @@
+"""The ivshmem server: a drop-in for QEMU's ``ivshmem-server``, also embeddable in a Python program.
+
+The server hands every client (a QEMU ``ivshmem-doorbell`` device or a host :class:`Peer`) the
+shared memory file descriptor, a peer id and one eventfd per vector for itself and for every other
+peer, and announces peers joining and leaving (IVSHMEM.md section 2). Unlike the reference server
+it never blocks on a client and never drops a message: every client has its own outgoing queue,
+drained when its socket becomes writable, and a client whose queue grows beyond a bound is
+disconnected (and its departure announced) instead of holding the others back.
+
+Embedded use::
+
+    with Server("/run/myapp/ivshmem.sock", size="16M", vectors=2) as server:
+        ...                 # the loop runs in a background thread
+        print(server.peers)
+
+Command line (``pyivshmem-server`` or ``pyivshmem server``): QEMU's flags, see :func:`main`.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import errno
+import getopt
+import logging
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import stat
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+from .errors import ClosedError, ConfigError
+
+__all__ = [
+    "Server",
+    "main",
+    "parse_qemu_size",
+    "DEFAULT_SOCKET",
+    "DEFAULT_SHM_NAME",
+    "DEFAULT_SIZE",
+    "DEFAULT_VECTORS",
+    "MAX_VECTORS",
+    "DEFAULT_PIDFILE",
+    "DEFAULT_MODE",
+    "DEFAULT_MAX_QUEUE",
+]
+
+log = logging.getLogger("pyivshmem.server")
+
+DEFAULT_SOCKET = "/tmp/ivshmem_socket"
+DEFAULT_SHM_NAME = "ivshmem"
+DEFAULT_SIZE = 4 << 20
+DEFAULT_VECTORS = 1
+MAX_VECTORS = 64
+DEFAULT_PIDFILE = "/var/run/ivshmem-server.pid"
+DEFAULT_MODE = 0o600
+#: Messages a client may have waiting in the server beyond its own start-up burst.
+DEFAULT_MAX_QUEUE = 16384
+PROTOCOL_VERSION = 0
+MAX_PEER_ID = 0xFFFF
+#: Largest size accepted (the protocol itself has no limit; this only catches typos like "4E").
+MAX_SIZE = 1 << 48
+_SHM_DIR = "/dev/shm"
+_ACCEPT_BATCH = 64
+_ACCEPT_PAUSE = 0.1      # seconds without accepting after running out of fds
+_RETRY_INTERVAL = 0.05   # seconds between retries of a send the kernel refused for now
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)\s*$")
+_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_qemu_size(value: Union[int, str]) -> int:
+    """Parse a size the way QEMU's ``-l`` does: bytes, or K/M/G/T (powers of 1024), fractions
+    allowed with a suffix ("1.5M"). The result is NOT rounded; see :func:`round_up_pow2`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConfigError(
+                f"invalid size {value!r}: expected a number of bytes with an optional "
+                "K, M, G or T suffix (powers of 1024), e.g. 4M"
+            )
+        number, suffix = m.group(1), m.group(2).lower()
+        shift = _SUFFIX[suffix]
+        if "." in number:
+            if not suffix or suffix == "b":
+                raise ConfigError(f"invalid size {value!r}: a fraction needs a K/M/G/T suffix")
+            size = int(float(number) * (1 << shift))
+        else:
+            size = int(number) << shift
+    if size <= 0:
+        raise ConfigError(f"invalid size {value!r}: the shared memory size must be positive")
+    if size > MAX_SIZE:
+        raise ConfigError(f"invalid size {value!r}: larger than {MAX_SIZE >> 40} TiB")
+    return size
+
+
+def round_up_pow2(size: int) -> int:
+    """The smallest power of two >= size (QEMU requires a power-of-two BAR2)."""
+    return 1 << (size - 1).bit_length() if size > 1 else 1
+
+
+# --------------------------------------------------------------------------------------------
+# The C send side
+# --------------------------------------------------------------------------------------------
+def _load_ffi():
+    try:
+        from . import _ffi_server  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - only without a build
+        raise ImportError(
+            "pyivshmem._ffi_server is not built: run `python setup.py build_ext --inplace` "
+            "in the source tree, or install the package"
+        ) from exc
+    return _ffi_server.ffi, _ffi_server.lib
+
+
+class _Fd:
+    """A file descriptor shared by a peer and the queued messages that still carry it.
+
+    The server keeps a peer's eventfds open until the last queued message referencing them has
+    been sent (or dropped), so a slow client never receives a closed, or worse, reused, fd."""
+
+    __slots__ = ("fd", "refs")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.refs = 1
+
+    def acquire(self) -> "_Fd":
+        self.refs += 1
+        return self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0 and self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class _Client:
+    __slots__ = (
+        "id", "sock", "fileno", "vectors", "queue", "done", "limit", "writing", "dead",
+        "retry",
+    )
+
+    def __init__(self, peer_id: int, sock: socket.socket, vectors: List[_Fd], limit: int):
+        self.id = peer_id
+        self.sock = sock
+        self.fileno = sock.fileno()
+        self.vectors = vectors
+        self.queue: Deque[Tuple[int, Optional[_Fd]]] = collections.deque()
+        self.done = 0          # bytes of the head message already sent
+        self.limit = limit     # queue length beyond which the client is dropped
+        self.writing = False   # registered for EVENT_WRITE
+        self.dead = False
+        self.retry = False     # in the retry set (kernel said ETOOMANYREFS/ENOBUFS)
+
+
+_MEMORY_KINDS = ("memfd", "shm_name", "shm_path", "shm_dir", "shm_fd")
+
+
+class Server:
+    """An ivshmem server (QEMU's protocol), run in a background thread or in the foreground.
+
+    Parameters
+    ----------
+    socket_path:
+        UNIX socket to listen on. A stale socket file (nobody accepting) is replaced; a live one
+        is refused with :class:`ConfigError`; anything else at that path (a regular file, a
+        symlink) is never touched and is refused as well.
+    shm_name, shm_path, shm_dir, shm_fd, memfd:
+        Where the shared memory lives; at most one. ``shm_name``: POSIX shared memory
+        ``/dev/shm/<name>`` (QEMU's ``-M``; created if missing, never unlinked). ``shm_path``: any
+        file (created if missing, never unlinked). ``shm_dir``: an unnamed temporary file in that
+        directory, e.g. a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the
+        caller's (duplicated; the caller keeps its own). ``memfd=True`` or none of them: a memfd.
+        The memory is a plain file of ``size`` bytes; it is not formatted (peers format it).
+    size:
+        Bytes, or a string with a K/M/G/T suffix; rounded up to a power of two. On a filesystem
+        that refuses that size (hugetlbfs and its page size) the next powers of two are tried up
+        to 1 GiB, like QEMU. :attr:`size` is the real size.
+    vectors:
+        Interrupt vectors (eventfds) per peer, 0..64.
+    mode:
+        Permissions of the socket and of files the server creates (default 0600). Existing
+        files keep theirs.
+    max_queue:
+        Messages a client may have waiting in the server (on top of its own start-up burst)
+        before it is considered stuck: it is then disconnected and its departure announced.
+    shutdown_timeout:
+        Seconds :meth:`close` spends delivering the final departure announcements to clients
+        that are slow to read.
+    raise_fd_limit:
+        Raise this process's RLIMIT_NOFILE soft limit to its hard limit when the server starts.
+    """
+
+    def __init__(
+        self,
+        socket_path: Union[str, os.PathLike] = DEFAULT_SOCKET,
+        *,
+        shm_name: Optional[str] = None,
+        shm_path: Optional[Union[str, os.PathLike]] = None,
+        shm_dir: Optional[Union[str, os.PathLike]] = None,
+        shm_fd: Optional[int] = None,
+        memfd: bool = False,
+        size: Union[int, str] = DEFAULT_SIZE,
+        vectors: int = DEFAULT_VECTORS,
+        mode: int = DEFAULT_MODE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        shutdown_timeout: float = 2.0,
+        raise_fd_limit: bool = True,
+    ):
+        self._closed = False
+        self._listening = False
+        chosen = [
+            k for k, v in (
+                ("shm_name", shm_name), ("shm_path", shm_path), ("shm_dir", shm_dir),
+                ("shm_fd", shm_fd),
+            ) if v is not None
+        ] + (["memfd"] if memfd else [])
+        if len(chosen) > 1:
+            raise ConfigError(f"choose one kind of shared memory, not {' and '.join(chosen)}")
+        self._memory_kind = chosen[0] if chosen else "memfd"
+        if shm_name is not None:
+            if not shm_name or "/" in shm_name.strip("/") or shm_name.strip("/") in (".", ".."):
+                raise ConfigError(
+                    f"invalid shared memory name {shm_name!r}: give a plain name such as "
+                    "'ivshmem' (it becomes /dev/shm/<name>)"
+                )
+            shm_name = shm_name.strip("/")
+        if isinstance(vectors, bool) or not isinstance(vectors, int):
+            raise ConfigError(f"vectors must be an integer, not {vectors!r}")
+        if not 0 <= vectors <= MAX_VECTORS:
+            raise ConfigError(f"too many requested vectors {vectors} (0..{MAX_VECTORS})")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ConfigError(f"max_queue must be a positive integer, not {max_queue!r}")
+        if not isinstance(mode, int) or mode & ~0o7777:
+            raise ConfigError(f"invalid permission mode {mode!r}")
+        self._socket_path = os.fspath(socket_path)
+        if not self._socket_path or len(os.fsencode(self._socket_path)) >= 108:
+            raise ConfigError(
+                f"socket path {self._socket_path!r} is empty or longer than the 107 bytes a "
+                "UNIX socket address holds; choose a shorter path"
+            )
+        self._shm_name = shm_name
+        self._shm_path = os.fspath(shm_path) if shm_path is not None else None
+        self._shm_dir = os.fspath(shm_dir) if shm_dir is not None else None
+        self._shm_fd_arg = shm_fd
+        self._requested_size = parse_qemu_size(size)
+        self._size = round_up_pow2(self._requested_size)
+        self._vectors = vectors
+        self._mode = mode
+        self._max_queue = max_queue
+        self._shutdown_timeout = float(shutdown_timeout)
+        self._raise_fd_limit = raise_fd_limit
+
+        self._ffi, self._lib = _load_ffi()
+        self._done = self._ffi.new("unsigned *")
+        self._efd = self._ffi.new("int *")
+
+        self._shm: Optional[_Fd] = None
+        self._listener: Optional[socket.socket] = None
+        self._socket_id: Optional[Tuple[int, int]] = None
+        self._sel: Optional[selectors.BaseSelector] = None
+        self._wake_r = -1
+        self._wake_w = -1
+        self._clients: Dict[int, _Client] = {}        # by peer id, in connection order
+        self._next_id = 0
+        self._dirty: Set[_Client] = set()
+        self._overflow: List[_Client] = []
+        self._retry: Set[_Client] = set()
+        self._accept_paused_until = 0.0
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._running = False
+        self._loop_ident: Optional[int] = None
+        self._shutting_down = False
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._peer_ids: Tuple[int, ...] = ()
+        self._stats = {
+            "accepted": 0,
+            "disconnected": 0,
+            "dropped_overflow": 0,
+            "setup_failures": 0,
+            "messages_sent": 0,
+            "max_queue_seen": 0,
+        }
+
+    # ---------------------------------------------------------------- public properties
+    @property
+    def socket_path(self) -> str:
+        return self._socket_path
+
+    @property
+    def size(self) -> int:
+        """The shared memory size in bytes (a power of two)."""
+        return self._size
+
+    @property
+    def vectors(self) -> int:
+        return self._vectors
+
+    @property
+    def peers(self) -> Tuple[int, ...]:
+        """Ids of the connected peers, in connection order (a snapshot)."""
+        return self._peer_ids
+
+    @property
+    def shm_fd(self) -> int:
+        """The shared memory file descriptor (owned by the server; dup it to keep it)."""
+        self._check_open()
+        if self._shm is None:
+            raise ClosedError("the server has not opened its memory yet: call listen() or start()")
+        return self._shm.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Counters: accepted, disconnected, dropped_overflow, setup_failures, messages_sent,
+        max_queue_seen (longest queue any client had waiting in the server)."""
+        return dict(self._stats)
+
+    def wait_until(
+        self, predicate: Callable[[Tuple[int, ...]], bool], timeout: Optional[float] = None
+    ) -> bool:
+        """Wait until ``predicate(peers)`` holds; False if ``timeout`` seconds passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self._peer_ids), timeout)
+
+    # ---------------------------------------------------------------- lifecycle
+    def listen(self) -> "Server":
+        """Open the memory and bind the socket (done by start() and serve_forever())."""
+        self._check_open()
+        if self._listening:
+            return self
+        try:
+            if self._raise_fd_limit:
+                _raise_nofile_limit()
+            self._shm = _Fd(self._open_memory())
+            self._sel = selectors.DefaultSelector()
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._listener = self._bind()
+            self._sel.register(self._listener, selectors.EVENT_READ, "listen")
+        except BaseException:
+            self._release_all()
+            self._closed = True
+            raise
+        self._listening = True
+        log.info(
+            "listening on %s: %d bytes of shared memory, %d vector(s)",
+            self._socket_path, self._size, self._vectors,
+        )
+        return self
+
+    def start(self) -> "Server":
+        """Listen and run the server loop in a background (daemon) thread."""
+        self._check_open()
+        if self._thread is not None:
+            return self
+        self.listen()
+        self._running = True
+        _live_servers.add(self)
+        self._thread = threading.Thread(
+            target=self._run, name=f"ivshmem-server {self._socket_path}", daemon=True
+        )
+        self._thread.start()
+        self._loop_ident = self._thread.ident
+        return self
+
+    def serve_forever(self, handle_signals: bool = False) -> None:
+        """Listen and run the server loop in this thread until :meth:`stop` (or, with
+        ``handle_signals``, SIGTERM/SIGINT) ends it; then shut down cleanly."""
+        self._check_open()
+        if self._running:
+            raise ConfigError("this server is already running")
+        self.listen()
+        self._running = True
+        self._loop_ident = threading.get_ident()
+        old = {}
+        if handle_signals:
+            def on_signal(signum, frame):
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                self._request_stop()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, on_signal)
+        try:
+            self._run()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        """Stop serving: every peer is told of every other's departure, the socket path is
+        unlinked, everything is closed. Idempotent; same as :meth:`close`."""
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._running:
+            self._request_stop()
+            if self._loop_ident == threading.get_ident():
+                return          # called from inside the loop (a signal handler): it finishes
+            self._finished.wait()
+            if self._thread is not None:
+                self._thread.join()
+            return
+        # never ran a loop: release directly
+        self._closed = True
+        self._release_all()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        if getattr(self, "_listening", False):
+            warnings.warn(
+                f"unclosed ivshmem server on {self._socket_path}", ResourceWarning, stacklevel=2
+            )
+        try:
+            self._closed = True
+            self._release_all()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self.running else "idle")
+        return (
+            f"<pyivshmem.Server {self._socket_path!r} size={self._size} "
+            f"vectors={self._vectors} peers={len(self._peer_ids)} {state}>"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"the ivshmem server on {self._socket_path} is closed")
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    # ---------------------------------------------------------------- memory and socket
+    def _open_memory(self) -> int:
+        kind = self._memory_kind
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if kind == "memfd":
+            fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC)
+            where = "a memfd"
+        elif kind == "shm_fd":
+            fd = os.dup(self._shm_fd_arg)  # type: ignore[arg-type]
+            os.set_inheritable(fd, False)
+            where = f"fd {self._shm_fd_arg}"
+        elif kind == "shm_dir":
+            try:
+                fd, tmp = tempfile.mkstemp(prefix="ivshmem.", dir=self._shm_dir)
+            except OSError as exc:
+                raise _path_error(exc, "cannot create a file in directory", self._shm_dir) from exc
+            os.unlink(tmp)
+            where = f"an unlinked file in {self._shm_dir}"
+            if self._mode != 0o600:
+                os.fchmod(fd, self._mode)
+        else:
+            if kind == "shm_name":
+                assert self._shm_name is not None
+                path = os.path.join(_SHM_DIR, self._shm_name)
+            else:
+                assert self._shm_path is not None
+                path = self._shm_path
+            try:
+                try:
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self._mode)
+                    created = True
+                except FileExistsError:
+                    fd = os.open(path, flags | os.O_NOFOLLOW)
+                    created = False
+            except OSError as exc:
+                raise _path_error(exc, "cannot open the shared memory file", path) from exc
+            if created:
+                os.fchmod(fd, self._mode)       # exactly the mode asked, whatever the umask
+            where = path
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
+        try:
+            self._size_memory(fd, where)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _size_memory(self, fd: int, where: str) -> None:
+        size = self._size
+        if os.fstat(fd).st_size == size:
+            return
+        while True:
+            try:
+                os.ftruncate(fd, size)
+                break
+            except OSError as exc:
+                # hugetlbfs only takes multiples of its page size: try the next powers of two
+                if exc.errno == errno.EINVAL and size < (1 << 30):
+                    size <<= 1
+                    continue
+                raise OSError(
+                    exc.errno,
+                    f"cannot size the shared memory ({where}) to {self._size} bytes: "
+                    f"{os.strerror(exc.errno or 0)}",
+                ) from exc
+        if size != self._size:
+            log.warning("%s only accepted a size of %d bytes (asked %d)", where, size, self._size)
+            self._size = size
+
+    def _bind(self) -> socket.socket:
+        path = self._socket_path
+        _clear_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # the mode of a socket's inode is applied to the file bind() creates: no window in
+            # which the socket is more open than asked (umask can only narrow it further)
+            os.fchmod(sock.fileno(), self._mode)
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"{path} appeared while the server was starting (another server?); "
+                        "stop it or choose another socket path (-S)"
+                    ) from exc
+                raise _path_error(exc, "cannot bind the socket", path) from exc
+            st = os.lstat(path)
+            self._socket_id = (st.st_dev, st.st_ino)
+            if stat.S_IMODE(st.st_mode) != self._mode and stat.S_ISSOCK(st.st_mode):
+                os.chmod(path, self._mode)    # the umask narrowed it
+            sock.listen(4096)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            if self._socket_id is not None:
+                self._unlink_socket()
+            raise
+        return sock
+
+    def _unlink_socket(self) -> None:
+        """Remove the socket path, only if it still is the socket this server created."""
+        if self._socket_id is None:
+            return
+        try:
+            st = os.lstat(self._socket_path)
+            if (st.st_dev, st.st_ino) == self._socket_id:
+                os.unlink(self._socket_path)
+        except OSError:
+            pass
+        self._socket_id = None
+
+    # ---------------------------------------------------------------- the loop
+    def _run(self) -> None:
+        try:
+            try:
+                self._loop()
+            except BaseException:
+                log.exception("ivshmem server loop failed; shutting down")
+                raise
+            finally:
+                self._shutdown()
+        finally:
+            self._closed = True
+            self._running = False
+            _live_servers.discard(self)
+            self._finished.set()
+
+    def _loop(self) -> None:
+        sel = self._sel
+        assert sel is not None
+        while not self._stop.is_set():
+            timeout: Optional[float] = None
+            if self._retry:
+                timeout = _RETRY_INTERVAL
+            if self._accept_paused_until:
+                left = self._accept_paused_until - time.monotonic()
+                if left <= 0:
+                    self._resume_accept()
+                else:
+                    timeout = left if timeout is None else min(timeout, left)
+            events = sel.select(timeout)
+            for key, mask in events:
+                tag = key.data
+                if tag == "listen":
+                    self._accept()
+                elif tag == "wake":
+                    _drain(self._wake_r)
+                else:
+                    client: _Client = tag
+                    if client.dead:
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        # clients never write: data, EOF, a half-close or an error all mean
+                        # this client is gone
+                        self._disconnect(client, "closed its socket or sent data")
+                    elif mask & selectors.EVENT_WRITE:
+                        self._dirty.add(client)
+            if self._retry:
+                for client in self._retry:
+                    client.retry = False
+                    self._dirty.add(client)
+                self._retry.clear()
+            self._flush_dirty()
+
+    def _flush_dirty(self) -> None:
+        while self._dirty or self._overflow:
+            while self._overflow:
+                client = self._overflow.pop()
+                if not client.dead:
+                    self._stats["dropped_overflow"] += 1
+                    log.warning(
+                        "peer %d does not read its socket: %d messages waiting (limit %d); "
+                        "disconnecting it", client.id, len(client.queue), client.limit,
+                    )
+                    self._disconnect(client, "queue limit exceeded")
+            if self._dirty:
+                dirty, self._dirty = self._dirty, set()
+                for client in dirty:
+                    if not client.dead:
+                        self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        queue = client.queue
+        send = self._lib.ivshm_server_send_msg
+        done = self._done
+        sent = 0
+        rc = 0
+        while queue:
+            value, ref = queue[0]
+            done[0] = client.done
+            rc = send(client.fileno, value, ref.fd if ref is not None else -1, done)
+            if rc != 0:
+                client.done = done[0]
+                break
+            queue.popleft()
+            client.done = 0
+            sent += 1
+            if ref is not None:
+                ref.release()
+        self._stats["messages_sent"] += sent
+        if rc == 0:
+            self._set_writing(client, False)
+            return
+        if rc == -errno.EAGAIN:
+            self._set_writing(client, True)
+        elif rc in (-errno.ETOOMANYREFS, -errno.ENOBUFS, -errno.ENOMEM):
+            # the kernel refuses for now (too many fds in flight for this user, or memory):
+            # keep the message and retry shortly; the queue bound still applies
+            if not client.retry:
+                log.warning(
+                    "sending to peer %d: %s; will retry", client.id, os.strerror(-rc)
+                )
+                client.retry = True
+                self._retry.add(client)
+            self._set_writing(client, False)
+        else:
+            self._disconnect(client, f"send failed: {os.strerror(-rc)}")
+            return
+        # the bound applies to what the client leaves unread, not to a burst being delivered
+        if len(queue) > client.limit and client not in self._overflow:
+            self._overflow.append(client)
+
+    def _set_writing(self, client: _Client, on: bool) -> None:
+        if client.writing == on or client.dead:
+            return
+        client.writing = on
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        self._sel.modify(client.sock, events, client)  # type: ignore[union-attr]
+
+    def _enqueue(self, client: _Client, value: int, ref: Optional[_Fd]) -> None:
+        if client.dead:
+            return
+        client.queue.append((value, ref.acquire() if ref is not None else None))
+        self._dirty.add(client)
+        n = len(client.queue)
+        if n > self._stats["max_queue_seen"]:
+            self._stats["max_queue_seen"] = n
+
+    # ---------------------------------------------------------------- connections
+    def _pause_accept(self) -> None:
+        if self._accept_paused_until or self._listener is None:
+            return
+        self._sel.unregister(self._listener)  # type: ignore[union-attr]
+        self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+
+    def _resume_accept(self) -> None:
+        self._accept_paused_until = 0.0
+        if self._listener is not None:
+            self._sel.register(self._listener, selectors.EVENT_READ, "listen")  # type: ignore
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept a connection: %s; pausing briefly", exc.strerror)
+                    self._pause_accept()
+                    return
+                log.debug("accept failed: %s", exc)     # ECONNABORTED and the like
+                continue
+            self._stats["accepted"] += 1
+            try:
+                self._new_client(conn)
+            except Exception as exc:  # never let one connection stop the server
+                self._stats["setup_failures"] += 1
+                log.warning("could not set up a new connection: %s", exc)
+                conn.close()
+
+    def _allocate_id(self) -> Optional[int]:
+        for _ in range(MAX_PEER_ID + 1):
+            candidate = self._next_id
+            self._next_id = (self._next_id + 1) & MAX_PEER_ID
+            if candidate not in self._clients:
+                return candidate
+        return None
+
+    def _new_client(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        peer_id = self._allocate_id()
+        if peer_id is None:
+            self._stats["setup_failures"] += 1
+            log.warning("all %d peer ids are in use; refusing a connection", MAX_PEER_ID + 1)
+            conn.close()
+            return
+        vectors: List[_Fd] = []
+        try:
+            for _ in range(self._vectors):
+                rc = self._lib.ivshm_server_eventfd(self._efd)
+                if rc < 0:
+                    raise OSError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
+                vectors.append(_Fd(self._efd[0]))
+        except BaseException:
+            for ref in vectors:
+                ref.release()
+            raise
+        others = list(self._clients.values())
+        burst = 3 + self._vectors * (len(others) + 1)
+        client = _Client(peer_id, conn, vectors, self._max_queue + burst)
+        try:
+            self._sel.register(conn, selectors.EVENT_READ, client)  # type: ignore[union-attr]
+        except BaseException:
+            for ref in vectors:
+                ref.release()
+            raise
+        self._clients[peer_id] = client
+        # IVSHMEM.md section 2, steps 1-6, in this order
+        self._enqueue(client, PROTOCOL_VERSION, None)
+        self._enqueue(client, peer_id, None)
+        self._enqueue(client, -1, self._shm)
+        for other in others:
+            for ref in vectors:
+                self._enqueue(other, peer_id, ref)
+        for other in others:
+            for ref in other.vectors:
+                self._enqueue(client, other.id, ref)
+        for ref in vectors:
+            self._enqueue(client, peer_id, ref)
+        self._peers_changed()
+        log.debug("peer %d connected (%d peers)", peer_id, len(self._clients))
+
+    def _disconnect(self, client: _Client, reason: str, announce: bool = True) -> None:
+        if client.dead:
+            return
+        client.dead = True
+        self._stats["disconnected"] += 1
+        self._clients.pop(client.id, None)
+        self._dirty.discard(client)
+        self._retry.discard(client)
+        try:
+            self._sel.unregister(client.sock)  # type: ignore[union-attr]
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        while client.queue:
+            _value, ref = client.queue.popleft()
+            if ref is not None:
+                ref.release()
+        if announce and not self._shutting_down:
+            for other in self._clients.values():
+                self._enqueue(other, client.id, None)
+        for ref in client.vectors:
+            ref.release()
+        client.vectors = []
+        self._peers_changed()
+        log.debug("peer %d disconnected: %s (%d peers)", client.id, reason, len(self._clients))
+
+    def _peers_changed(self) -> None:
+        with self._changed:
+            self._peer_ids = tuple(self._clients)
+            self._changed.notify_all()
+
+    # ---------------------------------------------------------------- shutdown
+    def _shutdown(self) -> None:
+        """Stop accepting, tell every peer of every other's departure, deliver that within
+        shutdown_timeout, close everything."""
+        sel = self._sel
+        if self._listener is not None and sel is not None:
+            if not self._accept_paused_until:
+                sel.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        self._unlink_socket()
+        self._shutting_down = True
+        clients = list(self._clients.values())
+        for client in clients:
+            client.limit = 1 << 62   # no drops now: everyone gets the final news if it reads
+        for client in clients:
+            for other in clients:
+                if other is not client:
+                    self._enqueue(client, other.id, None)
+        deadline = time.monotonic() + self._shutdown_timeout
+        try:
+            self._flush_dirty()
+            while sel is not None and any(c.queue and not c.dead for c in clients):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for key, mask in sel.select(min(left, _RETRY_INTERVAL) if self._retry else left):
+                    client = key.data
+                    if not isinstance(client, _Client) or client.dead:
+                        if key.data == "wake":
+                            _drain(self._wake_r)
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        self._disconnect(client, "closed during shutdown", announce=False)
+                    else:
+                        self._dirty.add(client)
+                for client in list(self._retry):
+                    client.retry = False
+                    self._dirty.add(client)
+                self._retry.clear()
+                self._flush_dirty()
+        finally:
+            self._release_all()
+
+    def _release_all(self) -> None:
+        for client in list(self._clients.values()):
+            self._disconnect(client, "server shutting down", announce=False)
+        self._clients.clear()
+        self._dirty.clear()
+        self._overflow.clear()
+        self._retry.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._unlink_socket()
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self._shm is not None:
+            self._shm.release()
+            self._shm = None
+        self._listening = False
+        self._peers_changed()
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+_live_servers: "weakref.WeakSet[Server]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_servers() -> None:
+    """Background servers still running at interpreter exit shut down cleanly (announcements
+    delivered, socket unlinked) instead of dying with their daemon thread."""
+    for server in list(_live_servers):
+        try:
+            server.close()
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _path_error(exc: OSError, what: str, path) -> Exception:
+    if isinstance(exc, PermissionError):
+        return PermissionError(
+            exc.errno, f"{what} {path}: permission denied (check its owner and mode, or run "
+            "as a user allowed to write there)"
+        )
+    if exc.errno == errno.ELOOP:
+        return ConfigError(f"{what} {path}: it is a symbolic link, which the server never follows")
+    return OSError(exc.errno, f"{what} {path}: {exc.strerror}")
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file nobody accepts on; refuse anything else at that path."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
+        raise ConfigError(
+            f"{path} exists and is {kind}; remove it or choose another socket path (-S)"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        log.info("replacing stale socket file %s (nobody accepts on it)", path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    except FileNotFoundError:
+        return
+    except (BlockingIOError, InterruptedError):
+        pass   # a listener with a full backlog: alive
+    except PermissionError as exc:
+        raise PermissionError(
+            exc.errno, f"cannot check whether {path} is in use: permission denied"
+        ) from exc
+    finally:
+        probe.close()
+    raise ConfigError(
+        f"{path} is in use: a server accepts connections on it; stop that server or choose "
+        "another socket path (-S)"
+    )
+
+
+def _raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.debug("raised the open-file limit from %d to %d", soft, target)
+    except (ValueError, OSError) as exc:
+        log.debug("could not raise the open-file limit: %s", exc)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+_PROG = "pyivshmem-server"
+_USAGE = (
+    f"usage: {_PROG} [-h] [-v] [-F] [-p pidfile] [-S socket] [-M shm-name | -m dir] "
+    "[-l size] [-n vectors] [--mode octal] [--max-queue n]"
+)
+_HELP = f"""{_USAGE}
+
+ivshmem server: hands shared memory and doorbell eventfds to QEMU ivshmem-doorbell devices
+and pyivshmem peers (QEMU ivshmem-server compatible).
+
+  -h, --help      show this help and exit
+  -v              verbose (debug) logging; needs -F
+  -F              stay in the foreground (default: daemonize and write the pidfile)
+  -p pidfile      pidfile in daemon mode (default {DEFAULT_PIDFILE})
+  -S socket       UNIX socket path (default {DEFAULT_SOCKET})
+  -M shm-name     POSIX shared memory name, /dev/shm/<name>, never unlinked
+                  (default {DEFAULT_SHM_NAME})
+  -m dir          an unnamed temporary file in dir instead (e.g. a hugetlbfs mount)
+  -l size         shared memory size, bytes or K/M/G/T suffix, rounded up to a power of two
+                  (default 4M)
+  -n vectors      interrupt vectors per peer, 0..{MAX_VECTORS} (default {DEFAULT_VECTORS})
+  --mode octal    permissions of the socket and created files (default {DEFAULT_MODE:04o})
+  --max-queue n   messages a client may leave unread before it is disconnected
+                  (default {DEFAULT_MAX_QUEUE}, on top of its own start-up messages)
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parse_int(text: str, what: str) -> int:
+    t = text.strip()
+    try:
+        if re.fullmatch(r"0[0-7]+", t):
+            return int(t, 8)
+        return int(t, 0)
+    except ValueError:
+        raise _UsageError(f"cannot parse {what} {text!r}: expected an integer") from None
+
+
+def _parse_args(argv: Sequence[str]) -> dict:
+    try:
+        opts, rest = getopt.getopt(list(argv), "hvFp:S:m:M:l:n:", ["help", "mode=", "max-queue="])
+    except getopt.GetoptError as exc:
+        raise _UsageError(str(exc)) from None
+    if rest:
+        raise _UsageError(f"unexpected argument {rest[0]!r}")
+    args = {
+        "help": False, "verbose": False, "foreground": False, "pidfile": DEFAULT_PIDFILE,
+        "socket": DEFAULT_SOCKET, "shm_name": DEFAULT_SHM_NAME, "shm_dir": None,
+        "size": DEFAULT_SIZE, "vectors": DEFAULT_VECTORS, "mode": DEFAULT_MODE,
+        "max_queue": DEFAULT_MAX_QUEUE,
+    }
+    for opt, val in opts:
+        if opt in ("-h", "--help"):
+            args["help"] = True
+        elif opt == "-v":
+            args["verbose"] = True
+        elif opt == "-F":
+            args["foreground"] = True
+        elif opt == "-p":
+            args["pidfile"] = val
+        elif opt == "-S":
+            args["socket"] = val
+        elif opt == "-M":       # the last of -M/-m wins, as in QEMU
+            args["shm_name"], args["shm_dir"] = val, None
+        elif opt == "-m":
+            args["shm_name"], args["shm_dir"] = None, val
+        elif opt == "-l":
+            try:
+                args["size"] = round_up_pow2(parse_qemu_size(val))
+            except ConfigError as exc:
+                raise _UsageError(str(exc)) from None
+        elif opt == "-n":
+            n = _parse_int(val, "the number of vectors")
+            if not 0 <= n <= MAX_VECTORS:
+                raise _UsageError(f"too many requested vectors {n} (max is {MAX_VECTORS})")
+            args["vectors"] = n
+        elif opt == "--mode":
+            m = _parse_int(val if val.startswith("0") else "0" + val, "the mode")
+            if m & ~0o7777:
+                raise _UsageError(f"invalid mode {val!r}")
+            args["mode"] = m
+        elif opt == "--max-queue":
+            q = _parse_int(val, "the queue limit")
+            if q < 1:
+                raise _UsageError("--max-queue must be at least 1")
+            args["max_queue"] = q
+    if args["verbose"] and not args["foreground"] and not args["help"]:
+        raise _UsageError("cannot use verbose in daemon mode: add -F")
+    return args
+
+
+def _daemonize(pidfile: str) -> Optional[int]:
+    """Fork into the background. Returns None in the daemon; in the original process, the exit
+    status to leave with (0 once the daemon wrote its pidfile)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        chunks = []
+        while True:
+            data = os.read(r, 4096)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(r)
+        os.waitpid(pid, 0)
+        report = b"".join(chunks).decode(errors="replace")
+        if report.startswith("ok"):
+            return 0
+        print(f"{_PROG}: {report or 'the daemon exited during start-up'}", file=sys.stderr)
+        return 1
+    # first child
+    os.close(r)
+    try:
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        # the daemon
+        try:
+            fd = os.open(
+                pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            os.write(w, f"cannot write pid file {pidfile}: {exc.strerror}".encode())
+            os._exit(1)
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)
+        os.close(null)
+        os.write(w, b"ok")
+        os.close(w)
+        return None
+    except BaseException:
+        os._exit(1)
+
+
+def _remove_pidfile(pidfile: str) -> None:
+    try:
+        with open(pidfile) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(pidfile)
+    except OSError:
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`pyivshmem-server` / `pyivshmem server`: QEMU ivshmem-server's flags and defaults.
+
+    Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the server could not start,
+    2 for bad flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse_args(argv)
+    except _UsageError as exc:
+        print(f"{_PROG}: {exc}\n{_USAGE}\n(-h for help)", file=sys.stderr)
+        return 2
+    if args["help"]:
+        print(_HELP)
+        return 0
+    handler: logging.Handler
+    if args["foreground"]:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{_PROG}: %(levelname)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args["verbose"] else logging.WARNING)
+    log.propagate = False
+    try:
+        try:
+            server = Server(
+                args["socket"],
+                shm_name=args["shm_name"],
+                shm_dir=args["shm_dir"],
+                size=args["size"],
+                vectors=args["vectors"],
+                mode=args["mode"],
+                max_queue=args["max_queue"],
+            )
+            server.listen()
+        except (OSError, ValueError) as exc:
+            print(f"{_PROG}: {exc}", file=sys.stderr)
+            return 1
+        if not args["foreground"]:
+            status = _daemonize(args["pidfile"])
+            if status is not None:
+                os._exit(status)    # the original process: leave the server to the daemon
+            handler = _use_syslog(handler)
+        try:
+            server.serve_forever(handle_signals=True)
+        finally:
+            if not args["foreground"]:
+                _remove_pidfile(args["pidfile"])
+        return 0
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+
+
+def _use_syslog(old: logging.Handler) -> logging.Handler:
+    """In daemon mode, warnings go to syslog when there is one."""
+    if not os.path.exists("/dev/log"):
+        return old
+    import logging.handlers
+
+    try:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return old
+    handler.setFormatter(logging.Formatter(f"{_PROG}[%(process)d]: %(message)s"))
+    log.removeHandler(old)
+    log.addHandler(handler)
+    return handler
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The server against misbehaving clients: data, half-closes, floods, churn, fd exhaustion.
+
+A bad client may only ever cost itself its connection; well-behaved peers keep receiving every
+announcement in order, and the server's open file descriptors return to their start value.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Tuple
+
+import pytest
+
+from pyivshmem.server import Server
+
+from test_server import RawClient, _env, _stop, _wait_for, join, open_fd_count
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "ivshmem.sock")
+
+
+@pytest.fixture(autouse=True)
+def _nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+
+
+def _settle_fds(start: int, server: Server, timeout: float = 30.0) -> int:
+    """Wait until the process holds `start` fds again (the server closes asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = open_fd_count()
+        if now == start or time.monotonic() > deadline:
+            return now
+        time.sleep(0.02)
+
+
+class Watcher:
+    """A well-behaved peer that reads everything in a thread and records (id, has_fd)."""
+
+    def __init__(self, path: str, vectors: int):
+        self.client = RawClient(path)
+        self.id, _ = self.client.handshake()
+        assert join(self.client, vectors)[0] == self.id
+        self.client.drop_fds()
+        self.events: List[Tuple[int, bool]] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                value, fd = self.client.recv()
+                if fd is not None:
+                    os.close(fd)
+                    self.client.fds.remove(fd)
+                self.events.append((value, fd is not None))
+        except EOFError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported by check()
+            self.error = exc
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> None:
+        _wait_for(lambda: predicate(self.events) or self.error is not None, timeout, "watcher")
+        assert self.error is None, self.error
+
+    def close(self) -> None:
+        self.client.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(30)
+        self.client.close()
+
+
+def _check_join_leave_pairs(events: List[Tuple[int, bool]], vectors: int) -> List[int]:
+    """Every peer joins with `vectors` consecutive messages carrying fds, leaves exactly once
+    afterwards (no fd); peers join in increasing id order. Returns the ids in join order."""
+    ids: List[int] = []
+    present = set()
+    i = 0
+    while i < len(events):
+        peer, has_fd = events[i]
+        if has_fd:
+            assert events[i:i + vectors] == [(peer, True)] * vectors, events[i:i + vectors + 1]
+            assert peer not in present and (not ids or peer > ids[-1]), (peer, ids[-1:])
+            present.add(peer)
+            ids.append(peer)
+            i += vectors
+        else:
+            assert peer in present, f"departure of {peer}, which never joined"
+            present.remove(peer)
+            i += 1
+    assert not present, f"peers that never left: {sorted(present)[:10]}"
+    return ids
+
+
+@pytest.mark.timeout(120)
+def test_client_sending_data_or_half_closing_is_dropped_alone(sock_path):
+    with Server(sock_path, size=4096, vectors=2) as server:
+        good = RawClient(sock_path)
+        try:
+            assert good.handshake()[0] == 0
+            assert join(good, 2)[0] == 0
+            behaviours = {
+                "writes data": lambda s: s.sendall(b"hello, server"),
+                "half-closes": lambda s: s.shutdown(socket.SHUT_WR),
+                "sends an fd": lambda s: s.sendmsg(
+                    [b"x" * 8], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0]))]
+                ),
+                "writes one byte": lambda s: s.send(b"\0"),
+            }
+            for n, (what, act) in enumerate(behaviours.items(), start=1):
+                bad = RawClient(sock_path)
+                assert bad.handshake()[0] == n, what
+                assert join(good, 2)[0] == n
+                act(bad.sock)
+                assert good.recv_nofd() == n, f"departure of a client that {what}"
+                bad.expect_eof()
+                bad.close()
+            # the good client is still served normally
+            with RawClient(sock_path) as late:
+                late_id = late.handshake()[0]
+                assert [join(late, 2)[0] for _ in range(2)] == [0, late_id]
+            assert join(good, 2)[0] == late_id
+            assert good.recv_nofd() == late_id
+            assert server.running
+        finally:
+            good.close()
+
+
+@pytest.mark.timeout(120)
+def test_client_shutting_its_read_side_is_dropped(sock_path):
+    with Server(sock_path, size=4096) as server:
+        good = RawClient(sock_path)
+        try:
+            good.handshake()
+            join(good, 1)
+            deaf = RawClient(sock_path)
+            deaf.handshake()
+            join(deaf, 1)
+            assert join(good, 1)[0] == 1
+            deaf.sock.shutdown(socket.SHUT_RD)
+            # the next announcement to it fails: it is dropped, and its departure announced
+            with RawClient(sock_path) as c:
+                c.handshake()
+            events = [good.recv() for _ in range(3)]
+            ids = [(v, fd is not None) for v, fd in events]
+            assert (1, False) in ids and (2, True) in ids
+            assert server.wait_until(lambda p: 1 not in p, 10)
+            deaf.close()
+        finally:
+            good.close()
+
+
+@pytest.mark.timeout(180)
+def test_connect_and_close_immediately_many_times(sock_path):
+    with Server(sock_path, size=4096, vectors=3) as server:
+        start = open_fd_count()
+        watcher = Watcher(sock_path, 3)
+        try:
+            n = 500
+            for i in range(n):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(sock_path)
+                if i % 2:
+                    s.recv(4)           # read half a message, then go
+                s.close()
+            watcher.wait_for(lambda ev: len(ev) == 4 * n)
+            ids = _check_join_leave_pairs(watcher.events, 3)
+            assert ids == list(range(1, n + 1))
+            assert server.wait_until(lambda p: p == (watcher.id,), 10)
+        finally:
+            watcher.close()
+        assert server.wait_until(lambda p: p == (), 10)
+        assert _settle_fds(start, server) == start
+
+
+@pytest.mark.timeout(600)
+def test_churn_10000_cycles_no_fd_leak(sock_path):
+    cycles = 10_000
+    vectors = 2
+    with Server(sock_path, size=4096, vectors=vectors, max_queue=10**6) as server:
+        start = open_fd_count()
+        watcher = Watcher(sock_path, vectors)
+        try:
+            for i in range(cycles):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(30)
+                s.connect(sock_path)
+                kind = i % 3
+                if kind == 1:        # read the first message
+                    assert s.recv(8, socket.MSG_WAITALL) == bytes(8)
+                elif kind == 2:      # read the start-up messages with their fds, then leave
+                    c = RawClient.__new__(RawClient)
+                    c.sock, c.fds = s, []
+                    c.handshake()
+                    for _ in range(2):
+                        join(c, vectors)
+                    c.drop_fds()
+                s.close()
+            watcher.wait_for(lambda ev: len(ev) >= (vectors + 1) * cycles, timeout=300)
+            ids = _check_join_leave_pairs(watcher.events, vectors)
+            assert ids == list(range(1, cycles + 1))
+            assert server.wait_until(lambda p: p == (watcher.id,), 30)
+        finally:
+            watcher.close()
+        assert server.wait_until(lambda p: p == (), 10)
+        assert _settle_fds(start, server) == start
+        stats = server.stats
+        assert stats["accepted"] == cycles + 1 and stats["disconnected"] == cycles + 1
+
+
+@pytest.mark.timeout(300)
+def test_flood_of_idle_clients_then_everyone_leaves(sock_path):
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4 * n + 200:
+        pytest.skip(f"needs RLIMIT_NOFILE >= {4 * n + 200}, hard limit is {hard}")
+    with Server(sock_path, size=4096, vectors=1) as server:
+        start = open_fd_count()
+        good = RawClient(sock_path)
+        good.handshake()
+        join(good, 1)
+        idle: List[socket.socket] = []
+        try:
+            for i in range(n):         # connect and never read
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(sock_path)
+                idle.append(s)
+                if i % 100 == 99:
+                    for _ in range(100):
+                        join(good, 1)
+                    good.drop_fds()
+            assert server.wait_until(lambda p: len(p) == n + 1, 60)
+            for s in idle:
+                s.close()
+            left = sorted(good.recv_nofd() for _ in range(n))
+            assert left == list(range(1, n + 1))
+            with RawClient(sock_path) as late:
+                late_id = late.handshake()[0]
+                assert [join(late, 1)[0] for _ in range(2)] == [0, late_id]
+        finally:
+            for s in idle:
+                s.close()
+            good.close()
+        assert server.wait_until(lambda p: p == (), 10)
+        assert _settle_fds(start, server) == start
+        # bounded memory: nothing is left queued for anyone
+        assert server.stats["dropped_overflow"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_many_non_readers_are_dropped_and_the_server_survives(sock_path):
+    with Server(sock_path, size=4096, vectors=4, max_queue=20) as server:
+        start = open_fd_count()
+        deaf: List[socket.socket] = []
+        try:
+            for _ in range(20):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(sock_path)
+                deaf.append(s)
+            for _ in range(300):     # churn generates announcements nobody reads
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(sock_path)
+            # the deaf clients never closed their sockets: the server dropped them
+            _wait_for(
+                lambda: server.stats["accepted"] == 320 and server.peers == (), 60,
+                "every client dropped or gone",
+            )
+            assert server.stats["dropped_overflow"] >= 20
+            with RawClient(sock_path) as c:
+                my_id, _ = c.handshake()
+                assert join(c, 4)[0] == my_id
+        finally:
+            for s in deaf:
+                s.close()
+        assert server.wait_until(lambda p: p == (), 10)
+        assert _settle_fds(start, server) == start
+
+
+@pytest.mark.timeout(180)
+def test_fd_exhaustion_does_not_stop_the_server(sock_path, tmp_path):
+    """A server out of file descriptors refuses connections, then serves again."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyivshmem", "server", "-F", "-S", sock_path, "-m", str(tmp_path),
+         "-l", "4K", "-n", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        _wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="socket")
+        assert proc.poll() is None, proc.stderr.read()
+        with RawClient(sock_path) as c:
+            assert c.handshake()[0] == 0
+        base = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        # room for a few connections only: accept() or eventfd() will fail with EMFILE
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (base + 7, hard))
+        held: List[socket.socket] = []
+        try:
+            for _ in range(12):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(10)
+                s.connect(sock_path)     # the kernel's backlog accepts; the server may not
+                held.append(s)
+            # some got served, the rest were refused (EOF) or wait in the backlog
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.stderr.read()
+            for s in held:
+                s.close()
+            held = []
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+            with RawClient(sock_path) as c:
+                my_id, shm = c.handshake()
+                assert os.fstat(shm).st_size == 4096
+                assert join(c, 4)[0] == my_id
+        finally:
+            for s in held:
+                s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "Too many open files" in err or "eventfd" in err, err
+    finally:
+        _stop(proc)
+
+
+class _RefusingLib:
+    """Wraps the C send side: the kernel refuses the first `fail` sends that carry an fd
+    (ETOOMANYREFS: too many fds in flight for this user), as it does for unprivileged servers
+    whose clients do not read."""
+
+    def __init__(self, lib, fail: int):
+        self._lib = lib
+        self.fail = fail
+
+    def ivshm_server_send_msg(self, sock, value, fd, done):
+        if fd >= 0 and self.fail > 0:
+            self.fail -= 1
+            return -errno.ETOOMANYREFS
+        return self._lib.ivshm_server_send_msg(sock, value, fd, done)
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+
+@pytest.mark.timeout(120)
+def test_kernel_refusing_fds_for_a_while_loses_nothing(sock_path):
+    server = Server(sock_path, size=4096, vectors=2)
+    refusing = _RefusingLib(server._lib, fail=25)
+    server._lib = refusing      # white-box: inject the kernel's refusal
+    with server:
+        clients = []
+        try:
+            for i in range(4):
+                c = RawClient(sock_path)
+                clients.append(c)
+                assert c.handshake()[0] == i
+                assert [join(c, 2)[0] for _ in range(i + 1)] == list(range(i + 1))
+            for i, c in enumerate(clients):
+                assert [join(c, 2)[0] for _ in range(3 - i)] == list(range(i + 1, 4))
+            assert refusing.fail == 0
+            assert server.stats["dropped_overflow"] == 0
+        finally:
+            for c in clients:
+                c.close()

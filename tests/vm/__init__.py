@@ -1,0 +1,1 @@
+"""Test harness that boots QEMU guests running pyivshmem (see harness.py)."""

@@ -6,7 +6,7 @@
  * the static asserts at the bottom pin every offset the documentation names.
  *
  * Region:  [ header, 4096 bytes ][ ring 0 ][ ring 1 ] ...   (rings are 128-byte aligned)
- * Ring:    [ control block, 384 bytes: info line | producer line | consumer line ][ slots ]
+ * Ring:    [ control block, 640 bytes: info | head | tail | consumer wake | producer wake ][ slots ]
  * Slot:    SPSC: [ u32 len | u32 flags | payload ]   MPMC: [ u64 seq | u32 len | u32 flags | payload ]
  *
  * Nothing in this file is trusted when read from a mapping: see ivshm_region.c and the rings.
@@ -71,8 +71,10 @@ struct ivshm_region_hdr {
 };
 
 /* A ring's control block.  Line 0 is written once by the creator, before the directory entry is
- * published.  Line 1 is written only by producers, line 2 only by consumers, so the two sides
- * never write the same 128-byte pair of cache lines. */
+ * published.  Line 1 is written only by producers (the index), line 2 only by consumers.  Lines 3
+ * and 4 hold the wake-up protocol's state: each is written only when its side goes to sleep (or
+ * by the other side when it clears a flag to ring), so while both sides are awake the check that
+ * follows every publish reads a line that stays in the local cache. */
 struct ivshm_ring_ctrl {
     /* line 0: immutable description, checked against the directory on attach */
     uint64_t magic;          /*   0: IVSHM_RING_MAGIC */
@@ -82,20 +84,24 @@ struct ivshm_ring_ctrl {
     uint32_t stride;         /*  20: bytes from one slot to the next */
     uint64_t generation;     /*  24: the region's generation when the ring was made */
     uint8_t  pad0[IVSHM_LINE - 32];
-    /* line 1: producer side */
+    /* line 1: producer index */
     uint64_t head;           /* 128: SPSC: next index to publish; MPMC: next index to claim */
-    uint32_t prod_waiting;   /* 136: producers asleep on a full ring (wake-up protocol) */
-    uint32_t prod_peer;      /* 140: doorbell routing: ring this peer id ... */
-    uint32_t prod_vector;    /* 144: ... on this vector to wake a producer */
-    uint32_t prod_flags;     /* 148: bit 0: prod_peer/prod_vector are valid */
-    uint8_t  pad1[IVSHM_LINE - 24];
-    /* line 2: consumer side */
+    uint8_t  pad1[IVSHM_LINE - 8];
+    /* line 2: consumer index */
     uint64_t tail;           /* 256: SPSC: next index to consume; MPMC: next index to claim */
-    uint32_t cons_waiting;   /* 264: consumers asleep on an empty ring */
-    uint32_t cons_peer;      /* 268 */
-    uint32_t cons_vector;    /* 272 */
-    uint32_t cons_flags;     /* 276: bit 0: cons_peer/cons_vector are valid */
-    uint8_t  pad2[IVSHM_LINE - 24];
+    uint8_t  pad2[IVSHM_LINE - 8];
+    /* line 3: a sleeping consumer and how to wake it */
+    uint32_t cons_waiting;   /* 384: consumers asleep on an empty ring */
+    uint32_t cons_peer;      /* 388: doorbell route: ring this peer id ... */
+    uint32_t cons_vector;    /* 392: ... on this vector */
+    uint32_t cons_flags;     /* 396: bit 0: cons_peer/cons_vector are valid */
+    uint8_t  pad3[IVSHM_LINE - 16];
+    /* line 4: a sleeping producer and how to wake it */
+    uint32_t prod_waiting;   /* 512: producers asleep on a full ring */
+    uint32_t prod_peer;      /* 516 */
+    uint32_t prod_vector;    /* 520 */
+    uint32_t prod_flags;     /* 524 */
+    uint8_t  pad4[IVSHM_LINE - 16];
 };
 
 #define IVSHM_ROUTE_VALID 1u
@@ -118,11 +124,13 @@ _Static_assert(sizeof(struct ivshm_region_hdr) == IVSHM_HDR_SIZE, "region header
 _Static_assert(offsetof(struct ivshm_region_hdr, rings) == 128, "directory starts at 128");
 _Static_assert(offsetof(struct ivshm_region_hdr, generation) == 24, "generation at 24");
 _Static_assert(offsetof(struct ivshm_region_hdr, lock) == 48, "lock at 48");
-_Static_assert(sizeof(struct ivshm_ring_ctrl) == 3 * IVSHM_LINE, "control block is 384 bytes");
+_Static_assert(sizeof(struct ivshm_ring_ctrl) == 5 * IVSHM_LINE, "control block is 640 bytes");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, head) == IVSHM_LINE, "head on line 1");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, tail) == 2 * IVSHM_LINE, "tail on line 2");
-_Static_assert(offsetof(struct ivshm_ring_ctrl, cons_waiting) == 264, "cons_waiting at 264");
-_Static_assert(offsetof(struct ivshm_ring_ctrl, prod_waiting) == 136, "prod_waiting at 136");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, cons_waiting) == 3 * IVSHM_LINE, "cons_waiting on line 3");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, prod_waiting) == 4 * IVSHM_LINE, "prod_waiting on line 4");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, prod_flags) == 524, "prod_flags at 524");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, cons_flags) == 396, "cons_flags at 396");
 _Static_assert(sizeof(struct ivshm_spsc_slot_hdr) == IVSHM_SPSC_SLOT_HDR, "spsc slot header");
 _Static_assert(sizeof(struct ivshm_mpmc_slot_hdr) == IVSHM_MPMC_SLOT_HDR, "mpmc slot header");
 

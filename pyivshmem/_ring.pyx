@@ -59,6 +59,9 @@ DEFAULT_SPIN = 50e-6
 cdef int _LOCK_WAIT_MS = 2000
 cdef int _FORMAT_WAIT_MS = 2000
 cdef Py_ssize_t _BATCH = 256
+# Batches publish (and release) once, except after messages this large, where letting the other
+# side work on each message at once overlaps the two copies.
+cdef uint64_t _OVERLAP_BYTES = 16384
 
 
 def parse_size(size):
@@ -765,6 +768,8 @@ cdef class SpscRing(_Ring):
                     rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
                     if rc != 0:
                         break
+                    if self._lens[k] >= _OVERLAP_BYTES:
+                        ivshm_spsc_publish(&self._q)  # large: let the consumer start on it now
                     k += 1
                 ivshm_spsc_publish(&self._q)
             done += k
@@ -810,6 +815,8 @@ cdef class SpscRing(_Ring):
                     ivshm_spsc_copy(&self._q, &m, PyBytes_AS_STRING(b))
                 PyList_Append(out, b)
                 ivshm_spsc_advance(&self._q, &m)
+                if m.len >= _OVERLAP_BYTES:
+                    ivshm_spsc_release(&self._q)  # large: hand the slots back to the producer now
                 got += 1
             ivshm_spsc_release(&self._q)
             if rc != 0 and rc != -EAGAIN and got == 0:

@@ -1,0 +1,254 @@
+"""`pyivshmem bench`: pyivshmem against the transports a user would pick instead, in one run.
+
+Runs with nothing but the package installed: it creates its own region in /dev/shm, starts its
+own worker processes (spawned, pinned to different CPUs when there are two) and measures round-trip
+latency, one-way throughput, MPMC throughput and wake-up latency for pyivshmem and for every peer
+that is installed (the others are skipped with a note saying how to install them).  docs/bench.md
+describes every figure and the JSON schema.
+
+Modules: stats (histogram, percentiles), peers (the other transports), scenarios (pyivshmem's
+variants), workers (spawned processes and measuring loops), runner (what runs in which order),
+report (JSON, table, plots).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+__all__ = ["main"]
+
+_EXAMPLES = """\
+examples:
+  pyivshmem bench --quick                      everything, in under a minute
+  pyivshmem bench --json results.json --plot plots/
+  pyivshmem bench --scenarios roundtrip --peers os-pipe,unix-seqpacket
+  pyivshmem bench --list                       which peers are installed here
+"""
+
+
+def _size_list(text: str) -> List[int]:
+    from .. import parse_size
+
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            n = parse_size(part)
+            if n < 8:
+                raise argparse.ArgumentTypeError(f"message size {part!r}: at least 8 bytes")
+            out.append(n)
+    if not out:
+        raise argparse.ArgumentTypeError("no sizes given")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return x
+
+
+def _mpmc_shape(text: str) -> tuple:
+    try:
+        p, c = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mpmc {text!r}: use PxC, e.g. 2x2") from None
+    if p < 1 or c < 1 or p + c > 64:
+        raise argparse.ArgumentTypeError(f"--mpmc {text!r}: 1..63 producers and consumers")
+    return p, c
+
+
+def _cpu_pair(text: str) -> tuple:
+    try:
+        cpus = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cpus {text!r}: use A,B, e.g. 0,1") from None
+    if not 1 <= len(cpus) <= 2 or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"--cpus {text!r}: one or two CPU numbers")
+    return cpus
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runner import SCENARIOS
+
+    p = argparse.ArgumentParser(
+        prog="pyivshmem bench",
+        description="Benchmark pyivshmem against the alternatives, in the same run.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="short run (under a minute on 2 CPUs)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON (docs/bench.md)")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR (needs matplotlib)")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="write a Markdown results section (the README's is made this way)")
+    p.add_argument("--scenarios", default="all",
+                   help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--peers", default="all",
+                   help="comma-separated peer keys, 'all' (default) or 'none'; see --list")
+    p.add_argument("--sizes", type=_size_list, help="throughput message sizes (default 64,4K,1M)")
+    p.add_argument("--rtt-size", type=_size_list, help="round-trip / wake-up message size (64)")
+    p.add_argument("--duration", type=_positive_float, help="seconds per throughput trial")
+    p.add_argument("--repeat", type=_positive_int, help="trials per throughput figure (median)")
+    p.add_argument("--count", type=_positive_int,
+                   help="messages per throughput trial (default: calibrated to --duration)")
+    p.add_argument("--batch", type=_positive_int, help="messages per batch call (32)")
+    p.add_argument("--rtt-samples", type=_positive_int, help="most round trips timed per figure")
+    p.add_argument("--rtt-seconds", type=_positive_float, help="most seconds per round-trip figure")
+    p.add_argument("--wake-samples", type=_positive_int, help="wake-ups timed per figure")
+    p.add_argument("--wake-gap", type=_positive_float,
+                   help="seconds the receiver sleeps before each wake-up (0.002)")
+    p.add_argument("--mpmc", type=_mpmc_shape, metavar="PxC", help="producers x consumers (2x2)")
+    p.add_argument("--placement", choices=("cross", "same"),
+                   help="cross: the two processes on different CPUs (default); same: one CPU")
+    p.add_argument("--cpus", type=_cpu_pair, metavar="A,B", help="CPUs to pin to (default: first two)")
+    p.add_argument("--topology", choices=("host", "host-guest", "guest-guest"), default="host",
+                   help="host: two host processes (default); the others need QEMU guests")
+    p.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _select_peers(spec: str) -> list:
+    from .peers import PEERS, peer_by_key
+
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(PEERS)
+    if spec in ("none", ""):
+        return []
+    return [peer_by_key(k.strip()) for k in spec.split(",") if k.strip()]
+
+
+def _list(out) -> int:
+    from .peers import PEERS
+    from .runner import SCENARIOS
+    from .scenarios import PyivshmemTransport, channel_problem
+
+    print("scenarios: " + ", ".join(SCENARIOS), file=out)
+    why = channel_problem()
+    if why:
+        print(f"  (doorbell figures: {why})", file=out)
+    print("transports:", file=out)
+    for t in [PyivshmemTransport()] + list(PEERS):
+        why = t.unavailable()
+        print(f"  {t.key:16s} {t.label:36s} {'ok' if not why else why}", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `pyivshmem bench`; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        return int(exc.code or 0)
+
+    from .runner import SCENARIOS, Runner, Settings
+
+    if args.list:
+        return _list(sys.stdout)
+    if args.topology != "host":
+        print(f"pyivshmem bench: --topology {args.topology} needs QEMU guests driven by the VM "
+              "harness, which this version of the benchmark does not include yet; "
+              "use --topology host", file=sys.stderr)
+        return 2
+    if args.plot:
+        from .report import PlotUnavailable, _matplotlib
+
+        try:
+            _matplotlib()
+        except PlotUnavailable as exc:
+            print(f"pyivshmem bench: {exc}", file=sys.stderr)
+            return 2
+    try:
+        peers = _select_peers(args.peers)
+    except KeyError as exc:
+        print(f"pyivshmem bench: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if args.scenarios.strip().lower() == "all":
+        scenarios = SCENARIOS
+    else:
+        scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+        bad = [s for s in scenarios if s not in SCENARIOS]
+        if bad or not scenarios:
+            print(f"pyivshmem bench: unknown scenario {', '.join(bad) or '(none)'}; choose from "
+                  f"{', '.join(SCENARIOS)}", file=sys.stderr)
+            return 2
+    for opt, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            print(f"pyivshmem bench: {opt} {path}: directory {parent} does not exist",
+                  file=sys.stderr)
+            return 2
+
+    s = Settings.preset(args.quick)
+    s.scenarios = scenarios
+    for name in ("duration", "repeat", "count", "batch", "rtt_samples", "rtt_seconds",
+                 "wake_samples", "wake_gap", "placement", "cpus"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, name, value)
+    if args.sizes:
+        s.sizes = tuple(args.sizes)
+    if args.rtt_size:
+        s.rtt_size = args.rtt_size[0]
+    if args.mpmc:
+        s.mpmc_producers, s.mpmc_consumers = args.mpmc
+    s.topology = args.topology
+
+    from .report import build_document, format_markdown, format_report, write_json, write_plots
+    from .scenarios import PyivshmemTransport
+    from .workers import usable_cpus
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    transports = [PyivshmemTransport()] + peers
+    started = time.monotonic()
+    runner = Runner(s, transports, None if args.quiet else progress)
+    try:
+        records = runner.run()
+    except KeyboardInterrupt:
+        print("pyivshmem bench: interrupted", file=sys.stderr)
+        return 130
+    doc = build_document(records, s.as_dict(), runner.notes, ["pyivshmem", "bench"] + args_list,
+                         list(s.cpus) or usable_cpus(), time.monotonic() - started)
+    print(format_report(doc))
+    if args.json:
+        write_json(doc, args.json)
+        print(f"JSON written to {args.json}", file=sys.stderr)
+    plots = []
+    if args.plot:
+        plots = write_plots(doc, args.plot)
+        for path in plots:
+            print(f"plot written to {path}", file=sys.stderr)
+    if args.markdown:
+        main_plot = next((p for p in plots if p.endswith("pyivshmem_vs_peers.png")), None)
+        if main_plot:
+            main_plot = os.path.relpath(main_plot, os.path.dirname(os.path.abspath(args.markdown)))
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(doc, main_plot) + "\n")
+        print(f"Markdown written to {args.markdown}", file=sys.stderr)
+    failed = [r for r in records if r["is_pyivshmem"] and r["status"] == "failed"]
+    return 1 if failed else 0

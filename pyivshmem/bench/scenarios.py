@@ -1,0 +1,252 @@
+"""pyivshmem itself as a benchmark transport, and the variants of each scenario it is measured in.
+
+The benchmark creates its own region file in /dev/shm (removed at the end) holding, for every
+message size, one SPSC ring per direction (``ab-<size>``, ``ba-<size>``) and one MPMC ring
+(``mpmc-<size>``).  Each worker process opens the region and the rings it needs.
+
+Doorbells: the blocking figures use :class:`pyivshmem.Channel` with eventfds the benchmark
+creates itself (:class:`EventfdBell`, two vectors per process), the same kind of doorbell a host
+:class:`Peer` receives from an ivshmem server, so no server is needed.  Each process sleeps on
+vector 0 for its incoming ring and on vector 1 for its outgoing ring.
+
+Variants (``docs/bench.md`` explains each figure):
+
+* round trip: ``busy-poll`` (try_recv in a spin), ``adaptive`` (Channel.recv: spin briefly, then
+  sleep until the doorbell), ``blocking`` (Channel with no spin: sleep at once);
+* one-way throughput: Channel send/recv (the blocking calls), the ring's own send/recv (spin,
+  then sleep with back-off: no doorbell), its try_send/try_recv, send_many/recv_many in batches,
+  and zero-copy reserve/commit + peek/release;
+* MPMC: an MpmcRing shared by every producer and consumer, its blocking send/recv (spin, then
+  sleep with back-off: a Channel has one consumer route, so several sleeping consumers are not its
+  use);
+* wake-up: Channel.recv of a process that has gone to sleep;
+* doorbells per message: Channel.stats counted over a stream and over ping-pongs.
+
+Each variant names its comparison ``group`` and a ``rank``: in every group the available
+pyivshmem variant with the lowest rank is the reference the peers' ratios are computed against.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .peers import Endpoint, InheritedFd, Transport
+
+__all__ = ["PyivshmemTransport", "EventfdBell", "channel_problem", "ring_shape"]
+
+
+def channel_problem() -> Optional[str]:
+    """Why doorbell scenarios cannot run with this build of pyivshmem, or None."""
+    try:
+        import pyivshmem
+    except ImportError as exc:  # pragma: no cover - the bench lives inside the package
+        return f"pyivshmem cannot be imported ({exc})"
+    if not hasattr(pyivshmem, "Channel"):
+        return "needs pyivshmem.Channel (doorbells), which this build does not have"
+    if not hasattr(os, "eventfd"):
+        return "needs os.eventfd (Linux, Python 3.10 or later) for the doorbells"
+    return None
+
+
+class EventfdBell:
+    """A doorbell provider over eventfds: peer ``my_id`` knows every peer's fds, one per vector.
+
+    The same interface as a host Peer (``id``, ``vector_fd``, ``notify_target``, ``notify``).
+    """
+
+    def __init__(self, my_id: int, fds: Dict[int, List[int]]) -> None:
+        self.id = my_id
+        self.fds = fds
+
+    def vector_fd(self, vector: int) -> Optional[int]:
+        mine = self.fds.get(self.id, [])
+        return mine[vector] if vector < len(mine) else None
+
+    def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
+        theirs = self.fds.get(peer_id)
+        if theirs is None or vector >= len(theirs):
+            return None
+        return (1, theirs[vector], 0)
+
+    def notify(self, peer_id: int, vector: int = 0) -> None:
+        target = self.notify_target(peer_id, vector)
+        if target is not None:
+            os.eventfd_write(target[1], 1)
+
+
+def ring_shape(size: int) -> Dict[str, int]:
+    """Slot size and capacity of the rings carrying ``size``-byte messages (about 8 MiB of slots,
+    4096 slots at most, 8 at least, every message in one slot so zero-copy works)."""
+    slot = max(size, 64)
+    cap = 4096
+    while cap > 8 and cap * slot > (8 << 20):
+        cap //= 2
+    return {"slot_size": slot, "capacity": cap}
+
+
+def _region_bytes(sizes: Sequence[int]) -> int:
+    need = 4096
+    for size in sizes:
+        shape = ring_shape(size)
+        per_ring = 512 + shape["capacity"] * (shape["slot_size"] + 64)
+        need += 3 * per_ring
+    total = 1 << 16
+    while total < need:
+        total <<= 1
+    return total
+
+
+class PyivshmemTransport(Transport):
+    key = "pyivshmem"
+    label = "pyivshmem"
+    is_pyivshmem = True
+    mpmc = True
+    batch = True
+
+    def unavailable(self) -> Optional[str]:
+        try:
+            from pyivshmem import Region  # noqa: F401
+        except ImportError as exc:
+            return (
+                f"the pyivshmem extension is not built ({exc}); run "
+                "`python setup.py build_ext --inplace` or install the package"
+            )
+        return None
+
+    def setup(self, ctx, run_id, sizes, workdir):
+        from pyivshmem import Region
+
+        state = super().setup(ctx, run_id, sizes, workdir)
+        path = f"/dev/shm/pyivshmem-bench-{run_id}"
+        with Region.create(path, _region_bytes(sizes)) as region:
+            for size in sizes:
+                shape = ring_shape(size)
+                for chan in ("ab", "ba"):
+                    region.create_ring(f"{chan}-{size}", "spsc", **shape)
+                region.create_ring(f"mpmc-{size}", "mpmc", **shape)
+        state["path"] = path
+        if channel_problem() is None:
+            raw = {peer: [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)] for peer in (0, 1)}
+            state["raw_fds"] = raw
+            state["bell_fds"] = {p: [InheritedFd(fd) for fd in fds] for p, fds in raw.items()}
+        return state
+
+    def teardown(self, state):
+        path = state.get("path")
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        for fds in state.pop("raw_fds", {}).values():
+            for fd in fds:
+                os.close(fd)
+
+    def _region(self, state: Dict[str, Any]) -> Any:
+        region = state.get("_region")
+        if region is None:
+            from pyivshmem import Region
+
+            region = state["_region"] = Region.open(state["path"])
+        return region
+
+    def _ring(self, state: Dict[str, Any], name: str) -> Any:
+        # One ring object per ring and process: each keeps the side's private index, so two
+        # objects driving the same side of one ring would disagree with each other.
+        rings = state.setdefault("_rings", {})
+        ring = rings.get(name)
+        if ring is None:
+            ring = rings[name] = self._region(state).ring(name)
+        return ring
+
+    def _bell(self, state: Dict[str, Any], role: str) -> Any:
+        bell = state.get("_bell")
+        if bell is None:
+            fds = state.get("bell_fds")
+            if fds is None:
+                raise RuntimeError(channel_problem() or "no doorbells were set up")
+            bell = state["_bell"] = EventfdBell(0 if role == "a" else 1, fds)
+        return bell
+
+    def open(self, state, role, size, mode):
+        if role in ("a", "b"):
+            out, inc = ("ab", "ba") if role == "a" else ("ba", "ab")
+            r_out, r_in = self._ring(state, f"{out}-{size}"), self._ring(state, f"{inc}-{size}")
+        else:
+            r_out = r_in = self._ring(state, f"mpmc-{size}")
+        if mode in ("adaptive", "blocking") and role in ("a", "b"):
+            from pyivshmem import Channel
+
+            bell = self._bell(state, role)
+            spin = 0.0 if mode == "blocking" else None
+            rx = Channel(r_in, bell, vector=0, spin=spin)
+            tx = Channel(r_out, bell, vector=1, spin=spin)
+
+            def stats() -> Dict[str, int]:
+                a, b = rx.stats, tx.stats
+                return {k: a[k] + b[k] for k in a}
+
+            ep = Endpoint(send=tx.send, recv=rx.recv, try_send=tx.try_send,
+                          try_recv=rx.try_recv, stats=stats)
+            ep.on_close(rx.close)
+            ep.on_close(tx.close)
+            return ep
+        ep = Endpoint(
+            send=r_out.send,
+            recv=r_in.recv,
+            try_send=r_out.try_send,
+            try_recv=r_in.try_recv,
+            send_many=r_out.send_many,
+            recv_many=r_in.recv_many,
+            reserve=r_out.reserve,
+            commit=r_out.commit,
+            peek=r_in.peek,
+            release=r_in.release,
+        )
+        ep.send_many_partial = True
+        return ep
+
+    def worker_exit(self, state):
+        for ring in state.pop("_rings", {}).values():
+            ring.close()
+        region = state.pop("_region", None)
+        if region is not None:
+            region.close()
+
+    # -- what to measure ---------------------------------------------------------------------
+    def roundtrip_variants(self) -> List[Dict[str, Any]]:
+        note = channel_problem()
+        return [
+            {"mode": "busy-poll", "variant": "try_recv spin", "busy": True,
+             "group_mode": "busy-poll", "rank": 0},
+            {"mode": "adaptive", "variant": "Channel: spin 100 us, then doorbell", "busy": False,
+             "group_mode": "blocking", "rank": 1, "skip": note},
+            {"mode": "blocking", "variant": "Channel: no spin, doorbell", "busy": False,
+             "group_mode": "blocking", "rank": 0, "skip": note},
+        ]
+
+    def throughput_variants(self, size: int, batch: int) -> List[Dict[str, Any]]:
+        note = channel_problem()
+        return [
+            {"method": "send/recv", "variant": "Channel send/recv", "busy": False, "batch": 1,
+             "rank": 0, "mode": "adaptive", "skip": note},
+            {"method": "ring send/recv", "variant": "ring send/recv (no doorbell)", "busy": False,
+             "batch": 1, "rank": 1, "mode": "ring"},
+            {"method": "try_send/try_recv", "variant": "ring try_send/try_recv", "busy": True,
+             "batch": 1, "rank": 2},
+            {"method": "zero-copy", "variant": "reserve/commit + peek/release", "busy": True,
+             "batch": 1, "rank": 3, "send": "zc-send", "recv": "zc-recv"},
+            {"method": "batch", "variant": f"send_many/recv_many x{batch}", "busy": True,
+             "batch": batch, "rank": 0},
+        ]
+
+    def mpmc_variant(self) -> Dict[str, Any]:
+        return {"variant": "MpmcRing send/recv", "busy": False, "rank": 0}
+
+    def wakeup_variants(self) -> List[Dict[str, Any]]:
+        note = channel_problem()
+        return [
+            {"mode": "blocking", "variant": "Channel: no spin, doorbell", "rank": 0, "skip": note},
+            {"mode": "adaptive", "variant": "Channel: spin 100 us, then doorbell", "rank": 1,
+             "skip": note},
+        ]

@@ -1,0 +1,532 @@
+"""Worker processes and the measuring loops they run.
+
+The parent starts one spawned process per role (``a``/``b`` for a pair, ``p<i>``/``c<i>`` for MPMC),
+each pinned to one CPU with ``os.sched_setaffinity``, and drives them over a private control pipe:
+
+    parent -> worker   ("task", {...})     worker opens its endpoint for the task, answers ("opened",)
+    parent -> worker   ("go",)             once every worker has opened: run the loop, answer
+                                           ("ok", result) or ("error", traceback)
+    parent -> worker   ("exit",)           close endpoints and leave
+
+Waiting for every worker to open before anyone sends means no message is sent before its receiver
+exists (pub/sub transports drop those).  A worker that fails or a task that overruns its deadline
+makes the parent kill the whole group (only processes it started, by their handles); the caller
+records the failure and carries on with a fresh group.
+
+The loops below use the endpoint's callables directly (see peers.Endpoint) and time with
+``time.perf_counter_ns`` inside one process, ``time.monotonic_ns`` across processes (both are
+CLOCK_MONOTONIC on Linux, a system-wide clock).  Counts are given by the parent; the loops do no
+per-message work beyond the calls being measured.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from array import array
+from itertools import repeat
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .peers import Endpoint, Transport, payload
+from .stats import Histogram
+
+__all__ = [
+    "WorkerGroup",
+    "WorkerFailed",
+    "PATTERNS",
+    "usable_cpus",
+    "STOP",
+]
+
+STOP = b"\x00"  # one byte: ends a loop (real messages are at least 8 bytes)
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised, died, or a task ran past its deadline; the message says which and why.
+
+    ``detail`` holds the worker's traceback when there is one.
+    """
+
+    def __init__(self, message: str, detail: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def usable_cpus() -> List[int]:
+    """The CPUs this process may run on, in order."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _pin(cpu: Optional[int]) -> Optional[int]:
+    if cpu is None:
+        return None
+    try:
+        os.sched_setaffinity(0, {cpu})
+        return cpu
+    except (AttributeError, OSError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring loops: fn(endpoint, task) -> result dict.
+def _spin_recv(try_recv: Callable[[], Any]) -> Callable[[], Any]:
+    def recv() -> Any:
+        while True:
+            m = try_recv()
+            if m is not None:
+                return m
+
+    return recv
+
+
+def _spin_send(try_send: Callable[[Any], bool]) -> Callable[[Any], None]:
+    def send(m: Any) -> None:
+        while not try_send(m):
+            pass
+
+    return send
+
+
+def _calls(ep: Endpoint, busy: bool) -> Tuple[Callable[[Any], Any], Callable[[], Any]]:
+    """(send, recv) for a loop: busy-polling uses the non-blocking calls in a spin."""
+    if not busy:
+        return ep.send, ep.recv
+    send = _spin_send(ep.try_send) if ep.try_send is not None else ep.send
+    return send, _spin_recv(ep.try_recv)
+
+
+def rtt_client(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Round trips: time send + receive of the echo; at most ``samples`` or ``seconds``.
+
+    Busy-polling spins on the non-blocking receive; the send is the plain send in both modes (a
+    round trip never finds the queue full).
+    """
+    size, n_max = task["size"], task["samples"]
+    msg = payload(size)
+    clock = time.perf_counter_ns
+    samples = array("q", bytes(8 * n_max))
+    send, recv, try_recv = ep.send, ep.recv, ep.try_recv
+    busy = task["busy"]
+    for _ in range(task["warmup"]):
+        send(msg)
+        if busy:
+            while try_recv() is None:
+                pass
+        else:
+            recv()
+    deadline = clock() + int(task["seconds"] * 1e9)
+    i = 0
+    if busy:
+        while i < n_max:
+            t0 = clock()
+            send(msg)
+            while try_recv() is None:
+                pass
+            t1 = clock()
+            samples[i] = t1 - t0
+            i += 1
+            if not i & 127 and t1 > deadline:
+                break
+    else:
+        while i < n_max:
+            t0 = clock()
+            send(msg)
+            recv()
+            t1 = clock()
+            samples[i] = t1 - t0
+            i += 1
+            if not i & 127 and t1 > deadline:
+                break
+    send(STOP)
+    if busy:
+        last = try_recv()
+        while last is None:
+            last = try_recv()
+    else:
+        last = recv()
+    if bytes(last) != STOP:
+        raise RuntimeError(f"round trip: expected the stop echo, got {len(last)} bytes")
+    hist = Histogram()
+    hist.record_many(samples[:i])
+    return {"histogram": hist.to_dict()}
+
+
+def rtt_echo(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Send back every message until the stop message (echoed too)."""
+    send, recv, try_recv = ep.send, ep.recv, ep.try_recv
+    n = 0
+    if task["busy"]:
+        while True:
+            m = try_recv()
+            while m is None:
+                m = try_recv()
+            send(m)
+            if len(m) == 1:
+                break
+            n += 1
+    else:
+        while True:
+            m = recv()
+            send(m)
+            if len(m) == 1:
+                break
+            n += 1
+    return {"echoed": n}
+
+
+def tput_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """One-way stream of ``count`` messages (in batches of ``batch`` when ``batch`` > 1)."""
+    n, size, batch = task["count"], task["size"], task.get("batch", 1)
+    msg = payload(size)
+    clock = time.monotonic_ns
+    if batch > 1:
+        if ep.send_many is None:
+            raise RuntimeError("this transport has no batch send")
+        send_many = ep.send_many
+        full = [msg] * batch
+        t0 = clock()
+        left = n
+        if ep.send_many_partial:
+            while left:
+                left -= send_many(full if left >= batch else full[:left])
+        else:
+            while left >= batch:
+                send_many(full)
+                left -= batch
+            if left:
+                send_many(full[:left])
+        t1 = clock()
+    elif task["busy"] and ep.try_send is not None:
+        try_send = ep.try_send
+        t0 = clock()
+        for _ in repeat(None, n):
+            while not try_send(msg):
+                pass
+        t1 = clock()
+    else:
+        send = ep.send
+        t0 = clock()
+        for _ in repeat(None, n):
+            send(msg)
+        t1 = clock()
+    return {"start_ns": t0, "end_ns": t1, "messages": n}
+
+
+def tput_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Receive ``count`` messages; the rate is timed from the first message to the last."""
+    n, size, batch = task["count"], task["size"], task.get("batch", 1)
+    clock = time.monotonic_ns
+    if batch > 1:
+        if ep.recv_many is None:
+            raise RuntimeError("this transport has no batch receive")
+        recv_many = ep.recv_many
+        head: List[Any] = []
+        while not head:
+            head = recv_many(batch)
+        t0 = clock()
+        got, last = len(head), head
+        while got < n:
+            more = recv_many(batch)
+            if more:
+                got += len(more)
+                last = more
+        t1 = clock()
+        if got != n:
+            raise RuntimeError(f"batch receive got {got} messages, expected {n}")
+        timed = n - len(head)
+        tail = last[-1]
+    elif task["busy"]:
+        try_recv = ep.try_recv
+        while try_recv() is None:
+            pass
+        t0 = clock()
+        tail = None
+        for _ in repeat(None, n - 1):
+            tail = try_recv()
+            while tail is None:
+                tail = try_recv()
+        t1 = clock()
+        timed = n - 1
+    else:
+        recv = ep.recv
+        recv()
+        t0 = clock()
+        tail = None
+        for _ in repeat(None, n - 2):
+            recv()
+        tail = recv() if n > 1 else None
+        t1 = clock()
+        timed = n - 1
+    if tail is not None and len(tail) != size:
+        raise RuntimeError(f"received a {len(tail)}-byte message, expected {size}")
+    return {"start_ns": t0, "end_ns": t1, "messages": timed}
+
+
+def mpmc_produce(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """A producer of an MPMC run: ``count`` messages, then one stop message per consumer."""
+    n, size = task["count"], task["size"]
+    send, _ = _calls(ep, task["busy"])
+    msg = payload(size)
+    clock = time.monotonic_ns
+    t0 = clock()
+    for _ in repeat(None, n):
+        send(msg)
+    t1 = clock()
+    for _ in range(task["consumers"]):
+        send(STOP)
+    return {"start_ns": t0, "end_ns": t1, "messages": n}
+
+
+def mpmc_consume(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """A consumer of an MPMC run: stops after as many stop messages as there are producers.
+
+    Every producer's stop messages follow all of its data in the queue, so when the consumers have
+    taken every stop message between them, every data message has been taken too.
+    """
+    _, recv = _calls(ep, task["busy"])
+    clock = time.monotonic_ns
+    stops = task["producers"]
+    got = 0
+    t0 = clock()
+    while True:
+        m = recv()
+        if len(m) == 1:
+            stops -= 1
+            if not stops:
+                break
+        else:
+            got += 1
+    return {"start_ns": t0, "end_ns": clock(), "messages": got}
+
+
+def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Send a timestamped message after sleeping ``gap`` seconds each time (the peer is asleep)."""
+    size, gap = max(task["size"], 8), task["gap"]
+    pad = payload(size - 8)
+    send = ep.send
+    clock = time.monotonic_ns
+    for _ in range(task["count"]):
+        time.sleep(gap)
+        send(clock().to_bytes(8, "little") + pad)
+    send(STOP)
+    return {}
+
+
+def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Blocking receive; records arrival time minus the sender's timestamp (one way, asleep)."""
+    recv = ep.recv
+    clock = time.monotonic_ns
+    samples = []
+    while True:
+        m = recv()
+        t = clock()
+        if len(m) == 1:
+            break
+        samples.append(max(0, t - int.from_bytes(bytes(m[:8]), "little")))
+    hist = Histogram()
+    hist.record_many(samples)
+    return {"histogram": hist.to_dict()}
+
+
+def zc_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Zero-copy producer: reserve a slot, write the message into it in place, commit."""
+    n, size = task["count"], task["size"]
+    msg = payload(size)
+    reserve, commit = ep.reserve, ep.commit  # type: ignore[attr-defined]
+    clock = time.monotonic_ns
+    t0 = clock()
+    for _ in repeat(None, n):
+        view = reserve(size)
+        while view is None:
+            view = reserve(size)
+        view[:] = msg
+        commit()
+    t1 = clock()
+    return {"start_ns": t0, "end_ns": t1, "messages": n}
+
+
+def zc_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Zero-copy consumer: peek at the message in place (its length is checked), release it."""
+    n, size = task["count"], task["size"]
+    peek, release = ep.peek, ep.release  # type: ignore[attr-defined]
+    clock = time.monotonic_ns
+    view = peek()
+    while view is None:
+        view = peek()
+    release()
+    t0 = clock()
+    bad = 0
+    for _ in repeat(None, n - 1):
+        view = peek()
+        while view is None:
+            view = peek()
+        if len(view) != size:
+            bad += 1
+        release()
+    t1 = clock()
+    if bad:
+        raise RuntimeError(f"{bad} zero-copy messages were not {size} bytes long")
+    return {"start_ns": t0, "end_ns": t1, "messages": n - 1}
+
+
+PATTERNS: Dict[str, Callable[[Endpoint, Dict[str, Any]], Dict[str, Any]]] = {
+    "rtt-client": rtt_client,
+    "rtt-echo": rtt_echo,
+    "tput-send": tput_send,
+    "tput-recv": tput_recv,
+    "mpmc-produce": mpmc_produce,
+    "mpmc-consume": mpmc_consume,
+    "wake-send": wake_send,
+    "wake-recv": wake_recv,
+    "zc-send": zc_send,
+    "zc-recv": zc_recv,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker process
+def worker_main(role: str, cpu: Optional[int], transport: Transport, state: Dict[str, Any],
+                conn: Any) -> None:
+    """Entry point of a spawned worker (module-level so the spawn start method can import it)."""
+    try:
+        pinned = _pin(cpu)
+        conn.send(("ready", {"pid": os.getpid(), "cpu": pinned, "role": role}))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "exit":
+                break
+            task = msg[1]
+            try:
+                fn = PATTERNS[task["pattern"]]
+                ep = transport.endpoint(state, role, task["size"], task.get("mode", "blocking"))
+                conn.send(("opened",))
+                go = conn.recv()
+                if go[0] != "go":
+                    break
+                stats = ep.stats
+                before = stats() if stats is not None else None
+                result = fn(ep, task)
+                if stats is not None:
+                    after = stats()
+                    result["counters"] = {k: after[k] - (before or {}).get(k, 0) for k in after}
+            except BaseException:  # noqa: BLE001 - reported to the parent, then this worker ends
+                conn.send(("error", traceback.format_exc()))
+                return
+            conn.send(("ok", result))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            transport.close_all(state)
+        finally:
+            conn.close()
+
+
+class WorkerGroup:
+    """Spawned workers sharing one transport state; runs one task at a time on all of them."""
+
+    START_TIMEOUT = 60.0
+
+    def __init__(self, transport: Transport, state: Dict[str, Any], roles: Sequence[str],
+                 cpus: Sequence[Optional[int]], ctx: Any) -> None:
+        self.transport = transport
+        self.roles = list(roles)
+        self.procs: Dict[str, Any] = {}
+        self.conns: Dict[str, Any] = {}
+        self.info: Dict[str, Any] = {}
+        self.dead = False
+        try:
+            for role, cpu in zip(self.roles, cpus):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                p = ctx.Process(
+                    target=worker_main,
+                    args=(role, cpu, transport, state, child_end),
+                    name=f"pyivshmem-bench-{transport.key}-{role}",
+                    daemon=True,
+                )
+                p.start()
+                child_end.close()
+                self.procs[role], self.conns[role] = p, parent_end
+            for role in self.roles:
+                self.info[role] = self._expect(role, "ready", time.monotonic() + self.START_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _expect(self, role: str, kind: str, deadline: float) -> Any:
+        conn, proc = self.conns[role], self.procs[role]
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFailed(f"worker {role} ({self.transport.key}) did not answer in time")
+            if conn.poll(min(left, 0.5)):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    raise WorkerFailed(
+                        f"worker {role} ({self.transport.key}) exited (code {proc.exitcode})"
+                    ) from None
+                if msg[0] == "error":
+                    raise WorkerFailed(_last_line(msg[1]), msg[1])
+                if msg[0] != kind:
+                    raise WorkerFailed(f"worker {role}: expected {kind!r}, got {msg[0]!r}")
+                return msg[1] if len(msg) > 1 else None
+            if not proc.is_alive() and not conn.poll(0):
+                raise WorkerFailed(
+                    f"worker {role} ({self.transport.key}) exited (code {proc.exitcode})"
+                )
+
+    def run(self, tasks: Dict[str, Dict[str, Any]], timeout: float,
+            order: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+        """Run one task per role (``order``: who gets "go" first); results by role."""
+        if self.dead:
+            raise WorkerFailed("worker group already failed")
+        order = list(order or self.roles)
+        try:
+            deadline = time.monotonic() + timeout
+            for role in order:
+                self.conns[role].send(("task", tasks[role]))
+            for role in order:
+                self._expect(role, "opened", deadline)
+            for role in order:
+                self.conns[role].send(("go",))
+            return {role: self._expect(role, "ok", deadline) for role in order}
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Stop every worker of this group now (our own child processes, by handle)."""
+        self.dead = True
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            p.join(5)
+        for c in self.conns.values():
+            c.close()
+
+    def close(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        for c in self.conns.values():
+            try:
+                c.send(("exit",))
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs.values():
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for c in self.conns.values():
+            c.close()
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "worker failed"

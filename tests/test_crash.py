@@ -27,7 +27,6 @@ from pyivshmem import Region, StallError, WaitTimeout
 pytestmark = pytest.mark.timeout(120)
 
 CTX = mp.get_context("spawn")
-CTRL_SIZE = 384
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -108,7 +107,9 @@ def test_spsc_producer_killed_mid_batch(shm_path):
     with Region.create(shm_path, "8M") as region:
         ring = region.create_ring("batch", "spsc", slot_size=SLOT, capacity=CAP)
         raw = mmap.mmap(region.fileno(), region.size)  # to look at what was written, not published
-        ctrl = ring_info(region, "batch")["offset"]
+        info0 = ring_info(region, "batch")
+        ctrl = info0["offset"]
+        slots_at = ctrl + info0["size"] - CAP * stride("spsc", SLOT)  # slots fill whole lines
         expected = 0
         mid_batch_kills = stops = 0
         try:
@@ -133,7 +134,7 @@ def test_spsc_producer_killed_mid_batch(shm_path):
                             expected += 1
                             got_this_round += 1
                         head = ring_info(region, "batch")["head"]
-                        slot = ctrl + CTRL_SIZE + (head % CAP) * stride("spsc", SLOT)
+                        slot = slots_at + (head % CAP) * stride("spsc", SLOT)
                         written = bytes(raw[slot + 8:slot + 20])
                         if got_this_round >= 40 and written == struct.pack("<QI", expected, rnd):
                             # message `expected` is (partly) written but not published: kill now

@@ -79,12 +79,15 @@ def _interesting_offsets() -> list[int]:
     for i in range(3):
         e = 128 + 64 * i
         offs += [e, e + 31, e + 32, e + 36, e + 40, e + 48, e + 56, e + 60]
-        ctrl = struct.unpack_from("<Q", TEMPLATE, e + 40)[0]
+        ctrl, size = struct.unpack_from("<QQ", TEMPLATE, e + 40)
         stride = struct.unpack_from("<I", TEMPLATE, ctrl + 20)[0]
         cap = struct.unpack_from("<I", TEMPLATE, ctrl + 16)[0]
-        offs += [ctrl, ctrl + 8, ctrl + 12, ctrl + 16, ctrl + 20, ctrl + 128, ctrl + 256, ctrl + 264]
+        offs += [ctrl, ctrl + 8, ctrl + 12, ctrl + 16, ctrl + 20, ctrl + 128, ctrl + 256]
+        # the slots end the ring, which is rounded up to 128 bytes; the control block is whole lines
+        slots = ctrl + size - stride * cap
+        slots -= slots % 128
         for k in range(cap):
-            s = ctrl + 384 + k * stride
+            s = slots + k * stride
             offs += [s, s + 4, s + 8, s + 12, s + 16]
     return sorted(set(offs))
 

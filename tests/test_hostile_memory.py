@@ -33,8 +33,19 @@ HDR_MAX_RINGS, HDR_ALLOC_OFF, HDR_LOCK = 32, 40, 48
 DIR_BASE, DIR_ENTRY = 128, 64
 D_NAME, D_STATE, D_KIND, D_OFFSET, D_SIZE, D_SLOT_SIZE, D_CAPACITY = 0, 32, 36, 40, 48, 56, 60
 C_MAGIC, C_KIND, C_SLOT_SIZE, C_CAPACITY, C_STRIDE = 0, 8, 12, 16, 20
-C_HEAD, C_TAIL, CTRL_SIZE = 128, 256, 384
+C_HEAD, C_TAIL = 128, 256
 SLOT_MORE = 1
+
+
+def ctrl_size(m, entries) -> int:
+    """The control block's size, from a directory entry whose slots fill whole 128-byte lines
+    (ring size = control block + stride * capacity, rounded up to 128)."""
+    for e in entries:
+        ctrl, size = struct.unpack_from("<Q", m, e + D_OFFSET)[0], struct.unpack_from("<Q", m, e + D_SIZE)[0]
+        stride, cap = struct.unpack_from("<I", m, ctrl + C_STRIDE)[0], struct.unpack_from("<I", m, ctrl + C_CAPACITY)[0]
+        if stride * cap % 128 == 0:
+            return size - stride * cap
+    raise AssertionError("no ring with whole-line slots to measure the control block")
 
 
 class Peer:
@@ -47,6 +58,7 @@ class Peer:
             self.m = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
+        self.ctrl_size = ctrl_size(self.m, [self.entry("bystander")])
 
     def close(self) -> None:
         self.m.close()
@@ -74,7 +86,7 @@ class Peer:
 
     def slot(self, name: str, index: int) -> int:
         ctrl, stride, cap, _ = self.ring(name)
-        return ctrl + CTRL_SIZE + (index % cap) * stride
+        return ctrl + self.ctrl_size + (index % cap) * stride
 
 
 @pytest.fixture
@@ -84,7 +96,7 @@ def setup(shm_path):
     rings = {
         "spsc": region.create_ring("spsc", "spsc", slot_size=32, capacity=8),
         "mpmc": region.create_ring("mpmc", "mpmc", slot_size=32, capacity=8),
-        "bystander": region.create_ring("bystander", "spsc", slot_size=16, capacity=4),
+        "bystander": region.create_ring("bystander", "spsc", slot_size=8, capacity=16),
     }
     peer = Peer(shm_path)
     yield region, rings, peer

@@ -58,15 +58,16 @@ def _attacker(path: str, seconds: float, seed: int, conn) -> None:
         e = 128 + 64 * i
         name = bytes(m[e:e + 32]).split(b"\0")[0].decode()
         if name in VICTIMS:
-            ctrl = struct.unpack_from("<Q", m, e + 40)[0]
+            ctrl, size = struct.unpack_from("<QQ", m, e + 40)
             stride, cap, slot = (struct.unpack_from("<I", m, ctrl + o)[0] for o in (20, 16, 12))
-            spans.append((ctrl, stride, cap, slot))
+            assert stride * cap % 128 == 0  # so the slots end the ring: they start at size - stride * cap
+            spans.append((ctrl, stride, cap, slot, ctrl + size - stride * cap))
     assert len(spans) == 2
     pokes = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for _ in range(rnd.randrange(1, 30)):  # a burst, then a pause for the honest side
-            ctrl, stride, cap, slot = rnd.choice(spans)
+            ctrl, stride, cap, slot, slots = rnd.choice(spans)
             head, tail = struct.unpack_from("<Q", m, ctrl + 128)[0], struct.unpack_from("<Q", m, ctrl + 256)[0]
             what = rnd.randrange(10)
             if what == 0:    # plausible lies about the indices
@@ -76,7 +77,7 @@ def _attacker(path: str, seconds: float, seed: int, conn) -> None:
             elif what == 2:  # wild ones
                 struct.pack_into("<Q", m, ctrl + rnd.choice((128, 256)), rnd.getrandbits(64))
             else:            # a slot: header words or payload
-                base = ctrl + 384 + rnd.randrange(cap) * stride
+                base = slots + rnd.randrange(cap) * stride
                 off = base + 8 * rnd.randrange(stride // 8)
                 cur = struct.unpack_from("<Q", m, off)[0]
                 how = rnd.randrange(5)

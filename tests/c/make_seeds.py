@@ -41,6 +41,14 @@ def region_image(size, rings):
         os.unlink(path)
 
 
+def ctrl_size():
+    """The control block's size, measured on a ring whose slots fill whole 128-byte lines."""
+    img = region_image(8192, [("p", "spsc", 8, 16, [], 0)])
+    e = 128
+    off, size = struct.unpack_from("<QQ", img, e + 40)
+    return size - 16 * 16
+
+
 def write(sub, name, data):
     d = os.path.join(HERE, "corpus", sub)
     os.makedirs(d, exist_ok=True)
@@ -64,13 +72,16 @@ def main():
     # patch mode: the harness's own fixture with a few patches on header, directory and rings
     write("region", "seed-patch-none", bytes([0x00]))
     write("region", "seed-patch-64k", bytes([0x06]))
+    # fuzz_region.c's fixture: ring s (SPSC, 24 x 8: stride 32) at 4096, then ring m (MPMC)
+    c = ctrl_size()
+    s_size = (c + 32 * 8 + 127) // 128 * 128
     for i, (off, data) in enumerate([
-        (128 + 40, struct.pack("<Q", 1 << 40)),     # directory entry 0 offset
-        (4096 + 128, struct.pack("<Q", 1000)),      # ring s head
-        (4096 + 256, struct.pack("<Q", 7)),         # ring s tail
-        (4096 + 384 + 4, struct.pack("<I", 1)),     # ring s slot 0 flags
-        (4096 + 640 + 384, struct.pack("<Q", 99)),  # ring m slot 0 seq
-        (8, struct.pack("<I", 2)),                  # version
+        (128 + 40, struct.pack("<Q", 1 << 40)),           # directory entry 0 offset
+        (4096 + 128, struct.pack("<Q", 1000)),            # ring s head
+        (4096 + 256, struct.pack("<Q", 7)),               # ring s tail
+        (4096 + c + 4, struct.pack("<I", 1)),             # ring s slot 0 flags
+        (4096 + s_size + c, struct.pack("<Q", 99)),       # ring m slot 0 seq
+        (8, struct.pack("<I", 2)),                        # version
     ]):
         write("region", "seed-patch-%d" % i, bytes([0x00]) + struct.pack("<HB", off, len(data)) + data)
     # ring scripts: shape byte, then operations (see fuzz_rings.c: op % 20)

@@ -90,6 +90,12 @@ static inline int64_t ivshm_spsc_free(struct ivshm_spsc *q, uint64_t need)
     uint64_t used = q->head - q->tail_cache;
     if (IVSHM_LIKELY(q->capacity - used >= need))
         return (int64_t)(q->capacity - used);
+    /* Our own shared index must still be what we published: otherwise another producer (or a
+     * peer) wrote it, and we would overwrite messages it published. */
+    uint64_t own = IVSHM_LOAD_RELAXED(&q->ctrl->head);
+    if (IVSHM_UNLIKELY(own != q->head_published))
+        return ivshm_spsc_corrupt(q, "another producer moved this SPSC ring's index (one producer only)",
+                                  own, q->head_published);
     /* pairs with the consumer's release store of ctrl->tail: its reads of these slots are done */
     uint64_t t = IVSHM_LOAD_ACQUIRE(&q->ctrl->tail);
     used = q->head - t;
@@ -177,6 +183,11 @@ static inline int64_t ivshm_spsc_avail(struct ivshm_spsc *q)
     uint64_t a = q->head_cache - q->tail;
     if (a)
         return (int64_t)a;
+    /* our own shared index must still be what we published (one consumer only) */
+    uint64_t own = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+    if (IVSHM_UNLIKELY(own != q->tail_published))
+        return ivshm_spsc_corrupt(q, "another consumer moved this SPSC ring's index (one consumer only)",
+                                  own, q->tail_published);
     /* pairs with the producer's release store of ctrl->head: the slots before it are written */
     uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->head);
     a = h - q->tail;

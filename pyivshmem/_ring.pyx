@@ -169,6 +169,15 @@ cdef class _SlotView:
         self.region._exports -= 1
 
 
+cdef _release_view(view):
+    """Invalidate a zero-copy view at commit/release (further access raises ValueError)."""
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:
+            pass  # the caller holds sub-views; they stay readable until dropped
+
+
 cdef memoryview _make_view(Region region, void *ptr, Py_ssize_t n, bint readonly):
     cdef _SlotView v = _SlotView.__new__(_SlotView)
     v.region = region
@@ -520,8 +529,9 @@ cdef class _Ring:
     cdef ivshm_ring_info _info
     cdef object _name
     cdef public double spin
-    cdef object _view          # outstanding zero-copy memoryview
-    cdef Py_ssize_t _view_len  # reserved bytes (producer) or -1
+    cdef object _wview         # producer: the open reservation's memoryview, or None
+    cdef Py_ssize_t _wview_len # its reserved bytes, or -1
+    cdef object _rview         # consumer: the peeked message's memoryview, or None
     cdef ivshm_ring_ctrl *_ctrl
 
     cdef _init(self, Region region, ivshm_ring_info *info):
@@ -530,8 +540,9 @@ cdef class _Ring:
         self._ctrl = <ivshm_ring_ctrl *>(region._base + info.offset)
         self._name = info.name.decode("utf-8", "replace")
         self.spin = DEFAULT_SPIN
-        self._view = None
-        self._view_len = -1
+        self._wview = None
+        self._wview_len = -1
+        self._rview = None
 
     def __init__(self, *a, **k):
         raise TypeError("rings are made by Region.create_ring() or Region.ring()")
@@ -563,7 +574,8 @@ cdef class _Ring:
 
     def close(self):
         """Drop this handle (the ring stays in the region).  Idempotent."""
-        self._drop_view()
+        self._drop_wview()
+        self._drop_rview()
         self._region = None
 
     def __enter__(self):
@@ -576,14 +588,14 @@ cdef class _Ring:
     def __repr__(self):
         return f"<pyivshmem.{type(self).__name__} {self._name!r} capacity={self.capacity} slot_size={self.slot_size}>"
 
-    cdef _drop_view(self):
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                pass  # the caller holds sub-views; they stay readable until dropped
-            self._view = None
-        self._view_len = -1
+    cdef _drop_wview(self):
+        _release_view(self._wview)
+        self._wview = None
+        self._wview_len = -1
+
+    cdef _drop_rview(self):
+        _release_view(self._rview)
+        self._rview = None
 
     cdef object _corrupt(self, int rc, const char *why, uint64_t a, uint64_t b, what):
         err = _error_from_code(rc, f"{what} on ring {self._name!r}", _detail(why, a, b))
@@ -858,7 +870,7 @@ cdef class SpscRing(_Ring):
         """A writable memoryview of ``size`` bytes inside the next free slot, or None if the ring
         is full.  Fill it, then :meth:`commit`; the view is invalid afterwards."""
         self._check()
-        if self._view_len >= 0:
+        if self._wview_len >= 0:
             raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
         if size < 0:
             raise ConfigError("size must be >= 0")
@@ -871,26 +883,26 @@ cdef class SpscRing(_Ring):
                                        f"are at most one slot ({self.slot_size} bytes)")
         if rc != 0:
             raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "reserve")
-        self._view = _make_view(self._region, p, size, False)
-        self._view_len = size
-        return self._view
+        self._wview = _make_view(self._region, p, size, False)
+        self._wview_len = size
+        return self._wview
 
     def commit(self, size=None):
         """Publish the reserved slot with ``size`` bytes (default: all that was reserved)."""
         self._check()
-        if self._view_len < 0:
+        if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._view_len if size is None else size
-        if n < 0 or n > self._view_len:
-            raise ConfigError(f"commit({size}): between 0 and the {self._view_len} bytes reserved")
-        self._drop_view()
+        cdef Py_ssize_t n = self._wview_len if size is None else size
+        if n < 0 or n > self._wview_len:
+            raise ConfigError(f"commit({size}): between 0 and the {self._wview_len} bytes reserved")
+        self._drop_wview()
         ivshm_spsc_commit(&self._q, <uint32_t>n)
 
     def peek(self):
         """A read-only memoryview of the next message without consuming it, or None if the ring
         is empty.  Call :meth:`release` when done; the view is invalid afterwards."""
         self._check()
-        if self._view is not None:
+        if self._rview is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
         cdef ivshm_spsc_msg m
         cdef int rc = ivshm_spsc_next(&self._q, &m)
@@ -901,15 +913,15 @@ cdef class SpscRing(_Ring):
         if m.nslots != 1:
             raise MessageTooLargeError(f"the next message on ring {self._name!r} spans {m.nslots} "
                                        "slots and cannot be viewed in place: use recv()")
-        self._view = _make_view(self._region, <void *>m.data, m.len, True)
-        return self._view
+        self._rview = _make_view(self._region, <void *>m.data, m.len, True)
+        return self._rview
 
     def release(self):
         """Consume the peeked message."""
         self._check()
-        if self._view is None or self._view_len >= 0:
+        if self._rview is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
-        self._drop_view()
+        self._drop_rview()
         cdef ivshm_spsc_msg m
         cdef int rc = ivshm_spsc_next(&self._q, &m)
         if rc != 0:
@@ -925,7 +937,8 @@ cdef class MpmcRing(_Ring):
     blocking receives report that as StallError instead of waiting forever."""
     cdef ivshm_mpmc _q
     cdef object _stash            # a message that did not fit a recv_into buffer
-    cdef uint64_t _view_pos
+    cdef object _pending_error    # corruption met in a batch that also returned good messages
+    cdef uint64_t _wpos, _rpos
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         _Ring._init(self, region, info)
@@ -967,8 +980,15 @@ cdef class MpmcRing(_Ring):
             return -1
         raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send")
 
+    cdef int _raise_pending(self) except -1:
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        return 0
+
     cdef object _recv_obj(self):
         self._check()
+        self._raise_pending()
         if self._stash is not None:
             out, self._stash = self._stash, None
             return out
@@ -1013,6 +1033,7 @@ cdef class MpmcRing(_Ring):
     def recv_many(self, Py_ssize_t max_count=_BATCH, timeout=0.0):
         """Up to ``max_count`` messages already there (claimed with one CAS per burst)."""
         self._check()
+        self._raise_pending()
         cdef list out = []
         cdef uint64_t pos
         cdef int64_t m, k, n
@@ -1036,8 +1057,11 @@ cdef class MpmcRing(_Ring):
                     elif err is None:
                         err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
                     ivshm_mpmc_release_one(&self._q, pos + k)
-            if err is not None and not out:
-                raise err
+            if err is not None:
+                if not out:
+                    raise err
+                self._pending_error = err  # raised by the next receive: nothing is hidden
+                return out
             if out or timeout == 0 or max_count <= 0:
                 return out
             if w is None:
@@ -1070,7 +1094,7 @@ cdef class MpmcRing(_Ring):
         """Claim the next free slot and return a writable view of ``size`` bytes (None if full).
         Consumers wait at this slot until :meth:`commit`, so commit promptly."""
         self._check()
-        if self._view_len >= 0:
+        if self._wview_len >= 0:
             raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
         if size < 0 or size > self._info.slot_size:
             raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: at most {self.slot_size} bytes")
@@ -1080,31 +1104,31 @@ cdef class MpmcRing(_Ring):
             return None
         if m < 0:
             raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "reserve")
-        self._view_pos = pos
-        self._view = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), size, False)
-        self._view_len = size
-        return self._view
+        self._wpos = pos
+        self._wview = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), size, False)
+        self._wview_len = size
+        return self._wview
 
     def commit(self, size=None):
         self._check()
-        if self._view_len < 0:
+        if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._view_len if size is None else size
-        if n < 0 or n > self._view_len:
-            raise ConfigError(f"commit({size}): between 0 and the {self._view_len} bytes reserved")
-        self._drop_view()
-        ivshm_mpmc_commit_one(&self._q, self._view_pos, <uint32_t>n)
+        cdef Py_ssize_t n = self._wview_len if size is None else size
+        if n < 0 or n > self._wview_len:
+            raise ConfigError(f"commit({size}): between 0 and the {self._wview_len} bytes reserved")
+        self._drop_wview()
+        ivshm_mpmc_commit_one(&self._q, self._wpos, <uint32_t>n)
 
     def peek(self):
         """Claim the next message and return a read-only view of it (None if empty); other
         consumers skip it.  :meth:`release` hands the slot back."""
         self._check()
-        if self._view is not None:
+        if self._rview is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
         if self._stash is not None:
-            self._view = memoryview(self._stash)
-            self._view_pos = <uint64_t>-1
-            return self._view
+            self._rview = memoryview(self._stash)
+            self._rpos = <uint64_t>-1
+            return self._rview
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
         if m == -EAGAIN:
@@ -1115,19 +1139,19 @@ cdef class MpmcRing(_Ring):
         if n < 0:
             ivshm_mpmc_release_one(&self._q, pos)
             raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "peek")
-        self._view_pos = pos
-        self._view = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), n, True)
-        return self._view
+        self._rpos = pos
+        self._rview = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), n, True)
+        return self._rview
 
     def release(self):
         self._check()
-        if self._view is None or self._view_len >= 0:
+        if self._rview is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
-        self._drop_view()
-        if self._view_pos == <uint64_t>-1:
+        self._drop_rview()
+        if self._rpos == <uint64_t>-1:
             self._stash = None
             return
-        ivshm_mpmc_release_one(&self._q, self._view_pos)
+        ivshm_mpmc_release_one(&self._q, self._rpos)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_region_full_and_directory_full(shm_path):
 def _race_create(path, barrier, q):
     r = Region.open(path)
     barrier.wait()
-    ring = r.create_ring("shared", slot_size=64, capacity=64)
+    ring = r.create_ring("shared", "mpmc", slot_size=64, capacity=64)
     ring.try_send(str(os.getpid()).encode())
     q.put(r.rings()[0]["offset"])
     r.close()

@@ -118,8 +118,18 @@ def test_spsc_producer_killed_mid_batch(shm_path):
                 p.start()
                 try:
                     got_this_round = 0
-                    for attempt in range(400):
-                        time.sleep(random.uniform(0, 0.004))
+                    attempts = 400
+                    for attempt in range(attempts):
+                        # stop it while it writes: wait until it publishes again (it was blocked
+                        # on a full ring or just resumed), then a little more, at random
+                        moved_from = ring_info(region, "batch")["head"]
+                        until = time.monotonic() + 0.5
+                        while (ring_info(region, "batch")["head"] == moved_from
+                               and time.monotonic() < until):
+                            pass
+                        pause_until = time.perf_counter() + random.uniform(0, 0.0003)
+                        while time.perf_counter() < pause_until:
+                            pass
                         os.kill(p.pid, signal.SIGSTOP)
                         wait_stopped(p.pid)
                         stops += 1
@@ -136,10 +146,13 @@ def test_spsc_producer_killed_mid_batch(shm_path):
                         head = ring_info(region, "batch")["head"]
                         slot = slots_at + (head % CAP) * stride("spsc", SLOT)
                         written = bytes(raw[slot + 8:slot + 20])
-                        if got_this_round >= 40 and written == struct.pack("<QI", expected, rnd):
-                            # message `expected` is (partly) written but not published: kill now
+                        caught = got_this_round >= 40 and written == struct.pack("<QI", expected, rnd)
+                        if caught or attempt == attempts - 1:
+                            # caught: message `expected` is (partly) written but not published.
+                            # Out of attempts: kill it frozen all the same, so that what is left
+                            # is still exactly what was published before the freeze.
                             os.kill(p.pid, signal.SIGKILL)
-                            mid_batch_kills += 1
+                            mid_batch_kills += caught
                             break
                         os.kill(p.pid, signal.SIGCONT)
                 finally:

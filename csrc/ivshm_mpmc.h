@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "ivshm_atomic.h"
+#include "ivshm_copy.h"
 #include "ivshm_layout.h"
 #include "ivshm_region.h"
 
@@ -139,11 +140,23 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
     if (n > q->capacity)
         n = q->capacity;
     uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
-    ivshm_mpmc_prefetch_w(q, p, n);
     for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
+        /* The producers' claim index is a hint, never trusted: when no producer has claimed index
+         * p the ring is empty, and we say so without touching the slot line a producer is about
+         * to write (polling it would pull that line back and forth on every message).  A stale
+         * value only makes this try report empty; blocking callers try again after their full
+         * fence (ivshm_wake.h), which orders this load after the producer's claim. */
+        uint64_t h = IVSHM_LOAD_RELAXED(&q->ctrl->head);
+        if (h == p)
+            return -EAGAIN;
+        uint64_t ahead = h - p, lim = n;
+        if (ahead < lim)
+            lim = ahead; /* a huge (wrapped, or forged) distance is ignored: the seqs decide */
+        if (tries == 0)
+            ivshm_mpmc_prefetch_w(q, p, lim); /* only lines that hold claimed messages */
         uint64_t m = 0;
         int64_t dif = 0;
-        for (; m < n; m++) {
+        for (; m < lim; m++) {
             /* pairs with the producer's release store of seq = i + 1 in ivshm_mpmc_commit_one */
             uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, p + m)->seq);
             dif = (int64_t)(seq - (p + m + 1));
@@ -198,7 +211,7 @@ static inline int ivshm_mpmc_try_send(struct ivshm_mpmc *q, const void *data, ui
     int64_t m = ivshm_mpmc_claim_send(q, 1, &p);
     if (IVSHM_UNLIKELY(m <= 0))
         return (int)m;
-    memcpy(ivshm_mpmc_payload(q, p), data, len);
+    ivshm_copy(ivshm_mpmc_payload(q, p), data, len);
     ivshm_mpmc_commit_one(q, p, (uint32_t)len);
     return 0;
 }
@@ -217,7 +230,7 @@ static inline int64_t ivshm_mpmc_try_recv(struct ivshm_mpmc *q, void *buf, uint6
     if (len >= 0) {
         if (needed)
             *needed = (uint64_t)len;
-        memcpy(buf, ivshm_mpmc_payload(q, p), (uint64_t)len < cap ? (uint64_t)len : cap);
+        ivshm_copy(buf, ivshm_mpmc_payload(q, p), (uint64_t)len < cap ? (uint64_t)len : cap);
     }
     ivshm_mpmc_release_one(q, p);
     return len;
@@ -235,7 +248,7 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
     const uint8_t *src = (const uint8_t *)data;
     for (int64_t k = 0; k < m; k++) {
         struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, p + (uint64_t)k);
-        memcpy((uint8_t *)s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
+        ivshm_copy((uint8_t *)s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
         s->len = elem;
         s->flags = 0;
     }
@@ -263,7 +276,7 @@ static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uin
         if (len < 0 || (uint64_t)len > elem) {
             rc = len < 0 ? len : -EMSGSIZE;
         } else {
-            memcpy(d + (uint64_t)k * elem, ivshm_mpmc_payload(q, i), (uint64_t)len);
+            ivshm_copy(d + (uint64_t)k * elem, ivshm_mpmc_payload(q, i), (uint64_t)len);
             if ((uint64_t)len < elem)
                 memset(d + (uint64_t)k * elem + len, 0, elem - (uint64_t)len);
         }

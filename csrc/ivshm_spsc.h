@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "ivshm_atomic.h"
+#include "ivshm_copy.h"
 #include "ivshm_layout.h"
 #include "ivshm_region.h"
 
@@ -126,7 +127,7 @@ static inline int ivshm_spsc_write(struct ivshm_spsc *q, const void *data, uint6
         uint32_t chunk = (uint32_t)(k + 1 < n ? q->slot_size : len - k * (uint64_t)q->slot_size);
         hd->len = chunk;
         hd->flags = k + 1 < n ? IVSHM_SLOT_MORE : 0;
-        memcpy(s + IVSHM_SPSC_SLOT_HDR, src, chunk);
+        ivshm_copy(s + IVSHM_SPSC_SLOT_HDR, src, chunk);
         src += chunk;
     }
     q->head += n;
@@ -169,7 +170,7 @@ static inline int64_t ivshm_spsc_send_fixed(struct ivshm_spsc *q, const void *da
         struct ivshm_spsc_slot_hdr *hd = (struct ivshm_spsc_slot_hdr *)s;
         hd->len = elem;
         hd->flags = 0;
-        memcpy(s + IVSHM_SPSC_SLOT_HDR, src + k * (uint64_t)elem, elem);
+        ivshm_copy(s + IVSHM_SPSC_SLOT_HDR, src + k * (uint64_t)elem, elem);
     }
     q->head += n;
     ivshm_spsc_publish(q);
@@ -243,7 +244,7 @@ static inline void ivshm_spsc_copy(const struct ivshm_spsc *q, const struct ivsh
                                    void *dst)
 {
     if (IVSHM_LIKELY(m->nslots == 1)) {
-        memcpy(dst, m->data, m->len);
+        ivshm_copy(dst, m->data, m->len);
         return;
     }
     uint8_t *d = (uint8_t *)dst;
@@ -310,7 +311,7 @@ static inline int64_t ivshm_spsc_recv_fixed(struct ivshm_spsc *q, void *dst, uin
         const struct ivshm_spsc_slot_hdr *hd = (const struct ivshm_spsc_slot_hdr *)s;
         if (IVSHM_READ_ONCE(&hd->len) != elem || IVSHM_READ_ONCE(&hd->flags) != 0)
             break;
-        memcpy(d + k * (uint64_t)elem, s + IVSHM_SPSC_SLOT_HDR, elem);
+        ivshm_copy(d + k * (uint64_t)elem, s + IVSHM_SPSC_SLOT_HDR, elem);
         q->tail++;
     }
     ivshm_spsc_release(q);

@@ -326,12 +326,14 @@ int main(int argc, char **argv)
     printf("# %" PRIu64 " 8-byte elements per run, capacity %u, median of %d runs, CPUs %d,%d\n",
            n, capacity, runs, cpu[0], cpu[1]);
     int failed = 0;
-    for (int k = 0; k < 4; k++) {
-        if (!want[k])
-            continue;
+    /* Runs are interleaved (run r of every ring and burst, then run r + 1), so that a noisy
+     * stretch of a shared machine slows every figure alike instead of one ring's runs. */
+    static double mops[4][3][99];
+    for (int r = 0; r < runs; r++) {
         for (int b = 0; b < 3; b++) {
-            double mops[99];
-            for (int r = 0; r < runs; r++) {
+            for (int k = 0; k < 4; k++) {
+                if (!want[k])
+                    continue;
                 struct job j = {.kind = (enum kind)k, .burst = bursts[b], .n = n,
                                 .cpu = {cpu[0], cpu[1]}};
                 struct ivshm_region reg;
@@ -354,14 +356,19 @@ int main(int argc, char **argv)
                             j.bad);
                     failed = 1;
                 }
-                mops[r] = (double)n / seconds(&j.start, &j.end) / 1e6;
+                mops[k][b][r] = (double)n / seconds(&j.start, &j.end) / 1e6;
             }
-            qsort(mops, (size_t)runs, sizeof(double), cmp_double);
-            result[k][b] = mops[runs / 2];
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        if (!want[k])
+            continue;
+        for (int b = 0; b < 3; b++) {
+            qsort(mops[k][b], (size_t)runs, sizeof(double), cmp_double);
+            result[k][b] = mops[k][b][runs / 2];
             printf("RESULT ring=%s burst=%u mops=%.1f\n",
                    k == IVSHM_SPSC ? "ivshm-spsc" : k == IVSHM_MPMC ? "ivshm-mpmc"
                    : k == RTE_SPSC ? "rte-spsc" : "rte-mpmc", bursts[b], result[k][b]);
-            fflush(stdout);
         }
     }
 

@@ -567,3 +567,28 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     run_files = [f for f in os.listdir("/dev/shm") if f.startswith("pyivshmem-bench-")
                  and f.split("-")[2] == str(os.getpid())]
     assert run_files == []
+
+
+def test_c_eventfd_reference_in_the_same_run(tmp_path, capsys):
+    """The bare C eventfd ping-pong is measured beside pyivshmem's blocking figures: it takes part
+    in the blocking round trip and the wake-up only, with every sample accounted for."""
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--scenarios", "roundtrip,wakeup,throughput", "--sizes", "64",
+            "--count", "200", "--rtt-samples", "150", "--rtt-seconds", "0.2",
+            "--wake-samples", "7", "--wake-gap", "0.001", "--peers", "c-eventfd",
+            "--json", str(out), "--quiet"]
+    assert bench.main(argv) == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    report.validate(doc)
+    ref = [r for r in doc["records"] if r["transport"] == "c-eventfd"]
+    assert {(r["scenario"], r["mode"]) for r in ref} == {("roundtrip", "blocking"),
+                                                         ("wakeup", "blocking")}
+    for r in ref:
+        assert r["status"] == "ok", r["note"]
+        assert r["ratio"] is not None and r["ratio"] > 0
+        lat = r["latency_ns"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["max"]
+    by = {r["scenario"]: r for r in ref}
+    assert by["roundtrip"]["latency_ns"]["count"] == 150      # warm-up round trips not counted
+    assert by["wakeup"]["latency_ns"]["count"] == 7
+    assert "C: bare eventfd ping-pong" in capsys.readouterr().out

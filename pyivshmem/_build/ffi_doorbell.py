@@ -59,15 +59,20 @@ ffibuilder.cdef(
     int ivshm_fd_check_eventfd(int fd);
     int ivshm_fd_check_shm(int fd, uint64_t *size);
     int ivshm_fd_describe(int fd, char *buf, size_t len);
+
+    int ivshm_ref_eventfd_rtt(int rx, int tx, int lead, uint64_t count, int64_t *lat_ns);
+    int ivshm_ref_eventfd_wake(int rx, int tx, int lead, uint64_t count, uint64_t gap_ns,
+                               int64_t *lat_ns);
     """
 )
 
 _cflags, _ldflags = compile_flags()
 ffibuilder.set_source(
     "pyivshmem._ffi_doorbell",
-    '#include "ivshm_doorbell.h"\n#include "ivshm_peer.h"\n',
+    '#include "ivshm_doorbell.h"\n#include "ivshm_peer.h"\n#include "ivshm_bench_ref.h"\n',
     # relative paths: setuptools refuses absolute ones when building a wheel
-    sources=[os.path.relpath(os.path.join(CSRC, f)) for f in ("ivshm_doorbell.c", "ivshm_peer.c")],
+    sources=[os.path.relpath(os.path.join(CSRC, f))
+             for f in ("ivshm_doorbell.c", "ivshm_peer.c", "ivshm_bench_ref.c")],
     include_dirs=[CSRC],
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,

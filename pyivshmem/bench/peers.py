@@ -28,6 +28,8 @@ faster-fifo        faster_fifo.Queue (bytes passed as they are); put/get and put
 zmq-pair           pyzmq PAIR sockets over ipc://
 iceoryx2           iceoryx2 publish-subscribe (lossless: no overflow, retry until delivered),
                    blocking through its event service
+c-eventfd          not a queue: the floor of every blocking figure, a bare eventfd ping-pong in
+                   C (csrc/ivshm_bench_ref.c), blocking round trips and wake-ups only
 =================  ======================================================================
 """
 from __future__ import annotations
@@ -701,6 +703,44 @@ def _spin(try_recv: Callable[[], Any]) -> Callable[[], Any]:
     return recv
 
 
+class CEventfd(Transport):
+    """A bare eventfd ping-pong in C: what a blocking wake-up costs with nothing around it.
+
+    It carries no messages, so it takes part only in the blocking round trip and the wake-up
+    (the loops run in C, csrc/ivshm_bench_ref.c, with the GIL released)."""
+
+    key = "c-eventfd"
+    label = "C: bare eventfd ping-pong"
+    calls = {"blocking": "write/read on blocking eventfds"}
+
+    def setup(self, ctx, run_id, sizes, workdir):
+        state = super().setup(ctx, run_id, sizes, workdir)
+        raw = {d: os.eventfd(0, os.EFD_CLOEXEC) for d in ("ab", "ba")}  # blocking reads
+        state["raw"] = list(raw.values())
+        state["fds"] = {d: InheritedFd(fd) for d, fd in raw.items()}
+        return state
+
+    def open(self, state, role, size, mode):
+        out, inc = _direction(role)
+        fds = state["fds"]
+        return Endpoint(tx=fds[out], rx=fds[inc], send=None, recv=None, try_recv=None)
+
+    def roundtrip_variants(self):
+        return [{"mode": "blocking", "variant": self.calls["blocking"], "busy": False,
+                 "group_mode": "blocking", "client": "ref-rtt-lead", "echo": "ref-rtt-echo"}]
+
+    def throughput_variants(self, size, batch):
+        return []
+
+    def wakeup_variants(self):
+        return [{"mode": "blocking", "variant": self.calls["blocking"],
+                 "send": "ref-wake-send", "recv": "ref-wake-recv"}]
+
+    def teardown(self, state):
+        for fd in state.get("raw", ()):
+            os.close(fd)
+
+
 PEERS: List[Transport] = [
     MpQueue(),
     MpPipe(),
@@ -710,6 +750,7 @@ PEERS: List[Transport] = [
     FasterFifo(),
     ZmqPair(),
     Iceoryx2(),
+    CEventfd(),
 ]
 
 

@@ -292,8 +292,9 @@ class Runner:
             timeout = 60 + 20 * self.s.rtt_seconds
             t0 = time.monotonic()
             try:
-                res = pair.run({"a": dict(task, pattern="rtt-client"),
-                                "b": dict(task, pattern="rtt-echo")}, timeout, order=["b", "a"])
+                res = pair.run({"a": dict(task, pattern=v.get("client", "rtt-client")),
+                                "b": dict(task, pattern=v.get("echo", "rtt-echo"))}, timeout,
+                               order=["b", "a"])
             except WorkerFailed as exc:
                 rec = self._record(t, "roundtrip", group, status="failed", note=str(exc), **fields)
             else:
@@ -373,8 +374,9 @@ class Runner:
             timeout = 60 + 3 * self.s.wake_samples * (self.s.wake_gap + 0.001)
             t0 = time.monotonic()
             try:
-                res = pair.run({"a": dict(task, pattern="wake-send"),
-                                "b": dict(task, pattern="wake-recv")}, timeout, order=["b", "a"])
+                res = pair.run({"a": dict(task, pattern=v.get("send", "wake-send")),
+                                "b": dict(task, pattern=v.get("recv", "wake-recv"))}, timeout,
+                               order=["b", "a"])
             except WorkerFailed as exc:
                 rec = self._record(t, "wakeup", group, status="failed", note=str(exc), **fields)
             else:

@@ -372,7 +372,60 @@ def zc_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     return {"start_ns": t0, "end_ns": t1, "messages": n - 1}
 
 
+def _ref_lib() -> Any:
+    from .._ffi_doorbell import ffi, lib
+
+    return ffi, lib
+
+
+def _ref_check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+
+
+def ref_rtt_lead(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """C eventfd ping-pong, leading side: as many round trips as ``rtt_client`` would time."""
+    ffi, lib = _ref_lib()
+    # a blocking round trip takes tens of microseconds: about `seconds` of them, at most `samples`
+    n = max(100, min(task["samples"], int(task["seconds"] / 20e-6)))
+    warm = task["warmup"]
+    lat = ffi.new("int64_t[]", n + warm)
+    _ref_check(lib.ivshm_ref_eventfd_rtt(ep.rx, ep.tx, 1, n + warm, lat), "eventfd round trips")
+    hist = Histogram()
+    hist.record_many(ffi.unpack(lat, n + warm)[warm:])
+    return {"histogram": hist.to_dict(), "count": n + warm}
+
+
+def ref_rtt_echo(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    ffi, lib = _ref_lib()
+    n = max(100, min(task["samples"], int(task["seconds"] / 20e-6))) + task["warmup"]
+    _ref_check(lib.ivshm_ref_eventfd_rtt(ep.rx, ep.tx, 0, n, ffi.NULL), "eventfd echo")
+    return {"echoed": n}
+
+
+def ref_wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    ffi, lib = _ref_lib()
+    rc = lib.ivshm_ref_eventfd_wake(ep.rx, ep.tx, 1, task["count"], int(task["gap"] * 1e9),
+                                    ffi.NULL)
+    _ref_check(rc, "eventfd wake-ups")
+    return {}
+
+
+def ref_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    ffi, lib = _ref_lib()
+    n = task["count"]
+    lat = ffi.new("int64_t[]", n)
+    _ref_check(lib.ivshm_ref_eventfd_wake(ep.rx, ep.tx, 0, n, 0, lat), "eventfd wake-ups")
+    hist = Histogram()
+    hist.record_many(max(0, v) for v in ffi.unpack(lat, n))
+    return {"histogram": hist.to_dict()}
+
+
 PATTERNS: Dict[str, Callable[[Endpoint, Dict[str, Any]], Dict[str, Any]]] = {
+    "ref-rtt-lead": ref_rtt_lead,
+    "ref-rtt-echo": ref_rtt_echo,
+    "ref-wake-send": ref_wake_send,
+    "ref-wake-recv": ref_wake_recv,
     "rtt-client": rtt_client,
     "rtt-echo": rtt_echo,
     "tput-send": tput_send,

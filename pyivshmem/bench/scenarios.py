@@ -4,10 +4,11 @@ The benchmark creates its own region file in /dev/shm (removed at the end) holdi
 message size, one SPSC ring per direction (``ab-<size>``, ``ba-<size>``) and one MPMC ring
 (``mpmc-<size>``).  Each worker process opens the region and the rings it needs.
 
-Doorbells: the blocking figures use :class:`pyivshmem.Channel` with eventfds the benchmark
-creates itself (:class:`EventfdBell`, two vectors per process), the same kind of doorbell a host
-:class:`Peer` receives from an ivshmem server, so no server is needed.  Each process sleeps on
-vector 0 for its incoming ring and on vector 1 for its outgoing ring.
+Memory and doorbells come the way they come to any host process: the benchmark starts its own
+:class:`pyivshmem.Server` (QEMU's protocol, a memfd, two vectors per peer) on a socket in its
+work folder, and every worker process joins it as a :class:`pyivshmem.Peer`: the region is the
+server's memory, and the blocking figures use :class:`pyivshmem.Channel` on that Peer's eventfds.
+Each process sleeps on vector 0 for its incoming ring and on vector 1 for its outgoing ring.
 
 Variants (``docs/bench.md`` explains each figure):
 
@@ -30,9 +31,13 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .peers import Endpoint, InheritedFd, Transport
+from .peers import Endpoint, Transport
 
-__all__ = ["PyivshmemTransport", "EventfdBell", "channel_problem", "ring_shape"]
+__all__ = ["PyivshmemTransport", "channel_problem", "ring_shape"]
+
+# The running server of each benchmark run, by run id (servers hold threads and sockets, so they
+# stay in the parent and out of the state handed to workers).
+_SERVERS: Dict[str, Any] = {}
 
 
 def channel_problem() -> Optional[str]:
@@ -46,32 +51,6 @@ def channel_problem() -> Optional[str]:
     if not hasattr(os, "eventfd"):
         return "needs os.eventfd (Linux, Python 3.10 or later) for the doorbells"
     return None
-
-
-class EventfdBell:
-    """A doorbell provider over eventfds: peer ``my_id`` knows every peer's fds, one per vector.
-
-    The same interface as a host Peer (``id``, ``vector_fd``, ``notify_target``, ``notify``).
-    """
-
-    def __init__(self, my_id: int, fds: Dict[int, List[int]]) -> None:
-        self.id = my_id
-        self.fds = fds
-
-    def vector_fd(self, vector: int) -> Optional[int]:
-        mine = self.fds.get(self.id, [])
-        return mine[vector] if vector < len(mine) else None
-
-    def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
-        theirs = self.fds.get(peer_id)
-        if theirs is None or vector >= len(theirs):
-            return None
-        return (1, theirs[vector], 0)
-
-    def notify(self, peer_id: int, vector: int = 0) -> None:
-        target = self.notify_target(peer_id, vector)
-        if target is not None:
-            os.eventfd_write(target[1], 1)
 
 
 def ring_shape(size: int) -> Dict[str, int]:
@@ -114,41 +93,38 @@ class PyivshmemTransport(Transport):
         return None
 
     def setup(self, ctx, run_id, sizes, workdir):
-        from pyivshmem import Region
+        from pyivshmem import Peer, Server
 
         state = super().setup(ctx, run_id, sizes, workdir)
-        path = f"/dev/shm/pyivshmem-bench-{run_id}"
-        with Region.create(path, _region_bytes(sizes)) as region:
-            for size in sizes:
-                shape = ring_shape(size)
-                for chan in ("ab", "ba"):
-                    region.create_ring(f"{chan}-{size}", "spsc", **shape)
-                region.create_ring(f"mpmc-{size}", "mpmc", **shape)
-        state["path"] = path
-        if channel_problem() is None:
-            raw = {peer: [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)] for peer in (0, 1)}
-            state["raw_fds"] = raw
-            state["bell_fds"] = {p: [InheritedFd(fd) for fd in fds] for p, fds in raw.items()}
+        sock = os.path.join(workdir, "ivshmem.sock")
+        server = Server(sock, memfd=True, size=_region_bytes(sizes), vectors=2)
+        server.start()
+        _SERVERS[run_id] = server
+        state["socket"] = sock
+        try:
+            with Peer.connect(sock, timeout=10) as peer:  # formats the memory, makes the rings
+                for size in sizes:
+                    shape = ring_shape(size)
+                    for chan in ("ab", "ba"):
+                        peer.region.create_ring(f"{chan}-{size}", "spsc", **shape)
+                    peer.region.create_ring(f"mpmc-{size}", "mpmc", **shape)
+        except BaseException:
+            self.teardown(state)
+            raise
         return state
 
     def teardown(self, state):
-        path = state.get("path")
-        if path:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        for fds in state.pop("raw_fds", {}).values():
-            for fd in fds:
-                os.close(fd)
+        server = _SERVERS.pop(state.get("run_id", ""), None)
+        if server is not None:
+            server.close()
 
-    def _region(self, state: Dict[str, Any]) -> Any:
-        region = state.get("_region")
-        if region is None:
-            from pyivshmem import Region
+    def _peer(self, state: Dict[str, Any]) -> Any:
+        peer = state.get("_peer")
+        if peer is None:
+            from pyivshmem import Peer
 
-            region = state["_region"] = Region.open(state["path"])
-        return region
+            peer = state["_peer"] = Peer.connect(state["socket"], timeout=10)
+        return peer
 
     def _ring(self, state: Dict[str, Any], name: str) -> Any:
         # One ring object per ring and process: each keeps the side's private index, so two
@@ -156,17 +132,8 @@ class PyivshmemTransport(Transport):
         rings = state.setdefault("_rings", {})
         ring = rings.get(name)
         if ring is None:
-            ring = rings[name] = self._region(state).ring(name)
+            ring = rings[name] = self._peer(state).region.ring(name)
         return ring
-
-    def _bell(self, state: Dict[str, Any], role: str) -> Any:
-        bell = state.get("_bell")
-        if bell is None:
-            fds = state.get("bell_fds")
-            if fds is None:
-                raise RuntimeError(channel_problem() or "no doorbells were set up")
-            bell = state["_bell"] = EventfdBell(0 if role == "a" else 1, fds)
-        return bell
 
     def open(self, state, role, size, mode):
         if role in ("a", "b"):
@@ -177,7 +144,7 @@ class PyivshmemTransport(Transport):
         if mode in ("adaptive", "blocking") and role in ("a", "b"):
             from pyivshmem import Channel
 
-            bell = self._bell(state, role)
+            bell = self._peer(state)
             spin = 0.0 if mode == "blocking" else None
             rx = Channel(r_in, bell, vector=0, spin=spin)
             tx = Channel(r_out, bell, vector=1, spin=spin)
@@ -209,9 +176,9 @@ class PyivshmemTransport(Transport):
     def worker_exit(self, state):
         for ring in state.pop("_rings", {}).values():
             ring.close()
-        region = state.pop("_region", None)
-        if region is not None:
-            region.close()
+        peer = state.pop("_peer", None)
+        if peer is not None:
+            peer.close()
 
     # -- what to measure ---------------------------------------------------------------------
     def roundtrip_variants(self) -> List[Dict[str, Any]]:

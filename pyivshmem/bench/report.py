@@ -557,8 +557,8 @@ def format_report(doc: Dict[str, Any]) -> str:
             "Wake-up: one-way latency to a receiver asleep in a blocking receive; lower is better",
             wake, "mode")
     out += _doorbell_section(by("doorbells"))
-    out += _guest_section(guests)
     out += _headline_lines(doc)
+    out += _guest_section(guests)
     notes = list(doc["notes"])
     for r in recs + guests:
         if r["status"] != "ok":

@@ -13,7 +13,7 @@ guest gets the package as it is installed on the host).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .stats import Histogram
 
@@ -196,7 +196,3 @@ def run_plan(plan: Dict[str, Any], me: str, region: Any, doorbell: Any,
                 ch.close()
         out[ph["name"]] = res
     return out
-
-
-def phase_names(plan: Dict[str, Any]) -> List[str]:
-    return [ph["name"] for ph in plan["phases"]]

@@ -369,7 +369,6 @@ def test_plot_without_matplotlib_exits_2(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--scenarios", "roundtrip,nope"], "unknown scenario nope"),
     (["--peers", "carrier-pigeon"], "unknown peer"),
-    (["--topology", "host-guest"], "QEMU"),
     (["--sizes", "4"], "at least 8 bytes"),
     (["--mpmc", "2by2"], "PxC"),
     (["--json", "/nonexistent-dir-xyz/out.json"], "does not exist"),
@@ -377,6 +376,113 @@ def test_plot_without_matplotlib_exits_2(monkeypatch, capsys, tmp_path):
 def test_cli_rejects_bad_arguments(argv, needle, capsys):
     assert bench.main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("topology", ["host-guest", "guest-guest"])
+def test_guest_topology_without_qemu_exits_2_saying_what_to_install(topology, monkeypatch,
+                                                                    capsys, tmp_path):
+    from pyivshmem import _vm
+
+    monkeypatch.setattr(_vm, "qemu_binary", lambda: None)
+    out = tmp_path / "out.json"
+    assert bench.main(["--topology", topology, "--quick", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "QEMU" in err and "apt-get install qemu-system-x86 busybox-static cpio kmod" in err
+    assert not out.exists()
+
+
+def _guest_records():
+    lat = _latency([90_000] * 50 + [200_000] * 5)
+    return [
+        _rec(transport="pyivshmem", label="pyivshmem", is_pyivshmem=True, rank=0,
+             group="guest/host-guest/roundtrip/blocking/64", placement="host-guest", cpus=[],
+             mode="blocking", variant="Channel send/recv, spin=0, MSI-X doorbell: host Peer <-> guest",
+             latency_ns=lat, note=report.EMULATED),
+        _rec(scenario="throughput", transport="pyivshmem", label="pyivshmem", is_pyivshmem=True,
+             rank=0, group="guest/guest-guest/throughput/64/a2b", placement="guest-guest", cpus=[],
+             mode="adaptive", method="send/recv", variant="Channel send/recv, guest a -> guest b",
+             throughput=_tput(1.5e4, 64), note=report.EMULATED),
+    ]
+
+
+def test_guest_figures_are_reported_apart_and_never_compared(tmp_path):
+    doc = _doc(_records() + _guest_records())
+    report.validate(json.loads(json.dumps(doc)))
+    # the headlines and the host tables are the same as without guest figures
+    assert doc["headlines"] == _doc()["headlines"]
+    assert not any(h["group"].startswith("guest/") for h in doc["headlines"])
+    text = report.format_report(doc)
+    host_part, guest_part = text.split("QEMU guests: ")
+    assert "host-guest" not in host_part and "guest a -> guest b" not in host_part
+    assert guest_part.startswith(
+        "functional figures under software emulation (TCG), not speed claims")
+    assert "host-guest" in guest_part and "90.0" in guest_part and "15k" in guest_part
+    md = report.format_markdown(doc)
+    assert "QEMU guests (functional figures under software emulation (TCG), not speed claims)" in md
+    assert "| guest-guest | guest a -> guest b | 64 B | 15k/s |" in md
+
+
+def test_only_guest_figures_table():
+    text = report.format_report(_doc(_guest_records()))
+    assert "QEMU guests under software emulation (TCG)" in text.splitlines()[1]
+    assert "Round trip of a" not in text and "Summary" not in text
+
+
+def test_guest_figures_are_not_plotted(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert report.write_plots(_doc(_guest_records()), str(tmp_path / "plots")) == []
+
+
+def test_guest_plan_shapes():
+    """The plan of each topology: phases, rings with their own vectors, a region that holds them."""
+    from pyivshmem.bench import guests
+
+    s = Settings(quick=True)
+    g = guests.guest_settings(s, {"sizes": [64, 4096, 1 << 20], "count": None, "rtt_samples": 40})
+    assert g["sizes"] == [64, 4096] and g["too_big"] == [1 << 20] and g["rtt_samples"] == 40
+    hg = guests._Plan("host-guest", s, g, busy_ok=True)
+    assert [p["name"] for p in hg.phases] == [
+        "rtt-busy-poll", "rtt-blocking", "stream-64-h2g", "stream-64-g2h", "stream-4096-h2g",
+        "stream-4096-g2h"]
+    assert sorted(r["vector"] for r in hg.rings.values()) == list(range(hg.vectors))
+    need = sum(r["slot"] * r["capacity"] for r in hg.rings.values())
+    assert hg.region_size >= 2 * need and hg.region_size & (hg.region_size - 1) == 0
+    assert [p[1]["size"] for p in hg.skipped] == [1 << 20]
+    gg = guests._Plan("guest-guest", s, g, busy_ok=False)
+    assert [p["name"] for p in gg.phases] == ["rtt-blocking", "stream-64-a2b", "stream-4096-a2b"]
+    assert {p[2] for p in gg.skipped} >= {"busy-polling needs two CPUs"}
+
+
+def test_guest_loops_in_one_process():
+    """vmloops' parts of a plan, host and guest both played by threads on one region."""
+    import threading
+
+    from pyivshmem import Region
+    from pyivshmem.bench import guests, vmloops
+
+    s = Settings(quick=True)
+    g = guests.guest_settings(s, {"sizes": [64, 200], "count": 300, "rtt_samples": 50})
+    plan = guests._Plan("host-guest", s, g, busy_ok=True)
+    path = f"/dev/shm/pyivshmem-test-{os.getpid()}-vmloops"
+    region = Region.create(path, plan.region_size)
+    try:
+        for name, r in plan.rings.items():
+            region.create_ring(name, "spsc", slot_size=r["slot"], capacity=r["capacity"])
+        d = plan.as_dict("x")
+        d["op_timeout"] = 30.0
+        out = {}
+        t = threading.Thread(target=lambda: out.update(guest=vmloops.run_plan(d, "guest", region, None)))
+        t.start()
+        out["host"] = vmloops.run_plan(d, "host", region, None)
+        t.join(60)
+        recs = guests._records_from(plan, out)
+    finally:
+        region.close()
+        os.unlink(path)
+    assert [r["status"] for r in recs] == ["ok"] * 6
+    assert [r["latency_ns"]["count"] for r in recs[:2]] == [50, 50]
+    assert [r["throughput"]["messages"] for r in recs[2:]] == [300] * 4
+    assert all(r["placement"] == "host-guest" and r["group"].startswith("guest/") for r in recs)
 
 
 def test_cli_list(capsys):

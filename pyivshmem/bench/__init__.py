@@ -6,9 +6,13 @@ latency, one-way throughput, MPMC throughput and wake-up latency for pyivshmem a
 that is installed (the others are skipped with a note saying how to install them).  docs/bench.md
 describes every figure and the JSON schema.
 
+With ``--topology host-guest`` or ``guest-guest`` it boots QEMU guests instead (guests.py) and
+measures pyivshmem across the VM boundary; under software emulation those are functional figures,
+reported apart from the host figures.
+
 Modules: stats (histogram, percentiles), peers (the other transports), scenarios (pyivshmem's
 variants), workers (spawned processes and measuring loops), runner (what runs in which order),
-report (JSON, table, plots).
+report (JSON, table, plots), guests and vmloops (the guest topologies).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ examples:
   pyivshmem bench --json results.json --plot plots/
   pyivshmem bench --scenarios roundtrip --peers os-pipe,unix-seqpacket
   pyivshmem bench --list                       which peers are installed here
+  pyivshmem bench --topology host-guest --quick   host <-> QEMU guest (needs qemu-system-x86)
 """
 
 
@@ -120,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross: the two processes on different CPUs (default); same: one CPU")
     p.add_argument("--cpus", type=_cpu_pair, metavar="A,B", help="CPUs to pin to (default: first two)")
     p.add_argument("--topology", choices=("host", "host-guest", "guest-guest"), default="host",
-                   help="host: two host processes (default); the others need QEMU guests")
+                   help="host: two host processes (default); host-guest: a host process and a "
+                        "QEMU guest; guest-guest: two QEMU guests (both need qemu-system-x86; "
+                        "emulated guests give functional figures, not speed claims)")
     p.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -166,11 +173,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.list:
         return _list(sys.stdout)
-    if args.topology != "host":
-        print(f"pyivshmem bench: --topology {args.topology} needs QEMU guests driven by the VM "
-              "harness, which this version of the benchmark does not include yet; "
-              "use --topology host", file=sys.stderr)
-        return 2
     if args.plot:
         from .report import PlotUnavailable, _matplotlib
 
@@ -224,15 +226,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    transports = [PyivshmemTransport()] + peers
     started = time.monotonic()
-    runner = Runner(s, transports, None if args.quiet else progress)
-    try:
-        records = runner.run()
-    except KeyboardInterrupt:
-        print("pyivshmem bench: interrupted", file=sys.stderr)
-        return 130
-    doc = build_document(records, s.as_dict(), runner.notes, ["pyivshmem", "bench"] + args_list,
+    settings = s.as_dict()
+    if s.topology == "host":
+        transports = [PyivshmemTransport()] + peers
+        runner = Runner(s, transports, None if args.quiet else progress)
+        try:
+            records = runner.run()
+        except KeyboardInterrupt:
+            print("pyivshmem bench: interrupted", file=sys.stderr)
+            return 130
+        notes = runner.notes
+    else:
+        from .guests import GuestsUnavailable, check_available, guest_settings, run_guests
+
+        guest = guest_settings(s, {"sizes": args.sizes, "count": args.count,
+                                   "rtt_samples": args.rtt_samples})
+        settings["guest"] = guest
+        if not args.quiet:
+            progress(f"--topology {s.topology}: preparing the guest image "
+                     "(cached after the first run)")
+        try:
+            image = check_available()
+        except GuestsUnavailable as exc:
+            print(f"pyivshmem bench: --topology {s.topology} needs QEMU guests: {exc}",
+                  file=sys.stderr)
+            return 2
+        try:
+            records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
+                                        None if args.quiet else progress)
+        except KeyboardInterrupt:
+            print("pyivshmem bench: interrupted", file=sys.stderr)
+            return 130
+    doc = build_document(records, settings, notes, ["pyivshmem", "bench"] + args_list,
                          list(s.cpus) or usable_cpus(), time.monotonic() - started)
     print(format_report(doc))
     if args.json:

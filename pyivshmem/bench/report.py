@@ -32,6 +32,9 @@ __all__ = [
     "write_plots",
     "PlotUnavailable",
     "host_info",
+    "is_guest",
+    "GUEST_PLACEMENTS",
+    "EMULATED",
 ]
 
 SCHEMA = "pyivshmem-bench"
@@ -122,6 +125,14 @@ HEADLINE_FIELDS: Dict[str, tuple] = {
     "ratio": _OPT_NUM,
 }
 _STATUSES = ("ok", "skipped", "failed")
+# placements of figures measured with QEMU guests (--topology host-guest / guest-guest)
+GUEST_PLACEMENTS = ("host-guest", "guest-guest")
+EMULATED = "functional figures under software emulation (TCG), not speed claims"
+
+
+def is_guest(rec: Dict[str, Any]) -> bool:
+    """A figure measured with emulated QEMU guests: reported apart, never compared or headlined."""
+    return rec.get("placement") in GUEST_PLACEMENTS
 _SCENARIOS = ("roundtrip", "throughput", "mpmc", "wakeup", "doorbells")
 
 
@@ -219,7 +230,7 @@ def headlines(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """pyivshmem's reference figure against the best peer, for the figures a reader looks for."""
     out = []
     for title, prefix, unit in _HEADLINES:
-        recs = [r for r in records if r["group"].startswith(prefix)]
+        recs = [r for r in records if r["group"].startswith(prefix) and not is_guest(r)]
         refs = [r for r in recs if r["reference"]]
         if not refs:
             continue
@@ -479,15 +490,52 @@ def _headline_lines(doc: Dict[str, Any]) -> List[str]:
     return ["Summary (pyivshmem against the best peer measured in this run)"] + lines + [""] if lines else []
 
 
+def _guest_rows(recs: List[Dict[str, Any]], fmt_lat, fmt_tp) -> Tuple[List[List[str]], List[List[str]]]:
+    ok = [r for r in recs if r["status"] == "ok"]
+    lat = [[r["placement"], r["mode"] or "", r["variant"]] + fmt_lat(r["latency_ns"])
+           for r in ok if r["latency_ns"]]
+    tp = [[r["placement"], r["variant"].split(", ")[-1], fmt_size(r["size"])] + fmt_tp(r)
+          for r in ok if r["throughput"]]
+    return lat, tp
+
+
+def _guest_section(recs: List[Dict[str, Any]]) -> List[str]:
+    """Figures measured with QEMU guests, apart from the host figures and never compared."""
+    def lat(x: Dict[str, Any]) -> List[str]:
+        return [fmt_us(x["p50"]), fmt_us(x["p99"]), fmt_us(x["p99_9"]), fmt_us(x["max"]),
+                str(x["count"])]
+
+    def tp(r: Dict[str, Any]) -> List[str]:
+        t = r["throughput"]
+        return [fmt_rate(t["msgs_per_s"]), f"{t['bytes_per_s'] / 1e6:.3g}", str(t["messages"])]
+
+    lat_rows, tp_rows = _guest_rows(recs, lat, tp)
+    if not lat_rows and not tp_rows:
+        return []
+    out = [f"QEMU guests: {EMULATED}"]
+    if lat_rows:
+        out.append("Round trip, microseconds")
+        out += _table([["topology", "mode", "calls", "p50", "p99", "p99.9", "max", "n"]] + lat_rows,
+                      right=(3, 4, 5, 6, 7))
+    if tp_rows:
+        out.append("One-way throughput")
+        out += _table([["topology", "direction", "size", "msgs/s", "MB/s", "messages"]] + tp_rows,
+                      right=(3, 4, 5))
+    return out + [""]
+
+
 def format_report(doc: Dict[str, Any]) -> str:
     """The human-readable table of a document."""
     host = doc["host"]
-    recs = doc["records"]
+    guests = [r for r in doc["records"] if is_guest(r)]
+    recs = [r for r in doc["records"] if not is_guest(r)]
     cpus = sorted({c for r in recs for c in r["cpus"]})
     placement = {r["placement"] for r in recs if r["scenario"] in ("roundtrip", "throughput")}
     where = (f"processes pinned to CPUs {', '.join(map(str, cpus))}" if cpus else "processes not pinned")
     if "same" in placement or "single-cpu" in placement:
         where += " (both on one CPU)"
+    if guests and not recs:
+        where = "QEMU guests under software emulation (TCG)"
     out = [
         f"pyivshmem {doc['pyivshmem_version']} bench, {doc['created']}",
         f"{host['cpu_model']}, {host['cpu_count']} CPUs, Linux {host['kernel']}, "
@@ -510,8 +558,9 @@ def format_report(doc: Dict[str, Any]) -> str:
             wake, "mode")
     out += _doorbell_section(by("doorbells"))
     out += _headline_lines(doc)
+    out += _guest_section(guests)
     notes = list(doc["notes"])
-    for r in recs:
+    for r in recs + guests:
         if r["status"] != "ok":
             what = " ".join(str(x) for x in (r["scenario"], r["mode"] or r["method"] or "",
                                              fmt_size(r["size"]) if r["size"] else "") if x)
@@ -561,7 +610,7 @@ def write_plots(doc: Dict[str, Any], directory: str) -> List[str]:
     """PNG files: latency distributions, throughput by size, pyivshmem against peers."""
     plt = _matplotlib()
     os.makedirs(directory, exist_ok=True)
-    recs = doc["records"]
+    recs = [r for r in doc["records"] if not is_guest(r)]  # emulated guests are not plotted
     written: List[str] = []
 
     # 1. latency distribution (round trip by mode; wake-up)
@@ -682,7 +731,8 @@ def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
 def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
     """A results section in Markdown: summary, round trip, throughput, MPMC, wake-up."""
     host = doc["host"]
-    recs = doc["records"]
+    guests = [r for r in doc["records"] if is_guest(r)]
+    recs = [r for r in doc["records"] if not is_guest(r)]
     cmd = " ".join(doc["command"])
     out = [
         "## Results",
@@ -741,4 +791,16 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
         out += _md_table(["transport", "calls", "p50", "p99", "vs"],
                          [[r["label"], f"`{r['variant']}`", fmt_us(r["latency_ns"]["p50"]),
                            fmt_us(r["latency_ns"]["p99"]), fmt_ratio(r)] for r in _ordered(wk)])
+    lat_rows, tp_rows = _guest_rows(
+        guests,
+        lambda x: [fmt_us(x["p50"]), fmt_us(x["p99"]), fmt_us(x["p99_9"]), fmt_us(x["max"])],
+        lambda r: [f"{fmt_rate(r['throughput']['msgs_per_s'])}/s"])
+    if lat_rows or tp_rows:
+        out.append(f"QEMU guests ({EMULATED}):")
+        out.append("")
+        if lat_rows:
+            out += _md_table(["topology", "mode", "calls", "p50", "p99", "p99.9", "max"],
+                             [r[:2] + [f"`{r[2]}`"] + r[3:] for r in lat_rows])
+        if tp_rows:
+            out += _md_table(["topology", "direction", "size", "messages/s"], tp_rows)
     return "\n".join(out)

@@ -55,6 +55,12 @@ __all__ = [
 
 log = logging.getLogger("pyivshmem.server")
 
+# From csrc/ivshm_layout.h: a formatted region's magic ("PYIVSHM1"), the magic while a peer is
+# formatting it, and the header's size.
+_REGION_MAGIC = 0x314D485356495950
+_REGION_FORMATTING = 0x2A2A2A2A2A2A2A2A
+_REGION_HDR_SIZE = 4096
+
 DEFAULT_SOCKET = "/tmp/ivshmem_socket"
 DEFAULT_SHM_NAME = "ivshmem"
 DEFAULT_SIZE = 4 << 20
@@ -207,6 +213,14 @@ class Server:
         that are slow to read.
     raise_fd_limit:
         Raise this process's RLIMIT_NOFILE soft limit to its hard limit when the server starts.
+    keep_region:
+        The memory of a named shm object or file outlives its server.  By default a pyivshmem
+        region found in it when the server starts (a previous server's session) is invalidated:
+        its header is zeroed, so this server's first peer formats a fresh region with a new
+        generation, and the previous session's peers still mapping it get
+        :class:`RegionFormatError` / :class:`StaleRegionError` from ``region.check()`` instead of
+        silently sharing rings with the new session.  ``keep_region=True`` leaves the memory as it
+        is (for a region prepared before the server starts).
     """
 
     def __init__(
@@ -224,6 +238,7 @@ class Server:
         max_queue: int = DEFAULT_MAX_QUEUE,
         shutdown_timeout: float = 2.0,
         raise_fd_limit: bool = True,
+        keep_region: bool = False,
     ):
         self._closed = False
         self._listening = False
@@ -267,6 +282,7 @@ class Server:
         self._mode = mode
         self._max_queue = max_queue
         self._shutdown_timeout = float(shutdown_timeout)
+        self._keep_region = bool(keep_region)
         self._raise_fd_limit = raise_fd_limit
 
         self._ffi, self._lib = _load_ffi()
@@ -518,10 +534,22 @@ class Server:
                 raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
         try:
             self._size_memory(fd, where)
+            if not self._keep_region:
+                self._invalidate_old_region(fd, where)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _invalidate_old_region(self, fd: int, where: str) -> None:
+        """Zero the header of a pyivshmem region left in this memory by an earlier session."""
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8 or int.from_bytes(head, "little") not in (_REGION_MAGIC,
+                                                                     _REGION_FORMATTING):
+            return
+        os.pwrite(fd, bytes(_REGION_HDR_SIZE), 0)
+        log.info("invalidated the pyivshmem region left in %s by an earlier session: peers "
+                 "format a fresh one (keep_region=True keeps it)", where)
 
     def _size_memory(self, fd: int, where: str) -> None:
         size = self._size

@@ -842,3 +842,66 @@ def test_qemu_connects(sock_path):
             assert server.wait_until(lambda p: p == (0,), 10)
         finally:
             watcher.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("keep", [False, True])
+def test_restarted_server_gives_a_fresh_region(sock_path, shm_name, keep):
+    """A named shm object outlives its server.  A server started on it again invalidates the old
+    session's region: its peers format a new one (new generation, no old rings or messages), and
+    a peer of the old session still mapping the memory is told by region.check() instead of
+    silently sharing rings with the new session.  keep_region=True leaves the region alone."""
+    from pyivshmem import Peer, StaleRegionError
+    from pyivshmem.peer import DISCONNECTED
+
+    first = Server(sock_path, shm_name=shm_name, size="1M", vectors=1).start()
+    old = Peer.connect(sock_path)
+    try:
+        assert os.pread(old.region.fileno(), 8, 0) == (0x314D485356495950).to_bytes(8, "little")
+        ring = old.region.create_ring("jobs", "spsc", slot_size=64, capacity=16)
+        assert ring.try_send(b"from the first session")
+        old_generation = old.region.generation
+        first.close()
+        deadline = time.monotonic() + 10
+        while not any(e.kind == DISCONNECTED for e in old.events()):
+            assert time.monotonic() < deadline, "the old peer never saw its server go"
+            time.sleep(0.01)
+
+        second = Server(sock_path, shm_name=shm_name, size="1M", vectors=1,
+                        keep_region=keep).start()
+        try:
+            with Peer.connect(sock_path) as new:
+                if keep:
+                    assert new.region.generation == old_generation
+                    assert new.region.ring("jobs").try_recv() == b"from the first session"
+                    old.region.check()  # nothing changed for the old side either
+                    return
+                assert new.region.generation != old_generation
+                assert [r["name"] for r in new.region.rings()] == []
+                with pytest.raises(KeyError):
+                    new.region.ring("jobs")
+                with pytest.raises(StaleRegionError):
+                    old.region.check()
+                # the new session's ring of the same name starts empty
+                assert new.region.create_ring("jobs", "spsc", slot_size=64,
+                                              capacity=16).try_recv() is None
+        finally:
+            second.close()
+    finally:
+        old.close()
+
+
+@pytest.mark.timeout(30)
+def test_restart_invalidation_before_anyone_formats(sock_path, shm_name):
+    """Between the restart and the first new peer the old side sees the header gone."""
+    from pyivshmem import Region, RegionFormatError
+
+    path = f"/dev/shm/{shm_name}"
+    with Region.create(path, "1M") as left_over:
+        left_over.create_ring("x", "spsc", slot_size=64, capacity=16)
+        srv = Server(sock_path, shm_name=shm_name, size="1M", vectors=1).start()
+        try:
+            with pytest.raises(RegionFormatError):
+                left_over.check()
+        finally:
+            srv.close()

@@ -1,7 +1,7 @@
 """`pyivshmem bench`: pyivshmem against the transports a user would pick instead, in one run.
 
-Runs with nothing but the package installed: it creates its own region in /dev/shm, starts its
-own worker processes (spawned, pinned to different CPUs when there are two) and measures round-trip
+Runs with nothing but the package installed: it starts its own ivshmem server (a memfd), starts
+its own worker processes (spawned, pinned to different CPUs when there are two) and measures round-trip
 latency, one-way throughput, MPMC throughput and wake-up latency for pyivshmem and for every peer
 that is installed (the others are skipped with a note saying how to install them).  docs/bench.md
 describes every figure and the JSON schema.

@@ -1,8 +1,8 @@
 """pyivshmem itself as a benchmark transport, and the variants of each scenario it is measured in.
 
-The benchmark creates its own region file in /dev/shm (removed at the end) holding, for every
-message size, one SPSC ring per direction (``ab-<size>``, ``ba-<size>``) and one MPMC ring
-(``mpmc-<size>``).  Each worker process opens the region and the rings it needs.
+The benchmark's region (the memory of its own server, below) holds, for every message size, one
+SPSC ring per direction (``ab-<size>``, ``ba-<size>``) and one MPMC ring (``mpmc-<size>``).  Each
+worker process opens the rings it needs.
 
 Memory and doorbells come the way they come to any host process: the benchmark starts its own
 :class:`pyivshmem.Server` (QEMU's protocol, a memfd, two vectors per peer) on a socket in its

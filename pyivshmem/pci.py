@@ -231,6 +231,12 @@ class PciDevice:
             names = sorted(os.listdir(base))
         except FileNotFoundError:
             return []
+        except PermissionError as exc:
+            raise DeviceError(
+                errno.EACCES,
+                f"cannot list PCI devices: {base} is not readable by this user; run as root "
+                f"(or give it read access)",
+            ) from exc
         out = []
         for bdf in names:
             info = _describe(os.path.join(base, bdf), bdf)

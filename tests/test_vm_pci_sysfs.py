@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import select
+import shutil
 import struct
 from pathlib import Path
 
@@ -135,11 +136,58 @@ def test_open_memory_decoding_off(sysfs):
         PciDevice.open(vfio=False, sysfs=str(sysfs))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="runs as root")
+def _open_as_nobody(sysfs) -> str:
+    """As root: PciDevice.open in a forked child that dropped to uid/gid 65534 first; what it
+    raised (its class and message), or "opened"."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                PciDevice.open(vfio=False, sysfs=str(sysfs)).close()
+                out = "opened"
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                out = f"{type(exc).__name__}: {exc}"
+            os.write(w, out.encode()[:4000])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, out)
+    return out
+
+
 def test_open_not_root(sysfs):
-    _device(sysfs, "0000:00:03.0")
-    with pytest.raises(DeviceError, match="root"):
-        PciDevice.open(vfio=False, sysfs=str(sysfs))
+    if os.geteuid() != 0:
+        _device(sysfs, "0000:00:03.0")
+        with pytest.raises(DeviceError, match="root"):
+            PciDevice.open(vfio=False, sysfs=str(sysfs))
+        return
+    # as root: from an unprivileged child, on a fake sysfs anyone may read (as the real one is)
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="pyivshmem-sysfs-")
+    try:
+        os.chmod(top, 0o755)
+        public = Path(top) / "sys"
+        (public / "bus" / "pci" / "devices").mkdir(parents=True)
+        _device(public, "0000:00:03.0")
+        out = _open_as_nobody(public)
+        assert out.startswith("DeviceError") and "map the BARs" in out and "root" in out, out
+        # and where sysfs itself cannot be read, the error says so instead of a bare OSError
+        os.chmod(public / "bus" / "pci" / "devices", 0o700)
+        out = _open_as_nobody(public)
+        assert out.startswith("DeviceError") and "not readable" in out and "root" in out, out
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bind_vfio needs root")

@@ -40,3 +40,21 @@ def region(shm_path):
     r = Region.create(shm_path, "4M")
     yield r
     r.close()
+
+
+# Figures a test wants in the run's output (fuzz executions, C test counts): shown at the end of
+# every run, pass or fail, so that CI's log reports what was exercised, not only that it passed.
+_FIGURES = []
+
+
+@pytest.fixture
+def report_figure():
+    """Call with one line of text; it is printed in the run's closing summary."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

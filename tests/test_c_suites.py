@@ -30,11 +30,13 @@ def _run(cmd, timeout):
 
 
 @pytest.mark.timeout(900)
-def test_c_core_plain_and_sanitized():
+def test_c_core_plain_and_sanitized(report_figure):
     _need("make", "gcc")
     out = _run(["sh", "run.sh"], 850)
-    last = [line for line in out.splitlines() if " passed, " in line][-1]
+    counts = [line.strip() for line in out.splitlines() if " passed, " in line]
+    last = counts[-1]
     assert last.endswith(" 0 failed") and not last.startswith("0 passed"), last
+    report_figure("C core tests (tests/c/run.sh): " + "; ".join(counts))
 
 
 @pytest.mark.timeout(900)
@@ -44,7 +46,13 @@ def test_python_suite_under_asan():
 
 
 @pytest.mark.timeout(FUZZ_SECONDS * 4 + 300)
-def test_fuzz_budget_finds_nothing():
+def test_fuzz_budget_finds_nothing(report_figure):
     _need("make", "clang")
     out = _run(["make", "-s", "fuzz", f"FUZZ_SECONDS={FUZZ_SECONDS}"], FUZZ_SECONDS * 4 + 240)
-    assert "exec" in out.lower(), "the fuzzers reported no executions"
+    per_harness = [line for line in out.splitlines() if " executions in " in line]
+    total = [line for line in out.splitlines() if line.startswith("fuzz: ")]
+    assert len(per_harness) == 2 and total, f"the fuzzers reported no executions:\n{out[-3000:]}"
+    executions = int(total[-1].split()[1])
+    assert executions > 0, total[-1]
+    for line in per_harness:
+        report_figure(f"libFuzzer {line}")

@@ -3,8 +3,6 @@ import multiprocessing as mp
 import os
 import shutil
 import subprocess
-import sys
-import zlib
 
 import pytest
 

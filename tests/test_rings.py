@@ -3,7 +3,7 @@ import collections
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pyivshmem import ConfigError, MessageTooLargeError, Region, WaitTimeout

@@ -29,7 +29,7 @@ pyivshmem variant with the lowest rank is the reference the peers' ratios are co
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from .peers import Endpoint, Transport
 

@@ -83,7 +83,10 @@ struct ivshm_ring_ctrl {
     uint32_t capacity;       /*  16 */
     uint32_t stride;         /*  20: bytes from one slot to the next */
     uint64_t generation;     /*  24: the region's generation when the ring was made */
-    uint8_t  pad0[IVSHM_LINE - 32];
+    uint8_t  pad0[64 - 32];
+    /* the second 64-byte half of line 0, written by MPMC producers, read by MPMC consumers */
+    uint64_t committed;      /*  64: MPMC: a hint, >= the end of every committed claim */
+    uint8_t  pad0b[IVSHM_LINE - 72];
     /* line 1: producer index */
     uint64_t head;           /* 128: SPSC: next index to publish; MPMC: next index to claim */
     uint8_t  pad1[IVSHM_LINE - 8];
@@ -125,6 +128,7 @@ _Static_assert(offsetof(struct ivshm_region_hdr, rings) == 128, "directory start
 _Static_assert(offsetof(struct ivshm_region_hdr, generation) == 24, "generation at 24");
 _Static_assert(offsetof(struct ivshm_region_hdr, lock) == 48, "lock at 48");
 _Static_assert(sizeof(struct ivshm_ring_ctrl) == 5 * IVSHM_LINE, "control block is 640 bytes");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, committed) == 64, "committed at 64");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, head) == IVSHM_LINE, "head on line 1");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, tail) == 2 * IVSHM_LINE, "tail on line 2");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, cons_waiting) == 3 * IVSHM_LINE, "cons_waiting on line 3");

@@ -6,9 +6,17 @@
  * ctrl->tail; a burst claims several consecutive indices with one CAS after checking each slot's
  * sequence.  A slow producer delays only the consumers that reach its slot.
  *
+ * Consumers look for work in ctrl->committed, a hint that producers raise to the end of each
+ * claim they commit (CAS, so it only grows): a consumer that finds it at its own index knows the
+ * ring is empty without touching ctrl->head, whose line producers CAS on every claim, nor the
+ * slot lines a producer is still writing.  Polling either of those would take the line away
+ * from the producer in the middle of its work on every message.  The hint is never trusted:
+ * the sequence words decide, and a hint that lags only makes one try report empty.
+ *
  * Pairings:
  *   producer: writes payload, then release-stores seq = i + 1   -> consumer's acquire load of seq
  *   consumer: reads payload,  then release-stores seq = i + cap -> producer's acquire load of seq
+ *   producer: after the seq stores, CAS-raises ctrl->committed   -> consumer's acquire load of it
  *   CAS on head/tail: acq_rel, they only order the claims among producers (resp. consumers).
  *
  * Cooperating peers only: a producer that dies between claim and commit leaves its slot claimed
@@ -122,6 +130,19 @@ static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, ui
     return ivshm_mpmc_corrupt(q, "producer index keeps changing (hostile peer?)", p, 0);
 }
 
+/* Raise ctrl->committed to `end` unless it is already there or beyond.  A CAS, not a store:
+ * two producers committing at once must not lower it, or a consumer would see an empty ring in
+ * front of a committed message until the next commit.  Bounded: a peer that keeps changing the
+ * word only costs hints. */
+static inline void ivshm_mpmc_note_committed(struct ivshm_mpmc *q, uint64_t end)
+{
+    uint64_t cur = IVSHM_LOAD_RELAXED(&q->ctrl->committed);
+    for (int tries = 0; tries < 64 && (int64_t)(end - cur) > 0; tries++)
+        /* pairs with the consumer's acquire load in ivshm_mpmc_claim_recv; after our seq stores */
+        if (IVSHM_CAS(&q->ctrl->committed, &cur, end))
+            return;
+}
+
 static inline void ivshm_mpmc_commit_one(struct ivshm_mpmc *q, uint64_t i, uint32_t len)
 {
     struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, i);
@@ -129,6 +150,7 @@ static inline void ivshm_mpmc_commit_one(struct ivshm_mpmc *q, uint64_t i, uint3
     s->flags = 0;
     /* pairs with the consumer's acquire load of seq in ivshm_mpmc_claim_recv */
     IVSHM_STORE_RELEASE(&s->seq, i + 1);
+    ivshm_mpmc_note_committed(q, i + 1);
 }
 
 /* Claim up to n consecutive full slots for reading; 0 when n is 0, -EAGAIN when empty (or when the
@@ -141,12 +163,12 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
         n = q->capacity;
     uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
     for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
-        /* The producers' claim index is a hint, never trusted: when no producer has claimed index
-         * p the ring is empty, and we say so without touching the slot line a producer is about
-         * to write (polling it would pull that line back and forth on every message).  A stale
-         * value only makes this try report empty; blocking callers try again after their full
-         * fence (ivshm_wake.h), which orders this load after the producer's claim. */
-        uint64_t h = IVSHM_LOAD_RELAXED(&q->ctrl->head);
+        /* The producers' commit hint (see the top), never trusted: when no commit reaches past
+         * index p the ring is empty (for now), and we say so without touching the lines the
+         * producers are working on.  A stale value only makes this try report empty; blocking
+         * callers try again after their full fence (ivshm_wake.h), which orders this load after
+         * the producer's raise of the hint. */
+        uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->committed);
         if (h == p)
             return -EAGAIN;
         uint64_t ahead = h - p, lim = n;
@@ -251,11 +273,12 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
         ivshm_copy((uint8_t *)s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
         s->len = elem;
         s->flags = 0;
+        /* pairs with the consumer's acquire load in claim_recv */
+        IVSHM_STORE_RELEASE(&s->seq, p + (uint64_t)k + 1);
     }
-    /* Publish the burst after all payloads are written: consumers then see it whole and claim
-     * it with one CAS, instead of chasing a producer slot by slot over shared cache lines. */
-    for (int64_t k = 0; k < m; k++) /* pairs with the consumer's acquire load in claim_recv */
-        IVSHM_STORE_RELEASE(&ivshm_mpmc_slot(q, p + (uint64_t)k)->seq, p + (uint64_t)k + 1);
+    /* Consumers find the burst through the hint, raised once it is all committed: they take it
+     * whole with one CAS instead of chasing the producer slot by slot. */
+    ivshm_mpmc_note_committed(q, p + (uint64_t)m);
     return m;
 }
 
@@ -280,10 +303,8 @@ static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uin
             if ((uint64_t)len < elem)
                 memset(d + (uint64_t)k * elem + len, 0, elem - (uint64_t)len);
         }
+        ivshm_mpmc_release_one(q, i); /* read: hand it to the next lap */
     }
-    /* hand the burst back after reading all of it (see ivshm_mpmc_send_fixed) */
-    for (int64_t k = 0; k < m; k++)
-        ivshm_mpmc_release_one(q, p + (uint64_t)k);
     return rc;
 }
 

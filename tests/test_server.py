@@ -27,6 +27,7 @@ from pyivshmem.server import (
     DEFAULT_SHM_NAME,
     DEFAULT_SIZE,
     DEFAULT_SOCKET,
+    _REGION_MAGIC,
     Server,
     parse_qemu_size,
     round_up_pow2,
@@ -857,7 +858,8 @@ def test_restarted_server_gives_a_fresh_region(sock_path, shm_name, keep):
     first = Server(sock_path, shm_name=shm_name, size="1M", vectors=1).start()
     old = Peer.connect(sock_path)
     try:
-        assert os.pread(old.region.fileno(), 8, 0) == (0x314D485356495950).to_bytes(8, "little")
+        # the server's copy of the layout's magic is the one C writes (csrc/ivshm_layout.h)
+        assert os.pread(old.region.fileno(), 8, 0) == _REGION_MAGIC.to_bytes(8, "little")
         ring = old.region.create_ring("jobs", "spsc", slot_size=64, capacity=16)
         assert ring.try_send(b"from the first session")
         old_generation = old.region.generation

@@ -130,10 +130,12 @@ GUEST_PLACEMENTS = ("host-guest", "guest-guest")
 EMULATED = "functional figures under software emulation (TCG), not speed claims"
 
 
+_SCENARIOS = ("roundtrip", "throughput", "mpmc", "wakeup", "doorbells")
+
+
 def is_guest(rec: Dict[str, Any]) -> bool:
     """A figure measured with emulated QEMU guests: reported apart, never compared or headlined."""
     return rec.get("placement") in GUEST_PLACEMENTS
-_SCENARIOS = ("roundtrip", "throughput", "mpmc", "wakeup", "doorbells")
 
 
 class PlotUnavailable(RuntimeError):

@@ -383,11 +383,16 @@ def _ref_check(rc: int, what: str) -> None:
         raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
 
 
+def _ref_rtt_count(task: Dict[str, Any]) -> int:
+    """Round trips the C ping-pong times: a blocking round trip takes tens of microseconds, so
+    about ``seconds`` of them, at most ``samples`` (both sides must agree)."""
+    return max(100, min(task["samples"], int(task["seconds"] / 20e-6)))
+
+
 def ref_rtt_lead(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     """C eventfd ping-pong, leading side: as many round trips as ``rtt_client`` would time."""
     ffi, lib = _ref_lib()
-    # a blocking round trip takes tens of microseconds: about `seconds` of them, at most `samples`
-    n = max(100, min(task["samples"], int(task["seconds"] / 20e-6)))
+    n = _ref_rtt_count(task)
     warm = task["warmup"]
     lat = ffi.new("int64_t[]", n + warm)
     _ref_check(lib.ivshm_ref_eventfd_rtt(ep.rx, ep.tx, 1, n + warm, lat), "eventfd round trips")
@@ -398,7 +403,7 @@ def ref_rtt_lead(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
 
 def ref_rtt_echo(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     ffi, lib = _ref_lib()
-    n = max(100, min(task["samples"], int(task["seconds"] / 20e-6))) + task["warmup"]
+    n = _ref_rtt_count(task) + task["warmup"]
     _ref_check(lib.ivshm_ref_eventfd_rtt(ep.rx, ep.tx, 0, n, ffi.NULL), "eventfd echo")
     return {"echoed": n}
 

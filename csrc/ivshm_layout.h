@@ -7,7 +7,7 @@
  *
  * Region:  [ header, 4096 bytes ][ ring 0 ][ ring 1 ] ...   (rings are 128-byte aligned)
  * Ring:    [ control block, 640 bytes: info | head | tail | consumer wake | producer wake ][ slots ]
- * Slot:    SPSC: [ u32 len | u32 flags | payload ]   MPMC: [ u64 seq | u32 len | u32 flags | payload ]
+ * Slot:    SPSC: [ u32 len | u32 stamp | payload ]   MPMC: [ u64 seq | u32 len | u32 flags | payload ]
  *
  * Nothing in this file is trusted when read from a mapping: see ivshm_region.c and the rings.
  */
@@ -19,7 +19,7 @@
 
 #define IVSHM_MAGIC            0x314d485356495950ULL /* "PYIVSHM1" as little-endian bytes */
 #define IVSHM_MAGIC_FORMATTING 0x2a2a2a2a2a2a2a2aULL /* "********": a formatter is at work */
-#define IVSHM_LAYOUT_VERSION   1u
+#define IVSHM_LAYOUT_VERSION   2u
 #define IVSHM_HDR_SIZE         4096u
 #define IVSHM_MIN_REGION_SIZE  8192u           /* header + one small ring */
 #define IVSHM_NAME_MAX         32u             /* bytes including the terminating NUL */
@@ -34,8 +34,10 @@
 #define IVSHM_DESC_FREE  0u
 #define IVSHM_DESC_READY 1u
 
-#define IVSHM_SLOT_MORE  1u /* flags: this chunk is followed by another of the same message */
-#define IVSHM_SLOT_FLAGS_VALID IVSHM_SLOT_MORE
+/* SPSC slot `len`: the top bit says the message continues in the next slot; the rest is the
+ * chunk's length (at most IVSHM_MAX_SLOT_SIZE, which needs 31 bits). */
+#define IVSHM_SPSC_MORE     0x80000000u
+#define IVSHM_SPSC_LEN_MASK 0x7fffffffu
 
 #define IVSHM_SPSC_SLOT_HDR 8u
 #define IVSHM_MPMC_SLOT_HDR 16u
@@ -109,9 +111,13 @@ struct ivshm_ring_ctrl {
 
 #define IVSHM_ROUTE_VALID 1u
 
+/* SPSC slot header.  `stamp` is what publishes a slot: once slot i holds the message of index i,
+ * the producer stores the low 32 bits of i + 1 there, after every other byte of the slot (see
+ * ivshm_spsc.h for the order inside a batch).  Any other value (the previous lap's i + 1 -
+ * capacity, zero in a new ring) means "not published": capacity <= 2^30, so the two never meet. */
 struct ivshm_spsc_slot_hdr {
-    uint32_t len;   /* payload bytes in this slot */
-    uint32_t flags; /* IVSHM_SLOT_MORE */
+    uint32_t len;   /* payload bytes in this slot, | IVSHM_SPSC_MORE if the message continues */
+    uint32_t stamp; /* (uint32_t)(i + 1) once the message of index i is published here */
 };
 
 struct ivshm_mpmc_slot_hdr {
@@ -136,6 +142,9 @@ _Static_assert(offsetof(struct ivshm_ring_ctrl, prod_waiting) == 4 * IVSHM_LINE,
 _Static_assert(offsetof(struct ivshm_ring_ctrl, prod_flags) == 524, "prod_flags at 524");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, cons_flags) == 396, "cons_flags at 396");
 _Static_assert(sizeof(struct ivshm_spsc_slot_hdr) == IVSHM_SPSC_SLOT_HDR, "spsc slot header");
+_Static_assert(offsetof(struct ivshm_spsc_slot_hdr, stamp) == 4, "spsc stamp at 4");
+_Static_assert(IVSHM_MAX_SLOT_SIZE <= IVSHM_SPSC_LEN_MASK, "an SPSC length fits beside the MORE bit");
+_Static_assert(IVSHM_MAX_CAPACITY <= (1u << 30), "32-bit stamps tell a lap from the next");
 _Static_assert(sizeof(struct ivshm_mpmc_slot_hdr) == IVSHM_MPMC_SLOT_HDR, "mpmc slot header");
 
 #endif /* IVSHM_LAYOUT_H */

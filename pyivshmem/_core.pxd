@@ -86,7 +86,6 @@ cdef extern from "ivshm_spsc.h" nogil:
     int ivshm_spsc_write(ivshm_spsc *q, const void *data, uint64_t len)
     void ivshm_spsc_publish(ivshm_spsc *q)
     int ivshm_spsc_try_send(ivshm_spsc *q, const void *data, uint64_t len)
-    int64_t ivshm_spsc_avail(ivshm_spsc *q)
     int ivshm_spsc_next(ivshm_spsc *q, ivshm_spsc_msg *m)
     void ivshm_spsc_copy(const ivshm_spsc *q, const ivshm_spsc_msg *m, void *dst)
     void ivshm_spsc_advance(ivshm_spsc *q, const ivshm_spsc_msg *m)

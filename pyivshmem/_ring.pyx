@@ -669,6 +669,7 @@ cdef class SpscRing(_Ring):
     receives.  Messages longer than ``slot_size`` are split over consecutive slots automatically
     (up to ``capacity * slot_size`` bytes) and arrive whole."""
     cdef ivshm_spsc _q
+    cdef uint32_t _peeked_slots  # slots of the message peek() validated, consumed by release()
     cdef const char **_ptrs
     cdef uint64_t *_lens
 
@@ -914,6 +915,7 @@ cdef class SpscRing(_Ring):
             raise MessageTooLargeError(f"the next message on ring {self._name!r} spans {m.nslots} "
                                        "slots and cannot be viewed in place: use recv()")
         self._rview = _make_view(self._region, <void *>m.data, m.len, True)
+        self._peeked_slots = m.nslots
         return self._rview
 
     def release(self):
@@ -922,10 +924,9 @@ cdef class SpscRing(_Ring):
         if self._rview is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
         self._drop_rview()
+        # the slots peek() validated, not a second look at shared memory a peer may have changed
         cdef ivshm_spsc_msg m
-        cdef int rc = ivshm_spsc_next(&self._q, &m)
-        if rc != 0:
-            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "release")
+        m.nslots = self._peeked_slots
         ivshm_spsc_advance(&self._q, &m)
         ivshm_spsc_release(&self._q)
 

@@ -68,6 +68,11 @@ static int n_detected;
 
 /* ----------------------------------------------------------------------------------------------- */
 
+static struct ivshm_spsc_slot_hdr *spsc_hdr_of(struct fixture *f, uint64_t idx)
+{
+    return (struct ivshm_spsc_slot_hdr *)slot_of(f, &f->s, idx);
+}
+
 static void hostile_spsc_consumer_side(char *detail, size_t dn)
 {
     n_detected = 0;
@@ -78,30 +83,36 @@ static void hostile_spsc_consumer_side(char *detail, size_t dn)
     uint8_t buf[512];
     CHECK(ivshm_spsc_attach(&p, &f.tr.r, &f.s, &why) == 0 && ivshm_spsc_attach(&c, &f.tr.r, &f.s, &why) == 0, "attach");
     struct ivshm_ring_ctrl *ctl = ctrl_of(&f, &f.s);
-    /* 3 messages, consume 1: tail 1, head 3 */
     for (int i = 0; i < 3; i++)
         CHECK(ivshm_spsc_try_send(&p, "abc", 3) == 0, "send");
-    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 3, "recv");
-    /* the consumer's cache holds head 3: let it drain, then lie about head */
-    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 3, "recv");
-    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 3, "recv");
+    for (int i = 0; i < 3; i++)
+        CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 3, "recv");
 
-    ctl->head = 3 + 8 + 1; /* head far ahead: more than capacity published */
-    EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
-    CHECK(strstr(c.why, "producer index"), "why: %s", c.why);
-    ctl->head = UINT64_MAX - 5; /* absurdly far */
-    EXPECT_CORRUPT(ivshm_spsc_recv_fixed(&c, buf, 3, 4), &c);
-    ctl->head = 1; /* head behind the consumer's tail (3) */
-    EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
+    /* The consumer follows the slots' stamps, never the producer's index: a lie about head,
+     * however far off, makes it receive nothing that was not published (and read nothing else). */
     struct ivshm_spsc_msg m;
-    EXPECT_CORRUPT(ivshm_spsc_next(&c, &m), &c);
+    uint64_t lies[] = {3 + 8 + 1, UINT64_MAX - 5, 1, 3 + 5};
+    for (size_t i = 0; i < sizeof(lies) / sizeof(lies[0]); i++) {
+        ctl->head = lies[i];
+        CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "head %" PRIu64 ": a message", lies[i]);
+        CHECK(ivshm_spsc_recv_fixed(&c, buf, 3, 4) == 0, "head %" PRIu64 ": recv_fixed", lies[i]);
+        CHECK(ivshm_spsc_next(&c, &m) == -EAGAIN, "head %" PRIu64 ": next", lies[i]);
+        CHECK(ivshm_spsc_count(&c) <= 8, "count out of range");
+    }
     CHECK(canary_ok(&f), "canary broken by head corruption");
-    ctl->head = 3; /* the honest producer republishes: everything continues */
-    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "healed, empty");
+    ctl->head = 3; /* what the producer published */
+
+    /* our own index moved by someone else: a second consumer */
+    ctl->tail = 2;
+    EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
+    CHECK(strstr(c.why, "one consumer"), "why: %s", c.why);
+    EXPECT_CORRUPT(ivshm_spsc_recv_fixed(&c, buf, 3, 4), &c);
+    ctl->tail = 3;
 
     /* slot length larger than the slot */
     CHECK(ivshm_spsc_try_send(&p, "hello", 5) == 0, "send");
-    struct ivshm_spsc_slot_hdr *sh = (struct ivshm_spsc_slot_hdr *)slot_of(&f, &f.s, 3);
+    struct ivshm_spsc_slot_hdr *sh = spsc_hdr_of(&f, 3);
+    CHECK(sh->len == 5 && sh->stamp == 4, "slot header: len %u stamp %u", sh->len, sh->stamp);
     sh->len = 33;
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
     CHECK(strstr(c.why, "length"), "why: %s", c.why);
@@ -109,49 +120,57 @@ static void hostile_spsc_consumer_side(char *detail, size_t dn)
     EXPECT_CORRUPT(ivshm_spsc_next(&c, &m), &c);
     /* recv_fixed does not trust it either: it stops there */
     CHECK(ivshm_spsc_recv_fixed(&c, buf, 5, 1) == -ENOMSG, "recv_fixed at a bad slot");
-    sh->len = 5;
-    sh->flags = 0x80; /* unknown flag */
+    sh->len = 5 | (1u << 30); /* a stray bit beside the length */
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
-    CHECK(strstr(c.why, "flags"), "why: %s", c.why);
+    CHECK(strstr(c.why, "length"), "why: %s", c.why);
     /* a chain start whose chunk is not full */
-    sh->flags = IVSHM_SLOT_MORE;
+    sh->len = 5 | IVSHM_SPSC_MORE;
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
     CHECK(strstr(c.why, "not full"), "why: %s", c.why);
-    /* a full chunk that says "more" but is the last published slot */
-    sh->len = 32;
+    /* a full chunk that says "more" but the next slot is not published */
+    sh->len = 32 | IVSHM_SPSC_MORE;
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
     CHECK(strstr(c.why, "past the published"), "why: %s", c.why);
+    /* a stamp that is not this index's (the previous lap's, or off by one): not published */
     sh->len = 5;
-    sh->flags = 0;
+    sh->stamp = 3;
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "stamp of index 2: not published");
+    sh->stamp = 4 - 8;
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "last lap's stamp: not published");
+    sh->stamp = 4;
     CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 5 && memcmp(buf, "hello", 5) == 0, "healed");
 
     /* chains: a 3-slot message whose middle/last chunks are tampered with */
     uint8_t big[80];
     memset(big, 'x', sizeof(big));
     CHECK(ivshm_spsc_try_send(&p, big, 80) == 0, "send 3-slot message at index 4");
-    struct ivshm_spsc_slot_hdr *c1 = (struct ivshm_spsc_slot_hdr *)slot_of(&f, &f.s, 5);
-    struct ivshm_spsc_slot_hdr *c2 = (struct ivshm_spsc_slot_hdr *)slot_of(&f, &f.s, 6);
-    CHECK(c1->flags == IVSHM_SLOT_MORE && c2->flags == 0 && c2->len == 16, "chunk layout");
-    c2->flags = IVSHM_SLOT_MORE; /* the chain runs on past the published index */
+    struct ivshm_spsc_slot_hdr *c1 = spsc_hdr_of(&f, 5), *c2 = spsc_hdr_of(&f, 6);
+    CHECK(c1->len == (32 | IVSHM_SPSC_MORE) && c2->len == 16 && c1->stamp == 6 && c2->stamp == 7,
+          "chunk layout");
+    c2->len = 32 | IVSHM_SPSC_MORE; /* the chain runs on past the published slots */
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
-    c2->flags = 0x6;
+    CHECK(strstr(c.why, "past the published"), "why: %s", c.why);
+    c2->len = 16 | (1u << 29);
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
-    c2->flags = 0;
     c2->len = 1000;
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
     c2->len = 16;
-    c1->len = 31; /* a middle chunk that is not full */
+    c1->len = 31 | IVSHM_SPSC_MORE; /* a middle chunk that is not full */
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
-    c1->len = 32;
-    /* a chain that wraps the whole ring: every slot says "more" and head says the ring is full */
+    c1->len = 32 | IVSHM_SPSC_MORE;
+    c1->stamp = 0; /* a middle chunk that was never published */
+    EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
+    CHECK(strstr(c.why, "past the published"), "why: %s", c.why);
+    c1->stamp = 6;
     CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 80, "healed 3-slot message");
-    for (uint64_t i = 0; i < 8; i++) {
-        struct ivshm_spsc_slot_hdr *x = (struct ivshm_spsc_slot_hdr *)slot_of(&f, &f.s, i);
-        x->len = 32;
-        x->flags = IVSHM_SLOT_MORE;
+    /* a chain that wraps the whole ring: every slot stamped and saying "more" */
+    CHECK(c.tail == 7, "tail %" PRIu64, c.tail);
+    for (uint64_t i = 7; i < 7 + 8; i++) {
+        spsc_hdr_of(&f, i)->len = 32 | IVSHM_SPSC_MORE;
+        spsc_hdr_of(&f, i)->stamp = (uint32_t)(i + 1);
     }
-    ctl->head = 7 + 8;
     EXPECT_CORRUPT(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL), &c);
+    CHECK(strstr(c.why, "longer than the ring"), "why: %s", c.why);
     CHECK(ivshm_spsc_recv_fixed(&c, buf, 32, 8) == -ENOMSG, "recv_fixed refuses chained slots");
     CHECK(canary_ok(&f), "canary broken by slot corruption");
 
@@ -202,6 +221,69 @@ static void hostile_spsc_producer_side(char *detail, size_t dn)
     CHECK(canary_ok(&f), "canary");
     (void)c;
     (void)buf;
+    tregion_free(&f.tr);
+    snprintf(detail, dn, "%d corruptions detected", n_detected);
+}
+
+/* Producers that are replaced: a second one moving our index, one dying with a batch written
+ * but not published, one dying between stamping a batch and storing head. */
+static void hostile_spsc_producer_restarts(char *detail, size_t dn)
+{
+    n_detected = 0;
+    struct fixture f;
+    CHECK(fixture_new(&f) == 0, "fixture");
+    struct ivshm_spsc p, c, dead, next;
+    const char *why;
+    uint8_t buf[64];
+    CHECK(ivshm_spsc_attach(&p, &f.tr.r, &f.s, &why) == 0 && ivshm_spsc_attach(&c, &f.tr.r, &f.s, &why) == 0, "attach");
+    struct ivshm_ring_ctrl *ctl = ctrl_of(&f, &f.s);
+    int sent = 0;
+    for (int i = 0; i < 8; i++)
+        sent += ivshm_spsc_try_send(&p, "b", 1) == 0;
+    CHECK(sent == 8, "sent %d", sent);
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 1, "recv");
+    /* somebody else publishing on our ring, seen when the producer next reads the indices */
+    ctl->head = 5;
+    EXPECT_CORRUPT(ivshm_spsc_try_send(&p, "b", 1), &p);
+    CHECK(strstr(p.why, "one producer"), "why: %s", p.why);
+    ctl->head = p.head_published;
+    sent--;
+    for (int i = 0; i < sent; i++)
+        CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 1, "recv %d of %d", i, sent);
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "empty");
+    uint64_t h0 = ctl->head;
+
+    /* dies with three messages written, none published: the later two slots carry stamps */
+    CHECK(ivshm_spsc_attach(&dead, &f.tr.r, &f.s, &why) == 0, "attach");
+    CHECK(ivshm_spsc_write(&dead, "ghost1", 6) == 0 && ivshm_spsc_write(&dead, "ghost2", 6) == 0 &&
+              ivshm_spsc_write(&dead, "ghost3", 6) == 0, "write");
+    CHECK(spsc_hdr_of(&f, h0 + 1)->stamp == (uint32_t)(h0 + 2), "later slots of a batch are stamped");
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "an unpublished batch is invisible");
+    /* its successor's first message must not bring them to light */
+    CHECK(ivshm_spsc_attach(&next, &f.tr.r, &f.s, &why) == 0, "attach");
+    CHECK(ivshm_spsc_try_send(&next, "real", 4) == 0, "send");
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 4 && memcmp(buf, "real", 4) == 0, "recv");
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "a dead producer's unpublished message arrived");
+
+    /* dies after stamping a batch of two, before storing head: the batch was published */
+    CHECK(ivshm_spsc_attach(&dead, &f.tr.r, &f.s, &why) == 0, "attach");
+    CHECK(ivshm_spsc_write(&dead, "x1", 2) == 0 && ivshm_spsc_write(&dead, "x2", 2) == 0, "write");
+    uint64_t before = ctl->head;
+    ivshm_spsc_publish(&dead);
+    ctl->head = before;
+    /* the consumer follows the stamps past head; a new producer may attach after that */
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 2 && memcmp(buf, "x1", 2) == 0, "recv x1");
+    CHECK(ivshm_spsc_attach(&next, &f.tr.r, &f.s, &why) == 0, "attach with the consumer ahead of head");
+    CHECK(ivshm_spsc_try_send(&next, "after", 5) == 0, "send");
+    CHECK(ctl->head == before + 3, "head %" PRIu64 ", expected %" PRIu64, ctl->head, before + 3);
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 2 && memcmp(buf, "x2", 2) == 0, "recv x2");
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == 5 && memcmp(buf, "after", 5) == 0, "recv after");
+    CHECK(ivshm_spsc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "empty");
+    /* but a consumer index ahead of slots nobody stamped is a lie */
+    ctl->tail = ctl->head + 2;
+    CHECK(ivshm_spsc_attach(&next, &f.tr.r, &f.s, &why) == -EPROTO, "attach with tail ahead over unstamped slots");
+    n_detected++;
+    CHECK(canary_ok(&f), "canary");
     tregion_free(&f.tr);
     snprintf(detail, dn, "%d corruptions detected", n_detected);
 }
@@ -341,8 +423,10 @@ static void hostile_directory_and_header(char *detail, size_t dn)
     CHECK(ivshm_region_check(&f.tr.r) == -EBADMSG, "check sees the magic gone");
     n_detected += 3;
     h->magic ^= 0x100;
-    h->version = 2;
+    h->version = IVSHM_LAYOUT_VERSION + 1;
     CHECK(ivshm_region_attach(&r2, f.tr.mem, f.tr.size, 0, 0, 0) == -ENOEXEC, "version");
+    h->version = IVSHM_LAYOUT_VERSION - 1; /* a region of the previous layout */
+    CHECK(ivshm_region_attach(&r2, f.tr.mem, f.tr.size, 0, 0, 0) == -ENOEXEC, "old version");
     h->version = IVSHM_LAYOUT_VERSION;
     h->region_size = f.tr.size * 2;
     CHECK(ivshm_region_attach(&r2, f.tr.mem, f.tr.size, 0, 0, 0) == -EPROTO, "region size");
@@ -419,7 +503,7 @@ static void *scribbler(void *arg)
             switch ((r >> 8) % 5) {
             case 0: v = trng_next(&rng); break;
             case 1: v = cur + trng_below(&rng, 5) - 2; break; /* an MPMC seq, nearly right */
-            case 2: v = (trng_below(&rng, 3) << 32) | trng_below(&rng, t->slot_size + 3); break; /* len, flags */
+            case 2: v = (trng_below(&rng, 3) << 32) | trng_below(&rng, t->slot_size + 3); break; /* a length (and a stamp or flags) */
             case 3: v = cur ^ (1ull << trng_below(&rng, 64)); break;
             default: v = cur + cap; break;
             }
@@ -625,6 +709,7 @@ int main(int argc, char **argv)
     static const struct tcase cases[] = {
         {"hostile_spsc_consumer_side", hostile_spsc_consumer_side, 0},
         {"hostile_spsc_producer_side", hostile_spsc_producer_side, 0},
+        {"hostile_spsc_producer_restarts", hostile_spsc_producer_restarts, 0},
         {"hostile_mpmc", hostile_mpmc, 0},
         {"hostile_directory_and_header", hostile_directory_and_header, 0},
         {"hostile_concurrent_scribbler", hostile_concurrent_scribbler, 1},

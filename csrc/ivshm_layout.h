@@ -7,7 +7,7 @@
  *
  * Region:  [ header, 4096 bytes ][ ring 0 ][ ring 1 ] ...   (rings are 128-byte aligned)
  * Ring:    [ control block, 640 bytes: info | head | tail | consumer wake | producer wake ][ slots ]
- * Slot:    SPSC: [ u32 len | u32 stamp | payload ]   MPMC: [ u64 seq | u32 len | u32 flags | payload ]
+ * Slot:    SPSC: [ u32 len | u32 stamp | payload ]   MPMC: [ u32 seq | u32 len | payload ]
  *
  * Nothing in this file is trusted when read from a mapping: see ivshm_region.c and the rings.
  */
@@ -40,7 +40,7 @@
 #define IVSHM_SPSC_LEN_MASK 0x7fffffffu
 
 #define IVSHM_SPSC_SLOT_HDR 8u
-#define IVSHM_MPMC_SLOT_HDR 16u
+#define IVSHM_MPMC_SLOT_HDR 8u
 #define IVSHM_MAX_SLOT_SIZE (1u << 30)         /* payload bytes per slot */
 #define IVSHM_MAX_CAPACITY  (1u << 30)         /* slots per ring */
 
@@ -85,10 +85,7 @@ struct ivshm_ring_ctrl {
     uint32_t capacity;       /*  16 */
     uint32_t stride;         /*  20: bytes from one slot to the next */
     uint64_t generation;     /*  24: the region's generation when the ring was made */
-    uint8_t  pad0[64 - 32];
-    /* the second 64-byte half of line 0, written by MPMC producers, read by MPMC consumers */
-    uint64_t committed;      /*  64: MPMC: a hint, >= the end of every committed claim */
-    uint8_t  pad0b[IVSHM_LINE - 72];
+    uint8_t  pad0[IVSHM_LINE - 32]; /* 0 */
     /* line 1: producer index */
     uint64_t head;           /* 128: SPSC: next index to publish; MPMC: next index to claim */
     uint8_t  pad1[IVSHM_LINE - 8];
@@ -120,10 +117,11 @@ struct ivshm_spsc_slot_hdr {
     uint32_t stamp; /* (uint32_t)(i + 1) once the message of index i is published here */
 };
 
+/* MPMC slot header: a Vyukov sequence word, 32 bits of it (indices differ by at most a capacity,
+ * <= 2^30, so the low 32 bits order them), and the payload length (no flag bits). */
 struct ivshm_mpmc_slot_hdr {
-    uint64_t seq;   /* Vyukov sequence: == index when free, == index + 1 when full */
-    uint32_t len;
-    uint32_t flags;
+    uint32_t seq;   /* (uint32_t)i: free for the producer of index i; (uint32_t)(i + 1): holds message i */
+    uint32_t len;   /* payload bytes */
 };
 
 #define IVSHM_CTRL_SIZE ((uint32_t)sizeof(struct ivshm_ring_ctrl))
@@ -134,7 +132,6 @@ _Static_assert(offsetof(struct ivshm_region_hdr, rings) == 128, "directory start
 _Static_assert(offsetof(struct ivshm_region_hdr, generation) == 24, "generation at 24");
 _Static_assert(offsetof(struct ivshm_region_hdr, lock) == 48, "lock at 48");
 _Static_assert(sizeof(struct ivshm_ring_ctrl) == 5 * IVSHM_LINE, "control block is 640 bytes");
-_Static_assert(offsetof(struct ivshm_ring_ctrl, committed) == 64, "committed at 64");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, head) == IVSHM_LINE, "head on line 1");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, tail) == 2 * IVSHM_LINE, "tail on line 2");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, cons_waiting) == 3 * IVSHM_LINE, "cons_waiting on line 3");
@@ -144,7 +141,7 @@ _Static_assert(offsetof(struct ivshm_ring_ctrl, cons_flags) == 396, "cons_flags 
 _Static_assert(sizeof(struct ivshm_spsc_slot_hdr) == IVSHM_SPSC_SLOT_HDR, "spsc slot header");
 _Static_assert(offsetof(struct ivshm_spsc_slot_hdr, stamp) == 4, "spsc stamp at 4");
 _Static_assert(IVSHM_MAX_SLOT_SIZE <= IVSHM_SPSC_LEN_MASK, "an SPSC length fits beside the MORE bit");
-_Static_assert(IVSHM_MAX_CAPACITY <= (1u << 30), "32-bit stamps tell a lap from the next");
+_Static_assert(IVSHM_MAX_CAPACITY <= (1u << 30), "32-bit SPSC stamps and MPMC sequence words tell a lap from the next");
 _Static_assert(sizeof(struct ivshm_mpmc_slot_hdr) == IVSHM_MPMC_SLOT_HDR, "mpmc slot header");
 
 #endif /* IVSHM_LAYOUT_H */

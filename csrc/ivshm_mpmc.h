@@ -1,22 +1,23 @@
 /* ivshm_mpmc.h - multi-producer multi-consumer ring with per-slot sequence numbers.
  *
- * Each slot carries a sequence word: seq == i means slot i is free for the producer of index i,
+ * Each slot carries a sequence word (its low 32 bits: indices that meet at a slot are at most a
+ * capacity, <= 2^30, apart): seq == i means slot i is free for the producer of index i,
  * seq == i + 1 means it holds the message of index i, and the consumer of index i hands it to the
  * next lap by storing i + capacity.  Producers claim indices by CAS on ctrl->head, consumers on
  * ctrl->tail; a burst claims several consecutive indices with one CAS after checking each slot's
  * sequence.  A slow producer delays only the consumers that reach its slot.
  *
- * Consumers look for work in ctrl->committed, a hint that producers raise to the end of each
- * claim they commit (CAS, so it only grows): a consumer that finds it at its own index knows the
- * ring is empty without touching ctrl->head, whose line producers CAS on every claim, nor the
- * slot lines a producer is still writing.  Polling either of those would take the line away
- * from the producer in the middle of its work on every message.  The hint is never trusted:
- * the sequence words decide, and a hint that lags only makes one try report empty.
+ * A consumer finds work by the sequence word of the slot at ctrl->tail, never by reading
+ * ctrl->head: that line is the producers' to CAS on, and a consumer polling it on an empty ring
+ * would take it away from a producer in the middle of every claim.  A producer commits a burst's
+ * first slot last, so consumers see a burst only once all of it is written and take it whole
+ * with one CAS instead of chasing the producer slot by slot.  (Layout version 1 had consumers
+ * poll a commit hint that producers raised by CAS after every claim; that second CAS per claim
+ * cost more than the polling it saved.)
  *
  * Pairings:
  *   producer: writes payload, then release-stores seq = i + 1   -> consumer's acquire load of seq
  *   consumer: reads payload,  then release-stores seq = i + cap -> producer's acquire load of seq
- *   producer: after the seq stores, CAS-raises ctrl->committed   -> consumer's acquire load of it
  *   CAS on head/tail: acq_rel, they only order the claims among producers (resp. consumers).
  *
  * Cooperating peers only: a producer that dies between claim and commit leaves its slot claimed
@@ -78,6 +79,38 @@ static inline void ivshm_mpmc_prefetch_w(const struct ivshm_mpmc *q, uint64_t p,
         __builtin_prefetch(ivshm_mpmc_slot(q, p + k), 1, 3);
 }
 
+/* The slot after slot `s` of ring position *idx (an index & mask), wrapping at the ring's end. */
+static inline uint8_t *ivshm_mpmc_step(const struct ivshm_mpmc *q, uint64_t *idx, uint8_t *s)
+{
+    if (++*idx > q->mask) {
+        *idx = 0;
+        return q->slots;
+    }
+    return s + q->stride;
+}
+
+/* How many of the n slots from index p carry the sequence word p + k + off (off 0: free for
+ * the producer of p + k; off 1: holding message p + k); *dif is the first other one's distance
+ * from what was expected (0 if all n do). */
+static inline uint64_t ivshm_mpmc_scan(const struct ivshm_mpmc *q, uint64_t p, uint64_t n,
+                                       uint64_t off, int64_t *dif)
+{
+    uint64_t idx = p & q->mask;
+    uint8_t *s = q->slots + idx * (uint64_t)q->stride;
+    for (uint64_t k = 0; k < n; k++) {
+        /* acquire: pairs with the release store of the sequence word by the other side */
+        uint32_t seq = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)s)->seq);
+        int64_t d = (int32_t)(seq - (uint32_t)(p + k + off)); /* |d| <= capacity <= 2^30 */
+        if (d != 0) {
+            *dif = d;
+            return k;
+        }
+        s = ivshm_mpmc_step(q, &idx, s);
+    }
+    *dif = 0;
+    return n;
+}
+
 static inline int ivshm_mpmc_corrupt(struct ivshm_mpmc *q, const char *why, uint64_t a, uint64_t b)
 {
     q->why = why;
@@ -99,15 +132,9 @@ static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, ui
     uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->head);
     ivshm_mpmc_prefetch_w(q, p, n);
     for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
-        uint64_t m = 0;
-        int64_t dif = 0;
-        for (; m < n; m++) {
-            /* pairs with the consumer's release store of seq = i + capacity (slot handed back) */
-            uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, p + m)->seq);
-            dif = (int64_t)(seq - (p + m));
-            if (dif != 0)
-                break;
-        }
+        int64_t dif;
+        /* pairs with the consumer's release store of seq = i + capacity (slot handed back) */
+        uint64_t m = ivshm_mpmc_scan(q, p, n, 0, &dif);
         if (m == 0) {
             if (dif < 0)
                 return -EAGAIN; /* the slot still holds the previous lap's message: full */
@@ -130,27 +157,12 @@ static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, ui
     return ivshm_mpmc_corrupt(q, "producer index keeps changing (hostile peer?)", p, 0);
 }
 
-/* Raise ctrl->committed to `end` unless it is already there or beyond.  A CAS, not a store:
- * two producers committing at once must not lower it, or a consumer would see an empty ring in
- * front of a committed message until the next commit.  Bounded: a peer that keeps changing the
- * word only costs hints. */
-static inline void ivshm_mpmc_note_committed(struct ivshm_mpmc *q, uint64_t end)
-{
-    uint64_t cur = IVSHM_LOAD_RELAXED(&q->ctrl->committed);
-    for (int tries = 0; tries < 64 && (int64_t)(end - cur) > 0; tries++)
-        /* pairs with the consumer's acquire load in ivshm_mpmc_claim_recv; after our seq stores */
-        if (IVSHM_CAS(&q->ctrl->committed, &cur, end))
-            return;
-}
-
 static inline void ivshm_mpmc_commit_one(struct ivshm_mpmc *q, uint64_t i, uint32_t len)
 {
     struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, i);
     s->len = len;
-    s->flags = 0;
     /* pairs with the consumer's acquire load of seq in ivshm_mpmc_claim_recv */
-    IVSHM_STORE_RELEASE(&s->seq, i + 1);
-    ivshm_mpmc_note_committed(q, i + 1);
+    IVSHM_STORE_RELEASE(&s->seq, (uint32_t)(i + 1));
 }
 
 /* Claim up to n consecutive full slots for reading; 0 when n is 0, -EAGAIN when empty (or when the
@@ -163,28 +175,11 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
         n = q->capacity;
     uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
     for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
-        /* The producers' commit hint (see the top), never trusted: when no commit reaches past
-         * index p the ring is empty (for now), and we say so without touching the lines the
-         * producers are working on.  A stale value only makes this try report empty; blocking
-         * callers try again after their full fence (ivshm_wake.h), which orders this load after
-         * the producer's raise of the hint. */
-        uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->committed);
-        if (h == p)
-            return -EAGAIN;
-        uint64_t ahead = h - p, lim = n;
-        if (ahead < lim)
-            lim = ahead; /* a huge (wrapped, or forged) distance is ignored: the seqs decide */
         if (tries == 0)
-            ivshm_mpmc_prefetch_w(q, p, lim); /* only lines that hold claimed messages */
-        uint64_t m = 0;
-        int64_t dif = 0;
-        for (; m < lim; m++) {
-            /* pairs with the producer's release store of seq = i + 1 in ivshm_mpmc_commit_one */
-            uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, p + m)->seq);
-            dif = (int64_t)(seq - (p + m + 1));
-            if (dif != 0)
-                break;
-        }
+            ivshm_mpmc_prefetch_w(q, p, n);
+        int64_t dif;
+        /* pairs with the producer's release store of seq = i + 1 (commit) */
+        uint64_t m = ivshm_mpmc_scan(q, p, n, 1, &dif);
         if (m == 0) {
             if (dif < 0)
                 return -EAGAIN;
@@ -208,13 +203,9 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
 /* Validated length of the claimed message at index i (or -EPROTO). */
 static inline int64_t ivshm_mpmc_msg_len(struct ivshm_mpmc *q, uint64_t i)
 {
-    const struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, i);
-    uint32_t len = IVSHM_READ_ONCE(&s->len);
-    uint32_t flags = IVSHM_READ_ONCE(&s->flags);
+    uint32_t len = IVSHM_READ_ONCE(&ivshm_mpmc_slot(q, i)->len);
     if (IVSHM_UNLIKELY(len > q->slot_size))
         return ivshm_mpmc_corrupt(q, "slot length exceeds the slot size", len, q->slot_size);
-    if (IVSHM_UNLIKELY(flags != 0))
-        return ivshm_mpmc_corrupt(q, "slot has unknown flags", flags, i);
     return len;
 }
 
@@ -222,7 +213,7 @@ static inline int64_t ivshm_mpmc_msg_len(struct ivshm_mpmc *q, uint64_t i)
 static inline void ivshm_mpmc_release_one(struct ivshm_mpmc *q, uint64_t i)
 {
     /* pairs with the producer's acquire load of seq in ivshm_mpmc_claim_send */
-    IVSHM_STORE_RELEASE(&ivshm_mpmc_slot(q, i)->seq, i + q->capacity);
+    IVSHM_STORE_RELEASE(&ivshm_mpmc_slot(q, i)->seq, (uint32_t)(i + q->capacity));
 }
 
 static inline int ivshm_mpmc_try_send(struct ivshm_mpmc *q, const void *data, uint64_t len)
@@ -268,17 +259,26 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
     if (m <= 0)
         return m == -EAGAIN ? 0 : m;
     const uint8_t *src = (const uint8_t *)data;
+    uint64_t idx = p & q->mask;
+    uint8_t *s = q->slots + idx * (uint64_t)q->stride, *first = s;
     for (int64_t k = 0; k < m; k++) {
-        struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, p + (uint64_t)k);
-        ivshm_copy((uint8_t *)s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
-        s->len = elem;
-        s->flags = 0;
-        /* pairs with the consumer's acquire load in claim_recv */
-        IVSHM_STORE_RELEASE(&s->seq, p + (uint64_t)k + 1);
+        struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
+        ivshm_copy(s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
+        h->len = elem;
+        if (k) /* pairs with the consumer's acquire load in claim_recv */
+            IVSHM_STORE_RELEASE(&h->seq, (uint32_t)(p + (uint64_t)k + 1));
+        s = ivshm_mpmc_step(q, &idx, s);
     }
-    /* Consumers find the burst through the hint, raised once it is all committed: they take it
-     * whole with one CAS instead of chasing the producer slot by slot. */
-    ivshm_mpmc_note_committed(q, p + (uint64_t)m);
+    /* the first slot last: pairs with the consumer's acquire load in claim_recv, which meets this
+     * slot first and so sees the burst only when all of it is committed */
+    IVSHM_STORE_RELEASE(&((struct ivshm_mpmc_slot_hdr *)first)->seq, (uint32_t)(p + 1));
+    /* The next burst's claim must read those slots' sequence words, last written by a consumer:
+     * start fetching their lines now, one per 64 bytes, so that the claim does not wait. */
+    if (m >= 4) {
+        uint64_t step = q->stride >= 64 ? 1 : 64 / q->stride;
+        for (uint64_t k = 0; k < (uint64_t)m; k += step)
+            __builtin_prefetch(ivshm_mpmc_slot(q, p + (uint64_t)m + k), 0, 3);
+    }
     return m;
 }
 
@@ -293,8 +293,17 @@ static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uin
         return m == -EAGAIN ? 0 : m;
     uint8_t *d = (uint8_t *)dst;
     int64_t rc = m;
-    for (int64_t k = 0; k < m; k++) {
+    uint64_t idx = p & q->mask;
+    uint8_t *s = q->slots + idx * (uint64_t)q->stride;
+    for (int64_t k = 0; k < m; k++, s = ivshm_mpmc_step(q, &idx, s)) {
         uint64_t i = p + (uint64_t)k;
+        struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
+        if (IVSHM_LIKELY(IVSHM_READ_ONCE(&h->len) == elem)) {
+            ivshm_copy(d + (uint64_t)k * elem, s + IVSHM_MPMC_SLOT_HDR, elem);
+            /* pairs with the producer's acquire load of seq in claim_send */
+            IVSHM_STORE_RELEASE(&h->seq, (uint32_t)(i + q->capacity));
+            continue;
+        }
         int64_t len = ivshm_mpmc_msg_len(q, i);
         if (len < 0 || (uint64_t)len > elem) {
             rc = len < 0 ? len : -EMSGSIZE;
@@ -325,8 +334,8 @@ static inline int ivshm_mpmc_stalled(const struct ivshm_mpmc *q, uint64_t *pos)
     uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->head);
     if (h == t || h - t > q->capacity)
         return 0;
-    uint64_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, t)->seq);
-    if (seq != t)
+    uint32_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, t)->seq);
+    if (seq != (uint32_t)t)
         return 0;
     *pos = t;
     return 1;

@@ -344,7 +344,7 @@ int ivshm_region_create_ring(struct ivshm_region *r, const char *name, uint32_t 
     if (kind == IVSHM_KIND_MPMC) {
         uint8_t *slots = base + IVSHM_CTRL_SIZE;
         for (uint64_t i = 0; i < capacity; i++)
-            ((struct ivshm_mpmc_slot_hdr *)(slots + i * c->stride))->seq = i;
+            ((struct ivshm_mpmc_slot_hdr *)(slots + i * c->stride))->seq = (uint32_t)i;
     }
     struct ivshm_ring_desc *d = &h->rings[free_idx];
     memset(d->name, 0, IVSHM_NAME_MAX);

@@ -63,7 +63,7 @@ def ring_info(region: Region, name: str) -> dict:
 
 
 def stride(kind: str, slot_size: int) -> int:
-    hdr = 8 if kind == "spsc" else 16
+    hdr = 8  # both slot headers are 8 bytes (docs/layout.md)
     return (hdr + slot_size + 7) & ~7
 
 

@@ -36,6 +36,7 @@ C_MAGIC, C_KIND, C_SLOT_SIZE, C_CAPACITY, C_STRIDE = 0, 8, 12, 16, 20
 C_HEAD, C_TAIL = 128, 256
 S_STAMP = 4             # SPSC slot: u32 len (top bit: more chunks follow) | u32 stamp
 SLOT_MORE = 1 << 31
+M_SEQ, M_LEN = 0, 4     # MPMC slot: u32 seq | u32 len
 
 
 def ctrl_size(m, entries) -> int:
@@ -302,14 +303,14 @@ def test_spsc_tail_lies_to_the_producer(setup):
 
 # -- MPMC ------------------------------------------------------------------------------------------
 
-def test_mpmc_slot_length_and_flags(setup):
+def test_mpmc_slot_length(setup):
     region, rings, peer = setup
     q = rings["mpmc"]
     assert q.try_send(b"one") and q.try_send(b"two") and q.try_send(b"three")
-    peer.put(peer.slot("mpmc", 0) + 8, "I", 33)          # len over the slot size
-    peer.put(peer.slot("mpmc", 1) + 12, "I", 4)          # unknown flags
+    peer.put(peer.slot("mpmc", 0) + M_LEN, "I", 33)          # len over the slot size
+    peer.put(peer.slot("mpmc", 1) + M_LEN, "I", 3 | 1 << 31)  # a high bit beside the length
     expect_corrupt(q.try_recv, "mpmc", "length")
-    expect_corrupt(q.try_recv, "mpmc", "flags")
+    expect_corrupt(q.try_recv, "mpmc", "length")
     # the bad slots were handed back: the ring goes on
     assert q.try_recv() == b"three"
     assert q.try_send(b"four") and q.try_recv() == b"four"
@@ -321,13 +322,13 @@ def test_mpmc_sequence_ahead_is_corruption(setup):
     q = rings["mpmc"]
     assert q.try_send(b"a")
     s0 = peer.slot("mpmc", 0)
-    peer.put(s0, "Q", 1000)  # consumers' view: "taken by someone else", forever
+    peer.put(s0 + M_SEQ, "I", 1000)  # consumers' view: "taken by someone else", forever
     expect_corrupt(q.try_recv, "mpmc", "sequence")
     expect_corrupt(lambda: q.recv(timeout=0.01), "mpmc")
     expect_corrupt(lambda: q.recv_many(4), "mpmc")
-    peer.put(s0, "Q", 1)
+    peer.put(s0 + M_SEQ, "I", 1)
     assert q.try_recv() == b"a"
-    peer.put(peer.slot("mpmc", 1), "Q", 77)  # producers' view
+    peer.put(peer.slot("mpmc", 1) + M_SEQ, "I", 77)  # producers' view
     expect_corrupt(lambda: q.try_send(b"b"), "mpmc", "sequence")
     expect_corrupt(lambda: q.reserve(4), "mpmc")
     bystander_works(region, rings)
@@ -341,14 +342,14 @@ def test_mpmc_sequence_behind_looks_empty_or_full(setup):
     assert q.try_send(b"a") and q.try_recv() == b"a"
     assert q.try_send(b"b")
     s1 = peer.slot("mpmc", 1)
-    peer.put(s1, "Q", 0)
+    peer.put(s1 + M_SEQ, "I", 0)
     assert q.try_recv() is None
     with pytest.raises(WaitTimeout) as ei:
         q.recv(timeout=0.05)
     assert not isinstance(ei.value, StallError)
-    peer.put(s1, "Q", 2)
+    peer.put(s1 + M_SEQ, "I", 2)
     assert q.try_recv() == b"b"
-    peer.put(peer.slot("mpmc", 2), "Q", 1)  # slot 2 still "holds" the previous lap: full
+    peer.put(peer.slot("mpmc", 2) + M_SEQ, "I", 1)  # slot 2 still "holds" the previous lap: full
     assert q.try_send(b"c") is False
     with pytest.raises(WaitTimeout):
         q.send(b"c", timeout=0.05)

@@ -86,7 +86,7 @@ def _attacker(path: str, seconds: float, seed: int, conn) -> None:
                 elif how == 1:
                     v = (cur + rnd.randrange(-2, 3)) % 2**64       # a sequence word, nearly right
                 elif how == 2:
-                    v = rnd.randrange(3) << 32 | rnd.randrange(slot + 3)  # length and flags
+                    v = rnd.randrange(3) << 32 | rnd.randrange(slot + 3)  # a length-like word beside a small one
                 elif how == 3:
                     v = cur ^ (1 << rnd.randrange(64))
                 else:

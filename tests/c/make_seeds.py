@@ -79,9 +79,9 @@ def main():
         (128 + 40, struct.pack("<Q", 1 << 40)),           # directory entry 0 offset
         (4096 + 128, struct.pack("<Q", 1000)),            # ring s head
         (4096 + 256, struct.pack("<Q", 7)),               # ring s tail
-        (4096 + c + 4, struct.pack("<I", 1)),             # ring s slot 0 flags
-        (4096 + s_size + c, struct.pack("<Q", 99)),       # ring m slot 0 seq
-        (8, struct.pack("<I", 2)),                        # version
+        (4096 + c + 4, struct.pack("<I", 1)),             # ring s slot 0 stamp
+        (4096 + s_size + c, struct.pack("<I", 99)),       # ring m slot 0 seq
+        (8, struct.pack("<I", 3)),                        # version
     ]):
         write("region", "seed-patch-%d" % i, bytes([0x00]) + struct.pack("<HB", off, len(data)) + data)
     # ring scripts: shape byte, then operations (see fuzz_rings.c: op % 20)

@@ -305,8 +305,9 @@ static void hostile_mpmc(char *detail, size_t dn)
     /* the bad slot was handed back: the ring continues */
     CHECK(ivshm_mpmc_try_send(&q, "two", 3) == 0, "send");
     struct ivshm_mpmc_slot_hdr *s1 = (struct ivshm_mpmc_slot_hdr *)slot_of(&f, &f.m, 1);
-    s1->flags = 1;
+    s1->len = 3 | (1u << 31); /* a high bit beside the length */
     EXPECT_CORRUPT(ivshm_mpmc_recv_fixed(&q, buf, 32, 4), &q);
+    CHECK(strstr(q.why, "length"), "why: %s", q.why);
     CHECK(ivshm_mpmc_try_send(&q, "three", 5) == 0, "send");
     CHECK(ivshm_mpmc_try_recv(&q, buf, sizeof(buf), NULL) == 5, "recv after the bad slots");
 

@@ -148,12 +148,12 @@ static inline int64_t ivshm_spsc_free(struct ivshm_spsc *q, uint64_t need)
     return (int64_t)(q->capacity - used);
 }
 
-/* Fill in the header of the slot of index i: its length, and its stamp unless it is the first
- * slot of the batch (that one is stamped last, by ivshm_spsc_publish). */
-static inline void ivshm_spsc_put_hdr(struct ivshm_spsc *q, uint64_t i, uint32_t len_more)
+/* Fill in the header of slot `s`, of index i: its length, and its stamp unless i is the first
+ * slot of the batch (`first`: that one is stamped last, by ivshm_spsc_publish). */
+static inline void ivshm_spsc_put_hdr(uint8_t *s, uint64_t i, uint64_t first, uint32_t len_more)
 {
-    struct ivshm_spsc_slot_hdr *hd = ivshm_spsc_hdr(q, i);
-    if (IVSHM_UNLIKELY(i == q->head_published)) {
+    struct ivshm_spsc_slot_hdr *hd = (struct ivshm_spsc_slot_hdr *)s;
+    if (IVSHM_UNLIKELY(i == first)) {
         hd->len = len_more; /* the consumer may be polling this slot's stamp: leave it alone */
         return;
     }
@@ -182,7 +182,7 @@ static inline int ivshm_spsc_write(struct ivshm_spsc *q, const void *data, uint6
         uint8_t *s = ivshm_spsc_slot(q, q->head + k);
         uint32_t chunk = (uint32_t)(k + 1 < n ? q->slot_size : len - k * (uint64_t)q->slot_size);
         ivshm_copy(s + IVSHM_SPSC_SLOT_HDR, src, chunk);
-        ivshm_spsc_put_hdr(q, q->head + k, chunk | (k + 1 < n ? IVSHM_SPSC_MORE : 0));
+        ivshm_spsc_put_hdr(s, q->head + k, q->head_published, chunk | (k + 1 < n ? IVSHM_SPSC_MORE : 0));
         src += chunk;
     }
     q->head += n;
@@ -222,12 +222,16 @@ static inline int64_t ivshm_spsc_send_fixed(struct ivshm_spsc *q, const void *da
         return f;
     if ((uint64_t)f < n)
         n = (uint64_t)f;
+    /* locals: the compiler cannot tell that the slot stores leave *q alone */
     const uint8_t *src = (const uint8_t *)data;
+    uint8_t *const slots = q->slots;
+    const uint64_t mask = q->mask, stride = q->stride, h = q->head, first = q->head_published;
     for (uint64_t k = 0; k < n; k++) {
-        ivshm_copy(ivshm_spsc_slot(q, q->head + k) + IVSHM_SPSC_SLOT_HDR, src + k * (uint64_t)elem, elem);
-        ivshm_spsc_put_hdr(q, q->head + k, elem);
+        uint8_t *s = slots + ((h + k) & mask) * stride;
+        ivshm_copy(s + IVSHM_SPSC_SLOT_HDR, src + k * (uint64_t)elem, elem);
+        ivshm_spsc_put_hdr(s, h + k, first, elem);
     }
-    q->head += n;
+    q->head = h + n;
     ivshm_spsc_publish(q);
     return (int64_t)n;
 }
@@ -353,19 +357,23 @@ static inline int64_t ivshm_spsc_recv_fixed(struct ivshm_spsc *q, void *dst, uin
     if (IVSHM_UNLIKELY(elem > q->slot_size))
         return -EMSGSIZE;
     uint8_t *d = (uint8_t *)dst;
-    uint64_t k = 0;
+    const uint8_t *const slots = q->slots;
+    const uint64_t mask = q->mask, stride = q->stride;
+    uint64_t t = q->tail, k = 0;
     int stop = 0;
-    for (; k < n; k++) {
-        if (!ivshm_spsc_stamped(q, q->tail))
+    for (; k < n; k++, t++) {
+        const uint8_t *s = slots + (t & mask) * stride;
+        const struct ivshm_spsc_slot_hdr *hd = (const struct ivshm_spsc_slot_hdr *)s;
+        /* pairs with the producer's release store of the first stamp of t's batch */
+        if (IVSHM_LOAD_ACQUIRE(&hd->stamp) != ivshm_spsc_stamp(t))
             break;
-        const uint8_t *s = ivshm_spsc_slot(q, q->tail);
-        if (IVSHM_READ_ONCE(&((const struct ivshm_spsc_slot_hdr *)s)->len) != elem) {
+        if (IVSHM_READ_ONCE(&hd->len) != elem) {
             stop = -ENOMSG; /* another size, the MORE bit, or a bad length: not ours to take */
             break;
         }
         ivshm_copy(d + k * (uint64_t)elem, s + IVSHM_SPSC_SLOT_HDR, elem);
-        q->tail++;
     }
+    q->tail = t;
     ivshm_spsc_release(q);
     if (k == 0 && n > 0)
         return stop ? stop : ivshm_spsc_empty(q);
@@ -387,7 +395,7 @@ static inline int ivshm_spsc_reserve(struct ivshm_spsc *q, uint64_t len, uint8_t
 /* Commit `len` bytes written into the reserved slot, and publish. */
 static inline void ivshm_spsc_commit(struct ivshm_spsc *q, uint32_t len)
 {
-    ivshm_spsc_put_hdr(q, q->head, len);
+    ivshm_spsc_put_hdr(ivshm_spsc_slot(q, q->head), q->head, q->head_published, len);
     q->head++;
     ivshm_spsc_publish(q);
 }

@@ -85,7 +85,7 @@ struct ivshm_ring_ctrl {
     uint32_t capacity;       /*  16 */
     uint32_t stride;         /*  20: bytes from one slot to the next */
     uint64_t generation;     /*  24: the region's generation when the ring was made */
-    uint8_t  pad0[IVSHM_LINE - 32]; /* 0 */
+    uint8_t  pad0[IVSHM_LINE - 32]; /*  32: zero (layout version 1 kept an MPMC hint at 64) */
     /* line 1: producer index */
     uint64_t head;           /* 128: SPSC: next index to publish; MPMC: next index to claim */
     uint8_t  pad1[IVSHM_LINE - 8];

@@ -62,11 +62,11 @@ struct ivshm_spsc {
     uint64_t head;           /* next index to write */
     uint64_t head_published; /* last value stored to ctrl->head */
     uint64_t tail_cache;     /* last ctrl->tail seen */
+    uint32_t recovered;      /* ivshm_spsc_recover() has run */
+    uint32_t _pad2;
     /* consumer side, private */
     uint64_t tail;           /* next index to read */
     uint64_t tail_published;
-    uint32_t recovered;      /* producer side: ivshm_spsc_recover() has run */
-    uint32_t _pad2;
     /* last corruption found: a static explanation and the values involved */
     const char *why;
     uint64_t why_a, why_b;
@@ -247,11 +247,16 @@ static inline int ivshm_spsc_empty(struct ivshm_spsc *q)
     return 0;
 }
 
-/* 1 if the slot of index i holds a published message. */
-static inline int ivshm_spsc_stamped(const struct ivshm_spsc *q, uint64_t i)
+/* 1 if header `hd`, of the slot of index i, says it holds the published message i. */
+static inline int ivshm_spsc_stamped_hdr(const struct ivshm_spsc_slot_hdr *hd, uint64_t i)
 {
     /* pairs with the producer's release store of the first stamp of i's batch (ivshm_spsc_publish) */
-    return IVSHM_LOAD_ACQUIRE(&ivshm_spsc_hdr(q, i)->stamp) == ivshm_spsc_stamp(i);
+    return IVSHM_LOAD_ACQUIRE(&hd->stamp) == ivshm_spsc_stamp(i);
+}
+
+static inline int ivshm_spsc_stamped(const struct ivshm_spsc *q, uint64_t i)
+{
+    return ivshm_spsc_stamped_hdr(ivshm_spsc_hdr(q, i), i);
 }
 
 /* Locate and validate the next message.  0, -EAGAIN (empty), -EPROTO. */
@@ -364,8 +369,7 @@ static inline int64_t ivshm_spsc_recv_fixed(struct ivshm_spsc *q, void *dst, uin
     for (; k < n; k++, t++) {
         const uint8_t *s = slots + (t & mask) * stride;
         const struct ivshm_spsc_slot_hdr *hd = (const struct ivshm_spsc_slot_hdr *)s;
-        /* pairs with the producer's release store of the first stamp of t's batch */
-        if (IVSHM_LOAD_ACQUIRE(&hd->stamp) != ivshm_spsc_stamp(t))
+        if (!ivshm_spsc_stamped_hdr(hd, t))
             break;
         if (IVSHM_READ_ONCE(&hd->len) != elem) {
             stop = -ENOMSG; /* another size, the MORE bit, or a bad length: not ours to take */

@@ -2,12 +2,12 @@
  *
  * A consumer about to sleep on an empty ring arms `cons_waiting` (store, then a full fence), checks
  * the ring once more, and sleeps only if it is still empty.  A producer publishes (release store
- * of head), issues a full fence, and loads `cons_waiting`; if set, it clears it (exchange) and
+ * of the batch's first slot word: the SPSC stamp, the MPMC sequence word), issues a full fence, and loads `cons_waiting`; if set, it clears it (exchange) and
  * rings the consumer's doorbell.  The same holds the other way for a producer asleep on a full
  * ring (`prod_waiting`, rung by the consumer after it releases slots).
  *
  * Why no wake-up is lost: the two sides run the Dekker pattern.  Sleeper: S1 store waiting=1,
- * F1 fence, L1 load index.  Waker: S2 store index (publish), F2 fence, L2 load waiting.  With both
+ * F1 fence, L1 load slot word.  Waker: S2 store slot word (publish), F2 fence, L2 load waiting.  With both
  * fences sequentially consistent, at least one of L1 and L2 observes the other side's store: either
  * the sleeper sees the new message and does not sleep, or the waker sees waiting=1 and rings.  A
  * ring that arrives after the sleeper re-checked but before it blocks is kept by the eventfd's

@@ -186,9 +186,11 @@ def test_connect_to_well_behaved_fake_server(fake):
     step = threading.Event()
     step2 = threading.Event()
     tables = {}
+    tables_ready = threading.Event()
 
     def script(c: Conn):
         tables.update(c.setup(3, vectors=2, others=[1]))
+        tables_ready.set()  # the client may be connected before this thread gets here
         step.wait(20)
         for fd in tables[5]:
             c.send(5, fd)
@@ -207,6 +209,7 @@ def test_connect_to_well_behaved_fake_server(fake):
         assert p.peers == {1: 2}
         assert p.region.size == MiB
         assert p.connected
+        assert tables_ready.wait(20), "the fake server never finished its setup"
 
         # ringing a peer writes 1 to that peer's eventfd for the vector
         p.notify(1, 1)
@@ -272,9 +275,11 @@ def test_connect_to_well_behaved_fake_server(fake):
 def test_fileno_is_readable_on_vector_and_on_server_message(fake):
     go = threading.Event()
     table = {}
+    table_ready = threading.Event()
 
     def script(c: Conn):
         table.update(c.setup(0))
+        table_ready.set()  # the client may be connected before this thread gets here
         go.wait(20)
         c.send(9, c.efd())
 
@@ -283,6 +288,7 @@ def test_fileno_is_readable_on_vector_and_on_server_message(fake):
     srv = fake(script)
     with Peer.connect(srv.path) as p:
         assert select.select([p.fileno()], [], [], 0)[0] == []
+        assert table_ready.wait(20), "the fake server never finished its setup"
         ring(table[0][0])
         assert select.select([p.fileno()], [], [], 10)[0] == [p.fileno()]
         assert p.wait(0) == [0]

@@ -79,33 +79,34 @@ static inline void ivshm_mpmc_prefetch_w(const struct ivshm_mpmc *q, uint64_t p,
         __builtin_prefetch(ivshm_mpmc_slot(q, p + k), 1, 3);
 }
 
-/* The slot after slot `s` of ring position *idx (an index & mask), wrapping at the ring's end. */
-static inline uint8_t *ivshm_mpmc_step(const struct ivshm_mpmc *q, uint64_t *idx, uint8_t *s)
-{
-    if (++*idx > q->mask) {
-        *idx = 0;
-        return q->slots;
-    }
-    return s + q->stride;
-}
-
 /* How many of the n slots from index p carry the sequence word p + k + off (off 0: free for
  * the producer of p + k; off 1: holding message p + k); *dif is the first other one's distance
  * from what was expected (0 if all n do). */
 static inline uint64_t ivshm_mpmc_scan(const struct ivshm_mpmc *q, uint64_t p, uint64_t n,
                                        uint64_t off, int64_t *dif)
 {
-    uint64_t idx = p & q->mask;
-    uint8_t *s = q->slots + idx * (uint64_t)q->stride;
-    for (uint64_t k = 0; k < n; k++) {
-        /* acquire: pairs with the release store of the sequence word by the other side */
-        uint32_t seq = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)s)->seq);
-        int64_t d = (int32_t)(seq - (uint32_t)(p + k + off)); /* |d| <= capacity <= 2^30 */
-        if (d != 0) {
-            *dif = d;
-            return k;
+    /* locals: the acquire loads would otherwise make the compiler reload q's fields per slot */
+    const uint64_t stride = q->stride;
+    uint8_t *const base = q->slots;
+    uint64_t idx = p & q->mask, k = 0;
+    uint64_t end = (uint64_t)q->capacity - idx; /* slots before the ring's end */
+    const uint8_t *s = base + idx * stride;
+    uint32_t want = (uint32_t)(p + off);
+    if (end > n)
+        end = n;
+    for (;;) {
+        for (; k < end; k++, want++, s += stride) {
+            /* acquire: pairs with the release store of the sequence word by the other side */
+            uint32_t seq = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)s)->seq);
+            if (IVSHM_UNLIKELY(seq != want)) {
+                *dif = (int32_t)(seq - want); /* |dif| <= capacity <= 2^30 */
+                return k;
+            }
         }
-        s = ivshm_mpmc_step(q, &idx, s);
+        if (k >= n)
+            break;
+        s = base;
+        end = n;
     }
     *dif = 0;
     return n;
@@ -259,19 +260,28 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
     if (m <= 0)
         return m == -EAGAIN ? 0 : m;
     const uint8_t *src = (const uint8_t *)data;
-    uint64_t idx = p & q->mask;
-    uint8_t *s = q->slots + idx * (uint64_t)q->stride, *first = s;
-    for (int64_t k = 0; k < m; k++) {
+    const uint64_t mask = q->mask, stride = q->stride;
+    uint8_t *const base = q->slots;
+    /* From the last slot to the first, each committed with a release store that pairs with the
+     * consumer's acquire load in claim_recv.  Consumers meet the burst's first slot first, so
+     * they see the burst only once all of it is committed; and the line they poll, the one
+     * with that slot, is written only at the end instead of while they read it. */
+    uint64_t idx = (p + (uint64_t)m - 1) & mask;
+    uint8_t *s = base + idx * stride;
+    uint32_t seq = (uint32_t)(p + (uint64_t)m);
+    for (int64_t k = m - 1; k >= 0; k--, seq--) {
         struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
         ivshm_copy(s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
         h->len = elem;
-        if (k) /* pairs with the consumer's acquire load in claim_recv */
-            IVSHM_STORE_RELEASE(&h->seq, (uint32_t)(p + (uint64_t)k + 1));
-        s = ivshm_mpmc_step(q, &idx, s);
+        IVSHM_STORE_RELEASE(&h->seq, seq);
+        if (idx == 0) {
+            idx = mask;
+            s = base + mask * stride;
+        } else {
+            idx--;
+            s -= stride;
+        }
     }
-    /* the first slot last: pairs with the consumer's acquire load in claim_recv, which meets this
-     * slot first and so sees the burst only when all of it is committed */
-    IVSHM_STORE_RELEASE(&((struct ivshm_mpmc_slot_hdr *)first)->seq, (uint32_t)(p + 1));
     /* The next burst's claim must read those slots' sequence words, last written by a consumer:
      * start fetching their lines now, one per 64 bytes, so that the claim does not wait. */
     if (m >= 4) {
@@ -293,26 +303,32 @@ static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uin
         return m == -EAGAIN ? 0 : m;
     uint8_t *d = (uint8_t *)dst;
     int64_t rc = m;
-    uint64_t idx = p & q->mask;
-    uint8_t *s = q->slots + idx * (uint64_t)q->stride;
-    for (int64_t k = 0; k < m; k++, s = ivshm_mpmc_step(q, &idx, s)) {
-        uint64_t i = p + (uint64_t)k;
+    const uint64_t mask = q->mask, stride = q->stride;
+    uint8_t *const base = q->slots;
+    uint64_t idx = p & mask;
+    uint8_t *s = base + idx * stride;
+    uint32_t seq = (uint32_t)(p + q->capacity);
+    for (int64_t k = 0; k < m; k++, seq++, d += elem) {
         struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
-        if (IVSHM_LIKELY(IVSHM_READ_ONCE(&h->len) == elem)) {
-            ivshm_copy(d + (uint64_t)k * elem, s + IVSHM_MPMC_SLOT_HDR, elem);
-            /* pairs with the producer's acquire load of seq in claim_send */
-            IVSHM_STORE_RELEASE(&h->seq, (uint32_t)(i + q->capacity));
-            continue;
-        }
-        int64_t len = ivshm_mpmc_msg_len(q, i);
-        if (len < 0 || (uint64_t)len > elem) {
-            rc = len < 0 ? len : -EMSGSIZE;
+        uint32_t len = IVSHM_READ_ONCE(&h->len);
+        if (IVSHM_LIKELY(len == elem)) {
+            ivshm_copy(d, s + IVSHM_MPMC_SLOT_HDR, elem);
+        } else if (len > q->slot_size) {
+            rc = ivshm_mpmc_corrupt(q, "slot length exceeds the slot size", len, q->slot_size);
+        } else if (len > elem) {
+            rc = -EMSGSIZE;
         } else {
-            ivshm_copy(d + (uint64_t)k * elem, ivshm_mpmc_payload(q, i), (uint64_t)len);
-            if ((uint64_t)len < elem)
-                memset(d + (uint64_t)k * elem + len, 0, elem - (uint64_t)len);
+            ivshm_copy(d, s + IVSHM_MPMC_SLOT_HDR, len);
+            memset(d + len, 0, elem - len);
         }
-        ivshm_mpmc_release_one(q, i); /* read: hand it to the next lap */
+        /* read: hand it to the next lap (pairs with the producer's acquire load in claim_send) */
+        IVSHM_STORE_RELEASE(&h->seq, seq);
+        if (++idx > mask) {
+            idx = 0;
+            s = base;
+        } else {
+            s += stride;
+        }
     }
     return rc;
 }

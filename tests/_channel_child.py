@@ -43,6 +43,10 @@ def main():
         print(json.dumps({"rx": rx.stats, "tx": tx.stats}), flush=True)
     elif mode == "block":
         signal.signal(signal.SIGUSR1, lambda *a: None)
+        # Python's own Ctrl-C handler, whatever this process inherited: a job started in the
+        # background by a shell without job control starts with SIGINT ignored, and Python then
+        # installs no handler at all
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         ch = Channel(region.ring("a2b"), bell, spin=0, recheck=60)
         print("waiting", flush=True)
         t0 = time.monotonic()

@@ -56,6 +56,7 @@ def test_no_lost_wakeup_randomized(shm_path, fds, seed):
         finally:
             if child.poll() is None:
                 child.kill()
+                child.wait()
             child.stdout.close()
     cons = ch.stats
     # both sides really slept and were woken by doorbells
@@ -85,6 +86,7 @@ def test_echo_round_trips_with_doorbells(shm_path, fds):
         finally:
             if child.poll() is None:
                 child.kill()
+                child.wait()
             child.stdout.close()
     assert st["rx"]["received"] == 501 and st["tx"]["sent"] == 500
     assert rx.stats["wakeups"] > 0
@@ -159,6 +161,7 @@ def test_sigint_interrupts_blocked_recv(shm_path, fds):
         finally:
             if child.poll() is None:
                 child.kill()
+                child.wait()
             child.stdout.close()
 
 
@@ -179,6 +182,7 @@ def test_other_signals_resume_with_remaining_timeout(shm_path, fds):
         finally:
             if child.poll() is None:
                 child.kill()
+                child.wait()
             child.stdout.close()
 
 

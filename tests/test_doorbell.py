@@ -356,9 +356,13 @@ def test_python_wait_survives_signals_and_keeps_its_timeout():
 
 _CTRL_C_CHILD = textwrap.dedent(
     """
+    import signal
     import sys
     sys.path.insert(0, {root!r})
     from pyivshmem.doorbell import WaitSet, eventfd
+    # Python's own Ctrl-C handler even when started with SIGINT ignored (a background job of a
+    # shell without job control): that is the process this test is about
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fd = eventfd()
     ws = WaitSet()
     ws.add(fd, 0)
@@ -391,7 +395,7 @@ def test_ctrl_c_interrupts_a_blocked_wait(timeout):
     finally:
         if child.poll() is None:
             child.kill()
-            child.wait()
+        child.communicate()  # reaps it and closes both pipes, also when the test failed
     assert child.returncode == 42, (out, err)
     assert "interrupted" in out
 

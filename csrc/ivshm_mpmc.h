@@ -201,13 +201,18 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
     return ivshm_mpmc_corrupt(q, "consumer index keeps changing (hostile peer?)", p, 0);
 }
 
-/* Validated length of the claimed message at index i (or -EPROTO). */
-static inline int64_t ivshm_mpmc_msg_len(struct ivshm_mpmc *q, uint64_t i)
+/* `len`, a length read from a slot header, if it fits the slot; else -EPROTO. */
+static inline int64_t ivshm_mpmc_check_len(struct ivshm_mpmc *q, uint32_t len)
 {
-    uint32_t len = IVSHM_READ_ONCE(&ivshm_mpmc_slot(q, i)->len);
     if (IVSHM_UNLIKELY(len > q->slot_size))
         return ivshm_mpmc_corrupt(q, "slot length exceeds the slot size", len, q->slot_size);
     return len;
+}
+
+/* Validated length of the claimed message at index i (or -EPROTO). */
+static inline int64_t ivshm_mpmc_msg_len(struct ivshm_mpmc *q, uint64_t i)
+{
+    return ivshm_mpmc_check_len(q, IVSHM_READ_ONCE(&ivshm_mpmc_slot(q, i)->len));
 }
 
 /* Hand a consumed slot back to producers of the next lap. */
@@ -313,8 +318,8 @@ static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uin
         uint32_t len = IVSHM_READ_ONCE(&h->len);
         if (IVSHM_LIKELY(len == elem)) {
             ivshm_copy(d, s + IVSHM_MPMC_SLOT_HDR, elem);
-        } else if (len > q->slot_size) {
-            rc = ivshm_mpmc_corrupt(q, "slot length exceeds the slot size", len, q->slot_size);
+        } else if (ivshm_mpmc_check_len(q, len) < 0) {
+            rc = -EPROTO;
         } else if (len > elem) {
             rc = -EMSGSIZE;
         } else {

@@ -23,3 +23,15 @@ int ivshm_mpmc_attach(struct ivshm_mpmc *q, const struct ivshm_region *r,
     q->stride = info->stride;
     return 0;
 }
+
+int64_t ivshm_mpmc_get_odd(struct ivshm_mpmc *q, uint8_t *d, const uint8_t *payload, uint32_t len,
+                           uint32_t elem, int64_t rc)
+{
+    if (ivshm_mpmc_check_len(q, len) < 0)
+        return -EPROTO;
+    if (len > elem)
+        return -EMSGSIZE;
+    ivshm_copy(d, payload, len);
+    memset(d + len, 0, elem - len);
+    return rc;
+}

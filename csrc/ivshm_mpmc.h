@@ -69,14 +69,56 @@ static inline uint8_t *ivshm_mpmc_payload(const struct ivshm_mpmc *q, uint64_t i
     return (uint8_t *)ivshm_mpmc_slot(q, i) + IVSHM_MPMC_SLOT_HDR;
 }
 
+/* Start fetching the lines of the n slots from index p (rw 1: to write them), one prefetch per
+ * 64 bytes (per slot for slots of 64 bytes or more). */
+static inline void ivshm_mpmc_prefetch(const struct ivshm_mpmc *q, uint64_t p, uint64_t n, int rw)
+{
+    const uint64_t stride = q->stride, step = stride >= 64 ? stride : 64, size = n * stride;
+    uint8_t *const base = q->slots;
+    const uint64_t ring = (uint64_t)q->capacity * stride;
+    uint64_t at = (p & q->mask) * stride;
+    for (uint64_t b = 0; b < size; b += step, at += step) {
+        while (at >= ring) /* once at most: callers pass n <= capacity, n >= 4 */
+            at -= ring;
+        if (rw)
+            __builtin_prefetch(base + at, 1, 3);
+        else
+            __builtin_prefetch(base + at, 0, 3);
+    }
+}
+
 /* Slots are read (their sequence word) and then written by the same side: fetching their lines
  * for writing up front saves a shared-then-exclusive upgrade per line in a burst. */
 static inline void ivshm_mpmc_prefetch_w(const struct ivshm_mpmc *q, uint64_t p, uint64_t n)
 {
-    if (n < 4)
-        return;
-    for (uint64_t k = 0; k < n; k += 2)
-        __builtin_prefetch(ivshm_mpmc_slot(q, p + k), 1, 3);
+    if (n >= 4)
+        ivshm_mpmc_prefetch(q, p, n, 1);
+}
+
+/* How many of the `run` slots from s on carry the sequence words want, want + 1, ...; *seen is
+ * the first other one. */
+static inline uint64_t ivshm_mpmc_scan_run(const uint8_t *s, uint64_t run, uint64_t stride, uint32_t want,
+                                           uint32_t *seen)
+{
+    uint64_t k = 0;
+    /* four slots per branch; a group that does not match is looked at again one slot at a time */
+    for (; k + 4 <= run; k += 4, s += 4 * stride, want += 4) {
+        /* acquire: pairs with the release store of each sequence word by the other side */
+        uint32_t a = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)s)->seq);
+        uint32_t b = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)(s + stride))->seq);
+        uint32_t c = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)(s + 2 * stride))->seq);
+        uint32_t d = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)(s + 3 * stride))->seq);
+        if (IVSHM_UNLIKELY(((a ^ want) | (b ^ (want + 1)) | (c ^ (want + 2)) | (d ^ (want + 3))) != 0))
+            break;
+    }
+    for (; k < run; k++, s += stride, want++) {
+        uint32_t seq = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)s)->seq);
+        if (seq != want) {
+            *seen = seq;
+            return k;
+        }
+    }
+    return run;
 }
 
 /* How many of the n slots from index p carry the sequence word p + k + off (off 0: free for
@@ -88,28 +130,18 @@ static inline uint64_t ivshm_mpmc_scan(const struct ivshm_mpmc *q, uint64_t p, u
     /* locals: the acquire loads would otherwise make the compiler reload q's fields per slot */
     const uint64_t stride = q->stride;
     uint8_t *const base = q->slots;
-    uint64_t idx = p & q->mask, k = 0;
-    uint64_t end = (uint64_t)q->capacity - idx; /* slots before the ring's end */
-    const uint8_t *s = base + idx * stride;
-    uint32_t want = (uint32_t)(p + off);
-    if (end > n)
-        end = n;
-    for (;;) {
-        for (; k < end; k++, want++, s += stride) {
-            /* acquire: pairs with the release store of the sequence word by the other side */
-            uint32_t seq = IVSHM_LOAD_ACQUIRE(&((const struct ivshm_mpmc_slot_hdr *)s)->seq);
-            if (IVSHM_UNLIKELY(seq != want)) {
-                *dif = (int32_t)(seq - want); /* |dif| <= capacity <= 2^30 */
-                return k;
-            }
-        }
-        if (k >= n)
-            break;
-        s = base;
-        end = n;
-    }
-    *dif = 0;
-    return n;
+    const uint64_t idx = p & q->mask;
+    uint64_t run = (uint64_t)q->capacity - idx; /* slots before the ring's end */
+    const uint32_t want = (uint32_t)(p + off);
+    uint32_t seen = 0;
+    if (run > n)
+        run = n;
+    uint64_t k = ivshm_mpmc_scan_run(base + idx * stride, run, stride, want, &seen);
+    if (k == run && k < n)
+        k += ivshm_mpmc_scan_run(base, n - k, stride, want + (uint32_t)k, &seen);
+    /* |dif| <= capacity <= 2^30 */
+    *dif = k < n ? (int32_t)(seen - (want + (uint32_t)k)) : 0;
+    return k;
 }
 
 static inline int ivshm_mpmc_corrupt(struct ivshm_mpmc *q, const char *why, uint64_t a, uint64_t b)
@@ -297,6 +329,31 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
     return m;
 }
 
+/* A slot whose length is not the cell size, for ivshm_mpmc_get_run: pads a shorter message with
+ * zeros; -EPROTO for a length over the slot size, -EMSGSIZE for one over the cell; else rc. */
+int64_t ivshm_mpmc_get_odd(struct ivshm_mpmc *q, uint8_t *d, const uint8_t *payload, uint32_t len,
+                           uint32_t elem, int64_t rc);
+
+/* Copy the messages of the `cnt` slots from s on into cells of `elem` bytes from d on, and hand
+ * each slot to the next lap with sequence word seq, seq + 1, ...; returns rc or an error of
+ * ivshm_mpmc_get_odd. */
+static inline int64_t ivshm_mpmc_get_run(struct ivshm_mpmc *q, uint8_t *s, uint64_t cnt, uint64_t stride,
+                                         uint8_t *d, uint32_t elem, uint32_t seq, int64_t rc)
+{
+#pragma GCC unroll 4
+    for (uint64_t k = 0; k < cnt; k++, s += stride, d += elem, seq++) {
+        struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
+        uint32_t len = IVSHM_READ_ONCE(&h->len);
+        if (IVSHM_LIKELY(len == elem))
+            ivshm_copy(d, s + IVSHM_MPMC_SLOT_HDR, elem);
+        else
+            rc = ivshm_mpmc_get_odd(q, d, s + IVSHM_MPMC_SLOT_HDR, len, elem, rc);
+        /* read: hand it to the next lap (pairs with the producer's acquire load in claim_send) */
+        IVSHM_STORE_RELEASE(&h->seq, seq);
+    }
+    return rc;
+}
+
 /* Receive up to n messages into an array of `elem`-byte cells (shorter messages are zero-padded,
  * longer ones are a -EMSGSIZE for the whole call after the slots are released). */
 static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uint32_t elem,
@@ -306,35 +363,19 @@ static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uin
     int64_t m = ivshm_mpmc_claim_recv(q, n, &p);
     if (m <= 0)
         return m == -EAGAIN ? 0 : m;
-    uint8_t *d = (uint8_t *)dst;
+    uint8_t *const d = (uint8_t *)dst;
     int64_t rc = m;
-    const uint64_t mask = q->mask, stride = q->stride;
+    const uint64_t stride = q->stride;
     uint8_t *const base = q->slots;
-    uint64_t idx = p & mask;
-    uint8_t *s = base + idx * stride;
-    uint32_t seq = (uint32_t)(p + q->capacity);
-    for (int64_t k = 0; k < m; k++, seq++, d += elem) {
-        struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
-        uint32_t len = IVSHM_READ_ONCE(&h->len);
-        if (IVSHM_LIKELY(len == elem)) {
-            ivshm_copy(d, s + IVSHM_MPMC_SLOT_HDR, elem);
-        } else if (ivshm_mpmc_check_len(q, len) < 0) {
-            rc = -EPROTO;
-        } else if (len > elem) {
-            rc = -EMSGSIZE;
-        } else {
-            ivshm_copy(d, s + IVSHM_MPMC_SLOT_HDR, len);
-            memset(d + len, 0, elem - len);
-        }
-        /* read: hand it to the next lap (pairs with the producer's acquire load in claim_send) */
-        IVSHM_STORE_RELEASE(&h->seq, seq);
-        if (++idx > mask) {
-            idx = 0;
-            s = base;
-        } else {
-            s += stride;
-        }
-    }
+    const uint64_t idx = p & q->mask;
+    uint64_t run = (uint64_t)q->capacity - idx; /* slots before the ring's end */
+    const uint32_t seq = (uint32_t)(p + q->capacity);
+    if (run > (uint64_t)m)
+        run = (uint64_t)m;
+    rc = ivshm_mpmc_get_run(q, base + idx * stride, run, stride, d, elem, seq, rc);
+    if ((uint64_t)m > run)
+        rc = ivshm_mpmc_get_run(q, base, (uint64_t)m - run, stride, d + run * elem, elem,
+                                seq + (uint32_t)run, rc);
     return rc;
 }
 

@@ -69,30 +69,22 @@ static inline uint8_t *ivshm_mpmc_payload(const struct ivshm_mpmc *q, uint64_t i
     return (uint8_t *)ivshm_mpmc_slot(q, i) + IVSHM_MPMC_SLOT_HDR;
 }
 
-/* Start fetching the lines of the n slots from index p (rw 1: to write them), one prefetch per
- * 64 bytes (per slot for slots of 64 bytes or more). */
-static inline void ivshm_mpmc_prefetch(const struct ivshm_mpmc *q, uint64_t p, uint64_t n, int rw)
+/* Slots are read (their sequence word) and then written by the same side: fetching their lines
+ * for writing up front saves a shared-then-exclusive upgrade per line in a burst.  One prefetch
+ * per 64 bytes (per slot for slots of 64 bytes or more). */
+static inline void ivshm_mpmc_prefetch_w(const struct ivshm_mpmc *q, uint64_t p, uint64_t n)
 {
+    if (n < 4)
+        return;
     const uint64_t stride = q->stride, step = stride >= 64 ? stride : 64, size = n * stride;
     uint8_t *const base = q->slots;
     const uint64_t ring = (uint64_t)q->capacity * stride;
     uint64_t at = (p & q->mask) * stride;
     for (uint64_t b = 0; b < size; b += step, at += step) {
-        while (at >= ring) /* once at most: callers pass n <= capacity, n >= 4 */
+        while (at >= ring) /* once at most: 4 <= n <= capacity, so the ring spans a step */
             at -= ring;
-        if (rw)
-            __builtin_prefetch(base + at, 1, 3);
-        else
-            __builtin_prefetch(base + at, 0, 3);
+        __builtin_prefetch(base + at, 1, 3);
     }
-}
-
-/* Slots are read (their sequence word) and then written by the same side: fetching their lines
- * for writing up front saves a shared-then-exclusive upgrade per line in a burst. */
-static inline void ivshm_mpmc_prefetch_w(const struct ivshm_mpmc *q, uint64_t p, uint64_t n)
-{
-    if (n >= 4)
-        ivshm_mpmc_prefetch(q, p, n, 1);
 }
 
 /* How many of the `run` slots from s on carry the sequence words want, want + 1, ...; *seen is

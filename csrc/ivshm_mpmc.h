@@ -294,7 +294,9 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
     /* From the last slot to the first, each committed with a release store that pairs with the
      * consumer's acquire load in claim_recv.  Consumers meet the burst's first slot first, so
      * they see the burst only once all of it is committed; and the line they poll, the one
-     * with that slot, is written only at the end instead of while they read it. */
+     * with that slot, is written only at the end instead of while they read it.  (Not unrolled
+     * like the consumer's loop: a producer faster than its consumers keeps the ring full, and
+     * then meets each consumer burst half handed back; docs/bench.md.) */
     uint64_t idx = (p + (uint64_t)m - 1) & mask;
     uint8_t *s = base + idx * stride;
     uint32_t seq = (uint32_t)(p + (uint64_t)m);

@@ -31,12 +31,19 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, strlen
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.unistd cimport write as _c_write, close as _c_close
 from posix.time cimport clock_gettime, CLOCK_MONOTONIC, timespec, nanosleep
 
 from pyivshmem._core cimport *
 
 cdef extern from "ivshm_atomic.h" nogil:
     void IVSHM_CPU_RELAX()
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
 
 from pyivshmem.errors import (
     error_from_code as _error_from_code,
@@ -62,6 +69,8 @@ cdef Py_ssize_t _BATCH = 256
 # Batches publish (and release) once, except after messages this large, where letting the other
 # side work on each message at once overlaps the two copies.
 cdef uint64_t _OVERLAP_BYTES = 16384
+# Copies of more than this many bytes release the GIL (and count as users of the mapping).
+cdef uint64_t _NOGIL_BYTES = 65536
 
 
 def parse_size(size):
@@ -152,21 +161,79 @@ cdef object _detail(const char *why, uint64_t a, uint64_t b):
     return f"{why.decode()} (values {a}, {b})"
 
 
+cdef class _Mapping:
+    """The mapping of one Region, owned jointly by the region, its rings, its channels and every
+    call or zero-copy view in flight.
+
+    ``closed`` is set by Region.close(); every call checks it first, with the GIL held.  ``users``
+    counts the calls that touch the memory with the GIL released (or across Python code that could
+    switch threads) and the live buffer exports of zero-copy views: Region.close() unmaps at once
+    when there are none, otherwise the last user to leave unmaps.  So memory is never unmapped under
+    a caller, and calls that start after close() raise ClosedError.  ``closed_fd`` is an eventfd
+    that close() makes readable for good (nobody drains it): a sleeper in this process polls it
+    beside its doorbell and leaves with ClosedError.  It is closed only when this object dies.
+    All fields are used with the GIL held.
+    """
+    cdef uint8_t *base
+    cdef uint64_t size
+    cdef bint closed
+    cdef Py_ssize_t users
+    cdef int closed_fd
+
+    def __cinit__(self):
+        self.base = NULL
+        self.size = 0
+        self.closed = False
+        self.users = 0
+        self.closed_fd = -1
+
+    cdef inline void enter(self):
+        self.users += 1
+
+    cdef inline void leave(self):
+        self.users -= 1
+        if self.closed and self.users == 0:
+            self._unmap()
+
+    cdef void _unmap(self):
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+
+    cdef void _close(self):
+        """Mark closed, wake sleepers, unmap unless users are inside (then the last one does)."""
+        cdef uint64_t one = 1
+        if self.closed:
+            return
+        self.closed = True
+        if self.closed_fd >= 0:
+            _c_write(self.closed_fd, &one, 8)
+        if self.users == 0:
+            self._unmap()
+
+    def __dealloc__(self):
+        self._unmap()
+        if self.closed_fd >= 0:
+            _c_close(self.closed_fd)
+            self.closed_fd = -1
+
+
 cdef class _SlotView:
-    """Buffer over one slot's payload; counted by its region so the mapping outlives it."""
-    cdef Region region
+    """Buffer over one slot's payload; each export counts as a user of the mapping, so the memory
+    outlives it even across Region.close()."""
+    cdef _Mapping m
     cdef char *ptr
     cdef Py_ssize_t n
     cdef bint readonly
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
-        if self.region._base == NULL:
+        if self.m.closed:
             raise ClosedError("the region behind this view is closed")
         PyBuffer_FillInfo(buf, self, self.ptr, self.n, self.readonly, flags)
-        self.region._exports += 1
+        self.m.enter()
 
     def __releasebuffer__(self, Py_buffer *buf):
-        self.region._exports -= 1
+        self.m.leave()
 
 
 cdef _release_view(view):
@@ -178,9 +245,9 @@ cdef _release_view(view):
             pass  # the caller holds sub-views; they stay readable until dropped
 
 
-cdef memoryview _make_view(Region region, void *ptr, Py_ssize_t n, bint readonly):
+cdef memoryview _make_view(_Mapping m, void *ptr, Py_ssize_t n, bint readonly):
     cdef _SlotView v = _SlotView.__new__(_SlotView)
-    v.region = region
+    v.m = m
     v.ptr = <char *>ptr
     v.n = n
     v.readonly = readonly
@@ -191,20 +258,18 @@ cdef class Region:
     """A shared-memory region: a header, a directory of named rings, the rings.
 
     Make one with :meth:`create`, :meth:`open` or :meth:`from_fd`.  The size is a power of two
-    (QEMU requires it of ivshmem memory).  Closing unmaps it; rings made from it then raise
-    ClosedError.  A context manager.
+    (QEMU requires it of ivshmem memory).  Closing it, from any thread, makes every later call on
+    it and on its rings raise ClosedError; the memory is unmapped once no call is inside it and no
+    zero-copy view of it is exported.  A context manager.
     """
     cdef ivshm_region _r
-    cdef uint8_t *_base
+    cdef _Mapping _m
     cdef uint64_t _size
     cdef int _fd
     cdef object _path
-    cdef public Py_ssize_t _exports
 
     def __cinit__(self):
-        self._base = NULL
         self._fd = -1
-        self._exports = 0
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
@@ -296,6 +361,11 @@ cdef class Region:
     @classmethod
     def _map(cls, int fd, uint64_t size, offset, path, unsigned flags):
         cdef Region self = cls.__new__(cls)
+        cdef _Mapping m = _Mapping.__new__(_Mapping)
+        m.closed_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if m.closed_fd < 0:
+            e = errno
+            raise OSError(e, f"cannot make an eventfd for the region: {_os.strerror(e)}")
         cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, <long>offset)
         if p == MAP_FAILED:
             e = errno
@@ -320,7 +390,9 @@ cdef class Region:
             if rc == -ETIMEDOUT:
                 raise WaitTimeout(f"{where}: another process started formatting the region and did not finish")
             raise _error_from_code(rc, f"attach to {where}")
-        self._base = <uint8_t *>p
+        m.base = <uint8_t *>p
+        m.size = size
+        self._m = m
         self._size = size
         self._fd = fd
         self._path = path
@@ -328,28 +400,29 @@ cdef class Region:
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self):
-        """Unmap and close.  Idempotent.  Refused (BufferError) while zero-copy views are held."""
-        if self._base == NULL:
+        """Close the region, from any thread; idempotent, never raises.  Calls that start later,
+        on the region or its rings, raise ClosedError, and so do blocked sleepers of this process.
+        The memory is unmapped now, or, while calls are inside it with the GIL released or
+        zero-copy buffers are exported, when the last of them leaves."""
+        cdef _Mapping m = self._m
+        if m is None or m.closed:
             return
-        if self._exports > 0:
-            raise BufferError(f"cannot close the region: {self._exports} zero-copy view(s) still "
-                              "held; release() them (or drop the memoryviews) first")
-        munmap(self._base, self._size)
-        self._base = NULL
         if self._fd >= 0:
-            _os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            try:
+                _os.close(fd)
+            except OSError:
+                pass
+        m._close()
 
     def __dealloc__(self):
-        if self._base != NULL:
-            munmap(self._base, self._size)
-            self._base = NULL
+        # the mapping is unmapped by _Mapping itself when its last holder goes
         if self._fd >= 0:
-            _os.close(self._fd)
+            _c_close(self._fd)
             self._fd = -1
 
     def __del__(self):
-        if self._base != NULL:
+        if self._m is not None and not self._m.closed:
             _warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
@@ -361,18 +434,18 @@ cdef class Region:
         self.close()
 
     cdef inline int _ensure_open(self) except -1:
-        if self._base == NULL:
+        if self._m is None or self._m.closed:
             raise ClosedError("the region is closed")
         return 0
 
     def __repr__(self):
-        state = "closed" if self._base == NULL else f"size={self._size}"
+        state = "closed" if self._m is None or self._m.closed else f"size={self._size}"
         return f"<pyivshmem.Region {self._path or 'fd'} {state}>"
 
     # -- properties ---------------------------------------------------------------------------
     @property
     def closed(self):
-        return self._base == NULL
+        return self._m is None or self._m.closed
 
     @property
     def size(self):
@@ -386,7 +459,7 @@ cdef class Region:
     def address(self):
         """Base address of the mapping in this process (for C code sharing the mapping)."""
         self._ensure_open()
-        return <size_t>self._base
+        return <size_t>self._m.base
 
     @property
     def generation(self):
@@ -429,8 +502,15 @@ cdef class Region:
             raise ConfigError(f"slot_size {slot_size} or capacity {capacity} out of range")
         cdef uint32_t ss = slot_size
         cdef uint32_t cap = capacity
-        with nogil:
-            rc = ivshm_region_create_ring(&self._r, cname, k, ss, cap, token, _LOCK_WAIT_MS, &info, &why)
+        cdef _Mapping m = self._m
+        m.enter()
+        try:
+            with nogil:
+                rc = ivshm_region_create_ring(&self._r, cname, k, ss, cap, token, _LOCK_WAIT_MS,
+                                              &info, &why)
+        finally:
+            m.leave()
+        self._ensure_open()
         if rc == 1 and not exist_ok:
             raise FileExistsError(f"a ring named {name!r} already exists in this region")
         if rc < 0:
@@ -463,8 +543,14 @@ cdef class Region:
 
     cdef object _attach(self, ivshm_ring_info *info):
         cls = SpscRing if info.kind == IVSHM_KIND_SPSC else MpmcRing
-        cdef _Ring ring = cls.__new__(cls)
-        ring._init(self, info)
+        cdef _Ring ring
+        cdef _Mapping m = self._m
+        m.enter()  # _init reads the control block after Python allocations
+        try:
+            ring = cls.__new__(cls)
+            ring._init(self, info)
+        finally:
+            m.leave()
         return ring
 
     def rings(self):
@@ -472,6 +558,19 @@ cdef class Region:
         waiting), producers_waiting, consumers_waiting.  Corrupt entries are listed with an error."""
         self._ensure_open()
         out = []
+        cdef ivshm_ring_info info
+        cdef const char *why = NULL
+        cdef ivshm_ring_ctrl *c
+        cdef uint64_t h, t
+        cdef _Mapping m = self._m
+        m.enter()  # Python code runs between the reads below: a thread switch could close us
+        try:
+            self._list_rings(out)
+        finally:
+            m.leave()
+        return out
+
+    cdef _list_rings(self, list out):
         cdef ivshm_ring_info info
         cdef const char *why = NULL
         cdef ivshm_ring_ctrl *c
@@ -484,7 +583,7 @@ cdef class Region:
             if rc < 0:
                 out.append({"index": i, "error": why.decode() if why != NULL else str(rc)})
                 continue
-            c = <ivshm_ring_ctrl *>(self._base + info.offset)
+            c = <ivshm_ring_ctrl *>(self._m.base + info.offset)
             h = c.head
             t = c.tail
             out.append({
@@ -501,15 +600,17 @@ cdef class Region:
                 "producers_waiting": c.prod_waiting,
                 "consumers_waiting": c.cons_waiting,
             })
-        return out
 
     def info(self):
         """The region header as a dict."""
         self._ensure_open()
-        cdef ivshm_region_hdr *h = <ivshm_region_hdr *>self._base
-        return {"size": self._size, "version": h.version, "generation": h.generation,
-                "rings": h.nrings, "allocated": h.alloc_off, "free": self._size - h.alloc_off
-                if h.alloc_off <= self._size else 0, "directory_locked": h.lock != 0}
+        cdef ivshm_region_hdr *h = <ivshm_region_hdr *>self._m.base
+        # copies first: no Python code (and so no thread switch) between the reads
+        cdef uint32_t version = h.version, nrings = h.nrings
+        cdef uint64_t gen = h.generation, alloc = h.alloc_off, lock = h.lock
+        return {"size": self._size, "version": version, "generation": gen,
+                "rings": nrings, "allocated": alloc, "free": self._size - alloc
+                if alloc <= self._size else 0, "directory_locked": lock != 0}
 
 
 def _ring_name(name):
@@ -526,6 +627,8 @@ def _ring_name(name):
 cdef class _Ring:
     """Common part of SpscRing and MpmcRing."""
     cdef Region _region
+    cdef _Mapping _m
+    cdef bint _closed
     cdef ivshm_ring_info _info
     cdef object _name
     cdef public double spin
@@ -536,8 +639,9 @@ cdef class _Ring:
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         self._region = region
+        self._m = region._m
         self._info = info[0]
-        self._ctrl = <ivshm_ring_ctrl *>(region._base + info.offset)
+        self._ctrl = <ivshm_ring_ctrl *>(region._m.base + info.offset)
         self._name = info.name.decode("utf-8", "replace")
         self.spin = DEFAULT_SPIN
         self._wview = None
@@ -548,7 +652,9 @@ cdef class _Ring:
         raise TypeError("rings are made by Region.create_ring() or Region.ring()")
 
     cdef inline int _check(self) except -1:
-        if self._region is None or self._region._base == NULL:
+        if self._closed:
+            raise ClosedError(f"ring {self._name!r}: this handle is closed")
+        if self._m.closed:
             raise ClosedError(f"ring {self._name!r}: its region is closed")
         return 0
 
@@ -570,13 +676,13 @@ cdef class _Ring:
 
     @property
     def closed(self):
-        return self._region is None or self._region._base == NULL
+        return self._closed or self._m is None or self._m.closed
 
     def close(self):
         """Drop this handle (the ring stays in the region).  Idempotent."""
         self._drop_wview()
         self._drop_rview()
-        self._region = None
+        self._closed = True
 
     def __enter__(self):
         self._check()
@@ -704,11 +810,17 @@ cdef class SpscRing(_Ring):
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
         self._check()
         cdef int rc
-        if n <= 65536:
+        cdef _Mapping mp
+        if n <= _NOGIL_BYTES:
             rc = ivshm_spsc_try_send(&self._q, p, n)
         else:
-            with nogil:
-                rc = ivshm_spsc_try_send(&self._q, p, n)
+            mp = self._m
+            mp.enter()
+            try:
+                with nogil:
+                    rc = ivshm_spsc_try_send(&self._q, p, n)
+            finally:
+                mp.leave()
         if rc == 0:
             return 0
         if rc == -EAGAIN:
@@ -729,13 +841,22 @@ cdef class SpscRing(_Ring):
                 return None
             raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv")
         cdef object out
-        if m.nslots == 1:
+        cdef _Mapping mp
+        if m.nslots == 1 and m.len <= _NOGIL_BYTES:
             out = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
         else:
-            out = PyBytes_FromStringAndSize(NULL, m.len)
-            dst = PyBytes_AS_STRING(out)
-            with nogil:
-                ivshm_spsc_copy(&self._q, &m, dst)
+            mp = self._m
+            mp.enter()
+            try:
+                out = PyBytes_FromStringAndSize(NULL, m.len)
+                dst = PyBytes_AS_STRING(out)
+                with nogil:
+                    ivshm_spsc_copy(&self._q, &m, dst)
+                    ivshm_spsc_advance(&self._q, &m)
+                    ivshm_spsc_release(&self._q)
+            finally:
+                mp.leave()
+            return out
         ivshm_spsc_advance(&self._q, &m)
         ivshm_spsc_release(&self._q)
         return out
@@ -763,7 +884,9 @@ cdef class SpscRing(_Ring):
         cdef int rc = 0
         cdef object item
         cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef _Mapping mp = self._m
         while start + done < total:
+            self._check()  # the GIL may have been released: the region may have been closed
             n = total - start - done
             if n > _BATCH:
                 n = _BATCH
@@ -775,16 +898,20 @@ cdef class SpscRing(_Ring):
                 self._ptrs[k] = PyBytes_AS_STRING(item)
                 self._lens[k] = PyBytes_GET_SIZE(item)
             # copy and publish without it
-            with nogil:
-                k = 0
-                while k < n:
-                    rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
-                    if rc != 0:
-                        break
-                    if self._lens[k] >= _OVERLAP_BYTES:
-                        ivshm_spsc_publish(&self._q)  # large: let the consumer start on it now
-                    k += 1
-                ivshm_spsc_publish(&self._q)
+            mp.enter()
+            try:
+                with nogil:
+                    k = 0
+                    while k < n:
+                        rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
+                        if rc != 0:
+                            break
+                        if self._lens[k] >= _OVERLAP_BYTES:
+                            ivshm_spsc_publish(&self._q)  # large: let the consumer start on it now
+                        k += 1
+                    ivshm_spsc_publish(&self._q)
+            finally:
+                mp.leave()
             done += k
             if rc == -EAGAIN:
                 return done
@@ -816,22 +943,31 @@ cdef class SpscRing(_Ring):
         cdef Py_ssize_t got = 0
         cdef _Waiter w = None
         cdef object b
+        cdef char *dst
+        cdef _Mapping mp = self._m
         while True:
-            while got < max_count:
-                rc = ivshm_spsc_next(&self._q, &m)
-                if rc != 0:
-                    break
-                if m.nslots == 1:
-                    b = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
-                else:
-                    b = PyBytes_FromStringAndSize(NULL, m.len)
-                    ivshm_spsc_copy(&self._q, &m, PyBytes_AS_STRING(b))
-                PyList_Append(out, b)
-                ivshm_spsc_advance(&self._q, &m)
-                if m.len >= _OVERLAP_BYTES:
-                    ivshm_spsc_release(&self._q)  # large: hand the slots back to the producer now
-                got += 1
-            ivshm_spsc_release(&self._q)
+            self._check()
+            mp.enter()
+            try:
+                while got < max_count and not mp.closed:
+                    rc = ivshm_spsc_next(&self._q, &m)
+                    if rc != 0:
+                        break
+                    if m.nslots == 1 and m.len <= _NOGIL_BYTES:
+                        b = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
+                    else:
+                        b = PyBytes_FromStringAndSize(NULL, m.len)
+                        dst = PyBytes_AS_STRING(b)
+                        with nogil:
+                            ivshm_spsc_copy(&self._q, &m, dst)
+                    PyList_Append(out, b)
+                    ivshm_spsc_advance(&self._q, &m)
+                    if m.len >= _OVERLAP_BYTES:
+                        ivshm_spsc_release(&self._q)  # large: hand the slots back to the producer now
+                    got += 1
+                ivshm_spsc_release(&self._q)
+            finally:
+                mp.leave()
             if rc != 0 and rc != -EAGAIN and got == 0:
                 raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
             if got or timeout == 0 or max_count <= 0:
@@ -847,21 +983,28 @@ cdef class SpscRing(_Ring):
         self._check()
         cdef Py_buffer buf
         cdef ivshm_spsc_msg m
-        cdef int rc = ivshm_spsc_next(&self._q, &m)
-        if rc == -EAGAIN:
-            return None
-        if rc != 0:
-            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_into")
+        cdef int rc
+        cdef _Mapping mp = self._m
         PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
         try:
-            if <uint64_t>buf.len < m.len:
-                raise MessageTooLargeError(
-                    f"the next message on ring {self._name!r} is {m.len} bytes; the buffer holds "
-                    f"{buf.len}: pass a larger buffer (it stays queued)")
-            with nogil:
-                ivshm_spsc_copy(&self._q, &m, buf.buf)
-            ivshm_spsc_advance(&self._q, &m)
-            ivshm_spsc_release(&self._q)
+            self._check()  # getting the buffer may have run Python code
+            mp.enter()
+            try:
+                rc = ivshm_spsc_next(&self._q, &m)
+                if rc == -EAGAIN:
+                    return None
+                if rc != 0:
+                    raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_into")
+                if <uint64_t>buf.len < m.len:
+                    raise MessageTooLargeError(
+                        f"the next message on ring {self._name!r} is {m.len} bytes; the buffer "
+                        f"holds {buf.len}: pass a larger buffer (it stays queued)")
+                with nogil:
+                    ivshm_spsc_copy(&self._q, &m, buf.buf)
+                    ivshm_spsc_advance(&self._q, &m)
+                    ivshm_spsc_release(&self._q)
+            finally:
+                mp.leave()
         finally:
             PyBuffer_Release(&buf)
         return m.len
@@ -884,7 +1027,7 @@ cdef class SpscRing(_Ring):
                                        f"are at most one slot ({self.slot_size} bytes)")
         if rc != 0:
             raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "reserve")
-        self._wview = _make_view(self._region, p, size, False)
+        self._wview = _make_view(self._m, p, size, False)
         self._wview_len = size
         return self._wview
 
@@ -914,7 +1057,7 @@ cdef class SpscRing(_Ring):
         if m.nslots != 1:
             raise MessageTooLargeError(f"the next message on ring {self._name!r} spans {m.nslots} "
                                        "slots and cannot be viewed in place: use recv()")
-        self._rview = _make_view(self._region, <void *>m.data, m.len, True)
+        self._rview = _make_view(self._m, <void *>m.data, m.len, True)
         self._peeked_slots = m.nslots
         return self._rview
 
@@ -974,7 +1117,18 @@ cdef class MpmcRing(_Ring):
                 f"message of {n} bytes does not fit ring {self._name!r}: MPMC slots hold at most "
                 f"{self.slot_size} bytes (use a larger slot_size, or an SPSC ring, which splits "
                 "large messages)")
-        cdef int rc = ivshm_mpmc_try_send(&self._q, p, n)
+        cdef int rc
+        cdef _Mapping mp
+        if n <= _NOGIL_BYTES:
+            rc = ivshm_mpmc_try_send(&self._q, p, n)
+        else:
+            mp = self._m
+            mp.enter()
+            try:
+                with nogil:
+                    rc = ivshm_mpmc_try_send(&self._q, p, n)
+            finally:
+                mp.leave()
         if rc == 0:
             return 0
         if rc == -EAGAIN:
@@ -1003,8 +1157,29 @@ cdef class MpmcRing(_Ring):
         if n < 0:
             ivshm_mpmc_release_one(&self._q, pos)
             raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv")
-        out = PyBytes_FromStringAndSize(<const char *>ivshm_mpmc_payload(&self._q, pos), n)
-        ivshm_mpmc_release_one(&self._q, pos)
+        if n <= <int64_t>_NOGIL_BYTES:
+            out = PyBytes_FromStringAndSize(<const char *>ivshm_mpmc_payload(&self._q, pos), n)
+            ivshm_mpmc_release_one(&self._q, pos)
+            return out
+        return self._recv_big(pos, n)
+
+    cdef object _recv_big(self, uint64_t pos, int64_t n):
+        """Copy claimed message `pos` of `n` bytes out with the GIL released, and release it."""
+        cdef _Mapping mp = self._m
+        cdef char *dst
+        mp.enter()
+        try:
+            try:
+                out = PyBytes_FromStringAndSize(NULL, n)
+            except BaseException:
+                ivshm_mpmc_release_one(&self._q, pos)
+                raise
+            dst = PyBytes_AS_STRING(out)
+            with nogil:
+                memcpy(dst, ivshm_mpmc_payload(&self._q, pos), n)
+                ivshm_mpmc_release_one(&self._q, pos)
+        finally:
+            mp.leave()
         return out
 
     cdef _timeout_error(self, timeout):
@@ -1040,24 +1215,33 @@ cdef class MpmcRing(_Ring):
         cdef int64_t m, k, n
         cdef object err = None
         cdef _Waiter w = None
+        cdef _Mapping mp = self._m
         if self._stash is not None and max_count > 0:
             out.append(self._stash)
             self._stash = None
         while True:
-            while len(out) < max_count:
-                m = ivshm_mpmc_claim_recv(&self._q, max_count - len(out), &pos)
-                if m <= 0:
-                    if m != -EAGAIN and not out:
-                        raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
-                    break
-                for k in range(m):
-                    n = ivshm_mpmc_msg_len(&self._q, pos + k)
-                    if n >= 0:
-                        out.append(PyBytes_FromStringAndSize(
-                            <const char *>ivshm_mpmc_payload(&self._q, pos + k), n))
-                    elif err is None:
-                        err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
-                    ivshm_mpmc_release_one(&self._q, pos + k)
+            self._check()
+            mp.enter()
+            try:
+                while len(out) < max_count and not mp.closed:
+                    m = ivshm_mpmc_claim_recv(&self._q, max_count - len(out), &pos)
+                    if m <= 0:
+                        if m != -EAGAIN and not out:
+                            raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
+                        break
+                    for k in range(m):
+                        n = ivshm_mpmc_msg_len(&self._q, pos + k)
+                        if n > <int64_t>_NOGIL_BYTES:
+                            out.append(self._recv_big(pos + k, n))
+                            continue
+                        if n >= 0:
+                            out.append(PyBytes_FromStringAndSize(
+                                <const char *>ivshm_mpmc_payload(&self._q, pos + k), n))
+                        elif err is None:
+                            err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
+                        ivshm_mpmc_release_one(&self._q, pos + k)
+            finally:
+                mp.leave()
             if err is not None:
                 if not out:
                     raise err
@@ -1106,7 +1290,7 @@ cdef class MpmcRing(_Ring):
         if m < 0:
             raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "reserve")
         self._wpos = pos
-        self._wview = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), size, False)
+        self._wview = _make_view(self._m, ivshm_mpmc_payload(&self._q, pos), size, False)
         self._wview_len = size
         return self._wview
 
@@ -1141,7 +1325,7 @@ cdef class MpmcRing(_Ring):
             ivshm_mpmc_release_one(&self._q, pos)
             raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "peek")
         self._rpos = pos
-        self._rview = _make_view(self._region, ivshm_mpmc_payload(&self._q, pos), n, True)
+        self._rview = _make_view(self._m, ivshm_mpmc_payload(&self._q, pos), n, True)
         return self._rview
 
     def release(self):

@@ -32,7 +32,7 @@ def _flags():
 
 CFLAGS, LDFLAGS = _flags()
 CORE_SOURCES = sorted(
-    os.path.join(CSRC, f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c")
+    os.path.join(CSRC, f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c", "ivshm_chan.c")
 )
 
 

@@ -1,9 +1,9 @@
-/* ivshm.h - the whole C core for C programs: layout, region, SPSC and MPMC rings. */
+/* ivshm.h - the whole C core for C programs: layout, region, SPSC and MPMC rings, channels. */
 #ifndef IVSHM_H
 #define IVSHM_H
 #include "ivshm_layout.h"
 #include "ivshm_region.h"
 #include "ivshm_spsc.h"
 #include "ivshm_mpmc.h"
-#include "ivshm_wake.h"
+#include "ivshm_chan.h"
 #endif

@@ -6,7 +6,7 @@
  * the static asserts at the bottom pin every offset the documentation names.
  *
  * Region:  [ header, 4096 bytes ][ ring 0 ][ ring 1 ] ...   (rings are 128-byte aligned)
- * Ring:    [ control block, 640 bytes: info | head | tail | consumer wake | producer wake ][ slots ]
+ * Ring:    [ control block, 640 bytes: info | head | tail | consumer sleepers | producer sleepers ][ slots ]
  * Slot:    SPSC: [ u32 len | u32 stamp | payload ]   MPMC: [ u32 seq | u32 len | payload ]
  *
  * Nothing in this file is trusted when read from a mapping: see ivshm_region.c and the rings.
@@ -19,13 +19,16 @@
 
 #define IVSHM_MAGIC            0x314d485356495950ULL /* "PYIVSHM1" as little-endian bytes */
 #define IVSHM_MAGIC_FORMATTING 0x2a2a2a2a2a2a2a2aULL /* "********": a formatter is at work */
-#define IVSHM_LAYOUT_VERSION   2u
+#define IVSHM_LAYOUT_VERSION   3u
 #define IVSHM_HDR_SIZE         4096u
 #define IVSHM_MIN_REGION_SIZE  8192u           /* header + one small ring */
 #define IVSHM_NAME_MAX         32u             /* bytes including the terminating NUL */
 #define IVSHM_MAX_RINGS        62u             /* (4096 - 128) / 64 directory entries */
 #define IVSHM_LINE             128u            /* separation of producer/consumer fields */
 #define IVSHM_RING_ALIGN       128u
+#define IVSHM_SLEEPERS         30u             /* sleeper entries per side of a ring */
+#define IVSHM_MAX_PEER_ID      65535u          /* ivshmem peer ids are 16-bit */
+#define IVSHM_MAX_VECTORS      64u
 #define IVSHM_RING_MAGIC       0x474e495248535649ULL /* "IVSHRING" */
 
 #define IVSHM_KIND_SPSC 1u
@@ -74,9 +77,10 @@ struct ivshm_region_hdr {
 
 /* A ring's control block.  Line 0 is written once by the creator, before the directory entry is
  * published.  Line 1 is written only by producers (the index), line 2 only by consumers.  Lines 3
- * and 4 hold the wake-up protocol's state: each is written only when its side goes to sleep (or
- * by the other side when it clears a flag to ring), so while both sides are awake the check that
- * follows every publish reads a line that stays in the local cache. */
+ * and 4 hold the wake-up protocol's state (ivshm_chan.h): a count of armed sleepers and a table of
+ * their routes, one table per side.  Each line is written only when someone of its side goes to
+ * sleep (or by a waker that claims a sleeper to ring it), so while both sides are awake the check
+ * that follows every publish reads a line that stays in the local cache. */
 struct ivshm_ring_ctrl {
     /* line 0: immutable description, checked against the directory on attach */
     uint64_t magic;          /*   0: IVSHM_RING_MAGIC */
@@ -92,21 +96,23 @@ struct ivshm_ring_ctrl {
     /* line 2: consumer index */
     uint64_t tail;           /* 256: SPSC: next index to consume; MPMC: next index to claim */
     uint8_t  pad2[IVSHM_LINE - 8];
-    /* line 3: a sleeping consumer and how to wake it */
-    uint32_t cons_waiting;   /* 384: consumers asleep on an empty ring */
-    uint32_t cons_peer;      /* 388: doorbell route: ring this peer id ... */
-    uint32_t cons_vector;    /* 392: ... on this vector */
-    uint32_t cons_flags;     /* 396: bit 0: cons_peer/cons_vector are valid */
-    uint8_t  pad3[IVSHM_LINE - 16];
-    /* line 4: a sleeping producer and how to wake it */
-    uint32_t prod_waiting;   /* 512: producers asleep on a full ring */
-    uint32_t prod_peer;      /* 516 */
-    uint32_t prod_vector;    /* 520 */
-    uint32_t prod_flags;     /* 524 */
-    uint8_t  pad4[IVSHM_LINE - 16];
+    /* line 3: the consumers asleep on an empty ring (ivshm_chan.h) */
+    uint32_t cons_waiting;   /* 384: entries armed in cons_sleepers (a hint for the waker) */
+    uint32_t cons_pad;       /* 388: zero */
+    uint32_t cons_sleepers[IVSHM_SLEEPERS]; /* 392: 0 free, else an armed sleeper's route word */
+    /* line 4: the producers asleep on a full ring */
+    uint32_t prod_waiting;   /* 512 */
+    uint32_t prod_pad;       /* 516 */
+    uint32_t prod_sleepers[IVSHM_SLEEPERS]; /* 520 */
 };
 
-#define IVSHM_ROUTE_VALID 1u
+/* A sleeper's route word: how a waker rings it.  Bit 31 marks an armed entry; bits 8..23 are
+ * the sleeper's peer id, bits 0..7 its vector.  Words without bit 31, or with a vector of
+ * IVSHM_MAX_VECTORS or more, are not routes (a waker skips them). */
+#define IVSHM_SLEEPER_ARMED 0x80000000u
+#define IVSHM_SLEEPER_PEER(w) (((w) >> 8) & 0xffffu)
+#define IVSHM_SLEEPER_VECTOR(w) ((w) & 0xffu)
+#define IVSHM_SLEEPER_WORD(peer, vector) (IVSHM_SLEEPER_ARMED | ((uint32_t)(peer) << 8) | (uint32_t)(vector))
 
 /* SPSC slot header.  `stamp` is what publishes a slot: once slot i holds the message of index i,
  * the producer stores the low 32 bits of i + 1 there, after every other byte of the slot (see
@@ -136,8 +142,9 @@ _Static_assert(offsetof(struct ivshm_ring_ctrl, head) == IVSHM_LINE, "head on li
 _Static_assert(offsetof(struct ivshm_ring_ctrl, tail) == 2 * IVSHM_LINE, "tail on line 2");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, cons_waiting) == 3 * IVSHM_LINE, "cons_waiting on line 3");
 _Static_assert(offsetof(struct ivshm_ring_ctrl, prod_waiting) == 4 * IVSHM_LINE, "prod_waiting on line 4");
-_Static_assert(offsetof(struct ivshm_ring_ctrl, prod_flags) == 524, "prod_flags at 524");
-_Static_assert(offsetof(struct ivshm_ring_ctrl, cons_flags) == 396, "cons_flags at 396");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, cons_sleepers) == 392, "cons_sleepers at 392");
+_Static_assert(offsetof(struct ivshm_ring_ctrl, prod_sleepers) == 520, "prod_sleepers at 520");
+_Static_assert(IVSHM_MAX_VECTORS <= 256 && IVSHM_MAX_PEER_ID <= 0xffffu, "a route word holds a peer id and a vector");
 _Static_assert(sizeof(struct ivshm_spsc_slot_hdr) == IVSHM_SPSC_SLOT_HDR, "spsc slot header");
 _Static_assert(offsetof(struct ivshm_spsc_slot_hdr, stamp) == 4, "spsc stamp at 4");
 _Static_assert(IVSHM_MAX_SLOT_SIZE <= IVSHM_SPSC_LEN_MASK, "an SPSC length fits beside the MORE bit");

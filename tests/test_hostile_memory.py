@@ -453,7 +453,8 @@ def test_attach_refuses_inconsistent_indices(setup, head, tail):
 @pytest.mark.parametrize("field,fmt,value,exc,words", [
     (HDR_MAGIC, "Q", 0x1234, RegionFormatError, "not a pyivshmem region"),
     (HDR_MAGIC, "Q", 0, RegionFormatError, "not a pyivshmem region"),
-    (HDR_VERSION, "I", 3, RegionFormatError, "version"),
+    (HDR_VERSION, "I", 4, RegionFormatError, "version"),
+    (HDR_VERSION, "I", 2, RegionFormatError, "version"),
     (HDR_VERSION, "I", 1, RegionFormatError, "version"),
     (HDR_HDR_SIZE, "I", 8192, RegionFormatError, "inconsistent"),
     (HDR_REGION_SIZE, "Q", 512 * 1024, RegionFormatError, "inconsistent"),

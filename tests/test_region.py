@@ -38,7 +38,7 @@ def test_create_open_and_header(shm_path):
         assert r.generation != 0
         assert stat.S_IMODE(os.stat(shm_path).st_mode) == 0o600
         info = r.info()
-        assert info["version"] == 2 and info["rings"] == 0  # layout version, docs/layout.md
+        assert info["version"] == 3 and info["rings"] == 0  # layout version, docs/layout.md
         with Region.open(shm_path) as r2:
             assert r2.generation == r.generation and r2.size == r.size
     assert r.closed

@@ -1,0 +1,421 @@
+/* ivshm_chan.c - the wake-up protocol (see ivshm_chan.h for the rules, docs/wakeup.md for the
+ * argument that no wake-up is lost).  Every atomic access names the one it pairs with. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* ppoll */
+#endif
+#include "ivshm_chan.h"
+
+#include <poll.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BACKOFF_MIN_US 50u
+#define BACKOFF_MAX_US 1000u
+
+int64_t ivshm_chan_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void stat_add(uint64_t *counter)
+{
+    atomic_fetch_add_explicit(IVSHM_ATOMIC(counter), 1, memory_order_relaxed);
+}
+
+int ivshm_bell_ring(const struct ivshm_bell *b)
+{
+    if (b->kind == IVSHM_BELL_EVENTFD) {
+        uint64_t one = 1;
+        ssize_t n;
+        do {
+            n = write(b->fd, &one, sizeof(one));
+        } while (n < 0 && errno == EINTR);
+        /* EAGAIN: the counter is saturated, so the peer has a wake-up pending anyway */
+        if (n < 0 && errno != EAGAIN)
+            return -errno;
+        return 0;
+    }
+    if (b->kind == IVSHM_BELL_MMIO) {
+        *b->reg = b->value; /* an aligned 32-bit store, as the ivshmem Doorbell register needs */
+        return 0;
+    }
+    return 0;
+}
+
+int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, int vector,
+                    int wait_fd, int cancel_fd, ivshm_chan_resolve_fn resolve, void *resolve_ctx,
+                    uint64_t spin_ns, uint64_t recheck_ns)
+{
+    memset(ch, 0, sizeof(*ch));
+    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC) || ring == NULL || recheck_ns == 0)
+        return -EINVAL;
+    if (peer >= 0 && ((uint32_t)peer > IVSHM_MAX_PEER_ID || vector < 0 ||
+                      (uint32_t)vector >= IVSHM_MAX_VECTORS))
+        return -EINVAL;
+    ch->kind = kind;
+    if (kind == IVSHM_KIND_SPSC) {
+        ch->spsc = ring;
+        ch->ctrl = ch->spsc->ctrl;
+    } else {
+        ch->mpmc = ring;
+        ch->ctrl = ch->mpmc->ctrl;
+    }
+    /* a sleeper that cannot be rung (no route, or nothing to sleep on) polls instead */
+    ch->route = (peer >= 0 && wait_fd >= 0) ? IVSHM_SLEEPER_WORD(peer, vector) : 0;
+    ch->wait_fd = wait_fd;
+    ch->cancel_fd = cancel_fd;
+    ch->cancel_fd2 = -1;
+    ch->resolve = resolve;
+    ch->resolve_ctx = resolve_ctx;
+    ch->spin_ns = spin_ns;
+    ch->recheck_ns = recheck_ns;
+    ch->start_cons = ch->start_prod = (uint32_t)(peer >= 0 ? peer : 0) % IVSHM_SLEEPERS;
+    return 0;
+}
+
+void ivshm_chan_call_init(struct ivshm_chan_call *call, uint32_t side, int64_t timeout_ns,
+                          uint64_t need)
+{
+    int64_t now = ivshm_chan_now_ns();
+    call->deadline_ns = timeout_ns < 0 || timeout_ns > IVSHM_CHAN_FOREVER - now
+                            ? IVSHM_CHAN_FOREVER : now + timeout_ns;
+    call->spin_until_ns = 0;
+    call->side = side;
+    call->slept = 0;
+    call->need = need ? need : 1;
+    call->entry = -1;
+    call->backoff_us = BACKOFF_MIN_US;
+}
+
+/* -- the table of one side ---------------------------------------------------------------------- */
+static uint32_t *table_of(const struct ivshm_chan *ch, uint32_t side)
+{
+    return side == IVSHM_CHAN_RECV ? ch->ctrl->cons_sleepers : ch->ctrl->prod_sleepers;
+}
+
+static uint32_t *waiting_of(const struct ivshm_chan *ch, uint32_t side)
+{
+    return side == IVSHM_CHAN_RECV ? &ch->ctrl->cons_waiting : &ch->ctrl->prod_waiting;
+}
+
+static int route_ok(uint32_t w)
+{
+    return (w & IVSHM_SLEEPER_ARMED) && IVSHM_SLEEPER_VECTOR(w) < IVSHM_MAX_VECTORS &&
+           (w & 0x7f000000u) == 0;
+}
+
+/* -- readiness ------------------------------------------------------------------------------------ */
+int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
+{
+    if (ch->kind == IVSHM_KIND_SPSC) {
+        struct ivshm_spsc *q = ch->spsc;
+        if (side == IVSHM_CHAN_RECV)
+            return ivshm_spsc_stamped(q, q->tail); /* acquire: pairs with the producer's publish */
+        int64_t free = ivshm_spsc_free(q, need);   /* acquire of ctrl->tail inside */
+        return free < 0 || (uint64_t)free >= need;
+    }
+    struct ivshm_mpmc *q = ch->mpmc;
+    if (side == IVSHM_CHAN_RECV) {
+        uint64_t t = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+        /* pairs with the producer's release store of seq = i + 1 (commit) */
+        return IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, t)->seq) == (uint32_t)(t + 1);
+    }
+    uint64_t h = IVSHM_LOAD_RELAXED(&q->ctrl->head);
+    /* pairs with the consumer's release store of seq = i + capacity (release_one) */
+    return IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, h)->seq) == (uint32_t)h;
+}
+
+/* -- sleeping side -------------------------------------------------------------------------------- */
+int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
+{
+    call->entry = -1;
+    if (ch->route == 0)
+        return 0;
+    uint32_t *table = table_of(ch, call->side);
+    uint32_t start = ch->route % IVSHM_SLEEPERS;
+    for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
+        uint32_t e = (start + k) % IVSHM_SLEEPERS;
+        uint32_t expect = 0;
+        if (IVSHM_LOAD_RELAXED(&table[e]) != 0)
+            continue;
+        /* S1: pairs with the waker's load and CAS in claim_one() (through F1/F2) */
+        if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, ch->route,
+                                                    memory_order_relaxed, memory_order_relaxed)) {
+            atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting_of(ch, call->side)), 1u,
+                                      memory_order_relaxed);
+            IVSHM_FENCE(); /* F1: pairs with F2 in ivshm_chan_wake_other / pass_on */
+            call->entry = (int)e;
+            return 1;
+        }
+    }
+    return 0; /* the table is full: this call polls */
+}
+
+void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
+{
+    if (call->entry < 0)
+        return;
+    uint32_t *slot = &table_of(ch, call->side)[call->entry];
+    uint32_t expect = ch->route;
+    call->entry = -1;
+    /* Take the entry back.  A failed CAS means a waker claimed it (and decremented `waiting`):
+     * its ring is on the way or already in the eventfd; the next sleep absorbs it. */
+    if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(slot), &expect, 0u,
+                                                memory_order_relaxed, memory_order_relaxed))
+        atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting_of(ch, call->side)), 1u,
+                                  memory_order_relaxed);
+}
+
+/* The fds that cancel a wait, into p[]; their number. */
+static int cancel_fds(const struct ivshm_chan *ch, struct pollfd *p)
+{
+    int n = 0;
+    if (ch->cancel_fd >= 0)
+        p[n++] = (struct pollfd){.fd = ch->cancel_fd, .events = POLLIN, .revents = 0};
+    if (ch->cancel_fd2 >= 0)
+        p[n++] = (struct pollfd){.fd = ch->cancel_fd2, .events = POLLIN, .revents = 0};
+    return n;
+}
+
+int ivshm_chan_absorb(struct ivshm_chan *ch)
+{
+    uint64_t v = 0;
+    /* Several sleepers of this process may share the fd (same route, other entries): each ring
+     * is one unit, so keep one and put the rest back for the others.  A unit nobody needs costs
+     * one spurious re-check later.  EAGAIN: another reader was first. */
+    ssize_t n = read(ch->wait_fd, &v, sizeof(v));
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+    if (v > 1) {
+        uint64_t rest = v - 1;
+        ssize_t w = write(ch->wait_fd, &rest, sizeof(rest));
+        (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
+    }
+    if (v > 0)
+        stat_add(&ch->st.wakeups);
+    return v > 0;
+}
+
+void ivshm_chan_note_sleep(struct ivshm_chan *ch)
+{
+    stat_add(&ch->st.sleeps);
+}
+
+/* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 rung, 0 timed out, -ECANCELED, -errno. */
+static int sleep_fd(struct ivshm_chan *ch, int ms)
+{
+    struct pollfd p[3];
+    p[0] = (struct pollfd){.fd = ch->wait_fd, .events = POLLIN, .revents = 0};
+    int nc = cancel_fds(ch, p + 1);
+    int n = poll(p, (nfds_t)(1 + nc), ms);
+    if (n < 0)
+        return -errno;
+    for (int i = 1; i <= nc; i++)
+        if (p[i].revents)
+            return -ECANCELED;
+    if (n == 0)
+        return 0;
+    if (p[0].revents & (POLLERR | POLLNVAL))
+        return -EBADF;
+    int rc = ivshm_chan_absorb(ch);
+    return rc < 0 ? rc : 1;
+}
+
+/* No doorbell to sleep on (no route, or the table is full): sleep a back-off step, waking at
+ * once if cancel_fd fires.  0 slept, -ECANCELED, -EINTR, -errno. */
+static int sleep_poll(struct ivshm_chan *ch, struct ivshm_chan_call *call, int64_t max_ns)
+{
+    int64_t ns = (int64_t)call->backoff_us * 1000;
+    if (ns > max_ns)
+        ns = max_ns;
+    if (call->backoff_us < BACKOFF_MAX_US)
+        call->backoff_us *= 2;
+    struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
+    struct pollfd p[2];
+    int n = ppoll(p, (nfds_t)cancel_fds(ch, p), &ts, NULL);
+    if (n < 0)
+        return -errno;
+    return n > 0 ? -ECANCELED : 0;
+}
+
+static int cancelled(const struct ivshm_chan *ch)
+{
+    struct pollfd p[2];
+    int n = cancel_fds(ch, p);
+    return n > 0 && poll(p, (nfds_t)n, 0) > 0;
+}
+
+int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
+{
+    int64_t now = ivshm_chan_now_ns();
+    if (now >= call->deadline_ns)
+        return 0;
+    if (call->spin_until_ns == 0) {
+        call->spin_until_ns = now + (int64_t)ch->spin_ns;
+        while (now < call->spin_until_ns && now < call->deadline_ns) {
+            for (int k = 0; k < 16; k++) {
+                if (ivshm_chan_ready(ch, call->side, call->need))
+                    return 1;
+                IVSHM_CPU_RELAX();
+            }
+            now = ivshm_chan_now_ns();
+        }
+        if (now >= call->deadline_ns)
+            return 0;
+    }
+    if (cancelled(ch))
+        return -ECANCELED;
+    int64_t span = call->deadline_ns - now;
+    if (span > (int64_t)ch->recheck_ns)
+        span = (int64_t)ch->recheck_ns;
+    int armed = ivshm_chan_arm(ch, call);
+    /* L1: the re-check after F1 (inside arm) */
+    if (ivshm_chan_ready(ch, call->side, call->need)) {
+        ivshm_chan_disarm(ch, call);
+        return 1;
+    }
+    call->slept++;
+    stat_add(&ch->st.sleeps);
+    int rc;
+    if (armed) {
+        int64_t ms = (span + 999999) / 1000000;
+        rc = sleep_fd(ch, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+    } else {
+        rc = sleep_poll(ch, call, span);
+    }
+    ivshm_chan_disarm(ch, call);
+    if (rc == -ECANCELED || rc == -EINTR || (rc < 0 && rc != -EAGAIN))
+        return rc;
+    if (ivshm_chan_now_ns() >= call->deadline_ns && !ivshm_chan_ready(ch, call->side, call->need))
+        return 0;
+    return 1;
+}
+
+/* -- waking side ---------------------------------------------------------------------------------- */
+/* Claim one armed sleeper of `side` and ring it.  The caller has issued F2.  1 rung, 0 none. */
+static int claim_one(struct ivshm_chan *ch, uint32_t side, int passing_on)
+{
+    uint32_t *waiting = waiting_of(ch, side);
+    /* L2: pairs with S1 (the sleeper's count) through F1/F2 */
+    if (IVSHM_LOAD_RELAXED(waiting) == 0)
+        return 0;
+    uint32_t *table = table_of(ch, side);
+    uint32_t *startp = side == IVSHM_CHAN_RECV ? &ch->start_cons : &ch->start_prod;
+    uint32_t start = IVSHM_LOAD_RELAXED(startp) % IVSHM_SLEEPERS;
+    for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
+        uint32_t e = (start + k) % IVSHM_SLEEPERS;
+        uint32_t w = IVSHM_LOAD_RELAXED(&table[e]); /* L2: pairs with S1 through F1/F2 */
+        if (w == 0 || !route_ok(w))
+            continue;
+        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins) */
+        if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &w, 0u,
+                                                     memory_order_relaxed, memory_order_relaxed))
+            continue;
+        atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
+        IVSHM_STORE_RELAXED(startp, e + 1); /* the next waker starts past this one */
+        struct ivshm_bell bell = {.kind = IVSHM_BELL_NONE, .fd = -1, .reg = NULL, .value = 0};
+        if (ch->resolve == NULL ||
+            ch->resolve(ch->resolve_ctx, IVSHM_SLEEPER_PEER(w), IVSHM_SLEEPER_VECTOR(w), &bell) < 0 ||
+            bell.kind == IVSHM_BELL_NONE || ivshm_bell_ring(&bell) < 0) {
+            /* a sleeper we cannot reach (gone, or not known yet): it re-checks by itself; try
+             * the next one so that this publish still wakes somebody who can act on it */
+            stat_add(&ch->st.unrouted);
+            continue;
+        }
+        stat_add(passing_on ? &ch->st.passes : &ch->st.doorbells);
+        return 1;
+    }
+    return 0;
+}
+
+int ivshm_chan_wake_other(struct ivshm_chan *ch, uint32_t my_side)
+{
+    IVSHM_FENCE(); /* F2: pairs with F1 in ivshm_chan_arm (the publish or release is S2) */
+    return claim_one(ch, my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV, 0);
+}
+
+void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
+{
+    if (call->slept == 0)
+        return;
+    IVSHM_FENCE(); /* F2 again: our view of the ring against new sleepers' F1 */
+    if (ivshm_chan_ready(ch, call->side, call->need))
+        claim_one(ch, call->side, 1);
+}
+
+/* -- blocking send and receive for C programs ----------------------------------------------------- */
+static int try_send(struct ivshm_chan *ch, const void *data, uint64_t len)
+{
+    return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_send(ch->spsc, data, len)
+                                       : ivshm_mpmc_try_send(ch->mpmc, data, len);
+}
+
+int ivshm_chan_send(struct ivshm_chan *ch, const void *data, uint64_t len, int64_t timeout_ns)
+{
+    int rc = try_send(ch, data, len);
+    if (rc == -EAGAIN) {
+        struct ivshm_chan_call call;
+        uint64_t need = ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_slots_for(ch->spsc, len) : 1;
+        ivshm_chan_call_init(&call, IVSHM_CHAN_SEND, timeout_ns, need);
+        for (;;) {
+            int w = ivshm_chan_wait(ch, &call);
+            if (w == -EINTR)
+                continue;
+            if (w < 0 || w == 0) {
+                ivshm_chan_pass_on(ch, &call);
+                return w == 0 ? -ETIMEDOUT : w;
+            }
+            rc = try_send(ch, data, len);
+            if (rc != -EAGAIN)
+                break;
+        }
+        ivshm_chan_pass_on(ch, &call);
+    }
+    if (rc == 0)
+        ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    return rc;
+}
+
+static int64_t try_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed)
+{
+    return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_recv(ch->spsc, buf, cap, needed)
+                                       : ivshm_mpmc_try_recv(ch->mpmc, buf, cap, needed);
+}
+
+int64_t ivshm_chan_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed,
+                        int64_t timeout_ns)
+{
+    int64_t n = try_recv(ch, buf, cap, needed);
+    if (n == -EAGAIN) {
+        struct ivshm_chan_call call;
+        ivshm_chan_call_init(&call, IVSHM_CHAN_RECV, timeout_ns, 1);
+        for (;;) {
+            int w = ivshm_chan_wait(ch, &call);
+            if (w == -EINTR)
+                continue;
+            if (w <= 0) {
+                ivshm_chan_pass_on(ch, &call);
+                return w == 0 ? -ETIMEDOUT : w;
+            }
+            n = try_recv(ch, buf, cap, needed);
+            if (n != -EAGAIN)
+                break;
+        }
+        ivshm_chan_pass_on(ch, &call);
+    }
+    if (n >= 0)
+        ivshm_chan_wake_other(ch, IVSHM_CHAN_RECV);
+    return n;
+}
+
+void ivshm_chan_get_stats(const struct ivshm_chan *ch, struct ivshm_chan_stats *out)
+{
+    const uint64_t *src[] = {&ch->st.doorbells, &ch->st.sleeps, &ch->st.wakeups,
+                             &ch->st.unrouted, &ch->st.passes};
+    uint64_t *dst[] = {&out->doorbells, &out->sleeps, &out->wakeups, &out->unrouted, &out->passes};
+    for (unsigned i = 0; i < sizeof(src) / sizeof(src[0]); i++)
+        *dst[i] = atomic_load_explicit(IVSHM_ATOMIC((uint64_t *)src[i]), memory_order_relaxed);
+}

@@ -1,0 +1,174 @@
+/* ivshm_chan.h - a ring bound to doorbells: the wake-up protocol, written once.
+ *
+ * A channel is one side's view of a ring (SPSC or MPMC) plus the doorbells that wake sleepers.
+ * Any number of consumers may sleep on an empty ring and any number of producers on a full one,
+ * in any processes or VMs: each sleeper claims an entry of its side's sleeper table in the ring's
+ * control block (ivshm_layout.h, lines 3 and 4) and writes its route word there (its peer id and
+ * vector).  The protocol, proved in docs/wakeup.md:
+ *
+ *   sleeper: S1 claim a free entry (CAS 0 -> route), count it in `waiting`;  F1 full fence;
+ *            L1 re-check the ring; sleep only if it still is not ready; on waking, take the entry
+ *            back (CAS route -> 0; a failed CAS means a waker claimed it and rang us).
+ *   waker:   S2 publish (or release slots);  F2 full fence;  L2 load `waiting`; if non-zero,
+ *            claim ONE armed entry (CAS route -> 0) and ring its route.
+ *   pass-on: a sleeper that woke and leaves while its side of the ring is still ready (messages
+ *            remain for consumers, room remains for producers) wakes one more sleeper of its side.
+ *
+ * F1/F2 give the Dekker guarantee (either the sleeper sees the publish or the waker sees the
+ * entry); claiming by CAS makes every ring reach a different sleeper, at most one ring per sleep;
+ * pass-on covers publishes that found every sleeper already claimed.  A doorbell that arrives
+ * between the re-check and the sleep is kept by the eventfd's counter.  Doorbells can still be
+ * lost outside the protocol (a peer not connected yet, MSI-X not enabled), so sleepers wake every
+ * `recheck_ns` and look again: a safety net that no correct path depends on.
+ *
+ * Sleepers that find the table full, and channels without a doorbell fd, poll with back-off
+ * (50 us doubling to 1 ms) instead of sleeping on a doorbell.
+ *
+ * Trust: the sleeper table is shared memory.  A route word is used only if it has the armed bit,
+ * a peer id <= IVSHM_MAX_PEER_ID and a vector < IVSHM_MAX_VECTORS; the resolver decides whether
+ * the peer exists.  A hostile peer can make us ring doorbells that exist (a hint, never harm) or
+ * skip a ring (the re-check bounds the cost); every scan is bounded by IVSHM_SLEEPERS.
+ *
+ * Threads: one struct ivshm_chan may be used by several threads at once (a ring's own rules on
+ * who may produce and consume still apply); per-call state lives in struct ivshm_chan_call.
+ */
+#ifndef IVSHM_CHAN_H
+#define IVSHM_CHAN_H
+
+#include <errno.h>
+#include <stdint.h>
+
+#include "ivshm_atomic.h"
+#include "ivshm_layout.h"
+#include "ivshm_mpmc.h"
+#include "ivshm_spsc.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* How to ring one doorbell. */
+#define IVSHM_BELL_NONE 0    /* nothing to ring: the peer is unknown, it re-checks */
+#define IVSHM_BELL_EVENTFD 1 /* write the 8-byte integer 1 to an eventfd (host peer) */
+#define IVSHM_BELL_MMIO 2    /* 32-bit store of `value` to a doorbell register (guest BAR0) */
+
+struct ivshm_bell {
+    int kind;
+    int fd;
+    volatile uint32_t *reg;
+    uint32_t value;
+};
+
+/* Ring one doorbell.  0, or -errno from write(2) (a full eventfd counter counts as rung). */
+int ivshm_bell_ring(const struct ivshm_bell *b);
+
+/* The doorbell interface: fill *out with how to ring `vector` of peer `peer`; return 0, or a
+ * negative value when that peer or vector is unknown (the ring is then lost, and the sleeper's
+ * re-check covers it).  Called while a channel wakes someone: rarely, never per message while
+ * both sides are awake.  Host peers resolve to eventfds, guests to their BAR0 register. */
+typedef int (*ivshm_chan_resolve_fn)(void *ctx, uint32_t peer, uint32_t vector, struct ivshm_bell *out);
+
+/* Which side of the ring a call acts for. */
+#define IVSHM_CHAN_RECV 0u /* a consumer: waits until a message is there, wakes producers */
+#define IVSHM_CHAN_SEND 1u /* a producer: waits until there is room, wakes consumers */
+
+struct ivshm_chan_stats {
+    uint64_t doorbells; /* rings sent */
+    uint64_t sleeps;    /* blocking waits entered (doorbell or polling) */
+    uint64_t wakeups;   /* waits ended by a doorbell */
+    uint64_t unrouted;  /* sleepers claimed whose route the resolver did not know */
+    uint64_t passes;    /* rings sent to pass a wake-up on to a sleeper of one's own side */
+};
+
+struct ivshm_chan {
+    uint32_t kind;             /* IVSHM_KIND_SPSC or IVSHM_KIND_MPMC */
+    uint32_t route;            /* my route word (IVSHM_SLEEPER_WORD), 0: I cannot be rung */
+    struct ivshm_ring_ctrl *ctrl;
+    struct ivshm_spsc *spsc;   /* exactly one of these, after the kind */
+    struct ivshm_mpmc *mpmc;
+    int wait_fd;               /* readable when my vector is rung (non-blocking); -1: poll */
+    int cancel_fd;             /* readable once waits must stop (owner closing); -1: none */
+    int cancel_fd2;            /* a second such fd (e.g. the region's and the channel's); -1 */
+    ivshm_chan_resolve_fn resolve;
+    void *resolve_ctx;
+    uint64_t spin_ns;          /* busy-poll this long before sleeping (per blocking call) */
+    uint64_t recheck_ns;       /* sleepers look at the ring at least this often */
+    uint32_t start_cons, start_prod; /* where wakers start their scans (fairness), a hint */
+    struct ivshm_chan_stats st; /* updated with relaxed atomics */
+};
+
+/* One blocking call's state (on the caller's stack).  ivshm_chan_call_init() sets the deadline:
+ * an absolute CLOCK_MONOTONIC time in ns, or IVSHM_CHAN_FOREVER. */
+#define IVSHM_CHAN_FOREVER INT64_MAX
+struct ivshm_chan_call {
+    int64_t deadline_ns;
+    int64_t spin_until_ns; /* 0 until the spin phase began */
+    uint32_t side;
+    uint32_t slept;        /* sleeps entered during this call */
+    uint64_t need;         /* SPSC producers: slots needed for the message waited for */
+    int entry;             /* the table entry this call holds while armed, -1 when none */
+    uint32_t backoff_us;   /* polling back-off */
+};
+
+/* Set up a channel over `ring` (a struct ivshm_spsc * or struct ivshm_mpmc *, per `kind`).
+ * `peer`/`vector`: my route, or peer < 0 for a channel that cannot be rung (it polls).
+ * Returns 0 or -EINVAL (bad kind, route out of range, recheck of 0). */
+int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, int vector,
+                    int wait_fd, int cancel_fd, ivshm_chan_resolve_fn resolve, void *resolve_ctx,
+                    uint64_t spin_ns, uint64_t recheck_ns);
+/* (ch->cancel_fd2 is -1 after init; set it directly to watch a second fd.) */
+
+int64_t ivshm_chan_now_ns(void);
+
+/* Start a blocking call: `timeout_ns` < 0 waits forever.  `need` is the number of slots an SPSC
+ * producer waits for (ivshm_spsc_slots_for), 1 otherwise. */
+void ivshm_chan_call_init(struct ivshm_chan_call *call, uint32_t side, int64_t timeout_ns,
+                          uint64_t need);
+
+/* 1 if the call's side of the ring is ready: a message at the consumers' index, room for `need`
+ * slots at the producers'.  Never consumes anything.  A corrupt ring reads as ready (the caller's
+ * next ring operation reports the corruption). */
+int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need);
+
+/* Wait until the call's side may be ready, the deadline passes, or cancel_fd fires: spin (once
+ * per call), then arm, re-check, sleep up to recheck_ns, disarm.  Returns 1 (try the ring
+ * again), 0 (deadline passed), -ECANCELED, -EINTR (a signal: handle it and call again), or
+ * -errno.  The call holds no table entry when this returns. */
+int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+
+/* The two halves of ivshm_chan_wait's sleep, for event loops that sleep on wait_fd themselves
+ * (asyncio): arm claims an entry and fences, then the caller re-checks the ring, sleeps, and
+ * disarms.  Arm returns 1 if armed, 0 if no entry was free (poll instead). */
+int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+
+/* Take a doorbell from wait_fd after an event loop saw it readable: keeps one ring, puts any
+ * others back for co-sleepers sharing the fd.  1 if a ring was taken, 0 if none, -errno. */
+int ivshm_chan_absorb(struct ivshm_chan *ch);
+
+/* Count a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait counts its own). */
+void ivshm_chan_note_sleep(struct ivshm_chan *ch);
+
+/* After publishing (IVSHM_CHAN_SEND side woke consumers) or releasing slots (RECV side wakes
+ * producers): ring one sleeper of the OTHER side, if any sleeps.  1 rung, 0 nobody to ring. */
+int ivshm_chan_wake_other(struct ivshm_chan *ch, uint32_t my_side);
+
+/* At the end of a blocking call that slept: if the call's side is still ready, wake one more
+ * sleeper of the same side (pass-on).  Cheap; a no-op for calls that never slept. */
+void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+
+/* Blocking send and receive for C programs (any signal restarts the wait).  timeout_ns < 0 waits
+ * forever.  Send: 0, -ETIMEDOUT, -EMSGSIZE, -ECANCELED, -EPROTO.  Receive: the message length,
+ * -ETIMEDOUT, -ENOBUFS (buf too small: the message stays queued; *needed says how large),
+ * -ECANCELED, -EPROTO. */
+int ivshm_chan_send(struct ivshm_chan *ch, const void *data, uint64_t len, int64_t timeout_ns);
+int64_t ivshm_chan_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed,
+                        int64_t timeout_ns);
+
+/* A snapshot of the counters. */
+void ivshm_chan_get_stats(const struct ivshm_chan *ch, struct ivshm_chan_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* IVSHM_CHAN_H */

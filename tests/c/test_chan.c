@@ -1,0 +1,476 @@
+/* test_chan.c - the wake-up protocol of ivshm_chan: several sleepers on each side, close against
+ * blocked calls, shared routes, a hostile sleeper table.  Re-checks are 60 s apart and spinning
+ * is off, so every message below is delivered by a doorbell: a lost wake-up shows as a receive
+ * that times out (FAIL "lost wake-up"), never as a slow pass. */
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "ivshm_chan.h"
+#include "tcommon.h"
+
+#define RECHECK_NS (60ull * 1000000000ull)
+#define LOST_NS (20ll * 1000000000ll) /* far below the re-check: only a doorbell is this fast */
+#define MAXP 8
+
+/* A doorbell table: peer id -> its eventfd (vector 0). */
+struct bells {
+    int fd[MAXP];
+    int bad_calls; /* resolver calls with out-of-range values (must stay 0) */
+};
+
+static int resolve(void *ctx, uint32_t peer, uint32_t vector, struct ivshm_bell *out)
+{
+    struct bells *b = ctx;
+    if (peer >= MAXP || vector != 0) {
+        __atomic_add_fetch(&b->bad_calls, 1, __ATOMIC_RELAXED);
+        return -ENOENT;
+    }
+    if (b->fd[peer] < 0)
+        return -ENOENT;
+    out->kind = IVSHM_BELL_EVENTFD;
+    out->fd = b->fd[peer];
+    return 0;
+}
+
+static void bells_open(struct bells *b)
+{
+    memset(b, 0, sizeof(*b));
+    for (int i = 0; i < MAXP; i++)
+        b->fd[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+}
+
+static void bells_close(struct bells *b)
+{
+    for (int i = 0; i < MAXP; i++)
+        if (b->fd[i] >= 0)
+            close(b->fd[i]);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* several consumers asleep on one MPMC ring, messages sent one at a time */
+
+struct mctx {
+    struct tregion t;
+    struct ivshm_ring_info info;
+    struct bells bells;
+    int cancel_fd;
+    uint64_t n;
+    uint8_t *seen;
+    uint64_t received;
+    uint64_t sleeps;
+    int shared_route; /* all consumers use peer 1's route and eventfd */
+};
+
+struct cons_arg {
+    struct mctx *m;
+    int peer;
+};
+
+static void *consumer(void *p)
+{
+    struct cons_arg *a = p;
+    struct mctx *m = a->m;
+    struct ivshm_mpmc q;
+    const char *why = NULL;
+    CHECKP(ivshm_mpmc_attach(&q, &m->t.r, &m->info, &why) == 0, "attach: %s", why);
+    struct ivshm_chan ch;
+    int peer = m->shared_route ? 1 : a->peer;
+    CHECKP(ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, peer, 0, m->bells.fd[peer], m->cancel_fd,
+                           resolve, &m->bells, 0, RECHECK_NS) == 0, "init");
+    for (;;) {
+        uint64_t v;
+        int64_t n = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, LOST_NS);
+        if (n == -ECANCELED)
+            break;
+        CHECKP(n != -ETIMEDOUT, "lost wake-up: consumer %d slept %.0f s with nothing delivered",
+               a->peer, LOST_NS / 1e9);
+        CHECKP(n == (int64_t)sizeof(v), "recv returned %" PRId64, n);
+        CHECKP(v < m->n, "value %" PRIu64 " out of range", v);
+        CHECKP(__atomic_exchange_n(&m->seen[v], 1, __ATOMIC_RELAXED) == 0, "%" PRIu64 " twice", v);
+        __atomic_add_fetch(&m->received, 1, __ATOMIC_RELEASE);
+    }
+    struct ivshm_chan_stats st;
+    ivshm_chan_get_stats(&ch, &st);
+    __atomic_add_fetch(&m->sleeps, st.sleeps, __ATOMIC_RELAXED);
+    return NULL;
+}
+
+static void run_sleepy_consumers(char *detail, size_t dn, int nthreads, int shared_route)
+{
+    struct mctx m;
+    memset(&m, 0, sizeof(m));
+    m.n = tc_count(1000, 200);
+    m.shared_route = shared_route;
+    CHECK(tregion_new(&m.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&m.t.r, "m", IVSHM_KIND_MPMC, 8, 16, 1, 0, &m.info, &why) == 0,
+          "ring: %s", why);
+    bells_open(&m.bells);
+    m.cancel_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    m.seen = calloc(m.n, 1);
+    pthread_t th[MAXP];
+    struct cons_arg args[MAXP];
+    for (int i = 0; i < nthreads; i++) {
+        args[i] = (struct cons_arg){&m, i + 1};
+        pthread_create(&th[i], NULL, consumer, &args[i]);
+    }
+    struct ivshm_mpmc q;
+    CHECK(ivshm_mpmc_attach(&q, &m.t.r, &m.info, &why) == 0, "attach");
+    struct ivshm_chan ch;
+    CHECK(ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, 0, 0, m.bells.fd[0], -1, resolve, &m.bells, 0,
+                          RECHECK_NS) == 0, "init");
+    for (uint64_t i = 0; i < m.n && !tc_failed(); i++) {
+        /* wait until the consumers are asleep again, now and then, so most sends find sleepers */
+        if (i % 3 == 0) {
+            struct ivshm_ring_ctrl *c = (struct ivshm_ring_ctrl *)(m.t.mem + m.info.offset);
+            for (int k = 0; k < 2000 && __atomic_load_n(&c->cons_waiting, __ATOMIC_RELAXED) <
+                                            (uint32_t)nthreads; k++)
+                sched_yield();
+        }
+        CHECK(ivshm_chan_send(&ch, &i, sizeof(i), LOST_NS) == 0, "send %" PRIu64, i);
+        int64_t t0 = ivshm_chan_now_ns();
+        while (__atomic_load_n(&m.received, __ATOMIC_ACQUIRE) <= i && !tc_failed()) {
+            if (ivshm_chan_now_ns() - t0 > LOST_NS) {
+                tc_fail(__FILE__, __LINE__, "lost wake-up: message %" PRIu64 " not received", i);
+                break;
+            }
+            sched_yield();
+        }
+    }
+    uint64_t one = 1;
+    CHECK(write(m.cancel_fd, &one, sizeof(one)) == sizeof(one), "cancel");
+    for (int i = 0; i < nthreads; i++)
+        pthread_join(th[i], NULL);
+    if (!tc_failed()) {
+        for (uint64_t i = 0; i < m.n; i++)
+            CHECK(m.seen[i], "message %" PRIu64 " lost", i);
+        CHECK(m.sleeps > m.n / 2, "consumers slept only %" PRIu64 " times", m.sleeps);
+        CHECK(m.bells.bad_calls == 0, "resolver got bad routes");
+        struct ivshm_ring_ctrl *c = (struct ivshm_ring_ctrl *)(m.t.mem + m.info.offset);
+        CHECK(c->cons_waiting == 0, "%u sleepers left armed", c->cons_waiting);
+        for (unsigned e = 0; e < IVSHM_SLEEPERS; e++)
+            CHECK(c->cons_sleepers[e] == 0, "entry %u left armed", e);
+    }
+    snprintf(detail, dn, "%" PRIu64 " messages, %d sleepers, %" PRIu64 " sleeps", m.n, nthreads,
+             m.sleeps);
+    free(m.seen);
+    close(m.cancel_fd);
+    bells_close(&m.bells);
+    tregion_free(&m.t);
+}
+
+static void multi_sleeper_consumers(char *d, size_t n) { run_sleepy_consumers(d, n, 4, 0); }
+static void shared_route_consumers(char *d, size_t n) { run_sleepy_consumers(d, n, 3, 1); }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* several producers asleep on a full MPMC ring, one slow consumer */
+
+struct pctx {
+    struct tregion t;
+    struct ivshm_ring_info info;
+    struct bells bells;
+    uint64_t per;
+};
+
+struct prod_arg {
+    struct pctx *p;
+    int peer;
+};
+
+static void *producer(void *a_)
+{
+    struct prod_arg *a = a_;
+    struct ivshm_mpmc q;
+    const char *why = NULL;
+    CHECKP(ivshm_mpmc_attach(&q, &a->p->t.r, &a->p->info, &why) == 0, "attach");
+    struct ivshm_chan ch;
+    CHECKP(ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, a->peer, 0, a->p->bells.fd[a->peer], -1,
+                           resolve, &a->p->bells, 0, RECHECK_NS) == 0, "init");
+    for (uint64_t i = 0; i < a->p->per && !tc_failed(); i++) {
+        uint64_t v = ((uint64_t)a->peer << 32) | i;
+        int rc = ivshm_chan_send(&ch, &v, sizeof(v), LOST_NS);
+        CHECKP(rc != -ETIMEDOUT, "lost wake-up: producer %d blocked on a ring with room", a->peer);
+        CHECKP(rc == 0, "send: %d", rc);
+    }
+    return NULL;
+}
+
+static void multi_sleeper_producers(char *detail, size_t dn)
+{
+    struct pctx p;
+    memset(&p, 0, sizeof(p));
+    p.per = tc_count(300, 50);
+    const int np = 4;
+    CHECK(tregion_new(&p.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&p.t.r, "p", IVSHM_KIND_MPMC, 8, 2, 1, 0, &p.info, &why) == 0,
+          "ring: %s", why);
+    bells_open(&p.bells);
+    pthread_t th[MAXP];
+    struct prod_arg args[MAXP];
+    for (int i = 0; i < np; i++) {
+        args[i] = (struct prod_arg){&p, i + 1};
+        pthread_create(&th[i], NULL, producer, &args[i]);
+    }
+    struct ivshm_mpmc q;
+    CHECK(ivshm_mpmc_attach(&q, &p.t.r, &p.info, &why) == 0, "attach");
+    struct ivshm_chan ch;
+    CHECK(ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, 0, 0, p.bells.fd[0], -1, resolve, &p.bells, 0,
+                          RECHECK_NS) == 0, "init");
+    uint64_t next[MAXP] = {0}, total = 0;
+    while (total < p.per * np && !tc_failed()) {
+        uint64_t v;
+        int64_t n = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, LOST_NS);
+        CHECK(n != -ETIMEDOUT, "lost wake-up on the consumer side");
+        CHECK(n == 8, "recv %" PRId64, n);
+        uint32_t who = (uint32_t)(v >> 32);
+        CHECK(who >= 1 && who <= (uint32_t)np, "producer %u", who);
+        CHECK((uint32_t)v == next[who], "producer %u: got %u, expected %" PRIu64, who, (uint32_t)v,
+              next[who]);
+        next[who]++;
+        total++;
+        if (total % 4 == 0) /* let the producers fall asleep on the full ring */
+            for (int k = 0; k < 50; k++)
+                sched_yield();
+    }
+    for (int i = 0; i < np; i++)
+        pthread_join(th[i], NULL);
+    snprintf(detail, dn, "%" PRIu64 " messages from %d sleeping producers", total, np);
+    bells_close(&p.bells);
+    tregion_free(&p.t);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* SPSC ping-pong, both sides blocking, no spinning: every message is a sleep and a doorbell */
+
+struct pp {
+    struct tregion t;
+    struct ivshm_ring_info a, b;
+    struct bells bells;
+    uint64_t rounds;
+};
+
+static void *pong(void *p_)
+{
+    struct pp *p = p_;
+    struct ivshm_spsc in, out;
+    const char *why = NULL;
+    CHECKP(ivshm_spsc_attach(&in, &p->t.r, &p->a, &why) == 0, "attach");
+    CHECKP(ivshm_spsc_attach(&out, &p->t.r, &p->b, &why) == 0, "attach");
+    struct ivshm_chan rx, tx;
+    ivshm_chan_init(&rx, IVSHM_KIND_SPSC, &in, 1, 0, p->bells.fd[1], -1, resolve, &p->bells, 0, RECHECK_NS);
+    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &out, 1, 0, p->bells.fd[1], -1, resolve, &p->bells, 0, RECHECK_NS);
+    for (uint64_t i = 0; i < p->rounds; i++) {
+        uint64_t v;
+        CHECKP(ivshm_chan_recv(&rx, &v, sizeof(v), NULL, LOST_NS) == 8, "pong recv %" PRIu64, i);
+        CHECKP(v == i, "pong got %" PRIu64, v);
+        v++;
+        CHECKP(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "pong send");
+    }
+    return NULL;
+}
+
+static void spsc_pingpong(char *detail, size_t dn)
+{
+    struct pp p;
+    memset(&p, 0, sizeof(p));
+    p.rounds = tc_count(2000, 300);
+    CHECK(tregion_new(&p.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&p.t.r, "a", IVSHM_KIND_SPSC, 8, 4, 1, 0, &p.a, &why) == 0, "a");
+    CHECK(ivshm_region_create_ring(&p.t.r, "b", IVSHM_KIND_SPSC, 8, 4, 1, 0, &p.b, &why) == 0, "b");
+    bells_open(&p.bells);
+    pthread_t th;
+    pthread_create(&th, NULL, pong, &p);
+    struct ivshm_spsc out, in;
+    CHECK(ivshm_spsc_attach(&out, &p.t.r, &p.a, &why) == 0, "attach");
+    CHECK(ivshm_spsc_attach(&in, &p.t.r, &p.b, &why) == 0, "attach");
+    struct ivshm_chan tx, rx;
+    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &out, 2, 0, p.bells.fd[2], -1, resolve, &p.bells, 0, RECHECK_NS);
+    ivshm_chan_init(&rx, IVSHM_KIND_SPSC, &in, 2, 0, p.bells.fd[2], -1, resolve, &p.bells, 0, RECHECK_NS);
+    for (uint64_t i = 0; i < p.rounds && !tc_failed(); i++) {
+        CHECK(ivshm_chan_send(&tx, &i, sizeof(i), LOST_NS) == 0, "ping send");
+        uint64_t v;
+        int64_t n = ivshm_chan_recv(&rx, &v, sizeof(v), NULL, LOST_NS);
+        CHECK(n != -ETIMEDOUT, "lost wake-up at round %" PRIu64, i);
+        CHECK(n == 8 && v == i + 1, "ping got %" PRIu64, v);
+    }
+    pthread_join(th, NULL);
+    struct ivshm_chan_stats st;
+    ivshm_chan_get_stats(&rx, &st);
+    snprintf(detail, dn, "%" PRIu64 " round trips, %" PRIu64 " sleeps", p.rounds, st.sleeps);
+    bells_close(&p.bells);
+    tregion_free(&p.t);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* closing: a cancel fd wakes every blocked call at once, on both sides */
+
+struct cctx {
+    struct tregion t;
+    struct ivshm_ring_info info;
+    struct bells bells;
+    int cancel_fd;
+    int side;
+    int rc;
+};
+
+static void *blocked(void *c_)
+{
+    struct cctx *c = c_;
+    struct ivshm_mpmc q;
+    const char *why = NULL;
+    CHECKP(ivshm_mpmc_attach(&q, &c->t.r, &c->info, &why) == 0, "attach");
+    struct ivshm_chan ch;
+    ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, 3, 0, c->bells.fd[3], c->cancel_fd, resolve,
+                    &c->bells, 0, RECHECK_NS);
+    uint64_t v = 7;
+    if (c->side == IVSHM_CHAN_RECV)
+        c->rc = (int)ivshm_chan_recv(&ch, &v, sizeof(v), NULL, -1);
+    else
+        c->rc = ivshm_chan_send(&ch, &v, sizeof(v), -1);
+    return NULL;
+}
+
+static void cancel_wakes_blocked_calls(char *detail, size_t dn)
+{
+    for (int side = 0; side < 2; side++) {
+        struct cctx c;
+        memset(&c, 0, sizeof(c));
+        c.side = side;
+        CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
+        const char *why = NULL;
+        CHECK(ivshm_region_create_ring(&c.t.r, "c", IVSHM_KIND_MPMC, 8, 2, 1, 0, &c.info, &why) == 0, "ring");
+        if (side == IVSHM_CHAN_SEND) { /* fill it so that the sender blocks */
+            struct ivshm_mpmc q;
+            ivshm_mpmc_attach(&q, &c.t.r, &c.info, &why);
+            uint64_t v = 1;
+            while (ivshm_mpmc_try_send(&q, &v, sizeof(v)) == 0)
+                ;
+        }
+        bells_open(&c.bells);
+        c.cancel_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        c.rc = 1;
+        pthread_t th;
+        pthread_create(&th, NULL, blocked, &c);
+        struct ivshm_ring_ctrl *ctl = (struct ivshm_ring_ctrl *)(c.t.mem + c.info.offset);
+        uint32_t *waiting = side == IVSHM_CHAN_RECV ? &ctl->cons_waiting : &ctl->prod_waiting;
+        while (__atomic_load_n(waiting, __ATOMIC_ACQUIRE) == 0) /* until it sleeps */
+            sched_yield();
+        uint64_t one = 1;
+        CHECK(write(c.cancel_fd, &one, sizeof(one)) == 8, "cancel");
+        pthread_join(th, NULL);
+        CHECK(c.rc == -ECANCELED, "blocked %s returned %d", side ? "send" : "recv", c.rc);
+        CHECK(*waiting == 0, "left armed");
+        close(c.cancel_fd);
+        bells_close(&c.bells);
+        tregion_free(&c.t);
+    }
+    snprintf(detail, dn, "recv and send");
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* a hostile sleeper table: garbage words are skipped, a full table makes sleepers poll */
+
+static void hostile_table(char *detail, size_t dn)
+{
+    struct tregion t;
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(tregion_new(&t, 1 << 16) == 0, "region");
+    CHECK(ivshm_region_create_ring(&t.r, "h", IVSHM_KIND_MPMC, 8, 4, 1, 0, &info, &why) == 0, "ring");
+    struct ivshm_ring_ctrl *c = (struct ivshm_ring_ctrl *)(t.mem + info.offset);
+    struct bells b;
+    bells_open(&b);
+    struct ivshm_mpmc q;
+    ivshm_mpmc_attach(&q, &t.r, &info, &why);
+    struct ivshm_chan tx;
+    ivshm_chan_init(&tx, IVSHM_KIND_MPMC, &q, 0, 0, b.fd[0], -1, resolve, &b, 0, RECHECK_NS);
+    /* every entry taken by garbage: no armed bit, a vector out of range, stray high bits */
+    for (unsigned e = 0; e < IVSHM_SLEEPERS; e++)
+        c->cons_sleepers[e] = e % 3 == 0 ? 0x00000105u : e % 3 == 1 ? (IVSHM_SLEEPER_ARMED | 200u)
+                                                                     : 0xff000101u;
+    c->cons_waiting = 0xffffffffu;
+    uint64_t v = 1;
+    CHECK(ivshm_chan_send(&tx, &v, sizeof(v), 0) == 0, "send");
+    CHECK(b.bad_calls == 0, "the waker resolved a garbage route");
+    struct ivshm_chan_stats st;
+    ivshm_chan_get_stats(&tx, &st);
+    CHECK(st.doorbells == 0, "rang a garbage route");
+    /* a consumer finds the table full: it must still receive (by polling), not hang */
+    struct ivshm_chan rx;
+    ivshm_chan_init(&rx, IVSHM_KIND_MPMC, &q, 1, 0, b.fd[1], -1, resolve, &b, 0, RECHECK_NS);
+    uint64_t got = 0;
+    CHECK(ivshm_chan_recv(&rx, &got, 8, NULL, LOST_NS) == 8 && got == 1, "first recv");
+    int64_t t0 = ivshm_chan_now_ns();
+    CHECK(ivshm_chan_recv(&rx, &got, 8, NULL, 20 * 1000000ll) == -ETIMEDOUT, "empty recv");
+    CHECK(ivshm_chan_now_ns() - t0 < LOST_NS, "a timed wait overran");
+    /* valid routes of peers nobody knows: claimed, counted as unrouted, never a crash */
+    for (unsigned e = 0; e < IVSHM_SLEEPERS; e++)
+        c->cons_sleepers[e] = IVSHM_SLEEPER_WORD(5000 + e, 0);
+    c->cons_waiting = IVSHM_SLEEPERS;
+    CHECK(ivshm_chan_send(&tx, &v, sizeof(v), 0) == 0, "send");
+    ivshm_chan_get_stats(&tx, &st);
+    CHECK(st.unrouted == IVSHM_SLEEPERS, "unrouted %" PRIu64, st.unrouted);
+    CHECK(b.bad_calls == IVSHM_SLEEPERS, "the resolver decides whether a peer exists");
+    snprintf(detail, dn, "garbage skipped, full table polled");
+    bells_close(&b);
+    tregion_free(&t);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* pass-on: a sleeper that was rung but leaves without taking the message hands the wake-up on */
+
+static void pass_on_after_cancelled_sleeper(char *detail, size_t dn)
+{
+    struct tregion t;
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(tregion_new(&t, 1 << 16) == 0, "region");
+    CHECK(ivshm_region_create_ring(&t.r, "po", IVSHM_KIND_MPMC, 8, 4, 1, 0, &info, &why) == 0, "ring");
+    struct bells b;
+    bells_open(&b);
+    struct ivshm_mpmc q;
+    ivshm_mpmc_attach(&q, &t.r, &info, &why);
+    struct ivshm_chan tx, a, c;
+    ivshm_chan_init(&tx, IVSHM_KIND_MPMC, &q, 0, 0, b.fd[0], -1, resolve, &b, 0, RECHECK_NS);
+    ivshm_chan_init(&a, IVSHM_KIND_MPMC, &q, 1, 0, b.fd[1], -1, resolve, &b, 0, RECHECK_NS);
+    ivshm_chan_init(&c, IVSHM_KIND_MPMC, &q, 2, 0, b.fd[2], -1, resolve, &b, 0, RECHECK_NS);
+    struct ivshm_chan_call ca, cc;
+    ivshm_chan_call_init(&ca, IVSHM_CHAN_RECV, -1, 1);
+    ivshm_chan_call_init(&cc, IVSHM_CHAN_RECV, -1, 1);
+    CHECK(ivshm_chan_arm(&a, &ca) == 1 && ivshm_chan_arm(&c, &cc) == 1, "arm");
+    ca.slept = cc.slept = 1;
+    uint64_t v = 9, n1 = 0, n2 = 0;
+    CHECK(ivshm_mpmc_try_send(&q, &v, 8) == 0, "send");
+    CHECK(ivshm_chan_wake_other(&tx, IVSHM_CHAN_SEND) == 1, "nobody rung");
+    int ra = read(b.fd[1], &n1, 8) == 8, rc_ = read(b.fd[2], &n2, 8) == 8;
+    CHECK(ra + rc_ == 1, "one publish must ring exactly one sleeper (%d, %d)", ra, rc_);
+    /* the rung one leaves without the message (cancelled); the other must be rung now */
+    struct ivshm_chan *rung = ra ? &a : &c, *other = ra ? &c : &a;
+    struct ivshm_chan_call *rcall = ra ? &ca : &cc, *ocall = ra ? &cc : &ca;
+    int ofd = ra ? b.fd[2] : b.fd[1];
+    ivshm_chan_disarm(rung, rcall);
+    ivshm_chan_pass_on(rung, rcall);
+    uint64_t n = 0;
+    CHECK(read(ofd, &n, 8) == 8 && n == 1, "the wake-up was not passed on");
+    ivshm_chan_disarm(other, ocall);
+    struct ivshm_ring_ctrl *ctl = (struct ivshm_ring_ctrl *)(t.mem + info.offset);
+    CHECK(ctl->cons_waiting == 0, "waiting %u", ctl->cons_waiting);
+    snprintf(detail, dn, "passed on");
+    bells_close(&b);
+    tregion_free(&t);
+}
+
+static const struct tcase cases[] = {
+    {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
+    {"chan_shared_route_consumers", shared_route_consumers, 0},
+    {"chan_multi_sleeper_producers", multi_sleeper_producers, 0},
+    {"chan_spsc_pingpong", spsc_pingpong, 0},
+    {"chan_cancel_wakes_blocked_calls", cancel_wakes_blocked_calls, 0},
+    {"chan_hostile_table", hostile_table, 0},
+    {"chan_pass_on_after_cancelled_sleeper", pass_on_after_cancelled_sleeper, 0},
+};
+
+int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

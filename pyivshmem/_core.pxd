@@ -11,20 +11,18 @@ cdef extern from "ivshm_layout.h" nogil:
         IVSHM_MIN_REGION_SIZE
         IVSHM_LAYOUT_VERSION
         IVSHM_CTRL_SIZE
-        IVSHM_ROUTE_VALID
+        IVSHM_SLEEPERS
+        IVSHM_MAX_VECTORS
+        IVSHM_MAX_PEER_ID
     ctypedef struct ivshm_ring_ctrl "struct ivshm_ring_ctrl":
         uint64_t magic
         uint32_t kind
         uint64_t head
         uint32_t prod_waiting
-        uint32_t prod_peer
-        uint32_t prod_vector
-        uint32_t prod_flags
+        uint32_t prod_sleepers[30]
         uint64_t tail
         uint32_t cons_waiting
-        uint32_t cons_peer
-        uint32_t cons_vector
-        uint32_t cons_flags
+        uint32_t cons_sleepers[30]
     ctypedef struct ivshm_region_hdr "struct ivshm_region_hdr":
         uint64_t magic
         uint32_t version
@@ -114,23 +112,49 @@ cdef extern from "ivshm_mpmc.h" nogil:
     uint64_t ivshm_mpmc_count(const ivshm_mpmc *q)
     int ivshm_mpmc_stalled(const ivshm_mpmc *q, uint64_t *pos)
 
-cdef extern from "ivshm_wake.h" nogil:
+cdef extern from "ivshm_chan.h" nogil:
     enum:
         IVSHM_BELL_NONE
         IVSHM_BELL_EVENTFD
         IVSHM_BELL_MMIO
-        IVSHM_MAX_VECTORS
+        IVSHM_CHAN_RECV
+        IVSHM_CHAN_SEND
     ctypedef struct ivshm_bell "struct ivshm_bell":
         int kind
         int fd
         volatile uint32_t *reg
         uint32_t value
-    void ivshm_wake_arm(uint32_t *waiting)
-    void ivshm_wake_disarm(uint32_t *waiting)
-    int ivshm_wake_needed(uint32_t *waiting)
-    void ivshm_route_set(uint32_t *peer_f, uint32_t *vector_f, uint32_t *flags_f, uint32_t peer,
-                         uint32_t vector)
-    int ivshm_route_get(const uint32_t *peer_f, const uint32_t *vector_f, const uint32_t *flags_f,
-                        uint32_t *peer, uint32_t *vector)
+    ctypedef int (*ivshm_chan_resolve_fn)(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out)
+    ctypedef struct ivshm_chan_stats "struct ivshm_chan_stats":
+        uint64_t doorbells
+        uint64_t sleeps
+        uint64_t wakeups
+        uint64_t unrouted
+        uint64_t passes
+    ctypedef struct ivshm_chan "struct ivshm_chan":
+        uint32_t route
+        int wait_fd
+        int cancel_fd
+        int cancel_fd2
+        uint64_t spin_ns
+        uint64_t recheck_ns
+    ctypedef struct ivshm_chan_call "struct ivshm_chan_call":
+        int64_t deadline_ns
+        uint32_t slept
+        uint64_t need
+        int entry
     int ivshm_bell_ring(const ivshm_bell *b)
-    int ivshm_wait_fd(int fd, int timeout_ms)
+    int ivshm_chan_init(ivshm_chan *ch, uint32_t kind, void *ring, int peer, int vector, int wait_fd,
+                        int cancel_fd, ivshm_chan_resolve_fn resolve, void *resolve_ctx,
+                        uint64_t spin_ns, uint64_t recheck_ns)
+    int64_t ivshm_chan_now_ns()
+    void ivshm_chan_call_init(ivshm_chan_call *call, uint32_t side, int64_t timeout_ns, uint64_t need)
+    int ivshm_chan_ready(const ivshm_chan *ch, uint32_t side, uint64_t need)
+    int ivshm_chan_wait(ivshm_chan *ch, ivshm_chan_call *call)
+    int ivshm_chan_arm(ivshm_chan *ch, ivshm_chan_call *call)
+    void ivshm_chan_disarm(ivshm_chan *ch, ivshm_chan_call *call)
+    int ivshm_chan_absorb(ivshm_chan *ch)
+    void ivshm_chan_note_sleep(ivshm_chan *ch)
+    int ivshm_chan_wake_other(ivshm_chan *ch, uint32_t my_side)
+    void ivshm_chan_pass_on(ivshm_chan *ch, ivshm_chan_call *call)
+    void ivshm_chan_get_stats(const ivshm_chan *ch, ivshm_chan_stats *out)

@@ -1346,54 +1346,156 @@ cdef class MpmcRing(_Ring):
 #: Default busy-spin budget of a Channel before it sleeps on its doorbell, in seconds.  A wake-up
 #: through a doorbell costs tens of microseconds on virtual machines, so a short spin pays off.
 CHANNEL_SPIN = 100e-6
-#: Default interval after which a sleeper re-checks shared memory even without a doorbell.
-CHANNEL_RECHECK = 0.05
+#: Default interval after which a sleeper re-checks shared memory even without a doorbell: a
+#: safety net for doorbells lost outside the protocol (a peer not connected yet), never needed
+#: by a correct wake-up.
+CHANNEL_RECHECK = 1.0
 
 import asyncio as _asyncio
+import math as _math
+
+cdef extern from "<errno.h>":
+    enum:
+        ECANCELED
+
+cdef int _chan_eventfd() except -1:
+    cdef int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    if fd < 0:
+        e = errno
+        raise OSError(e, f"cannot create an eventfd: {_os.strerror(e)}")
+    return fd
+
+
+cdef void _chan_signal(int fd) noexcept:
+    """Make an eventfd readable for good (nobody drains it)."""
+    cdef uint64_t one = 1
+    if fd >= 0:
+        _c_write(fd, &one, 8)
+
+
+cdef int64_t _seconds_ns(value, name, bint allow_none) except? -2:
+    """A duration argument in ns: -1 for None (wait forever) where allowed; ConfigError naming
+    the argument for anything that is not a number >= 0 (NaN, negative, bool, str)."""
+    if value is None:
+        if allow_none:
+            return -1
+        raise ConfigError(f"{name} must be a number of seconds >= 0, not None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be None (no limit) or a number of seconds >= 0, not {value!r}")
+    cdef double v = value
+    if v != v or v < 0:
+        raise ConfigError(f"{name} must be None (no limit) or a number of seconds >= 0, not {value!r}")
+    if v > 9e9:
+        return -1 if allow_none else <int64_t>9e18
+    return <int64_t>(v * 1e9)
+
+
+cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out) noexcept with gil:
+    """The C channel asks how to ring (peer, vector): the doorbell provider's notify_target.
+    Asked afresh for every doorbell (at most one per sleep of the other side): a provider closes
+    a departed peer's fds, so a cached fd number could name an unrelated file later."""
+    cdef Channel ch = <Channel>ctx
+    try:
+        if ch._doorbell is None or ch._closed:
+            return -1
+        target = ch._doorbell.notify_target(peer, vector)
+        if target is None:
+            return -1  # that peer is not connected (yet): the doorbell is lost, it re-checks
+        kind, where, value = target
+        if kind == IVSHM_BELL_EVENTFD:
+            out.kind = IVSHM_BELL_EVENTFD
+            out.fd = where
+        elif kind == IVSHM_BELL_MMIO:
+            out.kind = IVSHM_BELL_MMIO
+            out.reg = <volatile uint32_t *><size_t>where
+            out.value = value
+        else:
+            return -1
+        return 0
+    except BaseException:
+        return -1  # counted as unrouted; the sleeper's re-check covers it
+
+
+cdef class _AsyncCall:
+    """One asyncio wait's C state (coroutines keep it across awaits)."""
+    cdef ivshm_chan_call call
 
 
 cdef class Channel:
     """A ring bound to doorbells: blocking send/recv that sleep only when they must, and wake the
-    other side only when it sleeps (csrc/ivshm_wake.h has the protocol and its argument).
+    other side only when it sleeps.  The wake-up protocol is csrc/ivshm_chan.c (docs/wakeup.md
+    proves it): any number of senders and receivers may sleep on one ring, in any processes or VMs,
+    and each doorbell wakes one sleeper that is actually asleep.
 
     ``doorbell`` is a doorbell provider (a host :class:`Peer`, a guest :class:`PciDevice`, or any
     object with ``id``, ``vector_fd(v)`` and ``notify_target(peer, v)``); ``vector`` is this side's
-    vector to sleep on (use one vector per blocking channel in a process).  Without a doorbell, or
-    when the provider has no interrupt fd (a guest without VFIO), sleeping degrades to polling with
-    back-off, re-checking at least every ``recheck`` seconds.
+    vector to sleep on (use one vector per blocking channel in a process; threads of one process
+    may share a channel).  Without a doorbell, or when the provider has no interrupt fd (a guest
+    without VFIO), sleeping degrades to polling with back-off (50 us to 1 ms).
+
+    ``close()`` (of the channel or of its region), from any thread, wakes every call blocked on
+    this channel; they raise ClosedError.
     """
     cdef _Ring _ring
     cdef object _doorbell
     cdef int _vector
     cdef int _fd
     cdef int _my_id
-    cdef public double spin
-    cdef public double recheck
-    cdef bint _cons_route, _prod_route, _closed
-    cdef ivshm_bell _bell_cons, _bell_prod     # how to wake the consumer / the producer
-    cdef uint64_t _doorbells, _sleeps, _wakeups, _sent, _received, _lost_rings
+    cdef int _cancel_fd            # ours: written by close(), never drained
+    cdef bint _closed
+    cdef ivshm_chan _ch
+    cdef double _spin, _recheck
+    cdef uint64_t _sent, _received
+    cdef object __weakref__
 
-    def __init__(self, ring, doorbell=None, *, int vector=0, spin=None, recheck=None):
+    def __cinit__(self):
+        self._cancel_fd = -1
+        self._fd = -1
+
+    def __init__(self, ring, doorbell=None, *, vector=0, spin=None, recheck=None):
         if not isinstance(ring, _Ring):
             raise ConfigError(f"Channel needs an SpscRing or MpmcRing, not {type(ring).__name__}")
-        if not 0 <= vector < IVSHM_MAX_VECTORS:
-            raise ConfigError(f"vector {vector} out of range 0..{IVSHM_MAX_VECTORS - 1}")
-        (<_Ring>ring)._check()
-        self._ring = ring
+        if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < IVSHM_MAX_VECTORS:
+            raise ConfigError(f"vector must be an int in 0..{IVSHM_MAX_VECTORS - 1}, not {vector!r}")
+        cdef int64_t spin_ns = _seconds_ns(CHANNEL_SPIN if spin is None else spin, "spin", False)
+        cdef int64_t recheck_ns = _seconds_ns(CHANNEL_RECHECK if recheck is None else recheck,
+                                              "recheck", False)
+        if recheck_ns <= 0:
+            raise ConfigError(f"recheck must be > 0 seconds, not {recheck!r}")
+        cdef _Ring r = ring
+        r._check()
+        self._ring = r
         self._doorbell = doorbell
         self._vector = vector
-        self.spin = CHANNEL_SPIN if spin is None else spin
-        self.recheck = CHANNEL_RECHECK if recheck is None else recheck
-        if self.recheck <= 0:
-            raise ConfigError("recheck must be > 0 seconds")
-        self._fd = -1
-        self._my_id = -1
+        self._spin = CHANNEL_SPIN if spin is None else spin
+        self._recheck = CHANNEL_RECHECK if recheck is None else recheck
         if doorbell is not None:
-            self._my_id = int(doorbell.id)
+            my_id = doorbell.id
+            if isinstance(my_id, bool) or not isinstance(my_id, int) or not 0 <= my_id <= IVSHM_MAX_PEER_ID:
+                raise ConfigError(f"the doorbell's id must be a peer id 0..{IVSHM_MAX_PEER_ID}, not {my_id!r}")
+            self._my_id = my_id
             fd = doorbell.vector_fd(vector)
             if fd is not None:
                 _os.set_blocking(fd, False)
                 self._fd = fd
+        else:
+            self._my_id = -1
+        self._cancel_fd = _chan_eventfd()
+        cdef void *q
+        if r._info.kind == IVSHM_KIND_SPSC:
+            q = <void *>&(<SpscRing>r)._q
+        else:
+            q = <void *>&(<MpmcRing>r)._q
+        rc = ivshm_chan_init(&self._ch, r._info.kind, q, self._my_id, vector, self._fd,
+                             r._m.closed_fd, _resolve_bell, <void *>self, spin_ns, recheck_ns)
+        if rc != 0:
+            raise _error_from_code(rc, "set up the channel")
+        self._ch.cancel_fd2 = self._cancel_fd
+
+    def __dealloc__(self):
+        if self._cancel_fd >= 0:
+            _os.close(self._cancel_fd)
+            self._cancel_fd = -1
 
     # -- plumbing -------------------------------------------------------------------------------
     cdef inline int _check(self) except -1:
@@ -1401,378 +1503,302 @@ cdef class Channel:
             raise ClosedError("the channel is closed")
         return self._ring._check()
 
-    cdef int _fill_bell(self, ivshm_bell *bell, uint32_t peer, uint32_t vector) except -1:
-        """Ask the provider how to ring (peer, vector).  Asked afresh for every doorbell (at most
-        one per sleep of the other side): a provider closes a departed peer's fds, so a cached
-        fd number could name some unrelated file later."""
-        bell.kind = IVSHM_BELL_NONE
-        if self._doorbell is None:
-            return 0
-        target = self._doorbell.notify_target(peer, vector)
-        if target is None:
-            return 0  # that peer is not connected (yet): the doorbell is lost, it re-checks
-        kind, where, value = target
-        if kind == IVSHM_BELL_EVENTFD:
-            bell.fd = where
-        elif kind == IVSHM_BELL_MMIO:
-            bell.reg = <volatile uint32_t *><size_t>where
-            bell.value = value
-        else:
-            raise ConfigError(f"unknown doorbell kind {kind} from {self._doorbell!r}")
-        bell.kind = kind
-        return 0
+    cdef inline void _wake_other(self, uint32_t my_side) noexcept:
+        ivshm_chan_wake_other(&self._ch, my_side)
 
-    cdef int _wake_consumer(self) except -1:
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        cdef uint32_t peer, vector
-        if not ivshm_wake_needed(&c.cons_waiting):
-            return 0
-        if ivshm_route_get(&c.cons_peer, &c.cons_vector, &c.cons_flags, &peer, &vector) != 0:
-            self._lost_rings += 1
-            return 0
-        self._fill_bell(&self._bell_cons, peer, vector)
-        if self._bell_cons.kind == IVSHM_BELL_NONE:
-            self._lost_rings += 1
-            return 0
-        self._doorbells += 1
-        ivshm_bell_ring(&self._bell_cons)  # a failed ring is a lost hint: the sleeper re-checks
-        return 0
-
-    cdef int _wake_producer(self) except -1:
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        cdef uint32_t peer, vector
-        if not ivshm_wake_needed(&c.prod_waiting):
-            return 0
-        if ivshm_route_get(&c.prod_peer, &c.prod_vector, &c.prod_flags, &peer, &vector) != 0:
-            self._lost_rings += 1
-            return 0
-        self._fill_bell(&self._bell_prod, peer, vector)
-        if self._bell_prod.kind == IVSHM_BELL_NONE:
-            self._lost_rings += 1
-            return 0
-        self._doorbells += 1
-        ivshm_bell_ring(&self._bell_prod)
-        return 0
-
-    cdef int _sleep(self, double deadline, bint forever, long *backoff_ns) except -1:
-        """Block until a doorbell, the re-check interval or the deadline, GIL released."""
-        cdef double now = _now()
-        cdef double span = self.recheck if forever else min(self.recheck, deadline - now)
-        cdef int ms, rc = 0
-        if span <= 0:
-            return 0
-        self._sleeps += 1
-        if self._fd >= 0:
-            ms = <int>(span * 1000.0) + 1
+    cdef int _wait(self, ivshm_chan_call *call, timeout, bint sending) except -1:
+        """One blocking wait (GIL released, mapping held).  Returns when the ring may be ready;
+        raises ClosedError, WaitTimeout/StallError, KeyboardInterrupt (signals), OSError."""
+        cdef _Mapping m = self._ring._m
+        cdef int rc
+        while True:
+            m.enter()
             with nogil:
-                rc = ivshm_wait_fd(self._fd, ms)
+                rc = ivshm_chan_wait(&self._ch, call)
+            m.leave()
+            if self._closed or m.closed or rc == -ECANCELED:
+                raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
+            if rc == -EINTR_:
+                PyErr_CheckSignals()  # Ctrl-C raises here; otherwise wait again
+                continue
             if rc == 1:
-                self._wakeups += 1
-            elif rc == -EINTR_:
-                PyErr_CheckSignals()
-            elif rc < 0:
-                raise OSError(-rc, f"waiting on doorbell fd {self._fd}: {_os.strerror(-rc)}")
-        else:
-            if backoff_ns[0] > <long>(span * 1e9):
-                backoff_ns[0] = <long>(span * 1e9)
-            with nogil:
-                _sleep_ns(backoff_ns[0])
-            if backoff_ns[0] < 1000000:
-                backoff_ns[0] *= 2
-            PyErr_CheckSignals()
-        return 0
+                return 0
+            if rc == 0:
+                if sending:
+                    self._full_timeout(timeout)
+                self._ring._timeout_error(timeout)
+            raise OSError(-rc, f"waiting on channel over ring {self._ring._name!r}: {_os.strerror(-rc)}")
+
+    cdef uint64_t _slots_for(self, data) except 0:
+        """Slots the message needs: an SPSC producer waits for that much room."""
+        if data is None or self._ring._info.kind != IVSHM_KIND_SPSC:
+            return 1
+        cdef Py_ssize_t n = len(data) if PyBytes_CheckExact(data) else memoryview(data).nbytes
+        cdef uint64_t k = ivshm_spsc_slots_for(&(<SpscRing>self._ring)._q, n)
+        return k if k else 1
+
+    cdef int _full_timeout(self, timeout) except -1:
+        cdef uint64_t pos
+        if self._ring._info.kind == IVSHM_KIND_MPMC and hasattr(self._ring, "stalled_consumer"):
+            slot = self._ring.stalled_consumer()
+            if slot is not None:
+                raise StallError(f"send on channel over ring {self._ring._name!r}: slot {slot} was "
+                                 f"claimed by a consumer that has not released it for {timeout} s "
+                                 "(consumer stalled or died); see MpmcRing.recover()")
+        raise WaitTimeout(f"send on channel over ring {self._ring._name!r}: still full after "
+                          f"{timeout} s; is a consumer running?")
+
+    cdef void _pass_on(self, ivshm_chan_call *call) noexcept:
+        if not self._ring._m.closed:
+            ivshm_chan_pass_on(&self._ch, call)
 
     # -- receive ------------------------------------------------------------------------------
-    cdef object _try_recv(self):
-        msg = self._ring._recv_obj()
-        if msg is not None:
-            self._received += 1
-            self._wake_producer()
-        return msg
-
     def try_recv(self):
         """The next message, or None; wakes a producer that sleeps on a full ring."""
         self._check()
-        return self._try_recv()
+        msg = self._ring._recv_obj()
+        if msg is not None:
+            self._received += 1
+            self._wake_other(IVSHM_CHAN_RECV)
+        return msg
 
     def recv(self, timeout=None):
         """The next message, waiting up to ``timeout`` seconds (None: forever): spin for
-        ``spin`` seconds, then sleep on the doorbell.  WaitTimeout when nothing came."""
+        ``spin`` seconds, then sleep on the doorbell.  WaitTimeout when nothing came (StallError
+        when an MPMC producer holds the next slot)."""
+        cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
-        msg = self._try_recv()
+        msg = self._ring._recv_obj()
         if msg is not None:
+            self._received += 1
+            self._wake_other(IVSHM_CHAN_RECV)
             return msg
-        return self._recv_slow(timeout)
-
-    cdef object _recv_slow(self, timeout):
-        cdef bint forever = timeout is None
-        cdef double now = _now()
-        cdef double deadline = 0.0
-        cdef long backoff = 1000
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        if not forever:
-            if timeout < 0:
-                raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
-            deadline = now + <double>timeout
-        cdef double spin_end = now + self.spin
-        while True:
-            msg = self._try_recv()
-            if msg is not None:
-                return msg
-            now = _now()
-            if not forever and now >= deadline:
-                self._ring._timeout_error(timeout)
-            if now < spin_end:
-                IVSHM_CPU_RELAX()
-                continue
-            break
-        if not self._cons_route and self._fd >= 0:
-            ivshm_route_set(&c.cons_peer, &c.cons_vector, &c.cons_flags, self._my_id, self._vector)
-            self._cons_route = True
-        while True:
-            ivshm_wake_arm(&c.cons_waiting)
-            msg = self._try_recv()
-            if msg is not None:
-                ivshm_wake_disarm(&c.cons_waiting)
-                return msg
-            self._sleep(deadline, forever, &backoff)
-            ivshm_wake_disarm(&c.cons_waiting)
-            self._ring._check()
-            msg = self._try_recv()
-            if msg is not None:
-                return msg
-            if not forever and _now() >= deadline:
-                self._ring._timeout_error(timeout)
+        cdef ivshm_chan_call call
+        ivshm_chan_call_init(&call, IVSHM_CHAN_RECV, t, 1)
+        try:
+            while True:
+                self._wait(&call, timeout, False)
+                msg = self._ring._recv_obj()
+                if msg is not None:
+                    self._received += 1
+                    self._wake_other(IVSHM_CHAN_RECV)
+                    return msg
+        finally:
+            self._pass_on(&call)
 
     def recv_many(self, Py_ssize_t max_count=256, timeout=0.0):
-        """Up to ``max_count`` messages; with ``timeout`` > 0 or None waits for the first."""
+        """Up to ``max_count`` messages already there; with ``timeout`` > 0 or None, waits that
+        long for the first one ([] when none came)."""
+        cdef int64_t t = _seconds_ns(timeout, "timeout", True)
+        if max_count < 0:
+            raise ConfigError(f"max_count must be >= 0, not {max_count}")
         self._check()
         out = self._ring.recv_many(max_count)
-        if not out and timeout != 0 and max_count > 0:
+        cdef ivshm_chan_call call
+        if not out and t != 0 and max_count > 0:
+            ivshm_chan_call_init(&call, IVSHM_CHAN_RECV, t, 1)
             try:
-                out = [self.recv(timeout)]
-            except WaitTimeout:
-                return []
-            if max_count > 1:
-                out += self._ring.recv_many(max_count - 1)
+                while not out:
+                    try:
+                        self._wait(&call, timeout, False)
+                    except WaitTimeout as e:
+                        if type(e) is WaitTimeout:
+                            return []
+                        raise  # a StallError says more than an empty list
+                    out = self._ring.recv_many(max_count)
+            finally:
+                self._pass_on(&call)
         if out:
             self._received += len(out)
-            self._wake_producer()
+            self._wake_other(IVSHM_CHAN_RECV)
         return out
 
-    def recv_into(self, buffer, timeout=0.0):
-        """Receive into ``buffer``: the length, or None when nothing came within ``timeout``."""
+    def recv_into(self, buffer, timeout=None):
+        """Receive into ``buffer``, waiting up to ``timeout`` seconds (None: forever): the
+        message's length.  WaitTimeout when nothing came; MessageTooLargeError (the message
+        stays queued) when the buffer is too small."""
+        cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
         n = self._ring.recv_into(buffer)
-        if n is None and timeout != 0:
-            deadline = None if timeout is None else _now() + timeout
-            while n is None:
-                left = None if deadline is None else max(0.0, deadline - _now())
-                if left == 0.0:
-                    return None
-                self._wait_readable(left)
-                n = self._ring.recv_into(buffer)
-        if n is not None:
-            self._received += 1
-            self._wake_producer()
+        cdef ivshm_chan_call call
+        if n is None:
+            if t == 0:
+                self._ring._timeout_error(timeout)
+            ivshm_chan_call_init(&call, IVSHM_CHAN_RECV, t, 1)
+            try:
+                while n is None:
+                    self._wait(&call, timeout, False)
+                    n = self._ring.recv_into(buffer)
+            finally:
+                self._pass_on(&call)
+        self._received += 1
+        self._wake_other(IVSHM_CHAN_RECV)
         return n
-
-    cdef _wait_readable(self, timeout):
-        """Sleep (armed) until the ring may have a message or `timeout` passes."""
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        cdef long backoff = 1000
-        cdef bint forever = timeout is None
-        cdef double deadline = 0.0 if forever else _now() + timeout
-        if not self._cons_route and self._fd >= 0:
-            ivshm_route_set(&c.cons_peer, &c.cons_vector, &c.cons_flags, self._my_id, self._vector)
-            self._cons_route = True
-        ivshm_wake_arm(&c.cons_waiting)
-        if len(self._ring) == 0:
-            self._sleep(deadline, forever, &backoff)
-        ivshm_wake_disarm(&c.cons_waiting)
 
     # -- send ---------------------------------------------------------------------------------
     def try_send(self, data):
-        """Send if there is room (True), else False; rings the consumer only if it sleeps."""
+        """Send if there is room (True), else False; rings a consumer only if one sleeps."""
         self._check()
         if self._ring._send_obj(data) != 0:
             return False
         self._sent += 1
-        self._wake_consumer()
+        self._wake_other(IVSHM_CHAN_SEND)
         return True
 
     def send(self, data, timeout=None):
-        """Send, waiting up to ``timeout`` seconds for room (spin, then sleep on the doorbell
-        until the consumer frees slots).  WaitTimeout if the ring stays full."""
+        """Send, waiting up to ``timeout`` seconds (None: forever) for room: spin, then sleep on
+        the doorbell until a consumer frees slots.  WaitTimeout if the ring stays full."""
+        cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
         if self._ring._send_obj(data) == 0:
             self._sent += 1
-            self._wake_consumer()
+            self._wake_other(IVSHM_CHAN_SEND)
             return
-        self._send_slow(data, timeout)
-
-    cdef _send_slow(self, data, timeout):
-        cdef bint forever = timeout is None
-        cdef double now = _now()
-        cdef double deadline = 0.0
-        cdef long backoff = 1000
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        if not forever:
-            if timeout < 0:
-                raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
-            deadline = now + <double>timeout
-        cdef double spin_end = now + self.spin
-        while True:
-            if self._ring._send_obj(data) == 0:
-                break
-            now = _now()
-            if not forever and now >= deadline:
-                self._full_error(timeout)
-            if now < spin_end:
-                IVSHM_CPU_RELAX()
-                continue
-            if not self._prod_route and self._fd >= 0:
-                ivshm_route_set(&c.prod_peer, &c.prod_vector, &c.prod_flags, self._my_id, self._vector)
-                self._prod_route = True
-            ivshm_wake_arm(&c.prod_waiting)
-            if self._ring._send_obj(data) == 0:
-                ivshm_wake_disarm(&c.prod_waiting)
-                break
-            self._sleep(deadline, forever, &backoff)
-            ivshm_wake_disarm(&c.prod_waiting)
-            self._ring._check()
+        cdef ivshm_chan_call call
+        ivshm_chan_call_init(&call, IVSHM_CHAN_SEND, t, self._slots_for(data))
+        try:
+            while True:
+                self._wait(&call, timeout, True)
+                if self._ring._send_obj(data) == 0:
+                    break
+        finally:
+            self._pass_on(&call)
         self._sent += 1
-        self._wake_consumer()
-
-    cdef _full_error(self, timeout):
-        raise WaitTimeout(f"send on channel over ring {self._ring._name!r}: still full after "
-                          f"{timeout} s; is the consumer running?")
+        self._wake_other(IVSHM_CHAN_SEND)
 
     def send_many(self, messages, timeout=0.0):
-        """Send from the front of ``messages`` (one publish per batch, at most one doorbell);
-        with ``timeout`` waits for room until all are sent.  Returns how many were sent."""
+        """Send from the front of ``messages`` (one publish per batch, at most one doorbell per
+        batch); with ``timeout`` > 0 or None waits for room until all are sent.  Returns how many
+        were sent: the rest are ``messages[n:]`` (an iterator is materialised into a list first,
+        so nothing of it is lost)."""
+        cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
         seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
         cdef Py_ssize_t total = len(seq)
         cdef Py_ssize_t sent = self._ring.send_many(seq)
         if sent:
             self._sent += sent
-            self._wake_consumer()
-        if sent >= total or timeout == 0:
+            self._wake_other(IVSHM_CHAN_SEND)
+        if sent >= total or t == 0:
             return sent
-        deadline = None if timeout is None else _now() + timeout
-        while sent < total:
-            left = None if deadline is None else deadline - _now()
-            if left is not None and left <= 0:
-                break
-            try:
-                self.send(seq[sent], left)
-            except WaitTimeout:
-                break
-            sent += 1
-            n = self._ring.send_many(seq[sent:])
-            if n:
-                sent += n
-                self._sent += n
-                self._wake_consumer()
+        cdef ivshm_chan_call call
+        cdef Py_ssize_t n
+        ivshm_chan_call_init(&call, IVSHM_CHAN_SEND, t, self._slots_for(seq[sent]))
+        try:
+            while sent < total:
+                try:
+                    self._wait(&call, timeout, True)
+                except WaitTimeout as e:
+                    if type(e) is WaitTimeout:
+                        break
+                    raise
+                n = self._ring.send_many(seq[sent:] if sent else seq)
+                if n:
+                    sent += n
+                    self._sent += n
+                    self._wake_other(IVSHM_CHAN_SEND)
+        finally:
+            self._pass_on(&call)
         return sent
 
     # -- asyncio ------------------------------------------------------------------------------
     async def recv_async(self, timeout=None):
         """``await channel.recv_async()``: the next message, sleeping in the event loop (a reader
-        on the doorbell fd, re-checking every ``recheck`` seconds).  WaitTimeout on timeout."""
-        self._check()
-        msg = self._try_recv()
+        on the doorbell fd, re-checking every ``recheck`` seconds).  WaitTimeout on timeout;
+        ClosedError when the channel or its region is closed meanwhile."""
+        _seconds_ns(timeout, "timeout", True)
+        msg = self.try_recv()
         if msg is not None:
             return msg
-        loop = _asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            self._arm_cons(True)
-            msg = self._try_recv()
-            if msg is not None:
-                self._arm_cons(False)
-                return msg
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                self._arm_cons(False)
-                self._ring._timeout_error(timeout)
-            span = self.recheck if left is None else min(self.recheck, left)
-            await self._await_fd(loop, span)
-            self._arm_cons(False)
-            self._check()
-            msg = self._try_recv()
-            if msg is not None:
-                return msg
+        return await self._async_wait(IVSHM_CHAN_RECV, None, timeout)
 
     async def send_async(self, data, timeout=None):
         """``await channel.send_async(data)``: send, sleeping in the event loop while full."""
-        self._check()
+        _seconds_ns(timeout, "timeout", True)
         if self.try_send(data):
             return
+        await self._async_wait(IVSHM_CHAN_SEND, data, timeout)
+
+    async def _async_wait(self, uint32_t side, data, timeout):
         loop = _asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            self._arm_prod(True)
-            if self.try_send(data):
-                self._arm_prod(False)
-                return
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                self._arm_prod(False)
-                self._full_error(timeout)
-            span = self.recheck if left is None else min(self.recheck, left)
-            await self._await_fd(loop, span)
-            self._arm_prod(False)
-            self._check()
-            if self.try_send(data):
-                return
+        cdef _AsyncCall c = _AsyncCall()
+        ivshm_chan_call_init(&c.call, side, -1, self._slots_for(data) if side == IVSHM_CHAN_SEND else 1)
+        c.call.slept = 1  # pass on when leaving without acting on a wake-up
+        cdef _Mapping m = self._ring._m
+        try:
+            while True:
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    if side == IVSHM_CHAN_SEND:
+                        self._full_timeout(timeout)
+                    self._ring._timeout_error(timeout)
+                span = self._recheck if left is None else min(self._recheck, left)
+                m.enter()  # the mapping stays while this call holds a sleeper entry
+                try:
+                    armed = ivshm_chan_arm(&self._ch, &c.call)
+                    if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
+                        ivshm_chan_note_sleep(&self._ch)
+                        await self._await_fds(loop, span if armed else min(span, 0.001), armed)
+                    ivshm_chan_disarm(&self._ch, &c.call)
+                finally:
+                    m.leave()
+                self._check()
+                if side == IVSHM_CHAN_RECV:
+                    msg = self.try_recv()
+                    if msg is not None:
+                        return msg
+                elif self.try_send(data):
+                    return
+        finally:
+            self._pass_on(&c.call)
 
-    async def _await_fd(self, loop, span):
-        if self._fd < 0:
-            await _asyncio.sleep(min(span, 0.001))
-            return
+    async def _await_fds(self, loop, span, bint armed):
         fut = loop.create_future()
 
         def ready():
             if not fut.done():
                 fut.set_result(None)
 
-        loop.add_reader(self._fd, ready)
-        self._sleeps += 1
+        fds = [self._cancel_fd, self._ring._m.closed_fd]
+        if armed:
+            fds.append(self._fd)
+        for fd in fds:
+            loop.add_reader(fd, ready)
         try:
             await _asyncio.wait_for(fut, span)
-            self._wakeups += 1
         except _asyncio.TimeoutError:
             pass
         finally:
-            loop.remove_reader(self._fd)
-        try:
-            _os.eventfd_read(self._fd)
-        except (BlockingIOError, OSError):
-            pass
-
-    def _arm_cons(self, bint on):
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        if on:
-            if not self._cons_route and self._fd >= 0:
-                ivshm_route_set(&c.cons_peer, &c.cons_vector, &c.cons_flags, self._my_id, self._vector)
-                self._cons_route = True
-            ivshm_wake_arm(&c.cons_waiting)
-        else:
-            ivshm_wake_disarm(&c.cons_waiting)
-
-    def _arm_prod(self, bint on):
-        cdef ivshm_ring_ctrl *c = self._ring._ctrl
-        if on:
-            if not self._prod_route and self._fd >= 0:
-                ivshm_route_set(&c.prod_peer, &c.prod_vector, &c.prod_flags, self._my_id, self._vector)
-                self._prod_route = True
-            ivshm_wake_arm(&c.prod_waiting)
-        else:
-            ivshm_wake_disarm(&c.prod_waiting)
+            for fd in fds:
+                loop.remove_reader(fd)
+        if armed and not self._closed:
+            ivshm_chan_absorb(&self._ch)
 
     # -- the rest -----------------------------------------------------------------------------
+    @property
+    def spin(self):
+        """Seconds a blocking call busy-polls before it sleeps."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, value):
+        self._ch.spin_ns = _seconds_ns(value, "spin", False)
+        self._spin = value
+
+    @property
+    def recheck(self):
+        """Seconds after which a sleeper looks at the ring even without a doorbell."""
+        return self._recheck
+
+    @recheck.setter
+    def recheck(self, value):
+        cdef int64_t ns = _seconds_ns(value, "recheck", False)
+        if ns <= 0:
+            raise ConfigError(f"recheck must be > 0 seconds, not {value!r}")
+        self._ch.recheck_ns = ns
+        self._recheck = value
+
     @property
     def ring(self):
         return self._ring
@@ -1788,9 +1814,13 @@ cdef class Channel:
     @property
     def stats(self):
         """Counters of this side: messages sent/received, doorbells rung, sleeps, wake-ups by a
-        doorbell, wake-ups that found no route (the other side was polling or not connected)."""
-        return {"sent": self._sent, "received": self._received, "doorbells": self._doorbells,
-                "sleeps": self._sleeps, "wakeups": self._wakeups, "unrouted": self._lost_rings}
+        doorbell, sleepers claimed that could not be rung (their peer unknown: they re-check),
+        wake-ups passed on to a sleeper of one's own side."""
+        cdef ivshm_chan_stats st
+        ivshm_chan_get_stats(&self._ch, &st)
+        return {"sent": self._sent, "received": self._received, "doorbells": st.doorbells,
+                "sleeps": st.sleeps, "wakeups": st.wakeups, "unrouted": st.unrouted,
+                "passed_on": st.passes}
 
     def fileno(self):
         """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls."""
@@ -1800,8 +1830,13 @@ cdef class Channel:
         return len(self._ring)
 
     def close(self):
-        """Forget the ring and doorbell (neither is closed: they belong to the caller)."""
+        """Stop using the ring and doorbell (neither is closed: they belong to the caller).
+        Calls blocked on this channel in other threads or tasks wake and raise ClosedError.
+        Idempotent."""
+        if self._closed:
+            return
         self._closed = True
+        _chan_signal(self._cancel_fd)
 
     @property
     def closed(self):

@@ -46,6 +46,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from .. import doorbell as _doorbell
+
 __all__ = [
     "Endpoint",
     "Transport",
@@ -715,7 +717,7 @@ class CEventfd(Transport):
 
     def setup(self, ctx, run_id, sizes, workdir):
         state = super().setup(ctx, run_id, sizes, workdir)
-        raw = {d: os.eventfd(0, os.EFD_CLOEXEC) for d in ("ab", "ba")}  # blocking reads
+        raw = {d: _doorbell.eventfd(nonblock=False) for d in ("ab", "ba")}  # blocking reads
         state["raw"] = list(raw.values())
         state["fds"] = {d: InheritedFd(fd) for d, fd in raw.items()}
         return state

@@ -1,0 +1,378 @@
+"""The wake-up protocol of csrc/ivshm_chan.c through the Python Channel: several sleepers on one
+ring in separate processes over a real Server, close() against blocked calls in threads and
+asyncio tasks, argument rules, and the C example blocking on the same channel.
+
+Re-checks are set to 60 s wherever a lost wake-up must show: every message is then delivered by a
+doorbell or not within the test's own (much shorter) timeouts."""
+import asyncio
+import json
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyivshmem import Channel, ClosedError, ConfigError, Peer, Region, Server, StallError, WaitTimeout
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _fdbell import FdBell, close_fds, make_fds  # noqa: E402
+
+RECHECK = 60.0
+LOST = 20.0  # a receive this slow means a lost wake-up (the re-check is 60 s away)
+
+
+def wait_until(pred, what, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def cons_waiting(ring):
+    return next(r for r in ring.region.rings() if r["name"] == ring.name)["consumers_waiting"]
+
+
+def prod_waiting(ring):
+    return next(r for r in ring.region.rings() if r["name"] == ring.name)["producers_waiting"]
+
+
+# -- several sleepers in separate processes, over a real server ---------------------------------
+
+CONSUMER = r"""
+import json, sys
+from pyivshmem import Channel, Peer
+sock, n = sys.argv[1], int(sys.argv[2])
+with Peer.connect(sock, timeout=30) as peer:
+    jobs = Channel(peer.region.ring("jobs"), peer, vector=0, spin=0, recheck=60)
+    acks = Channel(peer.region.ring("acks"), peer, vector=1, spin=0, recheck=60)
+    print(json.dumps({"id": peer.id}), flush=True)
+    got = []
+    while True:
+        m = jobs.recv(timeout=120)
+        if m == b"stop":
+            break
+        got.append(int(m))
+        acks.send(m, timeout=60)
+    print(json.dumps({"got": got, "stats": jobs.stats}), flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_four_sleeping_consumer_processes_get_every_message_by_doorbell(tmp_path):
+    """Issue 12 item 2: four consumers asleep on one MPMC channel, re-check 60 s, 1,000 messages
+    sent one at a time.  Each message must reach an idle (sleeping) consumer at once."""
+    count, nproc = 1000, 4
+    sock = str(tmp_path / "s.sock")
+    with Server(sock, size="1M", vectors=2) as server:
+        server.start()
+        with Peer.connect(sock, timeout=30) as me:
+            jobs_ring = me.region.create_ring("jobs", "mpmc", slot_size=16, capacity=16)
+            me.region.create_ring("acks", "mpmc", slot_size=16, capacity=16)
+            jobs = Channel(jobs_ring, me, vector=0, spin=0, recheck=RECHECK)
+            acks = Channel(me.region.ring("acks"), me, vector=1, spin=0, recheck=RECHECK)
+            kids = [subprocess.Popen([sys.executable, "-c", CONSUMER, sock, str(count)],
+                                     stdout=subprocess.PIPE, text=True) for _ in range(nproc)]
+            try:
+                ids = [json.loads(k.stdout.readline())["id"] for k in kids]
+                wait_until(lambda: me.events() is not None and all(i in me.peers for i in ids),
+                           "the consumers to join")
+                slow = 0
+                for i in range(count):
+                    if i % 10 == 0:  # now and then, let every consumer fall asleep first
+                        wait_until(lambda: cons_waiting(jobs_ring) == nproc, "4 sleepers")
+                    t0 = time.monotonic()
+                    jobs.send(b"%d" % i, timeout=LOST)
+                    try:
+                        assert int(acks.recv(timeout=LOST)) == i
+                    except WaitTimeout:
+                        pytest.fail(f"lost wake-up: message {i} not received within {LOST} s "
+                                    f"with {cons_waiting(jobs_ring)} consumers asleep")
+                    slow += time.monotonic() - t0 > 1.0
+                for _ in kids:
+                    jobs.send(b"stop", timeout=LOST)
+                results = [json.loads(k.stdout.readline()) for k in kids]
+                assert [k.wait(60) for k in kids] == [0] * nproc
+            finally:
+                for k in kids:
+                    if k.poll() is None:
+                        k.kill()
+                    k.stdout.close()
+    got = sorted(x for r in results for x in r["got"])
+    assert got == list(range(count))  # every message exactly once
+    # the work spread over the sleepers: no consumer was left asleep while others were busy
+    assert sum(1 for r in results if r["got"]) >= 2
+    assert sum(r["stats"]["wakeups"] for r in results) >= count // 2
+    assert jobs.stats["doorbells"] >= count // 2
+    assert slow == 0, f"{slow} messages took over a second: they waited for a re-check"
+
+
+# -- close() against blocked calls ----------------------------------------------------------------
+
+@pytest.fixture
+def fds():
+    f = make_fds([0, 1])
+    yield f
+    close_fds(f)
+
+
+def _blocked(fn, started):
+    out = {}
+
+    def run():
+        started.set()
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("closer", ["region", "channel"])
+@pytest.mark.parametrize("kind", ["spsc", "mpmc"])
+def test_close_wakes_a_blocked_recv(shm_path, fds, closer, kind):
+    """Issue 12 item 1: close() in one thread while another is blocked in Channel.recv()."""
+    region = Region.create(shm_path, "1M")
+    ring = region.create_ring("r", kind, slot_size=64, capacity=8)
+    ch = Channel(ring, FdBell(0, fds), spin=0, recheck=RECHECK)
+    started = threading.Event()
+    t, out = _blocked(lambda: ch.recv(), started)
+    started.wait(10)
+    wait_until(lambda: cons_waiting(ring) == 1, "the receiver to sleep")
+    (region if closer == "region" else ch).close()
+    t.join(10)
+    assert not t.is_alive(), "close() did not wake the blocked recv"
+    assert isinstance(out.get("error"), ClosedError), out
+    if closer == "channel":
+        assert cons_waiting(ring) == 0  # it left its sleeper entry
+        region.close()
+    with pytest.raises(ClosedError):
+        ch.recv(timeout=0)
+
+
+def test_close_wakes_a_blocked_send(shm_path, fds):
+    region = Region.create(shm_path, "1M")
+    ring = region.create_ring("r", "mpmc", slot_size=64, capacity=2)
+    ch = Channel(ring, FdBell(0, fds), spin=0, recheck=RECHECK)
+    while ch.try_send(b"x"):
+        pass
+    started = threading.Event()
+    t, out = _blocked(lambda: ch.send(b"y"), started)
+    started.wait(10)
+    wait_until(lambda: prod_waiting(ring) == 1, "the sender to sleep")
+    region.close()
+    t.join(10)
+    assert isinstance(out.get("error"), ClosedError), out
+
+
+def test_close_while_awaiting_recv_async_single_thread(shm_path, fds):
+    """Issue 12 item 13: one task closes the region while another awaits recv_async."""
+    region = Region.create(shm_path, "1M")
+    ch = Channel(region.create_ring("r", slot_size=64, capacity=8), FdBell(0, fds), spin=0,
+                 recheck=RECHECK)
+
+    async def scenario():
+        waiter = asyncio.ensure_future(ch.recv_async())
+        await asyncio.sleep(0)
+        while cons_waiting(ch.ring) == 0:
+            await asyncio.sleep(0.001)
+        region.close()
+        with pytest.raises(ClosedError):
+            await asyncio.wait_for(waiter, 10)
+
+    asyncio.run(scenario())
+
+
+STRESS = r"""
+import asyncio, os, random, sys, threading
+sys.path.insert(0, sys.argv[3])
+from _fdbell import FdBell, make_fds, close_fds
+from pyivshmem import Channel, ClosedError, Region, WaitTimeout
+rounds, seed = int(sys.argv[1]), int(sys.argv[2])
+rnd = random.Random(seed)
+big = bytes(range(256)) * (8 << 12)   # 8 MiB
+path = f"/dev/shm/pyivshmem-stress-{os.getpid()}"
+fds = make_fds([0, 1])
+outcomes = {}
+def note(k):
+    outcomes[k] = outcomes.get(k, 0) + 1
+for i in range(rounds):
+    region = Region.create(path, "32M")
+    os.unlink(path)
+    rx = Channel(region.create_ring("rx", slot_size=256, capacity=8), FdBell(0, fds), spin=0, recheck=60)
+    big_ring = region.create_ring("big", slot_size=1 << 20, capacity=16)
+    aio = Channel(region.create_ring("aio", slot_size=64, capacity=8), FdBell(1, fds), spin=0, recheck=60)
+    def receiver():
+        try:
+            rx.recv(); note("recv-returned")
+        except ClosedError:
+            note("recv-closed")
+    def sender():
+        try:
+            while True:
+                big_ring.send(big, timeout=5)
+                big_ring.recv_into(bytearray(len(big)))
+        except ClosedError:
+            note("copy-closed")
+        except WaitTimeout:
+            note("copy-timeout")
+    def waiter():
+        async def w():
+            try:
+                await aio.recv_async(); note("aio-returned")
+            except ClosedError:
+                note("aio-closed")
+        asyncio.run(w())
+    ts = [threading.Thread(target=f) for f in (receiver, sender, waiter)]
+    for t in ts:
+        t.start()
+    delay = rnd.random() * 0.004
+    if delay > 0.001:
+        threading.Event().wait(delay)
+    region.close()
+    for t in ts:
+        t.join(30)
+        assert not t.is_alive(), f"round {i}: a call did not return after close()"
+close_fds(fds)
+print("rounds", rounds, sorted(outcomes.items()), flush=True)
+"""
+
+
+@pytest.mark.timeout(600)
+def test_close_races_blocked_and_copying_calls_stress(tmp_path):
+    """Issue 12: 1,000 rounds of close() racing receivers blocked in recv, senders in 8 MiB copies
+    (GIL released) and asyncio waiters, in a child process: 0 crashes, every call returns or
+    raises ClosedError."""
+    seed = random.randrange(1 << 30)
+    p = subprocess.run([sys.executable, "-c", STRESS, os.environ.get("PYIVSHMEM_STRESS_ROUNDS", "1000"),
+                        str(seed), str(HERE)], capture_output=True, text=True, timeout=580)
+    assert p.returncode == 0, f"seed {seed}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    assert "rounds" in p.stdout and "closed" in p.stdout, p.stdout
+
+
+# -- one rule for arguments and timeouts ---------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), -1, -0.5, "1", True])
+def test_channel_timeouts_are_validated(region, bad):
+    """Issue 12 item 14: NaN blocked forever; negative values returned at once or raised the
+    wrong error."""
+    ch = Channel(region.create_ring("v", slot_size=16, capacity=2))
+    ch2 = Channel(region.ring("v"))
+    for call in (lambda: ch.recv(bad), lambda: ch.send(b"x", bad),
+                 lambda: ch.recv_many(4, bad), lambda: ch.send_many([b"x"], bad),
+                 lambda: ch.recv_into(bytearray(16), bad),
+                 lambda: asyncio.run(ch2.recv_async(bad)),
+                 lambda: asyncio.run(ch2.send_async(b"x", bad))):
+        with pytest.raises(ConfigError, match="timeout"):
+            call()
+    for kw in ({"spin": bad}, {"recheck": bad}, {"vector": -1}, {"vector": 64}, {"vector": "0"},
+               {"recheck": 0}):
+        with pytest.raises(ConfigError):
+            Channel(region.ring("v"), **kw)
+
+
+def test_channel_recv_into_times_out_like_recv(region):
+    ch = Channel(region.create_ring("t", "mpmc", slot_size=16, capacity=2))
+    with pytest.raises(WaitTimeout):
+        ch.recv_into(bytearray(16), timeout=0.01)
+    with pytest.raises(WaitTimeout):
+        ch.recv_into(bytearray(16), timeout=0)
+    ch.send(b"abc")
+    buf = bytearray(16)
+    assert ch.recv_into(buf, timeout=1) == 3 and buf[:3] == b"abc"
+
+
+def test_channel_mpmc_stall_is_reported_not_spun(region):
+    """Issue 12 item 8: recv_into on MPMC busy-spun and returned None instead of StallError;
+    recv_many swallowed StallError."""
+    ring = region.create_ring("s", "mpmc", slot_size=16, capacity=4)
+    stuck = region.ring("s")
+    view = stuck.reserve(4)  # a producer that never commits: the next slot is claimed
+    assert view is not None
+    ch = Channel(ring, spin=0)
+    t0 = time.monotonic()
+    c0 = time.thread_time()
+    with pytest.raises(StallError, match="slot 0"):
+        ch.recv_into(bytearray(16), timeout=0.5)
+    cpu, wall = time.thread_time() - c0, time.monotonic() - t0
+    assert cpu < wall / 2, f"the wait burned {cpu:.2f} s of CPU in {wall:.2f} s"
+    with pytest.raises(StallError):
+        ch.recv_many(4, timeout=0.05)
+    with pytest.raises(StallError):
+        ch.recv(timeout=0.05)
+
+
+def test_send_many_keeps_the_tail_of_an_iterator(region):
+    """Issue 12 item 7 (Channel side): messages[n:] of a generator is not lost."""
+    ch = Channel(region.create_ring("g", "mpmc", slot_size=16, capacity=2))
+    msgs = [b"a", b"b", b"c", b"d"]
+    gen = (m for m in msgs)
+    n = ch.send_many(gen)
+    assert n == 2 and ch.recv_many(8) == msgs[:2]
+
+
+def test_library_needs_no_os_eventfd():
+    """Issue 12 item 12: the package claims Python 3.9, which has no os.eventfd*."""
+    for path in (ROOT / "pyivshmem").rglob("*.py*"):
+        text = path.read_text(errors="replace")
+        assert "os.eventfd" not in text and "_os.eventfd" not in text, path
+
+
+# -- the C example blocks on the same channel ----------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_c_example_blocks_on_the_channel_with_doorbells(tmp_path, shm_path):
+    src = ROOT / "examples" / "c" / "ring_echo.c"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not src.exists() or cc is None:
+        pytest.skip("needs the source tree and a C compiler")
+    exe = tmp_path / "ring_echo"
+    csrc = ROOT / "csrc"
+    srcs = [str(csrc / f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c", "ivshm_chan.c")]
+    subprocess.run([cc, "-O2", "-std=gnu11", f"-I{csrc}", str(src), *srcs, "-o", str(exe)],
+                   check=True)
+    region = Region.create(shm_path, "1M")
+    fds = make_fds([0, 1])
+    try:
+        tx = Channel(region.create_ring("in", slot_size=256, capacity=64), FdBell(0, fds), spin=0,
+                     recheck=RECHECK)
+        rx = Channel(region.create_ring("out", slot_size=256, capacity=64), FdBell(0, fds), spin=0,
+                     recheck=RECHECK)
+        child = subprocess.Popen([str(exe), shm_path, "in", "out", "1", str(fds[1][0]), "0",
+                                  str(fds[0][0])], stdout=subprocess.PIPE, text=True,
+                                 pass_fds=(fds[0][0], fds[1][0]))
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            n = 300
+            for i in range(n):
+                msg = b"message %d" % i
+                if i % 10 == 0:
+                    time.sleep(0.002)  # past the C side's 50 us spin: it must sleep and be rung
+                tx.send(msg, timeout=LOST)
+                assert rx.recv(timeout=LOST) == msg[::-1]
+            tx.send(b"quit", timeout=LOST)
+            out = child.stdout.read()
+            assert child.wait(30) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.stdout.close()
+        stats = dict(zip(out.split()[::2], out.split()[1::2]))
+        assert int(stats["answered"]) == n
+        # it slept (at least at each pause) and every sleep ended with a doorbell, not a re-check
+        assert int(stats["sleeps"]) >= n // 10, out
+        assert int(stats["wakeups"]) >= int(stats["sleeps"]) - 2, out
+        assert rx.stats["wakeups"] > n // 2 and tx.stats["doorbells"] >= n // 10
+    finally:
+        region.close()
+        close_fds(fds)

@@ -31,9 +31,18 @@ def _flags():
 
 
 CFLAGS, LDFLAGS = _flags()
-CORE_SOURCES = sorted(
-    os.path.join(CSRC, f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c", "ivshm_chan.c")
-)
+
+
+def _core_sources():
+    """The C core's sources, from the one list in csrc/core.mk."""
+    with open(os.path.join(HERE, CSRC, "core.mk")) as f:
+        for line in f:
+            if line.startswith("CORE_SRCS"):
+                return [os.path.join(CSRC, name) for name in line.split(":=", 1)[1].split()]
+    raise RuntimeError("csrc/core.mk has no CORE_SRCS line")
+
+
+CORE_SOURCES = _core_sources()
 
 
 class BuildPy(build_py):

@@ -199,6 +199,12 @@ cdef class _Mapping:
         if self.base != NULL:
             munmap(self.base, self.size)
             self.base = NULL
+        # Nobody polls closed_fd any more: a sleeper holds a user count while it waits, and
+        # every later call checks `closed` before it waits.  So it goes with the memory, and a
+        # closed region holds no descriptor however long its objects live.
+        if self.closed_fd >= 0:
+            _c_close(self.closed_fd)
+            self.closed_fd = -1
 
     cdef void _close(self):
         """Mark closed, wake sleepers, unmap unless users are inside (then the last one does)."""
@@ -1740,8 +1746,8 @@ cdef class Channel:
                     if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
                         ivshm_chan_note_sleep(&self._ch)
                         await self._await_fds(loop, span if armed else min(span, 0.001), armed)
-                    ivshm_chan_disarm(&self._ch, &c.call)
                 finally:
+                    ivshm_chan_disarm(&self._ch, &c.call)  # also when the task is cancelled
                     m.leave()
                 self._check()
                 if side == IVSHM_CHAN_RECV:

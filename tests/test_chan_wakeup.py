@@ -22,6 +22,7 @@ from pyivshmem import Channel, ClosedError, ConfigError, Peer, Region, Server, S
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from _csrc import c_core_sources  # noqa: E402
 from _fdbell import FdBell, close_fds, make_fds  # noqa: E402
 
 RECHECK = 60.0
@@ -193,6 +194,25 @@ def test_close_while_awaiting_recv_async_single_thread(shm_path, fds):
     asyncio.run(scenario())
 
 
+def test_cancelled_recv_async_leaves_no_sleeper_behind(shm_path, fds):
+    with Region.create(shm_path, "1M") as region:
+        ring = region.create_ring("r", slot_size=64, capacity=8)
+        ch = Channel(ring, FdBell(0, fds), spin=0, recheck=RECHECK)
+
+        async def scenario():
+            waiter = asyncio.ensure_future(ch.recv_async())
+            while cons_waiting(ring) == 0:
+                await asyncio.sleep(0.001)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+
+        asyncio.run(scenario())
+        assert cons_waiting(ring) == 0
+        Channel(region.ring("r")).send(b"x")
+        assert ch.recv(timeout=5) == b"x"
+
+
 STRESS = r"""
 import asyncio, os, random, sys, threading
 sys.path.insert(0, sys.argv[3])
@@ -338,7 +358,7 @@ def test_c_example_blocks_on_the_channel_with_doorbells(tmp_path, shm_path):
         pytest.skip("needs the source tree and a C compiler")
     exe = tmp_path / "ring_echo"
     csrc = ROOT / "csrc"
-    srcs = [str(csrc / f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c", "ivshm_chan.c")]
+    srcs = [str(csrc / f) for f in c_core_sources()]
     subprocess.run([cc, "-O2", "-std=gnu11", f"-I{csrc}", str(src), *srcs, "-o", str(exe)],
                    check=True)
     region = Region.create(shm_path, "1M")

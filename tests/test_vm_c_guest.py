@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from _csrc import c_core_sources
 from vm import harness
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.timeout(240)]
@@ -30,7 +31,7 @@ def ring_echo(tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not src.exists() or not cc:
         pytest.skip("needs the source tree (examples/c/ring_echo.c) and a C compiler")
-    core = [str(csrc / f) for f in ("ivshm_region.c", "ivshm_spsc.c", "ivshm_mpmc.c")]
+    core = [str(csrc / f) for f in c_core_sources()]
     out = tmp_path / "ring_echo"
     for static in (["-static"], []):  # static if libc.a is there; else the guest has the host's libc
         p = subprocess.run([cc, "-std=gnu11", "-O2", *static, f"-I{csrc}", str(src), *core, "-o", str(out)],

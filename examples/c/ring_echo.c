@@ -120,10 +120,10 @@ int main(int argc, char **argv)
         }
         answered++;
     }
+    printf("answered %llu\n", (unsigned long long)answered);
     struct ivshm_chan_stats cs;
     ivshm_chan_get_stats(&rx, &cs);
     printf("sleeps %llu wakeups %llu\n", (unsigned long long)cs.sleeps, (unsigned long long)cs.wakeups);
-    printf("answered %llu\n", (unsigned long long)answered);
     munmap(base, (size_t)st.st_size);
     close(fd);
     return 0;

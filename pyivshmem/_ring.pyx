@@ -1599,7 +1599,7 @@ cdef class Channel:
         if max_count < 0:
             raise ConfigError(f"max_count must be >= 0, not {max_count}")
         self._check()
-        out = self._ring.recv_many(max_count)
+        out = self._ring.recv_many(max_count, timeout=0)
         cdef ivshm_chan_call call
         if not out and t != 0 and max_count > 0:
             ivshm_chan_call_init(&call, IVSHM_CHAN_RECV, t, 1)
@@ -1611,7 +1611,7 @@ cdef class Channel:
                         if type(e) is WaitTimeout:
                             return []
                         raise  # a StallError says more than an empty list
-                    out = self._ring.recv_many(max_count)
+                    out = self._ring.recv_many(max_count, timeout=0)
             finally:
                 self._pass_on(&call)
         if out:
@@ -1681,7 +1681,7 @@ cdef class Channel:
         self._check()
         seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
         cdef Py_ssize_t total = len(seq)
-        cdef Py_ssize_t sent = self._ring.send_many(seq)
+        cdef Py_ssize_t sent = self._ring.send_many(seq, timeout=0)
         if sent:
             self._sent += sent
             self._wake_other(IVSHM_CHAN_SEND)
@@ -1698,7 +1698,7 @@ cdef class Channel:
                     if type(e) is WaitTimeout:
                         break
                     raise
-                n = self._ring.send_many(seq[sent:] if sent else seq)
+                n = self._ring.send_many(seq[sent:] if sent else seq, timeout=0)
                 if n:
                     sent += n
                     self._sent += n

@@ -281,6 +281,10 @@ cdef class _Mapping:
             self.closed_fd = -1
 
 
+cdef _Mapping _CLOSED_MAPPING = _Mapping.__new__(_Mapping)
+_CLOSED_MAPPING.closed = True
+
+
 # ---------------------------------------------------------------------------------------------
 # Zero-copy views
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +717,13 @@ cdef class Region:
             except OSError:
                 pass
         m._close()
+        # The region and its ring handles forget the mapping (the handles see a closed stand-in):
+        # once views, channels and calls in flight that hold it have gone too, it dies and its
+        # eventfd is closed, so closed objects that are still referenced hold no descriptor.
+        self._m = None
+        if self._handles is not None:
+            for h in list(self._handles):
+                (<_Ring>h)._m = _CLOSED_MAPPING
 
     def __dealloc__(self):
         # the mapping is unmapped by _Mapping itself when its last holder goes

@@ -21,8 +21,11 @@
  *   CAS on head/tail: acq_rel, they only order the claims among producers (resp. consumers).
  *
  * Cooperating peers only: a producer that dies between claim and commit leaves its slot claimed
- * forever and consumers stop there.  ivshm_mpmc_stalled() detects that state so callers can report
- * it after a timeout.  Values read from shared memory are validated (lengths, flags); every loop
+ * forever and consumers stop there; a consumer that dies between claim and release (a receive or
+ * a held peek) leaves its slot claimed and producers stop there one lap later.
+ * ivshm_mpmc_stalled() and ivshm_mpmc_consumer_stalled() detect those states so callers can report
+ * them after a timeout, and ivshm_mpmc_recover() (an operator's call, once the holder is known to
+ * be dead) gets the ring moving again.  Values read from shared memory are validated (lengths, flags); every loop
  * that retries after another party's progress is bounded, so a hostile peer cannot spin us forever.
  */
 #ifndef IVSHM_MPMC_H
@@ -225,6 +228,68 @@ static inline int64_t ivshm_mpmc_claim_recv(struct ivshm_mpmc *q, uint64_t n, ui
     return ivshm_mpmc_corrupt(q, "consumer index keeps changing (hostile peer?)", p, 0);
 }
 
+/* Like ivshm_mpmc_claim_recv, but claims only messages of at most max_len bytes: a burst stops
+ * before the first longer message, and when the first is longer nothing is claimed: -EMSGSIZE with
+ * its length in *needed, the message staying in the ring for a consumer with room.  (A length over
+ * the slot size is claimed, so that the caller reports the corruption and it goes.)  The lengths
+ * are read before the claim, after the acquire load that shows each slot committed: no producer
+ * writes them until a consumer has claimed and released the slot, and a successful CAS from p
+ * proves that no consumer claimed them.  For callers whose buffer is smaller than a slot only;
+ * the others use ivshm_mpmc_claim_recv, which reads no lengths. */
+static inline int64_t ivshm_mpmc_claim_recv_max(struct ivshm_mpmc *q, uint64_t n, uint64_t max_len,
+                                                uint64_t *pos, uint64_t *needed)
+{
+    if (IVSHM_UNLIKELY(n == 0))
+        return 0;
+    if (n > q->capacity)
+        n = q->capacity;
+    uint64_t p = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+    for (uint32_t tries = 0; tries < IVSHM_MPMC_MAX_RETRIES; tries++) {
+        int64_t dif;
+        /* pairs with the producer's release store of seq = i + 1 (commit) */
+        uint64_t m = ivshm_mpmc_scan(q, p, n, 1, &dif);
+        if (m == 0) {
+            if (dif < 0)
+                return -EAGAIN;
+            uint64_t again = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+            if (IVSHM_UNLIKELY(again == p))
+                return ivshm_mpmc_corrupt(q, "slot sequence number is ahead of the consumer index",
+                                          p + 1 + (uint64_t)dif, p);
+            p = again;
+            continue;
+        }
+        uint64_t k = 0;
+        uint32_t len = 0;
+        for (; k < m; k++) {
+            /* acquire: the tail load below must not be answered before this length is read */
+            len = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, p + k)->len);
+            if (len > max_len)
+                break;
+        }
+        if (k == 0) {
+            if (len > q->slot_size) {
+                k = 1; /* corrupt: claim it, the caller's length check reports it */
+            } else {
+                /* an unchanged tail means nobody claimed the slot since its commit was seen: the
+                 * length is that message's */
+                uint64_t again = IVSHM_LOAD_RELAXED(&q->ctrl->tail);
+                if (again != p) {
+                    p = again;
+                    continue;
+                }
+                if (needed)
+                    *needed = len;
+                return -EMSGSIZE;
+            }
+        }
+        if (IVSHM_CAS(&q->ctrl->tail, &p, p + k)) { /* orders claims among consumers */
+            *pos = p;
+            return (int64_t)k;
+        }
+    }
+    return ivshm_mpmc_corrupt(q, "consumer index keeps changing (hostile peer?)", p, 0);
+}
+
 /* `len`, a length read from a slot header, if it fits the slot; else -EPROTO. */
 static inline int64_t ivshm_mpmc_check_len(struct ivshm_mpmc *q, uint32_t len)
 {
@@ -259,21 +324,32 @@ static inline int ivshm_mpmc_try_send(struct ivshm_mpmc *q, const void *data, ui
     return 0;
 }
 
-/* Receive one message into buf: its length, -EAGAIN, -EPROTO.  A message longer than cap is
- * truncated to cap bytes (its slot is already claimed and must be released): *needed reports the
- * full length so the caller can tell. */
+/* Receive one message into buf: its length, -EAGAIN, -ENOBUFS (buf too small: the message stays
+ * in the ring for any consumer, *needed says its length; as ivshm_spsc_try_recv), -EPROTO.  A
+ * buffer of at least the slot size always fits and takes the plain claim. */
 static inline int64_t ivshm_mpmc_try_recv(struct ivshm_mpmc *q, void *buf, uint64_t cap,
                                           uint64_t *needed)
 {
     uint64_t p;
-    int64_t m = ivshm_mpmc_claim_recv(q, 1, &p);
+    int64_t m;
+    if (IVSHM_LIKELY(cap >= q->slot_size)) {
+        m = ivshm_mpmc_claim_recv(q, 1, &p);
+    } else {
+        m = ivshm_mpmc_claim_recv_max(q, 1, cap, &p, needed);
+        if (m == -EMSGSIZE)
+            return -ENOBUFS;
+    }
     if (IVSHM_UNLIKELY(m <= 0))
         return m;
     int64_t len = ivshm_mpmc_msg_len(q, p);
     if (len >= 0) {
-        if (needed)
-            *needed = (uint64_t)len;
-        ivshm_copy(buf, ivshm_mpmc_payload(q, p), (uint64_t)len < cap ? (uint64_t)len : cap);
+        if (IVSHM_UNLIKELY((uint64_t)len > cap)) {
+            len = ivshm_mpmc_corrupt(q, "slot length changed after the claim", (uint64_t)len, cap);
+        } else {
+            if (needed)
+                *needed = (uint64_t)len;
+            ivshm_copy(buf, ivshm_mpmc_payload(q, p), (uint64_t)len);
+        }
     }
     ivshm_mpmc_release_one(q, p);
     return len;
@@ -348,13 +424,21 @@ static inline int64_t ivshm_mpmc_get_run(struct ivshm_mpmc *q, uint8_t *s, uint6
     return rc;
 }
 
-/* Receive up to n messages into an array of `elem`-byte cells (shorter messages are zero-padded,
- * longer ones are a -EMSGSIZE for the whole call after the slots are released). */
+/* Receive up to n messages into an array of `elem`-byte cells (shorter messages are zero-padded).
+ * A message longer than a cell ends the burst before it and stays in the ring; when it is the
+ * first, the call returns -EMSGSIZE and claims nothing (receive it with ivshm_mpmc_try_recv and a
+ * larger buffer).  Cells of at least the slot size take the plain claim, which reads no lengths. */
 static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uint32_t elem,
                                             uint64_t n)
 {
     uint64_t p;
-    int64_t m = ivshm_mpmc_claim_recv(q, n, &p);
+    int64_t m;
+    if (IVSHM_LIKELY(elem >= q->slot_size)) {
+        m = ivshm_mpmc_claim_recv(q, n, &p);
+    } else {
+        uint64_t needed;
+        m = ivshm_mpmc_claim_recv_max(q, n, elem, &p, &needed);
+    }
     if (m <= 0)
         return m == -EAGAIN ? 0 : m;
     uint8_t *const d = (uint8_t *)dst;
@@ -396,6 +480,43 @@ static inline int ivshm_mpmc_stalled(const struct ivshm_mpmc *q, uint64_t *pos)
     *pos = t;
     return 1;
 }
+
+/* 1 if the slot producers wait for (index head - capacity, the oldest one not yet handed back) was
+ * claimed by a consumer that has not released it: the state a consumer that died in a receive or
+ * holding a peek leaves behind (producers see a full ring while head - tail says it is not), with
+ * its index in *pos; else 0.  A live consumer is in that state for the length of one copy, so
+ * callers report it only after a timeout. */
+static inline int ivshm_mpmc_consumer_stalled(const struct ivshm_mpmc *q, uint64_t *pos)
+{
+    uint64_t h = IVSHM_LOAD_ACQUIRE(&q->ctrl->head);
+    uint64_t t = IVSHM_LOAD_ACQUIRE(&q->ctrl->tail);
+    uint64_t i = h - q->capacity;
+    if (h - t > q->capacity || t - i - 1 >= q->capacity) /* need i < t <= h */
+        return 0;
+    /* pairs with the producer's release store of seq = i + 1: committed, and not handed back */
+    uint32_t seq = IVSHM_LOAD_ACQUIRE(&ivshm_mpmc_slot(q, i)->seq);
+    if (seq != (uint32_t)(i + 1))
+        return 0;
+    *pos = i;
+    return 1;
+}
+
+/* Give up index i, claimed for sending and not committed (a reservation dropped without commit).
+ * If no producer claimed after it, head moves back to i and the slot is as if never claimed
+ * (returns 0); otherwise it is committed as an empty message, so that consumers move past it
+ * (returns 1). */
+int ivshm_mpmc_abandon(struct ivshm_mpmc *q, uint64_t i);
+
+#define IVSHM_MPMC_RECOVERED_CONSUMER 1 /* a consumer's claim was dropped: its message is lost */
+#define IVSHM_MPMC_RECOVERED_PRODUCER 2 /* a producer's claim was committed as an empty message */
+
+/* Operator recovery of slot index i, claimed by a party that died (as ivshm_mpmc_stalled or
+ * ivshm_mpmc_consumer_stalled report it).  Only safe once the holder is known to be dead: a live
+ * holder would go on reading or writing a slot that others now use.  Returns
+ * IVSHM_MPMC_RECOVERED_CONSUMER, IVSHM_MPMC_RECOVERED_PRODUCER, -ENOENT if slot i is claimed by
+ * nobody (nothing to recover, or the holder finished meanwhile), -EINVAL if i is not within a lap
+ * of the indices. */
+int ivshm_mpmc_recover(struct ivshm_mpmc *q, uint64_t i);
 
 #ifdef __cplusplus
 }

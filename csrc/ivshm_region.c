@@ -3,8 +3,11 @@
  * Formatting is race-safe: the magic word goes 0 -> IVSHM_MAGIC_FORMATTING by CAS, the header is
  * written, then IVSHM_MAGIC is stored with release; attachers read the magic with acquire.  Ring
  * creation takes a directory lock (a CAS'd token word) for the few microseconds it needs, so two
- * processes creating the same name get one ring; a holder that dies leaves the lock held and later
- * creators time out with -ETIMEDOUT instead of hanging.  Opening by name needs no lock: entries are
+ * processes creating the same name get one ring.  The holder refreshes `lock_time` while it
+ * clears a large ring; a waiter that sees neither the lock word nor `lock_time` change for
+ * IVSHM_DIR_LEASE_MS of its own clock takes the holder for dead and takes the lock over (only a
+ * change is compared, so the clocks of processes in different VMs need not agree).  A waiter
+ * with less time than the lease times out with -ETIMEDOUT instead of hanging.  Opening by name needs no lock: entries are
  * published with a release store of `state` after all their fields.
  */
 #include "ivshm_region.h"
@@ -216,19 +219,27 @@ int ivshm_region_find_ring(const struct ivshm_region *r, const char *name,
         *why = "ring names are 1 to 31 bytes";
         return -EINVAL;
     }
+    int found = 0;
     for (uint32_t i = 0; i < IVSHM_MAX_RINGS; i++) {
         struct ivshm_ring_info info;
         int rc = copy_desc(r, i, &info, why);
         if (rc == -ENOENT)
             continue;
         if (rc == 0 && strcmp(info.name, name) == 0) {
+            /* the whole directory is looked at: a second entry of the same name means it is
+             * corrupt, and which one is meant cannot be told */
+            if (found) {
+                *why = "two directory entries carry this name (corrupt directory)";
+                return -EPROTO;
+            }
             *out = info;
-            return 0;
+            found = 1;
+            continue;
         }
         if (rc == -EPROTO && strncmp(info.name, name, IVSHM_NAME_MAX) == 0)
             return -EPROTO;
     }
-    return -ENOENT;
+    return found ? 0 : -ENOENT;
 }
 
 int ivshm_ring_check_ctrl(const struct ivshm_region *r, const struct ivshm_ring_info *info,
@@ -247,9 +258,12 @@ int ivshm_ring_check_ctrl(const struct ivshm_region *r, const struct ivshm_ring_
     return 0;
 }
 
+/* Take the directory lock: 0, 1 (taken over from a holder silent for a lease), -ETIMEDOUT. */
 static int lock_dir(struct ivshm_region_hdr *h, uint64_t token, int wait_ms)
 {
-    uint64_t deadline = now_ns() + (uint64_t)(wait_ms < 0 ? 0 : wait_ms) * 1000000ull;
+    uint64_t now = now_ns();
+    uint64_t deadline = now + (uint64_t)(wait_ms < 0 ? 0 : wait_ms) * 1000000ull;
+    uint64_t seen_lock = 0, seen_time = 0, seen_since = now;
     for (;;) {
         uint64_t expected = 0;
         /* acquire pairs with the release in unlock_dir by the previous holder */
@@ -257,9 +271,37 @@ static int lock_dir(struct ivshm_region_hdr *h, uint64_t token, int wait_ms)
             IVSHM_STORE_RELAXED(&h->lock_time, now_ns());
             return 0;
         }
-        if (now_ns() >= deadline)
+        uint64_t beat = IVSHM_LOAD_RELAXED(&h->lock_time);
+        now = now_ns();
+        if (expected != seen_lock || beat != seen_time) {
+            seen_lock = expected; /* the holder changed or made progress: its lease restarts */
+            seen_time = beat;
+            seen_since = now;
+        } else if (now - seen_since >= (uint64_t)IVSHM_DIR_LEASE_MS * 1000000ull) {
+            /* silent for a whole lease: presumed dead (the CAS fails if it released the lock
+             * meanwhile).  What a dead holder left half-done is harmless: an entry it did not
+             * publish is still free, and the space it reserved stays unused. */
+            if (IVSHM_CAS(&h->lock, &expected, token)) {
+                IVSHM_STORE_RELAXED(&h->lock_time, now_ns());
+                return 1;
+            }
+            continue;
+        }
+        if (now >= deadline)
             return -ETIMEDOUT;
         short_sleep();
+    }
+}
+
+/* Clear a new ring's memory, refreshing the lock's heartbeat every 16 MiB so that waiters do not
+ * take a slow holder for a dead one. */
+static void clear_ring(struct ivshm_region_hdr *h, uint8_t *base, uint64_t bytes)
+{
+    const uint64_t chunk = 16ull << 20;
+    for (uint64_t done = 0; done < bytes; done += chunk) {
+        uint64_t n = bytes - done < chunk ? bytes - done : chunk;
+        memset(base + done, 0, n);
+        IVSHM_STORE_RELAXED(&h->lock_time, now_ns());
     }
 }
 
@@ -295,8 +337,9 @@ int ivshm_region_create_ring(struct ivshm_region *r, const char *name, uint32_t 
     struct ivshm_region_hdr *h = (struct ivshm_region_hdr *)r->base;
 
     rc = lock_dir(h, token, wait_ms);
-    if (rc) {
-        *why = "the region's directory lock stayed held (a creator died holding it?)";
+    if (rc < 0) {
+        *why = "the region's directory lock stayed held (a creator died holding it? a waiter takes "
+               "over a lock whose holder stays silent for " IVSHM_STR(IVSHM_DIR_LEASE_MS) " ms)";
         return rc;
     }
     /* Under the lock: look for the name, and for a free entry. */
@@ -311,6 +354,15 @@ int ivshm_region_create_ring(struct ivshm_region *r, const char *name, uint32_t 
         }
         if (strncmp(info.name, name, IVSHM_NAME_MAX) != 0)
             continue;
+        if (rc == 0) {
+            for (uint32_t j = i + 1; j < IVSHM_MAX_RINGS && rc == 0; j++) {
+                struct ivshm_ring_info other;
+                if (copy_desc(r, j, &other, why) == 0 && strncmp(other.name, name, IVSHM_NAME_MAX) == 0) {
+                    *why = "two directory entries carry this name (corrupt directory)";
+                    rc = -EPROTO;
+                }
+            }
+        }
         if (rc == 0)
             rc = ivshm_ring_check_ctrl(r, &info, why);
         unlock_dir(h, token);
@@ -331,10 +383,12 @@ int ivshm_region_create_ring(struct ivshm_region *r, const char *name, uint32_t 
                             : "not enough free space in the region for that ring";
         return -ENOSPC;
     }
-    /* Initialise the control block and slots, then the entry, then publish it. */
+    /* Reserve the space first: a holder taken for dead that wakes up later then clears only its
+     * own space.  Initialise the control block and slots, then the entry, then publish it. */
+    IVSHM_STORE_RELAXED(&h->alloc_off, off + bytes);
     uint8_t *base = r->base + off;
     struct ivshm_ring_ctrl *c = (struct ivshm_ring_ctrl *)base;
-    memset(base, 0, bytes);
+    clear_ring(h, base, bytes);
     c->magic = IVSHM_RING_MAGIC;
     c->kind = kind;
     c->slot_size = slot_size;
@@ -354,7 +408,6 @@ int ivshm_region_create_ring(struct ivshm_region *r, const char *name, uint32_t 
     d->size = bytes;
     d->slot_size = slot_size;
     d->capacity = capacity;
-    IVSHM_STORE_RELAXED(&h->alloc_off, off + bytes);
     IVSHM_STORE_RELAXED(&h->nrings, IVSHM_READ_ONCE(&h->nrings) + 1);
     /* pairs with the acquire load of state in copy_desc: readers see a complete ring */
     IVSHM_STORE_RELEASE(&d->state, IVSHM_DESC_READY);

@@ -34,6 +34,12 @@ struct ivshm_ring_info {
     uint64_t size;
 };
 
+/* A creator holding the directory lock that changes neither the lock word nor its heartbeat
+ * (`lock_time`) for this long, by a waiter's clock, is taken for dead and the waiter takes over. */
+#define IVSHM_DIR_LEASE_MS 1000
+#define IVSHM_STR_(x) #x
+#define IVSHM_STR(x) IVSHM_STR_(x)
+
 #define IVSHM_ATTACH_FORMAT_IF_EMPTY 1u /* all-zero magic: format it (race-safe) */
 #define IVSHM_ATTACH_FORMAT 2u          /* format unconditionally (new generation) */
 
@@ -70,7 +76,9 @@ int ivshm_region_find_ring(const struct ivshm_region *r, const char *name,
 /* Create a ring, or find it if one of that name exists.  Returns 0 if created, 1 if it already
  * existed with the same shape, -EEXIST if it exists with another shape, -ENOSPC (no room or no free
  * directory entry), -EINVAL (bad name or shape), -ETIMEDOUT (the directory lock stayed held for
- * `wait_ms`: a creator died holding it or a peer misbehaves).  `token` identifies this caller as the
+ * `wait_ms`, shorter than IVSHM_DIR_LEASE_MS, or kept changing: a peer misbehaves).  A lock whose
+ * holder stays silent for IVSHM_DIR_LEASE_MS is taken over (the holder died), so a `wait_ms` longer
+ * than the lease gets past a dead creator.  `token` identifies this caller as the
  * lock holder and must be non-zero. */
 int ivshm_region_create_ring(struct ivshm_region *r, const char *name, uint32_t kind,
                              uint32_t slot_size, uint32_t capacity, uint64_t token, int wait_ms,

@@ -158,3 +158,20 @@ cdef extern from "ivshm_chan.h" nogil:
     int ivshm_chan_wake_other(ivshm_chan *ch, uint32_t my_side)
     void ivshm_chan_pass_on(ivshm_chan *ch, ivshm_chan_call *call)
     void ivshm_chan_get_stats(const ivshm_chan *ch, ivshm_chan_stats *out)
+
+# MPMC: short buffers, stalls, recovery (csrc/ivshm_mpmc.h)
+cdef extern from "ivshm_mpmc.h" nogil:
+    enum:
+        IVSHM_MPMC_RECOVERED_CONSUMER
+        IVSHM_MPMC_RECOVERED_PRODUCER
+    int64_t ivshm_mpmc_claim_recv_max(ivshm_mpmc *q, uint64_t n, uint64_t max_len, uint64_t *pos,
+                                      uint64_t *needed)
+    int ivshm_mpmc_consumer_stalled(const ivshm_mpmc *q, uint64_t *pos)
+    int ivshm_mpmc_abandon(ivshm_mpmc *q, uint64_t i)
+    int ivshm_mpmc_recover(ivshm_mpmc *q, uint64_t i)
+
+cdef extern from "ivshm_region.h" nogil:
+    enum:
+        IVSHM_DIR_LEASE_MS
+        IVSHM_MAX_SLOT_SIZE
+        IVSHM_MAX_CAPACITY

@@ -3,11 +3,20 @@
 the call itself.  Everything here maps 1:1 onto csrc/ivshm_*.h; errors go through
 pyivshmem.errors.error_from_code, the one place that turns C error codes into exceptions.
 """
+import collections.abc as _abc
+import errno as _errno
+import mmap as _mmap
+import numbers as _numbers
+import operator as _operator
 import os as _os
 import stat as _stat
+import sys as _sys
 import warnings as _warnings
+import weakref as _weakref
 
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE
+cimport cython
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_Append
@@ -26,6 +35,7 @@ cdef extern from "<errno.h>":
         EBADMSG
         ENOEXEC
         ESTALE
+        EINVAL
         EINTR_ "EINTR"
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
@@ -48,10 +58,11 @@ cdef extern from "<sys/eventfd.h>" nogil:
 from pyivshmem.errors import (
     error_from_code as _error_from_code,
     ClosedError, ConfigError, CorruptionError, MessageTooLargeError, RegionFormatError,
-    StallError, WaitTimeout,
+    StallError, WaitTimeout, AlreadyExistsError, RegionNotFoundError, RegionFullError,
+    RingNotFoundError, ViewInUseError, AccessDeniedError, SystemCallError,
 )
 
-__all__ = ["Region", "SpscRing", "MpmcRing", "Channel", "parse_size"]
+__all__ = ["Region", "SpscRing", "MpmcRing", "SlotView", "Channel", "parse_size"]
 
 cdef extern from "Python.h":
     int PySequence_Fast_GET_SIZE(object o)
@@ -73,16 +84,19 @@ cdef uint64_t _OVERLAP_BYTES = 16384
 cdef uint64_t _NOGIL_BYTES = 65536
 
 
-def parse_size(size):
-    """Bytes from an int or a string such as "4096", "64K", "16M", "1G" (powers of 1024)."""
-    if isinstance(size, bool):
-        raise ConfigError(f"size must be an int or a string like '16M', not {size!r}")
+#: Largest region size accepted (a sanity bound far above any ivshmem device).
+MAX_REGION_SIZE = 1 << 48
+
+
+def parse_size(size, what="size"):
+    """Bytes from an int or a string such as "4096", "64K", "16M", "1G" (powers of 1024).
+    ConfigError, naming ``what``, for anything else (floats, bools, None, zero or negative)."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigError(f"{what} must be an int or a string like '16M', not {size!r}")
     if isinstance(size, int):
         if size <= 0:
-            raise ConfigError(f"size must be positive, got {size}")
-        return size
-    if not isinstance(size, str):
-        raise ConfigError(f"size must be an int or a string like '16M', not {type(size).__name__}")
+            raise ConfigError(f"{what} must be positive, got {size}")
+        return int(size)
     s = size.strip().upper()
     if s.endswith("IB"):
         s = s[:-2]
@@ -95,10 +109,45 @@ def parse_size(size):
     try:
         n = int(s.strip())
     except ValueError:
-        raise ConfigError(f"cannot parse size {size!r}: use bytes or a K/M/G suffix, e.g. '16M'") from None
+        raise ConfigError(f"cannot parse {what} {size!r}: use bytes or a K/M/G suffix, e.g. '16M'") from None
     if n <= 0:
-        raise ConfigError(f"size must be positive, got {size!r}")
+        raise ConfigError(f"{what} must be positive, got {size!r}")
     return n * mult
+
+
+def _int_arg(value, what, lo, hi):
+    """An int in [lo, hi] (bools, floats, strings and None refused), else ConfigError naming it."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be an int, not {value!r}")
+    try:
+        v = _operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be an int, not {type(value).__name__} {value!r}") from None
+    if not lo <= v <= hi:
+        raise ConfigError(f"{what} must be between {lo} and {hi}, got {v}")
+    return v
+
+
+cdef double _timeout_arg(object timeout, what="timeout") except -2.0:
+    """Validate a timeout: -1.0 for None (or +inf: wait forever), else its seconds (>= 0).
+    NaN, negative numbers and non-numbers raise ConfigError naming the argument."""
+    if timeout is None:
+        return -1.0
+    if isinstance(timeout, bool) or not isinstance(timeout, _numbers.Real):
+        raise ConfigError(f"{what} must be a number of seconds, or None to wait forever, not "
+                          f"{type(timeout).__name__} {timeout!r}")
+    cdef double t
+    try:
+        t = float(timeout)
+    except OverflowError:
+        t = float("inf") if timeout > 0 else float("-inf")
+    if t != t:
+        raise ConfigError(f"{what} is NaN: pass a number of seconds, or None to wait forever")
+    if t < 0:
+        raise ConfigError(f"{what} must be >= 0 seconds, or None to wait forever, got {timeout!r}")
+    if t == float("inf"):
+        return -1.0
+    return t
 
 
 cdef inline double _now() noexcept nogil:
@@ -116,21 +165,22 @@ cdef inline void _sleep_ns(long ns) noexcept nogil:
 
 cdef class _Waiter:
     """Spin, then sleep with exponential back-off (1 us .. 1 ms), GIL released while asleep,
-    Ctrl-C honoured.  Used by the rings' blocking calls; Channel replaces sleeping by doorbells."""
+    Ctrl-C honoured.  Used by the rings' blocking calls; Channel replaces sleeping by doorbells.
+    Made by _Waiter.make() from a timeout that _timeout_arg validated (-1: forever)."""
     cdef double deadline
     cdef double spin_until
     cdef long sleep_ns
     cdef bint forever
 
-    def __cinit__(self, timeout, double spin):
+    @staticmethod
+    cdef _Waiter make(double timeout, double spin):
+        cdef _Waiter w = _Waiter.__new__(_Waiter)
         cdef double now = _now()
-        self.forever = timeout is None
-        if not self.forever:
-            if timeout < 0:
-                raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
-            self.deadline = now + <double>timeout
-        self.spin_until = now + spin
-        self.sleep_ns = 1000
+        w.forever = timeout < 0
+        w.deadline = now + timeout
+        w.spin_until = now + spin
+        w.sleep_ns = 1000
+        return w
 
     cdef int pause(self) except -1:
         """Return 1 to try again, 0 when the deadline passed."""
@@ -159,6 +209,19 @@ cdef object _detail(const char *why, uint64_t a, uint64_t b):
     if why == NULL:
         return None
     return f"{why.decode()} (values {a}, {b})"
+
+
+# A counter bumped in every child after fork(): a ring handle inherited by a child must not give
+# back the parent's reservation or peek when the child drops it.
+cdef uint64_t _fork_gen = 0
+
+
+def _after_fork_in_child():
+    global _fork_gen
+    _fork_gen += 1
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 cdef class _Mapping:
@@ -224,41 +287,249 @@ cdef class _Mapping:
             self.closed_fd = -1
 
 
-cdef class _SlotView:
-    """Buffer over one slot's payload; each export counts as a user of the mapping, so the memory
-    outlives it even across Region.close()."""
+cdef _Mapping _CLOSED_MAPPING = _Mapping.__new__(_Mapping)
+_CLOSED_MAPPING.closed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-copy views
+# ---------------------------------------------------------------------------------------------
+
+cdef class _ViewState:
+    """What all views of one reserved or peeked slot share: valid until commit()/release() (or the
+    handle's close), and the count of raw buffer exports alive, which commit()/release() refuse
+    to outlive."""
     cdef _Mapping m
-    cdef char *ptr
-    cdef Py_ssize_t n
+    cdef char *base
+    cdef Py_ssize_t exports
+    cdef bint valid
     cdef bint readonly
+    cdef object what          # "reservation" or "peeked message", for messages
+
+
+cdef _ViewState _new_state(_Mapping m, void *base, bint readonly):
+    cdef _ViewState st = _ViewState.__new__(_ViewState)
+    st.m = m
+    st.base = <char *>base
+    st.readonly = readonly
+    st.valid = True
+    st.what = "peeked message" if readonly else "reservation"
+    return st
+
+
+cdef SlotView _new_view(_ViewState st, Py_ssize_t off, Py_ssize_t n):
+    cdef SlotView v = SlotView.__new__(SlotView)
+    v.st = st
+    v.off = off
+    v.n = n
+    return v
+
+
+cdef class SlotView:
+    """A zero-copy view of a reserved slot (writable) or of a peeked message (read-only), returned
+    by ``reserve()`` and ``peek()``.
+
+    It behaves like a one-dimensional memoryview of bytes: ``len(v)``, ``v[i]``, ``v[a:b]`` (a
+    SlotView of the same slot), ``v[a:b] = data``, ``bytes(v)``, ``v.tobytes()``, ``v == b"..."``,
+    ``v.nbytes``, ``v.readonly``, ``v.release()``, and the buffer protocol.  Unlike a memoryview it
+    cannot outlive its message: after ``commit()``/``release()``, a later message, the handle's
+    ``close()`` or the region's, every access to it or to any slice of it raises ClosedError
+    instead of reading or writing another message.  A raw buffer export (``memoryview(v)``, a numpy
+    array over it) cannot be revoked, so ``commit()``/``release()`` refuse with ViewInUseError while
+    one is alive.
+    """
+    cdef _ViewState st
+    cdef Py_ssize_t off
+    cdef Py_ssize_t n
+    cdef bint released
+
+    def __init__(self, *a, **k):
+        raise TypeError("SlotViews are made by reserve() and peek()")
+
+    cdef inline int _ok(self) except -1:
+        if self.released:
+            raise ClosedError("this view was released")
+        if not self.st.valid:
+            raise ClosedError(f"this view of a {self.st.what} is no longer valid: the message was "
+                              "committed or released (or its ring handle closed); it would show "
+                              "another message now")
+        if self.st.m.closed:
+            raise ClosedError("the region behind this view is closed")
+        return 0
+
+    def __len__(self):
+        self._ok()
+        return self.n
+
+    @property
+    def nbytes(self):
+        self._ok()
+        return self.n
+
+    @property
+    def readonly(self):
+        return self.st.readonly
+
+    @property
+    def format(self):
+        return "B"
+
+    @property
+    def itemsize(self):
+        return 1
+
+    @property
+    def ndim(self):
+        return 1
+
+    @property
+    def shape(self):
+        return (self.n,)
+
+    @property
+    def valid(self):
+        """False once the message was committed/released, the view released, or the region closed."""
+        return not self.released and self.st.valid and not self.st.m.closed
+
+    def release(self):
+        """Drop this view object (the reservation or peek stays open: commit()/release() it on the
+        ring).  Idempotent, like memoryview.release()."""
+        self.released = True
+
+    def __enter__(self):
+        self._ok()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    cdef Py_ssize_t _index(self, object i) except -1:
+        cdef Py_ssize_t k = _operator.index(i)
+        if k < 0:
+            k += self.n
+        if not 0 <= k < self.n:
+            raise IndexError(f"index {i} out of range for a view of {self.n} bytes")
+        return k
+
+    def __getitem__(self, key):
+        self._ok()
+        cdef Py_ssize_t start, stop, step
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.n)
+            if step != 1:
+                return self.tobytes()[key]  # strided: a copy
+            if stop < start:
+                stop = start
+            return _new_view(self.st, self.off + start, stop - start)
+        cdef Py_ssize_t k = self._index(key)
+        return <uint8_t>self.st.base[self.off + k]
+
+    def __setitem__(self, key, value):
+        self._ok()
+        if self.st.readonly:
+            raise ConfigError("this view is read-only (a peeked message); reserve() gives a writable one")
+        cdef Py_ssize_t start, stop, step, k
+        cdef Py_buffer buf
+        cdef _ViewState st = self.st
+        cdef _Mapping m
+        if not isinstance(key, slice):
+            k = self._index(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+                raise ConfigError(f"a byte is an int from 0 to 255, not {value!r}")
+            st.base[self.off + k] = <char>(<int>value)
+            return
+        start, stop, step = key.indices(self.n)
+        if step != 1:
+            raise ConfigError("slice assignment to a view needs a step of 1")
+        if stop < start:
+            stop = start
+        PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
+        try:
+            if buf.len != stop - start:
+                raise ConfigError(f"cannot assign {buf.len} bytes to a slice of {stop - start} bytes "
+                                  "(lengths must match, as for memoryview)")
+            self._ok()  # getting the buffer may have run Python code
+            if <uint64_t>buf.len <= _NOGIL_BYTES:
+                memcpy(st.base + self.off + start, buf.buf, buf.len)
+            else:
+                # counted as an export while the GIL is released, so a commit() from another
+                # thread cannot publish the slot in the middle of the copy
+                m = st.m
+                st.exports += 1
+                m.enter()
+                try:
+                    with nogil:
+                        memcpy(st.base + self.off + start, buf.buf, buf.len)
+                finally:
+                    st.exports -= 1
+                    m.leave()
+        finally:
+            PyBuffer_Release(&buf)
+
+    def tobytes(self):
+        self._ok()
+        return PyBytes_FromStringAndSize(self.st.base + self.off, self.n)
+
+    def __bytes__(self):
+        return self.tobytes()
+
+    def hex(self, *args):
+        return self.tobytes().hex(*args)
+
+    def tolist(self):
+        return list(self.tobytes())
+
+    def __iter__(self):
+        return iter(self.tobytes())
+
+    def __eq__(self, other):
+        if isinstance(other, SlotView):
+            return self.tobytes() == (<SlotView>other).tobytes()
+        try:
+            mv = memoryview(other)
+        except TypeError:
+            return NotImplemented
+        with mv:
+            return mv.format in ("B", "b", "c") and mv.ndim <= 1 and self.tobytes() == mv.tobytes()
+
+    def __ne__(self, other):
+        r = self.__eq__(other)
+        return r if r is NotImplemented else not r
+
+    __hash__ = None
+
+    def __repr__(self):
+        state = "valid" if self.valid else "invalid"
+        kind = "read-only" if self.st.readonly else "writable"
+        return f"<pyivshmem.SlotView {kind} {self.n} bytes, {state}>"
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
-        if self.m.closed:
-            raise ClosedError("the region behind this view is closed")
-        PyBuffer_FillInfo(buf, self, self.ptr, self.n, self.readonly, flags)
-        self.m.enter()
+        self._ok()
+        if self.st.readonly and (flags & PyBUF_WRITABLE):
+            raise ConfigError("this view is read-only (a peeked message)")
+        PyBuffer_FillInfo(buf, self, self.st.base + self.off, self.n, self.st.readonly, flags)
+        self.st.exports += 1
+        self.st.m.enter()
 
     def __releasebuffer__(self, Py_buffer *buf):
-        self.m.leave()
+        self.st.exports -= 1
+        self.st.m.leave()
 
 
-cdef _release_view(view):
-    """Invalidate a zero-copy view at commit/release (further access raises ValueError)."""
-    if view is not None:
-        try:
-            view.release()
-        except BufferError:
-            pass  # the caller holds sub-views; they stay readable until dropped
+cdef int _retire(_ViewState st, what) except -1:
+    """Invalidate the views of a slot at commit()/release(); refused while raw exports live."""
+    if st.exports > 0:
+        raise ViewInUseError(
+            f"{what}: {st.exports} buffer export(s) of the zero-copy view are still alive (a "
+            "memoryview(view), a numpy array over it...): release them first, they would otherwise "
+            "see a later message")
+    st.valid = False
+    return 0
 
 
-cdef memoryview _make_view(_Mapping m, void *ptr, Py_ssize_t n, bint readonly):
-    cdef _SlotView v = _SlotView.__new__(_SlotView)
-    v.m = m
-    v.ptr = <char *>ptr
-    v.n = n
-    v.readonly = readonly
-    return memoryview(v)
-
+# ---------------------------------------------------------------------------------------------
+# Region
+# ---------------------------------------------------------------------------------------------
 
 cdef class Region:
     """A shared-memory region: a header, a directory of named rings, the rings.
@@ -266,54 +537,59 @@ cdef class Region:
     Make one with :meth:`create`, :meth:`open` or :meth:`from_fd`.  The size is a power of two
     (QEMU requires it of ivshmem memory).  Closing it, from any thread, makes every later call on
     it and on its rings raise ClosedError; the memory is unmapped once no call is inside it and no
-    zero-copy view of it is exported.  A context manager.
+    zero-copy buffer of it is exported.  A context manager.
     """
     cdef ivshm_region _r
     cdef _Mapping _m
     cdef uint64_t _size
     cdef int _fd
     cdef object _path
+    cdef object _handles       # the ring handles made from this region (weak), for close()
 
     def __cinit__(self):
         self._fd = -1
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
-    def _check_size(uint64_t size, what):
-        if ivshm_region_size_ok(size) != 0:
+    def _check_size(size, what):
+        if size > MAX_REGION_SIZE or ivshm_region_size_ok(<uint64_t>size) != 0:
             raise ConfigError(
                 f"{what} is {size} bytes: a region must be a power of two of at least "
-                f"{IVSHM_MIN_REGION_SIZE} bytes (QEMU requires a power of two); e.g. 64K, 16M, 1G")
+                f"{IVSHM_MIN_REGION_SIZE} bytes (QEMU requires a power of two) and at most "
+                f"{MAX_REGION_SIZE}; e.g. 64K, 16M, 1G")
 
     @classmethod
-    def create(cls, path, size, *, exist_ok=False, mode=0o600):
-        """Create a new region file at ``path`` (e.g. /dev/shm/name or a hugetlbfs file) of ``size``
-        bytes (int or "64K"/"16M"/"1G") and format it.  Existing files are refused unless
-        ``exist_ok``, in which case the region there is opened (its size must match)."""
-        cdef uint64_t n = parse_size(size)
+    def create(cls, path, size, *, exist_ok=True, mode=0o600):
+        """Create a region file at ``path`` (e.g. /dev/shm/name or a hugetlbfs file) of ``size``
+        bytes (int or "64K"/"16M"/"1G") and format it.  If the file exists, the region there is
+        opened (its size must match) unless ``exist_ok=False``, which refuses it with
+        AlreadyExistsError; ``exist_ok`` means the same for ``create_ring``."""
+        n = parse_size(size, "size")
         Region._check_size(n, "the requested size")
-        path = _os.fspath(path)
+        mode = _int_arg(mode, "mode", 0, 0o7777)
+        path = _fspath(path, "path")
         flags = _os.O_RDWR | _os.O_CREAT | _os.O_EXCL | _os.O_NOFOLLOW | _os.O_CLOEXEC
         try:
             fd = _os.open(path, flags, mode)
         except FileExistsError:
             if not exist_ok:
-                raise FileExistsError(
-                    f"region file {path} already exists: use Region.open({path!r}) to attach to it, "
-                    f"or exist_ok=True") from None
+                raise AlreadyExistsError(
+                    _errno.EEXIST, f"region file {path} already exists: use Region.open({path!r}) "
+                    "to attach to it, or exist_ok=True") from None
             region = cls.open(path, format_if_empty=True)
             if region.size != n:
                 region.close()
                 raise ConfigError(f"region file {path} exists with size {region.size}, not {n}")
             return region
-        except PermissionError as e:
-            raise PermissionError(e.errno, f"cannot create region file {path}: permission denied") from None
+        except OSError as e:
+            raise _os_error(e, f"cannot create region file {path}") from None
         try:
             try:
                 _os.ftruncate(fd, n)
             except OSError as e:
-                raise OSError(e.errno, f"cannot size region file {path} to {n} bytes: {e.strerror} "
-                              "(on hugetlbfs the size must be a multiple of the huge page size)") from None
+                raise SystemCallError(e.errno, f"cannot size region file {path} to {n} bytes: "
+                                      f"{e.strerror} (on hugetlbfs the size must be a multiple of "
+                                      "the huge page size)") from None
             region = cls._map(fd, n, 0, path, IVSHM_ATTACH_FORMAT)
         except BaseException:
             _os.close(fd)
@@ -328,13 +604,14 @@ cdef class Region:
     def open(cls, path, *, format_if_empty=False):
         """Attach to the region in an existing file (its size is the file's size).  An all-zero
         file is formatted when ``format_if_empty`` (safe when several processes race)."""
-        path = _os.fspath(path)
+        path = _fspath(path, "path")
         try:
             fd = _os.open(path, _os.O_RDWR | _os.O_CLOEXEC)
         except FileNotFoundError:
-            raise FileNotFoundError(2, f"no region file at {path}: create it with Region.create(path, size)") from None
-        except PermissionError:
-            raise PermissionError(13, f"cannot open region file {path}: permission denied") from None
+            raise RegionNotFoundError(
+                _errno.ENOENT, f"no region file at {path}: create it with Region.create(path, size)") from None
+        except OSError as e:
+            raise _os_error(e, f"cannot open region file {path}") from None
         try:
             st = _os.fstat(fd)
             if not (_stat.S_ISREG(st.st_mode)):
@@ -347,15 +624,31 @@ cdef class Region:
             raise
 
     @classmethod
-    def from_fd(cls, int fd, *, size=None, offset=0, format_if_empty=True):
+    def from_fd(cls, fd, *, size=None, offset=0, format_if_empty=True):
         """Attach to memory behind a file descriptor (a memfd, the server's memory fd, a VFIO
-        device fd with ``offset``).  ``fd`` is duplicated; the caller keeps its own."""
-        if size is None:
+        device fd with ``offset``).  ``fd`` is duplicated; the caller keeps its own.  For a regular
+        file (a memfd, a /dev/shm file), ``offset + size`` must lie within it."""
+        fd = _int_arg(fd, "fd", 0, 2**31 - 1)
+        offset = _int_arg(offset, "offset", 0, 2**62)
+        if offset % _mmap.PAGESIZE:
+            raise ConfigError(f"offset {offset} must be a multiple of the page size ({_mmap.PAGESIZE})")
+        try:
             st = _os.fstat(fd)
-            size = st.st_size
-        cdef uint64_t n = parse_size(size)
+        except OSError as e:
+            raise _os_error(e, f"fd {fd}") from None
+        if size is None:
+            n = st.st_size - offset if st.st_size > offset else 0
+        else:
+            n = parse_size(size, "size")
         Region._check_size(n, f"the memory behind fd {fd}")
-        dup = _os.dup(fd)
+        if _stat.S_ISREG(st.st_mode) and offset + n > st.st_size:
+            raise ConfigError(f"fd {fd} holds {st.st_size} bytes: a region of {n} bytes at offset "
+                              f"{offset} does not fit in it (pass a smaller size, or none to use "
+                              "the file's)")
+        try:
+            dup = _os.dup(fd)
+        except OSError as e:
+            raise _os_error(e, f"cannot duplicate fd {fd}") from None
         _os.set_inheritable(dup, False)
         try:
             return cls._map(dup, n, offset, None,
@@ -371,11 +664,11 @@ cdef class Region:
         m.closed_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if m.closed_fd < 0:
             e = errno
-            raise OSError(e, f"cannot make an eventfd for the region: {_os.strerror(e)}")
+            raise SystemCallError(e, f"cannot make an eventfd for the region: {_os.strerror(e)}")
         cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, <long>offset)
         if p == MAP_FAILED:
             e = errno
-            raise OSError(e, f"cannot map {size} bytes of {path or 'fd %d' % fd}: {_os.strerror(e)}")
+            raise SystemCallError(e, f"cannot map {size} bytes of {path or 'fd %d' % fd}: {_os.strerror(e)}")
         cdef uint64_t gen = int.from_bytes(_os.urandom(8), "little") | 1
         cdef int rc
         with nogil:
@@ -402,17 +695,27 @@ cdef class Region:
         self._size = size
         self._fd = fd
         self._path = path
+        self._handles = _weakref.WeakSet()
         return self
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self):
         """Close the region, from any thread; idempotent, never raises.  Calls that start later,
         on the region or its rings, raise ClosedError, and so do blocked sleepers of this process.
-        The memory is unmapped now, or, while calls are inside it with the GIL released or
-        zero-copy buffers are exported, when the last of them leaves."""
+        Open reservations and peeks of its MPMC ring handles are given back first (as their
+        handles' close() does).  The memory is unmapped now, or, while calls are inside it with the
+        GIL released or zero-copy buffers are exported, when the last of them leaves."""
         cdef _Mapping m = self._m
+        cdef _Ring ring
         if m is None or m.closed:
             return
+        if self._handles is not None:
+            for h in list(self._handles):
+                ring = <_Ring>h
+                try:
+                    ring._drop_zero_copy(False)
+                except Exception:
+                    pass  # a ring whose views are still exported keeps its claim; nothing to raise
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             try:
@@ -420,6 +723,13 @@ cdef class Region:
             except OSError:
                 pass
         m._close()
+        # The region and its ring handles forget the mapping (the handles see a closed stand-in):
+        # once views, channels and calls in flight that hold it have gone too, it dies and its
+        # eventfd is closed, so closed objects that are still referenced hold no descriptor.
+        self._m = None
+        if self._handles is not None:
+            for h in list(self._handles):
+                (<_Ring>h)._m = _CLOSED_MAPPING
 
     def __dealloc__(self):
         # the mapping is unmapped by _Mapping itself when its last holder goes
@@ -488,24 +798,28 @@ cdef class Region:
     # -- rings ------------------------------------------------------------------------------
     def create_ring(self, name, kind="spsc", *, slot_size=256, capacity=1024, exist_ok=True):
         """Create a ring of ``capacity`` slots (a power of two) carrying messages of up to
-        ``slot_size`` bytes, or open it if it exists with the same shape (``exist_ok``).  Safe when
-        several processes do it at once."""
+        ``slot_size`` bytes.  If a ring of that name exists with the same shape it is opened
+        (safe when several processes do it at once), unless ``exist_ok=False``, which refuses it
+        with AlreadyExistsError; one of another shape is refused with ConfigError.  No room in the
+        region: RegionFullError."""
         self._ensure_open()
-        if kind not in _KINDS:
-            raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc' or 'mpmc'")
-        try:
-            slot_size = parse_size(slot_size)
-        except ConfigError as e:
-            raise ConfigError(f"slot size of ring {name!r}: {e}") from None
         bname = _ring_name(name)
+        if not isinstance(kind, str) or kind not in _KINDS:
+            raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc' or 'mpmc'")
+        slot_size = parse_size(slot_size, f"slot_size (the slot size of ring {name!r})")
+        if slot_size > IVSHM_MAX_SLOT_SIZE:
+            raise ConfigError(f"slot_size (the slot size of ring {name!r}) is {slot_size}: at most "
+                              f"{IVSHM_MAX_SLOT_SIZE} bytes")
+        capacity = _int_arg(capacity, f"capacity of ring {name!r}", -2**63, 2**63)
+        if not 2 <= capacity <= IVSHM_MAX_CAPACITY or capacity & (capacity - 1):
+            raise ConfigError(f"capacity of ring {name!r} is {capacity}: it must be a power of two "
+                              f"between 2 and {IVSHM_MAX_CAPACITY} slots")
         cdef ivshm_ring_info info
         cdef const char *why = NULL
         cdef uint64_t token = int.from_bytes(_os.urandom(8), "little") | 1
         cdef int rc
         cdef const char *cname = bname
         cdef uint32_t k = _KINDS[kind]
-        if slot_size > 0xFFFFFFFF or capacity > 0xFFFFFFFF or capacity < 0:
-            raise ConfigError(f"slot_size {slot_size} or capacity {capacity} out of range")
         cdef uint32_t ss = slot_size
         cdef uint32_t cap = capacity
         cdef _Mapping m = self._m
@@ -518,7 +832,8 @@ cdef class Region:
             m.leave()
         self._ensure_open()
         if rc == 1 and not exist_ok:
-            raise FileExistsError(f"a ring named {name!r} already exists in this region")
+            raise AlreadyExistsError(_errno.EEXIST, f"a ring named {name!r} already exists in this "
+                                     "region (exist_ok=False); open it with region.ring(name)")
         if rc < 0:
             detail = why.decode() if why != NULL else None
             if rc == -EEXIST:
@@ -527,22 +842,22 @@ cdef class Region:
                                   f"{kind} with slot_size={slot_size}, capacity={capacity}")
             if rc == -ENOSPC:
                 need = ivshm_ring_bytes(k, ss, cap)
-                raise ConfigError(f"cannot create ring {name!r}: {detail}; it needs {need} bytes "
-                                  f"and the region has {self._size} in all: use a larger region or "
-                                  "a smaller ring")
+                raise RegionFullError(f"cannot create ring {name!r}: {detail}; it needs {need} bytes "
+                                      f"and the region has {self._size} in all: use a larger region "
+                                      "or a smaller ring")
             raise _ring_error(rc, f"create ring {name!r}", why, name)
         return self._attach(&info)
 
     def ring(self, name):
-        """Open an existing ring by name (KeyError if there is none)."""
+        """Open an existing ring by name (RingNotFoundError, a KeyError, if there is none)."""
         self._ensure_open()
         bname = _ring_name(name)
         cdef ivshm_ring_info info
         cdef const char *why = NULL
         cdef int rc = ivshm_region_find_ring(&self._r, bname, &info, &why)
         if rc == -ENOENT:
-            known = [r["name"] for r in self.rings()]
-            raise KeyError(f"no ring named {name!r} in this region (rings: {known})")
+            known = [r.get("name") for r in self.rings()]
+            raise RingNotFoundError(f"no ring named {name!r} in this region (rings: {known})")
         if rc < 0:
             raise _ring_error(rc, f"open ring {name!r}", why, name)
         return self._attach(&info)
@@ -557,6 +872,7 @@ cdef class Region:
             ring._init(self, info)
         finally:
             m.leave()
+        self._handles.add(ring)
         return ring
 
     def rings(self):
@@ -564,10 +880,6 @@ cdef class Region:
         waiting), producers_waiting, consumers_waiting.  Corrupt entries are listed with an error."""
         self._ensure_open()
         out = []
-        cdef ivshm_ring_info info
-        cdef const char *why = NULL
-        cdef ivshm_ring_ctrl *c
-        cdef uint64_t h, t
         cdef _Mapping m = self._m
         m.enter()  # Python code runs between the reads below: a thread switch could close us
         try:
@@ -619,10 +931,38 @@ cdef class Region:
                 if alloc <= self._size else 0, "directory_locked": lock != 0}
 
 
+def _fspath(path, what):
+    try:
+        p = _os.fspath(path)
+    except TypeError:
+        raise ConfigError(f"{what} must be a str or os.PathLike, not {type(path).__name__}") from None
+    if isinstance(p, bytes):
+        p = _os.fsdecode(p)
+    if "\0" in p:
+        raise ConfigError(f"{what} contains a NUL character")
+    try:
+        p.encode(_sys.getfilesystemencoding(), "surrogateescape")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} {p!r} cannot be encoded as a file name") from None
+    return p
+
+
+def _os_error(e, context):
+    """The IvshmemError for an OSError `e` met while doing `context`."""
+    if isinstance(e, PermissionError):
+        return AccessDeniedError(e.errno, f"{context}: permission denied")
+    if isinstance(e, FileNotFoundError):
+        return RegionNotFoundError(e.errno, f"{context}: {e.strerror}")
+    return SystemCallError(e.errno, f"{context}: {e.strerror}")
+
+
 def _ring_name(name):
     if not isinstance(name, str):
         raise ConfigError(f"ring names are str, not {type(name).__name__}")
-    b = name.encode("utf-8")
+    try:
+        b = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"ring name {name!r} is not valid Unicode (a lone surrogate?)") from None
     if not 0 < len(b) < IVSHM_NAME_MAX:
         raise ConfigError(f"ring name {name!r} must be 1 to {IVSHM_NAME_MAX - 1} bytes of UTF-8")
     if b"\0" in b:
@@ -630,18 +970,29 @@ def _ring_name(name):
     return b
 
 
+# ---------------------------------------------------------------------------------------------
+# Rings
+# ---------------------------------------------------------------------------------------------
+
 cdef class _Ring:
-    """Common part of SpscRing and MpmcRing."""
+    """Common part of SpscRing and MpmcRing.
+
+    A handle is used by one thread at a time.  While it has an open reservation (``reserve()``
+    without ``commit()``), it refuses other sends; while it holds a peeked message, it refuses
+    other receives: either would overwrite or skip the message the view shows.
+    """
     cdef Region _region
     cdef _Mapping _m
     cdef bint _closed
     cdef ivshm_ring_info _info
     cdef object _name
-    cdef public double spin
-    cdef object _wview         # producer: the open reservation's memoryview, or None
+    cdef double _spin
+    cdef _ViewState _wst       # the open reservation's views, or None
     cdef Py_ssize_t _wview_len # its reserved bytes, or -1
-    cdef object _rview         # consumer: the peeked message's memoryview, or None
+    cdef _ViewState _rst       # the peeked message's views, or None
+    cdef uint64_t _zc_gen      # _fork_gen when the reservation or peek was made
     cdef ivshm_ring_ctrl *_ctrl
+    cdef object __weakref__
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         self._region = region
@@ -649,10 +1000,10 @@ cdef class _Ring:
         self._info = info[0]
         self._ctrl = <ivshm_ring_ctrl *>(region._m.base + info.offset)
         self._name = info.name.decode("utf-8", "replace")
-        self.spin = DEFAULT_SPIN
-        self._wview = None
+        self._spin = DEFAULT_SPIN
+        self._wst = None
         self._wview_len = -1
-        self._rview = None
+        self._rst = None
 
     def __init__(self, *a, **k):
         raise TypeError("rings are made by Region.create_ring() or Region.ring()")
@@ -662,6 +1013,23 @@ cdef class _Ring:
             raise ClosedError(f"ring {self._name!r}: this handle is closed")
         if self._m.closed:
             raise ClosedError(f"ring {self._name!r}: its region is closed")
+        return 0
+
+    cdef inline int _check_send(self) except -1:
+        """_check, and refuse a send while this handle's reservation is open."""
+        self._check()
+        if self._wview_len >= 0:
+            raise ConfigError(f"ring {self._name!r}: this handle has an open reservation; commit() "
+                              "or cancel() it before sending other messages (a send now would "
+                              "overwrite or overtake it)")
+        return 0
+
+    cdef inline int _check_recv(self) except -1:
+        """_check, and refuse a receive while this handle holds a peeked message."""
+        self._check()
+        if self._rst is not None:
+            raise ConfigError(f"ring {self._name!r}: this handle holds a peeked message; release() "
+                              "it before receiving others")
         return 0
 
     @property
@@ -684,11 +1052,59 @@ cdef class _Ring:
     def closed(self):
         return self._closed or self._m is None or self._m.closed
 
+    @property
+    def spin(self):
+        """Seconds a blocking call busy-polls before it starts sleeping."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, value):
+        cdef double s = _timeout_arg(value, "spin")
+        if s < 0:
+            raise ConfigError("spin must be a number of seconds, not None")
+        self._spin = s
+
     def close(self):
-        """Drop this handle (the ring stays in the region).  Idempotent."""
-        self._drop_wview()
-        self._drop_rview()
+        """Drop this handle (the ring stays in the region).  Idempotent.  An open reservation is
+        given back (MPMC: the slot is handed back, or committed as an empty message when other
+        producers claimed slots after it; SPSC: nothing was visible yet); a held MPMC peek is
+        released (the message counts as received; an SPSC peek leaves the message queued).  Raises
+        ViewInUseError, and stays open, while a raw buffer export of such a view is alive."""
+        if self._closed:
+            return
+        if not self._m.closed:
+            self._drop_zero_copy(True)
         self._closed = True
+
+    cdef int _drop_zero_copy(self, bint strict) except -1:
+        """Give back an open reservation or peek (see close()).  With raw exports alive: raise if
+        strict, else leave them."""
+        if self._wst is not None:
+            if self._wst.exports > 0:
+                if strict:
+                    _retire(self._wst, f"close ring {self._name!r}")
+            else:
+                _retire(self._wst, "")
+                self._wst = None
+                self._wview_len = -1
+                if self._zc_gen == _fork_gen and not self._m.closed:
+                    self._give_back_reservation()
+        if self._rst is not None:
+            if self._rst.exports > 0:
+                if strict:
+                    _retire(self._rst, f"close ring {self._name!r}")
+            else:
+                _retire(self._rst, "")
+                self._rst = None
+                if self._zc_gen == _fork_gen and not self._m.closed:
+                    self._give_back_peek()
+        return 0
+
+    cdef int _give_back_reservation(self) except -1:
+        return 0
+
+    cdef int _give_back_peek(self) except -1:
+        return 0
 
     def __enter__(self):
         self._check()
@@ -699,15 +1115,6 @@ cdef class _Ring:
 
     def __repr__(self):
         return f"<pyivshmem.{type(self).__name__} {self._name!r} capacity={self.capacity} slot_size={self.slot_size}>"
-
-    cdef _drop_wview(self):
-        _release_view(self._wview)
-        self._wview = None
-        self._wview_len = -1
-
-    cdef _drop_rview(self):
-        _release_view(self._rview)
-        self._rview = None
 
     cdef object _corrupt(self, int rc, const char *why, uint64_t a, uint64_t b, what):
         err = _error_from_code(rc, f"{what} on ring {self._name!r}", _detail(why, a, b))
@@ -735,45 +1142,69 @@ cdef class _Ring:
             PyBuffer_Release(&buf)
         return rc
 
+    cdef _full_error(self, timeout):
+        raise WaitTimeout(f"send on ring {self._name!r}: still full after {timeout} s "
+                          f"({len(self)} of {self.capacity} slots in use); is the consumer running?")
+
+    cdef _timeout_error(self, timeout):
+        raise WaitTimeout(f"recv on ring {self._name!r}: nothing arrived within {timeout} s")
+
+    cdef int _stalled_sending(self, timeout, Py_ssize_t sent) except -1:
+        """Raise StallError if the producers of this ring are stuck at a dead consumer's slot."""
+        return 0
+
+    cdef int _stalled_receiving(self, timeout) except -1:
+        """Raise StallError if the consumers of this ring are stuck at a dead producer's slot."""
+        return 0
+
+    cdef object _sequence(self, messages):
+        if type(messages) is list or type(messages) is tuple:
+            return messages
+        if isinstance(messages, _abc.Sequence) and not isinstance(messages, (str, bytes, bytearray)):
+            return list(messages)  # the caller keeps the original to slice the rest from
+        raise ConfigError(
+            f"send_many needs a sequence of messages (a list or tuple), not {type(messages).__name__}: "
+            "it returns how many were sent, and the rest, messages[n:], must still be there to "
+            "retry; pass list(...) of an iterator or generator")
+
     # public, common ---------------------------------------------------------------------------
     def try_send(self, data):
-        """Send one message if there is room: True if sent, False if the ring is full."""
+        """Send one message if there is room: True if sent, False if the ring is full.  Never
+        waits."""
         return self._send_obj(data) == 0
 
     def try_recv(self):
-        """The next message as bytes, or None if the ring is empty."""
+        """The next message as bytes, or None if the ring is empty.  Never waits."""
         return self._recv_obj()
 
     def send(self, data, timeout=None):
         """Send, waiting up to ``timeout`` seconds (None: forever) for room; WaitTimeout if the
-        ring stays full.  Waits by spinning for ``self.spin`` seconds, then sleeping briefly."""
-        if timeout is not None and timeout < 0:
-            raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
+        ring stays full (StallError if an MPMC consumer died holding the slot producers need).
+        Waits by spinning for ``self.spin`` seconds, then sleeping briefly."""
+        cdef double t = _timeout_arg(timeout)
         if self._send_obj(data) == 0:
             return
-        cdef _Waiter w = _Waiter(timeout, self.spin)
+        cdef _Waiter w = _Waiter.make(t, self._spin)
         while w.pause():
             if self._send_obj(data) == 0:
                 return
-        raise WaitTimeout(f"send on ring {self._name!r}: still full after {timeout} s "
-                          f"({len(self)} of {self.capacity} slots in use); is the consumer running?")
+        self._stalled_sending(timeout, -1)
+        self._full_error(timeout)
 
     def recv(self, timeout=None):
-        """Receive, waiting up to ``timeout`` seconds (None: forever); WaitTimeout if none came."""
-        if timeout is not None and timeout < 0:
-            raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
+        """Receive, waiting up to ``timeout`` seconds (None: forever); WaitTimeout if none came
+        (StallError if an MPMC producer died holding the slot consumers need)."""
+        cdef double t = _timeout_arg(timeout)
         msg = self._recv_obj()
         if msg is not None:
             return msg
-        cdef _Waiter w = _Waiter(timeout, self.spin)
+        cdef _Waiter w = _Waiter.make(t, self._spin)
         while w.pause():
             msg = self._recv_obj()
             if msg is not None:
                 return msg
+        self._stalled_receiving(timeout)
         self._timeout_error(timeout)
-
-    cdef _timeout_error(self, timeout):
-        raise WaitTimeout(f"recv on ring {self._name!r}: nothing arrived within {timeout} s")
 
 
 cdef class SpscRing(_Ring):
@@ -797,6 +1228,11 @@ cdef class SpscRing(_Ring):
             raise MemoryError()
 
     def __dealloc__(self):
+        # nothing of a reservation or a peek is visible in shared memory before commit()/release()
+        if self._wst is not None and self._wst.exports == 0:
+            self._wst.valid = False
+        if self._rst is not None and self._rst.exports == 0:
+            self._rst.valid = False
         free(self._ptrs)
         free(self._lens)
 
@@ -814,7 +1250,7 @@ cdef class SpscRing(_Ring):
         return ivshm_spsc_count(&self._q)
 
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
-        self._check()
+        self._check_send()
         cdef int rc
         cdef _Mapping mp
         if n <= _NOGIL_BYTES:
@@ -838,7 +1274,7 @@ cdef class SpscRing(_Ring):
         raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send")
 
     cdef object _recv_obj(self):
-        self._check()
+        self._check_recv()
         cdef ivshm_spsc_msg m
         cdef char *dst
         cdef int rc = ivshm_spsc_next(&self._q, &m)
@@ -868,20 +1304,23 @@ cdef class SpscRing(_Ring):
         return out
 
     def send_many(self, messages, timeout=0.0):
-        """Send messages from the front of ``messages`` (a list or tuple; other iterables are
-        materialised first) with one publish per batch.  With ``timeout=0`` (default) it stops when
-        the ring is full; otherwise it waits up to ``timeout`` seconds (None: forever) for room.
-        Returns how many were sent: the rest are ``messages[n:]``."""
-        self._check()
-        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        """Send messages from the front of ``messages`` (a list or tuple; other sequences are
+        copied first, iterators are refused since their unsent rest would be lost) with one
+        publish per batch.  With ``timeout=0`` (default) it stops when the ring is full; otherwise
+        it waits up to ``timeout`` seconds (None: forever) for room.  Returns how many were sent:
+        the rest are ``messages[n:]``.  A message too large raises MessageTooLargeError with
+        ``.sent``, the number sent before it."""
+        self._check_send()
+        cdef double t = _timeout_arg(timeout)
+        seq = self._sequence(messages)
         cdef Py_ssize_t total = len(seq), sent = 0
         cdef _Waiter w = None
         while True:
             sent += self._send_batch(seq, sent, total)
-            if sent >= total or timeout == 0:
+            if sent >= total or t == 0:
                 return sent
             if w is None:
-                w = _Waiter(timeout, self.spin)
+                w = _Waiter.make(t, self._spin)
             if not w.pause():
                 return sent
 
@@ -892,7 +1331,7 @@ cdef class SpscRing(_Ring):
         cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
         cdef _Mapping mp = self._m
         while start + done < total:
-            self._check()  # the GIL may have been released: the region may have been closed
+            self._check_send()  # the GIL may have been released: the region may have been closed
             n = total - start - done
             if n > _BATCH:
                 n = _BATCH
@@ -928,21 +1367,30 @@ cdef class SpscRing(_Ring):
     cdef Py_ssize_t _send_slow(self, seq, Py_ssize_t start, Py_ssize_t end) except -1:
         cdef Py_ssize_t i
         for i in range(start, end):
-            if self._send_obj(seq[i]) != 0:
-                return i - start
+            try:
+                if self._send_obj(seq[i]) != 0:
+                    return i - start
+            except MessageTooLargeError as e:
+                e.sent = i
+                raise
         return end - start
 
     cdef _send_error(self, int rc, Py_ssize_t index):
         if rc == -EMSGSIZE:
-            raise MessageTooLargeError(
+            err = MessageTooLargeError(
                 f"message {index} does not fit ring {self._name!r} (at most {self.max_message} "
                 f"bytes); the {index} before it were sent")
+            err.sent = index
+            raise err
         raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
 
-    def recv_many(self, Py_ssize_t max_count=_BATCH, timeout=0.0):
+    def recv_many(self, max_count=_BATCH, timeout=0.0):
         """Up to ``max_count`` messages that are already there, as a list (one release for all).
-        With ``timeout`` > 0 or None, waits that long for the first one."""
-        self._check()
+        With ``timeout`` > 0 or None, waits that long for the first one; ``timeout=0`` (default)
+        never waits."""
+        self._check_recv()
+        cdef Py_ssize_t maxc = _int_arg(max_count, "max_count", 0, _sys.maxsize)
+        cdef double t = _timeout_arg(timeout)
         cdef list out = []
         cdef ivshm_spsc_msg m
         cdef int rc = 0
@@ -955,7 +1403,7 @@ cdef class SpscRing(_Ring):
             self._check()
             mp.enter()
             try:
-                while got < max_count and not mp.closed:
+                while got < maxc and not mp.closed:
                     rc = ivshm_spsc_next(&self._q, &m)
                     if rc != 0:
                         break
@@ -976,24 +1424,25 @@ cdef class SpscRing(_Ring):
                 mp.leave()
             if rc != 0 and rc != -EAGAIN and got == 0:
                 raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
-            if got or timeout == 0 or max_count <= 0:
+            if got or t == 0 or maxc <= 0:
                 return out
             if w is None:
-                w = _Waiter(timeout, self.spin)
+                w = _Waiter.make(t, self._spin)
             if not w.pause():
                 return out
 
     def recv_into(self, buffer):
         """Receive the next message into a writable buffer: its length, or None if the ring is
-        empty.  MessageTooLargeError if the buffer is too small (the message stays queued)."""
-        self._check()
+        empty.  Never waits.  MessageTooLargeError if the buffer is too small (the message stays
+        queued)."""
+        self._check_recv()
         cdef Py_buffer buf
         cdef ivshm_spsc_msg m
         cdef int rc
         cdef _Mapping mp = self._m
-        PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
+        _get_writable(buffer, &buf)
         try:
-            self._check()  # getting the buffer may have run Python code
+            self._check_recv()  # getting the buffer may have run Python code
             mp.enter()
             try:
                 rc = ivshm_spsc_next(&self._q, &m)
@@ -1016,16 +1465,17 @@ cdef class SpscRing(_Ring):
         return m.len
 
     # zero copy -------------------------------------------------------------------------------
-    def reserve(self, Py_ssize_t size):
-        """A writable memoryview of ``size`` bytes inside the next free slot, or None if the ring
-        is full.  Fill it, then :meth:`commit`; the view is invalid afterwards."""
+    def reserve(self, size):
+        """A writable SlotView of ``size`` bytes inside the next free slot, or None if the ring is
+        full.  Fill it, then :meth:`commit` (or :meth:`cancel`); the view is invalid afterwards.
+        Until then this handle refuses other sends."""
         self._check()
         if self._wview_len >= 0:
-            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
-        if size < 0:
-            raise ConfigError("size must be >= 0")
+            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() or "
+                              "cancel() it first")
+        cdef Py_ssize_t n = _int_arg(size, "size", 0, 2**62)
         cdef uint8_t *p = NULL
-        cdef int rc = ivshm_spsc_reserve(&self._q, size, &p)
+        cdef int rc = ivshm_spsc_reserve(&self._q, n, &p)
         if rc == -EAGAIN:
             return None
         if rc == -EMSGSIZE:
@@ -1033,26 +1483,38 @@ cdef class SpscRing(_Ring):
                                        f"are at most one slot ({self.slot_size} bytes)")
         if rc != 0:
             raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "reserve")
-        self._wview = _make_view(self._m, p, size, False)
-        self._wview_len = size
-        return self._wview
+        self._wst = _new_state(self._m, p, False)
+        self._wview_len = n
+        self._zc_gen = _fork_gen
+        return _new_view(self._wst, 0, n)
 
     def commit(self, size=None):
-        """Publish the reserved slot with ``size`` bytes (default: all that was reserved)."""
+        """Publish the reserved slot with ``size`` bytes (default: all that was reserved).  The
+        reservation's views become invalid; ViewInUseError while a raw export of one is alive."""
         self._check()
         if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._wview_len if size is None else size
-        if n < 0 or n > self._wview_len:
-            raise ConfigError(f"commit({size}): between 0 and the {self._wview_len} bytes reserved")
-        self._drop_wview()
+        cdef Py_ssize_t n = self._wview_len if size is None else _int_arg(size, "size", 0, self._wview_len)
+        _retire(self._wst, f"commit on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1
         ivshm_spsc_commit(&self._q, <uint32_t>n)
 
-    def peek(self):
-        """A read-only memoryview of the next message without consuming it, or None if the ring
-        is empty.  Call :meth:`release` when done; the view is invalid afterwards."""
+    def cancel(self):
+        """Drop the open reservation without sending anything; its views become invalid."""
         self._check()
-        if self._rview is not None:
+        if self._wview_len < 0:
+            raise ConfigError(f"ring {self._name!r}: cancel() without reserve()")
+        _retire(self._wst, f"cancel on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1
+
+    def peek(self):
+        """A read-only SlotView of the next message without consuming it, or None if the ring is
+        empty.  Call :meth:`release` when done; the view is invalid afterwards.  Until then this
+        handle refuses other receives."""
+        self._check()
+        if self._rst is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
         cdef ivshm_spsc_msg m
         cdef int rc = ivshm_spsc_next(&self._q, &m)
@@ -1063,16 +1525,19 @@ cdef class SpscRing(_Ring):
         if m.nslots != 1:
             raise MessageTooLargeError(f"the next message on ring {self._name!r} spans {m.nslots} "
                                        "slots and cannot be viewed in place: use recv()")
-        self._rview = _make_view(self._m, <void *>m.data, m.len, True)
+        self._rst = _new_state(self._m, <void *>m.data, True)
         self._peeked_slots = m.nslots
-        return self._rview
+        self._zc_gen = _fork_gen
+        return _new_view(self._rst, 0, m.len)
 
     def release(self):
-        """Consume the peeked message."""
+        """Consume the peeked message; its views become invalid (ViewInUseError while a raw
+        export of one is alive)."""
         self._check()
-        if self._rview is None:
+        if self._rst is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
-        self._drop_rview()
+        _retire(self._rst, f"release on ring {self._name!r}")
+        self._rst = None
         # the slots peek() validated, not a second look at shared memory a peer may have changed
         cdef ivshm_spsc_msg m
         m.nslots = self._peeked_slots
@@ -1080,13 +1545,30 @@ cdef class SpscRing(_Ring):
         ivshm_spsc_release(&self._q)
 
 
+cdef int _get_writable(buffer, Py_buffer *buf) except -1:
+    """A writable, contiguous buffer of `buffer`, or ConfigError saying why it is not one."""
+    if buffer is None:
+        raise ConfigError("recv_into needs a writable buffer (a bytearray, a writable memoryview), not None")
+    try:
+        PyObject_GetBuffer(buffer, buf, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    except (TypeError, BufferError) as e:
+        raise ConfigError(f"recv_into needs a writable, contiguous buffer (a bytearray, a writable "
+                          f"memoryview), not {type(buffer).__name__}: {e}") from None
+    return 0
+
+
+@cython.no_gc_clear  # __dealloc__ needs its fields to give back a forgotten claim
 cdef class MpmcRing(_Ring):
     """Multi-producer multi-consumer ring (per-slot sequence numbers).  Any number of processes
-    send and receive.  Messages are at most ``slot_size`` bytes.  Only between cooperating peers: a
-    producer that dies between reserving and committing a slot stalls consumers at that slot;
-    blocking receives report that as StallError instead of waiting forever."""
+    send and receive.  Messages are at most ``slot_size`` bytes.
+
+    Only between cooperating peers: a producer that dies between reserving and committing a slot
+    stalls consumers at that slot, and a consumer that dies between claiming a message and
+    releasing it (in a receive, or holding a peek) stalls producers at that slot one lap later.
+    Blocking calls report either as StallError naming the slot, :meth:`stalled` reports it, and
+    :meth:`recover` (an operator's call, once the holder is known to be dead) gets the ring moving.
+    """
     cdef ivshm_mpmc _q
-    cdef object _stash            # a message that did not fit a recv_into buffer
     cdef object _pending_error    # corruption met in a batch that also returned good messages
     cdef uint64_t _wpos, _rpos
 
@@ -1096,7 +1578,26 @@ cdef class MpmcRing(_Ring):
         rc = ivshm_mpmc_attach(&self._q, &region._r, info, &why)
         if rc != 0:
             raise _ring_error(rc, f"open ring {self._name!r}", why, self._name)
-        self._stash = None
+
+    def __dealloc__(self):
+        # a forgotten reservation or peek would stall the ring for every process: give it back
+        # (not in a child that inherited the handle, nor while a raw export could still use it)
+        if self._m is None or self._m.base == NULL or self._zc_gen != _fork_gen:
+            return
+        if self._wst is not None and self._wst.exports == 0:
+            self._wst.valid = False
+            ivshm_mpmc_abandon(&self._q, self._wpos)
+        if self._rst is not None and self._rst.exports == 0:
+            self._rst.valid = False
+            ivshm_mpmc_release_one(&self._q, self._rpos)
+
+    cdef int _give_back_reservation(self) except -1:
+        ivshm_mpmc_abandon(&self._q, self._wpos)
+        return 0
+
+    cdef int _give_back_peek(self) except -1:
+        ivshm_mpmc_release_one(&self._q, self._rpos)
+        return 0
 
     @property
     def kind(self):
@@ -1108,16 +1609,42 @@ cdef class MpmcRing(_Ring):
 
     def __len__(self):
         self._check()
-        return ivshm_mpmc_count(&self._q) + (self._stash is not None)
+        return ivshm_mpmc_count(&self._q)
 
     def stalled(self):
-        """The index of a slot claimed by a producer that has not committed it, or None."""
+        """The index of a slot that stops the ring, or None: claimed by a producer that has not
+        committed it (consumers wait there), or by a consumer that has not released it (producers
+        wait there).  A live party is in that state only for the length of one copy: a slot
+        reported again after a while belongs to a party that stalled or died."""
         self._check()
         cdef uint64_t pos
-        return pos if ivshm_mpmc_stalled(&self._q, &pos) else None
+        if ivshm_mpmc_stalled(&self._q, &pos):
+            return pos
+        if ivshm_mpmc_consumer_stalled(&self._q, &pos):
+            return pos
+        return None
+
+    def recover(self, slot):
+        """Operator recovery of ``slot`` (as :meth:`stalled` or a StallError names it), claimed by
+        a party that died: a consumer's claim is handed to the next lap (its message is lost), a
+        producer's is committed as an empty message.  Returns "consumer" or "producer".  Only call
+        it once the holder is known to be dead: a live one would go on using a slot others now
+        use.  ConfigError if nothing holds that slot."""
+        self._check()
+        cdef uint64_t pos = _int_arg(slot, "slot", 0, 2**64 - 1)
+        cdef int rc = ivshm_mpmc_recover(&self._q, pos)
+        if rc == IVSHM_MPMC_RECOVERED_CONSUMER:
+            return "consumer"
+        if rc == IVSHM_MPMC_RECOVERED_PRODUCER:
+            return "producer"
+        if rc == -EINVAL:
+            raise ConfigError(f"recover({slot}) on ring {self._name!r}: that index is not within a "
+                              "lap of the ring's indices (use the index stalled() reports)")
+        raise ConfigError(f"recover({slot}) on ring {self._name!r}: nobody holds that slot "
+                          "(nothing to recover, or its holder finished meanwhile)")
 
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
-        self._check()
+        self._check_send()
         if n > self._info.slot_size:
             raise MessageTooLargeError(
                 f"message of {n} bytes does not fit ring {self._name!r}: MPMC slots hold at most "
@@ -1148,11 +1675,8 @@ cdef class MpmcRing(_Ring):
         return 0
 
     cdef object _recv_obj(self):
-        self._check()
+        self._check_recv()
         self._raise_pending()
-        if self._stash is not None:
-            out, self._stash = self._stash, None
-            return out
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
         if m <= 0:
@@ -1188,33 +1712,68 @@ cdef class MpmcRing(_Ring):
             mp.leave()
         return out
 
-    cdef _timeout_error(self, timeout):
+    cdef _full_error(self, timeout):
+        raise WaitTimeout(f"send on ring {self._name!r}: still full after {timeout} s "
+                          f"({len(self)} of {self.capacity} slots hold messages); is a consumer running?")
+
+    cdef int _stalled_sending(self, timeout, Py_ssize_t sent) except -1:
         cdef uint64_t pos
-        if ivshm_mpmc_stalled(&self._q, &pos):
-            raise StallError(
-                f"recv on ring {self._name!r}: slot {pos} was claimed by a producer that has not "
-                f"committed it for {timeout} s (producer stalled or died; later messages wait behind it)")
+        if not ivshm_mpmc_consumer_stalled(&self._q, &pos):
+            return 0
+        err = StallError(
+            f"send on ring {self._name!r}: slot {pos} was claimed by a consumer that has not "
+            f"released it for {timeout} s (a consumer that died in a receive or holding a peek?); "
+            f"producers wait at it.  Once that consumer is known to be dead, ring.recover({pos}) "
+            "hands the slot on (its message is lost)", slot=pos, side="consumer")
+        if sent >= 0:
+            err.sent = sent
+        raise err
+
+    cdef int _stalled_receiving(self, timeout) except -1:
+        cdef uint64_t pos
+        if not ivshm_mpmc_stalled(&self._q, &pos):
+            return 0
+        raise StallError(
+            f"recv on ring {self._name!r}: slot {pos} was claimed by a producer that has not "
+            f"committed it for {timeout} s (producer stalled or died; later messages wait behind "
+            f"it).  Once that producer is known to be dead, ring.recover({pos}) commits it as an "
+            "empty message", slot=pos, side="producer")
+
+    cdef _timeout_error(self, timeout):
+        self._stalled_receiving(timeout)
         _Ring._timeout_error(self, timeout)
 
     def send_many(self, messages, timeout=0.0):
-        """Send messages from the front of ``messages``; see SpscRing.send_many."""
-        self._check()
-        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        """Send messages from the front of ``messages``; see SpscRing.send_many.  Waiting in vain
+        for room because a consumer died holding a slot raises StallError with ``.sent``."""
+        self._check_send()
+        cdef double t = _timeout_arg(timeout)
+        seq = self._sequence(messages)
         cdef Py_ssize_t total = len(seq), sent = 0
         cdef _Waiter w = None
         while True:
-            while sent < total and self._send_obj(seq[sent]) == 0:
-                sent += 1
-            if sent >= total or timeout == 0:
+            try:
+                while sent < total and self._send_obj(seq[sent]) == 0:
+                    sent += 1
+            except MessageTooLargeError as e:
+                e.sent = sent
+                e.args = (f"{e.args[0]}; message {sent} of the batch, the {sent} before it were sent",)
+                raise
+            if sent >= total or t == 0:
                 return sent
             if w is None:
-                w = _Waiter(timeout, self.spin)
+                w = _Waiter.make(t, self._spin)
             if not w.pause():
+                self._stalled_sending(timeout, sent)
                 return sent
 
-    def recv_many(self, Py_ssize_t max_count=_BATCH, timeout=0.0):
-        """Up to ``max_count`` messages already there (claimed with one CAS per burst)."""
-        self._check()
+    def recv_many(self, max_count=_BATCH, timeout=0.0):
+        """Up to ``max_count`` messages already there (claimed with one CAS per burst).  With
+        ``timeout`` > 0 or None, waits that long for the first (StallError if a dead producer's
+        slot is what stops it)."""
+        self._check_recv()
+        cdef Py_ssize_t maxc = _int_arg(max_count, "max_count", 0, _sys.maxsize)
+        cdef double t = _timeout_arg(timeout)
         self._raise_pending()
         cdef list out = []
         cdef uint64_t pos
@@ -1222,30 +1781,37 @@ cdef class MpmcRing(_Ring):
         cdef object err = None
         cdef _Waiter w = None
         cdef _Mapping mp = self._m
-        if self._stash is not None and max_count > 0:
-            out.append(self._stash)
-            self._stash = None
         while True:
             self._check()
             mp.enter()
             try:
-                while len(out) < max_count and not mp.closed:
-                    m = ivshm_mpmc_claim_recv(&self._q, max_count - len(out), &pos)
+                while len(out) < maxc and not mp.closed:
+                    m = ivshm_mpmc_claim_recv(&self._q, maxc - len(out), &pos)
                     if m <= 0:
                         if m != -EAGAIN and not out:
                             raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
                         break
-                    for k in range(m):
-                        n = ivshm_mpmc_msg_len(&self._q, pos + k)
-                        if n > <int64_t>_NOGIL_BYTES:
-                            out.append(self._recv_big(pos + k, n))
-                            continue
-                        if n >= 0:
-                            out.append(PyBytes_FromStringAndSize(
-                                <const char *>ivshm_mpmc_payload(&self._q, pos + k), n))
-                        elif err is None:
-                            err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
-                        ivshm_mpmc_release_one(&self._q, pos + k)
+                    k = 0
+                    try:
+                        while k < m:
+                            n = ivshm_mpmc_msg_len(&self._q, pos + k)
+                            if n > <int64_t>_NOGIL_BYTES:
+                                k += 1
+                                out.append(self._recv_big(pos + k - 1, n))
+                                continue
+                            if n >= 0:
+                                b = PyBytes_FromStringAndSize(
+                                    <const char *>ivshm_mpmc_payload(&self._q, pos + k), n)
+                            elif err is None:
+                                err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
+                            ivshm_mpmc_release_one(&self._q, pos + k)
+                            k += 1
+                            if n >= 0:
+                                PyList_Append(out, b)
+                    finally:
+                        while k < m:  # only after an exception: the claimed slots must move on
+                            ivshm_mpmc_release_one(&self._q, pos + k)
+                            k += 1
             finally:
                 mp.leave()
             if err is not None:
@@ -1253,41 +1819,74 @@ cdef class MpmcRing(_Ring):
                     raise err
                 self._pending_error = err  # raised by the next receive: nothing is hidden
                 return out
-            if out or timeout == 0 or max_count <= 0:
+            if out or t == 0 or maxc <= 0:
                 return out
             if w is None:
-                w = _Waiter(timeout, self.spin)
+                w = _Waiter.make(t, self._spin)
             if not w.pause():
+                self._stalled_receiving(timeout)
                 return out
 
     def recv_into(self, buffer):
-        """Receive into a writable buffer: the length, or None if empty.  A message too large for
-        the buffer raises MessageTooLargeError and is kept for the next recv/recv_into."""
-        self._check()
-        msg = self._recv_obj()
-        if msg is None:
-            return None
-        mv = memoryview(buffer)
+        """Receive into a writable buffer: the length, or None if empty.  Never waits.  The buffer
+        is checked before anything is claimed: an unusable one raises ConfigError, and a message
+        longer than the buffer raises MessageTooLargeError and stays in the ring, for any
+        consumer."""
+        self._check_recv()
+        self._raise_pending()
+        cdef Py_buffer buf
+        cdef uint64_t pos, needed = 0
+        cdef int64_t m, n
+        cdef _Mapping mp = self._m
+        _get_writable(buffer, &buf)
         try:
-            if mv.readonly:
-                raise ConfigError("recv_into needs a writable buffer")
-            if mv.nbytes < len(msg):
-                self._stash = msg
-                raise MessageTooLargeError(
-                    f"the next message on ring {self._name!r} is {len(msg)} bytes; the buffer holds "
-                    f"{mv.nbytes}: pass a larger buffer (it is kept for the next receive)")
-            mv.cast("B")[:len(msg)] = msg
+            self._check_recv()  # getting the buffer may have run Python code
+            mp.enter()
+            try:
+                if <uint64_t>buf.len >= self._info.slot_size:
+                    m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
+                else:
+                    m = ivshm_mpmc_claim_recv_max(&self._q, 1, buf.len, &pos, &needed)
+                if m <= 0:
+                    if m == -EAGAIN:
+                        return None
+                    if m == -EMSGSIZE:
+                        raise MessageTooLargeError(
+                            f"the next message on ring {self._name!r} is {needed} bytes; the buffer "
+                            f"holds {buf.len}: pass a larger buffer (the message stays in the ring)")
+                    raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "recv_into")
+                n = ivshm_mpmc_msg_len(&self._q, pos)
+                if n >= 0 and n > buf.len:
+                    self._q.why = "slot length changed after the claim"
+                    self._q.why_a = n
+                    self._q.why_b = buf.len
+                    n = -EPROTO
+                if n < 0:
+                    ivshm_mpmc_release_one(&self._q, pos)
+                    raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_into")
+                if n <= <int64_t>_NOGIL_BYTES:
+                    memcpy(buf.buf, ivshm_mpmc_payload(&self._q, pos), n)
+                    ivshm_mpmc_release_one(&self._q, pos)
+                else:
+                    with nogil:
+                        memcpy(buf.buf, ivshm_mpmc_payload(&self._q, pos), n)
+                        ivshm_mpmc_release_one(&self._q, pos)
+            finally:
+                mp.leave()
         finally:
-            mv.release()
-        return len(msg)
+            PyBuffer_Release(&buf)
+        return n
 
-    def reserve(self, Py_ssize_t size):
-        """Claim the next free slot and return a writable view of ``size`` bytes (None if full).
-        Consumers wait at this slot until :meth:`commit`, so commit promptly."""
+    def reserve(self, size):
+        """Claim the next free slot and return a writable SlotView of ``size`` bytes (None if
+        full).  Consumers wait at this slot until :meth:`commit` (or :meth:`cancel`, or this
+        handle's close()), so commit promptly.  Until then this handle refuses other sends."""
         self._check()
         if self._wview_len >= 0:
-            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
-        if size < 0 or size > self._info.slot_size:
+            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() or "
+                              "cancel() it first")
+        cdef Py_ssize_t n = _int_arg(size, "size", 0, 2**62)
+        if n > self._info.slot_size:
             raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: at most {self.slot_size} bytes")
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_send(&self._q, 1, &pos)
@@ -1296,30 +1895,43 @@ cdef class MpmcRing(_Ring):
         if m < 0:
             raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "reserve")
         self._wpos = pos
-        self._wview = _make_view(self._m, ivshm_mpmc_payload(&self._q, pos), size, False)
-        self._wview_len = size
-        return self._wview
+        self._wst = _new_state(self._m, ivshm_mpmc_payload(&self._q, pos), False)
+        self._wview_len = n
+        self._zc_gen = _fork_gen
+        return _new_view(self._wst, 0, n)
 
     def commit(self, size=None):
+        """Publish the reserved slot with ``size`` bytes (default: all that was reserved).  The
+        reservation's views become invalid; ViewInUseError while a raw export of one is alive."""
         self._check()
         if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._wview_len if size is None else size
-        if n < 0 or n > self._wview_len:
-            raise ConfigError(f"commit({size}): between 0 and the {self._wview_len} bytes reserved")
-        self._drop_wview()
+        cdef Py_ssize_t n = self._wview_len if size is None else _int_arg(size, "size", 0, self._wview_len)
+        _retire(self._wst, f"commit on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1
         ivshm_mpmc_commit_one(&self._q, self._wpos, <uint32_t>n)
 
-    def peek(self):
-        """Claim the next message and return a read-only view of it (None if empty); other
-        consumers skip it.  :meth:`release` hands the slot back."""
+    def cancel(self):
+        """Give the reserved slot back without sending: it is as if never claimed, or, when other
+        producers claimed slots after it, it is committed as an empty message so that consumers
+        move past it.  Its views become invalid."""
         self._check()
-        if self._rview is not None:
+        if self._wview_len < 0:
+            raise ConfigError(f"ring {self._name!r}: cancel() without reserve()")
+        _retire(self._wst, f"cancel on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1
+        ivshm_mpmc_abandon(&self._q, self._wpos)
+
+    def peek(self):
+        """Claim the next message and return a read-only SlotView of it (None if empty); other
+        consumers skip it.  :meth:`release` hands the slot back; until then this handle refuses
+        other receives, and producers stop at this slot one lap later."""
+        self._check()
+        if self._rst is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
-        if self._stash is not None:
-            self._rview = memoryview(self._stash)
-            self._rpos = <uint64_t>-1
-            return self._rview
+        self._raise_pending()
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
         if m == -EAGAIN:
@@ -1331,17 +1943,18 @@ cdef class MpmcRing(_Ring):
             ivshm_mpmc_release_one(&self._q, pos)
             raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "peek")
         self._rpos = pos
-        self._rview = _make_view(self._m, ivshm_mpmc_payload(&self._q, pos), n, True)
-        return self._rview
+        self._rst = _new_state(self._m, ivshm_mpmc_payload(&self._q, pos), True)
+        self._zc_gen = _fork_gen
+        return _new_view(self._rst, 0, n)
 
     def release(self):
+        """Hand the peeked slot back (the message is consumed); its views become invalid
+        (ViewInUseError while a raw export of one is alive)."""
         self._check()
-        if self._rview is None:
+        if self._rst is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
-        self._drop_rview()
-        if self._rpos == <uint64_t>-1:
-            self._stash = None
-            return
+        _retire(self._rst, f"release on ring {self._name!r}")
+        self._rst = None
         ivshm_mpmc_release_one(&self._q, self._rpos)
 
 
@@ -1380,20 +1993,18 @@ cdef void _chan_signal(int fd) noexcept:
 
 
 cdef int64_t _seconds_ns(value, name, bint allow_none) except? -2:
-    """A duration argument in ns: -1 for None (wait forever) where allowed; ConfigError naming
-    the argument for anything that is not a number >= 0 (NaN, negative, bool, str)."""
-    if value is None:
-        if allow_none:
-            return -1
+    """A duration argument in ns, validated by _timeout_arg: -1 for None (wait forever) where
+    allowed.  Durations that must be finite (spin, recheck) refuse None."""
+    if value is None and not allow_none:
         raise ConfigError(f"{name} must be a number of seconds >= 0, not None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be None (no limit) or a number of seconds >= 0, not {value!r}")
-    cdef double v = value
-    if v != v or v < 0:
-        raise ConfigError(f"{name} must be None (no limit) or a number of seconds >= 0, not {value!r}")
-    if v > 9e9:
+    cdef double t = _timeout_arg(value, name)
+    if t < 0:
+        if not allow_none:
+            raise ConfigError(f"{name} must be a finite number of seconds, not {value!r}")
+        return -1
+    if t > 9e9:
         return -1 if allow_none else <int64_t>9e18
-    return <int64_t>(v * 1e9)
+    return <int64_t>(t * 1e9)
 
 
 cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out) noexcept with gil:
@@ -1544,15 +2155,8 @@ cdef class Channel:
         return k if k else 1
 
     cdef int _full_timeout(self, timeout) except -1:
-        cdef uint64_t pos
-        if self._ring._info.kind == IVSHM_KIND_MPMC and hasattr(self._ring, "stalled_consumer"):
-            slot = self._ring.stalled_consumer()
-            if slot is not None:
-                raise StallError(f"send on channel over ring {self._ring._name!r}: slot {slot} was "
-                                 f"claimed by a consumer that has not released it for {timeout} s "
-                                 "(consumer stalled or died); see MpmcRing.recover()")
-        raise WaitTimeout(f"send on channel over ring {self._ring._name!r}: still full after "
-                          f"{timeout} s; is a consumer running?")
+        self._ring._stalled_sending(timeout, -1)  # StallError naming a dead consumer's slot
+        self._ring._full_error(timeout)
 
     cdef void _pass_on(self, ivshm_chan_call *call) noexcept:
         if not self._ring._m.closed:
@@ -1675,11 +2279,11 @@ cdef class Channel:
     def send_many(self, messages, timeout=0.0):
         """Send from the front of ``messages`` (one publish per batch, at most one doorbell per
         batch); with ``timeout`` > 0 or None waits for room until all are sent.  Returns how many
-        were sent: the rest are ``messages[n:]`` (an iterator is materialised into a list first,
-        so nothing of it is lost)."""
+        were sent: the rest are ``messages[n:]``, so ``messages`` must be a sequence (a list or
+        tuple; ConfigError for an iterator, whose unsent rest could not be given back)."""
         cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
-        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        seq = self._ring._sequence(messages)  # a sequence: the rest, messages[n:], stays the caller's
         cdef Py_ssize_t total = len(seq)
         cdef Py_ssize_t sent = self._ring.send_many(seq, timeout=0)
         if sent:

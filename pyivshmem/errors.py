@@ -21,6 +21,13 @@ __all__ = [
     "ProtocolError",
     "PeerDisconnected",
     "DeviceError",
+    "RingNotFoundError",
+    "AlreadyExistsError",
+    "RegionNotFoundError",
+    "RegionFullError",
+    "ViewInUseError",
+    "AccessDeniedError",
+    "SystemCallError",
     "error_from_code",
 ]
 
@@ -30,7 +37,42 @@ class IvshmemError(Exception):
 
 
 class ConfigError(IvshmemError, ValueError):
-    """A bad argument: a size that is not a power of two, an unknown ring kind, a name too long."""
+    """A bad argument (a size that is not a power of two, an unknown ring kind, a name too long, a
+    NaN timeout), or a call out of order (commit() without reserve(), a send on a handle whose
+    reservation is still open)."""
+
+
+class RegionFullError(ConfigError):
+    """No room in the region for a new ring (space or directory entries): use a larger region."""
+
+
+class RingNotFoundError(IvshmemError, KeyError):
+    """No ring of that name in the region (also a KeyError, hence a LookupError)."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExistsError(IvshmemError, FileExistsError):
+    """A region file or a ring of that name exists and ``exist_ok`` was false."""
+
+
+class RegionNotFoundError(IvshmemError, FileNotFoundError):
+    """No region file at that path."""
+
+
+class AccessDeniedError(IvshmemError, PermissionError):
+    """The operating system refused access (a region file's permissions, a device node)."""
+
+
+class SystemCallError(IvshmemError, OSError):
+    """A system call failed for a reason not covered by a more specific error (``errno`` says)."""
+
+
+class ViewInUseError(IvshmemError, BufferError):
+    """A zero-copy view's memory is still exported (a ``memoryview(view)``, a numpy array over
+    it): commit()/release() refuse until that export is released, since it could otherwise write
+    into, or read, a later message."""
 
 
 class RegionFormatError(IvshmemError, ValueError):
@@ -61,7 +103,16 @@ class WaitTimeout(IvshmemError, TimeoutError):
 
 
 class StallError(WaitTimeout):
-    """An MPMC slot was claimed by a producer (or consumer) that never finished with it."""
+    """An MPMC slot was claimed by a producer (or consumer) that never finished with it.
+
+    ``slot`` is the slot's index (pass it to ``MpmcRing.recover`` once the holder is known to be
+    dead), ``side`` is "producer" or "consumer"; ``sent``, on a ``send_many``, how many were sent.
+    """
+
+    def __init__(self, message: str = "", slot: int | None = None, side: str | None = None):
+        super().__init__(message)
+        self.slot = slot
+        self.side = side
 
 
 class ClosedError(IvshmemError, ValueError):
@@ -103,10 +154,11 @@ def error_from_code(code: int, context: str, detail: str | None = None) -> Excep
     if code in (_errno.EBADMSG, _errno.ENOEXEC):
         return RegionFormatError(msg)
     if code == _errno.ENOENT:
-        return KeyError(msg)
+        return RingNotFoundError(msg)
     if code == _errno.EEXIST:
-        return FileExistsError(code, msg)
+        return AlreadyExistsError(code, msg)
     if code == _errno.ENOSPC:
-        err = IvshmemError(msg)
-        return err
-    return OSError(code, f"{msg}: {_os.strerror(code)}")
+        return RegionFullError(msg)
+    if code in (_errno.EACCES, _errno.EPERM):
+        return AccessDeniedError(code, msg)
+    return SystemCallError(code, f"{msg}: {_os.strerror(code)}")

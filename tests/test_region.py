@@ -48,8 +48,9 @@ def test_create_existing_refused_then_exist_ok(shm_path):
     r = Region.create(shm_path, "64K")
     r.create_ring("q", slot_size=64, capacity=16)
     with pytest.raises(FileExistsError, match="Region.open"):
-        Region.create(shm_path, "64K")
-    with Region.create(shm_path, "64K", exist_ok=True) as r2:
+        Region.create(shm_path, "64K", exist_ok=False)
+    # exist_ok=True is the default, as for create_ring
+    with Region.create(shm_path, "64K") as r2:
         assert r2.generation == r.generation and [x["name"] for x in r2.rings()] == ["q"]
     with pytest.raises(ConfigError, match="exists with size"):
         Region.create(shm_path, "128K", exist_ok=True)

@@ -291,10 +291,11 @@ static void mpmc_stall_detected(char *detail, size_t dn)
     CHECK(ivshm_mpmc_send_fixed(&a, "xxxx", 1, 4) == 0, "send_fixed on a full ring sends 0");
     CHECK(ivshm_mpmc_try_send(&a, buf, 17) == -EMSGSIZE, "over the slot size");
     CHECK(ivshm_mpmc_send_fixed(&a, buf, 17, 1) == -EMSGSIZE, "send_fixed over the slot size");
-    /* a too-small buffer truncates, reports the length and still consumes */
+    /* a too-small buffer: -ENOBUFS with the length, and the message stays for everyone */
     uint64_t needed = 0;
-    CHECK(ivshm_mpmc_try_recv(&c, buf, 0, &needed) == 1 && needed == 1, "truncating recv");
-    CHECK(ivshm_mpmc_count(&c) == 7, "truncated message was consumed");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, 0, &needed) == -ENOBUFS && needed == 1, "short buffer");
+    CHECK(ivshm_mpmc_count(&c) == 8, "the message stayed in the ring");
+    CHECK(ivshm_mpmc_try_recv(&b, buf, 1, &needed) == 1 && needed == 1, "another consumer gets it");
     tregion_free(&tr);
     snprintf(detail, dn, "claim without commit seen as stall at slot 1");
 }
@@ -328,6 +329,93 @@ static void mpmc_zero_bursts(char *detail, size_t dn)
     snprintf(detail, dn, "no-ops");
 }
 
+/* A buffer or cell shorter than a message never loses it: try_recv answers -ENOBUFS and
+ * recv_fixed stops its burst before it (-EMSGSIZE when it is the first); the message stays. */
+static void mpmc_short_buffers_keep_messages(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 32, 8, 1, 0, &info, &why) == 0, "create");
+    struct ivshm_mpmc q;
+    CHECK(ivshm_mpmc_attach(&q, &tr.r, &info, &why) == 0, "attach");
+    uint8_t cells[8 * 8], buf[32];
+    uint64_t needed = 0;
+    CHECK(ivshm_mpmc_try_send(&q, "aa", 2) == 0 && ivshm_mpmc_try_send(&q, "bbb", 3) == 0 &&
+              ivshm_mpmc_try_send(&q, "0123456789abcdef", 16) == 0 && ivshm_mpmc_try_send(&q, "c", 1) == 0,
+          "send");
+    int64_t rc = ivshm_mpmc_recv_fixed(&q, cells, 8, 8);
+    CHECK(rc == 2, "the burst stops before the long message: %" PRId64, rc);
+    CHECK(memcmp(cells, "aa\0\0\0\0\0\0", 8) == 0 && memcmp(cells + 8, "bbb\0\0\0\0\0", 8) == 0, "cells");
+    CHECK(ivshm_mpmc_count(&q) == 2, "the long message and the one after it stayed");
+    rc = ivshm_mpmc_recv_fixed(&q, cells, 8, 8);
+    CHECK(rc == -EMSGSIZE, "first message too long: %" PRId64, rc);
+    CHECK(ivshm_mpmc_try_recv(&q, buf, 8, &needed) == -ENOBUFS && needed == 16, "try_recv: -ENOBUFS");
+    CHECK(ivshm_mpmc_count(&q) == 2, "nothing was taken");
+    CHECK(ivshm_mpmc_try_recv(&q, buf, 16, &needed) == 16 && memcmp(buf, "0123456789abcdef", 16) == 0,
+          "a buffer that fits gets it");
+    CHECK(ivshm_mpmc_recv_fixed(&q, cells, 8, 8) == 1 && cells[0] == 'c', "then the rest");
+    tregion_free(&tr);
+    snprintf(detail, dn, "no message lost to a short buffer");
+}
+
+/* A consumer that claimed a slot and never released it (died in a receive, or holding a peek):
+ * producers stop there one lap later, consumer_stalled() names the slot, recover() hands it back;
+ * a producer's abandoned claim is given back (or committed empty when others claimed after it). */
+static void mpmc_consumer_stall_and_recovery(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 4, 1, 0, &info, &why) == 0, "create");
+    struct ivshm_mpmc p, dead, c;
+    CHECK(ivshm_mpmc_attach(&p, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&dead, &tr.r, &info, &why) == 0 &&
+              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    uint8_t buf[16];
+    uint64_t pos = 99, spos = 0;
+    for (int i = 0; i < 3; i++)
+        CHECK(ivshm_mpmc_try_send(&p, "m", 1) == 0, "send %d", i);
+    CHECK(ivshm_mpmc_claim_recv(&dead, 1, &pos) == 1 && pos == 0, "the doomed consumer claims slot 0");
+    CHECK(ivshm_mpmc_consumer_stalled(&c, &spos) == 0, "nothing blocks producers yet");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1, "others receive past the claim");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1, "others receive past the claim");
+    CHECK(ivshm_mpmc_try_send(&p, "m", 1) == 0, "index 3");
+    CHECK(ivshm_mpmc_try_send(&p, "m", 1) == -EAGAIN, "index 4 waits for slot 0");
+    CHECK(ivshm_mpmc_count(&c) == 1, "one message waiting");
+    CHECK(ivshm_mpmc_consumer_stalled(&c, &spos) == 1 && spos == 0, "slot 0 reported (%" PRIu64 ")", spos);
+    CHECK(ivshm_mpmc_stalled(&c, &spos) == 0, "no producer stall");
+    CHECK(ivshm_mpmc_recover(&c, 1) == -ENOENT, "slot 1 holds nothing to recover");
+    CHECK(ivshm_mpmc_recover(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "recover slot 0");
+    CHECK(ivshm_mpmc_consumer_stalled(&c, &spos) == 0, "moving again");
+    CHECK(ivshm_mpmc_try_send(&p, "n", 1) == 0, "index 4 sent");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'm', "index 3");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'n', "index 4");
+    /* a reservation given back while it is the last claim: as if never claimed */
+    CHECK(ivshm_mpmc_claim_send(&p, 1, &pos) == 1 && pos == 5, "claim 5");
+    CHECK(ivshm_mpmc_abandon(&p, pos) == 0, "handed back");
+    CHECK(ivshm_mpmc_count(&c) == 0 && ivshm_mpmc_stalled(&c, &spos) == 0, "nothing claimed");
+    CHECK(ivshm_mpmc_try_send(&p, "o", 1) == 0, "index 5 reused");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'o', "index 5");
+    /* ... and when another producer claimed after it: committed as an empty message */
+    CHECK(ivshm_mpmc_claim_send(&p, 1, &pos) == 1 && pos == 6, "claim 6");
+    CHECK(ivshm_mpmc_try_send(&dead, "q", 1) == 0, "index 7 behind it");
+    CHECK(ivshm_mpmc_abandon(&p, pos) == 1, "committed empty");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 0, "the empty message");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'q', "index 7");
+    /* a producer that died holding a claim: recovered as an empty message */
+    CHECK(ivshm_mpmc_claim_send(&dead, 1, &pos) == 1 && pos == 8, "claim 8");
+    CHECK(ivshm_mpmc_try_send(&p, "r", 1) == 0, "index 9");
+    CHECK(ivshm_mpmc_stalled(&c, &spos) == 1 && spos == 8, "producer stall at 8");
+    CHECK(ivshm_mpmc_recover(&c, 8) == IVSHM_MPMC_RECOVERED_PRODUCER, "recover slot 8");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 0, "the empty message");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'r', "index 9");
+    CHECK(ivshm_mpmc_recover(&c, 1000) == -EINVAL, "far away index refused");
+    tregion_free(&tr);
+    snprintf(detail, dn, "dead consumer and producer claims recovered");
+}
+
 int main(int argc, char **argv)
 {
     static const struct tcase cases[] = {
@@ -338,6 +426,8 @@ int main(int argc, char **argv)
         {"mpmc_4x1_cap2", mpmc_4x1_cap2, 0},
         {"mpmc_stall_detected", mpmc_stall_detected, 0},
         {"mpmc_zero_bursts", mpmc_zero_bursts, 0},
+        {"mpmc_short_buffers_keep_messages", mpmc_short_buffers_keep_messages, 0},
+        {"mpmc_consumer_stall_and_recovery", mpmc_consumer_stall_and_recovery, 0},
     };
     return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
 }

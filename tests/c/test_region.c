@@ -224,6 +224,50 @@ static void region_dead_lock_holder(char *detail, size_t dn)
     snprintf(detail, dn, "timed out after %.0f ms", dt * 1000);
 }
 
+/* A creator that died holding the directory lock: a waiter with more time than the lease takes
+ * the lock over once it stayed silent for the lease, creates its ring and releases the lock. */
+static void region_dead_lock_holder_taken_over(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    struct ivshm_region_hdr *h = (struct ivshm_region_hdr *)tr.mem;
+    h->lock = 0xdeadull; /* the dead holder's token, and its last heartbeat */
+    h->lock_time = 12345;
+    double t0 = tc_now();
+    int rc = ivshm_region_create_ring(&tr.r, "b", IVSHM_KIND_SPSC, 16, 4, 7, 3 * IVSHM_DIR_LEASE_MS, &info, &why);
+    double dt = tc_now() - t0;
+    CHECK(rc == 0, "create after taking over = %d (%s)", rc, why ? why : "");
+    CHECK(dt * 1000 >= IVSHM_DIR_LEASE_MS * 0.99, "took over before the lease ran out (%.0f ms)", dt * 1000);
+    CHECK(h->lock == 0, "lock released after the take-over");
+    CHECK(ivshm_region_find_ring(&tr.r, "b", &info, &why) == 0, "the ring is there");
+    tregion_free(&tr);
+    snprintf(detail, dn, "taken over after %.0f ms", dt * 1000);
+}
+
+/* Two directory entries with one name (a corrupt directory) are reported, not resolved silently. */
+static void region_duplicate_names(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "a", IVSHM_KIND_SPSC, 16, 4, 7, 0, &info, &why) == 0, "create a");
+    CHECK(ivshm_region_create_ring(&tr.r, "b", IVSHM_KIND_SPSC, 16, 4, 7, 0, &info, &why) == 0, "create b");
+    struct ivshm_region_hdr *h = (struct ivshm_region_hdr *)tr.mem;
+    memcpy(h->rings[1].name, "a", 2); /* entry 1 now claims the name of entry 0 */
+    why = NULL;
+    CHECK(ivshm_region_find_ring(&tr.r, "a", &info, &why) == -EPROTO && why && strstr(why, "two"),
+          "find reports the duplicate (%s)", why ? why : "");
+    why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "a", IVSHM_KIND_SPSC, 16, 4, 7, 0, &info, &why) == -EPROTO &&
+              why && strstr(why, "two"), "create reports the duplicate (%s)", why ? why : "");
+    CHECK(h->lock == 0, "lock released");
+    tregion_free(&tr);
+    snprintf(detail, dn, "reported");
+}
+
 /* A region being formatted by someone who died: attachers time out, not hang. */
 static void region_dead_formatter(char *detail, size_t dn)
 {
@@ -250,6 +294,8 @@ int main(int argc, char **argv)
         {"region_create_race", region_create_race, 0},
         {"region_shape_conflict", region_shape_conflict, 0},
         {"region_dead_lock_holder", region_dead_lock_holder, 0},
+        {"region_dead_lock_holder_taken_over", region_dead_lock_holder_taken_over, 0},
+        {"region_duplicate_names", region_duplicate_names, 0},
         {"region_dead_formatter", region_dead_formatter, 0},
     };
     return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));

@@ -21,6 +21,7 @@ import atexit
 import collections
 import errno
 import getopt
+import itertools
 import logging
 import os
 import re
@@ -158,10 +159,23 @@ class _Fd:
             os.close(fd)
 
 
+class _Item:
+    """One entry of a client's outgoing queue: ``value`` sent once per entry of ``refs``, each
+    time with that fd (None: without an fd). A join is one item (one message per vector), so
+    a departure can cancel it whole; a join of a server without vectors is an empty item,
+    which still orders the departure after it."""
+
+    __slots__ = ("value", "refs")
+
+    def __init__(self, value: int, refs: List[Optional[_Fd]]):
+        self.value = value
+        self.refs = refs
+
+
 class _Client:
     __slots__ = (
-        "id", "sock", "fileno", "vectors", "queue", "done", "limit", "writing", "dead",
-        "retry",
+        "id", "sock", "fileno", "vectors", "queue", "pos", "done", "pending", "limit",
+        "writing", "dead", "retry",
     )
 
     def __init__(self, peer_id: int, sock: socket.socket, vectors: List[_Fd], limit: int):
@@ -169,12 +183,28 @@ class _Client:
         self.sock = sock
         self.fileno = sock.fileno()
         self.vectors = vectors
-        self.queue: Deque[Tuple[int, Optional[_Fd]]] = collections.deque()
+        # Keys: ("j", peer) its join, ("l", peer) its departure, ("f", n) a set-up message.
+        # At most one join and one departure per other peer are ever waiting (a departure
+        # cancels a join not yet started), so the queue is bounded by the live peers.
+        self.queue: "collections.OrderedDict[tuple, _Item]" = collections.OrderedDict()
+        self.pos = 0           # messages of the head item already sent
         self.done = 0          # bytes of the head message already sent
-        self.limit = limit     # queue length beyond which the client is dropped
+        self.pending = 0       # messages waiting, in all items
+        self.limit = limit     # pending messages beyond which the client is dropped
         self.writing = False   # registered for EVENT_WRITE
         self.dead = False
         self.retry = False     # in the retry set (kernel said ETOOMANYREFS/ENOBUFS)
+
+    def release_queue(self) -> None:
+        for item in self.queue.values():
+            for ref in item.refs:
+                if ref is not None:
+                    ref.release()
+        self.queue.clear()
+        self.pos = self.done = self.pending = 0
+
+
+_seq = itertools.count()
 
 
 _MEMORY_KINDS = ("memfd", "shm_name", "shm_path", "shm_dir", "shm_fd")
@@ -191,11 +221,14 @@ class Server:
         symlink) is never touched and is refused as well.
     shm_name, shm_path, shm_dir, shm_fd, memfd:
         Where the shared memory lives; at most one. ``shm_name``: POSIX shared memory
-        ``/dev/shm/<name>`` (QEMU's ``-M``; created if missing, never unlinked). ``shm_path``: any
-        file (created if missing, never unlinked). ``shm_dir``: an unnamed temporary file in that
-        directory, e.g. a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the
-        caller's (duplicated; the caller keeps its own). ``memfd=True`` or none of them: a memfd.
-        The memory is a plain file of ``size`` bytes; it is not formatted (peers format it).
+        ``/dev/shm/<name>`` (QEMU's ``-M``; created if missing, unlinked when the server closes,
+        as QEMU's server does, unless ``keep_shm``). ``shm_path``: any file (created if
+        missing, never unlinked). ``shm_dir``: an unnamed temporary file in that directory, e.g.
+        a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the caller's
+        (duplicated; the caller keeps its own). ``memfd=True`` or none of them: a memfd, sealed
+        against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL), so no
+        peer can truncate it under the others. The memory is a plain file of ``size`` bytes; it
+        is not formatted (peers format it).
     size:
         Bytes, or a string with a K/M/G/T suffix; rounded up to a power of two. On a filesystem
         that refuses that size (hugetlbfs and its page size) the next powers of two are tried up
@@ -212,7 +245,9 @@ class Server:
         Seconds :meth:`close` spends delivering the final departure announcements to clients
         that are slow to read.
     raise_fd_limit:
-        Raise this process's RLIMIT_NOFILE soft limit to its hard limit when the server starts.
+        Raise this process's RLIMIT_NOFILE soft limit to its hard limit when the server starts
+        (the command line does; an embedded server leaves the process's limits alone unless
+        asked).
     keep_region:
         The memory of a named shm object or file outlives its server.  By default a pyivshmem
         region found in it when the server starts (a previous server's session) is invalidated:
@@ -221,6 +256,11 @@ class Server:
         :class:`RegionFormatError` / :class:`StaleRegionError` from ``region.check()`` instead of
         silently sharing rings with the new session.  ``keep_region=True`` leaves the memory as it
         is (for a region prepared before the server starts).
+    keep_shm:
+        Leave ``/dev/shm/<shm_name>`` in place when the server closes (by default it is
+        unlinked then, like QEMU's ``ivshmem-server`` does with ``-M``; a server that fails to
+        start unlinks it only if it created it). The unlink is skipped when the name by then
+        points to another object than the one the server opened.
     """
 
     def __init__(
@@ -237,8 +277,9 @@ class Server:
         mode: int = DEFAULT_MODE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         shutdown_timeout: float = 2.0,
-        raise_fd_limit: bool = True,
+        raise_fd_limit: bool = False,
         keep_region: bool = False,
+        keep_shm: bool = False,
     ):
         self._closed = False
         self._listening = False
@@ -283,7 +324,10 @@ class Server:
         self._max_queue = max_queue
         self._shutdown_timeout = float(shutdown_timeout)
         self._keep_region = bool(keep_region)
-        self._raise_fd_limit = raise_fd_limit
+        self._raise_fd_limit = bool(raise_fd_limit)
+        self._keep_shm = bool(keep_shm)
+        self._shm_link: Optional[Tuple[str, int, int]] = None   # (path, dev, ino) to unlink
+        self._shm_created = False
 
         self._ffi, self._lib = _load_ffi()
         self._done = self._ffi.new("unsigned *")
@@ -317,6 +361,7 @@ class Server:
             "setup_failures": 0,
             "messages_sent": 0,
             "max_queue_seen": 0,
+            "coalesced": 0,
         }
 
     # ---------------------------------------------------------------- public properties
@@ -357,7 +402,8 @@ class Server:
     @property
     def stats(self) -> Dict[str, int]:
         """Counters: accepted, disconnected, dropped_overflow, setup_failures, messages_sent,
-        max_queue_seen (longest queue any client had waiting in the server)."""
+        max_queue_seen (most messages any client had waiting in the server), coalesced (joins
+        never sent because the peer left before its client read them)."""
         return dict(self._stats)
 
     def wait_until(
@@ -383,6 +429,7 @@ class Server:
             self._listener = self._bind()
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         except BaseException:
+            self._unlink_shm(failed_start=True)
             self._release_all()
             self._closed = True
             raise
@@ -494,7 +541,7 @@ class Server:
         kind = self._memory_kind
         flags = os.O_RDWR | os.O_CLOEXEC
         if kind == "memfd":
-            fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC)
+            fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             where = "a memfd"
         elif kind == "shm_fd":
             fd = os.dup(self._shm_fd_arg)  # type: ignore[arg-type]
@@ -532,14 +579,35 @@ class Server:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
+            if kind == "shm_name":
+                self._shm_link = (path, st.st_dev, st.st_ino)
+                self._shm_created = created
         try:
             self._size_memory(fd, where)
             if not self._keep_region:
                 self._invalidate_old_region(fd, where)
+            if kind == "memfd":
+                _seal(fd)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _unlink_shm(self, failed_start: bool = False) -> None:
+        """Unlink the -M memory (QEMU's behaviour), only if the name still is our object."""
+        link, self._shm_link = self._shm_link, None
+        if link is None or self._keep_shm or (failed_start and not self._shm_created):
+            return
+        path, dev, ino = link
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+                log.info("unlinked the shared memory %s", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not unlink the shared memory %s: %s", path, exc.strerror)
 
     def _invalidate_old_region(self, fd: int, where: str) -> None:
         """Zero the header of a pyivshmem region left in this memory by an earlier session."""
@@ -676,7 +744,7 @@ class Server:
                     self._stats["dropped_overflow"] += 1
                     log.warning(
                         "peer %d does not read its socket: %d messages waiting (limit %d); "
-                        "disconnecting it", client.id, len(client.queue), client.limit,
+                        "disconnecting it", client.id, client.pending, client.limit,
                     )
                     self._disconnect(client, "queue limit exceeded")
             if self._dirty:
@@ -689,20 +757,34 @@ class Server:
         queue = client.queue
         send = self._lib.ivshm_server_send_msg
         done = self._done
+        fileno = client.fileno
         sent = 0
         rc = 0
         while queue:
-            value, ref = queue[0]
+            item = next(iter(queue.values()))
+            refs = item.refs
+            pos = client.pos
+            if pos >= len(refs):
+                queue.popitem(last=False)
+                client.pos = 0
+                continue
+            ref = refs[pos]
             done[0] = client.done
-            rc = send(client.fileno, value, ref.fd if ref is not None else -1, done)
+            rc = send(fileno, item.value, ref.fd if ref is not None else -1, done)
             if rc != 0:
+                if done[0] and ref is not None:
+                    # the fd went with the first byte: the kernel holds it now
+                    refs[pos] = None
+                    ref.release()
                 client.done = done[0]
                 break
-            queue.popleft()
-            client.done = 0
-            sent += 1
             if ref is not None:
+                refs[pos] = None
                 ref.release()
+            client.pos = pos + 1
+            client.done = 0
+            client.pending -= 1
+            sent += 1
         self._stats["messages_sent"] += sent
         if rc == 0:
             self._set_writing(client, False)
@@ -723,7 +805,7 @@ class Server:
             self._disconnect(client, f"send failed: {os.strerror(-rc)}")
             return
         # the bound applies to what the client leaves unread, not to a burst being delivered
-        if len(queue) > client.limit and client not in self._overflow:
+        if client.pending > client.limit and client not in self._overflow:
             self._overflow.append(client)
 
     def _set_writing(self, client: _Client, on: bool) -> None:
@@ -733,14 +815,60 @@ class Server:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
         self._sel.modify(client.sock, events, client)  # type: ignore[union-attr]
 
-    def _enqueue(self, client: _Client, value: int, ref: Optional[_Fd]) -> None:
+    def _push(self, client: _Client, key: tuple, value: int, refs: List[Optional[_Fd]]) -> None:
+        """Queue ``value`` once per entry of ``refs`` (already acquired for this client)."""
+        if client.dead:
+            for ref in refs:
+                if ref is not None:
+                    ref.release()
+            return
+        client.queue[key] = _Item(value, refs)
+        client.pending += len(refs)
+        self._dirty.add(client)
+        if client.pending > self._stats["max_queue_seen"]:
+            self._stats["max_queue_seen"] = client.pending
+
+    def _send_one(self, client: _Client, value: int, ref: Optional[_Fd] = None) -> None:
+        """Queue one set-up message (never cancelled)."""
+        self._push(client, ("f", next(_seq)), value, [ref.acquire() if ref is not None else None])
+
+    def _announce_join(self, client: _Client, peer: _Client) -> None:
+        """Queue ``peer``'s vectors for ``client`` (one message per vector)."""
+        self._push(client, ("j", peer), peer.id, [ref.acquire() for ref in peer.vectors])
+
+    def _announce_leave(self, client: _Client, gone: _Client) -> None:
+        """Tell ``client`` that ``gone`` left, unless it was never told ``gone`` joined: a join
+        still waiting whole in its queue is cancelled instead (its fds released at once), so a
+        client that does not read holds no fds of peers that are gone and is never told of
+        peers that came and went meanwhile. A join partly delivered loses what was not sent
+        (a leave follows)."""
         if client.dead:
             return
-        client.queue.append((value, ref.acquire() if ref is not None else None))
-        self._dirty.add(client)
-        n = len(client.queue)
-        if n > self._stats["max_queue_seen"]:
-            self._stats["max_queue_seen"] = n
+        key = ("j", gone)
+        item = client.queue.get(key)
+        if item is not None:
+            started = (client.pos or client.done) and next(iter(client.queue)) == key
+            if started:
+                keep = client.pos + (1 if client.done else 0)
+                dropped = item.refs[keep:]
+                del item.refs[keep:]
+            else:
+                dropped = item.refs
+                del client.queue[key]
+            for ref in dropped:
+                if ref is not None:
+                    ref.release()
+            client.pending -= len(dropped)
+            if not started:
+                self._stats["coalesced"] += 1
+                return
+        self._push(client, ("l", gone), gone.id, [None])
+
+    def backlog(self, peer_id: int) -> int:
+        """Messages waiting in the server for ``peer_id`` (not yet handed to its socket);
+        0 for a peer that is not connected."""
+        client = self._clients.get(peer_id)
+        return client.pending if client is not None else 0
 
     # ---------------------------------------------------------------- connections
     def _pause_accept(self) -> None:
@@ -814,17 +942,14 @@ class Server:
             raise
         self._clients[peer_id] = client
         # IVSHMEM.md section 2, steps 1-6, in this order
-        self._enqueue(client, PROTOCOL_VERSION, None)
-        self._enqueue(client, peer_id, None)
-        self._enqueue(client, -1, self._shm)
+        self._send_one(client, PROTOCOL_VERSION)
+        self._send_one(client, peer_id)
+        self._send_one(client, -1, self._shm)
         for other in others:
-            for ref in vectors:
-                self._enqueue(other, peer_id, ref)
+            self._announce_join(other, client)
         for other in others:
-            for ref in other.vectors:
-                self._enqueue(client, other.id, ref)
-        for ref in vectors:
-            self._enqueue(client, peer_id, ref)
+            self._announce_join(client, other)
+        self._announce_join(client, client)
         self._peers_changed()
         log.debug("peer %d connected (%d peers)", peer_id, len(self._clients))
 
@@ -841,13 +966,10 @@ class Server:
         except (KeyError, ValueError):
             pass
         client.sock.close()
-        while client.queue:
-            _value, ref = client.queue.popleft()
-            if ref is not None:
-                ref.release()
+        client.release_queue()
         if announce and not self._shutting_down:
             for other in self._clients.values():
-                self._enqueue(other, client.id, None)
+                self._announce_leave(other, client)
         for ref in client.vectors:
             ref.release()
         client.vectors = []
@@ -877,11 +999,11 @@ class Server:
         for client in clients:
             for other in clients:
                 if other is not client:
-                    self._enqueue(client, other.id, None)
+                    self._announce_leave(client, other)
         deadline = time.monotonic() + self._shutdown_timeout
         try:
             self._flush_dirty()
-            while sel is not None and any(c.queue and not c.dead for c in clients):
+            while sel is not None and any(c.pending and not c.dead for c in clients):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -924,6 +1046,7 @@ class Server:
         if self._shm is not None:
             self._shm.release()
             self._shm = None
+        self._unlink_shm()
         self._listening = False
         self._peers_changed()
 
@@ -1002,6 +1125,15 @@ def _clear_stale_socket(path: str) -> None:
     )
 
 
+def _seal(fd: int) -> None:
+    """Seal a memfd so that no peer can shrink (or grow) it: a shrunk region would kill every
+    other peer with SIGBUS at its next access. F_SEAL_SEAL last, so nobody can lift the rest."""
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+
+
 def _raise_nofile_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -1020,7 +1152,7 @@ def _raise_nofile_limit() -> None:
 _PROG = "pyivshmem-server"
 _USAGE = (
     f"usage: {_PROG} [-h] [-v] [-F] [-p pidfile] [-S socket] [-M shm-name | -m dir] "
-    "[-l size] [-n vectors] [--mode octal] [--max-queue n]"
+    "[-l size] [-n vectors] [--mode octal] [--max-queue n] [--keep-shm]"
 )
 _HELP = f"""{_USAGE}
 
@@ -1032,7 +1164,7 @@ and pyivshmem peers (QEMU ivshmem-server compatible).
   -F              stay in the foreground (default: daemonize and write the pidfile)
   -p pidfile      pidfile in daemon mode (default {DEFAULT_PIDFILE})
   -S socket       UNIX socket path (default {DEFAULT_SOCKET})
-  -M shm-name     POSIX shared memory name, /dev/shm/<name>, never unlinked
+  -M shm-name     POSIX shared memory name, /dev/shm/<name>, unlinked on exit
                   (default {DEFAULT_SHM_NAME})
   -m dir          an unnamed temporary file in dir instead (e.g. a hugetlbfs mount)
   -l size         shared memory size, bytes or K/M/G/T suffix, rounded up to a power of two
@@ -1041,6 +1173,8 @@ and pyivshmem peers (QEMU ivshmem-server compatible).
   --mode octal    permissions of the socket and created files (default {DEFAULT_MODE:04o})
   --max-queue n   messages a client may leave unread before it is disconnected
                   (default {DEFAULT_MAX_QUEUE}, on top of its own start-up messages)
+  --keep-shm      leave the -M shared memory in place on exit (a restarted server then
+                  invalidates the pyivshmem region left in it)
 """
 
 
@@ -1060,7 +1194,7 @@ def _parse_int(text: str, what: str) -> int:
 
 def _parse_args(argv: Sequence[str]) -> dict:
     try:
-        opts, rest = getopt.getopt(list(argv), "hvFp:S:m:M:l:n:", ["help", "mode=", "max-queue="])
+        opts, rest = getopt.getopt(list(argv), "hvFp:S:m:M:l:n:", ["help", "mode=", "max-queue=", "keep-shm"])
     except getopt.GetoptError as exc:
         raise _UsageError(str(exc)) from None
     if rest:
@@ -1069,7 +1203,7 @@ def _parse_args(argv: Sequence[str]) -> dict:
         "help": False, "verbose": False, "foreground": False, "pidfile": DEFAULT_PIDFILE,
         "socket": DEFAULT_SOCKET, "shm_name": DEFAULT_SHM_NAME, "shm_dir": None,
         "size": DEFAULT_SIZE, "vectors": DEFAULT_VECTORS, "mode": DEFAULT_MODE,
-        "max_queue": DEFAULT_MAX_QUEUE,
+        "max_queue": DEFAULT_MAX_QUEUE, "keep_shm": False,
     }
     for opt, val in opts:
         if opt in ("-h", "--help"):
@@ -1101,6 +1235,8 @@ def _parse_args(argv: Sequence[str]) -> dict:
             if m & ~0o7777:
                 raise _UsageError(f"invalid mode {val!r}")
             args["mode"] = m
+        elif opt == "--keep-shm":
+            args["keep_shm"] = True
         elif opt == "--max-queue":
             q = _parse_int(val, "the queue limit")
             if q < 1:
@@ -1204,6 +1340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 vectors=args["vectors"],
                 mode=args["mode"],
                 max_queue=args["max_queue"],
+                raise_fd_limit=True,     # a server process: as many peers as the host allows
+                keep_shm=args["keep_shm"],
             )
             server.listen()
         except (OSError, ValueError) as exc:

@@ -71,6 +71,9 @@ DEFAULT_PIDFILE = "/var/run/ivshmem-server.pid"
 DEFAULT_MODE = 0o600
 #: Messages a client may have waiting in the server beyond its own start-up burst.
 DEFAULT_MAX_QUEUE = 16384
+#: A client with this many messages waiting in the server (at most half its max_queue) is
+#: behind: a peer that joins and leaves meanwhile is never announced to it.
+COALESCE_AFTER = 256
 PROTOCOL_VERSION = 0
 MAX_PEER_ID = 0xFFFF
 #: Largest size accepted (the protocol itself has no limit; this only catches typos like "4E").
@@ -334,6 +337,9 @@ class Server:
         self._efd = self._ffi.new("int *")
 
         self._shm: Optional[_Fd] = None
+        # stands in for the vectors of a peer that left before its join reached a client
+        self._orphan: Optional[_Fd] = None
+        self._coalesce_after = min(COALESCE_AFTER, max(1, max_queue // 2))
         self._listener: Optional[socket.socket] = None
         self._socket_id: Optional[Tuple[int, int]] = None
         self._sel: Optional[selectors.BaseSelector] = None
@@ -403,7 +409,7 @@ class Server:
     def stats(self) -> Dict[str, int]:
         """Counters: accepted, disconnected, dropped_overflow, setup_failures, messages_sent,
         max_queue_seen (most messages any client had waiting in the server), coalesced (joins
-        never sent because the peer left before its client read them)."""
+        never sent to a client that was behind, because the peer left before it read them)."""
         return dict(self._stats)
 
     def wait_until(
@@ -423,6 +429,10 @@ class Server:
             if self._raise_fd_limit:
                 _raise_nofile_limit()
             self._shm = _Fd(self._open_memory())
+            rc = self._lib.ivshm_server_eventfd(self._efd)
+            if rc < 0:
+                raise OSError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
+            self._orphan = _Fd(self._efd[0])
             self._sel = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -837,29 +847,33 @@ class Server:
         self._push(client, ("j", peer), peer.id, [ref.acquire() for ref in peer.vectors])
 
     def _announce_leave(self, client: _Client, gone: _Client) -> None:
-        """Tell ``client`` that ``gone`` left, unless it was never told ``gone`` joined: a join
-        still waiting whole in its queue is cancelled instead (its fds released at once), so a
-        client that does not read holds no fds of peers that are gone and is never told of
-        peers that came and went meanwhile. A join partly delivered loses what was not sent
-        (a leave follows)."""
+        """Tell ``client`` that ``gone`` left.
+
+        The fds of ``gone`` must not outlive it in the server. When its join still waits in
+        ``client``'s queue: a client that keeps up (fewer than ``_coalesce_after`` messages
+        waiting) still gets the whole story, the join carrying a stand-in eventfd that nobody
+        listens to, then the departure; a client that is behind is never told of ``gone`` at
+        all (the join is cancelled), so what waits for it is bounded by the live peers."""
         if client.dead:
             return
         key = ("j", gone)
         item = client.queue.get(key)
         if item is not None:
             started = (client.pos or client.done) and next(iter(client.queue)) == key
-            if started:
-                keep = client.pos + (1 if client.done else 0)
-                dropped = item.refs[keep:]
-                del item.refs[keep:]
+            if started or client.pending < self._coalesce_after:
+                orphan = self._orphan
+                assert orphan is not None
+                refs = item.refs
+                for i, ref in enumerate(refs):
+                    if ref is not None:      # None: sent already, or its fd went with byte 1
+                        refs[i] = orphan.acquire()
+                        ref.release()
             else:
-                dropped = item.refs
                 del client.queue[key]
-            for ref in dropped:
-                if ref is not None:
-                    ref.release()
-            client.pending -= len(dropped)
-            if not started:
+                for ref in item.refs:
+                    if ref is not None:
+                        ref.release()
+                client.pending -= len(item.refs)
                 self._stats["coalesced"] += 1
                 return
         self._push(client, ("l", gone), gone.id, [None])
@@ -1046,6 +1060,9 @@ class Server:
         if self._shm is not None:
             self._shm.release()
             self._shm = None
+        if self._orphan is not None:
+            self._orphan.release()
+            self._orphan = None
         self._unlink_shm()
         self._listening = False
         self._peers_changed()

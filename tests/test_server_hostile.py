@@ -110,21 +110,18 @@ class Watcher:
 
 
 def _check_join_leave_pairs(events: List[Tuple[int, bool]], vectors: int) -> List[int]:
-    """Every peer announced joins with `vectors` consecutive messages carrying fds (fewer only
-    when it left while its join was being delivered), leaves exactly once afterwards (no fd);
-    peers join in increasing id order. Peers that came and went while their join still waited
-    in the server are never announced (coalesced). Returns the ids in join order."""
+    """Every peer announced joins with `vectors` consecutive messages carrying fds, leaves
+    exactly once afterwards (no fd); peers join in increasing id order. Peers that came and
+    went while the watcher was behind may never be announced (coalesced).
+    Returns the ids in join order."""
     ids: List[int] = []
     present = set()
     i = 0
     while i < len(events):
         peer, has_fd = events[i]
         if has_fd:
-            n = 1
-            while n < vectors and i + n < len(events) and events[i + n] == (peer, True):
-                n += 1
-            if n < vectors:   # cut short: its departure must come next
-                assert events[i + n:i + n + 1] == [(peer, False)], events[i:i + n + 1]
+            assert events[i:i + vectors] == [(peer, True)] * vectors, events[i:i + vectors + 1]
+            n = vectors
             assert peer not in present and (not ids or peer > ids[-1]), (peer, ids[-1:])
             present.add(peer)
             ids.append(peer)

@@ -871,10 +871,12 @@ def test_cli_daemon_mode(sock_path, shm_name, tmp_path):
         assert os.path.exists(sock_path)
         with RawClient(sock_path) as c:
             assert c.handshake()[0] == 0
+        assert os.path.exists(f"/dev/shm/{shm_name}")
         os.kill(pid, signal.SIGTERM)
         _wait_for(lambda: not _pid_alive(pid), what="daemon exit")
         assert not os.path.exists(sock_path)
         assert not pidfile.exists()
+        assert not os.path.exists(f"/dev/shm/{shm_name}")   # unlinked by the daemon too
     finally:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -421,13 +421,15 @@ class Server:
 
     # ---------------------------------------------------------------- lifecycle
     def listen(self) -> "Server":
-        """Open the memory and bind the socket (done by start() and serve_forever())."""
+        """Bind the socket and open the memory (done by start() and serve_forever())."""
         self._check_open()
         if self._listening:
             return self
         try:
             if self._raise_fd_limit:
                 _raise_nofile_limit()
+            # the socket first: a server refused for a socket in use leaves memory untouched
+            self._listener = self._bind()
             self._shm = _Fd(self._open_memory())
             rc = self._lib.ivshm_server_eventfd(self._efd)
             if rc < 0:
@@ -436,7 +438,6 @@ class Server:
             self._sel = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            self._listener = self._bind()
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         except BaseException:
             self._unlink_shm(failed_start=True)

@@ -845,6 +845,14 @@ def test_cli_refuses_live_socket(sock_path, shm_name):
         assert r.returncode == 1
         assert "in use" in r.stderr
         assert os.path.exists(sock_path)
+        # the memory was not touched (the socket is checked first)
+        assert not os.path.exists(f"/dev/shm/{shm_name}")
+        with open(f"/dev/shm/{shm_name}", "wb") as f:
+            f.write(b"someone else's")
+        r = _cli("-F", "-S", sock_path, "-M", shm_name, "-l", "4K")
+        assert r.returncode == 1
+        with open(f"/dev/shm/{shm_name}", "rb") as f:
+            assert f.read() == b"someone else's"      # neither unlinked nor resized
 
 
 def _pid_alive(pid: int) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import threading
 import time
@@ -104,6 +105,7 @@ class Peer:
         self._closed = False
         self._sock: Optional[socket.socket] = None
         self._sock_watched = False
+        self._poll: Optional["select.poll"] = None
         self._ws: Optional[WaitSet] = None
         # fileno(): an epoll over _ws and _ready, an eventfd rung while events wait for
         # events(), so a caller's event loop also wakes for messages another call took in
@@ -177,6 +179,8 @@ class Peer:
             self._outer.add(self._ws.fileno(), 0, drain=False)
             self._outer.add(self._ready, 1, drain=False)
             self._sock_watched = True
+            self._poll = select.poll()   # the cheap "anything waiting?" of implicit drains
+            self._poll.register(self._sock.fileno(), select.POLLIN)
             self._setup(deadline, timeout, vectors)
         except BaseException:
             self._closed = True
@@ -419,6 +423,8 @@ class Peer:
         right now, leave it to that thread)."""
         if self._sock is None:
             return
+        if implicit and self._poll is not None and not self._poll.poll(0):
+            return  # nothing waiting (and no EOF): one poll() instead of the whole path
         if not self._lock.acquire(blocking=not implicit):
             return
         try:
@@ -455,6 +461,7 @@ class Peer:
             if self._sock_watched and self._ws is not None and not self._ws.closed:
                 self._ws.remove(sock.fileno())
             self._sock_watched = False
+            self._poll = None
             sock.close()
         lib.ivshm_proto_msg_reset(self._msg)
 

@@ -25,6 +25,7 @@ from pyivshmem.peer import DISCONNECTED, JOINED, LEFT
 from pyivshmem.server import COALESCE_AFTER
 
 from test_server import RawClient, _env, join, open_fd_count
+from test_server_hostile import unread_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -275,3 +276,65 @@ def test_events_that_pile_up_unread_are_compacted(sock_path):
             left = [e.peer for e in events if e.kind == LEFT]
             assert sorted(joined) == sorted(left), (set(joined) ^ set(left), events[-6:])
             assert p.peers == {q.id: 1}
+
+
+@pytest.mark.timeout(120)
+def test_a_client_a_little_behind_hears_of_a_short_lived_peer_without_its_fds(sock_path):
+    """A client whose socket is full but who is less than COALESCE_AFTER messages behind still
+    hears of a peer that came and went meanwhile: its join arrives with a stand-in eventfd
+    (the same one for every vector), then its departure. The server closed that peer's own
+    eventfds when it left."""
+    from test_server import same_eventfd
+
+    vectors = 64
+    with Server(sock_path, size="64K", vectors=vectors) as server:
+        behind = RawClient(sock_path)
+        others: List[RawClient] = []
+        try:
+            assert server.wait_until(lambda p: len(p) == 1, 10)
+
+            def state() -> tuple:
+                return server.backlog(0), unread_bytes(behind.sock)
+
+            while True:              # fill its socket with other peers' joins
+                sent = 8 * (3 + vectors * (len(others) + 1))
+                deadline = time.monotonic() + 10
+                while True:          # everything arrived, or the socket stays full
+                    now = state()
+                    if now == (0, sent):
+                        break
+                    if now[0] > 0 and 0 < now[1] < sent:
+                        time.sleep(0.05)
+                        if state() == now:
+                            break
+                    assert time.monotonic() < deadline, now
+                    time.sleep(0.005)
+                if now[0] > 0:
+                    break
+                c = RawClient(sock_path)
+                c.handshake()
+                others.append(c)
+                assert len(others) < 50
+            before = open_fd_count()
+            with RawClient(sock_path) as brief:
+                brief_id = brief.handshake()[0]
+                assert server.wait_until(lambda p: brief_id in p, 10)
+            assert server.wait_until(lambda p: brief_id not in p, 10)
+            # its 64 eventfds and its socket (both ends) are gone
+            assert open_fd_count() == before
+            assert server.backlog(0) < COALESCE_AFTER
+            assert server.stats["coalesced"] == 0
+            # now it reads: everyone, the short-lived peer included, then its departure
+            assert behind.handshake()[0] == 0
+            assert join(behind, vectors)[0] == 0
+            for c in others:
+                assert join(behind, vectors)[0] != brief_id
+                behind.drop_fds()
+            peer, fds = join(behind, vectors)
+            assert peer == brief_id
+            assert all(same_eventfd(fds[0], fd) for fd in fds[1:])   # one stand-in
+            assert behind.recv_nofd() == brief_id
+        finally:
+            behind.close()
+            for c in others:
+                c.close()

@@ -168,7 +168,10 @@ class Server:
         files keep theirs.
     max_queue:
         Messages a client may have waiting in the server (on top of its own start-up burst)
-        before it is considered stuck: it is then disconnected and its departure announced.
+        before it is considered stuck: it is then disconnected, with a warning, and its
+        departure announced. Before that, announcements it is behind on are coalesced (from
+        ``min(COALESCE_AFTER, max_queue // 2)`` messages waiting): a peer that joins and leaves
+        meanwhile is never announced to it, so what it costs is bounded by the live peers.
     shutdown_timeout:
         Seconds :meth:`close` spends delivering the final departure announcements to clients
         that are slow to read.

@@ -10,9 +10,9 @@ Every message from the server is validated (docs/peer.md lists the rules); anyth
 raises :class:`pyivshmem.ProtocolError` saying what was received and what was expected, and
 every fd that came with it is closed.
 
-Every use of a Peer (:meth:`notify`, :meth:`wait`, :attr:`peers`, :meth:`notify_target`,
-:meth:`events`) first takes in every server message already waiting, so an application that only
-sends never leaves its server queueing announcements for it.  Events are kept for
+Every use of a Peer (:meth:`notify`, :meth:`notify_target`, :meth:`wait`, :meth:`events`) first
+takes in every server message already waiting, so an application that only sends never leaves its
+server queueing announcements for it (:attr:`peers` shows the result of the last such call).  Events are kept for
 :meth:`events`; when many pile up, a peer that joined and left meanwhile is dropped from them.
 
 A Peer is meant to be used from one thread at a time; :meth:`notify` may also be called from
@@ -553,8 +553,9 @@ class Peer:
         return (NOTIFY_EVENTFD, fds[vector], 0)
 
     def fileno(self) -> int:
-        """An epoll fd, readable when one of my vectors fired or a server message is waiting:
-        register it with select/epoll/asyncio, then call wait(0) and events()."""
+        """An epoll fd, readable when one of my vectors fired, a server message is waiting, or
+        events taken in by another call wait for events(): register it with
+        select/epoll/asyncio, then call wait(0) and events()."""
         self._live()
         assert self._outer is not None
         return self._outer.fileno()

@@ -110,7 +110,12 @@ int ivshm_proto_recv(int sock, struct ivshm_proto_msg *msg, int timeout_ms, unsi
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                int r = ivshm_wait_readable(sock, ms_left(deadline), flags, NULL);
+                int left = ms_left(deadline);
+                if (left == 0) {        /* a poll of 0 ms would only say what recvmsg said */
+                    rc = -ETIMEDOUT;
+                    break;
+                }
+                int r = ivshm_wait_readable(sock, left, flags, NULL);
                 if (r < 0) {
                     rc = r;
                     break;

@@ -10,20 +10,30 @@ Every message from the server is validated (docs/peer.md lists the rules); anyth
 raises :class:`pyivshmem.ProtocolError` saying what was received and what was expected, and
 every fd that came with it is closed.
 
-A Peer is meant to be used from one thread at a time; :meth:`notify` only writes to an eventfd
-and may be called from other threads as long as the peer being rung does not leave meanwhile.
+Every use of a Peer (:meth:`notify`, :meth:`notify_target`, :meth:`wait`, :meth:`events`) first
+takes in every server message already waiting, so an application that only sends never leaves its
+server queueing announcements for it (:attr:`peers` shows the result of the last such call).  Events are kept for
+:meth:`events`; when many pile up, a peer that joined and left meanwhile is dropped from them.
+
+A Peer is meant to be used from one thread at a time; :meth:`notify` may also be called from
+other threads as long as the peer being rung does not leave meanwhile.
 """
 from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
+import threading
 import time
 import warnings
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 from ._ffi_doorbell import ffi, lib
 from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
+from .doorbell import drain as doorbell_drain
+from .doorbell import eventfd as doorbell_eventfd
+from .doorbell import ring as doorbell_ring
 from .errors import ClosedError, ConfigError, PeerDisconnected, ProtocolError
 
 if TYPE_CHECKING:
@@ -32,8 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["Peer", "PeerEvent", "JOINED", "LEFT", "DISCONNECTED", "DEFAULT_SOCKET"]
 
 DEFAULT_SOCKET = "/tmp/ivshmem_socket"
-MAX_ID = 65535
-MAX_VECTORS = 64
+#: Protocol limits, from csrc/ivshm_peer.h.
+MAX_ID = int(lib.IVSHM_PROTO_MAX_ID)
+MAX_VECTORS = int(lib.IVSHM_PROTO_MAX_VECTORS)
 #: After my first vector, how long connect() waits for more of mine when no other peer tells
 #: how many to expect (seconds).
 SETUP_QUIET = 0.05
@@ -42,6 +53,9 @@ SETUP_QUIET = 0.05
 JOINED = "joined"
 LEFT = "left"
 DISCONNECTED = "disconnected"
+
+#: Events kept for events() before joined-and-left pairs are dropped (then twice what is left).
+_COMPACT_MIN = 256
 
 _SOCK_TAG = 0x7FFFFFFF  # wait-set tag of the server socket; vectors use their number
 
@@ -91,13 +105,24 @@ class Peer:
         self._closed = False
         self._sock: Optional[socket.socket] = None
         self._sock_watched = False
+        self._poll: Optional["select.poll"] = None
         self._ws: Optional[WaitSet] = None
+        # fileno(): an epoll over _ws and _ready, an eventfd rung while events wait for
+        # events(), so a caller's event loop also wakes for messages another call took in
+        self._outer: Optional[WaitSet] = None
+        self._ready = -1
         self._msg = ffi.new("struct ivshm_proto_msg *")
         lib.ivshm_proto_msg_init(self._msg)
         self._id = -1
         self._own: List[int] = []  # my vector eventfds
         self._peers: Dict[int, List[int]] = {}  # other peer id -> its vector eventfds
+        # Events not yet returned by events().  When they pile up (an application that never
+        # calls events()), a peer that joined and left meanwhile is dropped from the list, so
+        # memory stays bounded by the peers that exist.
         self._pending: List[PeerEvent] = []
+        self._compact_at = _COMPACT_MIN
+        self._error: Optional[ProtocolError] = None  # found by an implicit drain; for events()
+        self._lock = threading.Lock()  # one thread at a time reads the server socket
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
@@ -149,7 +174,13 @@ class Peer:
             self._sock.setblocking(False)
             self._ws = WaitSet()
             self._ws.add(self._sock.fileno(), _SOCK_TAG, drain=False)
+            self._ready = doorbell_eventfd()
+            self._outer = WaitSet()
+            self._outer.add(self._ws.fileno(), 0, drain=False)
+            self._outer.add(self._ready, 1, drain=False)
             self._sock_watched = True
+            self._poll = select.poll()   # the cheap "anything waiting?" of implicit drains
+            self._poll.register(self._sock.fileno(), select.POLLIN)
             self._setup(deadline, timeout, vectors)
         except BaseException:
             self._closed = True
@@ -168,7 +199,6 @@ class Peer:
             if rc == -errno.EINTR:
                 continue  # Python runs its signal handlers here, then we resume
             break
-        so_far = "; received so far: " + (", ".join(got) if got else "nothing")
         if rc == 0:
             m = _Msg(int(msg.value), int(msg.fd))
             msg.fd = -1  # ownership moves to the caller
@@ -176,6 +206,7 @@ class Peer:
             return m
         if rc == -errno.ETIMEDOUT:
             return None
+        so_far = "; received so far: " + (", ".join(got) if got else "nothing")
         if rc == -errno.ECONNRESET:
             part = f" in the middle of a message ({msg.nbytes} of 8 bytes)" if msg.nbytes else ""
             lib.ivshm_proto_msg_reset(msg)
@@ -272,13 +303,11 @@ class Peer:
                                f"more vectors of ours (id {self._id})", [])
             except PeerDisconnected as e:
                 self._drop_server(str(e))
-                self._pending.append(PeerEvent(DISCONNECTED, None))
+                self._note(PeerEvent(DISCONNECTED, None))
                 return
             if m is None:
                 return
-            ev = self._handle(m)
-            if ev is not None:
-                self._pending.append(ev)
+            self._note(self._handle(m))
             if m.value != self._id:
                 return  # the server has moved on to other business
 
@@ -359,25 +388,71 @@ class Peer:
         fds.append(fd)
         return None
 
-    def _drain_server(self, setup_got: Optional[List[str]] = None) -> None:
+    def _note(self, ev: Optional[PeerEvent]) -> None:
+        """Keep an event for events().  Past _compact_at events waiting, coalesce them."""
+        if ev is None:
+            return
+        if not self._pending and self._ready >= 0:
+            doorbell_ring(self._ready)
+        self._pending.append(ev)
+        if len(self._pending) > self._compact_at:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop every join whose departure follows it in the list, and that departure: what is
+        left is at most a departure and a join per peer id.  The next compaction waits until
+        the list has doubled, so appending stays O(1) amortised."""
+        out: List[Optional[PeerEvent]] = []
+        joined: Dict[Optional[int], int] = {}
+        for ev in self._pending:
+            if ev.kind == JOINED:
+                joined[ev.peer] = len(out)
+            elif ev.kind == LEFT and ev.peer in joined:
+                out[joined.pop(ev.peer)] = None
+                continue
+            out.append(ev)
+        self._pending = [ev for ev in out if ev is not None]
+        self._compact_at = max(_COMPACT_MIN, 2 * len(self._pending))
+
+    def _drain_server(self, setup_got: Optional[List[str]] = None, *,
+                      implicit: bool = False) -> None:
         """Handle every message already waiting on the socket (never blocks); events go to the
         pending list.  On EOF the server connection is dropped and a DISCONNECTED event queued;
-        on a protocol violation it is dropped and ProtocolError raised."""
+        on a protocol violation it is dropped and ProtocolError raised (``implicit``: kept
+        for the next events() call instead; and when another thread is reading the socket
+        right now, leave it to that thread)."""
+        if self._sock is None:
+            return
+        if implicit and self._poll is not None and not self._poll.poll(0):
+            return  # nothing waiting (and no EOF): one poll() instead of the whole path
+        if not self._lock.acquire(blocking=not implicit):
+            return
+        try:
+            self._drain_locked(setup_got)
+        except ProtocolError as e:
+            if not implicit:
+                raise
+            self._error = e  # for events(); fileno() turns readable for it
+            if self._ready >= 0:
+                doorbell_ring(self._ready)
+        finally:
+            self._lock.release()
+
+    def _drain_locked(self, setup_got: Optional[List[str]]) -> None:
         while self._sock is not None:
             try:
-                m = self._recv(time.monotonic(), "a peer id", setup_got or [])
+                m = self._recv(0.0, "a peer id", setup_got or [])
                 if m is None:
                     return  # nothing (more) complete queued
                 ev = self._handle(m, got=setup_got)
             except PeerDisconnected as e:
                 self._drop_server(str(e))
-                self._pending.append(PeerEvent(DISCONNECTED, None))
+                self._note(PeerEvent(DISCONNECTED, None))
                 return
             except ProtocolError as e:
                 self._drop_server(f"protocol error: {e}")
                 raise
-            if ev is not None:
-                self._pending.append(ev)
+            self._note(ev)
 
     def _drop_server(self, why: str) -> None:
         self._server_gone = why
@@ -386,6 +461,7 @@ class Peer:
             if self._sock_watched and self._ws is not None and not self._ws.closed:
                 self._ws.remove(sock.fileno())
             self._sock_watched = False
+            self._poll = None
             sock.close()
         lib.ivshm_proto_msg_reset(self._msg)
 
@@ -408,7 +484,9 @@ class Peer:
 
     @property
     def peers(self) -> Dict[int, int]:
-        """The other connected peers: ``{peer_id: number_of_vectors}`` (a copy)."""
+        """The other connected peers: ``{peer_id: number_of_vectors}`` (a copy), as of the
+        last call that took in the server's messages (every call but this one and ``id``,
+        ``vectors``, ``fileno``)."""
         self._live()
         return {pid: len(fds) for pid, fds in sorted(self._peers.items())}
 
@@ -433,8 +511,11 @@ class Peer:
     def notify(self, peer_id: int, vector: int = 0) -> None:
         """Ring ``vector`` of ``peer_id`` (my own id rings myself).
 
-        Raises ConfigError for a peer that is not connected or a vector it does not have."""
+        The server's waiting messages are taken in first (their events wait for events()), so
+        a peer that has left is known to have left.  Raises ConfigError for a peer that is not
+        connected or a vector it does not have."""
         self._live()
+        self._drain_server(implicit=True)
         fds = self._fds_of(peer_id)
         if fds is None:
             raise ConfigError(
@@ -463,25 +544,21 @@ class Peer:
         peer or vector is unknown.  The fd is closed when that peer leaves (a LEFT event) or this
         Peer is closed: stop using it then."""
         self._live()
+        # take in the server's waiting messages first (never blocks; their events still reach
+        # events(), and a protocol error is raised there)
+        self._drain_server(implicit=True)
         fds = self._fds_of(peer_id)
-        if fds is None and self._sock is not None:
-            # A peer we have not heard of may have joined since events() last ran: take in the
-            # server's waiting messages (never blocks; their events still reach events()).
-            try:
-                self._drain_server()
-            except ProtocolError:
-                pass  # the connection was dropped; events() reports it
-            fds = self._fds_of(peer_id)
         if fds is None or not 0 <= vector < len(fds):
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)
 
     def fileno(self) -> int:
-        """An epoll fd, readable when one of my vectors fired or a server message is waiting:
-        register it with select/epoll/asyncio, then call wait(0) and events()."""
+        """An epoll fd, readable when one of my vectors fired, a server message is waiting, or
+        events taken in by another call wait for events(): register it with
+        select/epoll/asyncio, then call wait(0) and events()."""
         self._live()
-        assert self._ws is not None
-        return self._ws.fileno()
+        assert self._outer is not None
+        return self._outer.fileno()
 
     def wait(self, timeout: Optional[float] = None) -> List[int]:
         """Sleep (GIL released) until one of my vectors fires, at most ``timeout`` seconds (None:
@@ -509,23 +586,57 @@ class Peer:
         """Handle the server messages waiting (never blocks); the peers that joined or left since
         the last call, and a DISCONNECTED event when the server closed the connection.
 
+        Every message waiting is handled, however many.  When more than a few hundred events
+        piled up since the last call, a peer that joined and left meanwhile is reported by
+        neither event (memory stays bounded for an application that rarely calls events()).
+
         After the DISCONNECTED event was returned, further calls raise PeerDisconnected.  A server
-        that breaks the protocol raises ProtocolError and the connection to it is dropped (the
-        doorbells of known peers keep working)."""
+        that breaks the protocol raises ProtocolError (also when another call found the error
+        first) and the connection to it is dropped (the doorbells of known peers keep
+        working)."""
         self._live()
-        if self._sock is None and not self._pending:
-            raise PeerDisconnected(
-                f"no longer connected to the ivshmem server at {self._path!r}: {self._server_gone}"
-            )
-        self._drain_server()
-        out, self._pending = self._pending, []
-        # Report each joined peer with its vector count as of now.
-        return [PeerEvent(e.kind, e.peer, len(self._peers.get(e.peer, ())) or e.vectors)
-                if e.kind == JOINED and e.peer is not None else e for e in out]
+        with self._lock:
+            if self._error is not None:
+                err, self._error = self._error, None
+                if self._ready >= 0:
+                    doorbell_drain(self._ready)
+                raise err
+            if self._sock is None and not self._pending:
+                raise PeerDisconnected(
+                    f"no longer connected to the ivshmem server at {self._path!r}: "
+                    f"{self._server_gone}"
+                )
+            if self._sock is not None:
+                self._drain_locked(None)
+            out, self._pending = self._pending, []
+            self._compact_at = _COMPACT_MIN
+            if self._ready >= 0:
+                doorbell_drain(self._ready)   # rung by _note for what we now return
+        # Report each joined peer with its vector count: as of its departure when it left
+        # since, as of now otherwise.
+        result: List[PeerEvent] = []
+        left_with: Dict[Optional[int], int] = {}
+        for e in reversed(out):
+            if e.kind == LEFT:
+                left_with[e.peer] = e.vectors
+            elif e.kind == JOINED:
+                n = left_with.pop(e.peer, None)
+                if n is None:
+                    n = len(self._peers.get(e.peer, ())) or e.vectors  # type: ignore[arg-type]
+                e = PeerEvent(JOINED, e.peer, n)
+            result.append(e)
+        result.reverse()
+        return result
 
     # ------------------------------------------------------------------ closing
     def _release(self) -> None:
         self._drop_server(self._server_gone or "closed")
+        if self._outer is not None:
+            self._outer.close()
+            self._outer = None
+        if self._ready >= 0:
+            _close(self._ready)
+            self._ready = -1
         if self._ws is not None:
             self._ws.close()
             self._ws = None

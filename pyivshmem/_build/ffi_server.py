@@ -1,4 +1,5 @@
-"""cffi (API mode, out-of-line) build of pyivshmem._ffi_server: the server's send side."""
+"""cffi (API mode, out-of-line) build of pyivshmem._ffi_server: the server's send side, and the
+protocol and layout constants the server needs (from csrc/ivshm_peer.h and csrc/ivshm_layout.h)."""
 import importlib.util
 import os
 
@@ -22,6 +23,14 @@ compile_flags = _helpers.compile_flags
 ffibuilder = FFI()
 ffibuilder.cdef(
     """
+    #define IVSHM_SERVER_MSG_SIZE ...
+    #define IVSHM_PROTO_VERSION ...
+    #define IVSHM_PROTO_MAX_ID ...
+    #define IVSHM_PROTO_MAX_VECTORS ...
+    #define IVSHM_MAGIC ...
+    #define IVSHM_MAGIC_FORMATTING ...
+    #define IVSHM_HDR_SIZE ...
+
     int ivshm_server_send_msg(int sock, int64_t value, int fd, unsigned *done);
     int ivshm_server_eventfd(int *fd_out);
     """
@@ -29,7 +38,8 @@ ffibuilder.cdef(
 _cflags, _ldflags = compile_flags()
 ffibuilder.set_source(
     "pyivshmem._ffi_server",
-    '#include "ivshm_server.h"',
+    # the protocol's and the layout's constants come from the headers, not from copies
+    '#include "ivshm_server.h"\n#include "ivshm_peer.h"\n#include "ivshm_layout.h"\n',
     # relative: setuptools refuses absolute source paths (cffi runs this from setup.py's dir)
     sources=[os.path.relpath(os.path.join(CSRC, "ivshm_server.c"))],
     include_dirs=[CSRC],

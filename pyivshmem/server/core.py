@@ -1,48 +1,39 @@
-"""The ivshmem server: a drop-in for QEMU's ``ivshmem-server``, also embeddable in a Python program.
+"""The ivshmem server's protocol core: accepting clients, handing out the memory and eventfds,
+announcing peers, and keeping what a slow client costs bounded.
 
 The server hands every client (a QEMU ``ivshmem-doorbell`` device or a host :class:`Peer`) the
 shared memory file descriptor, a peer id and one eventfd per vector for itself and for every other
-peer, and announces peers joining and leaving (IVSHMEM.md section 2). Unlike the reference server
-it never blocks on a client and never drops a message: every client has its own outgoing queue,
-drained when its socket becomes writable, and a client whose queue grows beyond a bound is
-disconnected (and its departure announced) instead of holding the others back.
-
-Embedded use::
-
-    with Server("/run/myapp/ivshmem.sock", size="16M", vectors=2) as server:
-        ...                 # the loop runs in a background thread
-        print(server.peers)
-
-Command line (``pyivshmem-server`` or ``pyivshmem server``): QEMU's flags, see :func:`main`.
+peer, and announces peers joining and leaving (IVSHMEM.md section 2). It never blocks on a client:
+every client has its own outgoing queue, drained when its socket becomes writable. Announcements
+a client is behind on are coalesced (docs/server.md, "Slow clients"), and a client whose backlog
+still grows beyond a bound is disconnected (and its departure announced) instead of holding the
+others back.
 """
 from __future__ import annotations
 
 import atexit
 import collections
 import errno
-import getopt
+import itertools
 import logging
 import os
-import re
 import resource
 import selectors
 import signal
 import socket
 import stat
-import sys
-import tempfile
 import threading
 import time
 import warnings
 import weakref
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
-from .errors import ClosedError, ConfigError
+from ..errors import ClosedError, ConfigError
+from ._ffi import ffi, lib
+from .memory import Memory, path_error
 
 __all__ = [
     "Server",
-    "main",
-    "parse_qemu_size",
     "DEFAULT_SOCKET",
     "DEFAULT_SHM_NAME",
     "DEFAULT_SIZE",
@@ -51,88 +42,29 @@ __all__ = [
     "DEFAULT_PIDFILE",
     "DEFAULT_MODE",
     "DEFAULT_MAX_QUEUE",
+    "COALESCE_AFTER",
 ]
 
 log = logging.getLogger("pyivshmem.server")
-
-# From csrc/ivshm_layout.h: a formatted region's magic ("PYIVSHM1"), the magic while a peer is
-# formatting it, and the header's size.
-_REGION_MAGIC = 0x314D485356495950
-_REGION_FORMATTING = 0x2A2A2A2A2A2A2A2A
-_REGION_HDR_SIZE = 4096
 
 DEFAULT_SOCKET = "/tmp/ivshmem_socket"
 DEFAULT_SHM_NAME = "ivshmem"
 DEFAULT_SIZE = 4 << 20
 DEFAULT_VECTORS = 1
-MAX_VECTORS = 64
+# csrc/ivshm_peer.h: the protocol's version and limits
+PROTOCOL_VERSION = int(lib.IVSHM_PROTO_VERSION)
+MAX_PEER_ID = int(lib.IVSHM_PROTO_MAX_ID)
+MAX_VECTORS = int(lib.IVSHM_PROTO_MAX_VECTORS)
 DEFAULT_PIDFILE = "/var/run/ivshmem-server.pid"
 DEFAULT_MODE = 0o600
 #: Messages a client may have waiting in the server beyond its own start-up burst.
 DEFAULT_MAX_QUEUE = 16384
-PROTOCOL_VERSION = 0
-MAX_PEER_ID = 0xFFFF
-#: Largest size accepted (the protocol itself has no limit; this only catches typos like "4E").
-MAX_SIZE = 1 << 48
-_SHM_DIR = "/dev/shm"
+#: A client with this many messages waiting in the server (at most half its max_queue) is
+#: behind: a peer that joins and leaves meanwhile is never announced to it.
+COALESCE_AFTER = 256
 _ACCEPT_BATCH = 64
 _ACCEPT_PAUSE = 0.1      # seconds without accepting after running out of fds
 _RETRY_INTERVAL = 0.05   # seconds between retries of a send the kernel refused for now
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes
-# --------------------------------------------------------------------------------------------
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)\s*$")
-_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-
-
-def parse_qemu_size(value: Union[int, str]) -> int:
-    """Parse a size the way QEMU's ``-l`` does: bytes, or K/M/G/T (powers of 1024), fractions
-    allowed with a suffix ("1.5M"). The result is NOT rounded; see :func:`round_up_pow2`."""
-    if isinstance(value, bool):
-        raise ConfigError(f"invalid size {value!r}")
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        if not m:
-            raise ConfigError(
-                f"invalid size {value!r}: expected a number of bytes with an optional "
-                "K, M, G or T suffix (powers of 1024), e.g. 4M"
-            )
-        number, suffix = m.group(1), m.group(2).lower()
-        shift = _SUFFIX[suffix]
-        if "." in number:
-            if not suffix or suffix == "b":
-                raise ConfigError(f"invalid size {value!r}: a fraction needs a K/M/G/T suffix")
-            size = int(float(number) * (1 << shift))
-        else:
-            size = int(number) << shift
-    if size <= 0:
-        raise ConfigError(f"invalid size {value!r}: the shared memory size must be positive")
-    if size > MAX_SIZE:
-        raise ConfigError(f"invalid size {value!r}: larger than {MAX_SIZE >> 40} TiB")
-    return size
-
-
-def round_up_pow2(size: int) -> int:
-    """The smallest power of two >= size (QEMU requires a power-of-two BAR2)."""
-    return 1 << (size - 1).bit_length() if size > 1 else 1
-
-
-# --------------------------------------------------------------------------------------------
-# The C send side
-# --------------------------------------------------------------------------------------------
-def _load_ffi():
-    try:
-        from . import _ffi_server  # type: ignore[attr-defined]
-    except ImportError as exc:  # pragma: no cover - only without a build
-        raise ImportError(
-            "pyivshmem._ffi_server is not built: run `python setup.py build_ext --inplace` "
-            "in the source tree, or install the package"
-        ) from exc
-    return _ffi_server.ffi, _ffi_server.lib
 
 
 class _Fd:
@@ -158,10 +90,23 @@ class _Fd:
             os.close(fd)
 
 
+class _Item:
+    """One entry of a client's outgoing queue: ``value`` sent once per entry of ``refs``, each
+    time with that fd (None: without an fd). A join is one item (one message per vector), so
+    a departure can cancel it whole; a join of a server without vectors is an empty item,
+    which still orders the departure after it."""
+
+    __slots__ = ("value", "refs")
+
+    def __init__(self, value: int, refs: List[Optional[_Fd]]):
+        self.value = value
+        self.refs = refs
+
+
 class _Client:
     __slots__ = (
-        "id", "sock", "fileno", "vectors", "queue", "done", "limit", "writing", "dead",
-        "retry",
+        "id", "sock", "fileno", "vectors", "queue", "pos", "done", "pending", "limit",
+        "writing", "dead", "retry",
     )
 
     def __init__(self, peer_id: int, sock: socket.socket, vectors: List[_Fd], limit: int):
@@ -169,15 +114,28 @@ class _Client:
         self.sock = sock
         self.fileno = sock.fileno()
         self.vectors = vectors
-        self.queue: Deque[Tuple[int, Optional[_Fd]]] = collections.deque()
+        # Keys: ("j", peer) its join, ("l", peer) its departure, ("f", n) a set-up message.
+        # At most one join and one departure per other peer are ever waiting (a departure
+        # cancels a join not yet started), so the queue is bounded by the live peers.
+        self.queue: "collections.OrderedDict[tuple, _Item]" = collections.OrderedDict()
+        self.pos = 0           # messages of the head item already sent
         self.done = 0          # bytes of the head message already sent
-        self.limit = limit     # queue length beyond which the client is dropped
+        self.pending = 0       # messages waiting, in all items
+        self.limit = limit     # pending messages beyond which the client is dropped
         self.writing = False   # registered for EVENT_WRITE
         self.dead = False
         self.retry = False     # in the retry set (kernel said ETOOMANYREFS/ENOBUFS)
 
+    def release_queue(self) -> None:
+        for item in self.queue.values():
+            for ref in item.refs:
+                if ref is not None:
+                    ref.release()
+        self.queue.clear()
+        self.pos = self.done = self.pending = 0
 
-_MEMORY_KINDS = ("memfd", "shm_name", "shm_path", "shm_dir", "shm_fd")
+
+_seq = itertools.count()
 
 
 class Server:
@@ -191,11 +149,14 @@ class Server:
         symlink) is never touched and is refused as well.
     shm_name, shm_path, shm_dir, shm_fd, memfd:
         Where the shared memory lives; at most one. ``shm_name``: POSIX shared memory
-        ``/dev/shm/<name>`` (QEMU's ``-M``; created if missing, never unlinked). ``shm_path``: any
-        file (created if missing, never unlinked). ``shm_dir``: an unnamed temporary file in that
-        directory, e.g. a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the
-        caller's (duplicated; the caller keeps its own). ``memfd=True`` or none of them: a memfd.
-        The memory is a plain file of ``size`` bytes; it is not formatted (peers format it).
+        ``/dev/shm/<name>`` (QEMU's ``-M``; created if missing, unlinked when the server closes,
+        as QEMU's server does, unless ``keep_shm``). ``shm_path``: any file (created if
+        missing, never unlinked). ``shm_dir``: an unnamed temporary file in that directory, e.g.
+        a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the caller's
+        (duplicated; the caller keeps its own). ``memfd=True`` or none of them: a memfd, sealed
+        against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL), so no
+        peer can truncate it under the others. The memory is a plain file of ``size`` bytes; it
+        is not formatted (peers format it).
     size:
         Bytes, or a string with a K/M/G/T suffix; rounded up to a power of two. On a filesystem
         that refuses that size (hugetlbfs and its page size) the next powers of two are tried up
@@ -207,12 +168,17 @@ class Server:
         files keep theirs.
     max_queue:
         Messages a client may have waiting in the server (on top of its own start-up burst)
-        before it is considered stuck: it is then disconnected and its departure announced.
+        before it is considered stuck: it is then disconnected, with a warning, and its
+        departure announced. Before that, announcements it is behind on are coalesced (from
+        ``min(COALESCE_AFTER, max_queue // 2)`` messages waiting): a peer that joins and leaves
+        meanwhile is never announced to it, so what it costs is bounded by the live peers.
     shutdown_timeout:
         Seconds :meth:`close` spends delivering the final departure announcements to clients
         that are slow to read.
     raise_fd_limit:
-        Raise this process's RLIMIT_NOFILE soft limit to its hard limit when the server starts.
+        Raise this process's RLIMIT_NOFILE soft limit to its hard limit when the server starts
+        (the command line does; an embedded server leaves the process's limits alone unless
+        asked).
     keep_region:
         The memory of a named shm object or file outlives its server.  By default a pyivshmem
         region found in it when the server starts (a previous server's session) is invalidated:
@@ -221,6 +187,11 @@ class Server:
         :class:`RegionFormatError` / :class:`StaleRegionError` from ``region.check()`` instead of
         silently sharing rings with the new session.  ``keep_region=True`` leaves the memory as it
         is (for a region prepared before the server starts).
+    keep_shm:
+        Leave ``/dev/shm/<shm_name>`` in place when the server closes (by default it is
+        unlinked then, like QEMU's ``ivshmem-server`` does with ``-M``; a server that fails to
+        start unlinks it only if it created it). The unlink is skipped when the name by then
+        points to another object than the one the server opened.
     """
 
     def __init__(
@@ -237,27 +208,12 @@ class Server:
         mode: int = DEFAULT_MODE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         shutdown_timeout: float = 2.0,
-        raise_fd_limit: bool = True,
+        raise_fd_limit: bool = False,
         keep_region: bool = False,
+        keep_shm: bool = False,
     ):
         self._closed = False
         self._listening = False
-        chosen = [
-            k for k, v in (
-                ("shm_name", shm_name), ("shm_path", shm_path), ("shm_dir", shm_dir),
-                ("shm_fd", shm_fd),
-            ) if v is not None
-        ] + (["memfd"] if memfd else [])
-        if len(chosen) > 1:
-            raise ConfigError(f"choose one kind of shared memory, not {' and '.join(chosen)}")
-        self._memory_kind = chosen[0] if chosen else "memfd"
-        if shm_name is not None:
-            if not shm_name or "/" in shm_name.strip("/") or shm_name.strip("/") in (".", ".."):
-                raise ConfigError(
-                    f"invalid shared memory name {shm_name!r}: give a plain name such as "
-                    "'ivshmem' (it becomes /dev/shm/<name>)"
-                )
-            shm_name = shm_name.strip("/")
         if isinstance(vectors, bool) or not isinstance(vectors, int):
             raise ConfigError(f"vectors must be an integer, not {vectors!r}")
         if not 0 <= vectors <= MAX_VECTORS:
@@ -272,24 +228,24 @@ class Server:
                 f"socket path {self._socket_path!r} is empty or longer than the 107 bytes a "
                 "UNIX socket address holds; choose a shorter path"
             )
-        self._shm_name = shm_name
-        self._shm_path = os.fspath(shm_path) if shm_path is not None else None
-        self._shm_dir = os.fspath(shm_dir) if shm_dir is not None else None
-        self._shm_fd_arg = shm_fd
-        self._requested_size = parse_qemu_size(size)
-        self._size = round_up_pow2(self._requested_size)
+        self._memory = Memory(
+            shm_name=shm_name, shm_path=shm_path, shm_dir=shm_dir, shm_fd=shm_fd, memfd=memfd,
+            size=size, mode=mode, keep_region=keep_region, keep_shm=keep_shm,
+        )
         self._vectors = vectors
         self._mode = mode
         self._max_queue = max_queue
         self._shutdown_timeout = float(shutdown_timeout)
-        self._keep_region = bool(keep_region)
-        self._raise_fd_limit = raise_fd_limit
+        self._raise_fd_limit = bool(raise_fd_limit)
 
-        self._ffi, self._lib = _load_ffi()
+        self._ffi, self._lib = ffi, lib
         self._done = self._ffi.new("unsigned *")
         self._efd = self._ffi.new("int *")
 
         self._shm: Optional[_Fd] = None
+        # stands in for the vectors of a peer that left before its join reached a client
+        self._orphan: Optional[_Fd] = None
+        self._coalesce_after = min(COALESCE_AFTER, max(1, max_queue // 2))
         self._listener: Optional[socket.socket] = None
         self._socket_id: Optional[Tuple[int, int]] = None
         self._sel: Optional[selectors.BaseSelector] = None
@@ -317,6 +273,7 @@ class Server:
             "setup_failures": 0,
             "messages_sent": 0,
             "max_queue_seen": 0,
+            "coalesced": 0,
         }
 
     # ---------------------------------------------------------------- public properties
@@ -327,7 +284,7 @@ class Server:
     @property
     def size(self) -> int:
         """The shared memory size in bytes (a power of two)."""
-        return self._size
+        return self._memory.size
 
     @property
     def vectors(self) -> int:
@@ -357,7 +314,8 @@ class Server:
     @property
     def stats(self) -> Dict[str, int]:
         """Counters: accepted, disconnected, dropped_overflow, setup_failures, messages_sent,
-        max_queue_seen (longest queue any client had waiting in the server)."""
+        max_queue_seen (most messages any client had waiting in the server), coalesced (joins
+        never sent to a client that was behind, because the peer left before it read them)."""
         return dict(self._stats)
 
     def wait_until(
@@ -369,27 +327,33 @@ class Server:
 
     # ---------------------------------------------------------------- lifecycle
     def listen(self) -> "Server":
-        """Open the memory and bind the socket (done by start() and serve_forever())."""
+        """Bind the socket and open the memory (done by start() and serve_forever())."""
         self._check_open()
         if self._listening:
             return self
         try:
             if self._raise_fd_limit:
                 _raise_nofile_limit()
-            self._shm = _Fd(self._open_memory())
+            # the socket first: a server refused for a socket in use leaves memory untouched
+            self._listener = self._bind()
+            self._shm = _Fd(self._memory.open())
+            rc = self._lib.ivshm_server_eventfd(self._efd)
+            if rc < 0:
+                raise OSError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
+            self._orphan = _Fd(self._efd[0])
             self._sel = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            self._listener = self._bind()
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         except BaseException:
+            self._memory.unlink(failed_start=True)
             self._release_all()
             self._closed = True
             raise
         self._listening = True
         log.info(
             "listening on %s: %d bytes of shared memory, %d vector(s)",
-            self._socket_path, self._size, self._vectors,
+            self._socket_path, self._memory.size, self._vectors,
         )
         return self
 
@@ -473,7 +437,7 @@ class Server:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self.running else "idle")
         return (
-            f"<pyivshmem.Server {self._socket_path!r} size={self._size} "
+            f"<pyivshmem.Server {self._socket_path!r} size={self._memory.size} "
             f"vectors={self._vectors} peers={len(self._peer_ids)} {state}>"
         )
 
@@ -489,90 +453,7 @@ class Server:
             except OSError:
                 pass
 
-    # ---------------------------------------------------------------- memory and socket
-    def _open_memory(self) -> int:
-        kind = self._memory_kind
-        flags = os.O_RDWR | os.O_CLOEXEC
-        if kind == "memfd":
-            fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC)
-            where = "a memfd"
-        elif kind == "shm_fd":
-            fd = os.dup(self._shm_fd_arg)  # type: ignore[arg-type]
-            os.set_inheritable(fd, False)
-            where = f"fd {self._shm_fd_arg}"
-        elif kind == "shm_dir":
-            try:
-                fd, tmp = tempfile.mkstemp(prefix="ivshmem.", dir=self._shm_dir)
-            except OSError as exc:
-                raise _path_error(exc, "cannot create a file in directory", self._shm_dir) from exc
-            os.unlink(tmp)
-            where = f"an unlinked file in {self._shm_dir}"
-            if self._mode != 0o600:
-                os.fchmod(fd, self._mode)
-        else:
-            if kind == "shm_name":
-                assert self._shm_name is not None
-                path = os.path.join(_SHM_DIR, self._shm_name)
-            else:
-                assert self._shm_path is not None
-                path = self._shm_path
-            try:
-                try:
-                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self._mode)
-                    created = True
-                except FileExistsError:
-                    fd = os.open(path, flags | os.O_NOFOLLOW)
-                    created = False
-            except OSError as exc:
-                raise _path_error(exc, "cannot open the shared memory file", path) from exc
-            if created:
-                os.fchmod(fd, self._mode)       # exactly the mode asked, whatever the umask
-            where = path
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
-        try:
-            self._size_memory(fd, where)
-            if not self._keep_region:
-                self._invalidate_old_region(fd, where)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _invalidate_old_region(self, fd: int, where: str) -> None:
-        """Zero the header of a pyivshmem region left in this memory by an earlier session."""
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8 or int.from_bytes(head, "little") not in (_REGION_MAGIC,
-                                                                     _REGION_FORMATTING):
-            return
-        os.pwrite(fd, bytes(_REGION_HDR_SIZE), 0)
-        log.info("invalidated the pyivshmem region left in %s by an earlier session: peers "
-                 "format a fresh one (keep_region=True keeps it)", where)
-
-    def _size_memory(self, fd: int, where: str) -> None:
-        size = self._size
-        if os.fstat(fd).st_size == size:
-            return
-        while True:
-            try:
-                os.ftruncate(fd, size)
-                break
-            except OSError as exc:
-                # hugetlbfs only takes multiples of its page size: try the next powers of two
-                if exc.errno == errno.EINVAL and size < (1 << 30):
-                    size <<= 1
-                    continue
-                raise OSError(
-                    exc.errno,
-                    f"cannot size the shared memory ({where}) to {self._size} bytes: "
-                    f"{os.strerror(exc.errno or 0)}",
-                ) from exc
-        if size != self._size:
-            log.warning("%s only accepted a size of %d bytes (asked %d)", where, size, self._size)
-            self._size = size
-
+    # ---------------------------------------------------------------- socket
     def _bind(self) -> socket.socket:
         path = self._socket_path
         _clear_stale_socket(path)
@@ -589,7 +470,7 @@ class Server:
                         f"{path} appeared while the server was starting (another server?); "
                         "stop it or choose another socket path (-S)"
                     ) from exc
-                raise _path_error(exc, "cannot bind the socket", path) from exc
+                raise path_error(exc, "cannot bind the socket", path) from exc
             st = os.lstat(path)
             self._socket_id = (st.st_dev, st.st_ino)
             if stat.S_IMODE(st.st_mode) != self._mode and stat.S_ISSOCK(st.st_mode):
@@ -676,7 +557,7 @@ class Server:
                     self._stats["dropped_overflow"] += 1
                     log.warning(
                         "peer %d does not read its socket: %d messages waiting (limit %d); "
-                        "disconnecting it", client.id, len(client.queue), client.limit,
+                        "disconnecting it", client.id, client.pending, client.limit,
                     )
                     self._disconnect(client, "queue limit exceeded")
             if self._dirty:
@@ -689,20 +570,34 @@ class Server:
         queue = client.queue
         send = self._lib.ivshm_server_send_msg
         done = self._done
+        fileno = client.fileno
         sent = 0
         rc = 0
         while queue:
-            value, ref = queue[0]
+            item = next(iter(queue.values()))
+            refs = item.refs
+            pos = client.pos
+            if pos >= len(refs):
+                queue.popitem(last=False)
+                client.pos = 0
+                continue
+            ref = refs[pos]
             done[0] = client.done
-            rc = send(client.fileno, value, ref.fd if ref is not None else -1, done)
+            rc = send(fileno, item.value, ref.fd if ref is not None else -1, done)
             if rc != 0:
+                if done[0] and ref is not None:
+                    # the fd went with the first byte: the kernel holds it now
+                    refs[pos] = None
+                    ref.release()
                 client.done = done[0]
                 break
-            queue.popleft()
-            client.done = 0
-            sent += 1
             if ref is not None:
+                refs[pos] = None
                 ref.release()
+            client.pos = pos + 1
+            client.done = 0
+            client.pending -= 1
+            sent += 1
         self._stats["messages_sent"] += sent
         if rc == 0:
             self._set_writing(client, False)
@@ -723,7 +618,7 @@ class Server:
             self._disconnect(client, f"send failed: {os.strerror(-rc)}")
             return
         # the bound applies to what the client leaves unread, not to a burst being delivered
-        if len(queue) > client.limit and client not in self._overflow:
+        if client.pending > client.limit and client not in self._overflow:
             self._overflow.append(client)
 
     def _set_writing(self, client: _Client, on: bool) -> None:
@@ -733,14 +628,64 @@ class Server:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
         self._sel.modify(client.sock, events, client)  # type: ignore[union-attr]
 
-    def _enqueue(self, client: _Client, value: int, ref: Optional[_Fd]) -> None:
+    def _push(self, client: _Client, key: tuple, value: int, refs: List[Optional[_Fd]]) -> None:
+        """Queue ``value`` once per entry of ``refs`` (already acquired for this client)."""
+        if client.dead:
+            for ref in refs:
+                if ref is not None:
+                    ref.release()
+            return
+        client.queue[key] = _Item(value, refs)
+        client.pending += len(refs)
+        self._dirty.add(client)
+        if client.pending > self._stats["max_queue_seen"]:
+            self._stats["max_queue_seen"] = client.pending
+
+    def _send_one(self, client: _Client, value: int, ref: Optional[_Fd] = None) -> None:
+        """Queue one set-up message (never cancelled)."""
+        self._push(client, ("f", next(_seq)), value, [ref.acquire() if ref is not None else None])
+
+    def _announce_join(self, client: _Client, peer: _Client) -> None:
+        """Queue ``peer``'s vectors for ``client`` (one message per vector)."""
+        self._push(client, ("j", peer), peer.id, [ref.acquire() for ref in peer.vectors])
+
+    def _announce_leave(self, client: _Client, gone: _Client) -> None:
+        """Tell ``client`` that ``gone`` left.
+
+        The fds of ``gone`` must not outlive it in the server. When its join still waits in
+        ``client``'s queue: a client that keeps up (fewer than ``_coalesce_after`` messages
+        waiting) still gets the whole story, the join carrying a stand-in eventfd that nobody
+        listens to, then the departure; a client that is behind is never told of ``gone`` at
+        all (the join is cancelled), so what waits for it is bounded by the live peers."""
         if client.dead:
             return
-        client.queue.append((value, ref.acquire() if ref is not None else None))
-        self._dirty.add(client)
-        n = len(client.queue)
-        if n > self._stats["max_queue_seen"]:
-            self._stats["max_queue_seen"] = n
+        key = ("j", gone)
+        item = client.queue.get(key)
+        if item is not None:
+            started = (client.pos or client.done) and next(iter(client.queue)) == key
+            if started or client.pending < self._coalesce_after:
+                orphan = self._orphan
+                assert orphan is not None
+                refs = item.refs
+                for i, ref in enumerate(refs):
+                    if ref is not None:      # None: sent already, or its fd went with byte 1
+                        refs[i] = orphan.acquire()
+                        ref.release()
+            else:
+                del client.queue[key]
+                for ref in item.refs:
+                    if ref is not None:
+                        ref.release()
+                client.pending -= len(item.refs)
+                self._stats["coalesced"] += 1
+                return
+        self._push(client, ("l", gone), gone.id, [None])
+
+    def backlog(self, peer_id: int) -> int:
+        """Messages waiting in the server for ``peer_id`` (not yet handed to its socket);
+        0 for a peer that is not connected."""
+        client = self._clients.get(peer_id)
+        return client.pending if client is not None else 0
 
     # ---------------------------------------------------------------- connections
     def _pause_accept(self) -> None:
@@ -814,17 +759,14 @@ class Server:
             raise
         self._clients[peer_id] = client
         # IVSHMEM.md section 2, steps 1-6, in this order
-        self._enqueue(client, PROTOCOL_VERSION, None)
-        self._enqueue(client, peer_id, None)
-        self._enqueue(client, -1, self._shm)
+        self._send_one(client, PROTOCOL_VERSION)
+        self._send_one(client, peer_id)
+        self._send_one(client, -1, self._shm)
         for other in others:
-            for ref in vectors:
-                self._enqueue(other, peer_id, ref)
+            self._announce_join(other, client)
         for other in others:
-            for ref in other.vectors:
-                self._enqueue(client, other.id, ref)
-        for ref in vectors:
-            self._enqueue(client, peer_id, ref)
+            self._announce_join(client, other)
+        self._announce_join(client, client)
         self._peers_changed()
         log.debug("peer %d connected (%d peers)", peer_id, len(self._clients))
 
@@ -841,13 +783,10 @@ class Server:
         except (KeyError, ValueError):
             pass
         client.sock.close()
-        while client.queue:
-            _value, ref = client.queue.popleft()
-            if ref is not None:
-                ref.release()
+        client.release_queue()
         if announce and not self._shutting_down:
             for other in self._clients.values():
-                self._enqueue(other, client.id, None)
+                self._announce_leave(other, client)
         for ref in client.vectors:
             ref.release()
         client.vectors = []
@@ -877,11 +816,11 @@ class Server:
         for client in clients:
             for other in clients:
                 if other is not client:
-                    self._enqueue(client, other.id, None)
+                    self._announce_leave(client, other)
         deadline = time.monotonic() + self._shutdown_timeout
         try:
             self._flush_dirty()
-            while sel is not None and any(c.queue and not c.dead for c in clients):
+            while sel is not None and any(c.pending and not c.dead for c in clients):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -924,6 +863,10 @@ class Server:
         if self._shm is not None:
             self._shm.release()
             self._shm = None
+        if self._orphan is not None:
+            self._orphan.release()
+            self._orphan = None
+        self._memory.unlink()
         self._listening = False
         self._peers_changed()
 
@@ -951,17 +894,6 @@ def _drain(fd: int) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
-
-
-def _path_error(exc: OSError, what: str, path) -> Exception:
-    if isinstance(exc, PermissionError):
-        return PermissionError(
-            exc.errno, f"{what} {path}: permission denied (check its owner and mode, or run "
-            "as a user allowed to write there)"
-        )
-    if exc.errno == errno.ELOOP:
-        return ConfigError(f"{what} {path}: it is a symbolic link, which the server never follows")
-    return OSError(exc.errno, f"{what} {path}: {exc.strerror}")
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -1014,232 +946,3 @@ def _raise_nofile_limit() -> None:
         log.debug("could not raise the open-file limit: %s", exc)
 
 
-# --------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------
-_PROG = "pyivshmem-server"
-_USAGE = (
-    f"usage: {_PROG} [-h] [-v] [-F] [-p pidfile] [-S socket] [-M shm-name | -m dir] "
-    "[-l size] [-n vectors] [--mode octal] [--max-queue n]"
-)
-_HELP = f"""{_USAGE}
-
-ivshmem server: hands shared memory and doorbell eventfds to QEMU ivshmem-doorbell devices
-and pyivshmem peers (QEMU ivshmem-server compatible).
-
-  -h, --help      show this help and exit
-  -v              verbose (debug) logging; needs -F
-  -F              stay in the foreground (default: daemonize and write the pidfile)
-  -p pidfile      pidfile in daemon mode (default {DEFAULT_PIDFILE})
-  -S socket       UNIX socket path (default {DEFAULT_SOCKET})
-  -M shm-name     POSIX shared memory name, /dev/shm/<name>, never unlinked
-                  (default {DEFAULT_SHM_NAME})
-  -m dir          an unnamed temporary file in dir instead (e.g. a hugetlbfs mount)
-  -l size         shared memory size, bytes or K/M/G/T suffix, rounded up to a power of two
-                  (default 4M)
-  -n vectors      interrupt vectors per peer, 0..{MAX_VECTORS} (default {DEFAULT_VECTORS})
-  --mode octal    permissions of the socket and created files (default {DEFAULT_MODE:04o})
-  --max-queue n   messages a client may leave unread before it is disconnected
-                  (default {DEFAULT_MAX_QUEUE}, on top of its own start-up messages)
-"""
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _parse_int(text: str, what: str) -> int:
-    t = text.strip()
-    try:
-        if re.fullmatch(r"0[0-7]+", t):
-            return int(t, 8)
-        return int(t, 0)
-    except ValueError:
-        raise _UsageError(f"cannot parse {what} {text!r}: expected an integer") from None
-
-
-def _parse_args(argv: Sequence[str]) -> dict:
-    try:
-        opts, rest = getopt.getopt(list(argv), "hvFp:S:m:M:l:n:", ["help", "mode=", "max-queue="])
-    except getopt.GetoptError as exc:
-        raise _UsageError(str(exc)) from None
-    if rest:
-        raise _UsageError(f"unexpected argument {rest[0]!r}")
-    args = {
-        "help": False, "verbose": False, "foreground": False, "pidfile": DEFAULT_PIDFILE,
-        "socket": DEFAULT_SOCKET, "shm_name": DEFAULT_SHM_NAME, "shm_dir": None,
-        "size": DEFAULT_SIZE, "vectors": DEFAULT_VECTORS, "mode": DEFAULT_MODE,
-        "max_queue": DEFAULT_MAX_QUEUE,
-    }
-    for opt, val in opts:
-        if opt in ("-h", "--help"):
-            args["help"] = True
-        elif opt == "-v":
-            args["verbose"] = True
-        elif opt == "-F":
-            args["foreground"] = True
-        elif opt == "-p":
-            args["pidfile"] = val
-        elif opt == "-S":
-            args["socket"] = val
-        elif opt == "-M":       # the last of -M/-m wins, as in QEMU
-            args["shm_name"], args["shm_dir"] = val, None
-        elif opt == "-m":
-            args["shm_name"], args["shm_dir"] = None, val
-        elif opt == "-l":
-            try:
-                args["size"] = round_up_pow2(parse_qemu_size(val))
-            except ConfigError as exc:
-                raise _UsageError(str(exc)) from None
-        elif opt == "-n":
-            n = _parse_int(val, "the number of vectors")
-            if not 0 <= n <= MAX_VECTORS:
-                raise _UsageError(f"too many requested vectors {n} (max is {MAX_VECTORS})")
-            args["vectors"] = n
-        elif opt == "--mode":
-            m = _parse_int(val if val.startswith("0") else "0" + val, "the mode")
-            if m & ~0o7777:
-                raise _UsageError(f"invalid mode {val!r}")
-            args["mode"] = m
-        elif opt == "--max-queue":
-            q = _parse_int(val, "the queue limit")
-            if q < 1:
-                raise _UsageError("--max-queue must be at least 1")
-            args["max_queue"] = q
-    if args["verbose"] and not args["foreground"] and not args["help"]:
-        raise _UsageError("cannot use verbose in daemon mode: add -F")
-    return args
-
-
-def _daemonize(pidfile: str) -> Optional[int]:
-    """Fork into the background. Returns None in the daemon; in the original process, the exit
-    status to leave with (0 once the daemon wrote its pidfile)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid > 0:
-        os.close(w)
-        chunks = []
-        while True:
-            data = os.read(r, 4096)
-            if not data:
-                break
-            chunks.append(data)
-        os.close(r)
-        os.waitpid(pid, 0)
-        report = b"".join(chunks).decode(errors="replace")
-        if report.startswith("ok"):
-            return 0
-        print(f"{_PROG}: {report or 'the daemon exited during start-up'}", file=sys.stderr)
-        return 1
-    # first child
-    os.close(r)
-    try:
-        os.setsid()
-        if os.fork() > 0:
-            os._exit(0)
-        # the daemon
-        try:
-            fd = os.open(
-                pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-            )
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-        except OSError as exc:
-            os.write(w, f"cannot write pid file {pidfile}: {exc.strerror}".encode())
-            os._exit(1)
-        null = os.open(os.devnull, os.O_RDWR)
-        for std in (0, 1, 2):
-            os.dup2(null, std)
-        os.close(null)
-        os.write(w, b"ok")
-        os.close(w)
-        return None
-    except BaseException:
-        os._exit(1)
-
-
-def _remove_pidfile(pidfile: str) -> None:
-    try:
-        with open(pidfile) as f:
-            if f.read().strip() != str(os.getpid()):
-                return
-        os.unlink(pidfile)
-    except OSError:
-        pass
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`pyivshmem-server` / `pyivshmem server`: QEMU ivshmem-server's flags and defaults.
-
-    Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the server could not start,
-    2 for bad flags."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _parse_args(argv)
-    except _UsageError as exc:
-        print(f"{_PROG}: {exc}\n{_USAGE}\n(-h for help)", file=sys.stderr)
-        return 2
-    if args["help"]:
-        print(_HELP)
-        return 0
-    handler: logging.Handler
-    if args["foreground"]:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{_PROG}: %(levelname)s: %(message)s"))
-    else:
-        handler = logging.NullHandler()
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if args["verbose"] else logging.WARNING)
-    log.propagate = False
-    try:
-        try:
-            server = Server(
-                args["socket"],
-                shm_name=args["shm_name"],
-                shm_dir=args["shm_dir"],
-                size=args["size"],
-                vectors=args["vectors"],
-                mode=args["mode"],
-                max_queue=args["max_queue"],
-            )
-            server.listen()
-        except (OSError, ValueError) as exc:
-            print(f"{_PROG}: {exc}", file=sys.stderr)
-            return 1
-        if not args["foreground"]:
-            status = _daemonize(args["pidfile"])
-            if status is not None:
-                os._exit(status)    # the original process: leave the server to the daemon
-            handler = _use_syslog(handler)
-        try:
-            server.serve_forever(handle_signals=True)
-        finally:
-            if not args["foreground"]:
-                _remove_pidfile(args["pidfile"])
-        return 0
-    finally:
-        log.removeHandler(handler)
-        log.propagate = True
-
-
-def _use_syslog(old: logging.Handler) -> logging.Handler:
-    """In daemon mode, warnings go to syslog when there is one."""
-    if not os.path.exists("/dev/log"):
-        return old
-    import logging.handlers
-
-    try:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-    except OSError:
-        return old
-    handler.setFormatter(logging.Formatter(f"{_PROG}[%(process)d]: %(message)s"))
-    log.removeHandler(old)
-    log.addHandler(handler)
-    return handler
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The server's shared memory back-ends: a sealed memfd, POSIX shared memory (QEMU's ``-M``), any
+file, an unlinked file in a directory (QEMU's ``-m``, e.g. hugetlbfs), or a caller's fd; and
+QEMU's size grammar.
+
+The server never maps the memory. It creates or opens it, sizes it (a power of two, as QEMU
+requires), invalidates a pyivshmem region an earlier session left in it, seals a memfd against
+shrinking, and on close unlinks the ``-M`` name as QEMU's server does.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat
+import tempfile
+from typing import Optional, Tuple, Union
+
+from ..errors import ConfigError
+from ._ffi import lib
+
+__all__ = ["Memory", "parse_qemu_size", "round_up_pow2", "MAX_SIZE", "SHM_DIR"]
+
+log = logging.getLogger("pyivshmem.server")
+
+#: Largest size accepted (the protocol itself has no limit; this only catches typos like "4E").
+MAX_SIZE = 1 << 48
+SHM_DIR = "/dev/shm"
+
+# csrc/ivshm_layout.h: a formatted region's magic, the magic while a peer formats it, and the
+# header's size.
+REGION_MAGIC = int(lib.IVSHM_MAGIC)
+REGION_FORMATTING = int(lib.IVSHM_MAGIC_FORMATTING)
+REGION_HDR_SIZE = int(lib.IVSHM_HDR_SIZE)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)\s*$")
+_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_qemu_size(value: Union[int, str]) -> int:
+    """Parse a size the way QEMU's ``-l`` does: bytes, or K/M/G/T (powers of 1024), fractions
+    allowed with a suffix ("1.5M"). The result is NOT rounded; see :func:`round_up_pow2`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConfigError(
+                f"invalid size {value!r}: expected a number of bytes with an optional "
+                "K, M, G or T suffix (powers of 1024), e.g. 4M"
+            )
+        number, suffix = m.group(1), m.group(2).lower()
+        shift = _SUFFIX[suffix]
+        if "." in number:
+            if not suffix or suffix == "b":
+                raise ConfigError(f"invalid size {value!r}: a fraction needs a K/M/G/T suffix")
+            size = int(float(number) * (1 << shift))
+        else:
+            size = int(number) << shift
+    if size <= 0:
+        raise ConfigError(f"invalid size {value!r}: the shared memory size must be positive")
+    if size > MAX_SIZE:
+        raise ConfigError(f"invalid size {value!r}: larger than {MAX_SIZE >> 40} TiB")
+    return size
+
+
+def round_up_pow2(size: int) -> int:
+    """The smallest power of two >= size (QEMU requires a power-of-two BAR2)."""
+    return 1 << (size - 1).bit_length() if size > 1 else 1
+
+
+
+def path_error(exc: OSError, what: str, path) -> Exception:
+    """An OSError about ``path`` turned into one that says what to do."""
+    if isinstance(exc, PermissionError):
+        return PermissionError(
+            exc.errno, f"{what} {path}: permission denied (check its owner and mode, or run "
+            "as a user allowed to write there)"
+        )
+    if exc.errno == errno.ELOOP:
+        return ConfigError(f"{what} {path}: it is a symbolic link, which the server never follows")
+    return OSError(exc.errno, f"{what} {path}: {exc.strerror}")
+
+
+def seal(fd: int) -> None:
+    """Seal a memfd so that no peer can shrink (or grow) it: a shrunk region would kill every
+    other peer with SIGBUS at its next access. F_SEAL_SEAL last, so nobody can lift the rest."""
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+
+
+class Memory:
+    """One shared memory choice of a server (see :class:`pyivshmem.Server` for the options)."""
+
+    def __init__(
+        self,
+        *,
+        shm_name: Optional[str] = None,
+        shm_path: Optional[Union[str, os.PathLike]] = None,
+        shm_dir: Optional[Union[str, os.PathLike]] = None,
+        shm_fd: Optional[int] = None,
+        memfd: bool = False,
+        size: Union[int, str],
+        mode: int,
+        keep_region: bool = False,
+        keep_shm: bool = False,
+    ):
+        chosen = [
+            k for k, v in (
+                ("shm_name", shm_name), ("shm_path", shm_path), ("shm_dir", shm_dir),
+                ("shm_fd", shm_fd),
+            ) if v is not None
+        ] + (["memfd"] if memfd else [])
+        if len(chosen) > 1:
+            raise ConfigError(f"choose one kind of shared memory, not {' and '.join(chosen)}")
+        self.kind = chosen[0] if chosen else "memfd"
+        if shm_name is not None:
+            if not shm_name or "/" in shm_name.strip("/") or shm_name.strip("/") in (".", ".."):
+                raise ConfigError(
+                    f"invalid shared memory name {shm_name!r}: give a plain name such as "
+                    "'ivshmem' (it becomes /dev/shm/<name>)"
+                )
+            shm_name = shm_name.strip("/")
+        self._shm_name = shm_name
+        self._shm_path = os.fspath(shm_path) if shm_path is not None else None
+        self._shm_dir = os.fspath(shm_dir) if shm_dir is not None else None
+        self._shm_fd = shm_fd
+        self.requested_size = parse_qemu_size(size)
+        #: the real size once open() ran (a filesystem may have asked for more)
+        self.size = round_up_pow2(self.requested_size)
+        self._mode = mode
+        self._keep_region = bool(keep_region)
+        self._keep_shm = bool(keep_shm)
+        self._link: Optional[Tuple[str, int, int]] = None   # (path, dev, ino) to unlink
+        self._created = False
+
+    def open(self) -> int:
+        """Create or open the memory, size it, prepare it; the fd (close-on-exec) is the
+        caller's."""
+        kind = self.kind
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if kind == "memfd":
+            fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            where = "a memfd"
+        elif kind == "shm_fd":
+            fd = os.dup(self._shm_fd)  # type: ignore[arg-type]
+            os.set_inheritable(fd, False)
+            where = f"fd {self._shm_fd}"
+        elif kind == "shm_dir":
+            try:
+                fd, tmp = tempfile.mkstemp(prefix="ivshmem.", dir=self._shm_dir)
+            except OSError as exc:
+                raise path_error(exc, "cannot create a file in directory", self._shm_dir) from exc
+            os.unlink(tmp)
+            where = f"an unlinked file in {self._shm_dir}"
+            if self._mode != 0o600:
+                os.fchmod(fd, self._mode)
+        else:
+            if kind == "shm_name":
+                assert self._shm_name is not None
+                path = os.path.join(SHM_DIR, self._shm_name)
+            else:
+                assert self._shm_path is not None
+                path = self._shm_path
+            try:
+                try:
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self._mode)
+                    created = True
+                except FileExistsError:
+                    fd = os.open(path, flags | os.O_NOFOLLOW)
+                    created = False
+            except OSError as exc:
+                raise path_error(exc, "cannot open the shared memory file", path) from exc
+            if created:
+                os.fchmod(fd, self._mode)       # exactly the mode asked, whatever the umask
+            where = path
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
+            if kind == "shm_name":
+                self._link = (path, st.st_dev, st.st_ino)
+                self._created = created
+        try:
+            self._resize(fd, where)
+            if not self._keep_region:
+                self._invalidate_old_region(fd, where)
+            if kind == "memfd":
+                seal(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def unlink(self, failed_start: bool = False) -> None:
+        """Unlink the ``-M`` name (QEMU's behaviour) unless kept, only if it still names the
+        object opened; after a failed start, only if this server created it."""
+        link, self._link = self._link, None
+        if link is None or self._keep_shm or (failed_start and not self._created):
+            return
+        path, dev, ino = link
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+                log.info("unlinked the shared memory %s", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not unlink the shared memory %s: %s", path, exc.strerror)
+
+    def _invalidate_old_region(self, fd: int, where: str) -> None:
+        """Zero the header of a pyivshmem region left in this memory by an earlier session."""
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8 or int.from_bytes(head, "little") not in (REGION_MAGIC,
+                                                                     REGION_FORMATTING):
+            return
+        os.pwrite(fd, bytes(REGION_HDR_SIZE), 0)
+        log.info("invalidated the pyivshmem region left in %s by an earlier session: peers "
+                 "format a fresh one (keep_region=True keeps it)", where)
+
+    def _resize(self, fd: int, where: str) -> None:
+        size = self.size
+        if os.fstat(fd).st_size == size:
+            return
+        while True:
+            try:
+                os.ftruncate(fd, size)
+                break
+            except OSError as exc:
+                # hugetlbfs only takes multiples of its page size: try the next powers of two
+                if exc.errno == errno.EINVAL and size < (1 << 30):
+                    size <<= 1
+                    continue
+                raise OSError(
+                    exc.errno,
+                    f"cannot size the shared memory ({where}) to {self.size} bytes: "
+                    f"{os.strerror(exc.errno or 0)}",
+                ) from exc
+        if size != self.size:
+            log.warning("%s only accepted a size of %d bytes (asked %d)", where, size, self.size)
+            self.size = size

@@ -18,6 +18,7 @@ __all__ = [
     "WaitTimeout",
     "StallError",
     "ClosedError",
+    "InheritedError",
     "ProtocolError",
     "PeerDisconnected",
     "DeviceError",
@@ -117,6 +118,11 @@ class StallError(WaitTimeout):
 
 class ClosedError(IvshmemError, ValueError):
     """An operation on a region, ring, channel or peer that was already closed."""
+
+
+class InheritedError(IvshmemError, RuntimeError):
+    """An object that owns a connection (a Peer) was used in a child that inherited it across
+    fork: it belongs to the parent.  Close it in the child and make a new one there."""
 
 
 class ProtocolError(IvshmemError, ConnectionError):

@@ -34,7 +34,7 @@ from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
 from .doorbell import drain as doorbell_drain
 from .doorbell import eventfd as doorbell_eventfd
 from .doorbell import ring as doorbell_ring
-from .errors import ClosedError, ConfigError, PeerDisconnected, ProtocolError
+from .errors import ClosedError, ConfigError, InheritedError, PeerDisconnected, ProtocolError
 
 if TYPE_CHECKING:
     from ._ring import Region
@@ -103,6 +103,10 @@ class Peer:
     def __init__(self) -> None:
         # Use Peer.connect(); the constructor only makes an empty, closed-safe object.
         self._closed = False
+        # The process that made this Peer.  A child that inherits it across fork shares the
+        # server connection and the epoll sets with the parent: it may only close() it (its own
+        # copies of the fds), never read the socket or change the epoll sets.
+        self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self._sock_watched = False
         self._poll: Optional["select.poll"] = None
@@ -469,6 +473,11 @@ class Peer:
     def _live(self) -> None:
         if self._closed:
             raise ClosedError("this Peer is closed")
+        if os.getpid() != self._pid:
+            raise InheritedError(
+                f"this Peer was made by process {self._pid} and inherited across fork: it shares "
+                "that process's server connection, so it cannot be used here; call close() on it "
+                "(which leaves the parent's connection alone) and Peer.connect() in this process")
 
     @property
     def id(self) -> int:
@@ -651,12 +660,35 @@ class Peer:
         if self.region is not None:
             self.region.close()
 
+    def _release_inherited(self) -> None:
+        """Close this process's copies of the fds, touching nothing the parent shares: no epoll
+        changes (an epoll set is shared across fork), no socket shutdown, no protocol state."""
+        if self._sock is not None:
+            fd = self._sock.detach()  # close our copy without the socket object's bookkeeping
+            _close(fd)
+            self._sock = None
+        for ws in (self._outer, self._ws):
+            if ws is not None:
+                ws.close()  # our copy of the epoll fd; its registrations belong to the parent too
+        self._outer = self._ws = None
+        fds = [self._ready] + self._own + [fd for lst in self._peers.values() for fd in lst]
+        for fd in fds:
+            if fd >= 0:
+                _close(fd)
+        self._ready, self._own, self._peers = -1, [], {}
+        if self.region is not None:
+            self.region.close()  # our mapping only
+
     def close(self) -> None:
         """Disconnect from the server (it tells the others we left), unmap the region (unless
-        already closed) and close every fd.  Idempotent."""
+        already closed) and close every fd.  Idempotent.  In a child that inherited this Peer
+        across fork it closes only the child's copies and leaves the parent's connection alone."""
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            self._release_inherited()
+            return
         self._release()
 
     def __enter__(self) -> "Peer":
@@ -666,7 +698,8 @@ class Peer:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and getattr(self, "_id", -1) >= 0:
+        if (not getattr(self, "_closed", True) and getattr(self, "_id", -1) >= 0
+                and getattr(self, "_pid", None) == os.getpid()):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
         if not getattr(self, "_closed", True):
             self.close()

@@ -34,6 +34,10 @@ def installed_package():
     here = os.path.dirname(os.path.abspath(pyivshmem.__file__))
     site = os.path.realpath(sysconfig.get_paths()["purelib"])
     platsite = os.path.realpath(sysconfig.get_paths()["platlib"])
+    from importlib.metadata import version
+
+    check(f"pyivshmem.__version__ is the installed distribution's ({version('pyivshmem')})",
+          version("pyivshmem") == pyivshmem.__version__, pyivshmem.__version__)
     check(f"pyivshmem {pyivshmem.__version__} imported from the environment ({here})",
           os.path.realpath(here).startswith((site, platsite)),
           f"expected it under {site}; is the source tree on sys.path?")

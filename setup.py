@@ -45,7 +45,7 @@ def _cffi_sources():
     names = set()
     for script in FFI_SCRIPTS:
         with open(script, encoding="utf-8") as f:
-            names.update(re.findall(r"""["'](ivshm_\w+\.c)["']""", f.read()))
+            names.update(re.findall(r"""["']([\w.-]+\.c)["']""", f.read()))
     missing = sorted(n for n in names if not os.path.exists(os.path.join(CSRC, n)))
     if not FFI_SCRIPTS or not names or missing:
         raise SystemExit(

@@ -65,7 +65,7 @@ EOF
 ) || fail "pyproject.toml's Python versions"
 
 find_python() {  # the newest CPython 3.N found (pyenv first), printed; nothing if none
-    local v=$1 c roots=("${PYENV_ROOT:-$HOME/.pyenv}/versions" /root/.pyenv/versions /opt/pyenv/versions)
+    local v=$1 c roots=("${PYENV_ROOT:-${HOME:-/root}/.pyenv}/versions" /root/.pyenv/versions /opt/pyenv/versions)
     for c in $(for r in "${roots[@]}"; do ls -d "$r/$v".*/bin/python"$v" 2>/dev/null; done | sort -Vr) \
              $(command -v "python$v" 2>/dev/null || true); do
         if [ -x "$c" ] && [ "$("$c" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$v" ]; then
@@ -190,7 +190,8 @@ done
 vdoc=$(echo "$versions" | tr ' ' '\n' | grep -x "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" || true)
 vdoc=${vdoc:-$(echo "$versions" | awk '{print $NF}')}
 step "API reference (pdoc, Python $vdoc, warnings are errors)"
-logged "$work/logs/pdoc-install.txt" "$work/venv-$vdoc/bin/pip" install pdoc
+# pdoc 16: docs/api/make.py hooks its stub reader (pdoc.doc_pyi), which may change in a major release
+logged "$work/logs/pdoc-install.txt" "$work/venv-$vdoc/bin/pip" install "pdoc==16.*"
 (cd "$work/outside" && "$work/venv-$vdoc/bin/python" "$repo/docs/api/make.py" "$work/api") ||
     fail "the API reference does not build cleanly"
 

@@ -2,9 +2,9 @@
 # .ci/packaging.sh - what a pip user gets, checked from outside the source tree.  Run by .ci/run
 # after the test suite; fails on any failure.  docs/release.md explains each step.
 #
-#  1. the sdist (python -m build --sdist): it must hold every tracked file of csrc/, pyivshmem/
-#     and examples/, and a clean virtual environment must install it (pip builds it there) and
-#     pass .ci/smoke.py from an empty directory;
+#  1. the sdist (python -m build --sdist): it must hold every tracked file of csrc/, pyivshmem/,
+#     examples/, docs/, tests/ and bench/ and no build product, and a clean virtual environment
+#     must install it (pip builds it there) and pass .ci/smoke.py from an empty directory;
 #  2. one wheel per CPython that pyproject.toml claims (its "Programming Language :: Python ::
 #     3.N" classifiers, which must start at requires-python), each built from the sdist,
 #     repaired to a manylinux tag by auditwheel (`auditwheel show` printed), then `twine check
@@ -93,18 +93,19 @@ logged "$work/logs/sdist.txt" "$work/tools/bin/python" -m build --sdist --outdir
 sdist=$(ls "$work"/dist/*.tar.gz)
 top=$(basename "$sdist" .tar.gz)
 tar tzf "$sdist" | sed "s|^$top/||" | sort >"$work/sdist-files.txt"
+shipped=(csrc pyivshmem examples docs tests bench setup.py pyproject.toml MANIFEST.in README.md)
 if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    git -C "$repo" ls-files csrc pyivshmem examples setup.py pyproject.toml MANIFEST.in README.md
+    git -C "$repo" ls-files "${shipped[@]}"
 else
-    find csrc pyivshmem examples setup.py pyproject.toml MANIFEST.in README.md -type f \
-        ! -name '*.so' ! -name '*.o' ! -name '*.a' ! -name '*.pyc' \
-        ! -path 'pyivshmem/_ring.c' ! -path 'pyivshmem/_ffi_*'
-fi | sort >"$work/needed.txt"
+    find "${shipped[@]}" -type f ! -name '*.so' ! -name '*.o' ! -name '*.a' ! -name '*.pyc' \
+        ! -path 'pyivshmem/_ring.c' ! -path 'pyivshmem/_ffi_*' ! -path 'docs/api/html/*' \
+        ! -path 'tests/c/bin/*' ! -path '*/__pycache__/*'
+fi | grep -v '\.gitignore$' | sort >"$work/needed.txt"
 missing=$(comm -23 "$work/needed.txt" "$work/sdist-files.txt")
 [ -z "$missing" ] || fail "the sdist lacks files a build or a user needs (MANIFEST.in): $missing"
 junk=$(grep -E '^pyivshmem/_(ring|ffi_[a-z]+)\.c$|\.(so|o|a|pyc)$' "$work/sdist-files.txt" || true)
 [ -z "$junk" ] || fail "the sdist carries build products: $junk"
-echo "$(basename "$sdist"): $(wc -l <"$work/sdist-files.txt") entries, every tracked file of csrc/, pyivshmem/, examples/ among them"
+echo "$(basename "$sdist"): $(wc -l <"$work/sdist-files.txt") entries, among them all $(wc -l <"$work/needed.txt") tracked files of ${shipped[*]}"
 
 # -- 2. wheels (and the sdist installed as such), two builds at a time -----------------------------
 # a job per claimed Python: a clean venv, `pip wheel` from the sdist; plus a clean venv of the

@@ -3,13 +3,17 @@
 Environment switches:
   PYIVSHMEM_DEBUG=1      -O0 -g, assertions on
   PYIVSHMEM_SANITIZE=address,undefined | thread   compile and link with those sanitizers
-Each cffi module is described by a script pyivshmem/_build/ffi_*.py defining `ffibuilder`.
+Each cffi module is described by a script pyivshmem/_build/ffi_*.py defining `ffibuilder`, which
+names its own csrc/*.c files.  The C core (region, rings, channel) goes into the Cython extension;
+its sources are listed once, in csrc/core.mk, which the Makefiles and tests read too.
+What the sdist carries is MANIFEST.in's business (docs/release.md).
 """
 import glob
 import os
 import shutil
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +35,7 @@ def _flags():
 
 
 CFLAGS, LDFLAGS = _flags()
+FFI_SCRIPTS = sorted(glob.glob("pyivshmem/_build/ffi_*.py"))
 
 
 def _core_sources():
@@ -65,19 +70,25 @@ ring_ext = Extension(
 )
 
 
-def _cythonize(exts):
-    from Cython.Build import cythonize
+class BuildExt(build_ext):
+    """Cythonize when extensions are built, not when setup.py is loaded: building the sdist (or
+    the metadata) then neither runs Cython nor picks up a stale generated _ring.c."""
 
-    return cythonize(
-        exts,
-        compiler_directives={"language_level": "3", "boundscheck": False},
-    )
+    def run(self):
+        from Cython.Build import cythonize
+
+        for ext in self.extensions:
+            if any(src.endswith(".pyx") for src in ext.sources):
+                # keep setuptools' own (finalized) Extension object; take only the C sources
+                ext.sources = cythonize(
+                    [ext],
+                    compiler_directives={"language_level": "3", "boundscheck": False},
+                )[0].sources
+        super().run()
 
 
 setup(
-    ext_modules=_cythonize([ring_ext]),
-    cffi_modules=[
-        f"{p}:ffibuilder" for p in sorted(glob.glob("pyivshmem/_build/ffi_*.py"))
-    ],
-    cmdclass={"build_py": BuildPy},
+    ext_modules=[ring_ext],
+    cffi_modules=[f"{p}:ffibuilder" for p in FFI_SCRIPTS],
+    cmdclass={"build_py": BuildPy, "build_ext": BuildExt},
 )

@@ -3,6 +3,8 @@
 
     python3 bench/compare_py.py OLD_REV [NEW_REV] [--rounds N] [--duration S] [--peers c-eventfd]
 
+OLD_REV and NEW_REV are git revisions or directories holding an unpacked source tree (for a
+machine without the repository's history).
 Builds each revision's package in place in a temporary directory (`git archive`; NEW_REV defaults
 to the working tree), then runs `python -m pyivshmem bench` once per revision per round, in turn,
 so that both revisions meet the same phases of a noisy machine.  Each run measures the busy-poll
@@ -26,15 +28,21 @@ ROOT = os.path.dirname(HERE)
 PATHS = ["csrc", "pyivshmem", "setup.py", "pyproject.toml", "README.md"]
 
 
+def copy_tree(root, dest):
+    for p in PATHS:
+        src = os.path.join(root, p)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, p), ignore=shutil.ignore_patterns(
+                "*.so", "*.o", "__pycache__", "_ring.c", "_ffi_*.c"))
+        elif os.path.exists(src):
+            shutil.copy(src, dest)
+
+
 def tree_of(rev, dest):
-    if rev is None:
-        for p in PATHS:
-            src = os.path.join(ROOT, p)
-            if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(dest, p), ignore=shutil.ignore_patterns(
-                    "*.so", "*.o", "__pycache__", "_ring.c", "_ffi_*.c"))
-            else:
-                shutil.copy(src, dest)
+    """Build `rev` (a git revision, a directory holding an unpacked source tree, or None for the
+    working tree) in place in dest."""
+    if rev is None or os.path.isdir(rev):
+        copy_tree(rev or ROOT, dest)
     else:
         archive = subprocess.run(["git", "-C", ROOT, "archive", rev] + PATHS, capture_output=True)
         if archive.returncode != 0:

@@ -70,6 +70,12 @@ def _positive_float(text: str) -> float:
     return x
 
 
+def _percent(text: str) -> float:
+    """``20`` or ``20%`` -> 0.2."""
+    x = _positive_float(text.strip().rstrip("%"))
+    return x / 100.0
+
+
 def _mpmc_shape(text: str) -> tuple:
     try:
         p, c = (int(x) for x in text.lower().split("x"))
@@ -111,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_size_list, help="throughput message sizes (default 64,4K,1M)")
     p.add_argument("--rtt-size", type=_size_list, help="round-trip / wake-up message size (64)")
     p.add_argument("--duration", type=_positive_float, help="seconds per throughput trial")
-    p.add_argument("--repeat", type=_positive_int, help="trials per throughput figure (median)")
+    p.add_argument("--repeat", type=_positive_int,
+                   help="trials per figure, interleaved across transports (A B C A B C ...); "
+                        "throughput reports their median, latency all their samples (5; 3 with "
+                        "--quick)")
+    p.add_argument("--max-spread", type=_percent, metavar="PCT",
+                   help="flag a figure whose trials disagree by more than PCT percent, "
+                        "(max - min) / median of the trials (default 20)")
     p.add_argument("--count", type=_positive_int,
                    help="messages per throughput trial (default: calibrated to --duration)")
     p.add_argument("--batch", type=_positive_int, help="messages per batch call (32)")
@@ -207,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = Settings.preset(args.quick)
     s.scenarios = scenarios
     for name in ("duration", "repeat", "count", "batch", "rtt_samples", "rtt_seconds",
-                 "wake_samples", "wake_gap", "placement", "cpus"):
+                 "wake_samples", "wake_gap", "placement", "cpus", "max_spread"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)

@@ -304,12 +304,18 @@ def test_schema_is_stable():
     assert set(report.HEADLINE_FIELDS) == {
         "figure", "group", "unit", "higher_is_better", "pyivshmem", "best_peer",
         "best_peer_value", "ratio"}
+    # added to version 1 later: checked when present, so older documents still validate
+    assert set(report.OPTIONAL_RECORD_FIELDS) == {"spread"}
+    assert set(report.SPREAD_FIELDS) == {"metric", "values", "seq", "spread", "limit", "flagged"}
+    assert set(report.OPTIONAL_HEADLINE_FIELDS) == {"spread_flagged"}
     # the documentation names every record field
     doc_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "docs", "bench.md")
     with open(doc_path) as f:
         text = f.read()
-    for name in set(report.RECORD_FIELDS) | set(report.TOP_FIELDS) | set(report.THROUGHPUT_FIELDS):
+    for name in (set(report.RECORD_FIELDS) | set(report.TOP_FIELDS) | set(report.THROUGHPUT_FIELDS)
+                 | set(report.OPTIONAL_RECORD_FIELDS) | set(report.SPREAD_FIELDS)
+                 | set(report.OPTIONAL_HEADLINE_FIELDS)):
         assert f"`{name}`" in text, f"docs/bench.md does not describe field {name!r}"
 
 

@@ -7,8 +7,9 @@ that is installed (the others are skipped with a note saying how to install them
 describes every figure and the JSON schema.
 
 With ``--topology host-guest`` or ``guest-guest`` it boots QEMU guests instead (guests.py) and
-measures pyivshmem across the VM boundary; under software emulation those are functional figures,
-reported apart from the host figures.
+measures pyivshmem across the VM boundary, under KVM when a probe boot under KVM succeeds (speed
+figures) and under software emulation otherwise (functional figures); ``--accel`` forces one.
+Guest figures are reported apart from the host figures.
 
 Modules: stats (histogram, percentiles), peers (the other transports), scenarios (pyivshmem's
 variants), workers (spawned processes and measuring loops), runner (what runs in which order),
@@ -31,6 +32,7 @@ examples:
   pyivshmem bench --scenarios roundtrip --peers os-pipe,unix-seqpacket
   pyivshmem bench --list                       which peers are installed here
   pyivshmem bench --topology host-guest --quick   host <-> QEMU guest (needs qemu-system-x86)
+  pyivshmem bench --topology guest-guest --accel tcg   two guests, KVM not even probed
 """
 
 
@@ -140,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host: two host processes (default); host-guest: a host process and a "
                         "QEMU guest; guest-guest: two QEMU guests (both need qemu-system-x86; "
                         "emulated guests give functional figures, not speed claims)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None,
+                   help="guest topologies: run the guests under KVM or TCG; auto (default) uses "
+                        "KVM when a probe boot under KVM succeeds within seconds "
+                        "(PYIVSHMEM_VM_ACCEL sets the default)")
     p.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -252,8 +258,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         from .guests import GuestsUnavailable, check_available, guest_settings, run_guests
 
+        from .._vm import VmUnavailable, choose_accel
+
         guest = guest_settings(s, {"sizes": args.sizes, "count": args.count,
-                                   "rtt_samples": args.rtt_samples})
+                                   "rtt_samples": args.rtt_samples,
+                                   "wake_samples": args.wake_samples})
         settings["guest"] = guest
         if not args.quiet:
             progress(f"--topology {s.topology}: preparing the guest image "
@@ -264,6 +273,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"pyivshmem bench: --topology {s.topology} needs QEMU guests: {exc}",
                   file=sys.stderr)
             return 2
+        try:
+            choice = choose_accel(args.accel, image=image)
+        except VmUnavailable as exc:
+            print(f"pyivshmem bench: --accel {args.accel}: {exc}", file=sys.stderr)
+            return 2
+        # the choice and its reason, always (also in the table's notes and the JSON settings)
+        print(f"pyivshmem bench: {choice.describe()}", file=sys.stderr, flush=True)
+        guest.update(accel=choice.accel, accel_reason=choice.reason,
+                     accel_requested=choice.requested)
         try:
             records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
                                         None if args.quiet else progress)

@@ -55,8 +55,8 @@ class Settings:
     @classmethod
     def preset(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(quick=True, rtt_samples=60_000, rtt_seconds=0.3, duration=0.1, repeat=3,
-                       wake_samples=90, wake_gap=0.002)
+            return cls(quick=True, rtt_samples=50_000, rtt_seconds=0.25, duration=0.06, repeat=3,
+                       wake_samples=60, wake_gap=0.002)
         return cls()
 
     def as_dict(self) -> Dict[str, Any]:
@@ -316,18 +316,16 @@ class Runner:
         finally:
             self._close_pairs()
             shutil.rmtree(self.workdir, ignore_errors=True)
-        flagged = [r for r in self.records if (r.get("spread") or {}).get("flagged")]
+        measured = [r for r in self.records if (r.get("spread") or {}).get("spread") is not None]
+        flagged = [r for r in measured if r["spread"]["flagged"]]
         if flagged:
-            by: Dict[str, List[str]] = {}
-            for r in flagged:
-                who = r["label"] if not r["is_pyivshmem"] else f"pyivshmem {r['variant']}"
-                by.setdefault(r["group"], []).append(f"{who} {r['spread']['spread'] * 100:.0f}%")
+            groups = list(dict.fromkeys(r["group"] for r in flagged))
             self.notes.append(
-                f"trials disagree by more than {self.s.max_spread * 100:.0f}% "
-                "((max - min) / median; --max-spread) in "
-                + "; ".join(f"{g}: {', '.join(w)}" for g, w in by.items())
-                + ": those figures and their ratios are uncertain (a quieter machine or more "
-                "--repeat)")
+                f"{len(flagged)} of {len(measured)} figures (in {len(groups)} of "
+                f"{len({r['group'] for r in measured})} groups) have trials that disagree by more "
+                f"than {self.s.max_spread * 100:.0f}% ((max - min) / median; --max-spread), marked "
+                "! in the tables: the machine's speed changed during the run, so those figures and "
+                "their ratios are uncertain (rerun on a quieter machine, or with more --repeat)")
         return self.records
 
     def _close_pairs(self) -> None:
@@ -440,8 +438,11 @@ class Runner:
         def trial(i: int) -> Dict[str, Any]:
             samples = max(1, self._split(self.s.rtt_samples, i))
             seconds = self.s.rtt_seconds / self.trials
+            # a full warm-up before the first trial; later ones only re-warm what the other
+            # transports' trials in between may have evicted
+            warm = min(1000 if i == 0 else 200, max(10, samples // 10))
             task = {"size": size, "mode": v["mode"], "busy": v["busy"], "samples": samples,
-                    "seconds": seconds, "warmup": min(1000, max(10, samples // 10))}
+                    "seconds": seconds, "warmup": warm}
             res = self._pair(t).run(
                 {"a": dict(task, pattern=v.get("client", "rtt-client")),
                  "b": dict(task, pattern=v.get("echo", "rtt-echo"))},
@@ -450,8 +451,10 @@ class Runner:
         return trial
 
     # one-way throughput ----------------------------------------------------------------------
-    def _count_for(self, rate: float) -> int:
-        return int(min(50_000_000, max(20, rate * self.s.duration)))
+    def _count_for(self, rate: float, batch: int = 1) -> int:
+        """Messages for a trial of about ``duration`` seconds at ``rate``: at least 20, and at
+        least three batches (a batched receiver's first batch is not timed)."""
+        return int(min(50_000_000, max(20, 3 * batch, rate * self.s.duration)))
 
     def _throughput_entries(self, size: int) -> List[_Entry]:
         out = []
@@ -481,17 +484,17 @@ class Runner:
             r = res["b"]
             return r["messages"], (r["end_ns"] - r["start_ns"]) / 1e9
 
-        self._calibrated_entry(e, once, size)
+        self._calibrated_entry(e, once, size, v["batch"])
 
     def _calibrated_entry(self, e: _Entry, once: Callable[[int], Tuple[int, float]],
-                          size: int) -> None:
+                          size: int, batch: int = 1) -> None:
         """Throughput trials: a calibration run first (unless --count), then timed trials."""
         state: Dict[str, int] = {"count": self.s.count or 0}
 
         def prepare() -> None:
             probe = max(50, min(2000, (32 << 20) // max(size, 1)))
             msgs, secs = once(probe)
-            state["count"] = self._count_for(msgs / secs if secs > 0 and msgs > 0 else 1e6)
+            state["count"] = self._count_for(msgs / secs if secs > 0 and msgs > 0 else 1e6, batch)
 
         def trial(i: int) -> Dict[str, Any]:
             msgs, secs = once(state["count"])

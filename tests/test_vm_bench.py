@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from pyivshmem.bench import report
 from vm import harness
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.timeout(240)]
@@ -30,8 +31,6 @@ def _bench(tmp_path, topology):
            "--json", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=tmp_path)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
-    from pyivshmem.bench import report
-
     doc = json.loads(out.read_text())
     report.validate(doc)
     accel = doc["settings"]["guest"]["accel"]

@@ -811,3 +811,26 @@ def test_cli_accel_kvm_without_kvm_exits_2(monkeypatch, capsys):
     assert bench.main(["--topology", "host-guest", "--accel", "kvm", "--quick"]) == 2
     assert "--accel kvm: KVM was asked for, but /dev/kvm does not exist" in capsys.readouterr().err
     assert bench.main(["--accel", "hvf"]) == 2
+
+
+def test_guest_wake_and_doorbell_figures_are_tabled():
+    recs = _guest_records() + [
+        _rec(scenario="wakeup", transport="pyivshmem", label="pyivshmem", is_pyivshmem=True,
+             rank=0, group="guest/host-guest/wakeup/64", placement="host-guest", cpus=[],
+             mode="blocking", variant="Channel send to the guest asleep in recv",
+             latency_ns=_latency([3_000_000] * 20), note=report.EMULATED),
+        _rec(scenario="doorbells", transport="pyivshmem", label="pyivshmem", is_pyivshmem=True,
+             rank=0, group="guest/host-guest/doorbells/stream-4096-h2g", placement="host-guest",
+             cpus=[], mode="adaptive", method="streaming", size=4096,
+             variant="Channel send/recv, host -> guest", doorbells_per_msg=0.0075,
+             counters={"a_sent": 400, "b_sent": 0, "a_doorbells": 3, "b_sleeps": 3},
+             note=report.EMULATED),
+    ]
+    doc = _doc(_records() + recs)
+    report.validate(json.loads(json.dumps(doc)))
+    assert doc["headlines"] == _doc()["headlines"]  # still never compared or headlined
+    guest_part = report.format_report(doc).split("QEMU guests: ")[1]
+    assert "wake-up" in guest_part and "3,000" in guest_part
+    assert "streaming" in guest_part and "4 KiB" in guest_part and "0.0075" in guest_part
+    md = report.format_markdown(doc)
+    assert "| host-guest | streaming | `Channel send/recv, host -> guest` | 4 KiB | 0.0075 | 0.0075 |" in md

@@ -563,8 +563,9 @@ def _guest_rows(recs: List[Dict[str, Any]], fmt_lat, fmt_tp
             r["variant"]] + fmt_lat(r["latency_ns"]) for r in ok if r["latency_ns"]]
     tp = [[r["placement"], r["variant"].split(", ")[-1], fmt_size(r["size"])] + fmt_tp(r)
           for r in ok if r["throughput"]]
-    bells = [[r["placement"], r["method"] or "", r["variant"], f"{r['doorbells_per_msg']:.4f}",
-              _sleeps_per_msg(r)] for r in ok if r["doorbells_per_msg"] is not None]
+    bells = [[r["placement"], r["method"] or "", r["variant"], fmt_size(r["size"]),
+              f"{r['doorbells_per_msg']:.4f}", _sleeps_per_msg(r)]
+             for r in ok if r["doorbells_per_msg"] is not None]
     return lat, tp, bells
 
 
@@ -596,8 +597,8 @@ def _guest_section(recs: List[Dict[str, Any]], label: str = EMULATED) -> List[st
                       right=(3, 4, 5))
     if bell_rows:
         out.append("Doorbells rung per message sent (both sides together, whole phase)")
-        out += _table([["topology", "load", "calls", "doorbells/msg", "sleeps/msg"]] + bell_rows,
-                      right=(3, 4))
+        out += _table([["topology", "load", "calls", "size", "doorbells/msg", "sleeps/msg"]]
+                      + bell_rows, right=(3, 4, 5))
     return out + [""]
 
 
@@ -905,6 +906,6 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
         if tp_rows:
             out += _md_table(["topology", "direction", "size", "messages/s"], tp_rows)
         if bell_rows:
-            out += _md_table(["topology", "load", "calls", "doorbells/msg", "sleeps/msg"],
+            out += _md_table(["topology", "load", "calls", "size", "doorbells/msg", "sleeps/msg"],
                              [r[:2] + [f"`{r[2]}`"] + r[3:] for r in bell_rows])
     return "\n".join(out)

@@ -144,10 +144,11 @@ def test_trials_of_a_figure_are_interleaved_across_transports():
     # each record's trials carry their positions in the run: A's come before B's in each round
     by = {(r["scenario"], r["mode"], r["transport"]): r for r in records}
     seq = {k: by[("roundtrip", "blocking", k)]["spread"]["seq"] for k in "ABC"}
-    for i in range(3):
-        assert seq["A"][i] < seq["B"][i] < seq["C"][i]
-        if i:
-            assert seq["C"][i - 1] < seq["A"][i]
+    first = seq["A"][0]
+    assert seq == {k: [first + j + 3 * i for i in range(3)] for j, k in enumerate("ABC")}
+    # trials are numbered from 1 across the whole run
+    all_seq = sorted(n for r in records if r["spread"] for n in r["spread"]["seq"])
+    assert all_seq == list(range(1, len(runner.trial_log) + 1))
     # one pair of workers per transport for the whole run, closed at the end
     assert sorted(s.t.key for s in runner.sessions) == ["A", "B", "C"]
     assert all(s.closed for s in runner.sessions)

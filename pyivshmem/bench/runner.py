@@ -190,7 +190,8 @@ class Runner:
         self.notes: List[str] = []
         # (group, transport key, variant, trial index) of every trial, in the order they ran
         self.trial_log: List[Tuple[str, str, str, int]] = []
-        self._serial = 0
+        self._serial = 0        # names of transport set-ups
+        self._trials_run = 0    # trials, across all figures: a record's spread["seq"]
         self.workdir = ""
         cpus = list(settings.cpus) or usable_cpus()
         if settings.placement == "same" or len(cpus) < 2:
@@ -388,7 +389,8 @@ class Runner:
             for e in live:
                 if not e.live:
                     continue
-                seq = self.next_serial()
+                self._trials_run += 1
+                seq = self._trials_run
                 self.trial_log.append((group, e.t.key, e.fields.get("variant", ""), i))
                 t0 = time.monotonic()
                 try:
@@ -625,7 +627,6 @@ class Runner:
                     task.update(samples=n, seconds=self.s.rtt_seconds, warmup=min(100, n))
                     tasks = {"a": dict(task, pattern="rtt-client"), "b": dict(task, pattern="rtt-echo")}
                 t0 = time.monotonic()
-                self.trial_log.append((group, t.key, variant, 0))
                 try:
                     res = pair.run(tasks, 60 + 20 * max(self.s.duration, self.s.rtt_seconds),
                                    order=["b", "a"])

@@ -376,7 +376,8 @@ class Runner:
         """Every live entry's trials, interleaved: trial 0 of each, then trial 1 of each, ..."""
         live = [e for e in entries if e.live]
         if live:
-            self.progress(f"{group}: {len(live)} figure(s) x {self.trials} trial(s), interleaved")
+            self.progress(f"{group}: {len(live)} transport variant(s) x {self.trials} trial(s), "
+                          "interleaved")
         for e in live:
             if e.prepare is not None:
                 t0 = time.monotonic()

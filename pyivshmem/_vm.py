@@ -23,8 +23,8 @@ copied interpreter and powers off. Results come back over the serial console (QE
 in a file and printed when a test fails.
 
 Accelerator: guests run under KVM when a probe boot under KVM reaches the guest's init within a
-few seconds, under software emulation (TCG) otherwise (:func:`choose_accel`; the verdict is made once
-per process and printed with its reason). ``/dev/kvm`` being there proves nothing: on some hosts it
+few seconds, under software emulation (TCG) otherwise (:func:`choose_accel`; the verdict is made
+once per process and printed with its reason). ``/dev/kvm`` being there proves nothing: on some hosts it
 opens fine and a guest under KVM never prints its first line, so the probe is a real boot with a
 timeout. ``accel="kvm"|"tcg"`` (``Vm``, ``choose_accel``; ``--accel`` of ``pyivshmem bench``) or
 ``PYIVSHMEM_VM_ACCEL`` forces one.
@@ -612,8 +612,8 @@ class Vm:
 
     ``devices`` are QEMU arguments (see ivshmem_plain / ivshmem_doorbell). ``iommu`` adds an emulated
     intel-iommu before them (needed for VFIO). ``accel``: "kvm", "tcg", or None/"auto" for
-    :func:`choose_accel`'s verdict (``PYIVSHMEM_VM_ACCEL`` when None). ``python=False`` boots without
-    the Python archive and the package: ``script`` is then a busybox shell script. Use as a context
+    :func:`choose_accel`'s verdict (``PYIVSHMEM_VM_ACCEL`` when None). ``python=False`` boots
+    without the Python archive and the package: ``script`` is then a busybox shell script. Use as a context
     manager: leaving kills QEMU if still running and removes the per-boot initrd.
     """
 
@@ -849,7 +849,8 @@ def kvm_device_problem(path: str = "/dev/kvm") -> Optional[str]:
     return None
 
 
-def probe_kvm(image: Optional[Image] = None, timeout: float = KVM_PROBE_TIMEOUT) -> Tuple[bool, str]:
+def probe_kvm(image: Optional[Image] = None,
+              timeout: float = KVM_PROBE_TIMEOUT) -> Tuple[bool, str]:
     """Boot a minimal guest (no Python) under KVM: (True, how long it took to reach its init) or
     (False, why not). QEMU is killed when its guest has not reached init within ``timeout``."""
     problem = kvm_device_problem()

@@ -3,8 +3,9 @@
 The guests are the VM harness's (pyivshmem._vm): a Debian kernel and busybox, the host's own Python
 and the installed pyivshmem package, booted under KVM when a probe boot under KVM succeeds (else
 under software emulation, TCG; ``--accel`` forces one) with an ``ivshmem-doorbell`` device
-connected to a pyivshmem :class:`~pyivshmem.Server` embedded in this process. Inside, the benchmark opens the device with :class:`~pyivshmem.PciDevice` (VFIO, MSI-X
-doorbells) and runs its part of a plan (vmloops.py); results come back over the serial console.
+connected to a pyivshmem :class:`~pyivshmem.Server` embedded in this process. Inside, the
+benchmark opens the device with :class:`~pyivshmem.PciDevice` (VFIO, MSI-X doorbells) and runs
+its part of a plan (vmloops.py); results come back over the serial console.
 
 * host-guest: one guest; a host :class:`~pyivshmem.Peer` ping-pongs with it (busy-poll and
   blocking, timed on the host), wakes it while it sleeps (timed on the host) and streams to it

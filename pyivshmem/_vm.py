@@ -650,8 +650,13 @@ class Vm:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def command(self) -> List[str]:
+        machine = "q35"
+        if self.accel == "kvm" and self._iommu:
+            # intel-iommu under KVM wants the IOAPIC in QEMU (its interrupt remapping cannot work
+            # with the whole irqchip in the kernel)
+            machine += ",kernel-irqchip=split"
         cmd = [
-            qemu_binary() or "qemu-system-x86_64", "-accel", self.accel, "-M", "q35", "-m",
+            qemu_binary() or "qemu-system-x86_64", "-accel", self.accel, "-M", machine, "-m",
             str(self._memory), "-smp", str(self._smp), "-nographic", "-no-reboot", "-net", "none",
             "-vga", "none",
         ]
@@ -858,7 +863,8 @@ def probe_kvm(image: Optional[Image] = None,
         return False, problem
     image = image or ensure_image()
     with tempfile.TemporaryDirectory(prefix="pyivshmem-kvm-probe-") as tmp:
-        vm = Vm("echo probe\n", workdir=tmp, name="kvm-probe", iommu=False, memory=256,
+        # the machine the guests get (q35, intel-iommu), without Python or the package
+        vm = Vm("echo probe\n", workdir=tmp, name="kvm-probe", iommu=True, memory=256,
                 image=image, accel="kvm", python=False, guest_timeout=30)
         t0 = time.monotonic()
         try:

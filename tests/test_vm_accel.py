@@ -140,7 +140,9 @@ def test_a_hanging_kvm_probe_falls_back_to_tcg_within_its_timeout(tmp_path, monk
     assert said and said[0].startswith("QEMU guests run under TCG (software emulation): a probe "
                                        "boot under KVM did not reach")
     args = (tmp_path / "qemu.args").read_text()
-    assert "-accel kvm" in args and "-kernel" in args
+    # the probe boots the machine the guests get: q35 with intel-iommu (irqchip split under KVM)
+    assert "-accel kvm" in args and "-kernel" in args and "-device intel-iommu" in args
+    assert "q35,kernel-irqchip=split" in args
     # the hung QEMU was killed (by its pid) and reaped
     assert _gone(int((tmp_path / "qemu.pid").read_text()))
     # bounded by the probe's timeout, not by the fake's 300 s (a generous margin for a loaded
@@ -171,7 +173,8 @@ def test_a_probe_boot_that_reaches_init_means_kvm(tmp_path, monkeypatch):
 
 def test_vm_command_line_follows_the_choice(tmp_path, monkeypatch):
     img = _fake_image(tmp_path)
-    assert _vm.Vm("", workdir=tmp_path, image=img, accel="tcg").command()[1:3] == ["-accel", "tcg"]
+    tcg = _vm.Vm("", workdir=tmp_path, image=img, accel="tcg").command()
+    assert tcg[1:5] == ["-accel", "tcg", "-M", "q35"]
     assert _vm.Vm("", workdir=tmp_path, image=img, accel="kvm").command()[1:3] == ["-accel", "kvm"]
     monkeypatch.setenv("PYIVSHMEM_VM_ACCEL", "tcg")
     assert _vm.Vm("", workdir=tmp_path, image=img).accel == "tcg"

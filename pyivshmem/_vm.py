@@ -22,8 +22,18 @@ copied interpreter and powers off. Results come back over the serial console (QE
 ``vmguest``) prints them. Every wait is bounded, QEMU is killed by its own pid, and the serial log is kept
 in a file and printed when a test fails.
 
+Accelerator: guests run under KVM when a probe boot under KVM reaches the guest's init within a
+few seconds, under software emulation (TCG) otherwise (:func:`choose_accel`; the verdict is made
+once per process and printed with its reason). ``/dev/kvm`` being there proves nothing: on some hosts it
+opens fine and a guest under KVM never prints its first line, so the probe is a real boot with a
+timeout. ``accel="kvm"|"tcg"`` (``Vm``, ``choose_accel``; ``--accel`` of ``pyivshmem bench``) or
+``PYIVSHMEM_VM_ACCEL`` forces one.
+
 Environment:
   PYIVSHMEM_VM_CACHE        cache folder (default ~/.cache/pyivshmem/vm)
+  PYIVSHMEM_VM_ACCEL        auto (default), kvm or tcg
+  PYIVSHMEM_VM_KVM_PROBE_TIMEOUT  seconds the KVM probe boot may take (default 6)
+  PYIVSHMEM_VM_CPU          QEMU -cpu model (default: QEMU's own; e.g. host under KVM)
   PYIVSHMEM_VM_KERNEL_PKG   kernel package to use (default: what linux-image-amd64 depends on)
   PYIVSHMEM_REQUIRE_VM=1    tests: turn "cannot run a VM here" skips into failures (set it in CI)
   PYIVSHMEM_VM_KEEP_LOGS=1  print every serial log, not only failing ones
@@ -51,7 +61,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from .errors import ConfigError, IvshmemError
 
 MARK = "@@PYIVSHMEM:"
 GUEST_HELPER = Path(__file__).resolve().parent / "_vmguest.py"
@@ -59,14 +71,20 @@ GUEST_HELPER = Path(__file__).resolve().parent / "_vmguest.py"
 VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pci-core", "vfio-pci")
 KERNEL_ARGS = "console=ttyS0 quiet loglevel=1 panic=-1 oops=panic intel_iommu=on"
 BOOT_TIMEOUT = float(os.environ.get("PYIVSHMEM_VM_BOOT_TIMEOUT", "120"))
+KVM_PROBE_TIMEOUT = float(os.environ.get("PYIVSHMEM_VM_KVM_PROBE_TIMEOUT", "6"))
+ACCELS = ("auto", "kvm", "tcg")
 
 
-class VmUnavailable(RuntimeError):
+class VmUnavailable(IvshmemError, RuntimeError):
     """This machine cannot boot test VMs (no QEMU, no kernel package reachable, ...)."""
 
 
-class VmError(AssertionError):
+class VmError(IvshmemError, RuntimeError):
     """A VM did not behave: timeout, crash, unexpected output. The message includes the serial log."""
+
+
+class VmTimeout(VmError):
+    """A wait on a guest's output ran out of time (QEMU was still running)."""
 
 
 def cache_dir() -> Path:
@@ -519,10 +537,15 @@ def package_cpio(pkg: Optional[Path] = None) -> bytes:
 
 
 def script_cpio(script: str, files: Optional[Dict[str, Union[str, bytes]]] = None,
-              env: Optional[Dict[str, str]] = None) -> bytes:
+              env: Optional[Dict[str, str]] = None, *, shell: bool = False) -> bytes:
+    """The test's archive: ``script`` as /test/main.py (or /test/main.sh with ``shell``, which
+    the guest runs with busybox when it has no Python)."""
     def fill(c: Cpio) -> None:
-        c.file("/test/main.py", script.encode())
-        c.copy(GUEST_HELPER, "/test/vmguest.py")
+        if shell:
+            c.file("/test/main.sh", script.encode(), 0o755)
+        else:
+            c.file("/test/main.py", script.encode())
+            c.copy(GUEST_HELPER, "/test/vmguest.py")
         for name, data in (files or {}).items():
             c.file("/test/" + name, data.encode() if isinstance(data, str) else data)
         if env:
@@ -588,16 +611,24 @@ class Vm:
     """A QEMU guest running ``script`` (Python source) inside, as ``/test/main.py``.
 
     ``devices`` are QEMU arguments (see ivshmem_plain / ivshmem_doorbell). ``iommu`` adds an emulated
-    intel-iommu before them (needed for VFIO). Use as a context manager: leaving kills QEMU if still
-    running and removes the per-boot initrd.
+    intel-iommu before them (needed for VFIO). ``accel``: "kvm", "tcg", or None/"auto" for
+    :func:`choose_accel`'s verdict (``PYIVSHMEM_VM_ACCEL`` when None). ``python=False`` boots
+    without the Python archive and the package: ``script`` is then a busybox shell script. Use as a context
+    manager: leaving kills QEMU if still running and removes the per-boot initrd.
     """
 
     def __init__(self, script: str, devices: Sequence[str] = (), *, workdir: Union[str, Path],
                  name: str = "vm", iommu: bool = True, memory: int = 1024, smp: int = 1,
                  files: Optional[Dict[str, Union[str, bytes]]] = None,
                  env: Optional[Dict[str, str]] = None, image: Optional[Image] = None,
-                 kernel_args: str = "", guest_timeout: float = 900):
+                 kernel_args: str = "", guest_timeout: float = 900, accel: Optional[str] = None,
+                 python: bool = True):
         self.image = image or ensure_image()
+        if accel in ("kvm", "tcg"):
+            self.accel = accel
+        else:
+            self.accel = choose_accel(accel, image=self.image, report=_report_once).accel
+        self._python = python
         self.name = f"{name}-{uuid.uuid4().hex[:6]}"
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -619,10 +650,19 @@ class Vm:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def command(self) -> List[str]:
+        machine = "q35"
+        if self.accel == "kvm" and self._iommu:
+            # intel-iommu under KVM wants the IOAPIC in QEMU (its interrupt remapping cannot work
+            # with the whole irqchip in the kernel)
+            machine += ",kernel-irqchip=split"
         cmd = [
-            qemu_binary() or "qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", str(self._memory),
-            "-smp", str(self._smp), "-nographic", "-no-reboot", "-net", "none", "-vga", "none",
+            qemu_binary() or "qemu-system-x86_64", "-accel", self.accel, "-M", machine, "-m",
+            str(self._memory), "-smp", str(self._smp), "-nographic", "-no-reboot", "-net", "none",
+            "-vga", "none",
         ]
+        cpu = os.environ.get("PYIVSHMEM_VM_CPU")
+        if cpu:
+            cmd += ["-cpu", cpu]
         if self._iommu:
             cmd += ["-device", "intel-iommu"]
         cmd += self._devices
@@ -631,15 +671,17 @@ class Vm:
         return cmd
 
     def start(self) -> "Vm":
+        parts = [self.image.kernel.base] + ([self.image.python] if self._python else [])
         with open(self.initrd, "wb") as out:
-            for part in (self.image.kernel.base, self.image.python):
+            for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
                 # the kernel accepts an uncompressed archive only at a 4-byte aligned offset of the
                 # whole initrd, and skips zeros between archives
                 out.write(b"\0" * ((512 - out.tell() % 512) % 512))
-            out.write(package_cpio())
-            out.write(script_cpio(self._script, self._files, self._env))
+            if self._python:
+                out.write(package_cpio())
+            out.write(script_cpio(self._script, self._files, self._env, shell=not self._python))
         self._logf = open(self.log_path, "w", encoding="utf-8", errors="replace")
         self._logf.write("# " + " ".join(shlex.quote(a) for a in self.command()) + "\n")
         self._logf.flush()
@@ -653,8 +695,10 @@ class Vm:
         return self
 
     def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        for raw in self.proc.stdout:
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            return
+        for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
             with self._cond:
                 self.lines.append(line)
@@ -717,8 +761,8 @@ class Vm:
                 out.append(Message(tag, text))
         return out
 
-    def fail(self, why: str) -> "VmError":
-        return VmError(f"{self.name}: {why}\n{self.log_text()}")
+    def fail(self, why: str, cls: type = VmError) -> "VmError":
+        return cls(f"{self.name}: {why}\n{self.log_text()}")
 
     def wait_for(self, tag: str, timeout: float, *, after: int = 0) -> Message:
         """The first message with ``tag`` (the ``after``-th and later); raises VmError on timeout,
@@ -740,7 +784,7 @@ class Vm:
                     raise self.fail(f"QEMU ended before {tag!r} (exit code {self.proc and self.proc.poll()})")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self.fail(f"no {tag!r} within {timeout:.0f}s")
+                    raise self.fail(f"no {tag!r} within {timeout:.0f}s", VmTimeout)
                 self._cond.wait(min(left, 1.0))
 
     def _parse_locked(self) -> List[Message]:
@@ -758,20 +802,133 @@ class Vm:
         res = [m for m in self.messages() if m.tag == "result"]
         if ex.text.strip() != "0":
             raise self.fail(f"guest script exited with status {ex.text.strip()}")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            assert self.proc
-            self.proc.wait(timeout=30)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=30)
         if not res:
             return {}
         return res[-1].json()
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU itself to end; its exit code."""
-        assert self.proc
+        if self.proc is None:
+            raise VmError(f"{self.name}: not started")
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise self.fail(f"QEMU still running after {timeout:.0f}s") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# KVM or TCG
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AccelChoice:
+    """Which accelerator guests run under, and why."""
+
+    accel: str       # "kvm" or "tcg"
+    reason: str
+    requested: str   # "auto", "kvm" or "tcg"
+
+    def describe(self) -> str:
+        what = "KVM" if self.accel == "kvm" else "TCG (software emulation)"
+        return f"QEMU guests run under {what}: {self.reason}"
+
+
+Probe = Callable[..., Tuple[bool, str]]
+
+_kvm_verdict: Optional[Tuple[bool, str]] = None
+_kvm_lock = threading.Lock()
+_reported: set = set()
+
+
+def kvm_device_problem(path: str = "/dev/kvm") -> Optional[str]:
+    """Why KVM cannot even be tried here, or None (the device opens: that proves nothing more)."""
+    if not os.path.exists(path):
+        return f"{path} does not exist (no KVM on this host, or the kvm module is not loaded)"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"{path} cannot be opened ({e.strerror}): add this user to its group (usually kvm)"
+    os.close(fd)
+    return None
+
+
+def probe_kvm(image: Optional[Image] = None,
+              timeout: float = KVM_PROBE_TIMEOUT) -> Tuple[bool, str]:
+    """Boot a minimal guest (no Python) under KVM: (True, how long it took to reach its init) or
+    (False, why not). QEMU is killed when its guest has not reached init within ``timeout``."""
+    problem = kvm_device_problem()
+    if problem:
+        return False, problem
+    image = image or ensure_image()
+    with tempfile.TemporaryDirectory(prefix="pyivshmem-kvm-probe-") as tmp:
+        # the machine the guests get (q35, intel-iommu), without Python or the package
+        vm = Vm("echo probe\n", workdir=tmp, name="kvm-probe", iommu=True, memory=256,
+                image=image, accel="kvm", python=False, guest_timeout=30)
+        t0 = time.monotonic()
+        try:
+            vm.start()
+            vm.wait_for("booted", timeout)
+            return True, (f"a probe boot under KVM reached the guest's init in "
+                          f"{time.monotonic() - t0:.1f} s")
+        except VmTimeout:
+            return False, (f"a probe boot under KVM did not reach the guest's init within "
+                           f"{timeout:g} s (QEMU killed); guests hang under KVM on this host")
+        except VmError:
+            with vm._cond:
+                lines = [ln.strip() for ln in vm.lines if ln.strip()]
+            last = lines[-1] if lines else "no output"
+            return False, f"QEMU could not boot a guest under KVM: {last[:200]}"
+        except OSError as e:
+            return False, f"QEMU could not be started for the KVM probe: {e}"
+        finally:
+            vm.close()
+
+
+def kvm_verdict(*, image: Optional[Image] = None, probe: Optional[Probe] = None,
+                timeout: Optional[float] = None) -> Tuple[bool, str]:
+    """The probe's verdict, made once per process (later calls return the first answer)."""
+    global _kvm_verdict
+    with _kvm_lock:
+        if _kvm_verdict is None:
+            _kvm_verdict = (probe or probe_kvm)(
+                image=image, timeout=KVM_PROBE_TIMEOUT if timeout is None else timeout)
+        return _kvm_verdict
+
+
+def choose_accel(requested: Optional[str] = None, *, image: Optional[Image] = None,
+                 probe: Optional[Probe] = None, timeout: Optional[float] = None,
+                 report: Optional[Callable[[str], None]] = None) -> AccelChoice:
+    """KVM when a probe boot under KVM succeeds within ``timeout`` seconds, TCG otherwise.
+
+    ``requested`` "kvm" or "tcg" forces one (no probe; "kvm" still needs a usable /dev/kvm, else
+    VmUnavailable); None means ``PYIVSHMEM_VM_ACCEL``, then "auto". ``report`` gets the choice
+    and its reason as one line.
+    """
+    req = (requested or os.environ.get("PYIVSHMEM_VM_ACCEL") or "auto").strip().lower()
+    if req not in ACCELS:
+        raise ConfigError(f"accelerator {req!r}: use one of {', '.join(ACCELS)}")
+    if req == "tcg":
+        choice = AccelChoice("tcg", "asked for (accel tcg), KVM not probed", req)
+    elif req == "kvm":
+        problem = kvm_device_problem()
+        if problem:
+            raise VmUnavailable(f"KVM was asked for, but {problem}")
+        choice = AccelChoice("kvm", "asked for (accel kvm), not probed", req)
+    else:
+        ok, why = kvm_verdict(image=image, probe=probe, timeout=timeout)
+        choice = AccelChoice("kvm" if ok else "tcg", why, req)
+    if report is not None:
+        report(choice.describe())
+    return choice
+
+
+def _report_once(text: str) -> None:
+    if text not in _reported:
+        _reported.add(text)
+        sys.stderr.write(f"pyivshmem VM harness: {text}\n")
+        sys.stderr.flush()
 
 
 def unique_shm(prefix: str = "pyivshmem-vmtest") -> Path:
@@ -779,19 +936,26 @@ def unique_shm(prefix: str = "pyivshmem-vmtest") -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m pyivshmem._vm build|smoke`: build the cache (and boot a trivial guest once)."""
+    """`python -m pyivshmem._vm build|smoke|probe`: build the cache (and boot a trivial guest once,
+    or only say which accelerator guests would run under, and why)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m pyivshmem._vm")
-    ap.add_argument("command", choices=["build", "smoke"])
+    ap.add_argument("command", choices=["build", "smoke", "probe"])
+    ap.add_argument("--accel", choices=ACCELS, default=None,
+                    help="auto (probe KVM, default), kvm or tcg")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     img = ensure_image()
     print(f"image ready in {time.monotonic() - t0:.1f}s: kernel {img.kernel.version}, {img.python}")
+    if a.command == "probe":
+        print(choose_accel(a.accel, image=img).describe())
     if a.command == "smoke":
+        choice = choose_accel(a.accel, image=img)
+        print(choice.describe())
         with tempfile.TemporaryDirectory() as tmp:
             script = "import vmguest, sys\nvmguest.result(python=sys.version)\n"
-            with Vm(script, workdir=tmp, iommu=False) as vm:
+            with Vm(script, workdir=tmp, iommu=False, accel=choice.accel) as vm:
                 print(vm.result(timeout=120))
         print(f"total {time.monotonic() - t0:.1f}s")
     return 0

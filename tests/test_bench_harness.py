@@ -304,12 +304,18 @@ def test_schema_is_stable():
     assert set(report.HEADLINE_FIELDS) == {
         "figure", "group", "unit", "higher_is_better", "pyivshmem", "best_peer",
         "best_peer_value", "ratio"}
+    # added to version 1 later: checked when present, so older documents still validate
+    assert set(report.OPTIONAL_RECORD_FIELDS) == {"spread"}
+    assert set(report.SPREAD_FIELDS) == {"metric", "values", "seq", "spread", "limit", "flagged"}
+    assert set(report.OPTIONAL_HEADLINE_FIELDS) == {"spread_flagged"}
     # the documentation names every record field
     doc_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "docs", "bench.md")
     with open(doc_path) as f:
         text = f.read()
-    for name in set(report.RECORD_FIELDS) | set(report.TOP_FIELDS) | set(report.THROUGHPUT_FIELDS):
+    for name in (set(report.RECORD_FIELDS) | set(report.TOP_FIELDS) | set(report.THROUGHPUT_FIELDS)
+                 | set(report.OPTIONAL_RECORD_FIELDS) | set(report.SPREAD_FIELDS)
+                 | set(report.OPTIONAL_HEADLINE_FIELDS)):
         assert f"`{name}`" in text, f"docs/bench.md does not describe field {name!r}"
 
 
@@ -442,8 +448,11 @@ def test_guest_plan_shapes():
     assert g["sizes"] == [64, 4096] and g["too_big"] == [1 << 20] and g["rtt_samples"] == 40
     hg = guests._Plan("host-guest", s, g, busy_ok=True)
     assert [p["name"] for p in hg.phases] == [
-        "rtt-busy-poll", "rtt-blocking", "stream-64-h2g", "stream-64-g2h", "stream-4096-h2g",
-        "stream-4096-g2h"]
+        "rtt-busy-poll", "rtt-blocking", "wake", "stream-64-h2g", "stream-64-g2h",
+        "stream-4096-h2g", "stream-4096-g2h"]
+    wake = hg.phases[2]
+    assert (wake["client"], wake["echo"], wake["mode"]) == ("host", "guest", "blocking")
+    assert wake["samples"] == guests.WAKE_SAMPLES[1] and wake["gap"] >= 0.002
     assert sorted(r["vector"] for r in hg.rings.values()) == list(range(hg.vectors))
     need = sum(r["slot"] * r["capacity"] for r in hg.rings.values())
     assert hg.region_size >= 2 * need and hg.region_size & (hg.region_size - 1) == 0
@@ -451,38 +460,62 @@ def test_guest_plan_shapes():
     gg = guests._Plan("guest-guest", s, g, busy_ok=False)
     assert [p["name"] for p in gg.phases] == ["rtt-blocking", "stream-64-a2b", "stream-4096-a2b"]
     assert {p[2] for p in gg.skipped} >= {"busy-polling needs two CPUs"}
+    assert [p[0] for p in gg.skipped if p[1]["name"] == "wake"] == ["wakeup"]
+    assert guests._Plan("guest-guest", s, g, busy_ok=True).phases[2]["name"] == "wake"
+    only = Settings(quick=True, scenarios=("roundtrip",))
+    assert [p["name"] for p in guests._Plan("host-guest", only, g, busy_ok=True).phases] == [
+        "rtt-busy-poll", "rtt-blocking"]
 
 
-def test_guest_loops_in_one_process():
-    """vmloops' parts of a plan, host and guest both played by threads on one region."""
+def test_guest_loops_in_one_process(tmp_path):
+    """vmloops' parts of a plan, host and guest both played by threads of this process, each a
+    Peer of one embedded server (eventfd doorbells), as the host is in the real topology."""
     import threading
 
-    from pyivshmem import Region
+    from pyivshmem import Peer, Server
     from pyivshmem.bench import guests, vmloops
 
     s = Settings(quick=True)
-    g = guests.guest_settings(s, {"sizes": [64, 200], "count": 300, "rtt_samples": 50})
+    g = guests.guest_settings(s, {"sizes": [64, 200], "count": 300, "rtt_samples": 50,
+                                  "wake_samples": 20})
     plan = guests._Plan("host-guest", s, g, busy_ok=True)
-    path = f"/dev/shm/pyivshmem-test-{os.getpid()}-vmloops"
-    region = Region.create(path, plan.region_size)
-    try:
+    sock = str(tmp_path / "ivshmem.sock")
+    with Server(sock, size=plan.region_size, vectors=plan.vectors), \
+            Peer.connect(sock, vectors=plan.vectors, timeout=30) as host, \
+            Peer.connect(sock, vectors=plan.vectors, timeout=30) as guest:
         for name, r in plan.rings.items():
-            region.create_ring(name, "spsc", slot_size=r["slot"], capacity=r["capacity"])
+            host.region.create_ring(name, "spsc", slot_size=r["slot"], capacity=r["capacity"])
         d = plan.as_dict("x")
         d["op_timeout"] = 30.0
         out = {}
-        t = threading.Thread(target=lambda: out.update(guest=vmloops.run_plan(d, "guest", region, None)))
+        t = threading.Thread(
+            target=lambda: out.update(guest=vmloops.run_plan(d, "guest", guest.region, guest)))
         t.start()
-        out["host"] = vmloops.run_plan(d, "host", region, None)
-        t.join(60)
-        recs = guests._records_from(plan, out)
-    finally:
-        region.close()
-        os.unlink(path)
-    assert [r["status"] for r in recs] == ["ok"] * 6
-    assert [r["latency_ns"]["count"] for r in recs[:2]] == [50, 50]
-    assert [r["throughput"]["messages"] for r in recs[2:]] == [300] * 4
+        try:
+            out["host"] = vmloops.run_plan(d, "host", host.region, host)
+        finally:
+            t.join(60)
+        assert not t.is_alive()
+    recs = guests._records_from(plan, out)
+    assert all(r["status"] == "ok" for r in recs), [r["note"] for r in recs]
+    by = {}
+    for r in recs:
+        by.setdefault(r["scenario"], []).append(r)
+    assert [r["latency_ns"]["count"] for r in by["roundtrip"]] == [50, 50]
+    assert [r["throughput"]["messages"] for r in by["throughput"]] == [300] * 4
+    (wake,) = by["wakeup"]
+    assert wake["latency_ns"]["count"] == 20 and wake["mode"] == "blocking"
+    # every wake-up went to a receiver asleep on its doorbell (the waker waited until it was)
+    assert "seen waiting before 20 of 20 sends" in wake["note"]
+    assert wake["counters"]["b_sleeps"] >= 20 and wake["counters"]["a_doorbells"] == 20
+    # one doorbells-per-message record per phase, from both sides' counters
+    bells = {r["method"] + "/" + r["mode"]: r for r in by["doorbells"]}
+    assert len(by["doorbells"]) == 7
+    assert bells["wake-up/blocking"]["doorbells_per_msg"] == pytest.approx(20 / 40)
+    assert bells["ping-pong/busy-poll"]["doorbells_per_msg"] == 0
+    assert all(0 <= r["doorbells_per_msg"] <= 1 for r in by["doorbells"])
     assert all(r["placement"] == "host-guest" and r["group"].startswith("guest/") for r in recs)
+    assert all(report.EMULATED in r["note"] for r in recs)
 
 
 def test_cli_list(capsys):
@@ -698,3 +731,106 @@ def test_c_eventfd_reference_in_the_same_run(tmp_path, capsys):
     assert by["roundtrip"]["latency_ns"]["count"] == 150      # warm-up round trips not counted
     assert by["wakeup"]["latency_ns"]["count"] == 7
     assert "C: bare eventfd ping-pong" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# guests under KVM or TCG: what the figures are called, and the choice on the command line
+def test_guest_figures_under_kvm_are_labelled_speed_figures():
+    recs = _guest_records()
+    for r in recs:
+        r["note"] = report.KVM_FIGURES
+    doc = _doc(recs)
+    doc["settings"]["guest"] = {"accel": "kvm"}
+    text = report.format_report(doc)
+    assert "QEMU guests under KVM" in text.splitlines()[1]
+    assert "QEMU guests: speed figures: guests under KVM (hardware virtualisation)" in text
+    assert "not speed claims" not in text
+    md = report.format_markdown(doc)
+    assert "QEMU guests (speed figures: guests under KVM" in md and "not speed claims" not in md
+    # under TCG (or a document that does not say) they stay functional figures
+    doc["settings"]["guest"] = {"accel": "tcg"}
+    assert "QEMU guests: functional figures under software emulation (TCG), not speed claims" in (
+        report.format_report(doc))
+    from pyivshmem.bench import guests
+
+    s = Settings(quick=True)
+    g = guests.guest_settings(s, {"sizes": [64], "count": 10, "rtt_samples": 10})
+    g["accel"] = "kvm"
+    assert guests._Plan("host-guest", s, g, busy_ok=True).label == report.KVM_FIGURES
+
+
+def _fake_guests(monkeypatch, seen):
+    from pyivshmem.bench import guests
+
+    monkeypatch.setattr(guests, "check_available", lambda: "image")
+
+    def run_guests(s, guest, image, cpus, progress=None):
+        seen.update(guest)
+        return [], [f"{s.topology}: QEMU guests under {guest['accel'].upper()}"]
+
+    monkeypatch.setattr(guests, "run_guests", run_guests)
+
+
+def test_cli_accel_tcg_is_used_and_said(monkeypatch, capsys, tmp_path):
+    from pyivshmem import _vm
+
+    monkeypatch.setattr(_vm, "_kvm_verdict", None)
+    monkeypatch.setattr(_vm, "probe_kvm", lambda **kw: pytest.fail("--accel tcg must not probe"))
+    seen = {}
+    _fake_guests(monkeypatch, seen)
+    out = tmp_path / "g.json"
+    assert bench.main(["--topology", "host-guest", "--accel", "tcg", "--quick", "--json",
+                       str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "QEMU guests run under TCG (software emulation): asked for" in err
+    assert seen["accel"] == "tcg" and seen["accel_requested"] == "tcg"
+    assert json.loads(out.read_text())["settings"]["guest"]["accel"] == "tcg"
+
+
+def test_cli_accel_auto_probes_and_says_why(monkeypatch, capsys):
+    from pyivshmem import _vm
+
+    monkeypatch.setattr(_vm, "_kvm_verdict", None)
+    monkeypatch.delenv("PYIVSHMEM_VM_ACCEL", raising=False)
+    monkeypatch.setattr(_vm, "probe_kvm", lambda image=None, timeout=None: (
+        False, f"a probe boot under KVM did not reach the guest's init within {timeout:g} s"))
+    seen = {}
+    _fake_guests(monkeypatch, seen)
+    assert bench.main(["--topology", "guest-guest", "--quick", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("QEMU guests run under TCG (software emulation): a probe boot under KVM did not "
+            "reach the guest's init within") in err
+    assert seen["accel"] == "tcg" and "did not reach" in seen["accel_reason"]
+
+
+def test_cli_accel_kvm_without_kvm_exits_2(monkeypatch, capsys):
+    from pyivshmem import _vm
+
+    monkeypatch.setattr(_vm, "kvm_device_problem", lambda path="/dev/kvm": "/dev/kvm does not exist")
+    _fake_guests(monkeypatch, {})
+    assert bench.main(["--topology", "host-guest", "--accel", "kvm", "--quick"]) == 2
+    assert "--accel kvm: KVM was asked for, but /dev/kvm does not exist" in capsys.readouterr().err
+    assert bench.main(["--accel", "hvf"]) == 2
+
+
+def test_guest_wake_and_doorbell_figures_are_tabled():
+    recs = _guest_records() + [
+        _rec(scenario="wakeup", transport="pyivshmem", label="pyivshmem", is_pyivshmem=True,
+             rank=0, group="guest/host-guest/wakeup/64", placement="host-guest", cpus=[],
+             mode="blocking", variant="Channel send to the guest asleep in recv",
+             latency_ns=_latency([3_000_000] * 20), note=report.EMULATED),
+        _rec(scenario="doorbells", transport="pyivshmem", label="pyivshmem", is_pyivshmem=True,
+             rank=0, group="guest/host-guest/doorbells/stream-4096-h2g", placement="host-guest",
+             cpus=[], mode="adaptive", method="streaming", size=4096,
+             variant="Channel send/recv, host -> guest", doorbells_per_msg=0.0075,
+             counters={"a_sent": 400, "b_sent": 0, "a_doorbells": 3, "b_sleeps": 3},
+             note=report.EMULATED),
+    ]
+    doc = _doc(_records() + recs)
+    report.validate(json.loads(json.dumps(doc)))
+    assert doc["headlines"] == _doc()["headlines"]  # still never compared or headlined
+    guest_part = report.format_report(doc).split("QEMU guests: ")[1]
+    assert "wake-up" in guest_part and "3,000" in guest_part
+    assert "streaming" in guest_part and "4 KiB" in guest_part and "0.0075" in guest_part
+    md = report.format_markdown(doc)
+    assert "| host-guest | streaming | `Channel send/recv, host -> guest` | 4 KiB | 0.0075 | 0.0075 |" in md

@@ -7,8 +7,9 @@ that is installed (the others are skipped with a note saying how to install them
 describes every figure and the JSON schema.
 
 With ``--topology host-guest`` or ``guest-guest`` it boots QEMU guests instead (guests.py) and
-measures pyivshmem across the VM boundary; under software emulation those are functional figures,
-reported apart from the host figures.
+measures pyivshmem across the VM boundary, under KVM when a probe boot under KVM succeeds (speed
+figures) and under software emulation otherwise (functional figures); ``--accel`` forces one.
+Guest figures are reported apart from the host figures.
 
 Modules: stats (histogram, percentiles), peers (the other transports), scenarios (pyivshmem's
 variants), workers (spawned processes and measuring loops), runner (what runs in which order),
@@ -31,6 +32,7 @@ examples:
   pyivshmem bench --scenarios roundtrip --peers os-pipe,unix-seqpacket
   pyivshmem bench --list                       which peers are installed here
   pyivshmem bench --topology host-guest --quick   host <-> QEMU guest (needs qemu-system-x86)
+  pyivshmem bench --topology guest-guest --accel tcg   two guests, KVM not even probed
 """
 
 
@@ -68,6 +70,12 @@ def _positive_float(text: str) -> float:
     if not x > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return x
+
+
+def _percent(text: str) -> float:
+    """``20`` or ``20%`` -> 0.2."""
+    x = _positive_float(text.strip().rstrip("%"))
+    return x / 100.0
 
 
 def _mpmc_shape(text: str) -> tuple:
@@ -111,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_size_list, help="throughput message sizes (default 64,4K,1M)")
     p.add_argument("--rtt-size", type=_size_list, help="round-trip / wake-up message size (64)")
     p.add_argument("--duration", type=_positive_float, help="seconds per throughput trial")
-    p.add_argument("--repeat", type=_positive_int, help="trials per throughput figure (median)")
+    p.add_argument("--repeat", type=_positive_int,
+                   help="trials per figure, interleaved across transports (A B C A B C ...); "
+                        "throughput reports their median, latency all their samples (5; 3 with "
+                        "--quick)")
+    p.add_argument("--max-spread", type=_percent, metavar="PCT",
+                   help="flag a figure whose trials disagree by more than PCT percent, "
+                        "(max - min) / median of the trials (default 20)")
     p.add_argument("--count", type=_positive_int,
                    help="messages per throughput trial (default: calibrated to --duration)")
     p.add_argument("--batch", type=_positive_int, help="messages per batch call (32)")
@@ -128,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host: two host processes (default); host-guest: a host process and a "
                         "QEMU guest; guest-guest: two QEMU guests (both need qemu-system-x86; "
                         "emulated guests give functional figures, not speed claims)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None,
+                   help="guest topologies: run the guests under KVM or TCG; auto (default) uses "
+                        "KVM when a probe boot under KVM succeeds within seconds "
+                        "(PYIVSHMEM_VM_ACCEL sets the default)")
     p.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -207,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = Settings.preset(args.quick)
     s.scenarios = scenarios
     for name in ("duration", "repeat", "count", "batch", "rtt_samples", "rtt_seconds",
-                 "wake_samples", "wake_gap", "placement", "cpus"):
+                 "wake_samples", "wake_gap", "placement", "cpus", "max_spread"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
@@ -240,8 +258,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         from .guests import GuestsUnavailable, check_available, guest_settings, run_guests
 
+        from .._vm import VmUnavailable, choose_accel
+
         guest = guest_settings(s, {"sizes": args.sizes, "count": args.count,
-                                   "rtt_samples": args.rtt_samples})
+                                   "rtt_samples": args.rtt_samples,
+                                   "wake_samples": args.wake_samples})
         settings["guest"] = guest
         if not args.quiet:
             progress(f"--topology {s.topology}: preparing the guest image "
@@ -252,6 +273,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"pyivshmem bench: --topology {s.topology} needs QEMU guests: {exc}",
                   file=sys.stderr)
             return 2
+        try:
+            choice = choose_accel(args.accel, image=image)
+        except VmUnavailable as exc:
+            print(f"pyivshmem bench: --accel {args.accel}: {exc}", file=sys.stderr)
+            return 2
+        # the choice and its reason, always (also in the table's notes and the JSON settings)
+        print(f"pyivshmem bench: {choice.describe()}", file=sys.stderr, flush=True)
+        guest.update(accel=choice.accel, accel_reason=choice.reason,
+                     accel_requested=choice.requested)
         try:
             records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
                                         None if args.quiet else progress)

@@ -1,18 +1,21 @@
 """`pyivshmem bench --topology host-guest|guest-guest`: pyivshmem across QEMU guests.
 
 The guests are the VM harness's (pyivshmem._vm): a Debian kernel and busybox, the host's own Python
-and the installed pyivshmem package, booted under software emulation (TCG) with an
-``ivshmem-doorbell`` device connected to a pyivshmem :class:`~pyivshmem.Server` embedded in this
-process. Inside, the benchmark opens the device with :class:`~pyivshmem.PciDevice` (VFIO, MSI-X
-doorbells) and runs its part of a plan (vmloops.py); results come back over the serial console.
+and the installed pyivshmem package, booted under KVM when a probe boot under KVM succeeds (else
+under software emulation, TCG; ``--accel`` forces one) with an ``ivshmem-doorbell`` device
+connected to a pyivshmem :class:`~pyivshmem.Server` embedded in this process. Inside, the
+benchmark opens the device with :class:`~pyivshmem.PciDevice` (VFIO, MSI-X doorbells) and runs
+its part of a plan (vmloops.py); results come back over the serial console.
 
 * host-guest: one guest; a host :class:`~pyivshmem.Peer` ping-pongs with it (busy-poll and
-  blocking, timed on the host) and streams to it and from it (timed by the receiver).
-* guest-guest: two guests on one server; guest a ping-pongs with guest b (timed by a's clock)
-  and streams to it (timed by b's clock).
+  blocking, timed on the host), wakes it while it sleeps (timed on the host) and streams to it
+  and from it (timed by the receiver).
+* guest-guest: two guests on one server; guest a ping-pongs with guest b and wakes it (timed by
+  a's clock) and streams to it (timed by b's clock).
 
-Under TCG every guest instruction is emulated, so these are functional figures (the path works,
-how it behaves) and never speed claims; records and the table say so.
+Doorbells per message come from both sides' Channel counters of each phase.  Under TCG every
+guest instruction is emulated, so those are functional figures (the path works, how it behaves)
+and never speed claims; under KVM they are speed figures.  Records and the table say which.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .report import EMULATED, GUEST_PLACEMENTS
+from ..errors import IvshmemError
+from .report import EMULATED, GUEST_PLACEMENTS, guest_label
 from .runner import _latency, _throughput
 from .stats import Histogram
 from .vmloops import ring_shapes, run_plan
@@ -37,6 +41,7 @@ MAX_GUEST_SIZE = 64 * 1024
 
 # per figure: (full run, --quick)
 RTT_SAMPLES = (2000, 300)
+WAKE_SAMPLES = (300, 60)
 STREAM_COUNT = (20000, 2000)
 
 GUEST_SCRIPT = r"""
@@ -56,7 +61,7 @@ vmguest.result(**out)
 Progress = Callable[[str], None]
 
 
-class GuestsUnavailable(RuntimeError):
+class GuestsUnavailable(IvshmemError, RuntimeError):
     """QEMU or the guest image cannot be had here; the message says what to install."""
 
 
@@ -72,6 +77,8 @@ class _Plan:
 
     def __init__(self, topology: str, s: Any, guest: Dict[str, Any], busy_ok: bool) -> None:
         self.topology = topology
+        self.label = guest_label(guest.get("accel"))
+        self.doorbells = "doorbells" in s.scenarios
         self.rings: Dict[str, Dict[str, int]] = {}
         self.phases: List[Dict[str, Any]] = []
         self.skipped: List[Tuple[str, Dict[str, Any], str]] = []
@@ -93,6 +100,17 @@ class _Plan:
                     self.skipped.append(("roundtrip", ph, "busy-polling needs two CPUs"))
                 else:
                     self.phases.append(ph)
+        if "wakeup" in s.scenarios:
+            ph = {"name": "wake", "kind": "wake", "mode": "blocking", "size": size,
+                  "samples": guest["wake_samples"], "gap": guest["wake_gap"],
+                  "client": near, "echo": far,
+                  "ping": self._ring("wake-ping", size, "rtt"),
+                  "pong": self._ring("wake-pong", size, "rtt")}
+            if not busy_ok:
+                self.skipped.append(("wakeup", ph, "the waker busy-polls for the answer: "
+                                                   "needs two CPUs"))
+            else:
+                self.phases.append(ph)
         if "throughput" in s.scenarios:
             for size in guest["sizes"]:
                 for direction, (src, dst) in zip(arrow, ((near, far), (far, near))):
@@ -130,7 +148,8 @@ class _Plan:
     def budget(self) -> float:
         """Generous seconds for every phase together (the guests' own kill bound)."""
         n = sum(ph.get("samples", 0) + ph.get("warmup", 0) + ph.get("count", 0) for ph in self.phases)
-        return 300.0 + 0.05 * n
+        gaps = sum(ph.get("samples", 0) * ph.get("gap", 0.0) for ph in self.phases)
+        return 300.0 + 0.05 * n + 2 * gaps
 
 
 def _variant(topology: str, ph: Dict[str, Any]) -> str:
@@ -140,20 +159,36 @@ def _variant(topology: str, ph: Dict[str, Any]) -> str:
         if ph["mode"] == "busy-poll":
             return f"Channel try_send/try_recv: {ends}"
         return f"Channel send/recv, spin=0, MSI-X doorbell: {ends}"
+    if ph["kind"] == "wake":
+        sleeper = "the guest" if topology == "host-guest" else "guest b"
+        return (f"Channel send to {sleeper} asleep in recv (spin=0, MSI-X doorbell), "
+                "its answer busy-polled")
     return f"Channel send/recv, {ph['direction']}"
 
 
-def _record(topology: str, ph: Dict[str, Any], **fields: Any) -> Dict[str, Any]:
-    scenario = "roundtrip" if ph["kind"] == "rtt" else "throughput"
+_SCENARIO = {"rtt": "roundtrip", "wake": "wakeup", "stream": "throughput"}
+
+
+def _record(topology: str, ph: Dict[str, Any], scenario: Optional[str] = None,
+            **fields: Any) -> Dict[str, Any]:
+    scenario = scenario or _SCENARIO[ph["kind"]]
+    method: Optional[str] = "send/recv"
     if scenario == "roundtrip":
         group = f"guest/{topology}/roundtrip/{ph['mode']}/{ph['size']}"
+        method = None
+    elif scenario == "wakeup":
+        group = f"guest/{topology}/wakeup/{ph['size']}"
+        method = None
+    elif scenario == "doorbells":
+        method = {"rtt": "ping-pong", "wake": "wake-up", "stream": "streaming"}[ph["kind"]]
+        group = f"guest/{topology}/doorbells/{ph['name']}"
     else:
         tag = ph["name"].rsplit("-", 1)[-1]
         group = f"guest/{topology}/throughput/{ph['size']}/{tag}"
     rec: Dict[str, Any] = {
         "scenario": scenario, "group": group, "transport": "pyivshmem", "label": "pyivshmem",
         "is_pyivshmem": True, "variant": _variant(topology, ph), "mode": ph["mode"],
-        "method": None if scenario == "roundtrip" else "send/recv", "size": ph["size"],
+        "method": method, "size": ph["size"],
         "batch": 1, "placement": topology, "cpus": [], "producers": 1, "consumers": 1, "rank": 0,
         "status": "ok", "note": None, "latency_ns": None, "throughput": None,
         "doorbells_per_msg": None, "counters": None, "reference": False, "ratio": None,
@@ -169,22 +204,45 @@ def _prefixed(a: Optional[Dict[str, int]], b: Optional[Dict[str, int]]) -> Optio
     return out or None
 
 
+def _bells(plan: _Plan, ph: Dict[str, Any], counters: Optional[Dict[str, int]],
+           elapsed: Optional[float]) -> List[Dict[str, Any]]:
+    """The doorbells-per-message record of a phase, from both sides' Channel counters."""
+    if not plan.doorbells:
+        return []
+    c = counters or {}
+    sent = c.get("a_sent", 0) + c.get("b_sent", 0)
+    if sent <= 0:
+        return [_record(plan.topology, ph, "doorbells", status="failed",
+                        note="the Channels counted no messages")]
+    bells = c.get("a_doorbells", 0) + c.get("b_doorbells", 0)
+    return [_record(plan.topology, ph, "doorbells", doorbells_per_msg=bells / sent, counters=c,
+                    elapsed_s=elapsed,
+                    note=f"{plan.label}; both sides' Channel counters over the whole phase")]
+
+
 def _records_from(plan: _Plan, results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Records of every phase from each participant's run_plan() output."""
     topo = plan.topology
+    label = plan.label
     recs = []
+    bells = []
     for ph in plan.phases:
         name = ph["name"]
-        if ph["kind"] == "rtt":
+        if ph["kind"] in ("rtt", "wake"):
             cli, echo = results[ph["client"]].get(name), results[ph["echo"]].get(name)
             if not cli or not echo:
                 recs.append(_record(topo, ph, status="failed", note="a side reported nothing"))
                 continue
             hist = Histogram.from_dict(cli["histogram"])
             timed = "the host" if ph["client"] == "host" else "guest a's clock"
-            recs.append(_record(
-                topo, ph, latency_ns=_latency(hist), counters=_prefixed(cli["counters"], echo["counters"]),
-                elapsed_s=cli["elapsed_s"], note=f"{EMULATED_NOTE}; timed by {timed}"))
+            counters = _prefixed(cli["counters"], echo["counters"])
+            note = f"{label}; timed by {timed}"
+            if ph["kind"] == "wake":
+                note += (f"; a wake-up plus a busy-polled answer; the receiver was seen waiting "
+                         f"before {cli.get('asleep', 0)} of {ph['samples']} sends")
+            recs.append(_record(topo, ph, latency_ns=_latency(hist), counters=counters,
+                                elapsed_s=cli["elapsed_s"], note=note))
+            bells += _bells(plan, ph, counters, cli["elapsed_s"])
         else:
             snd, rcv = results[ph["sender"]].get(name), results[ph["receiver"]].get(name)
             if not snd or not rcv:
@@ -197,20 +255,22 @@ def _records_from(plan: _Plan, results: Dict[str, Dict[str, Any]]) -> List[Dict[
                 continue
             timed = "the host" if ph["receiver"] == "host" else (
                 "the guest's clock" if topo == "host-guest" else "guest b's clock")
+            counters = _prefixed(snd["counters"], rcv["counters"])
             recs.append(_record(
                 topo, ph, throughput=_throughput([rcv["messages"] / secs], ph["size"], ph["count"],
                                                  rcv["messages"], secs),
-                counters=_prefixed(snd["counters"], rcv["counters"]), elapsed_s=rcv["elapsed_s"],
-                note=f"{EMULATED_NOTE}; timed by {timed}, from the first message received "
+                counters=counters, elapsed_s=rcv["elapsed_s"],
+                note=f"{label}; timed by {timed}, from the first message received "
                      "to the last"))
+            bells += _bells(plan, ph, counters, rcv["elapsed_s"])
     for scenario, ph, why in plan.skipped:
-        recs.append(_record(topo, ph, status="skipped", note=why))
-    return recs
+        recs.append(_record(topo, ph, scenario, status="skipped", note=why))
+    return recs + bells
 
 
 def _failed(plan: _Plan, why: str) -> List[Dict[str, Any]]:
     recs = [_record(plan.topology, ph, status="failed", note=why) for ph in plan.phases]
-    recs += [_record(plan.topology, ph, status="skipped", note=w) for _, ph, w in plan.skipped]
+    recs += [_record(plan.topology, ph, sc, status="skipped", note=w) for sc, ph, w in plan.skipped]
     return recs
 
 
@@ -245,7 +305,8 @@ def _wait_joined(peer: Any, count: int, timeout: float, watch: _Watch) -> List[i
     return joined
 
 
-def _run_topology(plan: _Plan, image: Any, workdir: str, progress: Progress) -> List[Dict[str, Any]]:
+def _run_topology(plan: _Plan, image: Any, workdir: str, progress: Progress,
+                  accel: str = "tcg") -> List[Dict[str, Any]]:
     from .. import Peer, Server
     from .._vm import BOOT_TIMEOUT, Vm, VmError, ivshmem_doorbell
 
@@ -258,14 +319,14 @@ def _run_topology(plan: _Plan, image: Any, workdir: str, progress: Progress) -> 
         for name, r in plan.rings.items():
             peer.region.create_ring(name, "spsc", slot_size=r["slot"], capacity=r["capacity"])
         vms = [Vm(GUEST_SCRIPT, ivshmem_doorbell(sock, vectors=vectors), workdir=workdir,
-                  name=f"bench-{g}", image=image, guest_timeout=plan.budget(),
+                  name=f"bench-{g}", image=image, guest_timeout=plan.budget(), accel=accel,
                   files={"plan.json": json.dumps(plan.as_dict(g))}) for g in guests]
         watch = _Watch(vms)
         try:
             t0 = time.monotonic()
             for vm in vms:
                 vm.start()
-            progress(f"booting {len(vms)} guest(s) under TCG ({plan.topology})")
+            progress(f"booting {len(vms)} guest(s) under {accel.upper()} ({plan.topology})")
             _wait_joined(peer, len(vms), BOOT_TIMEOUT, watch)
             for vm in vms:
                 vm.wait_for("stage", timeout=BOOT_TIMEOUT)
@@ -296,10 +357,13 @@ def guest_settings(s: Any, explicit: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "rtt_size": s.rtt_size,
         "rtt_samples": explicit.get("rtt_samples") or RTT_SAMPLES[quick],
+        "wake_samples": explicit.get("wake_samples") or WAKE_SAMPLES[quick],
+        "wake_gap": max(s.wake_gap, 0.002),
         "sizes": [n for n in sizes if n <= MAX_GUEST_SIZE],
         "too_big": [n for n in sizes if n > MAX_GUEST_SIZE],
         "counts": {k: v for k, v in counts.items() if int(k) <= MAX_GUEST_SIZE},
-        "accel": "tcg",
+        "accel": "tcg",            # set by the caller from choose_accel()
+        "accel_reason": None,
     }
 
 
@@ -321,18 +385,21 @@ def run_guests(s: Any, guest: Dict[str, Any], image: Any, cpus: Sequence[int],
                progress: Optional[Progress] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Boot the guests of ``s.topology``, measure, and return (records, notes)."""
     progress = progress or (lambda text: None)
-    notes = [f"{s.topology}: QEMU guests under TCG: {EMULATED_NOTE}"]
-    other = [x for x in s.scenarios if x not in ("roundtrip", "throughput")]
+    accel = guest.get("accel") or "tcg"
+    notes = [f"{s.topology}: QEMU guests under {accel.upper()}: {guest_label(accel)}"]
+    if guest.get("accel_reason"):
+        notes.append(f"{s.topology}: {accel.upper()} because {guest['accel_reason']}")
+    other = [x for x in s.scenarios if x not in ("roundtrip", "throughput", "wakeup", "doorbells")]
     if other:
         notes.append(f"{s.topology}: {', '.join(other)} not measured with guests "
-                     "(round trip and throughput only)")
+                     "(round trip, wake-up, throughput and doorbells only)")
     notes.append(f"{s.topology}: peers are measured in the host topology only")
     plan = _Plan(s.topology, s, guest, busy_ok=len(cpus) >= 2)
     if not plan.phases:
         return _failed(plan, "nothing to measure"), notes
     workdir = tempfile.mkdtemp(prefix="pyivshmem-bench-vm-")
     try:
-        recs = _run_topology(plan, image, workdir, progress)
+        recs = _run_topology(plan, image, workdir, progress, accel)
     except Exception as exc:  # noqa: BLE001 - the run reports it as failed figures
         text = str(exc)
         print(f"pyivshmem bench: --topology {s.topology} failed: {text}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 The document (``schema`` "pyivshmem-bench", ``schema_version`` 1) is described field by field in
 docs/bench.md and checked by :func:`validate`.  Compatible additions keep the version; renaming or
-removing a field, or changing its meaning or unit, bumps it.
+removing a field, or changing its meaning or unit, bumps it.  Fields added since the first
+documents of version 1 (``OPTIONAL_RECORD_FIELDS``, ``OPTIONAL_HEADLINE_FIELDS``) are checked when
+present, so older documents still validate.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ __all__ = [
     "LATENCY_FIELDS",
     "THROUGHPUT_FIELDS",
     "HEADLINE_FIELDS",
+    "OPTIONAL_RECORD_FIELDS",
+    "OPTIONAL_HEADLINE_FIELDS",
+    "SPREAD_FIELDS",
+    "fmt_spread",
+    "guest_label",
     "build_document",
     "compute_ratios",
     "headlines",
@@ -35,6 +42,7 @@ __all__ = [
     "is_guest",
     "GUEST_PLACEMENTS",
     "EMULATED",
+    "KVM_FIGURES",
 ]
 
 SCHEMA = "pyivshmem-bench"
@@ -124,10 +132,31 @@ HEADLINE_FIELDS: Dict[str, tuple] = {
     "best_peer_value": _OPT_NUM,
     "ratio": _OPT_NUM,
 }
+# added in version 1 after its first documents: checked when present
+OPTIONAL_RECORD_FIELDS: Dict[str, tuple] = {
+    "spread": (dict, type(None)),  # how much the figure's trials disagree (below)
+}
+SPREAD_FIELDS: Dict[str, tuple] = {
+    "metric": (str,),              # what each trial value is: "p50" (ns) or "msgs_per_s"
+    "values": (list,),             # each trial's value, in the order they ran
+    "seq": (list,),                # each trial's position in the run's sequence of trials
+    "spread": _OPT_NUM,            # (max - min) / median of values; null below two trials
+    "limit": _NUM,                 # the run's --max-spread, as a fraction
+    "flagged": (bool,),            # spread > limit
+}
+OPTIONAL_HEADLINE_FIELDS: Dict[str, tuple] = {
+    "spread_flagged": (bool,),     # pyivshmem's or the best peer's trials disagree > limit
+}
 _STATUSES = ("ok", "skipped", "failed")
 # placements of figures measured with QEMU guests (--topology host-guest / guest-guest)
 GUEST_PLACEMENTS = ("host-guest", "guest-guest")
 EMULATED = "functional figures under software emulation (TCG), not speed claims"
+KVM_FIGURES = "speed figures: guests under KVM (hardware virtualisation)"
+
+
+def guest_label(accel: Optional[str]) -> str:
+    """What guest figures are: speed figures under KVM, functional figures under TCG."""
+    return KVM_FIGURES if accel == "kvm" else EMULATED
 
 
 _SCENARIOS = ("roundtrip", "throughput", "mpmc", "wakeup", "doorbells")
@@ -246,6 +275,7 @@ def headlines(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             best = pick(peers, key=lambda r: _figure(r)[0] or 0.0)
         if ref["scenario"] in ("roundtrip", "wakeup") and ref["mode"] and ref["mode"] not in ref["group"]:
             title += f" (pyivshmem {ref['mode']})"
+        flagged = any((r.get("spread") or {}).get("flagged") for r in (ref, best) if r)
         out.append({
             "figure": title,
             "group": ref["group"],
@@ -255,6 +285,7 @@ def headlines(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "best_peer": best["label"] if best else None,
             "best_peer_value": _figure(best)[0] if best else None,
             "ratio": best["ratio"] if best else None,
+            "spread_flagged": flagged,
         })
     return out
 
@@ -281,9 +312,14 @@ def build_document(records: List[Dict[str, Any]], settings: Dict[str, Any], note
 
 
 # ------------------------------------------------------------------------------------------------
-def _check_fields(obj: Any, spec: Dict[str, tuple], where: str) -> None:
+def _check_fields(obj: Any, spec: Dict[str, tuple], where: str,
+                  optional: Optional[Dict[str, tuple]] = None) -> None:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    spec = dict(spec)
+    for name, types in (optional or {}).items():
+        if name in obj:
+            spec[name] = types
     for name, types in spec.items():
         if name not in obj:
             raise ValueError(f"{where}: missing field {name!r}")
@@ -306,7 +342,12 @@ def validate(doc: Dict[str, Any]) -> None:
     _check_fields(doc["host"], HOST_FIELDS, "host")
     for i, rec in enumerate(doc["records"]):
         where = f"records[{i}]"
-        _check_fields(rec, RECORD_FIELDS, where)
+        _check_fields(rec, RECORD_FIELDS, where, OPTIONAL_RECORD_FIELDS)
+        if rec.get("spread") is not None:
+            _check_fields(rec["spread"], SPREAD_FIELDS, where + ".spread")
+            if len(rec["spread"]["values"]) != len(rec["spread"]["seq"]):
+                raise ValueError(f"{where}.spread: {len(rec['spread']['values'])} values but "
+                                 f"{len(rec['spread']['seq'])} sequence numbers")
         if rec["status"] not in _STATUSES:
             raise ValueError(f"{where}.status: {rec['status']!r} is not one of {_STATUSES}")
         if rec["scenario"] not in _SCENARIOS:
@@ -321,7 +362,7 @@ def validate(doc: Dict[str, Any]) -> None:
         if rec["status"] == "ok" and _figure(rec)[0] is None:
             raise ValueError(f"{where}: an ok record without a latency, throughput or count")
     for i, h in enumerate(doc["headlines"]):
-        _check_fields(h, HEADLINE_FIELDS, f"headlines[{i}]")
+        _check_fields(h, HEADLINE_FIELDS, f"headlines[{i}]", OPTIONAL_HEADLINE_FIELDS)
     for i, n in enumerate(doc["notes"]):
         if not isinstance(n, str):
             raise ValueError(f"notes[{i}]: not a string")
@@ -379,6 +420,15 @@ def fmt_ratio(rec: Dict[str, Any]) -> str:
     return f"x{r:.1f}" if r < 100 else f"x{r:.0f}"
 
 
+def fmt_spread(rec: Dict[str, Any]) -> str:
+    """``"4%"``, ``"31%!"`` when the trials disagree more than the run's limit, ``""`` if unknown."""
+    sp = rec.get("spread")
+    if not sp or sp.get("spread") is None:
+        return ""
+    text = f"{sp['spread'] * 100:.0f}%"
+    return text + "!" if sp.get("flagged") else text
+
+
 def _table(rows: List[List[str]], right: Iterable[int] = ()) -> List[str]:
     right = set(right)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -400,14 +450,14 @@ def _latency_section(title: str, recs: List[Dict[str, Any]], key: str) -> List[s
     if not ok:
         return []
     lines = [title]
-    rows = [["", "transport", "calls", "p50", "p99", "p99.9", "max", "vs"]]
+    rows = [["", "transport", "calls", "p50", "p99", "p99.9", "max", "spread", "vs"]]
     for k in dict.fromkeys(r[key] for r in ok):
         for r in _ordered([x for x in ok if x[key] == k]):
             lat = r["latency_ns"]
             rows.append([k, r["label"], r["variant"], fmt_us(lat["p50"]), fmt_us(lat["p99"]),
-                         fmt_us(lat["p99_9"]), fmt_us(lat["max"]), fmt_ratio(r)])
+                         fmt_us(lat["p99_9"]), fmt_us(lat["max"]), fmt_spread(r), fmt_ratio(r)])
             k = ""
-    return lines + _table(rows, right=(3, 4, 5, 6, 7)) + [""]
+    return lines + _table(rows, right=(3, 4, 5, 6, 7, 8)) + [""]
 
 
 def _rate_cell(r: Optional[Dict[str, Any]]) -> str:
@@ -420,14 +470,16 @@ def _rate_cell(r: Optional[Dict[str, Any]]) -> str:
     if (r["size"] or 0) >= 4096:
         text += f" {tp['bytes_per_s'] / 1e9:.1f}GB/s"
     rt = fmt_ratio(r)
-    return f"{text} {rt}".rstrip()
+    sp = fmt_spread(r)
+    return f"{text} {rt}{f' [{sp}]' if sp else ''}".strip()
 
 
 def _throughput_section(recs: List[Dict[str, Any]]) -> List[str]:
     if not any(r["status"] == "ok" for r in recs):
         return []
     sizes = sorted({r["size"] for r in recs})
-    lines = ["One-way throughput, messages/s (GB/s from 4 KiB), median of trials; higher is better"]
+    lines = ["One-way throughput, messages/s (GB/s from 4 KiB), median of trials [spread]; "
+             "higher is better"]
     rows = [["", "transport", "calls"] + [fmt_size(s) for s in sizes]]
     for kind, title in (("single", "one call per message"), ("batch", "batched")):
         mine = [r for r in recs if r["group"].startswith(f"throughput/{kind}/")]
@@ -452,10 +504,11 @@ def _mpmc_section(recs: List[Dict[str, Any]]) -> List[str]:
     r0 = ok[0]
     lines = [f"MPMC: {r0['producers']} producers, {r0['consumers']} consumers, "
              f"{fmt_size(r0['size'])} messages, messages/s in all; higher is better"]
-    rows = [["transport", "calls", "msgs/s", "vs"]]
+    rows = [["transport", "calls", "msgs/s", "spread", "vs"]]
     for r in _ordered(ok):
-        rows.append([r["label"], r["variant"], fmt_rate(r["throughput"]["msgs_per_s"]), fmt_ratio(r)])
-    return lines + _table(rows, right=(2, 3)) + [""]
+        rows.append([r["label"], r["variant"], fmt_rate(r["throughput"]["msgs_per_s"]),
+                     fmt_spread(r), fmt_ratio(r)])
+    return lines + _table(rows, right=(2, 3, 4)) + [""]
 
 
 def _doorbell_section(recs: List[Dict[str, Any]]) -> List[str]:
@@ -484,24 +537,43 @@ def _headline_lines(doc: Dict[str, Any]) -> List[str]:
         else:
             ours = f"{fmt_rate(h['pyivshmem'])} msg/s"
             theirs = f"{fmt_rate(h['best_peer_value'])} msg/s" if h["best_peer"] else ""
+        shaky = " (trials disagree: uncertain)" if h.get("spread_flagged") else ""
         if h["best_peer"]:
             lines.append(f"  {h['figure']}: pyivshmem {ours}; best peer {h['best_peer']} {theirs}: "
-                         f"pyivshmem x{h['ratio']:.2g}")
+                         f"pyivshmem x{h['ratio']:.2g}{shaky}")
         else:
             lines.append(f"  {h['figure']}: pyivshmem {ours} (no peer measured)")
     return ["Summary (pyivshmem against the best peer measured in this run)"] + lines + [""] if lines else []
 
 
-def _guest_rows(recs: List[Dict[str, Any]], fmt_lat, fmt_tp) -> Tuple[List[List[str]], List[List[str]]]:
+_GUEST_FIGURE = {"roundtrip": "round trip", "wakeup": "wake-up"}
+
+
+def _sleeps_per_msg(r: Dict[str, Any]) -> str:
+    c = r["counters"] or {}
+    sent = sum(v for k, v in c.items() if k.endswith("_sent")) or 1
+    sleeps = sum(v for k, v in c.items() if k.endswith("_sleeps"))
+    return f"{sleeps / sent:.4f}"
+
+
+def _guest_rows(recs: List[Dict[str, Any]], fmt_lat, fmt_tp
+                ) -> Tuple[List[List[str]], List[List[str]], List[List[str]]]:
     ok = [r for r in recs if r["status"] == "ok"]
-    lat = [[r["placement"], r["mode"] or "", r["variant"]] + fmt_lat(r["latency_ns"])
-           for r in ok if r["latency_ns"]]
+    lat = [[r["placement"], _GUEST_FIGURE.get(r["scenario"], r["scenario"]), r["mode"] or "",
+            r["variant"]] + fmt_lat(r["latency_ns"]) for r in ok if r["latency_ns"]]
     tp = [[r["placement"], r["variant"].split(", ")[-1], fmt_size(r["size"])] + fmt_tp(r)
           for r in ok if r["throughput"]]
-    return lat, tp
+    bells = [[r["placement"], r["method"] or "", r["variant"], fmt_size(r["size"]),
+              f"{r['doorbells_per_msg']:.4f}", _sleeps_per_msg(r)]
+             for r in ok if r["doorbells_per_msg"] is not None]
+    return lat, tp, bells
 
 
-def _guest_section(recs: List[Dict[str, Any]]) -> List[str]:
+def _guest_accel(doc: Dict[str, Any]) -> Optional[str]:
+    return ((doc.get("settings") or {}).get("guest") or {}).get("accel")
+
+
+def _guest_section(recs: List[Dict[str, Any]], label: str = EMULATED) -> List[str]:
     """Figures measured with QEMU guests, apart from the host figures and never compared."""
     def lat(x: Dict[str, Any]) -> List[str]:
         return [fmt_us(x["p50"]), fmt_us(x["p99"]), fmt_us(x["p99_9"]), fmt_us(x["max"]),
@@ -511,19 +583,33 @@ def _guest_section(recs: List[Dict[str, Any]]) -> List[str]:
         t = r["throughput"]
         return [fmt_rate(t["msgs_per_s"]), f"{t['bytes_per_s'] / 1e6:.3g}", str(t["messages"])]
 
-    lat_rows, tp_rows = _guest_rows(recs, lat, tp)
-    if not lat_rows and not tp_rows:
+    lat_rows, tp_rows, bell_rows = _guest_rows(recs, lat, tp)
+    if not lat_rows and not tp_rows and not bell_rows:
         return []
-    out = [f"QEMU guests: {EMULATED}"]
+    out = [f"QEMU guests: {label}"]
     if lat_rows:
-        out.append("Round trip, microseconds")
-        out += _table([["topology", "mode", "calls", "p50", "p99", "p99.9", "max", "n"]] + lat_rows,
-                      right=(3, 4, 5, 6, 7))
+        out.append("Round trip and wake-up of a sleeping guest, microseconds")
+        out += _table([["topology", "figure", "mode", "calls", "p50", "p99", "p99.9", "max", "n"]]
+                      + lat_rows, right=(4, 5, 6, 7, 8))
     if tp_rows:
         out.append("One-way throughput")
         out += _table([["topology", "direction", "size", "msgs/s", "MB/s", "messages"]] + tp_rows,
                       right=(3, 4, 5))
+    if bell_rows:
+        out.append("Doorbells rung per message sent (both sides together, whole phase)")
+        out += _table([["topology", "load", "calls", "size", "doorbells/msg", "sleeps/msg"]]
+                      + bell_rows, right=(3, 4, 5))
     return out + [""]
+
+
+def _trials_line(settings: Dict[str, Any]) -> str:
+    n = settings.get("repeat") or 1
+    limit = settings.get("max_spread")
+    text = (f"Each figure: {n} trial{'s' if n != 1 else ''}, interleaved across transports "
+            "(A B C A B C ...); spread = (max - min) / median of a figure's trials")
+    if limit is not None:
+        text += f", ! = above {limit * 100:.0f}% (--max-spread)"
+    return text + "."
 
 
 def format_report(doc: Dict[str, Any]) -> str:
@@ -536,16 +622,20 @@ def format_report(doc: Dict[str, Any]) -> str:
     where = (f"processes pinned to CPUs {', '.join(map(str, cpus))}" if cpus else "processes not pinned")
     if "same" in placement or "single-cpu" in placement:
         where += " (both on one CPU)"
+    accel = _guest_accel(doc)
     if guests and not recs:
-        where = "QEMU guests under software emulation (TCG)"
+        where = ("QEMU guests under KVM" if accel == "kvm"
+                 else "QEMU guests under software emulation (TCG)")
     out = [
         f"pyivshmem {doc['pyivshmem_version']} bench, {doc['created']}",
         f"{host['cpu_model']}, {host['cpu_count']} CPUs, Linux {host['kernel']}, "
         f"{host['implementation']} {host['python']}; {where}",
         "Latencies in microseconds (percentiles of a log-linear histogram). "
         "vs: xN = pyivshmem's reference (ref) is N times better.",
-        "",
     ]
+    if recs:
+        out.append(_trials_line(doc["settings"]))
+    out.append("")
     by = lambda sc: [r for r in recs if r["scenario"] == sc]  # noqa: E731
     rtt = by("roundtrip")
     if rtt:
@@ -560,7 +650,7 @@ def format_report(doc: Dict[str, Any]) -> str:
             wake, "mode")
     out += _doorbell_section(by("doorbells"))
     out += _headline_lines(doc)
-    out += _guest_section(guests)
+    out += _guest_section(guests, guest_label(accel))
     notes = list(doc["notes"])
     for r in recs + guests:
         if r["status"] != "ok":
@@ -745,15 +835,23 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
         "machines. Latencies in microseconds; xN means pyivshmem's figure is N times better.",
         "",
     ]
+    if recs:
+        out += [_trials_line(doc["settings"]), ""]
     heads = [h for h in doc["headlines"] if h["pyivshmem"] is not None]
     if heads:
         rows = []
         for h in heads:
             f = (lambda v: f"{fmt_us(v)} us") if h["unit"] == "ns" else (lambda v: f"{fmt_rate(v)}/s")
+            ratio_text = f"x{h['ratio']:.2g}" if h["ratio"] else "-"
+            if h.get("spread_flagged"):
+                ratio_text += " (!)"
             rows.append([h["figure"], f(h["pyivshmem"]),
                          f"{h['best_peer']}: {f(h['best_peer_value'])}" if h["best_peer"] else "-",
-                         f"x{h['ratio']:.2g}" if h["ratio"] else "-"])
+                         ratio_text])
         out += _md_table(["figure", "pyivshmem", "best peer", "pyivshmem vs best"], rows)
+        if any(h.get("spread_flagged") for h in heads):
+            out += ["(!): the trials of pyivshmem's or the best peer's figure disagree by more "
+                    "than the run's --max-spread; that ratio is uncertain.", ""]
     if plot:
         out += [f"![pyivshmem against the alternatives]({plot})", ""]
     rtt = [r for r in recs if r["scenario"] == "roundtrip" and r["status"] == "ok"]
@@ -764,8 +862,9 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
                    for r in _ordered([x for x in rtt if x["group"] == g])]
         rows = [[r["mode"] or "", r["label"], f"`{r['variant']}`", fmt_us(r["latency_ns"]["p50"]),
                  fmt_us(r["latency_ns"]["p99"]), fmt_us(r["latency_ns"]["p99_9"]),
-                 fmt_us(r["latency_ns"]["max"]), fmt_ratio(r)] for r in ordered]
-        out += _md_table(["mode", "transport", "calls", "p50", "p99", "p99.9", "max", "vs"], rows)
+                 fmt_us(r["latency_ns"]["max"]), fmt_spread(r), fmt_ratio(r)] for r in ordered]
+        out += _md_table(["mode", "transport", "calls", "p50", "p99", "p99.9", "max", "spread",
+                          "vs"], rows)
     tp = [r for r in recs if r["scenario"] == "throughput"]
     if any(r["status"] == "ok" for r in tp):
         sizes = sorted({r["size"] for r in tp})
@@ -775,7 +874,7 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
         rows = [[label, f"`{variant}`"] + [_rate_cell(cells.get(s)) for s in sizes]
                 for (label, _method, variant), cells in by.items()
                 if any(c["status"] == "ok" for c in cells.values())]
-        out.append("One-way throughput, messages/s (GB/s from 4 KiB):")
+        out.append("One-way throughput, messages/s (GB/s from 4 KiB), median of trials [spread]:")
         out.append("")
         out += _md_table(["transport", "calls"] + [fmt_size(s) for s in sizes], rows)
     mp = [r for r in recs if r["scenario"] == "mpmc" and r["status"] == "ok"]
@@ -783,26 +882,30 @@ def format_markdown(doc: Dict[str, Any], plot: Optional[str] = None) -> str:
         out.append(f"MPMC, {mp[0]['producers']} producers and {mp[0]['consumers']} consumers, "
                    f"{fmt_size(mp[0]['size'])} messages:")
         out.append("")
-        out += _md_table(["transport", "msgs/s", "vs"],
-                         [[r["label"], fmt_rate(r["throughput"]["msgs_per_s"]), fmt_ratio(r)]
-                          for r in _ordered(mp)])
+        out += _md_table(["transport", "msgs/s", "spread", "vs"],
+                         [[r["label"], fmt_rate(r["throughput"]["msgs_per_s"]), fmt_spread(r),
+                           fmt_ratio(r)] for r in _ordered(mp)])
     wk = [r for r in recs if r["scenario"] == "wakeup" and r["status"] == "ok"]
     if wk:
         out.append("Wake-up of a receiver asleep in a blocking receive (one way):")
         out.append("")
-        out += _md_table(["transport", "calls", "p50", "p99", "vs"],
+        out += _md_table(["transport", "calls", "p50", "p99", "spread", "vs"],
                          [[r["label"], f"`{r['variant']}`", fmt_us(r["latency_ns"]["p50"]),
-                           fmt_us(r["latency_ns"]["p99"]), fmt_ratio(r)] for r in _ordered(wk)])
-    lat_rows, tp_rows = _guest_rows(
+                           fmt_us(r["latency_ns"]["p99"]), fmt_spread(r), fmt_ratio(r)]
+                          for r in _ordered(wk)])
+    lat_rows, tp_rows, bell_rows = _guest_rows(
         guests,
         lambda x: [fmt_us(x["p50"]), fmt_us(x["p99"]), fmt_us(x["p99_9"]), fmt_us(x["max"])],
         lambda r: [f"{fmt_rate(r['throughput']['msgs_per_s'])}/s"])
-    if lat_rows or tp_rows:
-        out.append(f"QEMU guests ({EMULATED}):")
+    if lat_rows or tp_rows or bell_rows:
+        out.append(f"QEMU guests ({guest_label(_guest_accel(doc))}):")
         out.append("")
         if lat_rows:
-            out += _md_table(["topology", "mode", "calls", "p50", "p99", "p99.9", "max"],
-                             [r[:2] + [f"`{r[2]}`"] + r[3:] for r in lat_rows])
+            out += _md_table(["topology", "figure", "mode", "calls", "p50", "p99", "p99.9", "max"],
+                             [r[:3] + [f"`{r[3]}`"] + r[4:] for r in lat_rows])
         if tp_rows:
             out += _md_table(["topology", "direction", "size", "messages/s"], tp_rows)
+        if bell_rows:
+            out += _md_table(["topology", "load", "calls", "size", "doorbells/msg", "sleeps/msg"],
+                             [r[:2] + [f"`{r[2]}`"] + r[3:] for r in bell_rows])
     return "\n".join(out)

@@ -1,9 +1,12 @@
 """What a benchmark run measures, in which order, and how each measurement becomes a record.
 
-One :class:`Runner` walks the transports (pyivshmem first, then the peers), and for each one runs
-the selected scenarios in a group of spawned worker processes (see workers.py).  Each measured
-figure becomes one record (a plain dict, the JSON schema of report.py); a scenario that cannot run
-becomes a record with ``status`` "skipped" or "failed" and a note saying why, and the run goes on.
+One :class:`Runner` walks the figures (a figure is a group of records compared with each other:
+one scenario, mode, size and placement) and runs every transport's trials of a figure interleaved:
+trial 1 of pyivshmem's variants and of each peer, then trial 2 of each, and so on.  Each transport
+keeps a group of spawned worker processes (see workers.py) for the whole run.  Each measured figure
+becomes one record (a plain dict, the JSON schema of report.py) with the spread of its trials; a
+scenario that cannot run becomes a record with ``status`` "skipped" or "failed" and a note saying
+why, and the run goes on.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .peers import Transport
-from .stats import Histogram, summarize_rates
+from .stats import Histogram, spread, summarize_rates
 from .workers import WorkerFailed, WorkerGroup, usable_cpus
 
 __all__ = ["Settings", "Runner", "SCENARIOS"]
@@ -33,16 +36,17 @@ class Settings:
     scenarios: Tuple[str, ...] = SCENARIOS
     sizes: Tuple[int, ...] = (64, 4096, 1 << 20)
     rtt_size: int = 64
-    rtt_samples: int = 200_000       # most round trips timed per variant
-    rtt_seconds: float = 1.0         # ... or until this much time has passed
-    duration: float = 1.0            # target seconds of one throughput trial
-    repeat: int = 3                  # trials per throughput figure (the median is reported)
+    rtt_samples: int = 200_000       # most round trips timed per figure, all trials together
+    rtt_seconds: float = 1.0         # ... or until this much time has passed (all trials)
+    duration: float = 0.5            # target seconds of one throughput trial
+    repeat: int = 5                  # trials per figure, interleaved across transports
+    max_spread: float = 0.20         # flag a figure whose trials disagree more: (max-min)/median
     count: Optional[int] = None      # fixed messages per trial instead of calibrating
     batch: int = 32                  # messages per batch call
     mpmc_producers: int = 2
     mpmc_consumers: int = 2
     mpmc_size: int = 64
-    wake_samples: int = 500
+    wake_samples: int = 500          # wake-ups timed per figure, all trials together
     wake_gap: float = 0.002          # seconds the receiver is left asleep before each message
     placement: str = "cross"         # "cross": CPUs differ; "same": both on one CPU
     cpus: Tuple[int, ...] = ()       # empty: the first two CPUs this process may use
@@ -51,7 +55,7 @@ class Settings:
     @classmethod
     def preset(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(quick=True, rtt_samples=50_000, rtt_seconds=0.25, duration=0.15, repeat=1,
+            return cls(quick=True, rtt_samples=50_000, rtt_seconds=0.25, duration=0.06, repeat=3,
                        wake_samples=60, wake_gap=0.002)
         return cls()
 
@@ -130,8 +134,50 @@ class _Session:
         self._teardown()
 
 
+class _Entry:
+    """One transport's variant in one figure: its trials, interleaved with the others', and the
+    record they make.
+
+    ``trial(i)`` runs trial ``i`` and returns its result (a dict with at least ``value``, the
+    trial's figure: p50 in ns or messages/s); ``prepare()`` runs once before the first trial
+    (throughput calibration); ``finish(results)`` turns the results into the record's fields.
+    """
+
+    def __init__(self, t: Transport, scenario: str, group: str, fields: Dict[str, Any],
+                 skip: Optional[str] = None) -> None:
+        self.t, self.scenario, self.group, self.fields = t, scenario, group, fields
+        self.note: Optional[str] = skip
+        self.status = "skipped" if skip else "ok"
+        self.prepare: Optional[Callable[[], None]] = None
+        self.trial: Callable[[int], Dict[str, Any]] = lambda i: {}
+        self.finish: Callable[[List[Dict[str, Any]]], Dict[str, Any]] = lambda results: {}
+        self.metric = ""
+        self.results: List[Dict[str, Any]] = []
+        self.seq: List[int] = []
+        self.elapsed = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.status == "ok"
+
+    def fail(self, exc: Exception, when: str) -> None:
+        self.status = "failed"
+        self.note = f"{exc} ({when})" if when else str(exc)
+
+
 class Runner:
-    """Runs the selected scenarios for every transport and collects the records."""
+    """Runs the selected scenarios, figure by figure, every transport's trials interleaved.
+
+    A figure is a group of records compared with each other (one scenario, mode, size and
+    placement): trial 1 of every transport's variant in the group, then trial 2 of each, and so
+    on (A B C A B C ...), so a change of the machine's speed during the run hits every transport
+    alike instead of showing up as a ratio.  Each record says how much its own trials disagree
+    (``spread``) and is flagged when they disagree more than ``settings.max_spread``.
+
+    Every transport keeps its worker processes for the whole run (idle ones wait on their
+    control pipe); :meth:`open_session` is where they are made, and the one seam tests replace
+    to run the scheduling without processes.
+    """
 
     def __init__(self, settings: Settings, transports: Sequence[Transport],
                  progress: Optional[Progress] = None) -> None:
@@ -142,7 +188,10 @@ class Runner:
         self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.records: List[Dict[str, Any]] = []
         self.notes: List[str] = []
-        self._serial = 0
+        # (group, transport key, variant, trial index) of every trial, in the order they ran
+        self.trial_log: List[Tuple[str, str, str, int]] = []
+        self._serial = 0        # names of transport set-ups
+        self._trials_run = 0    # trials, across all figures: a record's spread["seq"]
         self.workdir = ""
         cpus = list(settings.cpus) or usable_cpus()
         if settings.placement == "same" or len(cpus) < 2:
@@ -158,11 +207,29 @@ class Runner:
         self.cpus = cpus
         self._started = 0.0
         self._step = 0
-        self._steps = 0
+        self._pairs: Dict[str, Any] = {}
+        self._live: List[Transport] = []
 
     def next_serial(self) -> int:
         self._serial += 1
         return self._serial
+
+    @property
+    def trials(self) -> int:
+        return max(1, int(self.s.repeat))
+
+    # -- sessions (the seam tests replace) ---------------------------------------------------
+    def open_session(self, t: Transport, roles: Sequence[str], cpus: Sequence[Optional[int]],
+                     sizes: Sequence[int]) -> Any:
+        """An object with ``run(tasks, timeout, order) -> results by role`` and ``close()``."""
+        return _Session(self, t, roles, cpus, sizes)
+
+    def _pair(self, t: Transport) -> Any:
+        pair = self._pairs.get(t.key)
+        if pair is None:
+            pair = self.open_session(t, ["a", "b"], self.pair_cpus, self._sizes_for(t)[0])
+            self._pairs[t.key] = pair
+        return pair
 
     # -- records -----------------------------------------------------------------------------
     def _record(self, transport: Transport, scenario: str, group: str, **fields: Any) -> Dict[str, Any]:
@@ -191,6 +258,7 @@ class Runner:
             "reference": False,
             "ratio": None,
             "elapsed_s": None,
+            "spread": None,
         }
         rec.update(fields)
         self.records.append(rec)
@@ -212,6 +280,9 @@ class Runner:
             result = f"{rec['doorbells_per_msg']:.4f} doorbells per message"
         else:
             result = "done"
+        sp = rec.get("spread")
+        if sp and sp.get("spread") is not None:
+            result += f"  spread {sp['spread'] * 100:.0f}%{' (!)' if sp['flagged'] else ''}"
         total = time.monotonic() - self._started
         self.progress(f"[{total:5.1f}s] {' '.join(what.split())}: {result}")
 
@@ -219,17 +290,49 @@ class Runner:
     def run(self) -> List[Dict[str, Any]]:
         self._started = time.monotonic()
         self.workdir = tempfile.mkdtemp(prefix=f"pyivshmem-bench-{self.run_id}-")
+        self._live = []
+        for t in self.transports:
+            why = t.unavailable()
+            if why:
+                self.notes.append(f"{t.label}: skipped, {why}")
+                self.progress(f"skip {t.key}: {why}")
+            else:
+                self._live.append(t)
         try:
-            for t in self.transports:
-                why = t.unavailable()
-                if why:
-                    self.notes.append(f"{t.label}: skipped, {why}")
-                    self.progress(f"skip {t.key}: {why}")
-                    continue
-                self._run_transport(t)
+            sc = self.s.scenarios
+            if "roundtrip" in sc:
+                self._figures(self._roundtrip_entries())
+            if "throughput" in sc:
+                for size in self.s.sizes:
+                    self._figures(self._throughput_entries(size))
+            if "wakeup" in sc:
+                self._figures(self._wakeup_entries())
+            self._close_pairs()
+            if "mpmc" in sc:
+                self._mpmc()
+            if "doorbells" in sc:
+                for t in self._live:
+                    if t.is_pyivshmem:
+                        self._doorbells(t)
         finally:
+            self._close_pairs()
             shutil.rmtree(self.workdir, ignore_errors=True)
+        measured = [r for r in self.records if (r.get("spread") or {}).get("spread") is not None]
+        flagged = [r for r in measured if r["spread"]["flagged"]]
+        if flagged:
+            groups = list(dict.fromkeys(r["group"] for r in flagged))
+            self.notes.append(
+                f"{len(flagged)} of {len(measured)} figures (in {len(groups)} of "
+                f"{len({r['group'] for r in measured})} groups) have trials that disagree by more "
+                f"than {self.s.max_spread * 100:.0f}% ((max - min) / median; --max-spread), marked "
+                "! in the tables: the machine's speed changed during the run, so those figures and "
+                "their ratios are uncertain (rerun on a quieter machine, or with more --repeat)")
         return self.records
+
+    def _close_pairs(self) -> None:
+        pairs, self._pairs = self._pairs, {}
+        for pair in pairs.values():
+            pair.close()
 
     def _sizes_for(self, t: Transport) -> Tuple[List[int], List[Tuple[int, str]]]:
         wanted = set()
@@ -239,6 +342,8 @@ class Runner:
             wanted.update(self.s.sizes)
         if "mpmc" in self.s.scenarios and t.mpmc:
             wanted.add(self.s.mpmc_size)
+        if "doorbells" in self.s.scenarios and t.is_pyivshmem:
+            wanted.add(self.s.rtt_size)
         ok, bad = [], []
         for size in sorted(wanted):
             why = t.size_problem(size)
@@ -248,196 +353,251 @@ class Runner:
                 ok.append(size)
         return ok, bad
 
-    def _run_transport(self, t: Transport) -> None:
-        sizes, bad = self._sizes_for(t)
-        bad_sizes = dict(bad)
-        pair = _Session(self, t, ["a", "b"], self.pair_cpus, sizes)
-        try:
-            if "roundtrip" in self.s.scenarios:
-                self._roundtrip(t, pair, bad_sizes)
-            if "throughput" in self.s.scenarios:
-                for size in self.s.sizes:
-                    self._throughput(t, pair, size, bad_sizes)
-            if "wakeup" in self.s.scenarios:
-                self._wakeup(t, pair, bad_sizes)
-        finally:
-            pair.close()
-        if "mpmc" in self.s.scenarios:
-            self._mpmc(t, sizes, bad_sizes)
-        if "doorbells" in self.s.scenarios and t.is_pyivshmem:
-            self._doorbells(t)
-
-    def _skip(self, t: Transport, scenario: str, group: str, note: str, **fields: Any) -> None:
-        rec = self._record(t, scenario, group, status="skipped", note=note, **fields)
-        self._say(rec)
-
     def _busy_problem(self) -> Optional[str]:
         if self.placement != "cross":
             return "busy-polling needs the two processes on different CPUs"
         return None
 
-    # round trip ------------------------------------------------------------------------------
-    def _roundtrip(self, t: Transport, pair: _Session, bad: Dict[int, str]) -> None:
-        size = self.s.rtt_size
-        for v in t.roundtrip_variants():
-            group = f"roundtrip/{v['group_mode']}/{size}/{self.placement}"
-            fields = dict(mode=v["mode"], variant=v["variant"], size=size, rank=v.get("rank"))
-            why = v.get("skip") or bad.get(size) or (self._busy_problem() if v["busy"] else None)
-            if why:
-                self._skip(t, "roundtrip", group, why, **fields)
-                continue
-            samples = self.s.rtt_samples
-            task = {"size": size, "mode": v["mode"], "busy": v["busy"], "samples": samples,
-                    "seconds": self.s.rtt_seconds, "warmup": min(1000, max(10, samples // 10))}
-            timeout = 60 + 20 * self.s.rtt_seconds
-            t0 = time.monotonic()
-            try:
-                res = pair.run({"a": dict(task, pattern=v.get("client", "rtt-client")),
-                                "b": dict(task, pattern=v.get("echo", "rtt-echo"))}, timeout,
-                               order=["b", "a"])
-            except WorkerFailed as exc:
-                rec = self._record(t, "roundtrip", group, status="failed", note=str(exc), **fields)
+    def _split(self, total: int, i: int) -> int:
+        """Trial ``i``'s share of ``total`` samples (the shares add up to ``total``)."""
+        n = self.trials
+        return total // n + (1 if i < total % n else 0)
+
+    # -- figures -----------------------------------------------------------------------------
+    def _figures(self, entries: List[_Entry]) -> None:
+        """Group entries into figures (by group, in order of appearance) and run each."""
+        groups: Dict[str, List[_Entry]] = {}
+        for e in entries:
+            groups.setdefault(e.group, []).append(e)
+        for group, members in groups.items():
+            self._figure(group, members)
+
+    def _figure(self, group: str, entries: List[_Entry]) -> None:
+        """Every live entry's trials, interleaved: trial 0 of each, then trial 1 of each, ..."""
+        live = [e for e in entries if e.live]
+        if live:
+            self.progress(f"{group}: {len(live)} transport variant(s) x {self.trials} trial(s), "
+                          "interleaved")
+        for e in live:
+            if e.prepare is not None:
+                t0 = time.monotonic()
+                try:
+                    e.prepare()
+                except WorkerFailed as exc:
+                    e.fail(exc, "calibration")
+                e.elapsed += time.monotonic() - t0
+        for i in range(self.trials):
+            for e in live:
+                if not e.live:
+                    continue
+                self._trials_run += 1
+                seq = self._trials_run
+                self.trial_log.append((group, e.t.key, e.fields.get("variant", ""), i))
+                t0 = time.monotonic()
+                try:
+                    res = e.trial(i)
+                except WorkerFailed as exc:
+                    e.fail(exc, f"trial {i + 1} of {self.trials}" if self.trials > 1 else "")
+                else:
+                    e.results.append(res)
+                    e.seq.append(seq)
+                e.elapsed += time.monotonic() - t0
+        for e in entries:
+            if e.status != "ok":
+                rec = self._record(e.t, e.scenario, group, status=e.status, note=e.note,
+                                   **e.fields)
             else:
-                hist = Histogram.from_dict(res["a"]["histogram"])
-                rec = self._record(t, "roundtrip", group, latency_ns=_latency(hist),
-                                   counters=_counters(res), elapsed_s=time.monotonic() - t0,
-                                   **fields)
+                fields = e.finish(e.results)
+                rec = self._record(e.t, e.scenario, group, elapsed_s=e.elapsed, **fields,
+                                   **e.fields)
+                rec["spread"] = self._spread(e)
             self._say(rec)
+
+    def _spread(self, e: _Entry) -> Dict[str, Any]:
+        values = [float(r["value"]) for r in e.results]
+        sp = spread(values)
+        return {"metric": e.metric, "values": values, "seq": list(e.seq), "spread": sp,
+                "limit": self.s.max_spread,
+                "flagged": sp is not None and sp > self.s.max_spread}
+
+    # round trip ------------------------------------------------------------------------------
+    def _roundtrip_entries(self) -> List[_Entry]:
+        size = self.s.rtt_size
+        out = []
+        for t in self._live:
+            bad = dict(self._sizes_for(t)[1])
+            for v in t.roundtrip_variants():
+                group = f"roundtrip/{v['group_mode']}/{size}/{self.placement}"
+                fields = dict(mode=v["mode"], variant=v["variant"], size=size, rank=v.get("rank"))
+                why = v.get("skip") or bad.get(size) or (self._busy_problem() if v["busy"] else None)
+                e = _Entry(t, "roundtrip", group, fields, why)
+                e.metric = "p50"
+                e.trial = self._rtt_trial(t, v, size)
+                e.finish = _latency_finish
+                out.append(e)
+        return out
+
+    def _rtt_trial(self, t: Transport, v: Dict[str, Any], size: int) -> Callable[[int], Dict[str, Any]]:
+        def trial(i: int) -> Dict[str, Any]:
+            samples = max(1, self._split(self.s.rtt_samples, i))
+            seconds = self.s.rtt_seconds / self.trials
+            # a full warm-up before the first trial; later ones only re-warm what the other
+            # transports' trials in between may have evicted
+            warm = min(1000 if i == 0 else 200, max(10, samples // 10))
+            task = {"size": size, "mode": v["mode"], "busy": v["busy"], "samples": samples,
+                    "seconds": seconds, "warmup": warm}
+            res = self._pair(t).run(
+                {"a": dict(task, pattern=v.get("client", "rtt-client")),
+                 "b": dict(task, pattern=v.get("echo", "rtt-echo"))},
+                60 + 20 * seconds, order=["b", "a"])
+            return _latency_trial(res, "a")
+        return trial
 
     # one-way throughput ----------------------------------------------------------------------
-    def _calibrated(self, run_once: Callable[[int], Tuple[int, float]],
-                    size: int) -> Tuple[int, List[float], int, float]:
-        """Trials of ``run_once(count) -> (messages, seconds)``: (count, rates, total msgs, secs)."""
-        if self.s.count:
-            count = self.s.count
-        else:
+    def _count_for(self, rate: float, batch: int = 1) -> int:
+        """Messages for a trial of about ``duration`` seconds at ``rate``: at least 20, and at
+        least three batches (a batched receiver's first batch is not timed)."""
+        return int(min(50_000_000, max(20, 3 * batch, rate * self.s.duration)))
+
+    def _throughput_entries(self, size: int) -> List[_Entry]:
+        out = []
+        for t in self._live:
+            bad = dict(self._sizes_for(t)[1])
+            for v in t.throughput_variants(size, self.s.batch):
+                kind = "batch" if v["batch"] > 1 else "single"
+                group = f"throughput/{kind}/{size}/{self.placement}"
+                fields = dict(method=v["method"], variant=v["variant"], size=size, batch=v["batch"],
+                              rank=v.get("rank"),
+                              mode=v.get("mode") or ("busy-poll" if v["busy"] else "blocking"))
+                why = v.get("skip") or bad.get(size) or (self._busy_problem() if v["busy"] else None)
+                e = _Entry(t, "throughput", group, fields, why)
+                self._tput_entry(e, t, v, size, fields["mode"])
+                out.append(e)
+        return out
+
+    def _tput_entry(self, e: _Entry, t: Transport, v: Dict[str, Any], size: int, mode: str) -> None:
+        base = {"size": size, "mode": mode, "busy": v["busy"], "batch": v["batch"]}
+        send_p, recv_p = v.get("send", "tput-send"), v.get("recv", "tput-recv")
+
+        def once(count: int) -> Tuple[int, float]:
+            timeout = 60 + 10 * self.s.duration + count * size / 50e6
+            res = self._pair(t).run({"a": dict(base, count=count, pattern=send_p),
+                                     "b": dict(base, count=count, pattern=recv_p)}, timeout,
+                                    order=["b", "a"])
+            r = res["b"]
+            return r["messages"], (r["end_ns"] - r["start_ns"]) / 1e9
+
+        self._calibrated_entry(e, once, size, v["batch"])
+
+    def _calibrated_entry(self, e: _Entry, once: Callable[[int], Tuple[int, float]],
+                          size: int, batch: int = 1) -> None:
+        """Throughput trials: a calibration run first (unless --count), then timed trials."""
+        state: Dict[str, int] = {"count": self.s.count or 0}
+
+        def prepare() -> None:
             probe = max(50, min(2000, (32 << 20) // max(size, 1)))
-            msgs, secs = run_once(probe)
-            rate = msgs / secs if secs > 0 else 1e6
-            count = int(min(50_000_000, max(100, rate * self.s.duration)))
-        rates, total, elapsed = [], 0, 0.0
-        for _ in range(max(1, self.s.repeat)):
-            msgs, secs = run_once(count)
+            msgs, secs = once(probe)
+            state["count"] = self._count_for(msgs / secs if secs > 0 and msgs > 0 else 1e6, batch)
+
+        def trial(i: int) -> Dict[str, Any]:
+            msgs, secs = once(state["count"])
             if msgs <= 0 or secs <= 0:
-                raise WorkerFailed(f"too few messages ({count}) to time a trial")
-            rates.append(msgs / secs)
-            total += msgs
-            elapsed += secs
-        return count, rates, total, elapsed
+                raise WorkerFailed(f"too few messages ({state['count']}) to time a trial")
+            return {"value": msgs / secs, "messages": msgs, "seconds": secs}
 
-    def _throughput(self, t: Transport, pair: _Session, size: int, bad: Dict[int, str]) -> None:
-        for v in t.throughput_variants(size, self.s.batch):
-            kind = "batch" if v["batch"] > 1 else "single"
-            group = f"throughput/{kind}/{size}/{self.placement}"
-            fields = dict(method=v["method"], variant=v["variant"], size=size, batch=v["batch"],
-                          rank=v.get("rank"),
-                          mode=v.get("mode") or ("busy-poll" if v["busy"] else "blocking"))
-            why = v.get("skip") or bad.get(size) or (self._busy_problem() if v["busy"] else None)
-            if why:
-                self._skip(t, "throughput", group, why, **fields)
-                continue
-            base = {"size": size, "mode": fields["mode"], "busy": v["busy"], "batch": v["batch"]}
-            send_p, recv_p = v.get("send", "tput-send"), v.get("recv", "tput-recv")
+        def finish(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+            rates = [r["value"] for r in results]
+            total = sum(r["messages"] for r in results)
+            secs = sum(r["seconds"] for r in results)
+            return {"throughput": _throughput(rates, size, state["count"], total, secs)}
 
-            def once(count: int, base: Dict[str, Any] = base, send_p: str = send_p,
-                     recv_p: str = recv_p, size: int = size) -> Tuple[int, float]:
-                timeout = 60 + 10 * self.s.duration + count * size / 50e6
-                res = pair.run({"a": dict(base, count=count, pattern=send_p),
-                                "b": dict(base, count=count, pattern=recv_p)}, timeout,
-                               order=["b", "a"])
-                r = res["b"]
-                return r["messages"], (r["end_ns"] - r["start_ns"]) / 1e9
-
-            t0 = time.monotonic()
-            try:
-                count, rates, total, secs = self._calibrated(once, size)
-            except WorkerFailed as exc:
-                rec = self._record(t, "throughput", group, status="failed", note=str(exc), **fields)
-            else:
-                rec = self._record(t, "throughput", group, elapsed_s=time.monotonic() - t0,
-                                   throughput=_throughput(rates, size, count, total, secs),
-                                   **fields)
-            self._say(rec)
+        e.metric = "msgs_per_s"
+        e.prepare = None if self.s.count else prepare
+        e.trial = trial
+        e.finish = finish
 
     # wake-up ---------------------------------------------------------------------------------
-    def _wakeup(self, t: Transport, pair: _Session, bad: Dict[int, str]) -> None:
+    def _wakeup_entries(self) -> List[_Entry]:
         size = self.s.rtt_size
-        for v in t.wakeup_variants():
-            group = f"wakeup/{size}/{self.placement}"
-            fields = dict(mode=v["mode"], variant=v["variant"], size=size, rank=v.get("rank"))
-            why = v.get("skip") or bad.get(size)
-            if why:
-                self._skip(t, "wakeup", group, why, **fields)
-                continue
-            task = {"size": size, "mode": v["mode"], "busy": False,
-                    "count": self.s.wake_samples, "gap": self.s.wake_gap}
-            timeout = 60 + 3 * self.s.wake_samples * (self.s.wake_gap + 0.001)
-            t0 = time.monotonic()
-            try:
-                res = pair.run({"a": dict(task, pattern=v.get("send", "wake-send")),
-                                "b": dict(task, pattern=v.get("recv", "wake-recv"))}, timeout,
-                               order=["b", "a"])
-            except WorkerFailed as exc:
-                rec = self._record(t, "wakeup", group, status="failed", note=str(exc), **fields)
-            else:
-                hist = Histogram.from_dict(res["b"]["histogram"])
-                rec = self._record(t, "wakeup", group, latency_ns=_latency(hist),
-                                   counters=_counters(res), elapsed_s=time.monotonic() - t0,
-                                   **fields)
-            self._say(rec)
+        out = []
+        for t in self._live:
+            bad = dict(self._sizes_for(t)[1])
+            for v in t.wakeup_variants():
+                group = f"wakeup/{size}/{self.placement}"
+                fields = dict(mode=v["mode"], variant=v["variant"], size=size, rank=v.get("rank"))
+                e = _Entry(t, "wakeup", group, fields, v.get("skip") or bad.get(size))
+                e.metric = "p50"
+                e.trial = self._wake_trial(t, v, size)
+                e.finish = _latency_finish
+                out.append(e)
+        return out
+
+    def _wake_trial(self, t: Transport, v: Dict[str, Any], size: int) -> Callable[[int], Dict[str, Any]]:
+        def trial(i: int) -> Dict[str, Any]:
+            count = max(1, self._split(self.s.wake_samples, i))
+            task = {"size": size, "mode": v["mode"], "busy": False, "count": count,
+                    "gap": self.s.wake_gap}
+            res = self._pair(t).run(
+                {"a": dict(task, pattern=v.get("send", "wake-send")),
+                 "b": dict(task, pattern=v.get("recv", "wake-recv"))},
+                60 + 3 * count * (self.s.wake_gap + 0.001), order=["b", "a"])
+            return _latency_trial(res, "b")
+        return trial
 
     # MPMC ------------------------------------------------------------------------------------
-    def _mpmc(self, t: Transport, sizes: Sequence[int], bad: Dict[int, str]) -> None:
+    def _mpmc(self) -> None:
         np_, nc = self.s.mpmc_producers, self.s.mpmc_consumers
         size = self.s.mpmc_size
         group = f"mpmc/{np_}x{nc}/{size}"
-        v = t.mpmc_variant()
-        fields = dict(method="send/recv", variant=v["variant"], size=size, producers=np_,
-                      consumers=nc, rank=v.get("rank"), mode="blocking")
-        if not t.mpmc:
-            self._skip(t, "mpmc", group, "not a multi-producer/multi-consumer queue", **fields)
-            return
-        why = v.get("skip") or bad.get(size)
-        if why:
-            self._skip(t, "mpmc", group, why, **fields)
-            return
         roles = [f"p{i}" for i in range(np_)] + [f"c{i}" for i in range(nc)]
+        consumers = [r for r in roles if r[0] == "c"]
         two = self.pair_cpus
         cpus = [two[0]] * np_ + [two[1]] * nc
-        session = _Session(self, t, roles, cpus, sizes)
-        consumers = [r for r in roles if r[0] == "c"]
-        base = {"size": size, "mode": "blocking", "busy": v["busy"], "producers": np_,
-                "consumers": nc}
+        entries: List[_Entry] = []
+        sessions: Dict[str, Any] = {}
+        for t in self._live:
+            v = t.mpmc_variant()
+            fields = dict(method="send/recv", variant=v["variant"], size=size, producers=np_,
+                          consumers=nc, rank=v.get("rank"), mode="blocking",
+                          cpus=sorted({c for c in cpus if c is not None}))
+            if not t.mpmc:
+                entries.append(_Entry(t, "mpmc", group, fields,
+                                      "not a multi-producer/multi-consumer queue"))
+                continue
+            e = _Entry(t, "mpmc", group, fields, v.get("skip") or dict(self._sizes_for(t)[1]).get(size))
+            base = {"size": size, "mode": "blocking", "busy": v["busy"], "producers": np_,
+                    "consumers": nc}
 
-        def once(count: int) -> Tuple[int, float]:
-            per = max(1, count // np_)
-            tasks = {r: dict(base, count=per, pattern="mpmc-produce" if r[0] == "p" else
-                             "mpmc-consume") for r in roles}
-            res = session.run(tasks, 60 + 20 * self.s.duration, order=consumers +
-                              [r for r in roles if r[0] == "p"])
-            got = sum(res[r]["messages"] for r in consumers)
-            if got != per * np_:
-                raise WorkerFailed(f"consumers took {got} messages, producers sent {per * np_}")
-            start = min(res[r]["start_ns"] for r in roles if r[0] == "p")
-            end = max(res[r]["end_ns"] for r in consumers)
-            return got, (end - start) / 1e9
+            def once(count: int, t: Transport = t, base: Dict[str, Any] = base) -> Tuple[int, float]:
+                session = sessions.get(t.key)
+                if session is None:
+                    session = sessions[t.key] = self.open_session(t, roles, cpus,
+                                                                  self._sizes_for(t)[0])
+                per = max(1, count // np_)
+                tasks = {r: dict(base, count=per, pattern="mpmc-produce" if r[0] == "p" else
+                                 "mpmc-consume") for r in roles}
+                res = session.run(tasks, 60 + 20 * self.s.duration, order=consumers +
+                                  [r for r in roles if r[0] == "p"])
+                got = sum(res[r]["messages"] for r in consumers)
+                if got != per * np_:
+                    raise WorkerFailed(f"consumers took {got} messages, producers sent {per * np_}")
+                start = min(res[r]["start_ns"] for r in roles if r[0] == "p")
+                end = max(res[r]["end_ns"] for r in consumers)
+                return got, (end - start) / 1e9
 
-        t0 = time.monotonic()
+            self._calibrated_entry(e, once, size)
+            entries.append(e)
         try:
-            count, rates, total, secs = self._calibrated(once, size)
-        except WorkerFailed as exc:
-            rec = self._record(t, "mpmc", group, status="failed", note=str(exc), **fields)
-        else:
-            rec = self._record(t, "mpmc", group, elapsed_s=time.monotonic() - t0,
-                               throughput=_throughput(rates, size, count, total, secs), **fields)
+            self._figure(group, entries)
         finally:
-            session.close()
-        rec["cpus"] = sorted({c for c in cpus if c is not None})
-        self._say(rec)
+            for session in sessions.values():
+                session.close()
 
     # doorbells -------------------------------------------------------------------------------
     def _doorbells(self, t: Transport) -> None:
-        """Channel counters over a stream (should ring almost never) and over ping-pongs."""
+        """Channel counters over a stream (should ring almost never) and over ping-pongs.
+
+        pyivshmem only (no peer has doorbells to count): one run each, nothing to interleave."""
         from .scenarios import channel_problem
 
         size = self.s.rtt_size
@@ -447,16 +607,17 @@ class Runner:
             ("ping-pong", "adaptive", "Channel: spin 100 us, then doorbell"),
             ("ping-pong", "blocking", "Channel: no spin, doorbell"),
         ]
-        pair: Optional[_Session] = None
+        pair: Any = None
         try:
             for kind, mode, variant in runs:
                 group = f"doorbells/{kind}/{mode}/{size}"
                 fields = dict(mode=mode, method=kind, variant=variant, size=size, rank=0)
                 if why:
-                    self._skip(t, "doorbells", group, why, **fields)
+                    self._say(self._record(t, "doorbells", group, status="skipped", note=why,
+                                           **fields))
                     continue
                 if pair is None:
-                    pair = _Session(self, t, ["a", "b"], self.pair_cpus, [size])
+                    pair = self.open_session(t, ["a", "b"], self.pair_cpus, [size])
                 task = {"size": size, "mode": mode, "busy": False, "batch": 1}
                 if kind == "streaming":
                     count = self.s.count or int(min(5e6, max(2e4, 2e6 * self.s.duration)))
@@ -487,6 +648,24 @@ class Runner:
         finally:
             if pair is not None:
                 pair.close()
+
+
+def _latency_trial(res: Dict[str, Dict[str, Any]], role: str) -> Dict[str, Any]:
+    hist = Histogram.from_dict(res[role]["histogram"])
+    if not hist.count:
+        raise WorkerFailed("a trial timed no samples")
+    return {"value": hist.value_at_percentile(50), "histogram": hist, "counters": _counters(res)}
+
+
+def _latency_finish(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One latency figure from its trials: every sample of every trial, counters added up."""
+    hist = Histogram()
+    counters: Dict[str, int] = {}
+    for r in results:
+        hist.merge(r["histogram"])
+        for k, v in (r["counters"] or {}).items():
+            counters[k] = counters.get(k, 0) + v
+    return {"latency_ns": _latency(hist), "counters": counters or None}
 
 
 def _counters(res: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, int]]:

@@ -24,6 +24,7 @@ __all__ = [
     "percentile_key",
     "summarize_rates",
     "ratio",
+    "spread",
 ]
 
 # The percentiles every latency figure reports, and the keys they get in results and JSON.
@@ -213,3 +214,14 @@ def ratio(ours: Optional[float], theirs: Optional[float], higher_is_better: bool
     if ours is None or theirs is None or ours <= 0 or theirs <= 0:
         return None
     return ours / theirs if higher_is_better else theirs / ours
+
+
+def spread(values: Sequence[float]) -> Optional[float]:
+    """How much the trials of one figure disagree: ``(max - min) / median``; None below two
+    trials or when the median is not positive."""
+    if len(values) < 2:
+        return None
+    med = statistics.median(values)
+    if not med > 0:
+        return None
+    return (max(values) - min(values)) / med

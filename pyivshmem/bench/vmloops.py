@@ -1,7 +1,8 @@
 """The measuring loops of the guest topologies, run on both sides of a QEMU guest boundary.
 
 ``pyivshmem bench --topology host-guest|guest-guest`` (guests.py) writes a *plan*: the rings of the
-region and a list of phases (a round trip or a one-way stream), each naming which participant
+region and a list of phases (a round trip, the wake-up of a sleeping receiver, or a one-way
+stream), each naming which participant
 (``host``, ``guest``, ``a``, ``b``) plays which part. Every participant runs :func:`run_plan` on its
 own view of the same region (a host :class:`~pyivshmem.Peer`, or a :class:`~pyivshmem.PciDevice`
 in a guest) and gets a JSON-able dict of what it measured. The phases follow each other through the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, Optional
 
+from ..errors import CorruptionError
 from .stats import Histogram
 
 __all__ = ["run_plan", "message", "ring_shapes"]
@@ -122,7 +124,7 @@ def _rtt(ph: Dict[str, Any], part: str, chans: Dict[str, Any], timeout: float,
                 r = _recv(pong, timeout, alive, what)
             t1 = time.perf_counter_ns()
             if r != m:
-                raise AssertionError(f"{what}: echo {i} differs from what was sent")
+                raise CorruptionError(f"{what}: echo {i} differs from what was sent", ph["pong"])
             if i >= ph["warmup"]:
                 hist.record(t1 - t0)
             clock.deadline = time.monotonic() + timeout
@@ -137,7 +139,7 @@ def _rtt(ph: Dict[str, Any], part: str, chans: Dict[str, Any], timeout: float,
             r = _recv(ping, timeout, alive, what)
             _send(pong, r, timeout, alive, what)
         if _seq(r) != i:
-            raise AssertionError(f"{what}: ping {i} carries sequence number {_seq(r)}")
+            raise CorruptionError(f"{what}: ping {i} carries sequence number {_seq(r)}", ph["ping"])
         clock.deadline = time.monotonic() + timeout
     return {"echoed": total, "counters": _merge(ping.stats, pong.stats)}
 
@@ -157,8 +159,62 @@ def _stream(ph: Dict[str, Any], part: str, chans: Dict[str, Any], timeout: float
         if i == 0:
             start = end
         if len(r) != size or _seq(r) != i:
-            raise AssertionError(f"{what}: message {i} arrived as #{_seq(r)} of {len(r)} bytes")
+            raise CorruptionError(f"{what}: message {i} arrived as #{_seq(r)} of {len(r)} bytes",
+                                  ph["ring"])
     return {"messages": count, "start_ns": start, "end_ns": end, "counters": dict(ch.stats)}
+
+
+def _asleep(region: Any, ring: str, clock: _Clock, patience: float = 1.0) -> bool:
+    """Wait (up to ``patience`` seconds) until a consumer of ``ring`` is waiting for its doorbell;
+    whether one was.  Reads the ring's control block through ``region.rings()``."""
+    deadline = time.monotonic() + patience
+    while True:
+        for r in region.rings():
+            if r.get("name") == ring and (r.get("consumers_waiting") or 0) > 0:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        clock.check()
+        time.sleep(0.0002)
+
+
+def _wake(ph: Dict[str, Any], part: str, chans: Dict[str, Any], timeout: float,
+          alive: Alive, region: Any) -> Dict[str, Any]:
+    """The wake-up of a sleeping receiver, timed on the waker's clock only.
+
+    The echo side sleeps in ``Channel.recv`` (spin 0) on the ping ring.  The client waits
+    ``gap`` seconds and until the echo shows as waiting in the ping ring's control block, then
+    sends (ringing its doorbell) and busy-polls the pong ring for the answer: a sample is one
+    wake-up of a sleeping receiver plus one busy-polled hop back (no clock is shared across a VM
+    boundary, so a one-way time cannot be taken)."""
+    ping, pong = chans[ph["ping"]], chans[ph["pong"]]
+    size, what, n, gap = ph["size"], ph["name"], ph["samples"], ph["gap"]
+    if part == "client":
+        hist = Histogram()
+        clock = _Clock(timeout, alive, what)
+        asleep = 0
+        watch = ping.doorbell is not None  # without doorbells a receiver polls, never waits
+        for i in range(n):
+            time.sleep(gap)
+            if watch and _asleep(region, ph["ping"], clock):
+                asleep += 1
+            m = message(i, size)
+            t0 = time.perf_counter_ns()
+            _send(ping, m, timeout, alive, what)
+            r = _spin_recv(pong, clock)
+            t1 = time.perf_counter_ns()
+            if r != m:
+                raise CorruptionError(f"{what}: answer {i} differs from what was sent", ph["pong"])
+            hist.record(t1 - t0)
+            clock.deadline = time.monotonic() + timeout
+        return {"histogram": hist.to_dict(), "counters": _merge(ping.stats, pong.stats),
+                "asleep": asleep}
+    for i in range(n):
+        r = _recv(ping, timeout, alive, what)
+        _send(pong, r, timeout, alive, what)
+        if _seq(r) != i:
+            raise CorruptionError(f"{what}: ping {i} carries sequence number {_seq(r)}", ph["ping"])
+    return {"echoed": n, "counters": _merge(ping.stats, pong.stats)}
 
 
 def run_plan(plan: Dict[str, Any], me: str, region: Any, doorbell: Any,
@@ -170,7 +226,7 @@ def run_plan(plan: Dict[str, Any], me: str, region: Any, doorbell: Any,
     timeout = float(plan.get("op_timeout", 120.0))
     out: Dict[str, Any] = {}
     for ph in plan["phases"]:
-        if ph["kind"] == "rtt":
+        if ph["kind"] in ("rtt", "wake"):
             roles = {ph["client"]: "client", ph["echo"]: "echo"}
             rings = (ph["ping"], ph["pong"])
         else:
@@ -188,6 +244,8 @@ def run_plan(plan: Dict[str, Any], me: str, region: Any, doorbell: Any,
             t0 = time.monotonic()
             if ph["kind"] == "rtt":
                 res = _rtt(ph, part, chans, timeout, alive)
+            elif ph["kind"] == "wake":
+                res = _wake(ph, part, chans, timeout, alive, region)
             else:
                 res = _stream(ph, part, chans, timeout, alive)
             res["elapsed_s"] = time.monotonic() - t0

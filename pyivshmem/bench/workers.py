@@ -385,8 +385,9 @@ def _ref_check(rc: int, what: str) -> None:
 
 def _ref_rtt_count(task: Dict[str, Any]) -> int:
     """Round trips the C ping-pong times: a blocking round trip takes tens of microseconds, so
-    about ``seconds`` of them, at most ``samples`` (both sides must agree)."""
-    return max(100, min(task["samples"], int(task["seconds"] / 20e-6)))
+    about ``seconds`` of them (at least 100), never more than ``samples`` (both sides must
+    agree)."""
+    return min(task["samples"], max(100, int(task["seconds"] / 20e-6)))
 
 
 def ref_rtt_lead(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from _procwait import wait_until_in_wait
 
 from pyivshmem import ClosedError, ConfigError
 from pyivshmem._ffi_doorbell import ffi, lib
@@ -389,7 +390,7 @@ def test_ctrl_c_interrupts_a_blocked_wait(timeout):
     )
     try:
         assert child.stdout.readline().strip() == "waiting"
-        time.sleep(0.2)  # let it reach epoll_wait; a signal before that is handled the same way
+        wait_until_in_wait(child.pid, what="epoll_wait")  # the signal interrupts the blocked wait
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=30)
     finally:

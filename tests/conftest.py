@@ -1,4 +1,5 @@
 import os
+import random
 import uuid
 
 import pytest
@@ -58,3 +59,28 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+# Randomized tests take their seed from this fixture: a fresh one each run, or $PYIVSHMEM_SEED to
+# replay a failure; the seed is printed with the failure report, whatever assertion failed.
+SEED_ENV = "PYIVSHMEM_SEED"
+
+
+@pytest.fixture
+def random_seed(request):
+    """The seed for this test's random choices: int($PYIVSHMEM_SEED) when set, else random."""
+    env = os.environ.get(SEED_ENV)
+    seed = int(env, 0) if env else random.randrange(2**32)
+    request.node._pyivshmem_seed = seed
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_pyivshmem_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(
+            ("random seed", f"this run used seed {seed}; replay it with "
+                            f"{SEED_ENV}={seed} python -m pytest '{item.nodeid}'"))

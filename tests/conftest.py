@@ -1,5 +1,6 @@
 import os
 import random
+import resource
 import uuid
 
 import pytest
@@ -84,3 +85,25 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(
             ("random seed", f"this run used seed {seed}; replay it with "
                             f"{SEED_ENV}={seed} python -m pytest '{item.nodeid}'"))
+
+
+@pytest.fixture
+def fd_limit():
+    """fd_limit(n): RLIMIT_NOFILE of this process at least n (soft and hard) for the test,
+    restored after.  Raising the hard limit needs root (CI runs as root); without it a hard
+    limit below n skips the test, saying so."""
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def need(n):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < n:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+            except (ValueError, OSError) as e:
+                pytest.skip(f"needs RLIMIT_NOFILE >= {n}; the hard limit is {hard} and raising "
+                            f"it failed ({e}): run as root with CAP_SYS_RESOURCE, or raise it (ulimit -Hn {n})")
+        elif soft != resource.RLIM_INFINITY and soft < n:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+    yield need
+    resource.setrlimit(resource.RLIMIT_NOFILE, old)

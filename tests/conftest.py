@@ -101,7 +101,8 @@ def fd_limit():
                 resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
             except (ValueError, OSError) as e:
                 pytest.skip(f"needs RLIMIT_NOFILE >= {n}; the hard limit is {hard} and raising "
-                            f"it failed ({e}): run as root with CAP_SYS_RESOURCE, or raise it (ulimit -Hn {n})")
+                            f"it failed ({e}): run as root with CAP_SYS_RESOURCE, or raise it "
+                            f"first (ulimit -Hn {n})")
         elif soft != resource.RLIM_INFINITY and soft < n:
             resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 

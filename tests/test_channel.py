@@ -167,7 +167,8 @@ def test_sigint_interrupts_blocked_recv(shm_path, fds):
         child = spawn("block", shm_path, fds, 30)
         try:
             assert child.stdout.readline().strip() == "waiting"
-            wait_until_in_wait(child.pid, what="its blocked recv")  # a signal before would prove less
+            # the signal must land in the blocked recv: one sent earlier would prove less
+            wait_until_in_wait(child.pid, what="its blocked recv")
             child.send_signal(signal.SIGINT)
             assert child.stdout.readline().strip() == "interrupted"
             assert child.wait(30) == 0

@@ -115,3 +115,21 @@ def read_until(stream, text, timeout=60.0):
             assert chunk, f"the output ended without {text!r}: {got.decode(errors='replace')}"
             got += chunk
     return got.decode(errors="replace")
+
+
+def call_when_waiting(fn, *args, tid=None, what="the wait"):
+    """Start a thread that calls ``fn(*args)`` once thread ``tid`` of this process (default: the
+    calling thread) is seen blocked in its wait; returns the thread, to join.  For tests of "a
+    blocked wait wakes when rung": a ring that came before the wait would prove nothing."""
+    import os
+    import threading
+
+    tid = tid or threading.get_native_id()
+
+    def run():
+        wait_until_in_wait(os.getpid(), tid, what=what)
+        fn(*args)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from _procwait import wait_until_in_wait
+from _procwait import call_when_waiting, wait_until_in_wait
 
 from pyivshmem import ClosedError, ConfigError
 from pyivshmem._ffi_doorbell import ffi, lib
@@ -157,9 +157,8 @@ def test_waitset_wakes_from_another_thread():
     try:
         with WaitSet() as ws:
             ws.add(fd, 0)
-            t = threading.Timer(0.05, ring, (fd,))
-            t.start()
-            # the GIL is released while blocked, or the timer thread could never ring
+            t = call_when_waiting(ring, fd)  # rings once this thread is blocked in epoll_wait
+            # the GIL is released while blocked, or the other thread could never ring
             assert ws.wait(20.0) == [(0, 1)]
             t.join()
     finally:
@@ -314,8 +313,7 @@ def test_c_wait_restart_resumes_with_remaining_timeout():
             # and it still wakes when rung, signals or not
             stop.clear()
             t = _pester(stop, threading.main_thread().ident, signal.SIGUSR1)
-            timer = threading.Timer(0.1, ring, (fd,))
-            timer.start()
+            timer = call_when_waiting(ring, fd)
             rc = lib.ivshm_waitset_wait(ws.fileno(), 20000, lib.IVSHM_WAIT_RESTART, out, 1, left)
             stop.set()
             t.join()
@@ -342,8 +340,7 @@ def test_python_wait_survives_signals_and_keeps_its_timeout():
             t0 = time.monotonic()
             assert ws.wait(0.3) == []
             assert time.monotonic() - t0 >= 0.3
-            timer = threading.Timer(0.1, ring, (fd,))
-            timer.start()
+            timer = call_when_waiting(ring, fd)
             assert ws.wait(20.0) == [(5, 1)]
             stop.set()
             t.join()

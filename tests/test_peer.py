@@ -653,8 +653,9 @@ def test_two_peers_on_the_real_server(server):
             assert a.wait(0.1) == []  # timeout: nothing pending
 
             # a blocked wait() wakes when rung from another thread
-            t = threading.Timer(0.1, a.notify, (b.id, 0))
-            t.start()
+            from _procwait import call_when_waiting
+
+            t = call_when_waiting(a.notify, b.id, 0)  # once b's wait is seen blocked
             assert b.wait(20) == [0]
             t.join()
 

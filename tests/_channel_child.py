@@ -42,7 +42,8 @@ def main():
             tx.send(m, timeout=120)
         print(json.dumps({"rx": rx.stats, "tx": tx.stats}), flush=True)
     elif mode == "block":
-        signal.signal(signal.SIGUSR1, lambda *a: None)
+        handled = []
+        signal.signal(signal.SIGUSR1, lambda *a: handled.append(1))
         # Python's own Ctrl-C handler, whatever this process inherited: a job started in the
         # background by a shell without job control starts with SIGINT ignored, and Python then
         # installs no handler at all
@@ -53,7 +54,7 @@ def main():
         try:
             ch.recv(timeout=float(sys.argv[5]))
         except TimeoutError:
-            print(f"timeout {time.monotonic() - t0:.3f}", flush=True)
+            print(f"timeout {time.monotonic() - t0:.3f} signals {len(handled)}", flush=True)
         except KeyboardInterrupt:
             print("interrupted", flush=True)
     region.close()

@@ -1,4 +1,6 @@
 import os
+import random
+import resource
 import uuid
 
 import pytest
@@ -58,3 +60,51 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+# Randomized tests take their seed from this fixture: a fresh one each run, or $PYIVSHMEM_SEED to
+# replay a failure; the seed is printed with the failure report, whatever assertion failed.
+SEED_ENV = "PYIVSHMEM_SEED"
+
+
+@pytest.fixture
+def random_seed(request):
+    """The seed for this test's random choices: int($PYIVSHMEM_SEED) when set, else random."""
+    env = os.environ.get(SEED_ENV)
+    seed = int(env, 0) if env else random.randrange(2**32)
+    request.node._pyivshmem_seed = seed
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_pyivshmem_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(
+            ("random seed", f"this run used seed {seed}; replay it with "
+                            f"{SEED_ENV}={seed} python -m pytest '{item.nodeid}'"))
+
+
+@pytest.fixture
+def fd_limit():
+    """fd_limit(n): RLIMIT_NOFILE of this process at least n (soft and hard) for the test,
+    restored after.  Raising the hard limit needs root (CI runs as root); without it a hard
+    limit below n skips the test, saying so."""
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def need(n):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < n:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+            except (ValueError, OSError) as e:
+                pytest.skip(f"needs RLIMIT_NOFILE >= {n}; the hard limit is {hard} and raising "
+                            f"it failed ({e}): run as root with CAP_SYS_RESOURCE, or raise it "
+                            f"first (ulimit -Hn {n})")
+        elif soft != resource.RLIM_INFINITY and soft < n:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+    yield need
+    resource.setrlimit(resource.RLIMIT_NOFILE, old)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from _fdbell import FdBell, close_fds, make_fds
+from _procwait import wait_until_delivered, wait_until_in_wait
 
 from pyivshmem import Channel, ClosedError, ConfigError, Region, WaitTimeout
 
@@ -34,7 +35,7 @@ def fds():
 @pytest.mark.parametrize("seed", [1, 2])
 def test_no_lost_wakeup_randomized(shm_path, fds, seed):
     """Producer and consumer both sleep often (spin=0, tiny ring, random pauses); re-checks are
-    60 s apart, so a single lost wake-up would stall the run far past the test's timeout."""
+    60 s apart, so a lost wake-up shows as a sleep that ended without a doorbell."""
     count = 20000
     with Region.create(shm_path, "1M") as region:
         ring = region.create_ring("a2b", slot_size=16, capacity=4)
@@ -62,7 +63,15 @@ def test_no_lost_wakeup_randomized(shm_path, fds, seed):
     # both sides really slept and were woken by doorbells
     assert cons["sleeps"] > 0 and cons["wakeups"] > 0 and prod["sleeps"] > 0
     assert cons["received"] == count + 1 and prod["sent"] == count + 1
-    # one sleep costs at most one doorbell from the other side
+    # no wake-up was lost: every sleep on either side ended by a doorbell, none by its 60 s
+    # re-check (which would only cost time, so the counts, not the timeout, must catch it)
+    assert cons["sleeps"] == cons["wakeups"], cons
+    assert prod["sleeps"] == prod["wakeups"], prod
+    # every wake-up of the consumer was a doorbell of the producer (nobody else rings its fd);
+    # the exact "one doorbell per sleep, none while awake" is tested in test_channel_doorbells.py
+    assert 0 < cons["wakeups"] <= prod["doorbells"]
+    # at most one doorbell per arming of the consumer: per sleep, or per recv that armed and then
+    # found a message (those never sleep), which is at most one per message
     assert prod["doorbells"] <= cons["sleeps"] + cons["received"]
 
 
@@ -126,8 +135,16 @@ def test_lost_doorbell_costs_latency_not_a_hang(region, fds):
     ring = region.create_ring("l", slot_size=16, capacity=4)
     rx = Channel(ring, FdBell(0, fds), spin=0, recheck=0.02)
     tx = Channel(region.ring("l"), FdBell(1, {1: fds[1]}), spin=0)  # knows no peer 0
-    threading.Timer(0.05, lambda: tx.try_send(b"hint lost")).start()
+    me = threading.get_native_id()
+
+    def send_once_asleep():  # sent while the receiver sleeps, so only a re-check can find it
+        wait_until_in_wait(os.getpid(), me, what="the receiver's sleep")
+        tx.try_send(b"hint lost")
+
+    sender = threading.Thread(target=send_once_asleep, daemon=True)
+    sender.start()
     assert rx.recv(timeout=10) == b"hint lost"
+    sender.join(10)
     assert tx.stats["unrouted"] >= 1 and tx.stats["doorbells"] == 0
 
 
@@ -155,7 +172,8 @@ def test_sigint_interrupts_blocked_recv(shm_path, fds):
         child = spawn("block", shm_path, fds, 30)
         try:
             assert child.stdout.readline().strip() == "waiting"
-            time.sleep(0.2)
+            # the signal must land in the blocked recv: one sent earlier would prove less
+            wait_until_in_wait(child.pid, what="its blocked recv")
             child.send_signal(signal.SIGINT)
             assert child.stdout.readline().strip() == "interrupted"
             assert child.wait(30) == 0
@@ -170,15 +188,17 @@ def test_sigint_interrupts_blocked_recv(shm_path, fds):
 def test_other_signals_resume_with_remaining_timeout(shm_path, fds):
     with Region.create(shm_path, "64K") as region:
         region.create_ring("a2b", slot_size=16, capacity=4)
-        child = spawn("block", shm_path, fds, 0.6)
+        child = spawn("block", shm_path, fds, 5.0)
         try:
             assert child.stdout.readline().strip() == "waiting"
-            for _ in range(5):
-                time.sleep(0.05)
+            for _ in range(5):  # each signal lands in the blocked wait, not before or after it
+                wait_until_in_wait(child.pid, what="its blocked recv")
                 child.send_signal(signal.SIGUSR1)
+                wait_until_delivered(child.pid, signal.SIGUSR1)
             line = child.stdout.readline().strip()
             assert line.startswith("timeout"), line
-            assert float(line.split()[1]) >= 0.6  # resumed after each signal, never cut short
+            assert float(line.split()[1]) >= 5.0  # resumed after each signal, never cut short
+            assert line.split()[2:] == ["signals", "5"], line  # every signal ran its handler
             assert child.wait(30) == 0
         finally:
             if child.poll() is None:

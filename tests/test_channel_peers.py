@@ -4,10 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from pyivshmem import Channel, Peer, Server
+from pyivshmem.peer import JOINED, LEFT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,8 +36,17 @@ def test_two_peers_echo_over_server_memory_with_doorbells(tmp_path):
                     assert rx.recv(timeout=60) == msg[::-1]
                 stats = json.loads(child.stdout.readline())
                 assert child.wait(60) == 0
-                me.events()
-                assert other in me.peers or other not in me.peers  # it may have left already
+                # the server announced the child while it ran and its departure once it exited
+                seen = me.events()
+                deadline = time.monotonic() + 30
+                while (LEFT, other) not in [(e.kind, e.peer) for e in seen]:
+                    assert time.monotonic() < deadline, f"no LEFT event for peer {other}: {seen}"
+                    me.wait(0.2)  # the channels are done: draining their vectors is harmless
+                    seen += me.events()
+                kinds = [(e.kind, e.peer) for e in seen]
+                assert (JOINED, other) in kinds, kinds
+                assert kinds.index((JOINED, other)) < kinds.index((LEFT, other)), kinds
+                assert other not in me.peers
                 region.close()
             finally:
                 if child.poll() is None:

@@ -245,9 +245,10 @@ def test_consumer_killed_then_restarted_resumes(shm_path, kind, mode):
             assert again.try_recv() is None
 
 
-def test_spsc_consumer_killed_at_a_random_moment(shm_path):
+def test_spsc_consumer_killed_at_a_random_moment(shm_path, random_seed):
     """Killed anywhere: the next consumer starts exactly at the shared tail, which is after
     everything the dead one reported and before everything it did not consume."""
+    rnd = random.Random(random_seed)  # where to kill; printed on failure (conftest)
     n = 3000
     with Region.create(shm_path, "1M") as region:
         ring = region.create_ring("q", "spsc", slot_size=32, capacity=4096)
@@ -258,7 +259,7 @@ def test_spsc_consumer_killed_at_a_random_moment(shm_path):
             p = CTX.Process(target=_consumer_forever, args=(shm_path, "q", child))
             p.start()
             reported = []
-            target = random.randrange(10, 150)
+            target = rnd.randrange(10, 150)
             try:
                 deadline = time.monotonic() + 60
                 while len(reported) < target and time.monotonic() < deadline:
@@ -361,9 +362,10 @@ def _mpmc_sender(path: str, start: int) -> None:
             i += 1
 
 
-def test_mpmc_producer_killed_while_sending(shm_path):
+def test_mpmc_producer_killed_while_sending(shm_path, random_seed):
     """Killed at a random moment: the consumer gets an unbroken, intact prefix, then either an
     empty ring (the kill fell between two messages) or a stall at exactly the next slot."""
+    rnd = random.Random(random_seed)  # where to kill; printed on failure (conftest)
     outcomes = {"clean": 0, "stall": 0}
     with Region.create(shm_path, "1M") as region:
         ring = region.create_ring("m", "mpmc", slot_size=32, capacity=64)
@@ -373,7 +375,7 @@ def test_mpmc_producer_killed_while_sending(shm_path):
             p.start()
             try:
                 deadline = time.monotonic() + 60
-                target = expected + random.randrange(200, 2000)
+                target = expected + rnd.randrange(200, 2000)
                 while expected < target and time.monotonic() < deadline:
                     for m in ring.recv_many(64, timeout=1):
                         assert check_payload(m)[0] == expected

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from _procwait import call_when_waiting, wait_until_in_wait
 
 from pyivshmem import ClosedError, ConfigError
 from pyivshmem._ffi_doorbell import ffi, lib
@@ -156,9 +157,8 @@ def test_waitset_wakes_from_another_thread():
     try:
         with WaitSet() as ws:
             ws.add(fd, 0)
-            t = threading.Timer(0.05, ring, (fd,))
-            t.start()
-            # the GIL is released while blocked, or the timer thread could never ring
+            t = call_when_waiting(ring, fd)  # rings once this thread is blocked in epoll_wait
+            # the GIL is released while blocked, or the other thread could never ring
             assert ws.wait(20.0) == [(0, 1)]
             t.join()
     finally:
@@ -313,8 +313,7 @@ def test_c_wait_restart_resumes_with_remaining_timeout():
             # and it still wakes when rung, signals or not
             stop.clear()
             t = _pester(stop, threading.main_thread().ident, signal.SIGUSR1)
-            timer = threading.Timer(0.1, ring, (fd,))
-            timer.start()
+            timer = call_when_waiting(ring, fd)
             rc = lib.ivshm_waitset_wait(ws.fileno(), 20000, lib.IVSHM_WAIT_RESTART, out, 1, left)
             stop.set()
             t.join()
@@ -341,8 +340,7 @@ def test_python_wait_survives_signals_and_keeps_its_timeout():
             t0 = time.monotonic()
             assert ws.wait(0.3) == []
             assert time.monotonic() - t0 >= 0.3
-            timer = threading.Timer(0.1, ring, (fd,))
-            timer.start()
+            timer = call_when_waiting(ring, fd)
             assert ws.wait(20.0) == [(5, 1)]
             stop.set()
             t.join()
@@ -389,7 +387,7 @@ def test_ctrl_c_interrupts_a_blocked_wait(timeout):
     )
     try:
         assert child.stdout.readline().strip() == "waiting"
-        time.sleep(0.2)  # let it reach epoll_wait; a signal before that is handled the same way
+        wait_until_in_wait(child.pid, what="epoll_wait")  # the signal interrupts the blocked wait
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=30)
     finally:
@@ -400,9 +398,45 @@ def test_ctrl_c_interrupts_a_blocked_wait(timeout):
     assert "interrupted" in out
 
 
-def test_peer_satisfies_doorbell_protocol():
+def _use_as_doorbell(me: Doorbell, other: Doorbell) -> None:
+    """Drive two doorbells through the Doorbell protocol's members only, as a Channel does."""
+    import select
+
+    from pyivshmem.doorbell import NOTIFY_EVENTFD
+
+    assert isinstance(me.id, int) and isinstance(other.id, int) and me.id != other.id
+    assert other.wait(0) == []
+    me.notify(other.id, 1)  # notify(peer, vector) rings exactly that vector
+    assert select.select([other.fileno()], [], [], 10)[0], "fileno() not readable after notify"
+    assert other.wait(5) == [1] and other.wait(0) == []
+    kind, fd, value = me.notify_target(other.id, 0)  # ringing from C: an eventfd to write
+    assert kind == NOTIFY_EVENTFD and value == 0
+    ring(fd)
+    vfd = other.vector_fd(0)  # readable when vector 0 fired
+    assert wait_readable(vfd, 10) and drain(vfd) == 1
+    assert me.notify_target(other.id, 7) is None  # an unknown vector: None, not an error
+    me.notify(other.id)  # vector defaults to 0
+    assert other.wait(5) == [0]
+
+
+@pytest.mark.timeout(60)
+def test_peer_satisfies_doorbell_protocol(tmp_path):
+    """Two Peers of a real Server, used only through the Doorbell protocol's members; and every
+    method of the protocol is on Peer and PciDevice with the protocol's parameters (PciDevice's
+    ``id`` is an attribute: the VM tests use it)."""
+    import inspect
+
+    from pyivshmem import PciDevice, Server
     from pyivshmem.peer import Peer
 
-    for name in ("id", "notify", "vector_fd", "notify_target", "wait", "fileno"):
-        assert hasattr(Peer, name), name
-    assert isinstance(Doorbell, type)
+    for cls in (Peer, PciDevice):
+        for name in ("notify", "vector_fd", "notify_target", "wait", "fileno"):
+            want = list(inspect.signature(getattr(Doorbell, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls, name)
+    sock = str(tmp_path / "s.sock")
+    with Server(sock, size="64K", vectors=2) as server:
+        server.start()
+        with Peer.connect(sock, timeout=10) as a, Peer.connect(sock, timeout=10) as b:
+            assert a.notify_target(b.id, 0) is not None  # a learnt of b (drains the server)
+            _use_as_doorbell(a, b)
+            _use_as_doorbell(b, a)

@@ -10,6 +10,8 @@ import socket
 import struct
 import tempfile
 import threading
+import time
+import traceback
 from typing import Callable, List, Optional, Sequence
 
 import pytest
@@ -115,19 +117,32 @@ class FakeServer:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(16)
-        self.listener.settimeout(30)
+        self.listener.settimeout(0.05)
         self.stop_event = threading.Event()
+        self.stopped = False
         self.errors: List[BaseException] = []
         self.conn: Optional[Conn] = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _accept(self) -> Optional[socket.socket]:
+        """The next connection, or None once stop() was called (polled, so stop() never waits
+        for a client that a test chose not to send)."""
+        deadline = time.monotonic() + 30
+        while not self.stop_event.is_set():
+            try:
+                return self.listener.accept()[0]
+            except socket.timeout:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the fake server waited 30 s for a client that never came")
+        return None
+
     def _run(self) -> None:
         try:
             for _ in range(self.connections):
-                if self.stop_event.is_set():
+                sock = self._accept()
+                if sock is None:
                     return
-                sock, _ = self.listener.accept()
                 conn = self.conn = Conn(sock)
                 try:
                     self.script(conn)
@@ -150,10 +165,18 @@ class FakeServer:
             self.errors.append(e)
 
     def stop(self) -> None:
+        """Stop serving; fail (AssertionError with the script's traceback) when a script raised,
+        so that a broken server side fails the test that used it instead of passing silently."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.stop_event.set()
         self.thread.join(30)
         self.listener.close()
-        assert not self.thread.is_alive()
+        assert not self.thread.is_alive(), "the fake server's thread did not end within 30 s"
+        if self.errors:
+            tb = "".join(traceback.format_exception(self.errors[0]))
+            raise AssertionError(f"the fake server's script raised:\n{tb}")
 
 
 @pytest.fixture
@@ -175,8 +198,14 @@ def fake(sock_dir):
         return srv
 
     yield start
-    for srv in servers:
-        srv.stop()
+    failures = []
+    for srv in servers:  # stop them all, then report the first failure
+        try:
+            srv.stop()
+        except AssertionError as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
 
 
 # ---------------------------------------------------------------------------- normal path
@@ -191,11 +220,11 @@ def test_connect_to_well_behaved_fake_server(fake):
     def script(c: Conn):
         tables.update(c.setup(3, vectors=2, others=[1]))
         tables_ready.set()  # the client may be connected before this thread gets here
-        step.wait(20)
+        assert step.wait(20), "the test never released the fake server's script"
         for fd in tables[5]:
             c.send(5, fd)
         c.send(1)  # peer 1 left
-        step2.wait(20)
+        assert step2.wait(20), "the test never released the fake server's script"
         c.sock.shutdown(socket.SHUT_RDWR)
         c.sock.close()
 
@@ -280,7 +309,7 @@ def test_fileno_is_readable_on_vector_and_on_server_message(fake):
     def script(c: Conn):
         table.update(c.setup(0))
         table_ready.set()  # the client may be connected before this thread gets here
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         c.send(9, c.efd())
 
     import select
@@ -420,7 +449,7 @@ def test_own_vectors_arriving_late_are_added(fake):
 
     def script(c):
         table.update(c.setup(1))
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         table[1].append(c.efd())
         c.send(1, table[1][-1])
 
@@ -528,7 +557,7 @@ def test_client_reports_interrupts_and_peers(fake):
 
     def script(c):
         table.update(c.setup(2, others=[0]))
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         ring(table[2][0])
         c.flushed()
         table[4] = [c.efd()]
@@ -556,7 +585,7 @@ def test_client_exits_when_server_goes_away(fake):
 
     def script(c):
         c.setup(0)
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         c.sock.shutdown(socket.SHUT_RDWR)
 
     srv = fake(script)
@@ -624,8 +653,9 @@ def test_two_peers_on_the_real_server(server):
             assert a.wait(0.1) == []  # timeout: nothing pending
 
             # a blocked wait() wakes when rung from another thread
-            t = threading.Timer(0.1, a.notify, (b.id, 0))
-            t.start()
+            from _procwait import call_when_waiting
+
+            t = call_when_waiting(a.notify, b.id, 0)  # once b's wait is seen blocked
             assert b.wait(20) == [0]
             t.join()
 

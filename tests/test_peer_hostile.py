@@ -257,7 +257,7 @@ def test_truncated_control_data_closes_what_arrived(no_leak):
     def script(c):
         fds = [c.efd() for _ in range(20)]
         ready.set()  # the server thread (this process) needs no new fd from here on
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         c.send(0, *fds)
 
     srv = no_leak(script)
@@ -302,7 +302,7 @@ def test_many_peers_flood_is_accepted_and_fully_released(no_leak):
         for pid in range(n):
             c.send(pid, c.efd())
         c.send(n, c.efd())
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         for pid in range(n):
             c.send(pid)
 
@@ -382,7 +382,7 @@ def _connected_then(no_leak, after):
 
     def script(c):
         table.update(c.setup(2, others=[1]))
-        go.wait(20)
+        assert go.wait(20), "the test never released the fake server's script"
         after(c)
         srv.stop_event.wait(20)  # keep the server's fds open until the test ends
 

@@ -1,10 +1,12 @@
 """Rings in one process: semantics against a model, batches, zero copy, large messages."""
 import collections
 import os
+import threading
 
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from _procwait import wait_until_in_wait
 
 from pyivshmem import ConfigError, MessageTooLargeError, Region, WaitTimeout
 
@@ -101,10 +103,29 @@ def test_send_many_mixed_buffers_and_errors(region):
         ring.send_many([b"ok", 5])
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", KINDS)
 def test_send_many_with_timeout_waits_for_room(region, kind):
     ring = region.create_ring("tw", kind, slot_size=8, capacity=4)
+    # nobody frees room: it sends what fits, waits out its timeout, and says how many it sent
     assert ring.send_many([b"1"] * 10, timeout=0.05) == 4
+    assert ring.recv_many(10) == [b"1"] * 4
+    # a receiver frees room only once the sender is seen asleep on the full ring: the rest goes
+    msgs = [b"%d" % i for i in range(10)]
+    got = []
+    me = threading.get_native_id()
+    consumer = region.ring("tw")
+
+    def receive_once_sender_blocked():
+        wait_until_in_wait(os.getpid(), me, sleep=True, what="the sender's wait for room",
+                           also=lambda: len(consumer) == 4)
+        got.extend(consumer.recv(timeout=30) for _ in range(len(msgs)))
+
+    t = threading.Thread(target=receive_once_sender_blocked, daemon=True)
+    t.start()
+    assert ring.send_many(msgs, timeout=30) == 10
+    t.join(30)
+    assert not t.is_alive() and got == msgs
 
 
 @pytest.mark.parametrize("kind", KINDS)

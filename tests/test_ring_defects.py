@@ -430,3 +430,42 @@ def test_17_from_fd_size_larger_than_the_file_refused(shm_path):
             assert r.size == 65536
     finally:
         os.close(fd)
+
+
+# -- objects inherited across fork never disturb the parent (ring handles; Peer is tested elsewhere)
+
+@pytest.mark.parametrize("how", ["ring.close", "region.close", "drop"])
+def test_17_child_closing_inherited_handles_leaves_the_parents_claims_alone(region, how):
+    ring = region.create_ring("f", "mpmc", slot_size=16, capacity=4)
+    consumer = region.ring("f")
+    ring.try_send(b"first")
+    view = ring.reserve(6)
+    view[:] = b"parent"
+    peeked = consumer.peek()
+    assert bytes(peeked) == b"first"
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if how == "ring.close":
+                ring.close()
+                consumer.close()
+            elif how == "region.close":
+                region.close()
+            else:
+                del ring, consumer, view, peeked  # the handles die: their __dealloc__ runs
+                gc.collect()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    ring.commit()  # the reservation is still the parent's
+    consumer.release()
+    assert consumer.try_recv() == b"parent"
+    assert consumer.try_recv() is None and consumer.stalled() is None
+    assert len(ring) == 0  # the indices agree with what was sent and received
+    for i in range(10):  # and the ring goes on working, laps around
+        assert ring.try_send(b"m%d" % i)
+        assert consumer.try_recv() == b"m%d" % i

@@ -70,7 +70,7 @@ struct ivshm_region_hdr {
     uint32_t nrings;       /*  36: entries handed out (informational) */
     uint64_t alloc_off;    /*  40: first free byte for the next ring; only under `lock` */
     uint64_t lock;         /*  48: directory lock, 0 = free, else the holder's token */
-    uint64_t lock_time;    /*  56: CLOCK_MONOTONIC ns when taken (diagnostics only) */
+    uint64_t lock_time;    /*  56: holder's heartbeat (CLOCK_MONOTONIC ns; ivshm_region.c) */
     uint8_t  reserved[64]; /*  64 */
     struct ivshm_ring_desc rings[IVSHM_MAX_RINGS]; /* 128 */
 };

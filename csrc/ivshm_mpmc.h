@@ -188,7 +188,10 @@ static inline int64_t ivshm_mpmc_claim_send(struct ivshm_mpmc *q, uint64_t n, ui
 static inline void ivshm_mpmc_commit_one(struct ivshm_mpmc *q, uint64_t i, uint32_t len)
 {
     struct ivshm_mpmc_slot_hdr *s = ivshm_mpmc_slot(q, i);
-    s->len = len;
+    /* an atomic (relaxed: a plain store) write: a consumer with a short buffer reads lengths
+     * before its claim (ivshm_mpmc_claim_recv_max) and may read this slot while it is reused;
+     * its claim then fails and the value read is dropped */
+    IVSHM_STORE_RELAXED(&s->len, len);
     /* pairs with the consumer's acquire load of seq in ivshm_mpmc_claim_recv */
     IVSHM_STORE_RELEASE(&s->seq, (uint32_t)(i + 1));
 }
@@ -379,7 +382,7 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
     for (int64_t k = m - 1; k >= 0; k--, seq--) {
         struct ivshm_mpmc_slot_hdr *h = (struct ivshm_mpmc_slot_hdr *)s;
         ivshm_copy(s + IVSHM_MPMC_SLOT_HDR, src + (uint64_t)k * elem, elem);
-        h->len = elem;
+        IVSHM_STORE_RELAXED(&h->len, elem); /* atomic: see ivshm_mpmc_commit_one */
         IVSHM_STORE_RELEASE(&h->seq, seq);
         if (idx == 0) {
             idx = mask;

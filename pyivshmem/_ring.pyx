@@ -20,6 +20,10 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillI
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_Append
+from cpython.long cimport PyLong_CheckExact, PyLong_AsSsize_t
+from cpython.float cimport PyFloat_CheckExact, PyFloat_AS_DOUBLE
+from cpython.slice cimport PySlice_Check, PySlice_GetIndicesEx
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.errno cimport errno
 from cpython.object cimport PyObject
 
@@ -128,11 +132,29 @@ def _int_arg(value, what, lo, hi):
     return v
 
 
+cdef inline Py_ssize_t _size_arg(object value, what, Py_ssize_t lo, Py_ssize_t hi) except? -1:
+    """_int_arg for a Py_ssize_t range, with a fast path for a plain int (the hot calls)."""
+    cdef Py_ssize_t v
+    if PyLong_CheckExact(value):
+        try:
+            v = PyLong_AsSsize_t(value)
+        except OverflowError:
+            return _int_arg(value, what, lo, hi)
+        if lo <= v <= hi:
+            return v
+    return _int_arg(value, what, lo, hi)
+
+
 cdef double _timeout_arg(object timeout, what="timeout") except -2.0:
     """Validate a timeout: -1.0 for None (or +inf: wait forever), else its seconds (>= 0).
     NaN, negative numbers and non-numbers raise ConfigError naming the argument."""
+    cdef double f
     if timeout is None:
         return -1.0
+    if PyFloat_CheckExact(timeout):  # the hot path: 0.0, 0.5 ...
+        f = PyFloat_AS_DOUBLE(timeout)
+        if f >= 0 and f != float("inf"):
+            return f
     if isinstance(timeout, bool) or not isinstance(timeout, _numbers.Real):
         raise ConfigError(f"{what} must be a number of seconds, or None to wait forever, not "
                           f"{type(timeout).__name__} {timeout!r}")
@@ -413,14 +435,12 @@ cdef class SlotView:
 
     def __getitem__(self, key):
         self._ok()
-        cdef Py_ssize_t start, stop, step
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.n)
+        cdef Py_ssize_t start, stop, step, length
+        if PySlice_Check(key):
+            PySlice_GetIndicesEx(key, self.n, &start, &stop, &step, &length)
             if step != 1:
                 return self.tobytes()[key]  # strided: a copy
-            if stop < start:
-                stop = start
-            return _new_view(self.st, self.off + start, stop - start)
+            return _new_view(self.st, self.off + start, length)
         cdef Py_ssize_t k = self._index(key)
         return <uint8_t>self.st.base[self.off + k]
 
@@ -428,21 +448,23 @@ cdef class SlotView:
         self._ok()
         if self.st.readonly:
             raise ConfigError("this view is read-only (a peeked message); reserve() gives a writable one")
-        cdef Py_ssize_t start, stop, step, k
+        cdef Py_ssize_t start, stop, step, k, length
         cdef Py_buffer buf
         cdef _ViewState st = self.st
         cdef _Mapping m
-        if not isinstance(key, slice):
+        if not PySlice_Check(key):
             k = self._index(key)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
                 raise ConfigError(f"a byte is an int from 0 to 255, not {value!r}")
             st.base[self.off + k] = <char>(<int>value)
             return
-        start, stop, step = key.indices(self.n)
+        PySlice_GetIndicesEx(key, self.n, &start, &stop, &step, &length)
         if step != 1:
             raise ConfigError("slice assignment to a view needs a step of 1")
-        if stop < start:
-            stop = start
+        stop = start + length
+        if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) == length and length <= 4096:
+            memcpy(st.base + self.off + start, PyBytes_AS_STRING(value), length)  # the hot path
+            return
         PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
         try:
             if buf.len != stop - start:
@@ -1389,7 +1411,7 @@ cdef class SpscRing(_Ring):
         With ``timeout`` > 0 or None, waits that long for the first one; ``timeout=0`` (default)
         never waits."""
         self._check_recv()
-        cdef Py_ssize_t maxc = _int_arg(max_count, "max_count", 0, _sys.maxsize)
+        cdef Py_ssize_t maxc = _size_arg(max_count, "max_count", 0, PY_SSIZE_T_MAX)
         cdef double t = _timeout_arg(timeout)
         cdef list out = []
         cdef ivshm_spsc_msg m
@@ -1473,7 +1495,7 @@ cdef class SpscRing(_Ring):
         if self._wview_len >= 0:
             raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() or "
                               "cancel() it first")
-        cdef Py_ssize_t n = _int_arg(size, "size", 0, 2**62)
+        cdef Py_ssize_t n = _size_arg(size, "size", 0, 2**62)
         cdef uint8_t *p = NULL
         cdef int rc = ivshm_spsc_reserve(&self._q, n, &p)
         if rc == -EAGAIN:
@@ -1494,7 +1516,7 @@ cdef class SpscRing(_Ring):
         self._check()
         if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._wview_len if size is None else _int_arg(size, "size", 0, self._wview_len)
+        cdef Py_ssize_t n = self._wview_len if size is None else _size_arg(size, "size", 0, self._wview_len)
         _retire(self._wst, f"commit on ring {self._name!r}")
         self._wst = None
         self._wview_len = -1
@@ -1751,9 +1773,30 @@ cdef class MpmcRing(_Ring):
         seq = self._sequence(messages)
         cdef Py_ssize_t total = len(seq), sent = 0
         cdef _Waiter w = None
+        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef object item
+        cdef Py_ssize_t ln
+        cdef int rc
         while True:
+            self._check_send()  # again after each pause: the region may have been closed
             try:
-                while sent < total and self._send_obj(seq[sent]) == 0:
+                while sent < total:
+                    item = <object>items[sent]
+                    ln = PyBytes_GET_SIZE(item) if PyBytes_CheckExact(item) else -1
+                    if 0 <= ln <= <Py_ssize_t>min(self._info.slot_size, _NOGIL_BYTES):
+                        # the hot path: checked once above, no Python code runs in between
+                        rc = ivshm_mpmc_try_send(&self._q, PyBytes_AS_STRING(item), ln)
+                        if rc == -EAGAIN:
+                            break
+                        if rc != 0:
+                            raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
+                    else:
+                        if self._send_obj(item) != 0:
+                            break
+                        # a buffer object may have run Python code: look at everything again
+                        self._check_send()
+                        items = <PyObject **>PySequence_Fast_ITEMS(seq)
+                        total = min(total, len(seq))
                     sent += 1
             except MessageTooLargeError as e:
                 e.sent = sent
@@ -1772,13 +1815,14 @@ cdef class MpmcRing(_Ring):
         ``timeout`` > 0 or None, waits that long for the first (StallError if a dead producer's
         slot is what stops it)."""
         self._check_recv()
-        cdef Py_ssize_t maxc = _int_arg(max_count, "max_count", 0, _sys.maxsize)
+        cdef Py_ssize_t maxc = _size_arg(max_count, "max_count", 0, PY_SSIZE_T_MAX)
         cdef double t = _timeout_arg(timeout)
         self._raise_pending()
         cdef list out = []
         cdef uint64_t pos
         cdef int64_t m, k, n
         cdef object err = None
+        cdef object b
         cdef _Waiter w = None
         cdef _Mapping mp = self._m
         while True:
@@ -1795,19 +1839,21 @@ cdef class MpmcRing(_Ring):
                     try:
                         while k < m:
                             n = ivshm_mpmc_msg_len(&self._q, pos + k)
-                            if n > <int64_t>_NOGIL_BYTES:
-                                k += 1
-                                out.append(self._recv_big(pos + k - 1, n))
-                                continue
-                            if n >= 0:
+                            if 0 <= n <= <int64_t>_NOGIL_BYTES:
                                 b = PyBytes_FromStringAndSize(
                                     <const char *>ivshm_mpmc_payload(&self._q, pos + k), n)
-                            elif err is None:
-                                err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
-                            ivshm_mpmc_release_one(&self._q, pos + k)
-                            k += 1
-                            if n >= 0:
-                                PyList_Append(out, b)
+                                ivshm_mpmc_release_one(&self._q, pos + k)
+                                k += 1
+                                out.append(b)
+                            elif n >= 0:
+                                k += 1
+                                out.append(self._recv_big(pos + k - 1, n))  # releases it
+                            else:
+                                if err is None:
+                                    err = self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b,
+                                                        "recv_many")
+                                ivshm_mpmc_release_one(&self._q, pos + k)
+                                k += 1
                     finally:
                         while k < m:  # only after an exception: the claimed slots must move on
                             ivshm_mpmc_release_one(&self._q, pos + k)
@@ -1885,7 +1931,7 @@ cdef class MpmcRing(_Ring):
         if self._wview_len >= 0:
             raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() or "
                               "cancel() it first")
-        cdef Py_ssize_t n = _int_arg(size, "size", 0, 2**62)
+        cdef Py_ssize_t n = _size_arg(size, "size", 0, 2**62)
         if n > self._info.slot_size:
             raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: at most {self.slot_size} bytes")
         cdef uint64_t pos
@@ -1906,7 +1952,7 @@ cdef class MpmcRing(_Ring):
         self._check()
         if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._wview_len if size is None else _int_arg(size, "size", 0, self._wview_len)
+        cdef Py_ssize_t n = self._wview_len if size is None else _size_arg(size, "size", 0, self._wview_len)
         _retire(self._wst, f"commit on ring {self._name!r}")
         self._wst = None
         self._wview_len = -1
@@ -2349,7 +2395,8 @@ cdef class Channel:
                     armed = ivshm_chan_arm(&self._ch, &c.call)
                     if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
                         ivshm_chan_note_sleep(&self._ch)
-                        await self._await_fds(loop, span if armed else min(span, 0.001), armed)
+                        await self._await_fds(loop, span if armed else min(span, 0.001), armed,
+                                              m.closed_fd)
                 finally:
                     ivshm_chan_disarm(&self._ch, &c.call)  # also when the task is cancelled
                     m.leave()
@@ -2363,14 +2410,14 @@ cdef class Channel:
         finally:
             self._pass_on(&c.call)
 
-    async def _await_fds(self, loop, span, bint armed):
+    async def _await_fds(self, loop, span, bint armed, int closed_fd):
         fut = loop.create_future()
 
         def ready():
             if not fut.done():
                 fut.set_result(None)
 
-        fds = [self._cancel_fd, self._ring._m.closed_fd]
+        fds = [self._cancel_fd, closed_fd]  # the mapping's own: held by the caller
         if armed:
             fds.append(self._fd)
         for fd in fds:

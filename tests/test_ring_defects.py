@@ -430,3 +430,78 @@ def test_17_from_fd_size_larger_than_the_file_refused(shm_path):
             assert r.size == 65536
     finally:
         os.close(fd)
+
+
+# -- objects inherited across fork never disturb the parent (ring handles; Peer is tested elsewhere)
+
+@pytest.mark.parametrize("how", ["ring.close", "region.close", "drop"])
+def test_17_child_closing_inherited_handles_leaves_the_parents_claims_alone(region, how):
+    ring = region.create_ring("f", "mpmc", slot_size=16, capacity=4)
+    consumer = region.ring("f")
+    ring.try_send(b"first")
+    view = ring.reserve(6)
+    view[:] = b"parent"
+    peeked = consumer.peek()
+    assert bytes(peeked) == b"first"
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if how == "ring.close":
+                ring.close()
+                consumer.close()
+            elif how == "region.close":
+                region.close()
+            else:
+                del ring, consumer, view, peeked  # the handles die: their __dealloc__ runs
+                gc.collect()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    ring.commit()  # the reservation is still the parent's
+    consumer.release()
+    assert consumer.try_recv() == b"parent"
+    assert consumer.try_recv() is None and consumer.stalled() is None
+    assert len(ring) == 0  # the indices agree with what was sent and received
+    for i in range(10):  # and the ring goes on working, laps around
+        assert ring.try_send(b"m%d" % i)
+        assert consumer.try_recv() == b"m%d" % i
+
+
+# -- a dead MPMC producer: reported by recv and recv_many, recovered by recover() ------------------
+
+def _reserve_and_hold(path, conn):
+    with Region.open(path) as r:
+        ring = r.ring("jobs")
+        view = ring.reserve(8)
+        view[:4] = b"half"
+        conn.send("reserved")
+        conn.recv()  # killed here, before commit()
+
+
+def test_10_dead_producer_reported_then_recovered(shm_path):
+    with Region.create(shm_path, "1M") as region:
+        ring = region.create_ring("jobs", "mpmc", slot_size=32, capacity=8)
+        assert ring.try_send(b"before")
+        parent, conn = CTX.Pipe()
+        p = CTX.Process(target=_reserve_and_hold, args=(shm_path, conn))
+        p.start()
+        try:
+            assert parent.poll(60) and parent.recv() == "reserved"
+        finally:
+            kill_and_reap(p)
+        assert ring.try_send(b"after")
+        assert ring.recv(timeout=5) == b"before"
+        with pytest.raises(StallError, match="slot 1") as exc:
+            ring.recv(timeout=0.2)
+        assert exc.value.slot == 1 and exc.value.side == "producer" and "recover(1)" in str(exc.value)
+        with pytest.raises(StallError):
+            ring.recv_many(4, timeout=0.2)
+        assert ring.recv_many(4) == []  # timeout=0 never waits: a return value, not an error
+        assert ring.stalled() == 1
+        assert ring.recover(1) == "producer"
+        assert ring.recv_many(4, timeout=5) == [b"", b"after"]  # committed empty, then the rest
+        assert ring.stalled() is None

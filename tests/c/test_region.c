@@ -246,6 +246,51 @@ static void region_dead_lock_holder_taken_over(char *detail, size_t dn)
     snprintf(detail, dn, "taken over after %.0f ms", dt * 1000);
 }
 
+/* A slow holder that keeps its heartbeat going is not taken for dead, however long it holds the
+ * lock: the waiter gets the lock only when the holder releases it. */
+struct slow_holder {
+    struct ivshm_region_hdr *h;
+    double hold_s;
+    int released;
+};
+
+static void *slow_holder_run(void *arg)
+{
+    struct slow_holder *s = arg;
+    double until = tc_now() + s->hold_s;
+    while (tc_now() < until) {
+        __atomic_store_n(&s->h->lock_time, (uint64_t)(tc_now() * 1e9), __ATOMIC_RELAXED); /* heartbeat */
+        struct timespec ts = {0, 20 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    __atomic_store_n(&s->released, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->h->lock, 0, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void region_slow_lock_holder_not_taken_over(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    struct ivshm_region_hdr *h = (struct ivshm_region_hdr *)tr.mem;
+    h->lock = 0xa11ceull; /* held by a live, slow creator */
+    struct slow_holder s = {h, 2.5 * IVSHM_DIR_LEASE_MS / 1000.0, 0};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, slow_holder_run, &s) == 0, "thread");
+    double t0 = tc_now();
+    int rc = ivshm_region_create_ring(&tr.r, "c", IVSHM_KIND_SPSC, 16, 4, 7, 6 * IVSHM_DIR_LEASE_MS, &info, &why);
+    double dt = tc_now() - t0;
+    int released = __atomic_load_n(&s.released, __ATOMIC_RELAXED);
+    pthread_join(th, NULL);
+    CHECK(rc == 0, "create after the holder released = %d (%s)", rc, why ? why : "");
+    CHECK(released, "the lock was taken from a live holder after %.0f ms", dt * 1000);
+    CHECK(h->lock == 0, "lock released");
+    tregion_free(&tr);
+    snprintf(detail, dn, "waited %.0f ms for a holder beating for %.0f ms", dt * 1000, s.hold_s * 1000);
+}
+
 /* Two directory entries with one name (a corrupt directory) are reported, not resolved silently. */
 static void region_duplicate_names(char *detail, size_t dn)
 {
@@ -295,6 +340,7 @@ int main(int argc, char **argv)
         {"region_shape_conflict", region_shape_conflict, 0},
         {"region_dead_lock_holder", region_dead_lock_holder, 0},
         {"region_dead_lock_holder_taken_over", region_dead_lock_holder_taken_over, 0},
+        {"region_slow_lock_holder_not_taken_over", region_slow_lock_holder_not_taken_over, 0},
         {"region_duplicate_names", region_duplicate_names, 0},
         {"region_dead_formatter", region_dead_formatter, 0},
     };

@@ -3,6 +3,7 @@ used to remove the server socket from the epoll set the two processes share, so 
 close() raised and leaked its fds and mapping; using it in the child would read the parent's
 server messages.  Now the child may only close it (its own copies) and gets a clear error for
 anything else, and the parent never notices."""
+import gc
 import os
 
 import pytest
@@ -19,6 +20,7 @@ def test_peer_closed_in_a_forked_child_leaves_the_parent_alone(tmp_path):
     sock = str(tmp_path / "s.sock")
     with Server(sock, size="64K", vectors=2) as server:
         server.start()
+        gc.collect()  # earlier tests' garbage must not close its fds in the middle of this one
         base = fd_count()
         peer = Peer.connect(sock, timeout=10)
         pid = os.fork()
@@ -46,4 +48,4 @@ def test_peer_closed_in_a_forked_child_leaves_the_parent_alone(tmp_path):
         assert server.wait_until(lambda peers: peer.id in peers, 10)
         peer.close()  # no error, nothing leaked
         assert server.wait_until(lambda peers: not peers, 10)
-        assert fd_count() == base
+        assert fd_count() <= base, "the parent leaked descriptors"

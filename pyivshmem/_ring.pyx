@@ -81,9 +81,13 @@ DEFAULT_SPIN = 50e-6
 cdef int _LOCK_WAIT_MS = 2000
 cdef int _FORMAT_WAIT_MS = 2000
 cdef Py_ssize_t _BATCH = 256
-# Batches publish (and release) once, except after messages this large, where letting the other
-# side work on each message at once overlaps the two copies.
+# Batches publish (and release) once, and again each time this many bytes were written (read)
+# since the last time, so that the other side's copy overlaps ours.
 cdef uint64_t _OVERLAP_BYTES = 16384
+# recv_many stops gathering once this many bytes are in its list (always taking at least one
+# message): a list of many large messages is fresh memory, page-faulted in on every call, and
+# made a batch of 1 MiB messages six times slower than one call per message.
+cdef uint64_t _BATCH_BYTES = 1 << 20
 # Copies of more than this many bytes release the GIL (and count as users of the mapping).
 cdef uint64_t _NOGIL_BYTES = 65536
 
@@ -1352,6 +1356,7 @@ cdef class SpscRing(_Ring):
         cdef object item
         cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
         cdef _Mapping mp = self._m
+        cdef uint64_t pending
         while start + done < total:
             self._check_send()  # the GIL may have been released: the region may have been closed
             n = total - start - done
@@ -1369,12 +1374,16 @@ cdef class SpscRing(_Ring):
             try:
                 with nogil:
                     k = 0
+                    pending = 0
                     while k < n:
                         rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
                         if rc != 0:
                             break
-                        if self._lens[k] >= _OVERLAP_BYTES:
-                            ivshm_spsc_publish(&self._q)  # large: let the consumer start on it now
+                        pending += self._lens[k]
+                        if pending >= _OVERLAP_BYTES:
+                            # much written: let the consumer start on it now
+                            ivshm_spsc_publish(&self._q)
+                            pending = 0
                         k += 1
                     ivshm_spsc_publish(&self._q)
             finally:
@@ -1407,9 +1416,9 @@ cdef class SpscRing(_Ring):
         raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
-        """Up to ``max_count`` messages that are already there, as a list (one release for all).
-        With ``timeout`` > 0 or None, waits that long for the first one; ``timeout=0`` (default)
-        never waits."""
+        """Up to ``max_count`` messages that are already there, as a list (one release for all),
+        and no more once about 1 MiB is gathered (at least one message).  With ``timeout`` > 0
+        or None, waits that long for the first one; ``timeout=0`` (default) never waits."""
         self._check_recv()
         cdef Py_ssize_t maxc = _size_arg(max_count, "max_count", 0, PY_SSIZE_T_MAX)
         cdef double t = _timeout_arg(timeout)
@@ -1420,12 +1429,13 @@ cdef class SpscRing(_Ring):
         cdef _Waiter w = None
         cdef object b
         cdef char *dst
+        cdef uint64_t gathered = 0, released = 0
         cdef _Mapping mp = self._m
         while True:
             self._check()
             mp.enter()
             try:
-                while got < maxc and not mp.closed:
+                while got < maxc and gathered < _BATCH_BYTES and not mp.closed:
                     rc = ivshm_spsc_next(&self._q, &m)
                     if rc != 0:
                         break
@@ -1438,9 +1448,12 @@ cdef class SpscRing(_Ring):
                             ivshm_spsc_copy(&self._q, &m, dst)
                     PyList_Append(out, b)
                     ivshm_spsc_advance(&self._q, &m)
-                    if m.len >= _OVERLAP_BYTES:
-                        ivshm_spsc_release(&self._q)  # large: hand the slots back to the producer now
                     got += 1
+                    gathered += m.len
+                    released += m.len
+                    if released >= _OVERLAP_BYTES:
+                        ivshm_spsc_release(&self._q)  # much read: hand the slots back now
+                        released = 0
                 ivshm_spsc_release(&self._q)
             finally:
                 mp.leave()
@@ -1811,9 +1824,10 @@ cdef class MpmcRing(_Ring):
                 return sent
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
-        """Up to ``max_count`` messages already there (claimed with one CAS per burst).  With
-        ``timeout`` > 0 or None, waits that long for the first (StallError if a dead producer's
-        slot is what stops it)."""
+        """Up to ``max_count`` messages already there (claimed with one CAS per burst), and no
+        more than about 1 MiB of slots at a time (at least one message).  With ``timeout`` > 0
+        or None, waits that long for the first (StallError if a dead producer's slot is what
+        stops it)."""
         self._check_recv()
         cdef Py_ssize_t maxc = _size_arg(max_count, "max_count", 0, PY_SSIZE_T_MAX)
         cdef double t = _timeout_arg(timeout)
@@ -1825,6 +1839,10 @@ cdef class MpmcRing(_Ring):
         cdef object b
         cdef _Waiter w = None
         cdef _Mapping mp = self._m
+        # slots of up to slot_size bytes each: a burst claims at most _BATCH_BYTES of them
+        cdef Py_ssize_t per_call = max(1, <Py_ssize_t>(_BATCH_BYTES // max(1, self._info.slot_size)))
+        if maxc > per_call:
+            maxc = per_call
         while True:
             self._check()
             mp.enter()

@@ -92,7 +92,8 @@ def main():
         for i in range(args.rounds):
             for key in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 out = os.path.join(work, f"{key}-{i}.json")
-                env = dict(os.environ, PYTHONPATH=dirs[key])
+                path = os.environ.get("PYTHONPATH")  # keep what else the caller needs (cffi)
+                env = dict(os.environ, PYTHONPATH=dirs[key] + (os.pathsep + path if path else ""))
                 res = subprocess.run([sys.executable, "-m", "pyivshmem", "bench", "--quiet",
                                       "--scenarios", args.scenarios, "--peers", args.peers,
                                       "--sizes", "64", "--duration", args.duration, "--repeat", "1",

@@ -27,6 +27,12 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.errno cimport errno
 from cpython.object cimport PyObject
 
+cdef extern from "<sys/vfs.h>" nogil:
+    cdef struct statfs:
+        long f_type
+        long f_bsize
+    int fstatfs(int fd, statfs *buf)
+
 cdef extern from "<errno.h>":
     enum:
         EAGAIN
@@ -610,6 +616,12 @@ cdef class Region:
         except OSError as e:
             raise _os_error(e, f"cannot create region file {path}") from None
         try:
+            huge = _huge_page_size(fd)
+            if huge and n % huge:
+                raise ConfigError(
+                    f"{path} is on hugetlbfs with {huge >> 10}K pages: a region there must be a "
+                    f"multiple of the huge page size and a power of two, so at least {huge} bytes "
+                    f"(asked {n}); use size={huge} or more")
             try:
                 _os.ftruncate(fd, n)
             except OSError as e:
@@ -694,6 +706,15 @@ cdef class Region:
         cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, <long>offset)
         if p == MAP_FAILED:
             e = errno
+            huge = _huge_page_size(fd)
+            if huge and e in (_errno.ENOMEM, _errno.ENOSPC):
+                # hugetlbfs reserves every page of a shared mapping at mmap time
+                raise SystemCallError(
+                    e, f"cannot map {size} bytes of {path or 'fd %d' % fd} on hugetlbfs: not enough "
+                    f"free huge pages ({size // huge} of {huge >> 10}K needed; {_huge_pages_free(huge)}). "
+                    f"Reserve them as root, e.g. \"echo {max(64, size // huge)} > "
+                    "/proc/sys/vm/nr_hugepages\" (or the pool of this page size under "
+                    "/sys/kernel/mm/hugepages/)")
             raise SystemCallError(e, f"cannot map {size} bytes of {path or 'fd %d' % fd}: {_os.strerror(e)}")
         cdef uint64_t gen = int.from_bytes(_os.urandom(8), "little") | 1
         cdef int rc
@@ -971,6 +992,32 @@ def _fspath(path, what):
     except UnicodeEncodeError:
         raise ConfigError(f"{what} {p!r} cannot be encoded as a file name") from None
     return p
+
+
+_HUGETLBFS_MAGIC = 0x958458f6
+
+
+def _huge_page_size(int fd):
+    """The huge page size of the hugetlbfs that ``fd`` lives on, or 0 when it is not on one."""
+    cdef statfs st
+    if fstatfs(fd, &st) != 0:
+        return 0
+    if <unsigned long>st.f_type & 0xffffffff != _HUGETLBFS_MAGIC:
+        return 0
+    return st.f_bsize
+
+
+def _huge_pages_free(huge):
+    """What the kernel says about the pool of ``huge``-byte pages, for error messages."""
+    base = f"/sys/kernel/mm/hugepages/hugepages-{huge >> 10}kB"
+    try:
+        with open(base + "/free_hugepages") as f:
+            free = int(f.read())
+        with open(base + "/nr_hugepages") as f:
+            total = int(f.read())
+    except (OSError, ValueError):
+        return "free count unknown"
+    return f"{free} free of {total} reserved"
 
 
 def _os_error(e, context):

@@ -622,7 +622,7 @@ class Vm:
                  files: Optional[Dict[str, Union[str, bytes]]] = None,
                  env: Optional[Dict[str, str]] = None, image: Optional[Image] = None,
                  kernel_args: str = "", guest_timeout: float = 900, accel: Optional[str] = None,
-                 python: bool = True):
+                 python: bool = True, qmp: bool = False, extra_args: Sequence[str] = ()):
         self.image = image or ensure_image()
         if accel in ("kvm", "tcg"):
             self.accel = accel
@@ -640,6 +640,10 @@ class Vm:
         self._script, self._files, self._env = script, files, env
         self._devices = list(devices)
         self._iommu, self._memory, self._smp, self._kargs = iommu, memory, smp, kernel_args
+        #: QMP monitor socket (``qmp=True``); talk to it with :meth:`qmp`
+        self.qmp_path: Optional[Path] = self.workdir / f"{self.name}.qmp" if qmp else None
+        self._qmp: Optional["Qmp"] = None
+        self._extra = list(extra_args)
         self.proc: Optional[subprocess.Popen] = None
         self.lines: List[str] = []
         self._cond = threading.Condition()
@@ -666,6 +670,9 @@ class Vm:
         if self._iommu:
             cmd += ["-device", "intel-iommu"]
         cmd += self._devices
+        if self.qmp_path is not None:
+            cmd += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        cmd += self._extra
         args = KERNEL_ARGS + (" " + self._kargs if self._kargs else "")
         cmd += ["-kernel", str(self.image.kernel.vmlinuz), "-initrd", str(self.initrd), "-append", args]
         return cmd
@@ -725,7 +732,25 @@ class Vm:
         if p.stdout:
             p.stdout.close()
 
+    def qmp(self, command: str, timeout: float = 30, **arguments):
+        """Run a QMP command on this guest's monitor (``qmp=True``); its ``return`` value."""
+        if self.qmp_path is None:
+            raise VmError(f"{self.name}: started without qmp=True")
+        if self._qmp is None:
+            self._qmp = Qmp(self.qmp_path, timeout=timeout)
+        return self._qmp.execute(command, timeout=timeout, **arguments)
+
+    def qmp_event(self, name: str, timeout: float = 30) -> Dict:
+        """Wait for the QMP event ``name`` (events seen earlier count too, each once)."""
+        if self._qmp is None:
+            self.qmp("query-status")
+        assert self._qmp is not None
+        return self._qmp.event(name, timeout)
+
     def close(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         self.kill()
         if self._logf:
             self._logf.close()
@@ -817,6 +842,72 @@ class Vm:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise self.fail(f"QEMU still running after {timeout:.0f}s") from None
+
+
+class Qmp:
+    """A minimal synchronous QMP client (QEMU's JSON monitor) over a unix socket."""
+
+    def __init__(self, path: Union[str, Path], timeout: float = 30):
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self._sock.close()
+                if time.monotonic() > deadline:
+                    raise VmError(f"no QMP monitor at {path} within {timeout:.0f}s") from None
+                time.sleep(0.05)
+        self._buf = b""
+        self.events: List[Dict] = []
+        self._read(time.monotonic() + timeout)            # the greeting
+        self.execute("qmp_capabilities", timeout=timeout)
+
+    def _read(self, deadline: float) -> Dict:
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VmTimeout("QMP: no answer in time")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError as e:
+                raise VmError(f"QMP: {e}") from None
+            if not chunk:
+                raise VmError("QMP: QEMU closed the monitor")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def execute(self, command: str, timeout: float = 30, **arguments):
+        msg: Dict = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline)
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise VmError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def event(self, name: str, timeout: float = 30) -> Dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.get("event") == name:
+                    return self.events.pop(i)
+            self.events.append(self._read(deadline))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ __all__ = [
     "ProtocolError",
     "PeerDisconnected",
     "DeviceError",
+    "DeviceGoneError",
     "RingNotFoundError",
     "AlreadyExistsError",
     "RegionNotFoundError",
@@ -135,6 +136,10 @@ class PeerDisconnected(IvshmemError, ConnectionError):
 
 class DeviceError(IvshmemError, OSError):
     """A PCI/VFIO problem inside a guest (not root, device missing, VFIO not usable)."""
+
+
+class DeviceGoneError(DeviceError):
+    """The guest's ivshmem device was removed (hot-unplug, ``device_del``) while it was open."""
 
 
 def error_from_code(code: int, context: str, detail: str | None = None) -> Exception:

@@ -22,15 +22,18 @@ Everything here needs root.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import select
+import struct
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .errors import ClosedError, ConfigError, DeviceError
+from .errors import ClosedError, ConfigError, DeviceError, DeviceGoneError, WaitTimeout
 
 __all__ = ["PciDevice", "PciDeviceInfo", "IVSHMEM_VENDOR", "IVSHMEM_DEVICE"]
 
@@ -48,6 +51,12 @@ _PCI_STATUS = 0x06
 _PCI_STATUS_CAP_LIST = 0x10
 _PCI_CAP_PTR = 0x34
 _PCI_CAP_ID_MSIX = 0x11
+# VFIO_DEVICE_SET_IRQS and its flags (linux/vfio.h): the "request" interrupt is how vfio-pci asks
+# user space to give a device back before the kernel removes it (hot-unplug)
+_VFIO_DEVICE_SET_IRQS = (ord(";") << 8) | (100 + 10)
+_VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+_VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
+_VFIO_PCI_REQ_IRQ_INDEX = 4
 
 _lib = None
 _ffi = None
@@ -221,6 +230,15 @@ class PciDevice:
         self._timer_fd = -1
         self._region = None
         self._mmap: Optional[mmap.mmap] = None
+        # hot-unplug: why the device is gone (None while present), the VFIO request eventfd, an
+        # eventfd the watcher raises (in the epoll set, so wait() wakes), and the lock that keeps
+        # register accesses and the release apart
+        self._gone: Optional[str] = None
+        self._req_fd = -1
+        self._gone_fd = -1
+        self._stop_fd = -1
+        self._watcher: Optional[threading.Thread] = None
+        self._lock = threading.RLock()
 
     # -- discovery -----------------------------------------------------------------------------
     @staticmethod
@@ -261,6 +279,25 @@ class PciDevice:
                 return d
         found = ", ".join(d.bdf for d in devices) or "none"
         raise DeviceError(errno.ENODEV, f"no ivshmem device at {want} (ivshmem devices here: {found})")
+
+    @classmethod
+    def wait_for(cls, bdf: Optional[str] = None, timeout: float = 30.0, *, sysfs: str = "/sys",
+                 interval: float = 0.05) -> PciDeviceInfo:
+        """Wait until the ivshmem device at ``bdf`` (any one when None) is in this machine, e.g.
+        after the host plugged it back (QMP ``device_add``); its info. Open it with
+        ``PciDevice.open(info.bdf)``. Raises WaitTimeout after ``timeout`` seconds."""
+        if not (timeout >= 0):
+            raise ConfigError(f"timeout must be a number >= 0, not {timeout!r}")
+        want = None if bdf is None else _normalize_bdf(bdf)
+        deadline = time.monotonic() + timeout
+        while True:
+            for info in cls.list(sysfs=sysfs):
+                if want is None or info.bdf == want:
+                    return info
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"no ivshmem device {want or '(any)'} appeared within {timeout:g} s: "
+                                  "has the host plugged it in (QMP device_add)?")
+            time.sleep(interval)
 
     # -- VFIO binding --------------------------------------------------------------------------
     @staticmethod
@@ -428,6 +465,8 @@ class PciDevice:
         os.set_inheritable(self._mem_fd, False)
         self.id = self.read_register(_REG_IVPOSITION)
         self.uses_vfio = True
+        self._gone_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._start_watch(dev)
         # MSI-X: one eventfd per vector
         count = ffi.new("uint32_t *")
         _check(lib.ivshm_vfio_irq_info(dev, lib.IVSHM_VFIO_MSIX_INDEX, count, flags), f"MSI-X of {self.bdf}")
@@ -439,6 +478,7 @@ class PciDevice:
             self._epoll = select.epoll()
             for fd in self._efds:
                 self._epoll.register(fd, select.EPOLLIN)
+            self._epoll.register(self._gone_fd, select.EPOLLIN)
             self.interrupts = True
         self.vectors = n
 
@@ -457,12 +497,105 @@ class PciDevice:
     def _live(self) -> None:
         if self._closed:
             raise ClosedError(f"PciDevice {self.bdf or '?'} is closed")
+        if self._gone is not None:
+            raise self._gone_error()
+
+    def _gone_error(self) -> DeviceGoneError:
+        return DeviceGoneError(
+            errno.ENODEV,
+            f"ivshmem device {self.bdf} is gone: {self._gone}. Its region and memory are released "
+            "(ring calls on them raise ClosedError); close() this PciDevice, wait for the device with "
+            f"PciDevice.wait_for({self.bdf!r}, timeout) after the host plugs it back (device_add), "
+            "and open it again",
+        )
+
+    @property
+    def present(self) -> bool:
+        """False once the device was removed (hot-unplug). With VFIO the kernel tells us before
+        it removes the device; through sysfs this looks at the device's sysfs directory."""
+        if self._gone is None and not self._closed and not self.uses_vfio:
+            if not os.path.isdir(self.info.sysfs_path):
+                self._release_gone("its sysfs directory disappeared (hot-unplug)")
+        return self._gone is None
+
+    def check(self) -> None:
+        """Raise DeviceGoneError if the device was removed, ClosedError if closed."""
+        if not self.present:
+            raise self._gone_error()
+        self._live()
+
+    def _release_gone(self, why: str) -> None:
+        """The device is going away: release the memory and the device so the kernel can finish
+        removing it. Eventfds, the epoll set and the timer stay until close() (a thread may be
+        sleeping on them)."""
+        with self._lock:
+            if self._gone is not None or self._closed:
+                return
+            self._gone = why
+            if self._gone_fd >= 0:
+                os.write(self._gone_fd, (1).to_bytes(8, "little"))
+            if self._region is not None:
+                self._region.close()      # callers inside finish first; later calls: ClosedError
+                self._region = None
+            if self._mmap is not None:
+                try:
+                    self._mmap.close()
+                    self._mmap = None
+                except BufferError:
+                    # views of PciDevice.memory are still held: the kernel waits for them
+                    pass
+            lib = _lib
+            if self._vfio is not None and lib is not None:
+                lib.ivshm_vfio_close(self._vfio)
+                self._vfio = None
+            if self._bar0 and lib is not None:
+                lib.ivshm_mmio_unmap(self._bar0, self._bar0_len)
+            self._bar0 = 0
+            if self._mem_fd >= 0 and self._mmap is None:
+                os.close(self._mem_fd)
+                self._mem_fd = -1
+
+    def _start_watch(self, dev_fd: int) -> None:
+        """VFIO: bind the device's request interrupt to an eventfd and release everything on it."""
+        lib, ffi = _cffi()
+        count, flags = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        if lib.ivshm_vfio_irq_info(dev_fd, _VFIO_PCI_REQ_IRQ_INDEX, count, flags) < 0 or count[0] < 1:
+            return  # an old kernel without the request interrupt: removal waits for close()
+        self._req_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        arg = struct.pack("=IIIIIi", 24, _VFIO_IRQ_SET_DATA_EVENTFD | _VFIO_IRQ_SET_ACTION_TRIGGER,
+                          _VFIO_PCI_REQ_IRQ_INDEX, 0, 1, self._req_fd)
+        try:
+            fcntl.ioctl(dev_fd, _VFIO_DEVICE_SET_IRQS, arg)
+        except OSError:
+            os.close(self._req_fd)
+            self._req_fd = -1
+            return
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        req, stop = self._req_fd, self._stop_fd
+
+        def watch() -> None:
+            p = select.poll()
+            p.register(req, select.POLLIN)
+            p.register(stop, select.POLLIN)
+            while True:
+                fds = [fd for fd, _ in p.poll()]
+                if stop in fds:
+                    return
+                if req in fds:
+                    self._release_gone("the host removed it (hot-unplug: vfio-pci asked for it back)")
+                    return
+
+        self._watcher = threading.Thread(target=watch, name=f"pci-watch-{self.bdf}", daemon=True)
+        self._watcher.start()
 
     def close(self) -> None:
         """Release everything (interrupts, mappings, fds). Idempotent. The vfio-pci binding stays
         (see :meth:`unbind_vfio`). Refused (BufferError) while views of ``memory`` are held."""
         if self._closed:
             return
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            os.write(self._stop_fd, (1).to_bytes(8, "little"))
+            self._watcher.join()
         # these two refuse (BufferError) while views of them are held: release nothing else then
         if self._mmap is not None:
             self._mmap.close()
@@ -490,6 +623,12 @@ class PciDevice:
         if self._mem_fd >= 0:
             os.close(self._mem_fd)
             self._mem_fd = -1
+        for name in ("_req_fd", "_gone_fd", "_stop_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        self._watcher = None
         self.interrupts = False
 
     def __enter__(self) -> "PciDevice":
@@ -546,9 +685,13 @@ class PciDevice:
     def read_register(self, offset: int) -> int:
         """An aligned 32-bit load from BAR0 (IntrMask 0x00, IntrStatus 0x04, IVPosition 0x08)."""
         lib, ffi = _cffi()
-        self._live()
         _check_reg(offset)
         out = ffi.new("uint32_t *")
+        with self._lock:
+            self._live()
+            return self._read_register_locked(lib, offset, out)
+
+    def _read_register_locked(self, lib, offset: int, out) -> int:
         if self._bar0:
             _check(lib.ivshm_mmio_read32(self._bar0, self._bar0_len, offset, out), f"read BAR0+{offset:#x}")
         else:
@@ -559,15 +702,17 @@ class PciDevice:
     def write_register(self, offset: int, value: int) -> None:
         """An aligned 32-bit store to BAR0 (after a full memory fence)."""
         lib, _ = _cffi()
-        self._live()
         _check_reg(offset)
         if not 0 <= value <= 0xFFFFFFFF:
             raise ConfigError(f"register value must fit in 32 bits, not {value!r}")
-        if self._bar0:
-            _check(lib.ivshm_mmio_write32(self._bar0, self._bar0_len, offset, value), f"write BAR0+{offset:#x}")
-        else:
-            _check(lib.ivshm_vfio_write32(self._vfio.device_fd, self._bar0_off + offset, value),
-                   f"write BAR0+{offset:#x}")
+        with self._lock:
+            self._live()
+            if self._bar0:
+                _check(lib.ivshm_mmio_write32(self._bar0, self._bar0_len, offset, value),
+                       f"write BAR0+{offset:#x}")
+            else:
+                _check(lib.ivshm_vfio_write32(self._vfio.device_fd, self._bar0_off + offset, value),
+                       f"write BAR0+{offset:#x}")
 
     # -- doorbell provider ---------------------------------------------------------------------
     def notify(self, peer_id: int, vector: int = 0) -> None:
@@ -622,6 +767,7 @@ class PciDevice:
             if delay > 0:
                 time.sleep(delay)
             _drain(self._timer_fd)
+            self.check()
             return []
         fired = self._drain_vectors()
         if fired:
@@ -630,6 +776,8 @@ class PciDevice:
         while True:
             left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             events = self._epoll.poll(left)
+            if self._gone is not None:
+                raise self._gone_error()
             if events:
                 fired = self._drain_vectors()
                 if fired:

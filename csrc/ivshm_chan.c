@@ -6,6 +6,7 @@
 #include "ivshm_chan.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -180,32 +181,60 @@ static int cancel_fds(const struct ivshm_chan *ch, struct pollfd *p)
     return n;
 }
 
-int ivshm_chan_absorb(struct ivshm_chan *ch)
+/* Was the entry this call holds claimed by a waker (rung for us)?  Only while it holds one. */
+static int claimed(const struct ivshm_chan *ch, const struct ivshm_chan_call *call)
+{
+    if (call->entry < 0)
+        return 0;
+    return IVSHM_LOAD_RELAXED(&table_of(ch, call->side)[call->entry]) != ch->route;
+}
+
+int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 {
     uint64_t v = 0;
-    /* Several sleepers of this process may share the fd (same route, other entries): each ring
-     * is one unit, so keep one and put the rest back for the others.  A unit nobody needs costs
-     * one spurious re-check later.  EAGAIN: another reader was first. */
+    /* Sleepers of this process may share the fd: channels on other rings with the same vector,
+     * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
+     * that was claimed keeps one unit and puts the rest back.  A call that was not claimed woke
+     * for somebody else's ring: if others of this process sleep on the fd it puts everything
+     * back for them (and yields, so that they run); alone, the unit is a stray (a ring for a
+     * sleeper that left meanwhile) and it is dropped.  EAGAIN: another reader was first. */
     ssize_t n = read(ch->wait_fd, &v, sizeof(v));
     if (n < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-    if (v > 1) {
-        uint64_t rest = v - 1;
+    uint64_t rest = v;
+    int mine = claimed(ch, call);
+    if (mine && v > 0)
+        rest = v - 1;
+    else if (ch->fd_sleepers == NULL ||
+             atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_relaxed) <= 1)
+        rest = 0;
+    if (rest > 0) {
         ssize_t w = write(ch->wait_fd, &rest, sizeof(rest));
         (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
+        if (!mine)
+            sched_yield();
     }
-    if (v > 0)
+    if (mine && v > 0)
         stat_add(&ch->st.wakeups);
-    return v > 0;
+    return mine && v > 0;
 }
 
-void ivshm_chan_note_sleep(struct ivshm_chan *ch)
+void ivshm_chan_sleep_begin(struct ivshm_chan *ch)
 {
     stat_add(&ch->st.sleeps);
+    if (ch->fd_sleepers)
+        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
 }
 
-/* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 rung, 0 timed out, -ECANCELED, -errno. */
-static int sleep_fd(struct ivshm_chan *ch, int ms)
+void ivshm_chan_sleep_end(struct ivshm_chan *ch)
+{
+    if (ch->fd_sleepers)
+        atomic_fetch_sub_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
+}
+
+/* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 woken (rung, or a ring for another
+ * sleeper of this fd), 0 timed out, -ECANCELED, -errno. */
+static int sleep_fd(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int ms)
 {
     struct pollfd p[3];
     p[0] = (struct pollfd){.fd = ch->wait_fd, .events = POLLIN, .revents = 0};
@@ -220,7 +249,7 @@ static int sleep_fd(struct ivshm_chan *ch, int ms)
         return 0;
     if (p[0].revents & (POLLERR | POLLNVAL))
         return -EBADF;
-    int rc = ivshm_chan_absorb(ch);
+    int rc = ivshm_chan_absorb(ch, call);
     return rc < 0 ? rc : 1;
 }
 
@@ -270,12 +299,14 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
         return 1;
     }
     call->slept++;
-    stat_add(&ch->st.sleeps);
     int rc;
     if (armed) {
         int64_t ms = (span + 999999) / 1000000;
-        rc = sleep_fd(ch, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        ivshm_chan_sleep_begin(ch);
+        rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        ivshm_chan_sleep_end(ch);
     } else {
+        stat_add(&ch->st.sleeps);
         rc = sleep_poll(ch, call, span);
     }
     ivshm_chan_disarm(ch, call);

@@ -94,6 +94,10 @@ struct ivshm_chan {
     uint64_t spin_ns;          /* busy-poll this long before sleeping (per blocking call) */
     uint64_t recheck_ns;       /* sleepers look at the ring at least this often */
     uint32_t start_cons, start_prod; /* where wakers start their scans (fairness), a hint */
+    /* Process-local count of sleepers on wait_fd, shared by every channel of this process that
+     * sleeps on the same fd (NULL: this channel is alone on it).  A sleeper woken by a ring meant
+     * for another one puts it back only when others sleep there.  Set by the owner after init. */
+    uint32_t *fd_sleepers;
     struct ivshm_chan_stats st; /* updated with relaxed atomics */
 };
 
@@ -142,12 +146,15 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
-/* Take a doorbell from wait_fd after an event loop saw it readable: keeps one ring, puts any
- * others back for co-sleepers sharing the fd.  1 if a ring was taken, 0 if none, -errno. */
-int ivshm_chan_absorb(struct ivshm_chan *ch);
+/* Take a doorbell from wait_fd after an event loop saw it readable, while `call` still holds
+ * its entry: keeps one ring if the entry was claimed, puts rings meant for other sleepers of
+ * this process back (see fd_sleepers).  1 if a ring for this call was taken, 0 if not, -errno. */
+int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
 
-/* Count a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait counts its own). */
-void ivshm_chan_note_sleep(struct ivshm_chan *ch);
+/* Bracket a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait does its own):
+ * counts the sleep and the sleepers on the fd. */
+void ivshm_chan_sleep_begin(struct ivshm_chan *ch);
+void ivshm_chan_sleep_end(struct ivshm_chan *ch);
 
 /* After publishing (IVSHM_CHAN_SEND side woke consumers) or releasing slots (RECV side wakes
  * producers): ring one sleeper of the OTHER side, if any sleeps.  1 rung, 0 nobody to ring. */

@@ -2097,6 +2097,17 @@ cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *ou
         return -1  # counted as unrouted; the sleeper's re-check covers it
 
 
+cdef class _FdShare:
+    """The count of this process's sleepers on one doorbell fd, shared by every Channel that
+    sleeps on it (ivshm_chan.h, fd_sleepers)."""
+    cdef uint32_t count
+
+
+# doorbell fd -> its _FdShare; entries stay (an fd number reused later shares a counter with
+# nobody still sleeping, which is all the counter has to tell)
+_fd_shares = {}
+
+
 cdef class _AsyncCall:
     """One asyncio wait's C state (coroutines keep it across awaits)."""
     cdef ivshm_chan_call call
@@ -2127,6 +2138,7 @@ cdef class Channel:
     cdef ivshm_chan _ch
     cdef double _spin, _recheck
     cdef uint64_t _sent, _received
+    cdef _FdShare _share
     cdef object __weakref__
 
     def __cinit__(self):
@@ -2172,6 +2184,12 @@ cdef class Channel:
         if rc != 0:
             raise _error_from_code(rc, "set up the channel")
         self._ch.cancel_fd2 = self._cancel_fd
+        if self._fd >= 0:
+            share = _fd_shares.get(self._fd)
+            if share is None:
+                share = _fd_shares[self._fd] = _FdShare()
+            self._share = share
+            self._ch.fd_sleepers = &self._share.count
 
     def __dealloc__(self):
         if self._cancel_fd >= 0:
@@ -2412,9 +2430,12 @@ cdef class Channel:
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)
                     if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
-                        ivshm_chan_note_sleep(&self._ch)
-                        await self._await_fds(loop, span if armed else min(span, 0.001), armed,
-                                              m.closed_fd)
+                        ivshm_chan_sleep_begin(&self._ch)
+                        try:
+                            await self._await_fds(loop, span if armed else min(span, 0.001), armed,
+                                                  m.closed_fd, c)
+                        finally:
+                            ivshm_chan_sleep_end(&self._ch)
                 finally:
                     ivshm_chan_disarm(&self._ch, &c.call)  # also when the task is cancelled
                     m.leave()
@@ -2428,7 +2449,7 @@ cdef class Channel:
         finally:
             self._pass_on(&c.call)
 
-    async def _await_fds(self, loop, span, bint armed, int closed_fd):
+    async def _await_fds(self, loop, span, bint armed, int closed_fd, _AsyncCall c):
         fut = loop.create_future()
 
         def ready():
@@ -2448,7 +2469,7 @@ cdef class Channel:
             for fd in fds:
                 loop.remove_reader(fd)
         if armed and not self._closed:
-            ivshm_chan_absorb(&self._ch)
+            ivshm_chan_absorb(&self._ch, &c.call)
 
     # -- the rest -----------------------------------------------------------------------------
     @property

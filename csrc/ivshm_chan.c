@@ -50,7 +50,11 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
                     uint64_t spin_ns, uint64_t recheck_ns)
 {
     memset(ch, 0, sizeof(*ch));
-    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC) || ring == NULL || recheck_ns == 0)
+    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC && kind != IVSHM_KIND_PUBSUB) ||
+        ring == NULL || recheck_ns == 0)
+        return -EINVAL;
+    if (kind == IVSHM_KIND_PUBSUB && ivshm_pubsub_role_of(ring) != IVSHM_PUBSUB_ROLE_PUB &&
+        ivshm_pubsub_role_of(ring) != IVSHM_PUBSUB_ROLE_SUB)
         return -EINVAL;
     if (peer >= 0 && ((uint32_t)peer > IVSHM_MAX_PEER_ID || vector < 0 ||
                       (uint32_t)vector >= IVSHM_MAX_VECTORS))
@@ -59,6 +63,9 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
     if (kind == IVSHM_KIND_SPSC) {
         ch->spsc = ring;
         ch->ctrl = ch->spsc->ctrl;
+    } else if (kind == IVSHM_KIND_PUBSUB) {
+        ch->pubsub = ring;
+        ch->ctrl = ivshm_pubsub_ctrl_of(ring);
     } else {
         ch->mpmc = ring;
         ch->ctrl = ch->mpmc->ctrl;
@@ -110,6 +117,8 @@ static int route_ok(uint32_t w)
 /* -- readiness ------------------------------------------------------------------------------------ */
 int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB) /* the handle knows its side */
+        return ivshm_pubsub_ready(ch->pubsub, need);
     if (ch->kind == IVSHM_KIND_SPSC) {
         struct ivshm_spsc *q = ch->spsc;
         if (side == IVSHM_CHAN_RECV)
@@ -329,9 +338,23 @@ int ivshm_chan_wake_other(struct ivshm_chan *ch, uint32_t my_side)
     return claim_one(ch, my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV, 0);
 }
 
+int ivshm_chan_wake_all(struct ivshm_chan *ch, uint32_t my_side)
+{
+    IVSHM_FENCE(); /* F2: pairs with F1 in ivshm_chan_arm (the publish is S2) */
+    uint32_t side = my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV;
+    int rung = 0;
+    /* claim_one rings one armed sleeper per call and returns 0 once none is left (or none it can
+     * reach); at most one claim per table entry, so this ends after IVSHM_SLEEPERS rings */
+    for (uint32_t k = 0; k < IVSHM_SLEEPERS && claim_one(ch, side, 0); k++)
+        rung++;
+    return rung;
+}
+
 void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
-    if (call->slept == 0)
+    /* publish-subscribe needs no pass-on: the publisher rings every sleeper itself, and one
+     * subscriber's readiness says nothing about another's */
+    if (call->slept == 0 || ch->kind == IVSHM_KIND_PUBSUB)
         return;
     IVSHM_FENCE(); /* F2 again: our view of the ring against new sleepers' F1 */
     if (ivshm_chan_ready(ch, call->side, call->need))
@@ -341,6 +364,9 @@ void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 /* -- blocking send and receive for C programs ----------------------------------------------------- */
 static int try_send(struct ivshm_chan *ch, const void *data, uint64_t len)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB)
+        return ivshm_pubsub_role_of(ch->pubsub) == IVSHM_PUBSUB_ROLE_PUB
+                   ? ivshm_pubsub_try_send(ch->pubsub, data, len) : -EINVAL;
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_send(ch->spsc, data, len)
                                        : ivshm_mpmc_try_send(ch->mpmc, data, len);
 }
@@ -366,13 +392,20 @@ int ivshm_chan_send(struct ivshm_chan *ch, const void *data, uint64_t len, int64
         }
         ivshm_chan_pass_on(ch, &call);
     }
-    if (rc == 0)
-        ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    if (rc == 0) {
+        if (ch->kind == IVSHM_KIND_PUBSUB)
+            ivshm_chan_wake_all(ch, IVSHM_CHAN_SEND);
+        else
+            ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    }
     return rc;
 }
 
 static int64_t try_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB)
+        return ivshm_pubsub_role_of(ch->pubsub) == IVSHM_PUBSUB_ROLE_SUB
+                   ? ivshm_pubsub_try_recv(ch->pubsub, buf, cap, needed) : -EINVAL;
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_recv(ch->spsc, buf, cap, needed)
                                        : ivshm_mpmc_try_recv(ch->mpmc, buf, cap, needed);
 }

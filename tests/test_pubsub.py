@@ -1,0 +1,230 @@
+"""Publish-subscribe rings in one process: the API, zero copy, limits, both slow policies, hostile
+cursors.  Cross-process streams and signals are in test_pubsub_stream.py."""
+import mmap
+import os
+import struct
+
+import pytest
+
+from pyivshmem import (
+    ClosedError, ConfigError, CorruptionError, MessageTooLargeError, PubSubRing, Region,
+    Subscriber, SubscriberDroppedError, WaitTimeout,
+)
+
+CTRL, CFG, ENTRY = 640, 128, 128
+
+
+def entry_offset(region, name, index):
+    ring = next(r for r in region.rings() if r["name"] == name)
+    return ring["offset"] + CTRL + CFG + index * ENTRY
+
+
+def poke_u64(path, offset, value):
+    """Write a 64-bit word into the region file behind the library's back (a hostile peer)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[offset:offset + 8] = struct.pack("<Q", value)
+
+
+def test_every_subscriber_gets_every_message(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=64, capacity=16)
+    assert isinstance(ring, PubSubRing) and ring.kind == "pubsub" and ring.slow == "block"
+    subs = [ring.subscribe() for _ in range(3)]
+    assert all(isinstance(s, Subscriber) for s in subs)
+    assert len({s.index for s in subs}) == 3
+    for i in range(10):
+        assert ring.try_send(b"m%d" % i)
+    assert [s.recv_many(100) for s in subs] == [[b"m%d" % i for i in range(10)]] * 3
+    assert all(s.try_recv() is None for s in subs)
+    for s in subs:
+        s.close()
+
+
+def test_block_publisher_waits_for_the_slowest(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=16, capacity=4)
+    fast, slow = ring.subscribe(), ring.subscribe()
+    assert ring.send_many([b"%d" % i for i in range(10)]) == 4
+    assert fast.recv_many() == [b"0", b"1", b"2", b"3"]
+    assert not ring.try_send(b"4")
+    with pytest.raises(WaitTimeout, match=f"subscriber {slow.index}.*4 messages behind"):
+        ring.send(b"4", timeout=0.05)
+    assert len(slow) == 4
+    assert slow.recv() == b"0"
+    ring.send(b"4", timeout=1)
+    slow.close()  # leaving frees the publisher at once
+    assert ring.send_many([b"5", b"6", b"7"], timeout=1) == 3
+    assert fast.recv_many() == [b"4", b"5", b"6", b"7"]
+    assert ring.stats["cuts"] == 0
+    fast.close()
+
+
+def test_drop_cuts_off_a_slow_subscriber_and_tells_it(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=16, capacity=8, slow="drop",
+                              slow_timeout=0.05)
+    fast, slow = ring.subscribe(), ring.subscribe()
+    for i in range(40):
+        ring.send(b"%d" % i, timeout=5)  # waits out slow_timeout once, then goes on
+        assert fast.recv() == b"%d" % i
+    assert ring.stats["cuts"] == 1 and ring.stats["last_reason"] == "slow"
+    listed = {s["index"]: s for s in ring.subscribers()}
+    assert listed[slow.index]["state"] == "dropped" and listed[slow.index]["reason"] == "slow"
+    with pytest.raises(SubscriberDroppedError, match="8 messages behind") as e:
+        slow.recv_many()
+    assert e.value.reason == "slow" and e.value.behind == 8 and e.value.index == slow.index
+    assert slow.status()["state"] == "dropped"
+    slow.close()
+    assert slow.index not in {s["index"] for s in ring.subscribers()}
+    fast.close()
+
+
+@pytest.mark.parametrize("slow", ["block", "drop"])
+@pytest.mark.parametrize("forged", [10**6, 2**63, 2**64 - 1])
+def test_hostile_cursor_cuts_only_its_owner(region, shm_path, slow, forged):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=16, capacity=8, slow=slow)
+    good, bad = ring.subscribe(), ring.subscribe()
+    for i in range(8):
+        ring.send(b"%d" % i, timeout=1)
+    assert good.recv_many() == [b"%d" % i for i in range(8)]
+    poke_u64(shm_path, entry_offset(region, "ps", bad.index) + 8, forged)
+    if slow == "block":
+        with pytest.raises(CorruptionError, match=f"outside the publisher's window.*subscriber {bad.index}") as e:
+            ring.send(b"8", timeout=1)
+        assert e.value.subscriber == bad.index and e.value.ring == "ps"
+    ring.send(b"8", timeout=1)
+    assert good.recv() == b"8"  # the others' view is untouched
+    with pytest.raises(SubscriberDroppedError) as e:
+        bad.recv()
+    assert e.value.reason == "bad-cursor"
+    for i in range(9, 30):
+        ring.send(b"%d" % i, timeout=1)
+        assert good.recv() == b"%d" % i
+    good.close()
+    bad.close()
+
+
+def test_forged_slot_contents_raise_corruption(region, shm_path):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=16, capacity=4)
+    sub = ring.subscribe()
+    ring.send(b"abc")
+    slots = next(r for r in region.rings() if r["name"] == "ps")["offset"] + CTRL + CFG + 64 * ENTRY
+    poke_u64(shm_path, slots, 1 + 4 * 7)  # a stamp from a later lap nobody announced
+    with pytest.raises(CorruptionError, match="overwrote a message"):
+        sub.recv()
+    poke_u64(shm_path, slots, 1)
+    poke_u64(shm_path, slots + 8, 1000)  # a length over the slot size
+    with pytest.raises(CorruptionError, match="slot length exceeds"):
+        sub.recv()
+    poke_u64(shm_path, slots + 8, 3)
+    assert sub.recv() == b"abc"
+    sub.close()
+
+
+def test_zero_copy_reserve_commit_peek_release(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=32, capacity=4)
+    a, b = ring.subscribe(), ring.subscribe()
+    view = ring.reserve(5)
+    view[:] = b"hello"
+    ring.commit()
+    with pytest.raises(ValueError):
+        view[0]  # invalid after commit
+    for s in (a, b):
+        v = s.peek()
+        assert bytes(v) == b"hello"
+        s.release()
+        with pytest.raises(ValueError):
+            bytes(v)
+        assert s.peek() is None
+    buf = bytearray(3)
+    ring.send(b"too long")
+    with pytest.raises(MessageTooLargeError, match="stays queued"):
+        a.recv_into(buf)
+    big = bytearray(16)
+    assert a.recv_into(big) == 8 and big[:8] == b"too long"
+    with pytest.raises(MessageTooLargeError):
+        ring.send(b"x" * 33)
+    a.close()
+    b.close()
+
+
+def test_wrong_side_and_closed_handles(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=16, capacity=4)
+    sub = ring.subscribe()
+    with pytest.raises(ConfigError, match="subscribe"):
+        ring.try_recv()
+    with pytest.raises(ConfigError, match="publish through"):
+        sub.try_send(b"x")
+    sub.close()
+    sub.close()
+    with pytest.raises(ClosedError):
+        sub.recv()
+    assert ring.subscribers() == []
+
+
+def test_64_subscribers_then_a_clear_error(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=4)
+    subs = [ring.subscribe() for _ in range(64)]
+    with pytest.raises(ConfigError, match="all 64 subscriber entries are taken"):
+        ring.subscribe()
+    subs[5].close()
+    again = ring.subscribe()
+    assert again.index == 5
+    ring.send(b"x")
+    assert all(s.recv() == b"x" for s in subs if s is not subs[5]) and again.recv() == b"x"
+    for s in subs + [again]:
+        s.close()
+
+
+def test_late_join_sees_only_later_messages(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8)
+    early = ring.subscribe()
+    ring.send_many([b"a", b"b"])
+    late = ring.subscribe()
+    assert late.joined_at == 2 and len(late) == 0
+    ring.send(b"c")
+    assert late.recv_many() == [b"c"]
+    assert early.recv_many() == [b"a", b"b", b"c"]
+    early.close()
+    late.close()
+
+
+def test_create_and_open_keep_the_policy(region, shm_path):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8, slow="drop",
+                              slow_timeout=2.5)
+    again = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8, slow="drop",
+                               slow_timeout=2.5)
+    assert again.slow == "drop" and again.slow_timeout == 2.5
+    with pytest.raises(ConfigError, match="another slow policy"):
+        region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8, slow="block")
+    with pytest.raises(ConfigError, match="slow must be"):
+        region.create_ring("x", kind="pubsub", slow="sometimes")
+    with pytest.raises(ConfigError, match="apply to kind='pubsub'"):
+        region.create_ring("y", kind="spsc", slow="drop")
+    with Region.open(shm_path) as other:
+        opened = other.ring("ps")
+        assert isinstance(opened, PubSubRing) and opened.slow == "drop"
+        listed = {r["name"]: r for r in other.rings()}
+        assert listed["ps"]["kind"] == "pubsub"
+        opened.close()
+    ring.close()
+
+
+def test_forgotten_subscriber_warns_and_leaves(region):
+    ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=4)
+    sub = ring.subscribe()
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del sub
+        import gc
+        gc.collect()
+    assert ring.subscribers() == []
+
+
+def test_info_shows_pubsub_rings(shm_path):
+    from pyivshmem.info import describe, format_table
+
+    with Region.create(shm_path, "1M") as region:
+        ring = region.create_ring("fanout", kind="pubsub", slot_size=8, capacity=8)
+        sub = ring.subscribe()
+        ring.send_many([b"1", b"2", b"3"])
+        sub.recv()
+        text = format_table(describe(shm_path))
+        assert "fanout" in text and "pubsub" in text
+        sub.close()

@@ -53,9 +53,8 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
     if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC && kind != IVSHM_KIND_PUBSUB) ||
         ring == NULL || recheck_ns == 0)
         return -EINVAL;
-    if (kind == IVSHM_KIND_PUBSUB && ivshm_pubsub_role_of(ring) != IVSHM_PUBSUB_ROLE_PUB &&
-        ivshm_pubsub_role_of(ring) != IVSHM_PUBSUB_ROLE_SUB)
-        return -EINVAL;
+    if (kind == IVSHM_KIND_PUBSUB && ivshm_pubsub_ops_of(ring) == NULL)
+        return -EINVAL; /* not an attached publisher or subscriber */
     if (peer >= 0 && ((uint32_t)peer > IVSHM_MAX_PEER_ID || vector < 0 ||
                       (uint32_t)vector >= IVSHM_MAX_VECTORS))
         return -EINVAL;
@@ -118,7 +117,7 @@ static int route_ok(uint32_t w)
 int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
 {
     if (ch->kind == IVSHM_KIND_PUBSUB) /* the handle knows its side */
-        return ivshm_pubsub_ready(ch->pubsub, need);
+        return ivshm_pubsub_ops_of(ch->pubsub)->ready(ch->pubsub, need);
     if (ch->kind == IVSHM_KIND_SPSC) {
         struct ivshm_spsc *q = ch->spsc;
         if (side == IVSHM_CHAN_RECV)
@@ -365,8 +364,7 @@ void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 static int try_send(struct ivshm_chan *ch, const void *data, uint64_t len)
 {
     if (ch->kind == IVSHM_KIND_PUBSUB)
-        return ivshm_pubsub_role_of(ch->pubsub) == IVSHM_PUBSUB_ROLE_PUB
-                   ? ivshm_pubsub_try_send(ch->pubsub, data, len) : -EINVAL;
+        return ivshm_pubsub_ops_of(ch->pubsub)->try_send(ch->pubsub, data, len);
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_send(ch->spsc, data, len)
                                        : ivshm_mpmc_try_send(ch->mpmc, data, len);
 }
@@ -404,8 +402,7 @@ int ivshm_chan_send(struct ivshm_chan *ch, const void *data, uint64_t len, int64
 static int64_t try_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed)
 {
     if (ch->kind == IVSHM_KIND_PUBSUB)
-        return ivshm_pubsub_role_of(ch->pubsub) == IVSHM_PUBSUB_ROLE_SUB
-                   ? ivshm_pubsub_try_recv(ch->pubsub, buf, cap, needed) : -EINVAL;
+        return ivshm_pubsub_ops_of(ch->pubsub)->try_recv(ch->pubsub, buf, cap, needed);
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_recv(ch->spsc, buf, cap, needed)
                                        : ivshm_mpmc_try_recv(ch->mpmc, buf, cap, needed);
 }

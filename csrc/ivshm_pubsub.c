@@ -12,6 +12,8 @@
 #include <time.h>
 #include <unistd.h>
 
+static const struct ivshm_pubsub_ops pub_ops, sub_ops;
+
 #define PID_LIMIT 4194304u /* PID_MAX_LIMIT on 64-bit Linux */
 #define SLOW_TIMEOUT_MAX (1000000ull * 1000000000ull) /* a million seconds */
 
@@ -164,6 +166,7 @@ int ivshm_pubsub_pub_attach(struct ivshm_pubsub_pub *p, const struct ivshm_regio
     memset(p, 0, sizeof(*p));
     init_common(r->base, info, &p->ctrl, &p->capacity, &p->slot_size, &p->stride, &p->mask, &p->slots);
     p->role = IVSHM_PUBSUB_ROLE_PUB;
+    p->ops = &pub_ops;
     p->cfg = cfg_of(r, info);
     p->subs = table_of(r, info);
     p->policy = policy;
@@ -418,6 +421,7 @@ int ivshm_pubsub_subscribe(struct ivshm_pubsub_sub *s, const struct ivshm_region
     memset(s, 0, sizeof(*s));
     init_common(r->base, info, &s->ctrl, &s->capacity, &s->slot_size, &s->stride, &s->mask, &s->slots);
     s->role = IVSHM_PUBSUB_ROLE_SUB;
+    s->ops = &sub_ops;
     s->cfg = cfg_of(r, info);
     s->closed = 1;
     struct ivshm_pubsub_entry *table = table_of(r, info);
@@ -536,7 +540,30 @@ int ivshm_pubsub_sub_status(const struct ivshm_pubsub_sub *s, struct ivshm_pubsu
     return -ECONNRESET;
 }
 
-/* -- readiness, for ivshm_chan ----------------------------------------------------------------------- */
+/* -- for ivshm_chan --------------------------------------------------------------------------------- */
+
+static int pub_try_send(void *ring, const void *data, uint64_t len)
+{
+    return ivshm_pubsub_try_send(ring, data, len);
+}
+
+static int64_t pub_try_recv(void *ring, void *buf, uint64_t cap, uint64_t *needed)
+{
+    return -EINVAL; /* the publisher does not receive */
+}
+
+static int sub_try_send(void *ring, const void *data, uint64_t len)
+{
+    return -EINVAL; /* a subscriber does not send */
+}
+
+static int64_t sub_try_recv(void *ring, void *buf, uint64_t cap, uint64_t *needed)
+{
+    return ivshm_pubsub_try_recv(ring, buf, cap, needed);
+}
+
+static const struct ivshm_pubsub_ops pub_ops = {ivshm_pubsub_ready, pub_try_send, pub_try_recv};
+static const struct ivshm_pubsub_ops sub_ops = {ivshm_pubsub_ready, sub_try_send, sub_try_recv};
 
 int ivshm_pubsub_ready(void *ring, uint64_t need)
 {

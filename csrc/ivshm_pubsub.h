@@ -62,6 +62,15 @@ extern "C" {
 #define IVSHM_PUBSUB_ROLE_PUB 1u
 #define IVSHM_PUBSUB_ROLE_SUB 2u
 
+/* What a channel (ivshm_chan.c) calls on either handle, through pointers so that programs which
+ * link the channel without this file still link: ready (see ivshm_pubsub_ready), and the one-message
+ * send or receive of the handle's side (-EINVAL on the other side). */
+struct ivshm_pubsub_ops {
+    int (*ready)(void *ring, uint64_t need);
+    int (*try_send)(void *ring, const void *data, uint64_t len);
+    int64_t (*try_recv)(void *ring, void *buf, uint64_t cap, uint64_t *needed);
+};
+
 /* What the publisher remembers of one table entry (private). */
 struct ivshm_pubsub_track {
     uint64_t ctl;          /* the control word this is about; another one resets the rest */
@@ -72,11 +81,13 @@ struct ivshm_pubsub_track {
     uint64_t floor;        /* a joiner's cursor will be at least this (docs/pubsub.md) */
 };
 
-/* The publisher's handle (private memory).  `ctrl` and `role` come first in both handles: a
- * channel tells them apart by `role`. */
+/* The publisher's handle (private memory).  `ctrl`, `role` and `ops` come first in both handles:
+ * a channel tells them apart by `role`. */
 struct ivshm_pubsub_pub {
     struct ivshm_ring_ctrl *ctrl;
     uint32_t role;
+    uint32_t _pad0;
+    const struct ivshm_pubsub_ops *ops;
     uint32_t capacity;
     uint32_t slot_size;
     uint32_t stride;
@@ -110,6 +121,8 @@ struct ivshm_pubsub_pub {
 struct ivshm_pubsub_sub {
     struct ivshm_ring_ctrl *ctrl;
     uint32_t role;
+    uint32_t _pad0;
+    const struct ivshm_pubsub_ops *ops;
     uint32_t capacity;
     uint32_t slot_size;
     uint32_t stride;
@@ -409,7 +422,12 @@ int ivshm_pubsub_ready(void *ring, uint64_t need);
 
 static inline struct ivshm_ring_ctrl *ivshm_pubsub_ctrl_of(void *ring)
 {
-    return ((struct ivshm_pubsub_pub *)ring)->ctrl; /* both handles start with ctrl, role */
+    return ((struct ivshm_pubsub_pub *)ring)->ctrl; /* both handles start with ctrl, role, ops */
+}
+
+static inline const struct ivshm_pubsub_ops *ivshm_pubsub_ops_of(const void *ring)
+{
+    return ((const struct ivshm_pubsub_pub *)ring)->ops;
 }
 
 static inline uint32_t ivshm_pubsub_role_of(const void *ring)

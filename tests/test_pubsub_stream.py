@@ -327,3 +327,58 @@ def test_doorbells_wake_every_sleeping_subscriber(shm_path):
         assert ch.stats["doorbells"] >= max(r["stats"]["wakeups"] for r in results)
         ch.close()
         ring.close()
+
+
+@pytest.fixture(scope="module")
+def fanout_c(tmp_path_factory):
+    """examples/c/pubsub_fanout.c, built against the C core."""
+    import shutil
+
+    from _csrc import ROOT, c_core_sources
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    csrc = os.path.join(ROOT, "csrc")
+    if not os.path.isfile(os.path.join(ROOT, "examples", "c", "pubsub_fanout.c")):
+        pytest.skip("needs the source tree (csrc/, examples/c/)")
+    out = tmp_path_factory.mktemp("c") / "pubsub_fanout"
+    sources = [os.path.join(ROOT, "examples", "c", "pubsub_fanout.c")] + [
+        os.path.join(csrc, f) for f in c_core_sources()]
+    subprocess.run([cc, "-std=gnu11", "-O2", "-I", csrc, *sources, "-o", str(out)], check=True)
+    return str(out)
+
+
+@pytest.mark.timeout(120)
+def test_c_publisher_python_subscriber_and_back(shm_path, fanout_c):
+    """The C example and the Python API share the pubsub layout: a C subscriber and a Python one
+    follow a Python publisher, then a Python subscriber follows the C publisher."""
+    total = 100_000
+    with Region.create(shm_path, "4M") as region:
+        ring = region.create_ring("fan", kind="pubsub", slot_size=8, capacity=4096, slow="block",
+                                  slow_timeout=1.0)
+        c_sub = subprocess.Popen([fanout_c, shm_path, "fan", "sub", str(total)],
+                                 stdout=subprocess.PIPE, text=True)
+        py_sub = spawn(shm_path, "fan", "all", total)
+        try:
+            assert c_sub.stdout.readline().split() == ["ready", "0"]
+            wait_ready([py_sub])
+            publish(ring, 0, total)
+            assert "error" not in result(py_sub)
+            assert c_sub.stdout.readline().strip() == f"received {total} in order"
+            assert c_sub.wait(30) == 0
+        finally:
+            reap([c_sub, py_sub])
+        ring.close()
+        # now C publishes: it continues from the index the Python publisher announced
+        py_sub = spawn(shm_path, "fan", "all", 2 * total)
+        try:
+            (joined,) = wait_ready([py_sub])
+            assert joined == total
+            c_pub = subprocess.run([fanout_c, shm_path, "fan", "pub", str(total)],
+                                   capture_output=True, text=True, timeout=60)
+            assert c_pub.returncode == 0, c_pub.stderr
+            r = result(py_sub)
+        finally:
+            reap([py_sub])
+        assert "error" not in r and r["first"] == total and r["last"] == 2 * total

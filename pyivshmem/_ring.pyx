@@ -2277,6 +2277,7 @@ cdef class PubSubRing(_Ring):
         cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
         cdef _Mapping mp = self._m
         cdef uint32_t ss = self._info.slot_size
+        cdef uint64_t cap = self._info.capacity
         while start + done < total:
             self._check()
             n = total - start - done
@@ -2297,7 +2298,9 @@ cdef class PubSubRing(_Ring):
                 mp.enter()
                 try:
                     with nogil:
-                        room = ivshm_pubsub_room(&self._p, 1)
+                        # asking for the whole batch makes a look at the table when the cached
+                        # room is smaller, so a batch is cut short only by a real lack of room
+                        room = ivshm_pubsub_room(&self._p, <uint64_t>n if <uint64_t>n <= cap else cap)
                         m = 0
                         if room > 0:
                             while m < n and m < room:
@@ -2418,7 +2421,6 @@ cdef class Subscriber(_Ring):
     cdef ivshm_pubsub_sub _s
     cdef bint _joined
     cdef object _pending_error
-    cdef object _stash
 
     def __cinit__(self):
         self._joined = False
@@ -2438,7 +2440,6 @@ cdef class Subscriber(_Ring):
         if rc != 0:
             raise _ring_error(rc, f"subscribe to ring {self._name!r}", why, self._name)
         self._joined = True
-        self._stash = None
 
     @property
     def kind(self):
@@ -2466,7 +2467,7 @@ cdef class Subscriber(_Ring):
     def __len__(self):
         """Messages published that this subscriber has not received yet."""
         self._check()
-        return ivshm_pubsub_pending(&self._s) + (self._stash is not None)
+        return ivshm_pubsub_pending(&self._s)
 
     def status(self):
         """{"state", "position", "head", and when cut off: "reason", "behind"}."""
@@ -2570,9 +2571,6 @@ cdef class Subscriber(_Ring):
 
     cdef object _recv_obj(self):
         self._check_sub()
-        if self._stash is not None:
-            out, self._stash = self._stash, None
-            return out
         cdef ivshm_pubsub_msg m
         cdef int rc = ivshm_pubsub_next(&self._s, &m)
         if rc == -EAGAIN:
@@ -2592,9 +2590,6 @@ cdef class Subscriber(_Ring):
         cdef int rc = 0
         cdef _Waiter w = None
         cdef _Mapping mp = self._m
-        if self._stash is not None and max_count > 0:
-            out.append(self._stash)
-            self._stash = None
         while True:
             self._check()
             mp.enter()
@@ -2633,22 +2628,6 @@ cdef class Subscriber(_Ring):
         cdef Py_buffer buf
         cdef ivshm_pubsub_msg m
         cdef int rc
-        cdef Py_ssize_t n
-        if self._stash is not None:
-            mv = memoryview(buffer)
-            try:
-                if mv.readonly:
-                    raise ConfigError("recv_into needs a writable buffer")
-                if mv.nbytes < len(self._stash):
-                    raise MessageTooLargeError(
-                        f"the next message on ring {self._name!r} is {len(self._stash)} bytes; the "
-                        f"buffer holds {mv.nbytes}: pass a larger buffer (it stays queued)")
-                n = len(self._stash)
-                mv.cast("B")[:n] = self._stash
-                self._stash = None
-            finally:
-                mv.release()
-            return n
         PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
         cdef _Mapping mp = self._m
         try:
@@ -2685,9 +2664,6 @@ cdef class Subscriber(_Ring):
         self._check_sub()
         if self._rview is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
-        if self._stash is not None:
-            self._rview = memoryview(self._stash)
-            return self._rview
         cdef ivshm_pubsub_msg m
         cdef int rc = ivshm_pubsub_next(&self._s, &m)
         if rc == -EAGAIN:
@@ -2703,9 +2679,6 @@ cdef class Subscriber(_Ring):
         if self._rview is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
         self._drop_rview()
-        if self._stash is not None:
-            self._stash = None
-            return
         cdef int rc = ivshm_pubsub_check(&self._s)
         if rc != 0:
             raise self._sub_error(rc, "release")

@@ -228,3 +228,82 @@ def test_info_shows_pubsub_rings(shm_path):
         text = format_table(describe(shm_path))
         assert "fanout" in text and "pubsub" in text
         sub.close()
+
+
+# -- a model: each subscriber is a deque; under slow="block" a send succeeds iff no deque is full --
+from collections import deque  # noqa: E402
+import uuid  # noqa: E402
+
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+CAP = 4
+
+
+class PubSubAgainstDeques(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.path = f"/dev/shm/pyivshmem-test-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.region = Region.create(self.path, "1M")
+        self.ring = self.region.create_ring("m", kind="pubsub", slot_size=8, capacity=CAP)
+        self.subs = []  # (Subscriber, deque)
+        self.sent = 0
+
+    def teardown(self):
+        for s, _ in self.subs:
+            s.close()
+        self.ring.close()
+        self.region.close()
+        os.unlink(self.path)
+
+    @rule(n=st.integers(1, 6))
+    def send(self, n):
+        msgs = [b"%d" % (self.sent + k) for k in range(n)]
+        room = min([CAP - len(q) for _, q in self.subs], default=CAP)
+        assert self.ring.send_many(msgs) == min(n, room)
+        for _, q in self.subs:
+            q.extend(msgs[:min(n, room)])
+        self.sent += min(n, room)
+
+    @rule()
+    def subscribe(self):
+        if len(self.subs) < 5:
+            self.subs.append((self.ring.subscribe(), deque()))
+
+    @rule(i=st.integers(0, 4))
+    def recv(self, i):
+        if self.subs:
+            s, q = self.subs[i % len(self.subs)]
+            assert s.try_recv() == (q.popleft() if q else None)
+
+    @rule(i=st.integers(0, 4), k=st.integers(0, 6))
+    def recv_many(self, i, k):
+        if self.subs:
+            s, q = self.subs[i % len(self.subs)]
+            assert s.recv_many(k) == [q.popleft() for _ in range(min(k, len(q)))]
+
+    @rule(i=st.integers(0, 4))
+    def peek_release(self, i):
+        if self.subs:
+            s, q = self.subs[i % len(self.subs)]
+            v = s.peek()
+            if q:
+                assert bytes(v) == q.popleft()
+                s.release()
+            else:
+                assert v is None
+
+    @rule(i=st.integers(0, 4))
+    def leave(self, i):
+        if self.subs:
+            s, _ = self.subs.pop(i % len(self.subs))
+            s.close()
+
+    @invariant()
+    def pending_matches(self):
+        for s, q in self.subs:
+            assert len(s) == len(q)
+
+
+TestPubSubAgainstDeques = PubSubAgainstDeques.TestCase
+TestPubSubAgainstDeques.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -549,11 +549,13 @@ static int pub_try_send(void *ring, const void *data, uint64_t len)
 
 static int64_t pub_try_recv(void *ring, void *buf, uint64_t cap, uint64_t *needed)
 {
+    (void)ring, (void)buf, (void)cap, (void)needed;
     return -EINVAL; /* the publisher does not receive */
 }
 
 static int sub_try_send(void *ring, const void *data, uint64_t len)
 {
+    (void)ring, (void)data, (void)len;
     return -EINVAL; /* a subscriber does not send */
 }
 

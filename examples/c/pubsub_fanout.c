@@ -8,8 +8,10 @@
  * A message's stream index is its position in everything ever published on the ring (the first
  * publisher starts at 0; a later one goes on from where the last one stopped).
  *
- * The region file must exist (Region.create or `truncate -s 4M` plus a format by any attacher).
- * The ring is created with slow="block": the publisher waits for the slowest subscriber.  Start
+ * The region file must exist (Region.create, `truncate -s 4M`, or a guest's BAR2:
+ * /sys/bus/pci/devices/BDF/resource2).  The ring is created (or found: the shape must match) with
+ * 8-byte slots, 4096 of them, slow="block" and slow_timeout SLOW seconds (default 1; the last,
+ * optional argument): the publisher waits for the slowest subscriber.  Start
  * the subscribers first: each one receives what is published after it joined ("ready" on stdout).
  * Both ends block through ivshm_chan without doorbells here (they poll with back-off); with a
  * doorbell table, as in ring_echo.c, sleeping subscribers are rung by the publisher.
@@ -30,11 +32,12 @@
 
 int main(int argc, char **argv)
 {
-    if (argc != 5 || (strcmp(argv[3], "pub") != 0 && strcmp(argv[3], "sub") != 0)) {
-        fprintf(stderr, "usage: %s REGION_FILE RING pub|sub COUNT\n", argv[0]);
+    if ((argc != 5 && argc != 6) || (strcmp(argv[3], "pub") != 0 && strcmp(argv[3], "sub") != 0)) {
+        fprintf(stderr, "usage: %s REGION_FILE RING pub|sub COUNT [SLOW_TIMEOUT_SECONDS]\n", argv[0]);
         return 2;
     }
     uint64_t count = strtoull(argv[4], NULL, 10);
+    uint64_t slow_ns = argc == 6 ? strtoull(argv[5], NULL, 10) * (uint64_t)SECOND : (uint64_t)SECOND;
     int fd = open(argv[1], O_RDWR | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0) {
@@ -55,7 +58,7 @@ int main(int argc, char **argv)
     }
     struct ivshm_ring_info info;
     const char *why = NULL;
-    rc = ivshm_pubsub_create(&r, argv[2], 8, 4096, IVSHM_PUBSUB_BLOCK, SECOND, (uint64_t)getpid(),
+    rc = ivshm_pubsub_create(&r, argv[2], 8, 4096, IVSHM_PUBSUB_BLOCK, slow_ns, (uint64_t)getpid(),
                              2000, &info, &why);
     if (rc < 0) {
         fprintf(stderr, "ring %s: %s (%s)\n", argv[2], strerror(-rc), why ? why : "");

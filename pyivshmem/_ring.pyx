@@ -2491,9 +2491,10 @@ cdef class Subscriber(_Ring):
                 ivshm_pubsub_unsubscribe(&self._s)
 
     def __del__(self):
-        if self._joined and self._m is not None and not self._m.closed:
+        if self._joined:
             _warnings.warn(f"unclosed {self!r}: a subscriber holds a place in the ring until it "
-                           "closes", ResourceWarning, source=self)
+                           "closes (or, once its region is closed, until its process exits)",
+                           ResourceWarning, source=self)
             self.close()
 
     def __repr__(self):

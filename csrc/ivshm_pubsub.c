@@ -174,9 +174,7 @@ int ivshm_pubsub_pub_attach(struct ivshm_pubsub_pub *p, const struct ivshm_regio
     p->ns_key = ivshm_pubsub_ns_key();
     p->last_cut = -1;
     p->why_sub = -1;
-    /* head and min_cache stay 0: the first room check finds "full" and looks (rescan) */
-    p->min_cache = 0;
-    p->head = (uint64_t)p->capacity; /* forces the first call into ivshm_pubsub_rescan */
+    p->pending = 1; /* the first room check takes the slow path: it reads ctrl->head and looks */
     return 0;
 }
 
@@ -236,7 +234,20 @@ static void recover(struct ivshm_pubsub_pub *p)
         p->head = p->head_published = IVSHM_LOAD_ACQUIRE(&p->ctrl->head);
         p->min_cache = p->head;
         p->recovered = 1;
+        if (p->pending == 1)
+            p->pending = 0;
     }
+}
+
+int64_t ivshm_pubsub_room_slow(struct ivshm_pubsub_pub *p, uint64_t need)
+{
+    if (p->pending < 0) {
+        int rc = p->pending;
+        p->pending = 0;
+        return rc;
+    }
+    recover(p); /* pending == 1: the first call */
+    return ivshm_pubsub_rescan(p, need);
 }
 
 /* Free a half-joined entry whose owner is gone; its CAS to ACTIVE then fails and it retries. */

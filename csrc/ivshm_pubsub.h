@@ -105,7 +105,8 @@ struct ivshm_pubsub_pub {
     uint64_t look_head;      /* head at the last look at the table */
     uint32_t looked;         /* look_head is valid */
     uint32_t active;         /* ACTIVE subscribers at the last look */
-    int32_t pending;         /* an error found by a look made for ivshm_chan_ready, for the next call */
+    int32_t pending;         /* 1: no look yet; < 0: an error found by a look made for
+                              * ivshm_chan_ready, for the next call; 0 otherwise */
     uint64_t cuts;           /* subscribers this handle cut off */
     int32_t last_cut;        /* entry of the last cut, -1 none */
     uint32_t last_reason;
@@ -209,6 +210,9 @@ void ivshm_pubsub_unsubscribe(struct ivshm_pubsub_sub *s);
 /* The look at the subscriber table behind ivshm_pubsub_room (not inline: rare). */
 int64_t ivshm_pubsub_rescan(struct ivshm_pubsub_pub *p, uint64_t need);
 
+/* ivshm_pubsub_room's slow path: a pending report, the first look, or a look for room. */
+int64_t ivshm_pubsub_room_slow(struct ivshm_pubsub_pub *p, uint64_t need);
+
 /* Free slots, looking at the table only when the cached minimum says fewer than `need` are free.
  * May cut subscribers off as the policy says.  -EPROTO (BLOCK: a misbehaving subscriber, now cut
  * off; another publisher). */
@@ -217,12 +221,7 @@ static inline int64_t ivshm_pubsub_room(struct ivshm_pubsub_pub *p, uint64_t nee
     uint64_t used = p->head - p->min_cache; /* <= capacity: min_cache is a validated cursor */
     if (IVSHM_LIKELY(p->pending == 0 && used + need <= p->capacity))
         return (int64_t)(p->capacity - used);
-    if (p->pending) {
-        int rc = p->pending;
-        p->pending = 0;
-        return rc;
-    }
-    return ivshm_pubsub_rescan(p, need);
+    return ivshm_pubsub_room_slow(p, need);
 }
 
 static inline struct ivshm_pubsub_slot_hdr *ivshm_pubsub_slot(const uint8_t *slots, uint64_t mask,

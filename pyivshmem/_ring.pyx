@@ -2193,12 +2193,13 @@ cdef class PubSubRing(_Ring):
         """Who holds the publisher back, for timeout messages."""
         worst = None
         for s in self.subscribers():
-            if s["state"] == "active" and (worst is None or s["cursor"] < worst["cursor"]):
+            if s["state"] == "active" and s["behind"] is not None and (
+                    worst is None or s["behind"] > worst["behind"]):
                 worst = s
         if worst is None:
             return "no subscriber holds it back now"
         return (f"held back by subscriber {worst['index']} (pid {worst['pid']}), "
-                f"{self._p.head - worst['cursor']} messages behind")
+                f"{worst['behind']} messages behind")
 
     # -- sending -----------------------------------------------------------------------------
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
@@ -2601,13 +2602,13 @@ cdef class Subscriber(_Ring):
                         break
                     try:
                         out.append(self._take(&m))
-                    except SubscriberDroppedError as e:
+                    except Exception as e:
                         if not out:
                             raise
                         self._pending_error = e  # raised by the next call: nothing is hidden
                         break
-                ivshm_pubsub_release(&self._s)
             finally:
+                ivshm_pubsub_release(&self._s)  # what was taken, also when the next one failed
                 mp.leave()
             if rc != 0 and rc != -EAGAIN:
                 err = self._sub_error(rc, "recv_many")

@@ -307,3 +307,85 @@ class PubSubAgainstDeques(RuleBasedStateMachine):
 
 TestPubSubAgainstDeques = PubSubAgainstDeques.TestCase
 TestPubSubAgainstDeques.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+# -- doorbells: the publisher's Channel rings every sleeping subscriber; a subscriber's rings the
+#    publisher asleep on a full ring.  Re-checks are a minute apart: only a doorbell is faster. ---
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+
+from _fdbell import FdBell, close_fds, make_fds  # noqa: E402
+from pyivshmem import Channel  # noqa: E402
+
+
+def wait_for(cond, what, timeout=30):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_subscriber_frees_room_and_wakes_the_sleeping_publisher(region):
+    fds = make_fds([0, 1])
+    try:
+        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=2)
+        sub = ring.subscribe()
+        pub_ch = Channel(ring, FdBell(0, fds), spin=0, recheck=60)
+        sub_ch = Channel(sub, FdBell(1, fds), spin=0, recheck=60)
+        pub_ch.send(b"0")
+        pub_ch.send(b"1")
+        t = threading.Thread(target=pub_ch.send, args=(b"2",), kwargs={"timeout": 50})
+        t.start()
+        wait_for(lambda: next(r for r in region.rings() if r["name"] == "ps")["producers_waiting"] == 1,
+                 "the publisher never slept")
+        assert sub_ch.recv(timeout=5) == b"0"
+        t.join(30)
+        assert not t.is_alive(), "the publisher was not woken by the subscriber's doorbell"
+        assert pub_ch.stats["wakeups"] >= 1 and sub_ch.stats["doorbells"] >= 1
+        assert sub_ch.recv_many(10, timeout=5) == [b"1", b"2"]
+        pub_ch.close()
+        sub_ch.close()
+        sub.close()
+    finally:
+        close_fds(fds)
+
+
+def test_every_sleeping_subscriber_is_rung_and_asyncio_works(region):
+    fds = make_fds([0, 1, 2, 3])
+    try:
+        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8)
+        subs = [ring.subscribe() for _ in range(3)]
+        chans = [Channel(s, FdBell(i + 1, fds), spin=0, recheck=60) for i, s in enumerate(subs)]
+        pub_ch = Channel(ring, FdBell(0, fds), spin=0, recheck=60)
+        got = [None] * 2
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, chans[i].recv(timeout=50)))
+                   for i in range(2)]
+        for th in threads:
+            th.start()
+
+        async def third():
+            return await chans[2].recv_async(timeout=50)
+
+        async def main():
+            task = asyncio.ensure_future(third())
+            await asyncio.sleep(0)
+            wait_for(lambda: next(r for r in region.rings() if r["name"] == "ps")["consumers_waiting"] >= 2,
+                     "the threads never slept")
+            while next(r for r in region.rings() if r["name"] == "ps")["consumers_waiting"] < 3:
+                await asyncio.sleep(0.001)
+            pub_ch.send(b"hi")  # one publish, three sleepers: all are rung
+            return await task
+
+        assert asyncio.run(main()) == b"hi"
+        for th in threads:
+            th.join(30)
+        assert got == [b"hi", b"hi"]
+        assert pub_ch.stats["doorbells"] == 3
+        for c in chans + [pub_ch]:
+            c.close()
+        for s in subs:
+            s.close()
+    finally:
+        close_fds(fds)

@@ -205,6 +205,9 @@ static void run_stream(char *detail, size_t dn, int nsubs, uint64_t n, uint32_t 
     struct ivshm_chan_stats st;
     ivshm_chan_get_stats(&ch, &st);
     CHECK(p.cuts == 0, "the publisher cut %" PRIu64 " subscribers off", p.cuts);
+    /* the publisher rings only sleepers, each at most once per sleep (a streaming publisher whose
+     * subscribers keep up rings nothing) */
+    CHECK(st.doorbells <= sleeps, "%" PRIu64 " doorbells for %" PRIu64 " sleeps", st.doorbells, sleeps);
     snprintf(detail, dn, "%" PRIu64 " messages x %d subscribers, %" PRIu64 " subscriber sleeps, "
              "%" PRIu64 " doorbells, %" PRIu64 " publisher sleeps", n, nsubs, sleeps, st.doorbells,
              st.sleeps);

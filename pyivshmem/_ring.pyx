@@ -2149,6 +2149,9 @@ cdef class PubSubRing(_Ring):
             raise MemoryError()
 
     def __dealloc__(self):
+        # nothing of a reservation is visible to subscribers before commit()
+        if self._wst is not None and self._wst.exports == 0:
+            self._wst.valid = False
         free(self._ptrs)
         free(self._lens)
 
@@ -2203,7 +2206,7 @@ cdef class PubSubRing(_Ring):
 
     # -- sending -----------------------------------------------------------------------------
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
-        self._check()
+        self._check_send()
         cdef int rc
         cdef _Mapping mp
         if n <= _NOGIL_BYTES:
@@ -2238,35 +2241,26 @@ cdef class PubSubRing(_Ring):
     def release(self):
         self._recv_obj()
 
-    def send(self, data, timeout=None):
-        """Send, waiting up to ``timeout`` seconds (None: forever) for room; WaitTimeout (naming
-        the subscriber that holds the publisher back) if none came.  Under slow="drop" the wait
-        ends when the slow subscriber is cut off."""
-        if timeout is not None and timeout < 0:
-            raise ConfigError(f"timeout must be >= 0 or None, got {timeout}")
-        if self._send_obj(data) == 0:
-            return
-        cdef _Waiter w = _Waiter(timeout, self.spin)
-        while w.pause():
-            if self._send_obj(data) == 0:
-                return
+    cdef _full_error(self, timeout):
         raise WaitTimeout(f"send on pubsub ring {self._name!r}: still full after {timeout} s; "
                           f"{self._held_back()}")
 
     def send_many(self, messages, timeout=0.0):
-        """Send messages from the front of ``messages`` (one announce per batch).  With
-        ``timeout=0`` (default) it stops when the ring is full; otherwise it waits up to
-        ``timeout`` seconds (None: forever) for room.  Returns how many were sent."""
-        self._check()
-        seq = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        """Send messages from the front of ``messages`` (one announce per batch); see
+        SpscRing.send_many.  With ``timeout=0`` (default) it stops when the ring is full;
+        otherwise it waits up to ``timeout`` seconds (None: forever) for room.  Returns how many
+        were sent."""
+        self._check_send()
+        cdef double t = _timeout_arg(timeout)
+        seq = self._sequence(messages)
         cdef Py_ssize_t total = len(seq), sent = 0
         cdef _Waiter w = None
         while True:
             sent += self._send_batch(seq, sent, total)
-            if sent >= total or timeout == 0:
+            if sent >= total or t == 0:
                 return sent
             if w is None:
-                w = _Waiter(timeout, self.spin)
+                w = _Waiter.make(t, self._spin)
             if not w.pause():
                 return sent
 
@@ -2325,34 +2319,48 @@ cdef class PubSubRing(_Ring):
                     return done
         return done
 
-    def reserve(self, Py_ssize_t size):
-        """A writable memoryview of ``size`` bytes in the next slot, or None when the ring is full;
-        fill it, then :meth:`commit` (every subscriber reads it in place: zero copy)."""
+    def reserve(self, size):
+        """A writable SlotView of ``size`` bytes in the next slot, or None when the ring is full;
+        fill it, then :meth:`commit` (every subscriber reads it in place: zero copy).  Until then
+        this handle refuses other sends."""
         self._check()
         if self._wview_len >= 0:
-            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() it first")
-        if size < 0 or size > self._info.slot_size:
+            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() or "
+                              "cancel() it first")
+        cdef Py_ssize_t n = _int_arg(size, "size", 0, 2**62)
+        if n > self._info.slot_size:
             raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: at most {self.slot_size} bytes")
         cdef uint8_t *p = NULL
-        cdef int rc = ivshm_pubsub_reserve(&self._p, size, &p)
+        cdef int rc = ivshm_pubsub_reserve(&self._p, n, &p)
         if rc == -EAGAIN:
             return None
         if rc != 0:
             raise self._pub_error(rc, "reserve")
-        self._wview = _make_view(self._m, p, size, False)
-        self._wview_len = size
-        return self._wview
+        self._wst = _new_state(self._m, p, False)
+        self._wview_len = n
+        self._zc_gen = _fork_gen
+        return _new_view(self._wst, 0, n)
 
     def commit(self, size=None):
-        """Publish the reserved slot with ``size`` bytes (default: all that was reserved)."""
+        """Publish the reserved slot with ``size`` bytes (default: all that was reserved); the
+        reservation's views become invalid (ViewInUseError while a raw export is alive)."""
         self._check()
         if self._wview_len < 0:
             raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
-        cdef Py_ssize_t n = self._wview_len if size is None else size
-        if n < 0 or n > self._wview_len:
-            raise ConfigError(f"commit({size}): between 0 and the {self._wview_len} bytes reserved")
-        self._drop_wview()
+        cdef Py_ssize_t n = self._wview_len if size is None else _int_arg(size, "size", 0, self._wview_len)
+        _retire(self._wst, f"commit on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1
         ivshm_pubsub_commit(&self._p, <uint32_t>n)
+
+    def cancel(self):
+        """Drop the reservation without publishing (subscribers never see it)."""
+        self._check()
+        if self._wview_len < 0:
+            raise ConfigError(f"ring {self._name!r}: cancel() without reserve()")
+        _retire(self._wst, f"cancel on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1  # the slot's stamp stays cleared: nothing was published there
 
     # -- subscribers --------------------------------------------------------------------------
     def subscribe(self):
@@ -2425,6 +2433,10 @@ cdef class Subscriber(_Ring):
 
     def __cinit__(self):
         self._joined = False
+
+    def __dealloc__(self):
+        if self._rst is not None and self._rst.exports == 0:
+            self._rst.valid = False
 
     cdef _subscribe(self, Region region, ivshm_ring_info *info):
         _Ring._init(self, region, info)
@@ -2523,7 +2535,7 @@ cdef class Subscriber(_Ring):
         return self._corrupt(rc, self._s.why, self._s.why_a, self._s.why_b, what)
 
     cdef inline int _check_sub(self) except -1:
-        self._check()
+        self._check_recv()
         if self._pending_error is not None:
             err, self._pending_error = self._pending_error, None
             raise err
@@ -2583,10 +2595,12 @@ cdef class Subscriber(_Ring):
         ivshm_pubsub_release(&self._s)
         return out
 
-    def recv_many(self, Py_ssize_t max_count=_BATCH, timeout=0.0):
+    def recv_many(self, max_count=_BATCH, timeout=0.0):
         """Up to ``max_count`` messages already there, as a list (one release for all).  With
         ``timeout`` > 0 or None, waits that long for the first one."""
         self._check_sub()
+        cdef Py_ssize_t maxc = _int_arg(max_count, "max_count", 0, _sys.maxsize)
+        cdef double t = _timeout_arg(timeout)
         cdef list out = []
         cdef ivshm_pubsub_msg m
         cdef int rc = 0
@@ -2596,7 +2610,7 @@ cdef class Subscriber(_Ring):
             self._check()
             mp.enter()
             try:
-                while len(out) < max_count:
+                while len(out) < maxc:
                     rc = ivshm_pubsub_next(&self._s, &m)
                     if rc != 0:
                         break
@@ -2616,10 +2630,10 @@ cdef class Subscriber(_Ring):
                     raise err
                 self._pending_error = err
                 return out
-            if out or timeout == 0 or max_count <= 0:
+            if out or t == 0 or maxc <= 0:
                 return out
             if w is None:
-                w = _Waiter(timeout, self.spin)
+                w = _Waiter.make(t, self._spin)
             if not w.pause():
                 return out
 
@@ -2663,24 +2677,29 @@ cdef class Subscriber(_Ring):
         :meth:`release` when done: the view is invalid afterwards.  Under slow="drop" the
         publisher may cut this subscriber off and rewrite the slot while the view is held;
         release() then raises SubscriberDroppedError, meaning the bytes seen may be torn."""
-        self._check_sub()
-        if self._rview is not None:
+        self._check()
+        if self._rst is not None:
             raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
         cdef ivshm_pubsub_msg m
         cdef int rc = ivshm_pubsub_next(&self._s, &m)
         if rc == -EAGAIN:
             return None
         if rc != 0:
             raise self._sub_error(rc, "peek")
-        self._rview = _make_view(self._m, <void *>m.data, m.len, True)
-        return self._rview
+        self._rst = _new_state(self._m, <void *>m.data, True)
+        self._zc_gen = _fork_gen
+        return _new_view(self._rst, 0, m.len)
 
     def release(self):
         """Consume the peeked message (SubscriberDroppedError if its slot was rewritten meanwhile)."""
         self._check()
-        if self._rview is None:
+        if self._rst is None:
             raise ConfigError(f"ring {self._name!r}: release() without peek()")
-        self._drop_rview()
+        _retire(self._rst, f"release on ring {self._name!r}")
+        self._rst = None
         cdef int rc = ivshm_pubsub_check(&self._s)
         if rc != 0:
             raise self._sub_error(rc, "release")

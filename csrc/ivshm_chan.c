@@ -143,7 +143,15 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (ch->route == 0)
         return 0;
     uint32_t *table = table_of(ch, call->side);
+    uint32_t *waiting = waiting_of(ch, call->side);
     uint32_t start = ch->route % IVSHM_SLEEPERS;
+    /* Count ourselves BEFORE the entry shows, and uncount only after it is cleared (disarm, or
+     * a waker's claim): then `waiting` is never below the number of armed entries.  Counting
+     * after the entry let a waker that claimed the entry first decrement before our increment,
+     * so that another sleeper's waker could read 0 and skip a table with that sleeper in it.
+     * The count and the entry are ordered by the release CAS below, which the claim's acquire
+     * CAS pairs with. */
+    atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
         uint32_t e = (start + k) % IVSHM_SLEEPERS;
         uint32_t expect = 0;
@@ -151,14 +159,13 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
             continue;
         /* S1: pairs with the waker's load and CAS in claim_one() (through F1/F2) */
         if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, ch->route,
-                                                    memory_order_relaxed, memory_order_relaxed)) {
-            atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting_of(ch, call->side)), 1u,
-                                      memory_order_relaxed);
+                                                    memory_order_release, memory_order_relaxed)) {
             IVSHM_FENCE(); /* F1: pairs with F2 in ivshm_chan_wake_other / pass_on */
             call->entry = (int)e;
             return 1;
         }
     }
+    atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     return 0; /* the table is full: this call polls */
 }
 
@@ -310,9 +317,10 @@ static int claim_one(struct ivshm_chan *ch, uint32_t side, int passing_on)
         uint32_t w = IVSHM_LOAD_RELAXED(&table[e]); /* L2: pairs with S1 through F1/F2 */
         if (w == 0 || !route_ok(w))
             continue;
-        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins) */
+        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins);
+         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment */
         if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &w, 0u,
-                                                     memory_order_relaxed, memory_order_relaxed))
+                                                     memory_order_acquire, memory_order_relaxed))
             continue;
         atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
         IVSHM_STORE_RELAXED(startp, e + 1); /* the next waker starts past this one */

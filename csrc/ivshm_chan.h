@@ -6,7 +6,8 @@
  * control block (ivshm_layout.h, lines 3 and 4) and writes its route word there (its peer id and
  * vector).  The protocol, proved in docs/wakeup.md:
  *
- *   sleeper: S1 claim a free entry (CAS 0 -> route), count it in `waiting`;  F1 full fence;
+ *   sleeper: S1 count itself in `waiting`, then claim a free entry (CAS 0 -> route; counting
+ *            first keeps `waiting` >= the armed entries, see ivshm_chan_arm);  F1 full fence;
  *            L1 re-check the ring; sleep only if it still is not ready; on waking, take the entry
  *            back (CAS route -> 0; a failed CAS means a waker claimed it and rang us).
  *   waker:   S2 publish (or release slots);  F2 full fence;  L2 load `waiting`; if non-zero,

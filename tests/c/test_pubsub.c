@@ -124,8 +124,12 @@ static void *subscriber(void *p)
         int64_t len = ivshm_chan_recv(&ch, buf, sizeof(buf), NULL, LOST_NS);
         if (len == -ECANCELED)
             break;
-        CHECKP(len != -ETIMEDOUT, "lost wake-up: subscriber %d waited %.0f s at %" PRIu64,
-               a->peer, LOST_NS / 1e9, expect);
+        CHECKP(len != -ETIMEDOUT, "lost wake-up: subscriber %d waited %.0f s at %" PRIu64
+               " (published %" PRIu64 ", stamp there %" PRIu64 ", prod_waiting %u, cons_waiting %u)",
+               a->peer, LOST_NS / 1e9, expect, __atomic_load_n(&c->published, __ATOMIC_ACQUIRE),
+               __atomic_load_n(&ivshm_pubsub_slot(s.slots, s.mask, s.stride, expect)->stamp, __ATOMIC_ACQUIRE),
+               __atomic_load_n(&s.ctrl->prod_waiting, __ATOMIC_RELAXED),
+               __atomic_load_n(&s.ctrl->cons_waiting, __ATOMIC_RELAXED));
         CHECKP(len >= 0, "recv: %" PRId64 " (%s)", len, s.why ? s.why : "");
         const char *bad = bad_msg(buf, len, expect, SLOT);
         CHECKP(!*bad, "subscriber %d, message %" PRIu64 ": %s", a->peer, expect, bad);

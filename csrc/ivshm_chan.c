@@ -65,6 +65,8 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
     } else if (kind == IVSHM_KIND_PUBSUB) {
         ch->pubsub = ring;
         ch->ctrl = ivshm_pubsub_ctrl_of(ring);
+        if (recheck_ns > ivshm_pubsub_ops_of(ring)->recheck_ns(ring))
+            recheck_ns = ivshm_pubsub_ops_of(ring)->recheck_ns(ring); /* the publisher's slow_timeout */
     } else {
         ch->mpmc = ring;
         ch->ctrl = ch->mpmc->ctrl;

@@ -575,8 +575,23 @@ static int64_t sub_try_recv(void *ring, void *buf, uint64_t cap, uint64_t *neede
     return ivshm_pubsub_try_recv(ring, buf, cap, needed);
 }
 
-static const struct ivshm_pubsub_ops pub_ops = {ivshm_pubsub_ready, pub_try_send, pub_try_recv};
-static const struct ivshm_pubsub_ops sub_ops = {ivshm_pubsub_ready, sub_try_send, sub_try_recv};
+static uint64_t pub_recheck_ns(const void *ring)
+{
+    /* a quarter of slow_timeout, so a cut-off comes at most a quarter late; at least 1 ms */
+    uint64_t q = (uint64_t)((const struct ivshm_pubsub_pub *)ring)->slow_ns / 4;
+    return q < 1000000u ? 1000000u : q;
+}
+
+static uint64_t sub_recheck_ns(const void *ring)
+{
+    (void)ring;
+    return UINT64_MAX; /* a subscriber is judged only while it has messages: never asleep then */
+}
+
+static const struct ivshm_pubsub_ops pub_ops = {ivshm_pubsub_ready, pub_recheck_ns, pub_try_send,
+                                                pub_try_recv};
+static const struct ivshm_pubsub_ops sub_ops = {ivshm_pubsub_ready, sub_recheck_ns, sub_try_send,
+                                                sub_try_recv};
 
 int ivshm_pubsub_ready(void *ring, uint64_t need)
 {

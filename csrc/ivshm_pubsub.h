@@ -67,6 +67,9 @@ extern "C" {
  * send or receive of the handle's side (-EINVAL on the other side). */
 struct ivshm_pubsub_ops {
     int (*ready)(void *ring, uint64_t need);
+    /* the longest a sleeper of this handle may go without a look: a publisher must look again
+     * within its slow_timeout to cut off subscribers that hold it back (nobody rings it then) */
+    uint64_t (*recheck_ns)(const void *ring);
     int (*try_send)(void *ring, const void *data, uint64_t len);
     int64_t (*try_recv)(void *ring, void *buf, uint64_t cap, uint64_t *needed);
 };

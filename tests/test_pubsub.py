@@ -330,7 +330,9 @@ def wait_for(cond, what, timeout=30):
 def test_subscriber_frees_room_and_wakes_the_sleeping_publisher(region):
     fds = make_fds([0, 1])
     try:
-        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=2)
+        # slow_timeout an hour: the publisher's channel looks again by itself only every
+        # slow_timeout / 4 (and every 60 s here), so only a doorbell wakes it in time
+        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=2, slow_timeout=3600)
         sub = ring.subscribe()
         pub_ch = Channel(ring, FdBell(0, fds), spin=0, recheck=60)
         sub_ch = Channel(sub, FdBell(1, fds), spin=0, recheck=60)
@@ -355,7 +357,7 @@ def test_subscriber_frees_room_and_wakes_the_sleeping_publisher(region):
 def test_every_sleeping_subscriber_is_rung_and_asyncio_works(region):
     fds = make_fds([0, 1, 2, 3])
     try:
-        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8)
+        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=8, slow_timeout=3600)
         subs = [ring.subscribe() for _ in range(3)]
         chans = [Channel(s, FdBell(i + 1, fds), spin=0, recheck=60) for i, s in enumerate(subs)]
         pub_ch = Channel(ring, FdBell(0, fds), spin=0, recheck=60)
@@ -387,5 +389,28 @@ def test_every_sleeping_subscriber_is_rung_and_asyncio_works(region):
             c.close()
         for s in subs:
             s.close()
+    finally:
+        close_fds(fds)
+
+
+def test_sleeping_publisher_looks_again_within_its_slow_timeout(region):
+    """Nobody rings a publisher asleep on a subscriber that stopped reading: its channel looks
+    again by itself every slow_timeout / 4, so the cut-off under slow="drop" comes on time even
+    with re-checks a minute apart."""
+    fds = make_fds([0])
+    try:
+        ring = region.create_ring("ps", kind="pubsub", slot_size=8, capacity=2, slow="drop",
+                                  slow_timeout=0.2)
+        stuck = ring.subscribe()
+        pub_ch = Channel(ring, FdBell(0, fds), spin=0, recheck=60)
+        pub_ch.send(b"0")
+        pub_ch.send(b"1")
+        pub_ch.send(b"2", timeout=30)  # would take the 60 s re-check without the slow_timeout bound
+        assert ring.stats["cuts"] == 1 and ring.stats["last_reason"] == "slow"
+        assert pub_ch.stats["sleeps"] >= 1
+        with pytest.raises(SubscriberDroppedError):
+            stuck.recv()
+        pub_ch.close()
+        stuck.close()
     finally:
         close_fds(fds)

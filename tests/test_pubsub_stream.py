@@ -306,7 +306,7 @@ def test_doorbells_wake_every_sleeping_subscriber(shm_path):
     total, nsubs = 3000, 4
     fds = {p: [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)] for p in range(nsubs + 1)}
     with Region.create(shm_path, "1M") as region:
-        ring = region.create_ring("fan", kind="pubsub", slot_size=8, capacity=16)
+        ring = region.create_ring("fan", kind="pubsub", slot_size=8, capacity=16, slow_timeout=3600)
         children = [spawn(shm_path, "fan", "bell", total, fds[0][0], fds[p][0], p,
                           pass_fds=(fds[0][0], fds[p][0])) for p in range(1, nsubs + 1)]
         try:

@@ -25,3 +25,12 @@ def test_pubsub_bench_refuses_sizes_below_the_stamp():
 
     with pytest.raises(SystemExit):
         pubsub.main(["--sizes", "8"])
+
+
+def test_pyivshmem_bench_pubsub_dispatches(capsys):
+    from pyivshmem.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pubsub", "--help"])
+    assert e.value.code == 0
+    assert "iceoryx2" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""`python -m pyivshmem.bench.pubsub`: publish-subscribe throughput and latency, pyivshmem's pubsub
+"""`pyivshmem bench pubsub` (or `python -m pyivshmem.bench.pubsub`): publish-subscribe throughput and latency, pyivshmem's pubsub
 ring against iceoryx2 publish-subscribe, with 1, 2 and 4 subscriber processes, 64 B, 4 KiB and
 1 MiB messages, copying and zero-copy receives.  The trials of the two alternate (pyivshmem,
 iceoryx2, pyivshmem, ...) so that a change of the machine's speed during the run hits both alike;
@@ -280,7 +280,7 @@ def _sizes(text):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyivshmem.bench.pubsub", description=__doc__,
+    ap = argparse.ArgumentParser(prog="pyivshmem bench pubsub", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subscribers", default="1,2,4", help="subscriber counts (1,2,4)")
     ap.add_argument("--sizes", default="64,4K,1M", help="message sizes (64,4K,1M)")

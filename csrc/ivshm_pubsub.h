@@ -18,12 +18,13 @@
  *   namespace that holds the publisher back without any progress (nor heartbeat) for slow_timeout
  *   is taken for dead and cut off.
  *
- * Joining (proved in docs/pubsub.md): a subscriber claims a FREE entry (CAS, the generation
- * grows), sets its cursor to ctrl->head, marks the entry ACTIVE, issues a full fence (J) and reads
- * ctrl->head again, moving its cursor up to that value.  The publisher issues a full fence (P)
- * before each look at the table, and looks only while ctrl->head equals its own index.  Either P
- * precedes J, and the second read returns at least the index the publisher looked at, past every
- * slot it can overwrite before its next look; or J precedes P and the publisher sees the entry.
+ * Joining (proved in docs/pubsub.md): a subscriber claims a FREE entry (CAS to JOINING, the
+ * generation grows), issues a full fence (J), sets its cursor to ctrl->head and CASes the entry to
+ * ACTIVE.  The publisher issues a full fence (P) before each look at the table, and looks only
+ * while ctrl->head equals its own index.  A look whose P precedes J did not see the claim, and the
+ * joiner's read returns at least the index that look saw, past every slot the publisher can
+ * overwrite before its next look; that next look sees the entry, and treats a JOINING one as a
+ * subscriber whose cursor is the index at the look before.
  *
  * Reading is a sequence lock per slot: the publisher stores stamp 0, a release fence, the payload,
  * then stamp i + 1 (release).  A subscriber loads the stamp (acquire), copies, issues an acquire

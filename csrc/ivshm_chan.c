@@ -51,8 +51,11 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
                     uint64_t spin_ns, uint64_t recheck_ns)
 {
     memset(ch, 0, sizeof(*ch));
-    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC) || ring == NULL || recheck_ns == 0)
+    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC && kind != IVSHM_KIND_PUBSUB) ||
+        ring == NULL || recheck_ns == 0)
         return -EINVAL;
+    if (kind == IVSHM_KIND_PUBSUB && ivshm_pubsub_ops_of(ring) == NULL)
+        return -EINVAL; /* not an attached publisher or subscriber */
     if (peer >= 0 && ((uint32_t)peer > IVSHM_MAX_PEER_ID || vector < 0 ||
                       (uint32_t)vector >= IVSHM_MAX_VECTORS))
         return -EINVAL;
@@ -60,6 +63,11 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
     if (kind == IVSHM_KIND_SPSC) {
         ch->spsc = ring;
         ch->ctrl = ch->spsc->ctrl;
+    } else if (kind == IVSHM_KIND_PUBSUB) {
+        ch->pubsub = ring;
+        ch->ctrl = ivshm_pubsub_ctrl_of(ring);
+        if (recheck_ns > ivshm_pubsub_ops_of(ring)->recheck_ns(ring))
+            recheck_ns = ivshm_pubsub_ops_of(ring)->recheck_ns(ring); /* the publisher's slow_timeout */
     } else {
         ch->mpmc = ring;
         ch->ctrl = ch->mpmc->ctrl;
@@ -111,6 +119,8 @@ static int route_ok(uint32_t w)
 /* -- readiness ------------------------------------------------------------------------------------ */
 int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB) /* the handle knows its side */
+        return ivshm_pubsub_ops_of(ch->pubsub)->ready(ch->pubsub, need);
     if (ch->kind == IVSHM_KIND_SPSC) {
         struct ivshm_spsc *q = ch->spsc;
         if (side == IVSHM_CHAN_RECV)
@@ -136,7 +146,15 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (ch->route == 0)
         return 0;
     uint32_t *table = table_of(ch, call->side);
+    uint32_t *waiting = waiting_of(ch, call->side);
     uint32_t start = ch->route % IVSHM_SLEEPERS;
+    /* Count ourselves BEFORE the entry shows, and uncount only after it is cleared (disarm, or
+     * a waker's claim): then `waiting` is never below the number of armed entries.  Counting
+     * after the entry let a waker that claimed the entry first decrement before our increment,
+     * so that another sleeper's waker could read 0 and skip a table with that sleeper in it.
+     * The count and the entry are ordered by the release CAS below, which the claim's acquire
+     * CAS pairs with. */
+    atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
         uint32_t e = (start + k) % IVSHM_SLEEPERS;
         uint32_t expect = 0;
@@ -144,14 +162,13 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
             continue;
         /* S1: pairs with the waker's load and CAS in claim_one() (through F1/F2) */
         if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, ch->route,
-                                                    memory_order_relaxed, memory_order_relaxed)) {
-            atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting_of(ch, call->side)), 1u,
-                                      memory_order_relaxed);
+                                                    memory_order_release, memory_order_relaxed)) {
             IVSHM_FENCE(); /* F1: pairs with F2 in ivshm_chan_wake_other / pass_on */
             call->entry = (int)e;
             return 1;
         }
     }
+    atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     return 0; /* the table is full: this call polls */
 }
 
@@ -333,9 +350,10 @@ static int claim_one(struct ivshm_chan *ch, uint32_t side, int passing_on)
         uint32_t w = IVSHM_LOAD_RELAXED(&table[e]); /* L2: pairs with S1 through F1/F2 */
         if (w == 0 || !route_ok(w))
             continue;
-        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins) */
+        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins);
+         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment */
         if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &w, 0u,
-                                                     memory_order_relaxed, memory_order_relaxed))
+                                                     memory_order_acquire, memory_order_relaxed))
             continue;
         atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
         IVSHM_STORE_RELAXED(startp, e + 1); /* the next waker starts past this one */
@@ -360,9 +378,23 @@ int ivshm_chan_wake_other(struct ivshm_chan *ch, uint32_t my_side)
     return claim_one(ch, my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV, 0);
 }
 
+int ivshm_chan_wake_all(struct ivshm_chan *ch, uint32_t my_side)
+{
+    IVSHM_FENCE(); /* F2: pairs with F1 in ivshm_chan_arm (the publish is S2) */
+    uint32_t side = my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV;
+    int rung = 0;
+    /* claim_one rings one armed sleeper per call and returns 0 once none is left (or none it can
+     * reach); at most one claim per table entry, so this ends after IVSHM_SLEEPERS rings */
+    for (uint32_t k = 0; k < IVSHM_SLEEPERS && claim_one(ch, side, 0); k++)
+        rung++;
+    return rung;
+}
+
 void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
-    if (call->slept == 0)
+    /* publish-subscribe needs no pass-on: the publisher rings every sleeper itself, and one
+     * subscriber's readiness says nothing about another's */
+    if (call->slept == 0 || ch->kind == IVSHM_KIND_PUBSUB)
         return;
     IVSHM_FENCE(); /* F2 again: our view of the ring against new sleepers' F1 */
     if (ivshm_chan_ready(ch, call->side, call->need))
@@ -372,6 +404,8 @@ void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 /* -- blocking send and receive for C programs ----------------------------------------------------- */
 static int try_send(struct ivshm_chan *ch, const void *data, uint64_t len)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB)
+        return ivshm_pubsub_ops_of(ch->pubsub)->try_send(ch->pubsub, data, len);
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_send(ch->spsc, data, len)
                                        : ivshm_mpmc_try_send(ch->mpmc, data, len);
 }
@@ -397,13 +431,19 @@ int ivshm_chan_send(struct ivshm_chan *ch, const void *data, uint64_t len, int64
         }
         ivshm_chan_pass_on(ch, &call);
     }
-    if (rc == 0)
-        ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    if (rc == 0) {
+        if (ch->kind == IVSHM_KIND_PUBSUB)
+            ivshm_chan_wake_all(ch, IVSHM_CHAN_SEND);
+        else
+            ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    }
     return rc;
 }
 
 static int64_t try_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB)
+        return ivshm_pubsub_ops_of(ch->pubsub)->try_recv(ch->pubsub, buf, cap, needed);
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_recv(ch->spsc, buf, cap, needed)
                                        : ivshm_mpmc_try_recv(ch->mpmc, buf, cap, needed);
 }

@@ -176,6 +176,53 @@ def test_no_lost_wakeup_randomized_over_a_real_server(tmp_path, kind):
     assert 0 < cons["wakeups"] <= prod["doorbells"]
 
 
+@pytest.mark.timeout(120)
+def test_two_channels_of_one_process_share_a_vector(shm_path):
+    """Channels on two rings of one process sleeping on the same vector share its eventfd.  A
+    ring for one of them used to be kept by whichever woke first, and the one it was meant for
+    slept until its re-check (20 of 20 messages late)."""
+    fds = make_fds([0, 1], vectors=1)
+    try:
+        with Region.create(shm_path, "1M") as region:
+            ra = region.create_ring("a", slot_size=16, capacity=8)
+            rb = region.create_ring("b", slot_size=16, capacity=8)
+            me = FdBell(1, fds)
+            ca = Channel(ra, me, vector=0, spin=0, recheck=RECHECK)  # idle, asleep throughout
+            cb = Channel(rb, me, vector=0, spin=0, recheck=RECHECK)
+            tx = Channel(region.ring("b"), FdBell(0, fds), vector=0, spin=0, recheck=RECHECK)
+            got, stop = [], threading.Event()
+
+            def idle():
+                while not stop.is_set():
+                    try:
+                        ca.recv(timeout=1)
+                    except WaitTimeout:
+                        pass
+
+            def receive():
+                for _ in range(20):
+                    got.append(cb.recv(timeout=LOST))
+
+            ta, tb = threading.Thread(target=idle), threading.Thread(target=receive)
+            ta.start()
+            tb.start()
+            try:
+                for i in range(20):
+                    wait_until(lambda: cons_waiting(rb) == 1, "the receiver to sleep")
+                    t0 = time.monotonic()
+                    tx.send(b"%d" % i)
+                    wait_until(lambda: len(got) > i, f"message {i}", timeout=LOST)
+                    assert time.monotonic() - t0 < 5, f"message {i} waited for a re-check"
+            finally:
+                stop.set()
+                ta.join(10)
+                tb.join(LOST)
+            assert got == [b"%d" % i for i in range(20)]
+            assert cb.stats["wakeups"] == 20
+    finally:
+        close_fds(fds)
+
+
 # -- close() against blocked calls ----------------------------------------------------------------
 
 @pytest.fixture

@@ -7,7 +7,15 @@ from .server import Server  # noqa: F401
 from .pci import PciDevice, PciDeviceInfo  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # Bridge is loaded on first use: its transport is an optional extra
+    if name == "Bridge":
+        from .bridge import Bridge
+
+        return Bridge
+    raise AttributeError(f"module 'pyivshmem' has no attribute {name!r}")
 __all__ = [
     "Region", "SpscRing", "MpmcRing", "Channel", "Peer", "Server", "PciDevice", "PciDeviceInfo",
-    "parse_size",
+    "parse_size", "Bridge",
 ] + list(_errors_all)

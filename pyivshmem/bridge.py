@@ -429,8 +429,8 @@ class _OutStream:
             rec = _Record(seq, pos, b, off, _align8(_REC.size + n), time.monotonic())
             self.window.append(rec)
             self.outq.append(rec)
-        self.next_seq = seq + 1
-        self.pos = pos
+            self.next_seq = seq + 1
+            self.pos = pos
         self.m["messages"] += 1
         self.m["bytes"] += n
 
@@ -465,8 +465,8 @@ class _OutStream:
                           _align8(_REC.size + n), time.monotonic())
             self.window.append(rec)
             self.outq.append(rec)
+            self.next_seq, self.pos = seq + 1, pos
         self.spill.pending_rec.write(_P_NONE, 0, 0, 0, 0)
-        self.next_seq, self.pos = seq + 1, pos
         self.m["messages"] += 1
         self.m["bytes"] += n
 
@@ -753,9 +753,10 @@ class _InStream:
             b._fail(f"delivery into ring {self.name!r}", e)
 
     def _record(self, seq: int, slots: int) -> None:
-        self.pos += slots
-        self.state.write(seq, self.pos, self.gen, self.sid)
-        self.delivered = seq
+        with self.cv:  # on_data writes the state too, when a new sender stream begins
+            self.pos += slots
+            self.state.write(seq, self.pos, self.gen, self.sid)
+            self.delivered = seq
         self.bridge._poke()
 
     def lag(self) -> Dict[str, Any]:

@@ -42,6 +42,22 @@ def produce(path, ring_name, start, count, slot):
     region.close()
 
 
+def produce_fixed(path, ring_name, count, size):
+    """``count`` messages of ``size`` bytes, numbered (backpressure test)."""
+    from pyivshmem import Channel, Region
+
+    region = Region.open(path)
+    ch = Channel(region.ring(ring_name))
+    pad = b"x" * (size - 8)
+    for i in range(0, count, 64):
+        batch = [k.to_bytes(8, "little") + pad for k in range(i, min(count, i + 64))]
+        sent = 0
+        while sent < len(batch):
+            sent += ch.send_many(batch[sent:] if sent else batch, timeout=120)
+    ch.close()
+    region.close()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "produce":
         produce(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))

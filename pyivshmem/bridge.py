@@ -346,7 +346,7 @@ class _OutStream:
         self.capacity = self.ring.capacity
         from ._ring import Channel
 
-        self.ch = Channel(self.ring, bridge.doorbell, vector=bridge.vector)
+        self.ch = Channel(self.ring, bridge.doorbell, vector=bridge.vector, spin=bridge.spin)
         path = os.path.join(bridge.state_dir, f"out-{local}.spill")
         self.spill = _Spill(path, bridge.spill_size)
         self.sid = self.spill.sid
@@ -651,7 +651,8 @@ class _OutStream:
         with self.lock:
             oldest = self.window[0].t if self.window else None
             return {"unacked": len(self.window), "queued_in_ring": len(self.ring),
-                    "oldest_unacked_s": 0.0 if oldest is None else time.monotonic() - oldest}
+                    "oldest_unacked_s": 0.0 if oldest is None else time.monotonic() - oldest,
+                    "channel": self.ch.stats}
 
     def close(self) -> None:
         self.ch.close()
@@ -681,7 +682,7 @@ class _InStream:
         self.slot_size = self.ring.slot_size
         from ._ring import Channel
 
-        self.ch = Channel(self.ring, bridge.doorbell, vector=bridge.vector)
+        self.ch = Channel(self.ring, bridge.doorbell, vector=bridge.vector, spin=bridge.spin)
         path = os.path.join(bridge.state_dir, f"in-{name}.state")
         self.mm, _ = _open_map(path, 4096, b"PYIVBIN1")
         # delivered seq, ring head after it, region generation, sender's stream id
@@ -807,7 +808,7 @@ class _InStream:
         self.bridge._poke()
 
     def lag(self) -> Dict[str, Any]:
-        return {"queued": self.queued, "delivered_seq": self.delivered}
+        return {"queued": self.queued, "delivered_seq": self.delivered, "channel": self.ch.stats}
 
     def close(self) -> None:
         self.ch.close()
@@ -854,7 +855,8 @@ class Bridge:
                  state_dir: str, name: Optional[str] = None, doorbell: Any = None,
                  vector: int = 0, spill_size: int = 8 << 20, batch: int = 256,
                  max_inflight: int = 65536, idle_wait: float = 0.25,
-                 resend_after: float = 1.0, connect_timeout: float = 5.0):
+                 resend_after: float = 1.0, connect_timeout: float = 5.0,
+                 spin: Optional[float] = None):
         require_transport()
         if (listen is None) == (connect is None):
             raise ConfigError("a bridge either listens (listen='tcp://0.0.0.0:PORT') or connects "
@@ -875,7 +877,7 @@ class Bridge:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ConfigError(f"{what} must be a number of seconds > 0, not {v!r}")
         self.region = region
-        self.doorbell, self.vector = doorbell, vector
+        self.doorbell, self.vector, self.spin = doorbell, vector, spin
         self.listen, self.connect = listen, connect
         self.endpoint = endpoint
         self.name = name or f"bridge-{os.getpid()}"

@@ -18,7 +18,7 @@ class FakeBridge:
     def __init__(self, region, state_dir, spill_size=64 * 1024):
         self.region, self.doorbell, self.vector = region, None, 0
         self.state_dir, self.spill_size = str(state_dir), spill_size
-        self.max_inflight, self.batch, self.idle_wait = 100000, 16, 0.05
+        self.max_inflight, self.batch, self.idle_wait, self.spin = 100000, 16, 0.05, None
         self._stop = threading.Event()
         self.pokes = 0
 

@@ -396,3 +396,104 @@ def test_bridges_of_server_peers_sleep_on_doorbells(tmp_path):
                 assert rx.stats["wakeups"] > 0 and m_b["in"]["down"]["channel"]["doorbells"] > 0, m_b
                 tx.close()
                 rx.close()
+
+
+class CuttingProxy:
+    """A TCP relay between the two bridges that can cut every connection through it."""
+
+    def __init__(self, upstream_port):
+        import threading
+
+        self.up = upstream_port
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []
+        self.lock = threading.Lock()
+        self.cuts = 0
+        self.closed = False
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        import threading
+
+        while not self.closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.up), timeout=5)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns += [c, u]
+            for src, dst in ((c, u), (u, c)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                b = src.recv(1 << 16)
+                if not b:
+                    break
+                dst.sendall(b)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        src.close()  # each socket is the source of exactly one pump
+
+    def cut(self):
+        """Reset every connection through the relay (the pumps close the sockets)."""
+        with self.lock:
+            conns, self.conns = self.conns, []
+            self.cuts += 1
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.closed = True
+        self.lsock.close()
+        self.cut()
+        for t in self.threads:
+            t.join(5)
+
+
+def test_cut_connections_lose_and_repeat_nothing(pair):
+    p = pair()
+    proxy = CuttingProxy(p.port)
+    try:
+        p.start("rx")
+        cmd = p.bridge_cmd("tx")
+        cmd[cmd.index(f"tcp://127.0.0.1:{p.port}")] = f"tcp://127.0.0.1:{proxy.port}"
+        log = open(p.tmp / "tx.log", "ab")
+        p.logs["tx"] = p.tmp / "tx.log"
+        p.procs["tx"] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        count = 200_000
+        p.produce(count)
+        cuts = [count * k // 4 for k in (1, 2, 3)]
+
+        def on_progress(n):
+            if cuts and n >= cuts[0]:
+                cuts.pop(0)
+                proxy.cut()
+
+        assert consume(p, count, on_progress=on_progress) == count
+        assert not cuts and proxy.cuts == 3
+    finally:
+        proxy.close()

@@ -344,9 +344,7 @@ class _OutStream:
         self.ring = _spsc_ring(bridge.region, local)
         self.slot_size = self.ring.slot_size
         self.capacity = self.ring.capacity
-        from ._ring import Channel
-
-        self.ch = Channel(self.ring, bridge.doorbell, vector=bridge.vector, spin=bridge.spin)
+        self.ch = bridge._channel(self.ring)
         path = os.path.join(bridge.state_dir, f"out-{local}.spill")
         self.spill = _Spill(path, bridge.spill_size)
         self.sid = self.spill.sid
@@ -680,9 +678,7 @@ class _InStream:
         head = int(_ring_entry(region, name)["head"])
         self.ring = _spsc_ring(region, name)
         self.slot_size = self.ring.slot_size
-        from ._ring import Channel
-
-        self.ch = Channel(self.ring, bridge.doorbell, vector=bridge.vector, spin=bridge.spin)
+        self.ch = bridge._channel(self.ring)
         path = os.path.join(bridge.state_dir, f"in-{name}.state")
         self.mm, _ = _open_map(path, 4096, b"PYIVBIN1")
         # delivered seq, ring head after it, region generation, sender's stream id
@@ -709,6 +705,7 @@ class _InStream:
         self.received = self.delivered  # highest seq queued for delivery
         self.queue: "collections.deque[Tuple[int, List[bytes]]]" = collections.deque()
         self.queued = 0
+        self.busy = False  # a thread is writing a batch into the ring
         self.cv = threading.Condition()
         self.acked_sent = -1
         self.last_nack = (-1, 0.0)
@@ -748,10 +745,36 @@ class _InStream:
                 first = expect
             if self.queued >= self.bridge.max_inflight * 2:
                 return None  # should not happen: the sender's window bounds this; it resends
-            self.queue.append((first, msgs))
-            self.queued += len(msgs)
             self.received = last
-            self.cv.notify()
+            direct = not self.queue and not self.busy and self.skip == 0
+            if not direct:
+                self.queue.append((first, msgs))
+                self.queued += len(msgs)
+                self.cv.notify()
+                return None
+            self.busy = True
+        # Nothing queued before these: deliver what fits now, from this thread (one thread
+        # hand-off less per message when the ring has room); the delivery thread, which may
+        # sleep on a full ring, takes the rest.
+        n = 0
+        try:
+            n = self.ch.try_send(msgs[0]) if len(msgs) == 1 else self.ch.send_many(msgs, timeout=0)
+            n = int(n)
+            if n:
+                slots = nbytes = 0
+                for x in msgs[:n]:
+                    slots += _slots_for(len(x), self.slot_size)
+                    nbytes += len(x)
+                self._record(first + n - 1, slots)
+                self.m["messages"] += n
+                self.m["bytes"] += nbytes
+        finally:
+            with self.cv:
+                self.busy = False
+                if n < len(msgs):
+                    self.queue.append((first + n, msgs[n:]))
+                    self.queued += len(msgs) - n
+                self.cv.notify()
         return None
 
     def deliver(self) -> None:
@@ -764,6 +787,7 @@ class _InStream:
                     if b._stop.is_set():
                         return
                     first, msgs = self.queue.popleft()
+                    self.busy = True
                 i = 0
                 # resends of messages that reached the ring after the last record: drop them
                 while self.skip > 0 and i < len(msgs):
@@ -794,6 +818,7 @@ class _InStream:
                         i += n
                 with self.cv:
                     self.queued -= len(msgs)
+                    self.busy = False
         except ClosedError:
             if not b._stop.is_set():
                 raise
@@ -878,6 +903,7 @@ class Bridge:
                 raise ConfigError(f"{what} must be a number of seconds > 0, not {v!r}")
         self.region = region
         self.doorbell, self.vector, self.spin = doorbell, vector, spin
+        self._vectors_used = 0
         self.listen, self.connect = listen, connect
         self.endpoint = endpoint
         self.name = name or f"bridge-{os.getpid()}"
@@ -917,6 +943,26 @@ class Bridge:
         self._unreachable_logged = False
         self._unknown_logged: set = set()
         self._last_rx = time.monotonic()
+
+    def _channel(self, ring: Any) -> Any:
+        """A Channel over ``ring`` on a vector of its own (vector, vector + 1, ...) where the
+        doorbell has one: sleepers of one process that share a vector share an eventfd, and a
+        wake-up taken by the wrong one costs the other a re-check interval."""
+        from ._ring import Channel
+
+        v = self.vector + self._vectors_used
+        self._vectors_used += 1
+        if self.doorbell is not None and v != self.vector:
+            try:
+                ok = self.doorbell.vector_fd(v) is not None
+            except (IvshmemError, LookupError, ValueError):
+                ok = False
+            if not ok:
+                log.warning("the doorbell has no vector %d: ring %r shares vector %d with "
+                            "another ring of this bridge (wake-ups may wait for a re-check); "
+                            "give the server more vectors", v, ring.name, self.vector)
+                v = self.vector
+        return Channel(ring, self.doorbell, vector=v, spin=self.spin)
 
     def _make_socket(self) -> Any:
         if self.listen:

@@ -348,6 +348,10 @@ class _OutStream:
         path = os.path.join(bridge.state_dir, f"out-{local}.spill")
         self.spill = _Spill(path, bridge.spill_size)
         self.sid = self.spill.sid
+        if _align8(_REC.size + self.slot_size) > self.spill.data_size // 2:
+            self.spill.close()
+            raise ConfigError(f"ring {local!r} has {self.slot_size}-byte slots: the spill size "
+                              f"({self.spill.data_size} bytes) must hold at least two; raise it")
         self.lock = threading.Condition()
         self.window: "collections.deque[_Record]" = collections.deque()  # unacknowledged
         self.outq: "collections.deque[_Record]" = collections.deque()    # to send (next first)
@@ -554,6 +558,7 @@ class _OutStream:
         try:
             while not b._stop.is_set():
                 took = 0
+                need = self.slot_size  # room the next message needs in the window
                 while took < b.batch and not b._stop.is_set():
                     if len(self.ring) > half:
                         # plenty queued: zero-copy look, spill, then release each slot
@@ -573,6 +578,7 @@ class _OutStream:
                         continue
                     with self.lock:
                         if not self._room(n):
+                            need = n
                             break
                     self._take_into(n)
                     took += 1
@@ -580,18 +586,16 @@ class _OutStream:
                     b._poke()
                     continue
                 with self.lock:
-                    if not self._room(self.slot_size):
+                    if not self._room(need):
                         # window full: wait for acknowledgements (backpressure on the ring)
                         self.lock.wait(0.5)
                         continue
                 n = self._probe(b.idle_wait)  # sleep on the doorbell until a message comes
                 if n == 0:
                     b._poke()
-        except ClosedError:
-            if not b._stop.is_set():
-                raise
         except BaseException as e:  # noqa: BLE001 - reported through the bridge
-            b._fail(f"pump of ring {self.local!r}", e)
+            if not (isinstance(e, ClosedError) and b._stop.is_set()):
+                b._fail(f"pump of ring {self.local!r}", e)
 
     # -- network side (called by the network thread) --------------------------------------------
     def on_ack(self, seq: int) -> None:
@@ -819,11 +823,9 @@ class _InStream:
                 with self.cv:
                     self.queued -= len(msgs)
                     self.busy = False
-        except ClosedError:
-            if not b._stop.is_set():
-                raise
-        except BaseException as e:  # noqa: BLE001
-            b._fail(f"delivery into ring {self.name!r}", e)
+        except BaseException as e:  # noqa: BLE001 - reported through the bridge
+            if not (isinstance(e, ClosedError) and b._stop.is_set()):
+                b._fail(f"delivery into ring {self.name!r}", e)
 
     def _record(self, seq: int, slots: int) -> None:
         with self.cv:  # on_data writes the state too, when a new sender stream begins
@@ -1119,6 +1121,9 @@ class Bridge:
             return False
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:  # the ROUTER's peer went away
+                log.info("remote bridge disconnected; waiting for it to connect again")
+                self._peer = None
+                self._welcomed.clear()
                 return False
             raise
         self.m["frames_out"] += 1
@@ -1216,6 +1221,8 @@ class Bridge:
 
     def _flush(self) -> bool:
         """Send acks and data; True when the socket refused something (wait for POLLOUT)."""
+        if self.listen and self._peer is None:
+            return False  # nobody to send to until the remote connects
         for s in self.ins.values():
             d = s.delivered
             if d != s.acked_sent:

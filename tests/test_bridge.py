@@ -319,6 +319,14 @@ def test_bad_configuration_is_refused_with_a_message(tmp_path, region):
         Bridge(region, connect="tcp://127.0.0.1:1", out={"nope": "x"}, state_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="tcp://"):
         Bridge(region, connect="localhost:7000", in_rings=["m"], state_dir=str(tmp_path))
+    region.create_ring("s", slot_size=64, capacity=8)
+    region.create_ring("t", slot_size=64, capacity=8)
+    port = free_port()
+    with Bridge(region, listen=f"tcp://127.0.0.1:{port}", in_rings=["s"],
+                state_dir=str(tmp_path / "1")):
+        with pytest.raises(BridgeError, match=f"cannot listen on tcp://127.0.0.1:{port}"):
+            Bridge(region, listen=f"tcp://127.0.0.1:{port}", in_rings=["t"],
+                   state_dir=str(tmp_path / "2"))
 
 
 _BLOCK_ZMQ = """

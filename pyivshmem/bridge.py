@@ -864,6 +864,36 @@ def _b64(v: int) -> bytes:
     return v.to_bytes(8, "little")
 
 
+_MAX_PARTS = 1 << 16
+
+
+def _pack(parts: List[bytes]) -> bytes:
+    """One ZeroMQ frame holding a list of parts: u32 count, u32 length of each, the parts.
+    (Not ZeroMQ multipart messages: libzmq 4.3 aborts, `!_more (fq.cpp)`, when a connection
+    drops while a multipart message is half read, which a killed peer makes happen.)"""
+    n = len(parts)
+    return b"".join([struct.pack(f"<I{n}I", n, *map(len, parts))] + parts)
+
+
+def _unpack(buf: bytes) -> List[bytes]:
+    """The parts of a frame from the network, every length checked against the frame."""
+    if len(buf) < 4:
+        raise ValueError("frame shorter than its part count")
+    (n,) = struct.unpack_from("<I", buf)
+    if n == 0 or n > _MAX_PARTS or 4 + 4 * n > len(buf):
+        raise ValueError(f"frame claims {n} parts in {len(buf)} bytes")
+    lens = struct.unpack_from(f"<{n}I", buf, 4)
+    off = 4 + 4 * n
+    if off + sum(lens) != len(buf):
+        raise ValueError("part lengths do not add up to the frame's size")
+    mv = memoryview(buf)
+    out = []
+    for k in lens:
+        out.append(bytes(mv[off:off + k]))
+        off += k
+    return out
+
+
 class Bridge:
     """Forward local rings to a remote bridge and deliver the remote's messages into local rings.
 
@@ -1111,12 +1141,13 @@ class Bridge:
 
     def _send(self, frames: List[bytes]) -> bool:
         """Send one multipart message to the remote; False when it cannot be sent now."""
-        if self.listen:
-            if self._peer is None:
-                return False
-            frames = [self._peer] + frames
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
+            if self.listen:
+                if self._peer is None:
+                    return False
+                self._sock.send_multipart([self._peer, _pack(frames)], zmq.NOBLOCK, copy=True)
+            else:
+                self._sock.send(_pack(frames), zmq.NOBLOCK, copy=True)
         except zmq.Again:
             return False
         except zmq.ZMQError as e:
@@ -1142,9 +1173,24 @@ class Bridge:
             frames += [s.key, _b64(s.sid), _b64(s.delivered)]
         return self._send(frames)
 
-    def _handle(self, frames: List[bytes]) -> None:
+    def _handle(self, raw: List[bytes]) -> None:
         if self.listen:
-            ident, frames = frames[0], frames[1:]
+            if len(raw) != 2:
+                self.m["bad_frames"] += 1
+                return
+            ident, body = raw
+        else:
+            if len(raw) != 1:
+                self.m["bad_frames"] += 1
+                return
+            body = raw[0]
+        try:
+            frames = _unpack(body)
+        except ValueError as e:
+            self.m["bad_frames"] += 1
+            log.warning("dropped a malformed message from the remote: %s", e)
+            return
+        if self.listen:
             if ident != self._peer:
                 if self._peer is not None:
                     log.info("remote bridge reconnected (new connection)")

@@ -42,8 +42,10 @@ def rss_kib(pid):
 class Pair:
     """Two regions (the two hosts), a sending and a receiving bridge process, a producer."""
 
-    def __init__(self, tmp_path, shm, *, slot=SLOT, capacity=1024, spill="8M", extra=()):
+    def __init__(self, tmp_path, shm, *, slot=SLOT, capacity=1024, spill="8M", extra=(),
+                 sender_listens=False):
         self.tmp, self.slot, self.spill, self.extra = tmp_path, slot, spill, list(extra)
+        self.sender_listens = sender_listens
         self.a, self.b = shm + "-a", shm + "-b"
         self.ra = Region.create(self.a, "32M")
         self.rb = Region.create(self.b, "32M")
@@ -56,13 +58,14 @@ class Pair:
     def bridge_cmd(self, which):
         common = [PY, "-m", "pyivshmem", "bridge", "--stats-interval", "0", "--log-level",
                   "INFO", "--spill-size", self.spill, "--connect-timeout", "2"] + self.extra
+        ep = f"tcp://127.0.0.1:{self.port}"
+        listens = (which == "tx") == self.sender_listens
+        end = ["--listen" if listens else "--connect", ep]
         if which == "rx":
-            return common + ["--region", self.b, "--listen", f"tcp://127.0.0.1:{self.port}",
-                             "--in", "down", "--state-dir", str(self.tmp / "state-b"),
-                             "--name", "B"]
-        return common + ["--region", self.a, "--connect", f"tcp://127.0.0.1:{self.port}",
-                         "--out", "up=down", "--state-dir", str(self.tmp / "state-a"),
-                         "--name", "A"]
+            return common + ["--region", self.b] + end + [
+                "--in", "down", "--state-dir", str(self.tmp / "state-b"), "--name", "B"]
+        return common + ["--region", self.a] + end + [
+            "--out", "up=down", "--state-dir", str(self.tmp / "state-a"), "--name", "A"]
 
     def start(self, which):
         log = open(self.tmp / f"{which}.log", "ab")
@@ -181,6 +184,26 @@ def test_receiving_bridge_killed_three_times_loses_and_repeats_nothing(pair):
     assert not kills
     tx = p.log_text("tx")
     assert "resending" in tx, tx[-2000:]
+
+
+@pytest.mark.parametrize("killed", ["rx", "tx"])
+def test_listening_sender_and_connecting_receiver_killed_lose_and_repeat_nothing(pair, killed):
+    """The roles the other way round: the sender listens, the receiver connects."""
+    p = pair(sender_listens=True)
+    p.start("tx")
+    p.start("rx")
+    count = 200_000
+    p.produce(count)
+    kills = [count * k // 4 for k in (1, 2, 3)]
+
+    def on_progress(n):
+        if kills and n >= kills[0]:
+            kills.pop(0)
+            p.kill(killed)
+            p.start(killed)
+
+    assert consume(p, count, on_progress=on_progress) == count
+    assert not kills
 
 
 def test_sending_bridge_killed_and_restarted_loses_and_repeats_nothing(pair):

@@ -174,3 +174,50 @@ def test_duplicates_and_gaps_are_answered_not_delivered(region, down, tmp_path):
     deliver_until(s, fb, 4)
     assert down.recv_many(16, timeout=1) == [b"1", b"2", b"3", b"4"]
     assert s.m["duplicates"] == 3 and s.m["gaps"] == 2
+
+
+def test_frames_from_the_network_are_checked_before_use():
+    from pyivshmem.bridge import _pack, _unpack
+
+    parts = [b"D", b"ring", b"", b"x" * 300]
+    assert _unpack(_pack(parts)) == parts
+    good = _pack(parts)
+    for bad in (b"", b"\x01\x00", good[:-1], good + b"!", b"\x00\x00\x00\x00",
+                b"\xff\xff\xff\xff" + b"\x00" * 64, good[:4] + b"\xff\xff\xff\x7f" + good[8:]):
+        with pytest.raises(ValueError):
+            _unpack(bad)
+
+
+def test_garbage_from_the_network_is_dropped_and_the_bridge_keeps_working(region, tmp_path):
+    import socket
+
+    import zmq
+
+    from pyivshmem import Bridge
+
+    region.create_ring("down", slot_size=64, capacity=16)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    try:
+        with Bridge(region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
+                    state_dir=str(tmp_path)) as b:
+            d.connect(f"tcp://127.0.0.1:{port}")
+            rnd = random.Random(5)
+            for _ in range(50):
+                d.send(bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 40))))
+            d.send(b"\x01\x00\x00\x00\x01\x00\x00\x00Q")           # a valid frame, unknown kind
+            d.send(b"\x02\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00HX")  # a hello: answered
+            assert d.poll(10_000), "no welcome after the garbage"
+            from pyivshmem.bridge import _unpack
+
+            assert _unpack(d.recv())[0] == b"W"
+            assert b.metrics()["link"]["bad_frames"] >= 50
+            b.check()
+    finally:
+        d.close(0)
+        ctx.term()

@@ -369,9 +369,26 @@ class _OutStream:
     def _recover(self) -> None:
         acked, acked_pos, recs = self.spill.load()
         tail = int(_ring_entry(self.bridge.region, self.local)["tail"])
+        gen = int(self.bridge.region.generation) & _MASK64
         if acked_pos is None:  # a fresh spill file: start at the ring's consumer index
             acked_pos = tail
             self.spill.acked_rec.write(0, tail, 0)
+        elif int.from_bytes(self.spill.mm[24:32], "little") != gen:
+            # The region was re-formatted: ring positions in the spill file mean nothing now.
+            # Its unacknowledged messages are still owed to the remote: keep them, at the
+            # ring's present position.
+            log.warning("ring %r: the region was re-formatted since %s was written; its %d "
+                        "unacknowledged message(s) will still be sent", self.local,
+                        self.spill.path, len(recs))
+            for r in recs:
+                n = len(r.data)
+                _REC.pack_into(self.spill.mm, _SPILL_HDR + r.off, r.seq, tail, n,
+                               _rec_check(r.seq, tail, n))
+                r.pos = tail
+            acked_pos = tail
+            self.spill.acked_rec.write(acked, tail, self.spill.head)
+            self.spill.pending_rec.write(_P_NONE, 0, 0, 0, 0)
+        self.spill.mm[24:32] = gen.to_bytes(8, "little")
         self.acked, self.acked_pos = acked, acked_pos
         last_seq, last_pos = acked, acked_pos
         if recs:

@@ -1,6 +1,7 @@
 """The bridge's crash windows, one by one: a bridge "killed" at a chosen instruction (its objects
 abandoned without any cleanup, as SIGKILL leaves them) and a new one started on the same ring and
 state files must neither lose nor repeat a message."""
+import os
 import random
 import threading
 
@@ -221,3 +222,40 @@ def test_garbage_from_the_network_is_dropped_and_the_bridge_keeps_working(region
     finally:
         d.close(0)
         ctx.term()
+
+
+def test_unacknowledged_messages_survive_a_reformatted_region(shm_path, tmp_path):
+    from pyivshmem import Region
+
+    r = Region.create(shm_path, "1M")
+    r.create_ring("up", slot_size=64, capacity=16)
+    up = r.ring("up")
+    for m in (b"a", b"b", b"c"):
+        up.send(m)
+    fb = FakeBridge(r, tmp_path)
+    s = _OutStream(fb, "up", "down")
+    for _ in range(3):
+        assert s._probe(0)
+        s._take_into(1)
+    s.on_ack(1)
+    s.close()
+    up.close()
+    s.ring.close()
+    r.close()
+    os.unlink(shm_path)
+    r = Region.create(shm_path, "1M")  # a new generation, an empty ring
+    try:
+        r.create_ring("up", slot_size=64, capacity=16)
+        r.ring("up").send(b"d")
+        fb = FakeBridge(r, tmp_path)
+        s2 = _OutStream(fb, "up", "down")
+        assert [(x.seq, x.data) for x in s2.window] == [(2, b"b"), (3, b"c")]
+        assert s2._probe(0) == 1
+        s2._take_into(1)
+        s2.ring.close()
+        s2.spill.close()
+        s3 = _OutStream(FakeBridge(r, tmp_path), "up", "down")  # and again: positions agree
+        assert [(x.seq, x.data) for x in s3.window] == [(2, b"b"), (3, b"c"), (4, b"d")]
+        assert s3.m["dropped_on_restart"] == 0 and s3.m["lost"] == 0
+    finally:
+        r.close()

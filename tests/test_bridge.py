@@ -528,3 +528,17 @@ def test_cut_connections_lose_and_repeat_nothing(pair):
         assert not cuts and proxy.cuts == 3
     finally:
         proxy.close()
+
+
+def test_benchmark_runs_both_transports_and_reports_ratios(tmp_path):
+    out = tmp_path / "bridge-bench.json"
+    r = subprocess.run([PY, "-m", "pyivshmem.bench.bridge", "--rounds", "1", "--count", "3000",
+                        "--sizes", "64", "--pings", "20", "--json", str(out)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = __import__("json").loads(out.read_text())["results"]
+    tp = res["throughput"]["64"]
+    assert tp["zmq_msgs_per_s"] > 0 and tp["bridge_msgs_per_s"] > 0
+    assert tp["ratio"] == pytest.approx(tp["bridge_msgs_per_s"] / tp["zmq_msgs_per_s"])
+    assert set(res["roundtrip"]) == {"p50", "p99"}
+    assert "bridge/zmq" in r.stdout

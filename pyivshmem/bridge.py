@@ -649,14 +649,16 @@ class _OutStream:
             self.last_progress = time.monotonic()
             self.lock.notify_all()
 
-    def rewind(self, seq: int, why: str) -> None:
-        """Resend everything after ``seq`` (the receiver's last delivered)."""
-        self.on_ack(seq)
+    def rewind(self, delivered: int, received: int, why: str) -> None:
+        """The receiver has delivered up to ``delivered`` and holds up to ``received``: forget
+        the first, send everything after the second again."""
+        self.on_ack(delivered)
         with self.lock:
-            if seq < self.acked:
+            if delivered < self.acked:
                 log.warning("ring %r: the remote's state is behind what it acknowledged "
                             "(%d < %d): its state file was lost; resending from %d",
-                            self.local, seq, self.acked, self.acked + 1)
+                            self.local, delivered, self.acked, self.acked + 1)
+            seq = max(received, delivered)
             again = [r for r in self.window if r.seq > seq]
             already = len(again) - len(self.outq)
             if already > 0:
@@ -755,7 +757,7 @@ class _InStream:
                 now = time.monotonic()
                 if self.last_nack[0] != expect or now - self.last_nack[1] > 0.5:
                     self.last_nack = (expect, now)
-                    return ("N", self.delivered)
+                    return ("N", self.received)
                 return None
             if last < expect:
                 self.m["duplicates"] += len(msgs)
@@ -1187,7 +1189,7 @@ class Bridge:
     def _welcome(self) -> bool:
         frames = [b"W", self.name.encode()]
         for s in self.ins.values():
-            frames += [s.key, _b64(s.sid), _b64(s.delivered)]
+            frames += [s.key, _b64(s.sid), _b64(s.delivered), _b64(s.received)]
         return self._send(frames)
 
     def _handle(self, raw: List[bytes]) -> None:
@@ -1229,20 +1231,23 @@ class Bridge:
                     return
                 reply = s.on_data(_u64(frames[2]), _u64(frames[3]), _u64(frames[4]), frames[5:])
                 if reply is not None:
-                    self._send([reply[0].encode(), s.key, _b64(s.sid), _b64(reply[1])])
+                    if reply[0] == "A":
+                        self._send([b"A", s.key, _b64(s.sid), _b64(reply[1])])
+                    else:
+                        self._send([b"N", s.key, _b64(s.sid), _b64(s.delivered), _b64(reply[1])])
             elif kind in (b"A", b"N"):
-                if len(frames) != 4:
+                if len(frames) != (4 if kind == b"A" else 5):
                     raise ValueError("bad ack")
                 o = self.outs.get(frames[1])
                 if o is None:
                     return
                 if _u64(frames[2]) != o.sid:
                     if kind == b"N":
-                        o.rewind(o.acked, "the remote has not seen this stream yet")
+                        o.rewind(o.acked, o.acked, "the remote has not seen this stream yet")
                 elif kind == b"A":
                     o.on_ack(_u64(frames[3]))
                 else:
-                    o.rewind(_u64(frames[3]), "the remote saw a gap")
+                    o.rewind(_u64(frames[3]), _u64(frames[4]), "the remote saw a gap")
             elif kind == b"H":
                 if len(frames) != 2:
                     raise ValueError("bad hello")
@@ -1251,17 +1256,20 @@ class Bridge:
                 if self.listen and not self._welcomed.is_set():
                     self._hello()  # learn the remote's delivery state for our out rings
             elif kind == b"W":
-                if len(frames) < 2 or len(frames) % 3 != 2:
+                if len(frames) < 2 or len(frames) % 4 != 2:
                     raise ValueError("bad welcome")
-                state = {frames[i]: (_u64(frames[i + 1]), _u64(frames[i + 2]))
-                         for i in range(2, len(frames), 3)}
+                state = {frames[i]: (_u64(frames[i + 1]), _u64(frames[i + 2]), _u64(frames[i + 3]))
+                         for i in range(2, len(frames), 4)}
                 for key, o in self.outs.items():
                     if key not in state:
                         log.error("the remote bridge has no in ring %r (ring %r forwards there): "
                                   "start it with --in %s", o.remote, o.local, o.remote)
                         continue
-                    sid, seq = state[key]
-                    o.rewind(seq if sid == o.sid else o.acked, "after (re)connecting")
+                    sid, delivered, received = state[key]
+                    if sid == o.sid:
+                        o.rewind(delivered, received, "after (re)connecting")
+                    else:
+                        o.rewind(o.acked, o.acked, "the remote has not seen this stream yet")
                 if not self._welcomed.is_set():
                     log.info("connected to remote bridge %s at %s",
                              frames[1].decode("utf-8", "replace"), self.endpoint)

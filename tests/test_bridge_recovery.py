@@ -169,7 +169,7 @@ def test_duplicates_and_gaps_are_answered_not_delivered(region, down, tmp_path):
     assert s.on_data(9, 1, 0, [b"1", b"2"]) is None         # the ring has room: delivered now
     assert s.delivered == 2
     assert s.on_data(9, 1, 0, [b"1", b"2"]) == ("A", 2)      # all seen: acknowledge, drop
-    assert s.on_data(9, 5, 0, [b"5"]) == ("N", 2)           # a gap: ask for a resend after 2
+    assert s.on_data(9, 5, 0, [b"5"]) == ("N", 2)           # a gap: resend after 2, the last held
     assert s.on_data(9, 5, 0, [b"5"]) is None               # ... once, not per message
     assert s.on_data(9, 2, 0, [b"2", b"3", b"4"]) is None   # overlap: only 3 and 4 are new
     deliver_until(s, fb, 4)

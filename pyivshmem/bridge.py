@@ -751,12 +751,16 @@ class _InStream:
         sender, or a sender whose spill file was re-created) is taken up after it."""
         with self.cv:
             if sid != self.sid:
+                if self.busy:
+                    return None  # a batch of the old stream is being written: it resends
                 if self.sid:
                     log.warning("ring %r: a new sender stream (its spill file was re-created); "
                                 "taking it up after its seq %d", self.name, base)
                 self.queue.clear()
                 self.queued = 0
                 self.sid, self.skip = sid, 0
+                # positions from here on count from the ring's producer index as it is now
+                self.pos = int(_ring_entry(self.bridge.region, self.name)["head"])
                 self.received = self.delivered = base
                 self.state.write(base, self.pos, self.gen, sid)
             expect = self.received + 1

@@ -259,3 +259,16 @@ def test_unacknowledged_messages_survive_a_reformatted_region(shm_path, tmp_path
         assert s3.m["dropped_on_restart"] == 0 and s3.m["lost"] == 0
     finally:
         r.close()
+
+
+def test_a_new_sender_stream_is_taken_up_after_its_acknowledged_seq(region, down, tmp_path):
+    fb = FakeBridge(region, tmp_path)
+    s = _InStream(fb, "down")
+    assert s.on_data(7, 1, 0, [b"a", b"b"]) is None
+    # the sender's spill file was re-created: a new stream id, numbers that start again
+    assert s.on_data(8, 5, 4, [b"c"]) is None
+    assert (s.sid, s.delivered) == (8, 5)
+    s2 = _InStream(fb, "down")  # and a restart keeps it: no skip, the same stream
+    assert (s2.sid, s2.delivered, s2.skip) == (8, 5, 0)
+    assert s2.on_data(8, 5, 4, [b"c"]) == ("A", 5)
+    assert down.recv_many(8, timeout=1) == [b"a", b"b", b"c"]

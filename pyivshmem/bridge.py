@@ -1428,7 +1428,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src.add_argument("--region", help="a region file (/dev/shm/NAME, a hugetlbfs file)")
     src.add_argument("--server", metavar="SOCKET",
                      help="join this ivshmem server as a peer: its memory, and doorbells to sleep on")
-    p.add_argument("--vector", type=int, default=0, help="with --server: the vector to sleep on")
+    p.add_argument("--vector", type=int, default=0,
+                   help="with --server: the first vector to sleep on; each bridged ring gets its "
+                        "own (VECTOR, VECTOR+1, ...) while the server has that many")
     end = p.add_mutually_exclusive_group(required=True)
     end.add_argument("--listen", metavar="ENDPOINT", help="e.g. tcp://0.0.0.0:7000")
     end.add_argument("--connect", metavar="ENDPOINT", help="e.g. tcp://hostb:7000")
@@ -1459,6 +1461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ._ring import Region, parse_size
 
     peer = None
+    region = None
     try:
         if args.server:
             from .peer import Peer
@@ -1476,6 +1479,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pyivshmem bridge: {e}", file=sys.stderr)
         if peer is not None:
             peer.close()
+        elif region is not None:
+            region.close()
         return 2
 
     def stop(signum: int, frame: Any) -> None:

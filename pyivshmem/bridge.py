@@ -461,9 +461,9 @@ class _OutStream:
         producer: the Channel path does that once the ring is half empty).  Returns how many."""
         ring, spill, mm = self.ring, self.spill, self.spill.mm
         pack, rs, slot = _REC.pack_into, _REC.size, self.slot_size
-        window, outq = self.window, self.outq
         took = 0
         with self.lock:
+            window, outq = self.window, self.outq  # under the lock: rewind() rebuilds outq
             seq, pos = self.next_seq, self.pos
             room = self.bridge.max_inflight - len(window)
             now = time.monotonic()
@@ -674,7 +674,9 @@ class _OutStream:
                 self.m["resends"] += already
                 log.info("ring %r: resending %d message(s) from seq %d (%s)", self.local,
                          already, again[0].seq, why)
-            self.outq = collections.deque(again)
+            # in place: the pump may hold a reference to it
+            self.outq.clear()
+            self.outq.extend(again)
             self.last_progress = time.monotonic()
 
     def lag(self) -> Dict[str, Any]:
@@ -999,7 +1001,7 @@ class Bridge:
             self._release()
             raise
         self.m = {"frames_in": 0, "frames_out": 0, "hellos": 0, "reconnects": 0,
-                  "bad_frames": 0}
+                  "connections": 0, "disconnects": 0, "bad_frames": 0}
         self._peer: Optional[bytes] = None  # ROUTER side: the connected bridge's identity
         self._remote_name = b""
         self._last_hello = 0.0
@@ -1326,6 +1328,9 @@ class Bridge:
                     nbytes = 0
                     items = []
                     for r in o.outq:
+                        if r.seq != first + len(items):  # the receiver numbers by position
+                            raise BridgeError(f"ring {o.local!r}: the send queue skips from seq "
+                                              f"{first + len(items) - 1} to {r.seq}")
                         items.append(r.data)
                         nbytes += len(r.data)
                         if len(items) >= self.batch or nbytes >= 256 * 1024:
@@ -1369,10 +1374,35 @@ class Bridge:
                 self._hello()
                 self._hello_since = None
 
+    def _on_event(self, event: int) -> None:
+        """A connection event of the socket (its monitor)."""
+        if event == zmq.EVENT_CONNECTED:
+            self.m["connections"] += 1
+            self._hello()  # where does the remote stand? its welcome starts (re)sending
+        elif event == zmq.EVENT_ACCEPTED:
+            self.m["connections"] += 1
+            log.info("a remote bridge connected to %s", self.endpoint)
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.m["disconnects"] += 1
+            if self.connect:
+                if self._welcomed.is_set():
+                    log.warning("lost the connection to the remote bridge at %s; reconnecting "
+                                "(unacknowledged messages are kept and resent)", self.endpoint)
+                self._welcomed.clear()
+                if self._hello_since is None:
+                    self._hello_since = time.monotonic()
+            else:
+                log.info("a remote bridge disconnected from %s", self.endpoint)
+
     def _net(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        from zmq.utils.monitor import recv_monitor_message
+
+        mon = self._sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        poller.register(mon, zmq.POLLIN)
         want_out = False
         try:
             if self.connect:
@@ -1389,6 +1419,13 @@ class Bridge:
                             pass
                     except BlockingIOError:
                         pass
+                if mon in events:
+                    while True:
+                        try:
+                            ev = recv_monitor_message(mon, zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_event(int(ev["event"]))
                 for _ in range(64):
                     try:
                         frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -1402,6 +1439,12 @@ class Bridge:
         except BaseException as e:  # noqa: BLE001
             if not self._stop.is_set():
                 self._fail("network thread", e)
+        finally:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(0)  # before the context terminates (close() joins this thread first)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -526,6 +526,7 @@ def test_cut_connections_lose_and_repeat_nothing(pair):
 
         assert consume(p, count, on_progress=on_progress) == count
         assert not cuts and proxy.cuts == 3
+        assert "lost the connection to the remote bridge" in p.log_text("tx")
     finally:
         proxy.close()
 

@@ -705,7 +705,8 @@ class _InStream:
         # is adopted by the next producer's first look: take that look now, so head is exact
         probe = _spsc_ring(region, name)
         try:
-            probe.reserve(0)
+            if probe.reserve(0) is not None:
+                probe.cancel()
         except IvshmemError:
             pass
         probe.close()

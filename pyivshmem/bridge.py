@@ -939,7 +939,17 @@ class Bridge:
     the local rings the remote may deliver into.  ``state_dir`` holds the spill and state files
     that make delivery exactly once across restarts; keep it across restarts of this bridge.
 
-    ``start()`` runs the threads; ``close()`` stops them.  ``metrics()`` returns the counters.
+    ``doorbell``/``vector``: the doorbell provider the bridge's Channels sleep on, each ring on a
+    vector of its own from ``vector`` up while the provider has them.  ``spill_size`` (bytes) and
+    ``max_inflight`` (messages) bound each out ring's window of unacknowledged messages;
+    ``batch`` is the most messages per network message; ``idle_wait`` how long one idle wait
+    lasts before it looks again; ``resend_after`` how long without an acknowledgement before the
+    bridge asks the remote where it stands; ``connect_timeout`` when an unanswered remote is
+    logged as unreachable; ``spin`` the Channels' spin budget (None: their default).
+
+    ``start()`` runs the threads; ``close()`` stops them; ``wait_connected(timeout)`` waits for
+    the remote (RemoteUnreachable); ``check()`` raises what stopped a thread; ``metrics()``
+    returns the counters.  A context manager: ``with Bridge(...) as b`` starts and closes it.
     """
 
     def __init__(self, region: Any, *, listen: Optional[str] = None, connect: Optional[str] = None,

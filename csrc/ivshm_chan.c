@@ -6,6 +6,7 @@
 #include "ivshm_chan.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,8 +51,11 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
                     uint64_t spin_ns, uint64_t recheck_ns)
 {
     memset(ch, 0, sizeof(*ch));
-    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC) || ring == NULL || recheck_ns == 0)
+    if ((kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC && kind != IVSHM_KIND_PUBSUB) ||
+        ring == NULL || recheck_ns == 0)
         return -EINVAL;
+    if (kind == IVSHM_KIND_PUBSUB && ivshm_pubsub_ops_of(ring) == NULL)
+        return -EINVAL; /* not an attached publisher or subscriber */
     if (peer >= 0 && ((uint32_t)peer > IVSHM_MAX_PEER_ID || vector < 0 ||
                       (uint32_t)vector >= IVSHM_MAX_VECTORS))
         return -EINVAL;
@@ -59,6 +63,11 @@ int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, 
     if (kind == IVSHM_KIND_SPSC) {
         ch->spsc = ring;
         ch->ctrl = ch->spsc->ctrl;
+    } else if (kind == IVSHM_KIND_PUBSUB) {
+        ch->pubsub = ring;
+        ch->ctrl = ivshm_pubsub_ctrl_of(ring);
+        if (recheck_ns > ivshm_pubsub_ops_of(ring)->recheck_ns(ring))
+            recheck_ns = ivshm_pubsub_ops_of(ring)->recheck_ns(ring); /* the publisher's slow_timeout */
     } else {
         ch->mpmc = ring;
         ch->ctrl = ch->mpmc->ctrl;
@@ -110,6 +119,8 @@ static int route_ok(uint32_t w)
 /* -- readiness ------------------------------------------------------------------------------------ */
 int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB) /* the handle knows its side */
+        return ivshm_pubsub_ops_of(ch->pubsub)->ready(ch->pubsub, need);
     if (ch->kind == IVSHM_KIND_SPSC) {
         struct ivshm_spsc *q = ch->spsc;
         if (side == IVSHM_CHAN_RECV)
@@ -135,7 +146,15 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (ch->route == 0)
         return 0;
     uint32_t *table = table_of(ch, call->side);
+    uint32_t *waiting = waiting_of(ch, call->side);
     uint32_t start = ch->route % IVSHM_SLEEPERS;
+    /* Count ourselves BEFORE the entry shows, and uncount only after it is cleared (disarm, or
+     * a waker's claim): then `waiting` is never below the number of armed entries.  Counting
+     * after the entry let a waker that claimed the entry first decrement before our increment,
+     * so that another sleeper's waker could read 0 and skip a table with that sleeper in it.
+     * The count and the entry are ordered by the release CAS below, which the claim's acquire
+     * CAS pairs with. */
+    atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
         uint32_t e = (start + k) % IVSHM_SLEEPERS;
         uint32_t expect = 0;
@@ -143,14 +162,13 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
             continue;
         /* S1: pairs with the waker's load and CAS in claim_one() (through F1/F2) */
         if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, ch->route,
-                                                    memory_order_relaxed, memory_order_relaxed)) {
-            atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting_of(ch, call->side)), 1u,
-                                      memory_order_relaxed);
+                                                    memory_order_release, memory_order_relaxed)) {
             IVSHM_FENCE(); /* F1: pairs with F2 in ivshm_chan_wake_other / pass_on */
             call->entry = (int)e;
             return 1;
         }
     }
+    atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     return 0; /* the table is full: this call polls */
 }
 
@@ -180,32 +198,60 @@ static int cancel_fds(const struct ivshm_chan *ch, struct pollfd *p)
     return n;
 }
 
-int ivshm_chan_absorb(struct ivshm_chan *ch)
+/* Was the entry this call holds claimed by a waker (rung for us)?  Only while it holds one. */
+static int claimed(const struct ivshm_chan *ch, const struct ivshm_chan_call *call)
+{
+    if (call->entry < 0)
+        return 0;
+    return IVSHM_LOAD_RELAXED(&table_of(ch, call->side)[call->entry]) != ch->route;
+}
+
+int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 {
     uint64_t v = 0;
-    /* Several sleepers of this process may share the fd (same route, other entries): each ring
-     * is one unit, so keep one and put the rest back for the others.  A unit nobody needs costs
-     * one spurious re-check later.  EAGAIN: another reader was first. */
+    /* Sleepers of this process may share the fd: channels on other rings with the same vector,
+     * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
+     * that was claimed keeps one unit and puts the rest back.  A call that was not claimed woke
+     * for somebody else's ring: if others of this process sleep on the fd it puts everything
+     * back for them (and yields, so that they run); alone, the unit is a stray (a ring for a
+     * sleeper that left meanwhile) and it is dropped.  EAGAIN: another reader was first. */
     ssize_t n = read(ch->wait_fd, &v, sizeof(v));
     if (n < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-    if (v > 1) {
-        uint64_t rest = v - 1;
+    uint64_t rest = v;
+    int mine = claimed(ch, call);
+    if (mine && v > 0)
+        rest = v - 1;
+    else if (ch->fd_sleepers == NULL ||
+             atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_relaxed) <= 1)
+        rest = 0;
+    if (rest > 0) {
         ssize_t w = write(ch->wait_fd, &rest, sizeof(rest));
         (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
+        if (!mine)
+            sched_yield();
     }
-    if (v > 0)
+    if (mine && v > 0)
         stat_add(&ch->st.wakeups);
-    return v > 0;
+    return mine && v > 0;
 }
 
-void ivshm_chan_note_sleep(struct ivshm_chan *ch)
+void ivshm_chan_sleep_begin(struct ivshm_chan *ch)
 {
     stat_add(&ch->st.sleeps);
+    if (ch->fd_sleepers)
+        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
 }
 
-/* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 rung, 0 timed out, -ECANCELED, -errno. */
-static int sleep_fd(struct ivshm_chan *ch, int ms)
+void ivshm_chan_sleep_end(struct ivshm_chan *ch)
+{
+    if (ch->fd_sleepers)
+        atomic_fetch_sub_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
+}
+
+/* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 woken (rung, or a ring for another
+ * sleeper of this fd), 0 timed out, -ECANCELED, -errno. */
+static int sleep_fd(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int ms)
 {
     struct pollfd p[3];
     p[0] = (struct pollfd){.fd = ch->wait_fd, .events = POLLIN, .revents = 0};
@@ -220,7 +266,7 @@ static int sleep_fd(struct ivshm_chan *ch, int ms)
         return 0;
     if (p[0].revents & (POLLERR | POLLNVAL))
         return -EBADF;
-    int rc = ivshm_chan_absorb(ch);
+    int rc = ivshm_chan_absorb(ch, call);
     return rc < 0 ? rc : 1;
 }
 
@@ -270,12 +316,14 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
         return 1;
     }
     call->slept++;
-    stat_add(&ch->st.sleeps);
     int rc;
     if (armed) {
         int64_t ms = (span + 999999) / 1000000;
-        rc = sleep_fd(ch, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        ivshm_chan_sleep_begin(ch);
+        rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        ivshm_chan_sleep_end(ch);
     } else {
+        stat_add(&ch->st.sleeps);
         rc = sleep_poll(ch, call, span);
     }
     ivshm_chan_disarm(ch, call);
@@ -302,9 +350,10 @@ static int claim_one(struct ivshm_chan *ch, uint32_t side, int passing_on)
         uint32_t w = IVSHM_LOAD_RELAXED(&table[e]); /* L2: pairs with S1 through F1/F2 */
         if (w == 0 || !route_ok(w))
             continue;
-        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins) */
+        /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins);
+         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment */
         if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &w, 0u,
-                                                     memory_order_relaxed, memory_order_relaxed))
+                                                     memory_order_acquire, memory_order_relaxed))
             continue;
         atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
         IVSHM_STORE_RELAXED(startp, e + 1); /* the next waker starts past this one */
@@ -329,9 +378,23 @@ int ivshm_chan_wake_other(struct ivshm_chan *ch, uint32_t my_side)
     return claim_one(ch, my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV, 0);
 }
 
+int ivshm_chan_wake_all(struct ivshm_chan *ch, uint32_t my_side)
+{
+    IVSHM_FENCE(); /* F2: pairs with F1 in ivshm_chan_arm (the publish is S2) */
+    uint32_t side = my_side == IVSHM_CHAN_RECV ? IVSHM_CHAN_SEND : IVSHM_CHAN_RECV;
+    int rung = 0;
+    /* claim_one rings one armed sleeper per call and returns 0 once none is left (or none it can
+     * reach); at most one claim per table entry, so this ends after IVSHM_SLEEPERS rings */
+    for (uint32_t k = 0; k < IVSHM_SLEEPERS && claim_one(ch, side, 0); k++)
+        rung++;
+    return rung;
+}
+
 void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
-    if (call->slept == 0)
+    /* publish-subscribe needs no pass-on: the publisher rings every sleeper itself, and one
+     * subscriber's readiness says nothing about another's */
+    if (call->slept == 0 || ch->kind == IVSHM_KIND_PUBSUB)
         return;
     IVSHM_FENCE(); /* F2 again: our view of the ring against new sleepers' F1 */
     if (ivshm_chan_ready(ch, call->side, call->need))
@@ -341,6 +404,8 @@ void ivshm_chan_pass_on(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 /* -- blocking send and receive for C programs ----------------------------------------------------- */
 static int try_send(struct ivshm_chan *ch, const void *data, uint64_t len)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB)
+        return ivshm_pubsub_ops_of(ch->pubsub)->try_send(ch->pubsub, data, len);
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_send(ch->spsc, data, len)
                                        : ivshm_mpmc_try_send(ch->mpmc, data, len);
 }
@@ -366,13 +431,19 @@ int ivshm_chan_send(struct ivshm_chan *ch, const void *data, uint64_t len, int64
         }
         ivshm_chan_pass_on(ch, &call);
     }
-    if (rc == 0)
-        ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    if (rc == 0) {
+        if (ch->kind == IVSHM_KIND_PUBSUB)
+            ivshm_chan_wake_all(ch, IVSHM_CHAN_SEND);
+        else
+            ivshm_chan_wake_other(ch, IVSHM_CHAN_SEND);
+    }
     return rc;
 }
 
 static int64_t try_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t *needed)
 {
+    if (ch->kind == IVSHM_KIND_PUBSUB)
+        return ivshm_pubsub_ops_of(ch->pubsub)->try_recv(ch->pubsub, buf, cap, needed);
     return ch->kind == IVSHM_KIND_SPSC ? ivshm_spsc_try_recv(ch->spsc, buf, cap, needed)
                                        : ivshm_mpmc_try_recv(ch->mpmc, buf, cap, needed);
 }

@@ -6,7 +6,8 @@
  * control block (ivshm_layout.h, lines 3 and 4) and writes its route word there (its peer id and
  * vector).  The protocol, proved in docs/wakeup.md:
  *
- *   sleeper: S1 claim a free entry (CAS 0 -> route), count it in `waiting`;  F1 full fence;
+ *   sleeper: S1 count itself in `waiting`, then claim a free entry (CAS 0 -> route; counting
+ *            first keeps `waiting` >= the armed entries, see ivshm_chan_arm);  F1 full fence;
  *            L1 re-check the ring; sleep only if it still is not ready; on waking, take the entry
  *            back (CAS route -> 0; a failed CAS means a waker claimed it and rang us).
  *   waker:   S2 publish (or release slots);  F2 full fence;  L2 load `waiting`; if non-zero,
@@ -41,6 +42,7 @@
 #include "ivshm_atomic.h"
 #include "ivshm_layout.h"
 #include "ivshm_mpmc.h"
+#include "ivshm_pubsub.h"
 #include "ivshm_spsc.h"
 
 #ifdef __cplusplus
@@ -86,6 +88,7 @@ struct ivshm_chan {
     struct ivshm_ring_ctrl *ctrl;
     struct ivshm_spsc *spsc;   /* exactly one of these, after the kind */
     struct ivshm_mpmc *mpmc;
+    void *pubsub;              /* IVSHM_KIND_PUBSUB: a struct ivshm_pubsub_pub or _sub (its role) */
     int wait_fd;               /* readable when my vector is rung (non-blocking); -1: poll */
     int cancel_fd;             /* readable once waits must stop (owner closing); -1: none */
     int cancel_fd2;            /* a second such fd (e.g. the region's and the channel's); -1 */
@@ -94,6 +97,10 @@ struct ivshm_chan {
     uint64_t spin_ns;          /* busy-poll this long before sleeping (per blocking call) */
     uint64_t recheck_ns;       /* sleepers look at the ring at least this often */
     uint32_t start_cons, start_prod; /* where wakers start their scans (fairness), a hint */
+    /* Process-local count of sleepers on wait_fd, shared by every channel of this process that
+     * sleeps on the same fd (NULL: this channel is alone on it).  A sleeper woken by a ring meant
+     * for another one puts it back only when others sleep there.  Set by the owner after init. */
+    uint32_t *fd_sleepers;
     struct ivshm_chan_stats st; /* updated with relaxed atomics */
 };
 
@@ -110,7 +117,9 @@ struct ivshm_chan_call {
     uint32_t backoff_us;   /* polling back-off */
 };
 
-/* Set up a channel over `ring` (a struct ivshm_spsc * or struct ivshm_mpmc *, per `kind`).
+/* Set up a channel over `ring` (a struct ivshm_spsc * or struct ivshm_mpmc *, per `kind`; for
+ * IVSHM_KIND_PUBSUB a publisher's or a subscriber's handle: the publisher sleeps on the producer
+ * side, subscribers on the consumer side, and the publisher's sends ring every sleeper).
  * `peer`/`vector`: my route, or peer < 0 for a channel that cannot be rung (it polls).
  * Returns 0 or -EINVAL (bad kind, route out of range, recheck of 0). */
 int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, int vector,
@@ -142,16 +151,24 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
-/* Take a doorbell from wait_fd after an event loop saw it readable: keeps one ring, puts any
- * others back for co-sleepers sharing the fd.  1 if a ring was taken, 0 if none, -errno. */
-int ivshm_chan_absorb(struct ivshm_chan *ch);
+/* Take a doorbell from wait_fd after an event loop saw it readable, while `call` still holds
+ * its entry: keeps one ring if the entry was claimed, puts rings meant for other sleepers of
+ * this process back (see fd_sleepers).  1 if a ring for this call was taken, 0 if not, -errno. */
+int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
 
-/* Count a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait counts its own). */
-void ivshm_chan_note_sleep(struct ivshm_chan *ch);
+/* Bracket a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait does its own):
+ * counts the sleep and the sleepers on the fd. */
+void ivshm_chan_sleep_begin(struct ivshm_chan *ch);
+void ivshm_chan_sleep_end(struct ivshm_chan *ch);
 
 /* After publishing (IVSHM_CHAN_SEND side woke consumers) or releasing slots (RECV side wakes
  * producers): ring one sleeper of the OTHER side, if any sleeps.  1 rung, 0 nobody to ring. */
 int ivshm_chan_wake_other(struct ivshm_chan *ch, uint32_t my_side);
+
+/* Publish-subscribe: every subscriber needs every message, so after a publish the publisher rings
+ * EVERY armed sleeper of the other side, not one (each claimed by CAS as in wake_other, so a
+ * sleeper is rung at most once per sleep).  The number rung. */
+int ivshm_chan_wake_all(struct ivshm_chan *ch, uint32_t my_side);
 
 /* At the end of a blocking call that slept: if the call's side is still ready, wake one more
  * sleeper of the same side (pass-on).  Cheap; a no-op for calls that never slept. */

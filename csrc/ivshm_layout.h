@@ -33,6 +33,7 @@
 
 #define IVSHM_KIND_SPSC 1u
 #define IVSHM_KIND_MPMC 2u
+#define IVSHM_KIND_PUBSUB 3u /* one publisher, every subscriber reads every message (ivshm_pubsub.h) */
 
 #define IVSHM_DESC_FREE  0u
 #define IVSHM_DESC_READY 1u
@@ -150,5 +151,79 @@ _Static_assert(offsetof(struct ivshm_spsc_slot_hdr, stamp) == 4, "spsc stamp at 
 _Static_assert(IVSHM_MAX_SLOT_SIZE <= IVSHM_SPSC_LEN_MASK, "an SPSC length fits beside the MORE bit");
 _Static_assert(IVSHM_MAX_CAPACITY <= (1u << 30), "32-bit SPSC stamps and MPMC sequence words tell a lap from the next");
 _Static_assert(sizeof(struct ivshm_mpmc_slot_hdr) == IVSHM_MPMC_SLOT_HDR, "mpmc slot header");
+
+/* -- publish-subscribe rings (IVSHM_KIND_PUBSUB; ivshm_pubsub.h, docs/pubsub.md) ---------------------
+ *
+ * Ring: [ control block, 640 bytes ][ config, 128 ][ subscriber table, 64 x 128 ][ slots ]
+ * The control block is the one above: line 1's `head` is the publisher's published index, line 2's
+ * `tail` the lowest subscriber cursor the publisher last saw (informational), lines 3 and 4 the
+ * sleepers (subscribers on line 3, the publisher on line 4).  Each subscriber entry sits on its own
+ * 128-byte line, written by that subscriber (its cursor, its heartbeat) and by the publisher only
+ * when it cuts the subscriber off. */
+#define IVSHM_PUBSUB_MAX_SUBS  64u
+#define IVSHM_PUBSUB_SLOT_HDR  16u
+#define IVSHM_PUBSUB_CFG_MAGIC 0x4255534255505649ULL /* "IVPUBSUB": the config is written */
+#define IVSHM_PUBSUB_BLOCK 1u /* slow policy: the publisher waits for the slowest live subscriber */
+#define IVSHM_PUBSUB_DROP  2u /* slow policy: a subscriber that holds it back too long is cut off */
+
+/* A subscriber entry's `ctl` word: (generation << 8) | state.  The generation grows each time the
+ * entry is claimed, so a compare-and-swap by the publisher can never act on a later occupant. */
+#define IVSHM_SUB_FREE    0u /* nobody */
+#define IVSHM_SUB_JOINING 1u /* claimed, cursor not yet set */
+#define IVSHM_SUB_ACTIVE  2u /* reading; the publisher waits for (or drops) it */
+#define IVSHM_SUB_DROPPED 3u /* cut off by the publisher; the subscriber learns it at its next call */
+#define IVSHM_SUB_STATE(ctl) ((uint32_t)((ctl) & 0xffu))
+#define IVSHM_SUB_GEN(ctl) ((ctl) >> 8)
+#define IVSHM_SUB_CTL(gen, state) (((uint64_t)(gen) << 8) | (uint64_t)(state))
+
+/* Why a subscriber was cut off (entry `reason`). */
+#define IVSHM_SUB_CUT_SLOW   1u /* held the publisher back for slow_timeout (slow="drop") */
+#define IVSHM_SUB_CUT_DEAD   2u /* its process is gone, or silent past slow_timeout in another VM */
+#define IVSHM_SUB_CUT_CURSOR 3u /* its cursor was outside the publisher's window (misbehaving) */
+#define IVSHM_SUB_CUT_BY_PUBLISHER 4u /* the publisher dropped it on request */
+
+/* The config line, written once by the creator before `magic` is stored (release). */
+struct ivshm_pubsub_cfg {
+    uint64_t magic;           /*   0: IVSHM_PUBSUB_CFG_MAGIC once written */
+    uint32_t policy;          /*   8: IVSHM_PUBSUB_BLOCK / IVSHM_PUBSUB_DROP */
+    uint32_t max_subs;        /*  12: IVSHM_PUBSUB_MAX_SUBS */
+    uint64_t slow_timeout_ns; /*  16 */
+    uint64_t joins;           /*  24: subscribers that joined (informational) */
+    uint64_t cuts;            /*  32: subscribers cut off (informational) */
+    uint8_t  pad[IVSHM_LINE - 40];
+};
+
+struct ivshm_pubsub_entry {
+    uint64_t ctl;         /*   0: IVSHM_SUB_CTL(generation, state) */
+    uint64_t cursor;      /*   8: next index this subscriber reads; all below are done */
+    uint64_t heartbeat;   /*  16: bumped by the subscriber while it waits (liveness across VMs) */
+    uint64_t ns_key;      /*  24: its pid namespace (boot id + ns inode hash), 0 unknown */
+    uint32_t pid;         /*  32: its process id in that namespace */
+    uint32_t reason;      /*  36: IVSHM_SUB_CUT_* once cut off */
+    uint64_t cut_head;    /*  40: the publisher's index when it cut the subscriber off */
+    uint64_t cut_cursor;  /*  48: the subscriber's cursor then */
+    uint64_t joined_at;   /*  56: the first index it was to read */
+    uint8_t  pad[IVSHM_LINE - 64];
+};
+
+/* Slot: `stamp` is (i + 1) once slot holds message i, 0 while the publisher rewrites it; a reader
+ * that sees the same stamp before and after copying read an untorn message (a sequence lock). */
+struct ivshm_pubsub_slot_hdr {
+    uint64_t stamp;
+    uint32_t len;
+    uint32_t reserved;
+};
+
+#define IVSHM_PUBSUB_CFG_OFF   IVSHM_CTRL_SIZE
+#define IVSHM_PUBSUB_TABLE_OFF (IVSHM_CTRL_SIZE + IVSHM_LINE)
+#define IVSHM_PUBSUB_EXTRA     (IVSHM_LINE + IVSHM_PUBSUB_MAX_SUBS * IVSHM_LINE) /* before the slots */
+
+_Static_assert(sizeof(struct ivshm_pubsub_cfg) == IVSHM_LINE, "pubsub config is one line");
+_Static_assert(sizeof(struct ivshm_pubsub_entry) == IVSHM_LINE, "a subscriber entry is one line");
+_Static_assert(offsetof(struct ivshm_pubsub_entry, cursor) == 8, "cursor at 8");
+_Static_assert(offsetof(struct ivshm_pubsub_entry, pid) == 32, "pid at 32");
+_Static_assert(offsetof(struct ivshm_pubsub_entry, joined_at) == 56, "joined_at at 56");
+_Static_assert(sizeof(struct ivshm_pubsub_slot_hdr) == IVSHM_PUBSUB_SLOT_HDR, "pubsub slot header");
+_Static_assert(IVSHM_PUBSUB_EXTRA == 8320, "pubsub config + table");
 
 #endif /* IVSHM_LAYOUT_H */

@@ -43,13 +43,15 @@ int ivshm_region_size_ok(uint64_t size)
 uint32_t ivshm_ring_stride(uint32_t kind, uint32_t slot_size)
 {
     uint64_t hdr = kind == IVSHM_KIND_MPMC ? IVSHM_MPMC_SLOT_HDR : IVSHM_SPSC_SLOT_HDR;
+    if (kind == IVSHM_KIND_PUBSUB)
+        hdr = IVSHM_PUBSUB_SLOT_HDR;
     uint64_t s = (hdr + (uint64_t)slot_size + 7u) & ~(uint64_t)7u;
     return s > UINT32_MAX ? 0 : (uint32_t)s;
 }
 
 int ivshm_ring_shape_ok(uint32_t kind, uint32_t slot_size, uint32_t capacity, const char **why)
 {
-    if (kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC) {
+    if (kind != IVSHM_KIND_SPSC && kind != IVSHM_KIND_MPMC && kind != IVSHM_KIND_PUBSUB) {
         if (why) *why = "unknown ring kind";
         return -EINVAL;
     }
@@ -71,6 +73,8 @@ uint64_t ivshm_ring_bytes(uint32_t kind, uint32_t slot_size, uint32_t capacity)
     uint64_t stride = ivshm_ring_stride(kind, slot_size);
     /* both factors are <= 2^31, so the product fits in 64 bits */
     uint64_t bytes = IVSHM_CTRL_SIZE + stride * (uint64_t)capacity;
+    if (kind == IVSHM_KIND_PUBSUB)
+        bytes += IVSHM_PUBSUB_EXTRA; /* config line + subscriber table, before the slots */
     return (bytes + IVSHM_RING_ALIGN - 1) & ~(uint64_t)(IVSHM_RING_ALIGN - 1);
 }
 

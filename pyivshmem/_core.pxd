@@ -1,5 +1,5 @@
 # Declarations of the C core (csrc/) for Cython.  The hot path is static inline in the headers.
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, int32_t
 
 cdef extern from "ivshm_layout.h" nogil:
     enum:
@@ -136,6 +136,7 @@ cdef extern from "ivshm_chan.h" nogil:
         int wait_fd
         int cancel_fd
         int cancel_fd2
+        uint32_t *fd_sleepers
         uint64_t spin_ns
         uint64_t recheck_ns
     ctypedef struct ivshm_chan_call "struct ivshm_chan_call":
@@ -153,8 +154,9 @@ cdef extern from "ivshm_chan.h" nogil:
     int ivshm_chan_wait(ivshm_chan *ch, ivshm_chan_call *call)
     int ivshm_chan_arm(ivshm_chan *ch, ivshm_chan_call *call)
     void ivshm_chan_disarm(ivshm_chan *ch, ivshm_chan_call *call)
-    int ivshm_chan_absorb(ivshm_chan *ch)
-    void ivshm_chan_note_sleep(ivshm_chan *ch)
+    int ivshm_chan_absorb(ivshm_chan *ch, const ivshm_chan_call *call)
+    void ivshm_chan_sleep_begin(ivshm_chan *ch)
+    void ivshm_chan_sleep_end(ivshm_chan *ch)
     int ivshm_chan_wake_other(ivshm_chan *ch, uint32_t my_side)
     void ivshm_chan_pass_on(ivshm_chan *ch, ivshm_chan_call *call)
     void ivshm_chan_get_stats(const ivshm_chan *ch, ivshm_chan_stats *out)
@@ -175,3 +177,98 @@ cdef extern from "ivshm_region.h" nogil:
         IVSHM_DIR_LEASE_MS
         IVSHM_MAX_SLOT_SIZE
         IVSHM_MAX_CAPACITY
+
+cdef extern from "ivshm_layout.h" nogil:
+    enum:
+        IVSHM_KIND_PUBSUB
+        IVSHM_PUBSUB_MAX_SUBS
+        IVSHM_PUBSUB_BLOCK
+        IVSHM_PUBSUB_DROP
+        IVSHM_SUB_FREE
+        IVSHM_SUB_JOINING
+        IVSHM_SUB_ACTIVE
+        IVSHM_SUB_DROPPED
+        IVSHM_SUB_CUT_SLOW
+        IVSHM_SUB_CUT_DEAD
+        IVSHM_SUB_CUT_CURSOR
+        IVSHM_SUB_CUT_BY_PUBLISHER
+
+cdef extern from "ivshm_pubsub.h" nogil:
+    ctypedef struct ivshm_pubsub_pub "struct ivshm_pubsub_pub":
+        ivshm_ring_ctrl *ctrl
+        uint32_t capacity
+        uint32_t slot_size
+        uint32_t policy
+        uint32_t recovered
+        int64_t slow_ns
+        uint64_t head
+        uint64_t min_cache
+        uint32_t active
+        uint64_t cuts
+        int32_t last_cut
+        uint32_t last_reason
+        uint64_t last_behind
+        const char *why
+        uint64_t why_a
+        uint64_t why_b
+        int32_t why_sub
+    ctypedef struct ivshm_pubsub_sub "struct ivshm_pubsub_sub":
+        ivshm_ring_ctrl *ctrl
+        uint32_t index
+        uint32_t closed
+        uint64_t cursor
+        uint64_t joined_at
+        const char *why
+        uint64_t why_a
+        uint64_t why_b
+    ctypedef struct ivshm_pubsub_msg "struct ivshm_pubsub_msg":
+        const uint8_t *data
+        uint64_t len
+    ctypedef struct ivshm_pubsub_status "struct ivshm_pubsub_status":
+        uint32_t state
+        uint32_t reason
+        uint64_t cursor
+        uint64_t head
+        uint64_t cut_head
+        uint64_t cut_cursor
+    ctypedef struct ivshm_pubsub_subinfo "struct ivshm_pubsub_subinfo":
+        uint32_t index
+        uint32_t state
+        uint64_t generation
+        uint64_t cursor
+        uint32_t pid
+        uint32_t reason
+        uint64_t ns_key
+        uint64_t heartbeat
+        uint64_t cut_head
+        uint64_t cut_cursor
+        uint64_t joined_at
+    uint64_t ivshm_pubsub_ns_key()
+    int ivshm_pubsub_create(ivshm_region *r, const char *name, uint32_t slot_size, uint32_t capacity,
+                            uint32_t policy, uint64_t slow_timeout_ns, uint64_t token, int wait_ms,
+                            ivshm_ring_info *out, const char **why)
+    int ivshm_pubsub_config(const ivshm_region *r, const ivshm_ring_info *info, uint32_t *policy,
+                            uint64_t *slow_timeout_ns, int wait_ms, const char **why)
+    int ivshm_pubsub_pub_attach(ivshm_pubsub_pub *p, const ivshm_region *r, const ivshm_ring_info *info,
+                                int wait_ms, const char **why)
+    int ivshm_pubsub_subscribe(ivshm_pubsub_sub *s, const ivshm_region *r, const ivshm_ring_info *info,
+                               uint32_t pid, uint64_t ns_key, int wait_ms, const char **why)
+    void ivshm_pubsub_unsubscribe(ivshm_pubsub_sub *s)
+    int64_t ivshm_pubsub_room(ivshm_pubsub_pub *p, uint64_t need)
+    uint8_t *ivshm_pubsub_begin(ivshm_pubsub_pub *p)
+    void ivshm_pubsub_end(ivshm_pubsub_pub *p, uint32_t len)
+    void ivshm_pubsub_publish(ivshm_pubsub_pub *p)
+    int ivshm_pubsub_try_send(ivshm_pubsub_pub *p, const void *data, uint64_t len)
+    int ivshm_pubsub_reserve(ivshm_pubsub_pub *p, uint64_t len, uint8_t **ptr)
+    void ivshm_pubsub_commit(ivshm_pubsub_pub *p, uint32_t len)
+    int ivshm_pubsub_cut(ivshm_pubsub_pub *p, uint32_t index)
+    int ivshm_pubsub_list(const ivshm_pubsub_pub *p, ivshm_pubsub_subinfo *out, int max)
+    int ivshm_pubsub_next(ivshm_pubsub_sub *s, ivshm_pubsub_msg *m)
+    int ivshm_pubsub_check(ivshm_pubsub_sub *s)
+    void ivshm_pubsub_advance(ivshm_pubsub_sub *s)
+    void ivshm_pubsub_release(ivshm_pubsub_sub *s)
+    uint64_t ivshm_pubsub_pending(const ivshm_pubsub_sub *s)
+    int ivshm_pubsub_sub_status(const ivshm_pubsub_sub *s, ivshm_pubsub_status *st)
+
+cdef extern from "ivshm_chan.h" nogil:
+    int ivshm_chan_wake_all(ivshm_chan *ch, uint32_t my_side)

@@ -70,16 +70,18 @@ from pyivshmem.errors import (
     ClosedError, ConfigError, CorruptionError, MessageTooLargeError, RegionFormatError,
     StallError, WaitTimeout, AlreadyExistsError, RegionNotFoundError, RegionFullError,
     RingNotFoundError, ViewInUseError, AccessDeniedError, SystemCallError,
+    SubscriberDroppedError,
 )
 
-__all__ = ["Region", "SpscRing", "MpmcRing", "SlotView", "Channel", "parse_size"]
+__all__ = ["Region", "SpscRing", "MpmcRing", "PubSubRing", "Subscriber", "SlotView", "Channel",
+           "parse_size"]
 
 cdef extern from "Python.h":
     int PySequence_Fast_GET_SIZE(object o)
     void *PySequence_Fast_ITEMS(object o)
 
-_KINDS = {"spsc": IVSHM_KIND_SPSC, "mpmc": IVSHM_KIND_MPMC}
-_KIND_NAMES = {IVSHM_KIND_SPSC: "spsc", IVSHM_KIND_MPMC: "mpmc"}
+_KINDS = {"spsc": IVSHM_KIND_SPSC, "mpmc": IVSHM_KIND_MPMC, "pubsub": IVSHM_KIND_PUBSUB}
+_KIND_NAMES = {IVSHM_KIND_SPSC: "spsc", IVSHM_KIND_MPMC: "mpmc", IVSHM_KIND_PUBSUB: "pubsub"}
 _SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 #: Default busy-spin budget of blocking calls before they start sleeping, in seconds.
@@ -843,16 +845,23 @@ cdef class Region:
                                    if rc == -ESTALE else "the region header's magic is gone")
 
     # -- rings ------------------------------------------------------------------------------
-    def create_ring(self, name, kind="spsc", *, slot_size=256, capacity=1024, exist_ok=True):
+    def create_ring(self, name, kind="spsc", *, slot_size=256, capacity=1024, exist_ok=True,
+                    slow=None, slow_timeout=None):
         """Create a ring of ``capacity`` slots (a power of two) carrying messages of up to
         ``slot_size`` bytes.  If a ring of that name exists with the same shape it is opened
         (safe when several processes do it at once), unless ``exist_ok=False``, which refuses it
         with AlreadyExistsError; one of another shape is refused with ConfigError.  No room in the
-        region: RegionFullError."""
+        region: RegionFullError.  ``kind="pubsub"`` makes a publish-subscribe ring
+        (:class:`PubSubRing`); ``slow`` ("block", the default, or "drop") and ``slow_timeout``
+        (seconds, default 1.0) say what happens to subscribers that fall behind (docs/pubsub.md)."""
         self._ensure_open()
+        if kind == "pubsub":
+            return self._create_pubsub(name, slot_size, capacity, exist_ok, slow, slow_timeout)
+        if slow is not None or slow_timeout is not None:
+            raise ConfigError(f"slow and slow_timeout apply to kind='pubsub' rings, not {kind!r}")
         bname = _ring_name(name)
         if not isinstance(kind, str) or kind not in _KINDS:
-            raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc' or 'mpmc'")
+            raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc', 'mpmc' or 'pubsub'")
         slot_size = parse_size(slot_size, f"slot_size (the slot size of ring {name!r})")
         if slot_size > IVSHM_MAX_SLOT_SIZE:
             raise ConfigError(f"slot_size (the slot size of ring {name!r}) is {slot_size}: at most "
@@ -909,8 +918,57 @@ cdef class Region:
             raise _ring_error(rc, f"open ring {name!r}", why, name)
         return self._attach(&info)
 
+    def _create_pubsub(self, name, slot_size, capacity, exist_ok, slow, slow_timeout):
+        slow = "block" if slow is None else slow
+        if slow not in ("block", "drop"):
+            raise ConfigError(f"slow must be 'block' or 'drop', not {slow!r}")
+        cdef int64_t slow_ns = _seconds_ns(1.0 if slow_timeout is None else slow_timeout,
+                                           "slow_timeout", False)
+        bname = _ring_name(name)
+        slot_size = parse_size(slot_size, f"slot_size (the slot size of ring {name!r})")
+        if slot_size > IVSHM_MAX_SLOT_SIZE:
+            raise ConfigError(f"slot_size (the slot size of ring {name!r}) is {slot_size}: at most "
+                              f"{IVSHM_MAX_SLOT_SIZE} bytes")
+        capacity = _int_arg(capacity, f"capacity of ring {name!r}", -2**63, 2**63)
+        if not 2 <= capacity <= IVSHM_MAX_CAPACITY or capacity & (capacity - 1):
+            raise ConfigError(f"capacity of ring {name!r} is {capacity}: it must be a power of two "
+                              f"between 2 and {IVSHM_MAX_CAPACITY} slots")
+        cdef ivshm_ring_info info
+        cdef const char *why = NULL
+        cdef uint64_t token = int.from_bytes(_os.urandom(8), "little") | 1
+        cdef const char *cname = bname
+        cdef uint32_t ss = slot_size, cap = capacity
+        cdef uint32_t pol = IVSHM_PUBSUB_BLOCK if slow == "block" else IVSHM_PUBSUB_DROP
+        cdef int rc
+        cdef _Mapping m = self._m
+        m.enter()
+        try:
+            with nogil:
+                rc = ivshm_pubsub_create(&self._r, cname, ss, cap, pol, <uint64_t>slow_ns, token,
+                                         _LOCK_WAIT_MS, &info, &why)
+        finally:
+            m.leave()
+        self._ensure_open()
+        if rc == 1 and not exist_ok:
+            raise AlreadyExistsError(_errno.EEXIST, f"a ring named {name!r} already exists in this "
+                                     "region (exist_ok=False); open it with region.ring(name)")
+        if rc < 0:
+            detail = why.decode() if why != NULL else None
+            if rc == -EEXIST:
+                raise ConfigError(f"cannot create pubsub ring {name!r} (slot_size={slot_size}, "
+                                  f"capacity={capacity}, slow={slow!r}, slow_timeout="
+                                  f"{slow_ns / 1e9:g}): {detail}")
+            if rc == -ENOSPC:
+                need = ivshm_ring_bytes(IVSHM_KIND_PUBSUB, ss, cap)
+                raise RegionFullError(f"cannot create ring {name!r}: {detail}; it needs {need} bytes "
+                                      f"and the region has {self._size} in all: use a larger region "
+                                      "or a smaller ring")
+            raise _ring_error(rc, f"create ring {name!r}", why, name)
+        return self._attach(&info)
+
     cdef object _attach(self, ivshm_ring_info *info):
-        cls = SpscRing if info.kind == IVSHM_KIND_SPSC else MpmcRing
+        cls = (SpscRing if info.kind == IVSHM_KIND_SPSC else
+               PubSubRing if info.kind == IVSHM_KIND_PUBSUB else MpmcRing)
         cdef _Ring ring
         cdef _Mapping m = self._m
         m.enter()  # _init reads the control block after Python allocations
@@ -2070,6 +2128,633 @@ cdef class MpmcRing(_Ring):
 
 
 # ---------------------------------------------------------------------------------------------
+# Publish-subscribe: one publisher, every subscriber reads every message (csrc/ivshm_pubsub.h)
+# ---------------------------------------------------------------------------------------------
+
+cdef extern from "<errno.h>":
+    enum:
+        ECONNRESET
+        ENOBUFS
+        EBUSY
+        EPIPE
+
+cdef uint64_t _NS_KEY = 0
+cdef bint _NS_KEY_SET = False
+
+_CUT_REASONS = {
+    IVSHM_SUB_CUT_SLOW: "slow",
+    IVSHM_SUB_CUT_DEAD: "dead",
+    IVSHM_SUB_CUT_CURSOR: "bad-cursor",
+    IVSHM_SUB_CUT_BY_PUBLISHER: "by-publisher",
+}
+_CUT_WHY = {
+    "slow": "it held the publisher back for longer than slow_timeout",
+    "dead": "its process was gone, or it made no progress for slow_timeout while behind",
+    "bad-cursor": "its cursor was outside the publisher's window (misbehaving)",
+    "by-publisher": "the publisher dropped it (PubSubRing.cut)",
+}
+_SUB_STATES = {IVSHM_SUB_FREE: "free", IVSHM_SUB_JOINING: "joining", IVSHM_SUB_ACTIVE: "active",
+               IVSHM_SUB_DROPPED: "dropped"}
+
+
+cdef uint64_t _ns_key():
+    """This process's pid-namespace key (the same after fork: a child shares the namespace)."""
+    global _NS_KEY, _NS_KEY_SET
+    if not _NS_KEY_SET:
+        _NS_KEY = ivshm_pubsub_ns_key()
+        _NS_KEY_SET = True
+    return _NS_KEY
+
+
+cdef class PubSubRing(_Ring):
+    """A publish-subscribe ring: this handle is its publisher (one per ring, in any process or
+    VM), with the send side of the ring methods; :meth:`subscribe` returns a :class:`Subscriber`
+    that receives every message published after it joined, in order.  Messages are at most
+    ``slot_size`` bytes.  What happens to subscribers that fall behind is the ring's ``slow``
+    policy: "block" (the publisher waits, up to its timeout, for the slowest live subscriber) or
+    "drop" (a subscriber that held it back for ``slow_timeout`` seconds is cut off; its next call
+    raises SubscriberDroppedError).  Dead subscribers never hold the publisher for good.
+    docs/pubsub.md has the details."""
+    cdef ivshm_pubsub_pub _p
+    cdef uint32_t _policy
+    cdef uint64_t _slow_ns
+    cdef const char **_ptrs
+    cdef uint64_t *_lens
+
+    cdef _init(self, Region region, ivshm_ring_info *info):
+        _Ring._init(self, region, info)
+        cdef const char *why = NULL
+        cdef int rc = ivshm_pubsub_config(&region._r, info, &self._policy, &self._slow_ns,
+                                          _LOCK_WAIT_MS, &why)
+        if rc == 0:
+            rc = ivshm_pubsub_pub_attach(&self._p, &region._r, info, _LOCK_WAIT_MS, &why)
+        if rc != 0:
+            raise _ring_error(rc, f"open ring {self._name!r}", why, self._name)
+        self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
+        self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
+        if self._ptrs == NULL or self._lens == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        # nothing of a reservation is visible to subscribers before commit()
+        if self._wst is not None and self._wst.exports == 0:
+            self._wst.valid = False
+        free(self._ptrs)
+        free(self._lens)
+
+    @property
+    def kind(self):
+        return "pubsub"
+
+    @property
+    def max_message(self):
+        return self._info.slot_size
+
+    @property
+    def slow(self):
+        """The slow-subscriber policy: "block" or "drop"."""
+        return "block" if self._policy == IVSHM_PUBSUB_BLOCK else "drop"
+
+    @property
+    def slow_timeout(self):
+        return self._slow_ns / 1e9
+
+    def __len__(self):
+        """Messages published that the slowest subscriber has not read (at the publisher's last
+        look at the subscriber table)."""
+        self._check()
+        cdef uint64_t h = self._ctrl.head, t = self._ctrl.tail
+        return h - t if t <= h and h - t <= self._info.capacity else 0
+
+    # -- errors ------------------------------------------------------------------------------
+    cdef object _pub_error(self, int rc, what):
+        if rc == -EMSGSIZE:
+            return MessageTooLargeError(
+                f"{what} on ring {self._name!r}: messages are at most {self.slot_size} bytes "
+                "(the ring's slot size)")
+        err = self._corrupt(rc, self._p.why, self._p.why_a, self._p.why_b, what)
+        if isinstance(err, CorruptionError):
+            err.subscriber = self._p.why_sub if self._p.why_sub >= 0 else None
+            if self._p.why_sub >= 0:
+                err.args = (f"{err.args[0]} [subscriber {self._p.why_sub}]",)
+        return err
+
+    cdef str _held_back(self):
+        """Who holds the publisher back, for timeout messages."""
+        worst = None
+        for s in self.subscribers():
+            if s["state"] == "active" and s["behind"] is not None and (
+                    worst is None or s["behind"] > worst["behind"]):
+                worst = s
+        if worst is None:
+            return "no subscriber holds it back now"
+        return (f"held back by subscriber {worst['index']} (pid {worst['pid']}), "
+                f"{worst['behind']} messages behind")
+
+    # -- sending -----------------------------------------------------------------------------
+    cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
+        self._check_send()
+        cdef int rc
+        cdef _Mapping mp
+        if n <= _NOGIL_BYTES:
+            rc = ivshm_pubsub_try_send(&self._p, p, n)
+        else:
+            mp = self._m
+            mp.enter()
+            try:
+                with nogil:
+                    rc = ivshm_pubsub_try_send(&self._p, p, n)
+            finally:
+                mp.leave()
+        if rc == 0:
+            return 0
+        if rc == -EAGAIN:
+            return -1
+        raise self._pub_error(rc, "send")
+
+    cdef object _recv_obj(self):
+        raise ConfigError(f"ring {self._name!r} is a pubsub ring: this handle publishes; "
+                          "receive through ring.subscribe()")
+
+    def recv_many(self, *a, **k):
+        self._recv_obj()
+
+    def recv_into(self, *a, **k):
+        self._recv_obj()
+
+    def peek(self):
+        self._recv_obj()
+
+    def release(self):
+        self._recv_obj()
+
+    cdef _full_error(self, timeout):
+        raise WaitTimeout(f"send on pubsub ring {self._name!r}: still full after {timeout} s; "
+                          f"{self._held_back()}")
+
+    def send_many(self, messages, timeout=0.0):
+        """Send messages from the front of ``messages`` (one announce per batch); see
+        SpscRing.send_many.  With ``timeout=0`` (default) it stops when the ring is full;
+        otherwise it waits up to ``timeout`` seconds (None: forever) for room.  Returns how many
+        were sent."""
+        self._check_send()
+        cdef double t = _timeout_arg(timeout)
+        seq = self._sequence(messages)
+        cdef Py_ssize_t total = len(seq), sent = 0
+        cdef _Waiter w = None
+        while True:
+            sent += self._send_batch(seq, sent, total)
+            if sent >= total or t == 0:
+                return sent
+            if w is None:
+                w = _Waiter.make(t, self._spin)
+            if not w.pause():
+                return sent
+
+    cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
+        cdef Py_ssize_t k, n, m, done = 0
+        cdef int64_t room = 0
+        cdef int rc = 0
+        cdef object item
+        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef _Mapping mp = self._m
+        cdef uint32_t ss = self._info.slot_size
+        cdef uint64_t cap = self._info.capacity
+        while start + done < total:
+            self._check()
+            n = total - start - done
+            if n > _BATCH:
+                n = _BATCH
+            for k in range(n):
+                item = <object>items[start + done + k]
+                if not PyBytes_CheckExact(item):
+                    # other buffers one at a time, through the buffer protocol
+                    for k in range(start + done, start + done + n):
+                        if self._send_obj(seq[k]) != 0:
+                            return k - start
+                    done += n
+                    break
+                self._ptrs[k] = PyBytes_AS_STRING(item)
+                self._lens[k] = PyBytes_GET_SIZE(item)
+            else:
+                mp.enter()
+                try:
+                    with nogil:
+                        # asking for the whole batch makes a look at the table when the cached
+                        # room is smaller, so a batch is cut short only by a real lack of room
+                        room = ivshm_pubsub_room(&self._p, <uint64_t>n if <uint64_t>n <= cap else cap)
+                        m = 0
+                        if room > 0:
+                            while m < n and m < room:
+                                if self._lens[m] > ss:
+                                    rc = -EMSGSIZE
+                                    break
+                                memcpy(ivshm_pubsub_begin(&self._p), self._ptrs[m], self._lens[m])
+                                ivshm_pubsub_end(&self._p, <uint32_t>self._lens[m])
+                                m += 1
+                            ivshm_pubsub_publish(&self._p)
+                finally:
+                    mp.leave()
+                done += m
+                if room < 0:
+                    raise self._pub_error(<int>room, "send_many")
+                if rc != 0:
+                    raise MessageTooLargeError(
+                        f"message {start + done} does not fit pubsub ring {self._name!r} (at most "
+                        f"{ss} bytes); the {start + done} before it were sent")
+                if m < n:
+                    return done
+        return done
+
+    def reserve(self, size):
+        """A writable SlotView of ``size`` bytes in the next slot, or None when the ring is full;
+        fill it, then :meth:`commit` (every subscriber reads it in place: zero copy).  Until then
+        this handle refuses other sends."""
+        self._check()
+        if self._wview_len >= 0:
+            raise ConfigError(f"ring {self._name!r}: a reservation is already open; commit() or "
+                              "cancel() it first")
+        cdef Py_ssize_t n = _int_arg(size, "size", 0, 2**62)
+        if n > self._info.slot_size:
+            raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: at most {self.slot_size} bytes")
+        cdef uint8_t *p = NULL
+        cdef int rc = ivshm_pubsub_reserve(&self._p, n, &p)
+        if rc == -EAGAIN:
+            return None
+        if rc != 0:
+            raise self._pub_error(rc, "reserve")
+        self._wst = _new_state(self._m, p, False)
+        self._wview_len = n
+        self._zc_gen = _fork_gen
+        return _new_view(self._wst, 0, n)
+
+    def commit(self, size=None):
+        """Publish the reserved slot with ``size`` bytes (default: all that was reserved); the
+        reservation's views become invalid (ViewInUseError while a raw export is alive)."""
+        self._check()
+        if self._wview_len < 0:
+            raise ConfigError(f"ring {self._name!r}: commit() without reserve()")
+        cdef Py_ssize_t n = self._wview_len if size is None else _int_arg(size, "size", 0, self._wview_len)
+        _retire(self._wst, f"commit on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1
+        ivshm_pubsub_commit(&self._p, <uint32_t>n)
+
+    def cancel(self):
+        """Drop the reservation without publishing (subscribers never see it)."""
+        self._check()
+        if self._wview_len < 0:
+            raise ConfigError(f"ring {self._name!r}: cancel() without reserve()")
+        _retire(self._wst, f"cancel on ring {self._name!r}")
+        self._wst = None
+        self._wview_len = -1  # the slot's stamp stays cleared: nothing was published there
+
+    # -- subscribers --------------------------------------------------------------------------
+    def subscribe(self):
+        """Join as a subscriber (in this process): a :class:`Subscriber` that receives every
+        message published from now on.  At most 64 subscribers per ring."""
+        self._check()
+        cdef Subscriber s = Subscriber.__new__(Subscriber)
+        cdef _Mapping m = self._m
+        m.enter()
+        try:
+            s._subscribe(self._region, &self._info)
+        finally:
+            m.leave()
+        return s
+
+    def subscribers(self):
+        """The subscriber table: one dict per entry in use (index, state, cursor, behind, pid,
+        joined_at, and for those cut off: reason, cut_behind)."""
+        self._check()
+        cdef ivshm_pubsub_subinfo *buf = <ivshm_pubsub_subinfo *>malloc(
+            IVSHM_PUBSUB_MAX_SUBS * sizeof(ivshm_pubsub_subinfo))
+        if buf == NULL:
+            raise MemoryError()
+        cdef int n, i
+        cdef uint64_t head = self._ctrl.head
+        try:
+            n = ivshm_pubsub_list(&self._p, buf, IVSHM_PUBSUB_MAX_SUBS)
+            out = []
+            for i in range(n):
+                d = {"index": buf[i].index, "state": _SUB_STATES.get(buf[i].state, "corrupt"),
+                     "cursor": buf[i].cursor, "pid": buf[i].pid, "joined_at": buf[i].joined_at,
+                     "behind": head - buf[i].cursor if buf[i].cursor <= head else None,
+                     "same_host": buf[i].ns_key == _ns_key() and buf[i].ns_key != 0}
+                if buf[i].state == IVSHM_SUB_DROPPED:
+                    d["reason"] = _CUT_REASONS.get(buf[i].reason, "unknown")
+                    d["cut_behind"] = buf[i].cut_head - buf[i].cut_cursor
+                out.append(d)
+            return out
+        finally:
+            free(buf)
+
+    def cut(self, int index):
+        """Cut subscriber ``index`` off (its next call raises SubscriberDroppedError): True if it
+        was active."""
+        self._check()
+        if not 0 <= index < IVSHM_PUBSUB_MAX_SUBS:
+            raise ConfigError(f"subscriber index must be 0..{IVSHM_PUBSUB_MAX_SUBS - 1}, not {index}")
+        return ivshm_pubsub_cut(&self._p, index) == 1
+
+    @property
+    def stats(self):
+        """The publisher's counters: subscribers cut off by this handle, the last one cut (entry,
+        reason, how far behind), active subscribers at its last look at the table."""
+        return {"cuts": self._p.cuts, "active": self._p.active,
+                "last_cut": self._p.last_cut if self._p.last_cut >= 0 else None,
+                "last_reason": _CUT_REASONS.get(self._p.last_reason),
+                "last_behind": self._p.last_behind if self._p.last_cut >= 0 else None}
+
+
+cdef class Subscriber(_Ring):
+    """One subscriber of a :class:`PubSubRing` (made by ``ring.subscribe()``): the receive side of
+    the ring methods.  It receives every message published after it joined, in order, from its
+    own cursor; nothing it does affects the other subscribers.  When the publisher cuts it off,
+    its next call raises SubscriberDroppedError saying why and how far behind it was.
+    :meth:`close` leaves the ring (do close it: under slow="block" the publisher waits for every
+    subscriber still in the table)."""
+    cdef ivshm_pubsub_sub _s
+    cdef bint _joined
+    cdef object _pending_error
+
+    def __cinit__(self):
+        self._joined = False
+
+    def __dealloc__(self):
+        if self._rst is not None and self._rst.exports == 0:
+            self._rst.valid = False
+
+    cdef _subscribe(self, Region region, ivshm_ring_info *info):
+        _Ring._init(self, region, info)
+        cdef const char *why = NULL
+        cdef uint32_t pid = _os.getpid()
+        cdef uint64_t key = _ns_key()
+        cdef int rc
+        with nogil:
+            rc = ivshm_pubsub_subscribe(&self._s, &region._r, info, pid, key, _LOCK_WAIT_MS, &why)
+        if rc == -EBUSY:
+            raise ConfigError(f"cannot subscribe to ring {self._name!r}: all "
+                              f"{IVSHM_PUBSUB_MAX_SUBS} subscriber entries are taken (close "
+                              "subscribers that are done)")
+        if rc != 0:
+            raise _ring_error(rc, f"subscribe to ring {self._name!r}", why, self._name)
+        self._joined = True
+
+    @property
+    def kind(self):
+        return "pubsub"
+
+    @property
+    def max_message(self):
+        return self._info.slot_size
+
+    @property
+    def index(self):
+        """This subscriber's entry in the ring's subscriber table."""
+        return self._s.index
+
+    @property
+    def joined_at(self):
+        """Index of the first message this subscriber receives."""
+        return self._s.joined_at
+
+    @property
+    def position(self):
+        """Index of the next message it receives."""
+        return self._s.cursor
+
+    def __len__(self):
+        """Messages published that this subscriber has not received yet."""
+        self._check()
+        return ivshm_pubsub_pending(&self._s)
+
+    def status(self):
+        """{"state", "position", "head", and when cut off: "reason", "behind"}."""
+        self._check()
+        cdef ivshm_pubsub_status st
+        rc = ivshm_pubsub_sub_status(&self._s, &st)
+        d = {"state": _SUB_STATES.get(st.state, "corrupt"), "position": st.cursor, "head": st.head}
+        if rc != 0:
+            d["state"] = "dropped"
+            d["reason"] = _CUT_REASONS.get(st.reason, "unknown") if st.state == IVSHM_SUB_DROPPED else "unknown"
+            d["behind"] = st.cut_head - st.cut_cursor if st.state == IVSHM_SUB_DROPPED else None
+        return d
+
+    def close(self):
+        """Leave the ring (frees this subscriber's entry).  Idempotent."""
+        cdef _Mapping m = self._m
+        _Ring.close(self)
+        if self._joined:
+            self._joined = False
+            if m is not None and not m.closed:
+                ivshm_pubsub_unsubscribe(&self._s)
+
+    def __del__(self):
+        if self._joined:
+            _warnings.warn(f"unclosed {self!r}: a subscriber holds a place in the ring until it "
+                           "closes (or, once its region is closed, until its process exits)",
+                           ResourceWarning, source=self)
+            self.close()
+
+    def __repr__(self):
+        return f"<pyivshmem.Subscriber {self._name!r} index={self._s.index} position={self._s.cursor}>"
+
+    # -- errors ------------------------------------------------------------------------------
+    cdef object _sub_error(self, int64_t rc, what):
+        cdef ivshm_pubsub_status st
+        if rc == -ECONNRESET:
+            ivshm_pubsub_sub_status(&self._s, &st)
+            if st.state == IVSHM_SUB_DROPPED:
+                reason = _CUT_REASONS.get(st.reason, "unknown")
+                behind = st.cut_head - st.cut_cursor
+                msg = (f"{what}: subscriber {self._s.index} of ring {self._name!r} was cut off by "
+                       f"the publisher: {_CUT_WHY.get(reason, 'reason unknown')}; it was {behind} "
+                       f"messages behind (at message {st.cut_cursor}, the publisher at "
+                       f"{st.cut_head}).  Close it and subscribe again to follow the stream from now.")
+            else:
+                reason, behind = "unknown", None
+                msg = (f"{what}: subscriber {self._s.index} of ring {self._name!r} was cut off by "
+                       "the publisher (its entry was taken back).  Close it and subscribe again.")
+            return SubscriberDroppedError(msg, self._name, self._s.index, reason, behind)
+        if rc == -EPIPE:
+            return ClosedError(f"{what}: this subscriber of ring {self._name!r} has left it")
+        return self._corrupt(rc, self._s.why, self._s.why_a, self._s.why_b, what)
+
+    cdef inline int _check_sub(self) except -1:
+        self._check_recv()
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        return 0
+
+    # -- receiving ---------------------------------------------------------------------------
+    cdef object _send_obj_error(self):
+        return ConfigError(f"ring {self._name!r}: a subscriber receives; publish through the ring's "
+                           "PubSubRing handle")
+
+    cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
+        raise self._send_obj_error()
+
+    def send_many(self, *a, **k):
+        raise self._send_obj_error()
+
+    def reserve(self, *a, **k):
+        raise self._send_obj_error()
+
+    def commit(self, *a, **k):
+        raise self._send_obj_error()
+
+    cdef object _take(self, ivshm_pubsub_msg *m):
+        """Copy the message found by next() out and move past it (no release); the bytes, or
+        raises (a torn copy: this subscriber was cut off)."""
+        cdef object out
+        cdef char *dst
+        cdef int rc
+        cdef _Mapping mp
+        if m.len <= _NOGIL_BYTES:
+            out = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
+        else:
+            out = PyBytes_FromStringAndSize(NULL, m.len)
+            dst = PyBytes_AS_STRING(out)
+            mp = self._m
+            mp.enter()
+            try:
+                with nogil:
+                    memcpy(dst, m.data, m.len)
+            finally:
+                mp.leave()
+        rc = ivshm_pubsub_check(&self._s)
+        if rc != 0:
+            raise self._sub_error(rc, "recv")
+        ivshm_pubsub_advance(&self._s)
+        return out
+
+    cdef object _recv_obj(self):
+        self._check_sub()
+        cdef ivshm_pubsub_msg m
+        cdef int rc = ivshm_pubsub_next(&self._s, &m)
+        if rc == -EAGAIN:
+            return None
+        if rc != 0:
+            raise self._sub_error(rc, "recv")
+        out = self._take(&m)
+        ivshm_pubsub_release(&self._s)
+        return out
+
+    def recv_many(self, max_count=_BATCH, timeout=0.0):
+        """Up to ``max_count`` messages already there, as a list (one release for all).  With
+        ``timeout`` > 0 or None, waits that long for the first one."""
+        self._check_sub()
+        cdef Py_ssize_t maxc = _int_arg(max_count, "max_count", 0, _sys.maxsize)
+        cdef double t = _timeout_arg(timeout)
+        cdef list out = []
+        cdef ivshm_pubsub_msg m
+        cdef int rc = 0
+        cdef _Waiter w = None
+        cdef _Mapping mp = self._m
+        while True:
+            self._check()
+            mp.enter()
+            try:
+                while len(out) < maxc:
+                    rc = ivshm_pubsub_next(&self._s, &m)
+                    if rc != 0:
+                        break
+                    try:
+                        out.append(self._take(&m))
+                    except Exception as e:
+                        if not out:
+                            raise
+                        self._pending_error = e  # raised by the next call: nothing is hidden
+                        break
+            finally:
+                ivshm_pubsub_release(&self._s)  # what was taken, also when the next one failed
+                mp.leave()
+            if rc != 0 and rc != -EAGAIN:
+                err = self._sub_error(rc, "recv_many")
+                if not out:
+                    raise err
+                self._pending_error = err
+                return out
+            if out or t == 0 or maxc <= 0:
+                return out
+            if w is None:
+                w = _Waiter.make(t, self._spin)
+            if not w.pause():
+                return out
+
+    def recv_into(self, buffer):
+        """Receive the next message into a writable buffer: its length, or None if there is none.
+        MessageTooLargeError if the buffer is too small (the message stays queued)."""
+        self._check_sub()
+        cdef Py_buffer buf
+        cdef ivshm_pubsub_msg m
+        cdef int rc
+        PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
+        cdef _Mapping mp = self._m
+        try:
+            self._check()
+            mp.enter()
+            try:
+                rc = ivshm_pubsub_next(&self._s, &m)
+                if rc == -EAGAIN:
+                    return None
+                if rc != 0:
+                    raise self._sub_error(rc, "recv_into")
+                if <uint64_t>buf.len < m.len:
+                    raise MessageTooLargeError(
+                        f"the next message on ring {self._name!r} is {m.len} bytes; the buffer "
+                        f"holds {buf.len}: pass a larger buffer (it stays queued)")
+                with nogil:
+                    memcpy(buf.buf, m.data, m.len)
+                rc = ivshm_pubsub_check(&self._s)
+                if rc != 0:
+                    raise self._sub_error(rc, "recv_into")
+                ivshm_pubsub_advance(&self._s)
+                ivshm_pubsub_release(&self._s)
+            finally:
+                mp.leave()
+        finally:
+            PyBuffer_Release(&buf)
+        return m.len
+
+    def peek(self):
+        """A read-only view of the next message in the ring's memory (zero copy), or None.  Call
+        :meth:`release` when done: the view is invalid afterwards.  Under slow="drop" the
+        publisher may cut this subscriber off and rewrite the slot while the view is held;
+        release() then raises SubscriberDroppedError, meaning the bytes seen may be torn."""
+        self._check()
+        if self._rst is not None:
+            raise ConfigError(f"ring {self._name!r}: a peeked message is still held; release() it first")
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        cdef ivshm_pubsub_msg m
+        cdef int rc = ivshm_pubsub_next(&self._s, &m)
+        if rc == -EAGAIN:
+            return None
+        if rc != 0:
+            raise self._sub_error(rc, "peek")
+        self._rst = _new_state(self._m, <void *>m.data, True)
+        self._zc_gen = _fork_gen
+        return _new_view(self._rst, 0, m.len)
+
+    def release(self):
+        """Consume the peeked message (SubscriberDroppedError if its slot was rewritten meanwhile)."""
+        self._check()
+        if self._rst is None:
+            raise ConfigError(f"ring {self._name!r}: release() without peek()")
+        _retire(self._rst, f"release on ring {self._name!r}")
+        self._rst = None
+        cdef int rc = ivshm_pubsub_check(&self._s)
+        if rc != 0:
+            raise self._sub_error(rc, "release")
+        ivshm_pubsub_advance(&self._s)
+        ivshm_pubsub_release(&self._s)
+
+
+# ---------------------------------------------------------------------------------------------
 # Channel: a ring bound to doorbells
 # ---------------------------------------------------------------------------------------------
 
@@ -2144,6 +2829,17 @@ cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *ou
         return -1  # counted as unrouted; the sleeper's re-check covers it
 
 
+cdef class _FdShare:
+    """The count of this process's sleepers on one doorbell fd, shared by every Channel that
+    sleeps on it (ivshm_chan.h, fd_sleepers)."""
+    cdef uint32_t count
+
+
+# doorbell fd -> its _FdShare; entries stay (an fd number reused later shares a counter with
+# nobody still sleeping, which is all the counter has to tell)
+_fd_shares = {}
+
+
 cdef class _AsyncCall:
     """One asyncio wait's C state (coroutines keep it across awaits)."""
     cdef ivshm_chan_call call
@@ -2174,6 +2870,7 @@ cdef class Channel:
     cdef ivshm_chan _ch
     cdef double _spin, _recheck
     cdef uint64_t _sent, _received
+    cdef _FdShare _share
     cdef object __weakref__
 
     def __cinit__(self):
@@ -2182,7 +2879,8 @@ cdef class Channel:
 
     def __init__(self, ring, doorbell=None, *, vector=0, spin=None, recheck=None):
         if not isinstance(ring, _Ring):
-            raise ConfigError(f"Channel needs an SpscRing or MpmcRing, not {type(ring).__name__}")
+            raise ConfigError(f"Channel needs an SpscRing, MpmcRing, PubSubRing (its publisher) or "
+                              f"Subscriber, not {type(ring).__name__}")
         if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < IVSHM_MAX_VECTORS:
             raise ConfigError(f"vector must be an int in 0..{IVSHM_MAX_VECTORS - 1}, not {vector!r}")
         cdef int64_t spin_ns = _seconds_ns(CHANNEL_SPIN if spin is None else spin, "spin", False)
@@ -2212,6 +2910,10 @@ cdef class Channel:
         cdef void *q
         if r._info.kind == IVSHM_KIND_SPSC:
             q = <void *>&(<SpscRing>r)._q
+        elif isinstance(r, PubSubRing):
+            q = <void *>&(<PubSubRing>r)._p  # the publisher: sleeps while full, rings every sleeper
+        elif isinstance(r, Subscriber):
+            q = <void *>&(<Subscriber>r)._s  # a subscriber: sleeps while empty, wakes the publisher
         else:
             q = <void *>&(<MpmcRing>r)._q
         rc = ivshm_chan_init(&self._ch, r._info.kind, q, self._my_id, vector, self._fd,
@@ -2219,6 +2921,12 @@ cdef class Channel:
         if rc != 0:
             raise _error_from_code(rc, "set up the channel")
         self._ch.cancel_fd2 = self._cancel_fd
+        if self._fd >= 0:
+            share = _fd_shares.get(self._fd)
+            if share is None:
+                share = _fd_shares[self._fd] = _FdShare()
+            self._share = share
+            self._ch.fd_sleepers = &self._share.count
 
     def __dealloc__(self):
         if self._cancel_fd >= 0:
@@ -2232,7 +2940,10 @@ cdef class Channel:
         return self._ring._check()
 
     cdef inline void _wake_other(self, uint32_t my_side) noexcept:
-        ivshm_chan_wake_other(&self._ch, my_side)
+        if self._ring._info.kind == IVSHM_KIND_PUBSUB and my_side == IVSHM_CHAN_SEND:
+            ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
+        else:
+            ivshm_chan_wake_other(&self._ch, my_side)
 
     cdef int _wait(self, ivshm_chan_call *call, timeout, bint sending) except -1:
         """One blocking wait (GIL released, mapping held).  Returns when the ring may be ready;
@@ -2459,9 +3170,12 @@ cdef class Channel:
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)
                     if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
-                        ivshm_chan_note_sleep(&self._ch)
-                        await self._await_fds(loop, span if armed else min(span, 0.001), armed,
-                                              m.closed_fd)
+                        ivshm_chan_sleep_begin(&self._ch)
+                        try:
+                            await self._await_fds(loop, span if armed else min(span, 0.001), armed,
+                                                  m.closed_fd, c)
+                        finally:
+                            ivshm_chan_sleep_end(&self._ch)
                 finally:
                     ivshm_chan_disarm(&self._ch, &c.call)  # also when the task is cancelled
                     m.leave()
@@ -2475,7 +3189,7 @@ cdef class Channel:
         finally:
             self._pass_on(&c.call)
 
-    async def _await_fds(self, loop, span, bint armed, int closed_fd):
+    async def _await_fds(self, loop, span, bint armed, int closed_fd, _AsyncCall c):
         fut = loop.create_future()
 
         def ready():
@@ -2495,7 +3209,7 @@ cdef class Channel:
             for fd in fds:
                 loop.remove_reader(fd)
         if armed and not self._closed:
-            ivshm_chan_absorb(&self._ch)
+            ivshm_chan_absorb(&self._ch, &c.call)
 
     # -- the rest -----------------------------------------------------------------------------
     @property

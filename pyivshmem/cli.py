@@ -1,4 +1,4 @@
-"""Command line: `pyivshmem {server,client,info,bench}` and `pyivshmem-server` (QEMU's flags).
+"""Command line: `pyivshmem {server,client,info,bench,bridge}` and `pyivshmem-server` (QEMU's flags).
 
 Each subcommand lives in its own module and exposes ``main(argv) -> int``; this module only
 dispatches, so importing it is cheap.
@@ -13,6 +13,7 @@ _SUBCOMMANDS = {
     "client": ("pyivshmem.client", "main", "interactive client: dump, int <peer> <vector|all>"),
     "info": ("pyivshmem.info", "main", "inspect a region: header, rings, fill levels, waiters"),
     "bench": ("pyivshmem.bench", "main", "benchmark pyivshmem against the alternatives"),
+    "bridge": ("pyivshmem.bridge", "main", "forward rings to another host, exactly once (ZeroMQ)"),
 }
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "InheritedError",
     "ProtocolError",
     "PeerDisconnected",
+    "SubscriberDroppedError",
     "DeviceError",
     "DeviceGoneError",
     "RingNotFoundError",
@@ -132,6 +133,21 @@ class ProtocolError(IvshmemError, ConnectionError):
 
 class PeerDisconnected(IvshmemError, ConnectionError):
     """The peer or server at the other end went away."""
+
+
+class SubscriberDroppedError(IvshmemError, ConnectionError):
+    """A publish-subscribe subscriber was cut off by the publisher (it fell behind under
+    ``slow="drop"``, was taken for dead, or misbehaved).  ``ring``, ``index`` (its table entry),
+    ``reason`` and ``behind`` (messages it had not read when cut off) say what happened;
+    subscribe again to follow the stream from now on."""
+
+    def __init__(self, message: str, ring: str | None = None, index: int | None = None,
+                 reason: str | None = None, behind: int | None = None):
+        super().__init__(message)
+        self.ring = ring
+        self.index = index
+        self.reason = reason
+        self.behind = behind
 
 
 class DeviceError(IvshmemError, OSError):

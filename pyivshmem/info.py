@@ -23,7 +23,7 @@ def format_table(d: dict) -> str:
         + (", directory lock HELD" if h["directory_locked"] else ""),
     ]
     if d["rings"]:
-        lines.append(f"  {'name':20s} {'kind':4s} {'slots':>8s} {'slot size':>9s} {'queued':>8s} "
+        lines.append(f"  {'name':20s} {'kind':6s} {'slots':>8s} {'slot size':>9s} {'queued':>8s} "
                      f"{'fill':>6s} {'prod wait':>9s} {'cons wait':>9s}")
     for r in d["rings"]:
         if "error" in r:
@@ -32,7 +32,7 @@ def format_table(d: dict) -> str:
         count = r["count"]
         fill = "?" if count is None else f"{100.0 * count / r['capacity']:.0f}%"
         lines.append(
-            f"  {r['name']:20s} {r['kind']:4s} {r['capacity']:8d} {r['slot_size']:9d} "
+            f"  {r['name']:20s} {r['kind']:6s} {r['capacity']:8d} {r['slot_size']:9d} "
             f"{'?' if count is None else count:>8} {fill:>6s} {r['producers_waiting']:9d} "
             f"{r['consumers_waiting']:9d}"
         )

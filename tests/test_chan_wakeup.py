@@ -115,6 +115,114 @@ def test_four_sleeping_consumer_processes_get_every_message_by_doorbell(tmp_path
     assert slow == 0, f"{slow} messages took over a second: they waited for a re-check"
 
 
+STRESS_PRODUCER = r"""
+import json, random, sys, time
+from pyivshmem import Channel, Peer
+sock, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(seed)
+with Peer.connect(sock, timeout=30) as peer:
+    ch = Channel(peer.region.ring("a2b"), peer, vector=0, spin=0, recheck=60)
+    print(json.dumps({"id": peer.id}), flush=True)
+    i = 0
+    while i < count:
+        for _ in range(min(rnd.choice([1, 1, 2, 5, 50]), count - i)):
+            ch.send(i.to_bytes(8, "little"), timeout=120)
+            i += 1
+        pause = rnd.choice([0, 0, 0, 1e-6, 5e-5, 3e-4])
+        if pause:
+            time.sleep(pause)
+    ch.send(b"END", timeout=120)
+    print(json.dumps(ch.stats), flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["spsc", "mpmc"])
+def test_no_lost_wakeup_randomized_over_a_real_server(tmp_path, kind):
+    """tests/test_channel.py's randomized stress, with both sides host peers of a real Server
+    (the doorbells are the eventfds it handed out) and both ring kinds: every sleep on either
+    side must end by a doorbell, none by its 60 s re-check."""
+    count, seed = 10000, random.randrange(1 << 30)
+    sock = str(tmp_path / "s.sock")
+    with Server(sock, size="1M", vectors=1) as server:
+        server.start()
+        with Peer.connect(sock, timeout=30) as me:
+            ring = me.region.create_ring("a2b", kind, slot_size=16, capacity=4)
+            ch = Channel(ring, me, vector=0, spin=0, recheck=RECHECK)
+            child = subprocess.Popen([sys.executable, "-c", STRESS_PRODUCER, sock, str(count),
+                                      str(seed)], stdout=subprocess.PIPE, text=True)
+            try:
+                json.loads(child.stdout.readline())
+                expected = 0
+                while True:
+                    m = ch.recv(timeout=LOST)
+                    if m == b"END":
+                        break
+                    assert int.from_bytes(m, "little") == expected, f"seed {seed}"
+                    expected += 1
+                    if expected % 997 == 0:
+                        time.sleep(0.0003)  # let the ring fill so the producer sleeps too
+                prod = json.loads(child.stdout.readline())
+                assert child.wait(60) == 0
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                child.stdout.close()
+    cons = ch.stats
+    assert expected == count, f"seed {seed}"
+    assert cons["sleeps"] > 0 and prod["sleeps"] > 0, (cons, prod)
+    assert cons["sleeps"] == cons["wakeups"], (f"seed {seed}", cons)
+    assert prod["sleeps"] == prod["wakeups"], (f"seed {seed}", prod)
+    assert 0 < cons["wakeups"] <= prod["doorbells"]
+
+
+@pytest.mark.timeout(120)
+def test_two_channels_of_one_process_share_a_vector(shm_path):
+    """Channels on two rings of one process sleeping on the same vector share its eventfd.  A
+    ring for one of them used to be kept by whichever woke first, and the one it was meant for
+    slept until its re-check (20 of 20 messages late)."""
+    fds = make_fds([0, 1], vectors=1)
+    try:
+        with Region.create(shm_path, "1M") as region:
+            ra = region.create_ring("a", slot_size=16, capacity=8)
+            rb = region.create_ring("b", slot_size=16, capacity=8)
+            me = FdBell(1, fds)
+            ca = Channel(ra, me, vector=0, spin=0, recheck=RECHECK)  # idle, asleep throughout
+            cb = Channel(rb, me, vector=0, spin=0, recheck=RECHECK)
+            tx = Channel(region.ring("b"), FdBell(0, fds), vector=0, spin=0, recheck=RECHECK)
+            got, stop = [], threading.Event()
+
+            def idle():
+                while not stop.is_set():
+                    try:
+                        ca.recv(timeout=1)
+                    except WaitTimeout:
+                        pass
+
+            def receive():
+                for _ in range(20):
+                    got.append(cb.recv(timeout=LOST))
+
+            ta, tb = threading.Thread(target=idle), threading.Thread(target=receive)
+            ta.start()
+            tb.start()
+            try:
+                for i in range(20):
+                    wait_until(lambda: cons_waiting(rb) == 1, "the receiver to sleep")
+                    t0 = time.monotonic()
+                    tx.send(b"%d" % i)
+                    wait_until(lambda: len(got) > i, f"message {i}", timeout=LOST)
+                    assert time.monotonic() - t0 < 5, f"message {i} waited for a re-check"
+            finally:
+                stop.set()
+                ta.join(10)
+                tb.join(LOST)
+            assert got == [b"%d" % i for i in range(20)]
+            assert cb.stats["wakeups"] == 20
+    finally:
+        close_fds(fds)
+
+
 # -- close() against blocked calls ----------------------------------------------------------------
 
 @pytest.fixture

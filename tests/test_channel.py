@@ -32,13 +32,14 @@ def fds():
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("seed", [1, 2])
-def test_no_lost_wakeup_randomized(shm_path, fds, seed):
+@pytest.mark.parametrize("kind,seed", [("spsc", 1), ("spsc", 2), ("mpmc", 3)])
+def test_no_lost_wakeup_randomized(shm_path, fds, kind, seed):
     """Producer and consumer both sleep often (spin=0, tiny ring, random pauses); re-checks are
-    60 s apart, so a lost wake-up shows as a sleep that ended without a doorbell."""
+    60 s apart, so a lost wake-up shows as a sleep that ended without a doorbell.  (Over a real
+    server's eventfds: tests/test_chan_wakeup.py.)"""
     count = 20000
     with Region.create(shm_path, "1M") as region:
-        ring = region.create_ring("a2b", slot_size=16, capacity=4)
+        ring = region.create_ring("a2b", kind, slot_size=16, capacity=4)
         ch = Channel(ring, FdBell(0, fds), spin=0, recheck=60)
         child = spawn("stress-producer", shm_path, fds, count, seed)
         try:

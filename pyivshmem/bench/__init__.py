@@ -33,6 +33,7 @@ examples:
   pyivshmem bench --list                       which peers are installed here
   pyivshmem bench --topology host-guest --quick   host <-> QEMU guest (needs qemu-system-x86)
   pyivshmem bench --topology guest-guest --accel tcg   two guests, KVM not even probed
+  pyivshmem bench pubsub --quick               publish-subscribe against iceoryx2 (docs/pubsub.md)
 """
 
 
@@ -181,6 +182,10 @@ def _list(out) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `pyivshmem bench`; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["pubsub"]:  # its own options: pyivshmem bench pubsub --help
+        from .pubsub import main as pubsub_main
+
+        return pubsub_main(args_list[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)

@@ -1,0 +1,344 @@
+"""The bridge against ZeroMQ used directly from Python, over loopback, in the same run.
+
+    python3 -m pyivshmem.bench.bridge [--rounds 3] [--count 200000] [--sizes 64,1024] [--pings 2000]
+                                  [--json FILE]
+
+Throughput: ``count`` messages from a producer to a consumer.
+- *zmq*: a DEALER process sends them in multipart batches of ``--batch`` frames (one frame per
+  message) to a ROUTER process, with the same window of unacknowledged batches the bridge keeps
+  (an ack per batch), so both run the same flow control;
+- *bridge*: producer -> SPSC ring (host A's region) -> ``pyivshmem bridge`` -> TCP ->
+  ``pyivshmem bridge`` -> SPSC ring (host B's region) -> consumer, every message exactly once.
+Round trip: one message at a time, ``--pings`` times, p50/p99:
+- *zmq*: DEALER -> ROUTER echo -> DEALER;
+- *bridge*: ring -> bridge -> ring -> echo process -> ring -> bridge -> ring.
+Trials alternate (zmq, bridge, zmq, bridge, ...) so a change of the machine's speed during the run
+hits both alike.  Prints the medians over the rounds and the ratio bridge / zmq (throughput: the
+fraction of the raw transport's rate the bridge keeps; round trip: how many times longer).
+By default each "host" is a pyivshmem Server and the bridges, producers and consumers join it as
+peers, so idle waits sleep on doorbells (`pyivshmem bridge --server`); ``--no-doorbells`` uses
+/dev/shm region files instead, where idle waits poll with back-off up to 1 ms.
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PY = sys.executable
+ME = ["-m", "pyivshmem.bench.bridge"]  # how child processes run this module's roles
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def payloads(size, n=256):
+    return [bytes([i & 255]) * size for i in range(n)]
+
+
+def open_side(where):
+    """(region, doorbell provider or None, closer) for a region file or a server's socket."""
+    from pyivshmem import Peer, Region
+
+    if where.endswith(".sock"):
+        peer = Peer.connect(where, timeout=30)
+        return peer.region, peer, peer.close
+    r = Region.open(where)
+    return r, None, r.close
+
+
+# -- roles run in child processes ----------------------------------------------------------------
+
+def role_zmq_sink(port, count, batch):
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    got = 0
+    t0 = None
+    while got < count:
+        frames = s.recv_multipart()
+        if t0 is None:  # timed from the first batch, as the bridged consumer is
+            t0, first = time.perf_counter(), len(frames) - 1
+        got += len(frames) - 1
+        s.send_multipart([frames[0], b"A"])
+    print(json.dumps({"rate": (count - first) / (time.perf_counter() - t0)}), flush=True)
+    s.close(0)
+    ctx.term()
+
+
+def role_zmq_source(port, count, size, batch, window):
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    msgs = payloads(size)
+    sent = inflight = 0
+    t0 = time.perf_counter()
+    while sent < count:
+        while inflight >= window:
+            s.recv()
+            inflight -= 1
+        n = min(batch, count - sent)
+        s.send_multipart(msgs[:n] if n <= len(msgs) else (msgs * (n // len(msgs) + 1))[:n])
+        sent += n
+        inflight += 1
+    while inflight:
+        s.recv()
+        inflight -= 1
+    s.close(0)
+    ctx.term()
+
+
+def role_zmq_echo(port):
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    while True:
+        frames = s.recv_multipart()
+        if frames[1] == b"stop":
+            break
+        s.send_multipart(frames)
+    s.close(0)
+    ctx.term()
+
+
+def role_ring_producer(path, count, size):
+    from pyivshmem import Channel
+
+    r, bell, closer = open_side(path)
+    ch = Channel(r.ring("up"), bell, vector=0)
+    msgs = payloads(size)
+    sent = 0
+    while sent < count:
+        n = min(len(msgs), count - sent)
+        k = 0
+        while k < n:
+            k += ch.send_many(msgs[k:n], timeout=60)
+        sent += n
+    ch.close()
+    closer()
+
+
+def role_ring_echo(path):
+    from pyivshmem import Channel
+
+    r, bell, closer = open_side(path)
+    rx, tx = Channel(r.ring("ping"), bell, vector=0), Channel(r.ring("pong"), bell, vector=1)
+    while True:
+        m = rx.recv(timeout=60)
+        tx.send(m, timeout=60)
+        if m == b"stop":
+            break
+    rx.close()
+    tx.close()
+    closer()
+
+
+# -- trials ----------------------------------------------------------------------------------------
+
+def zmq_throughput(count, size, batch):
+    port = free_port()
+    sink = subprocess.Popen([PY, *ME, "_role", "zmq_sink", str(port), str(count), str(batch)],
+                            stdout=subprocess.PIPE, text=True)
+    src = subprocess.Popen([PY, *ME, "_role", "zmq_source", str(port), str(count), str(size),
+                            str(batch), "64"])
+    out = sink.communicate(timeout=600)[0]
+    src.wait(60)
+    return json.loads(out)["rate"]
+
+
+def zmq_roundtrip(pings, size):
+    import zmq
+
+    port = free_port()
+    echo = subprocess.Popen([PY, *ME, "_role", "zmq_echo", str(port)])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    msg = b"p" * size
+    s.send(msg)
+    s.recv()  # connected
+    lat = []
+    for _ in range(pings):
+        t = time.perf_counter_ns()
+        s.send(msg)
+        s.recv()
+        lat.append(time.perf_counter_ns() - t)
+    s.send(b"stop")
+    echo.wait(30)
+    s.close(0)
+    ctx.term()
+    return lat
+
+
+class Bridged:
+    """Two regions (two hosts) and two bridge processes between them, kept for the whole run."""
+
+    def __init__(self, tmp, slot, doorbells):
+        from pyivshmem import Peer, Region, Server
+
+        self.tmp = tmp
+        self.closers = []
+        if doorbells:  # two servers (the two hosts); everyone joins as a peer, sleeps on doorbells
+            self.a, self.b = os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")
+            for sock in (self.a, self.b):
+                srv = Server(sock, size="64M", vectors=4)
+                srv.start()
+                self.closers.append(srv.close)
+            self.pa, self.pb = Peer.connect(self.a), Peer.connect(self.b)
+            self.closers[:0] = [self.pa.close, self.pb.close]
+            self.ra, self.rb = self.pa.region, self.pb.region
+            where = ["--server", self.a, "--vector", "0"], ["--server", self.b, "--vector", "0"]
+        else:
+            self.pa = self.pb = None
+            self.a = f"/dev/shm/pyivshmem-bb-{os.getpid()}-a"
+            self.b = f"/dev/shm/pyivshmem-bb-{os.getpid()}-b"
+            self.ra, self.rb = Region.create(self.a, "64M"), Region.create(self.b, "64M")
+            self.closers = [self.ra.close, self.rb.close, lambda: os.unlink(self.a),
+                            lambda: os.unlink(self.b)]
+            where = ["--region", self.a], ["--region", self.b]
+        for r in (self.ra, self.rb):
+            r.create_ring("ping", slot_size=slot, capacity=1024)
+            r.create_ring("pong", slot_size=slot, capacity=1024)
+        self.ra.create_ring("up", slot_size=slot, capacity=1024)
+        self.rb.create_ring("down", slot_size=slot, capacity=1024)
+        port = free_port()
+        common = [PY, "-m", "pyivshmem", "bridge", "--stats-interval", "0", "--log-level",
+                  "WARNING"]
+        self.procs = [
+            subprocess.Popen(common + where[1] + ["--listen", f"tcp://127.0.0.1:{port}",
+                                       "--in", "down", "--in", "ping", "--out", "pong",
+                                       "--state-dir", os.path.join(tmp, "b")]),
+            subprocess.Popen(common + where[0] + ["--connect", f"tcp://127.0.0.1:{port}",
+                                       "--out", "up=down", "--out", "ping", "--in", "pong",
+                                       "--state-dir", os.path.join(tmp, "a")]),
+        ]
+
+    def throughput(self, count, size):
+        from pyivshmem import Channel
+
+        ch = Channel(self.rb.ring("down"), self.pb, vector=1)
+        prod = subprocess.Popen([PY, *ME, "_role", "ring_producer", self.a, str(count), str(size)])
+        got = 0
+        t0 = None
+        while got < count:
+            msgs = ch.recv_many(512, timeout=60)
+            if not msgs:
+                raise RuntimeError(f"bridged throughput stalled after {got} messages")
+            if t0 is None:  # timed from the first batch, as the zmq sink is
+                t0, first = time.perf_counter(), len(msgs)
+            got += len(msgs)
+        el = time.perf_counter() - t0
+        prod.wait(60)
+        ch.close()
+        return (count - first) / el
+
+    def roundtrip(self, pings, size):
+        from pyivshmem import Channel
+
+        echo = subprocess.Popen([PY, *ME, "_role", "ring_echo", self.b])
+        tx = Channel(self.ra.ring("ping"), self.pa, vector=0)
+        rx = Channel(self.ra.ring("pong"), self.pa, vector=1)
+        msg = b"p" * size
+        tx.send(msg, timeout=30)
+        rx.recv(timeout=30)  # both bridges connected
+        lat = []
+        for _ in range(pings):
+            t = time.perf_counter_ns()
+            tx.send(msg, timeout=30)
+            rx.recv(timeout=30)
+            lat.append(time.perf_counter_ns() - t)
+        tx.send(b"stop", timeout=30)
+        rx.recv(timeout=30)
+        echo.wait(30)
+        tx.close()
+        rx.close()
+        return lat
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
+        for c in self.closers:
+            c()
+
+
+def pct(lat, q):
+    s = sorted(lat)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--count", type=int, default=200_000)
+    ap.add_argument("--sizes", default="64,1024")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--pings", type=int, default=2000)
+    ap.add_argument("--no-doorbells", action="store_true",
+                    help="regions in /dev/shm files and no doorbells (idle waits poll with "
+                         "back-off up to 1 ms) instead of two servers whose peers ring each other")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    try:
+        import zmq  # noqa: F401
+    except ImportError:
+        sys.exit("the bridge benchmark needs pyzmq: pip install 'pyivshmem[bridge]'")
+    sizes = [int(x) for x in args.sizes.split(",")]
+    tmp = tempfile.mkdtemp(prefix="pyivshmem-bridge-bench-")
+    bridged = Bridged(tmp, max(sizes), not args.no_doorbells)
+    res = {"throughput": {s: {"zmq": [], "bridge": []} for s in sizes},
+           "roundtrip": {"zmq": [], "bridge": []}}
+    try:
+        bridged.roundtrip(10, 64)  # warm up: both bridges connected
+        for r in range(args.rounds):
+            for s in sizes:
+                res["throughput"][s]["zmq"].append(zmq_throughput(args.count, s, args.batch))
+                res["throughput"][s]["bridge"].append(bridged.throughput(args.count, s))
+            res["roundtrip"]["zmq"].append(zmq_roundtrip(args.pings, 64))
+            res["roundtrip"]["bridge"].append(bridged.roundtrip(args.pings, 64))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        bridged.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {"throughput": {}, "roundtrip": {}}
+    print(f"{'figure':34s} {'zmq direct':>14s} {'bridged':>14s} {'bridge/zmq':>11s}")
+    for s in sizes:
+        z = statistics.median(res["throughput"][s]["zmq"])
+        b = statistics.median(res["throughput"][s]["bridge"])
+        out["throughput"][s] = {"zmq_msgs_per_s": z, "bridge_msgs_per_s": b, "ratio": b / z}
+        print(f"{f'throughput {s} B (msg/s)':34s} {z:14,.0f} {b:14,.0f} {b / z:10.2f}x")
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        z = statistics.median(pct(lat, q) for lat in res["roundtrip"]["zmq"])
+        b = statistics.median(pct(lat, q) for lat in res["roundtrip"]["bridge"])
+        out["roundtrip"][name] = {"zmq_us": z, "bridge_us": b, "ratio": b / z}
+        print(f"{f'round trip 64 B {name} (us)':34s} {z:14,.1f} {b:14,.1f} {b / z:10.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_role":
+        role, rest = sys.argv[2], sys.argv[3:]
+        fn = globals()[f"role_{role}"]
+        fn(*[a if a.startswith("/") else int(a) for a in rest])
+        sys.exit(0)
+    sys.exit(main())

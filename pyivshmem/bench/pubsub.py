@@ -1,0 +1,349 @@
+"""`pyivshmem bench pubsub` (or `python -m pyivshmem.bench.pubsub`): publish-subscribe throughput and latency, pyivshmem's pubsub
+ring against iceoryx2 publish-subscribe, with 1, 2 and 4 subscriber processes, 64 B, 4 KiB and
+1 MiB messages, copying and zero-copy receives.  The trials of the two alternate (pyivshmem,
+iceoryx2, pyivshmem, ...) so that a change of the machine's speed during the run hits both alike;
+each figure is the median of its trials.
+
+Both are lossless (pyivshmem slow="block"; iceoryx2 without overflow, RetryUntilDelivered) and both
+poll on both sides (no doorbells, no event service; an empty or full poll yields the CPU, so that
+more processes than CPUs still make progress), one message per call, so the figures compare the
+two transports' data paths:
+
+- copy: the publisher sends bytes (pyivshmem try_send; iceoryx2 loan, memmove, send), each
+  subscriber receives a bytes object (pyivshmem try_recv; iceoryx2 receive + string_at).
+- zero-copy: the publisher writes into the slot it loaned (pyivshmem reserve/commit; iceoryx2
+  loan/send), each subscriber reads the message in place, touching its first and last byte
+  (pyivshmem peek/release; iceoryx2 receive, payload pointer, delete).
+
+Throughput: messages per second delivered to every subscriber (the publisher's count over the time
+until the last subscriber has them all).  Latency: the publisher stamps perf_counter_ns (the same
+CLOCK_MONOTONIC in every process) into paced messages, every subscriber records arrival minus
+stamp; p50 and p99 over all subscribers.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import statistics
+import struct
+import sys
+import time
+import uuid
+from typing import Dict, List, Optional, Sequence
+
+STOP = 1  # first byte of the last message of a run
+STAMP = struct.Struct("<BxxxxxxxQ")  # flag, pad, perf_counter_ns: 16 bytes at the front
+
+
+def _payload(size: int) -> bytearray:
+    pattern = bytes(range(2, 256))
+    return bytearray((pattern * (size // len(pattern) + 1))[:size])
+
+
+# -- pyivshmem -----------------------------------------------------------------------------------
+def _region_size(size: int, capacity: int) -> int:
+    need = 64 * 1024 + capacity * (size + 64) + 16 * 1024
+    n = 1 << 16
+    while n < need:
+        n <<= 1
+    return n
+
+
+def _capacity(size: int) -> int:
+    return 8 if size >= 1 << 20 else 64 if size >= 4096 else 1024
+
+
+def _ivs_sub(path, ready, go, out, mode, latency):
+    from pyivshmem import Region
+
+    region = Region.open(path)
+    ring = region.ring("bench")
+    sub = ring.subscribe()
+    ready.wait()
+    go.wait()
+    count, lat, t_first = 0, [], None
+    peek, release, recv = sub.peek, sub.release, sub.try_recv
+    now, yield_ = time.perf_counter_ns, os.sched_yield
+    while True:
+        if mode == "zero-copy":
+            v = peek()
+            if v is None:
+                yield_()
+                continue
+            flag = v[0]
+            _ = v[len(v) - 1]
+            if latency:
+                lat.append(now() - STAMP.unpack_from(v)[1])
+            release()
+        else:
+            m = recv()
+            if m is None:
+                yield_()
+                continue
+            flag = m[0]
+            if latency:
+                lat.append(now() - STAMP.unpack_from(m)[1])
+        if flag == STOP:
+            break
+        count += 1
+    out.put((count, time.perf_counter_ns(), lat))
+    sub.close()
+    ring.close()
+    region.close()
+
+
+def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
+    data = _payload(size)
+    sent = 0
+    now = time.perf_counter_ns
+    end = now() + int(seconds * 1e9)
+    nxt = now()
+    try_send, reserve, commit, yield_ = ring.try_send, ring.reserve, ring.commit, os.sched_yield
+    while True:
+        t = now()
+        if t >= end:
+            break
+        if latency:
+            while now() < nxt:
+                pass
+            nxt += gap_ns
+            STAMP.pack_into(data, 0, 0, now())
+        if mode == "zero-copy":
+            v = reserve(size)
+            while v is None:
+                yield_()
+                v = reserve(size)
+            v[:] = data
+            commit()
+        else:
+            while not try_send(data):
+                yield_()
+        sent += 1
+    data[0] = STOP
+    if mode == "zero-copy":
+        v = reserve(size)
+        while v is None:
+            yield_()
+            v = reserve(size)
+        v[:] = data
+        commit()
+    else:
+        while not try_send(data):
+            yield_()
+    return sent
+
+
+def _run_ivs(nsubs, size, mode, seconds, latency, gap_ns):
+    from pyivshmem import Region
+
+    ctx = mp.get_context("spawn")
+    path = f"/dev/shm/pyivshmem-bench-pubsub-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cap = _capacity(size)
+    region = Region.create(path, _region_size(size, cap))
+    try:
+        ring = region.create_ring("bench", kind="pubsub", slot_size=max(size, 16), capacity=cap)
+        ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
+        procs = [ctx.Process(target=_ivs_sub, args=(path, ready, go, out, mode, latency))
+                 for _ in range(nsubs)]
+        for p in procs:
+            p.start()
+        ready.wait(60)
+        go.wait(60)
+        t0 = time.perf_counter_ns()
+        sent = _ivs_pub(ring, size, mode, seconds, latency, gap_ns)
+        res = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        ring.close()
+    finally:
+        region.close()
+        os.unlink(path)
+    return _summary(sent, t0, res)
+
+
+# -- iceoryx2 ------------------------------------------------------------------------------------
+def _iox_service(name, size, nsubs):
+    import iceoryx2 as iox2
+
+    iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    svc = (node.service_builder(iox2.ServiceName.new(name))
+           .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+           .enable_safe_overflow(False)
+           .subscriber_max_buffer_size(_capacity(size))
+           .history_size(0)
+           .max_publishers(1)
+           .max_subscribers(nsubs)
+           .open_or_create())
+    return node, svc
+
+
+def _iox_sub(name, size, nsubs, ready, go, out, mode, latency):
+    node, svc = _iox_service(name, size, nsubs)
+    sub = svc.subscriber_builder().buffer_size(_capacity(size)).create()
+    ready.wait()
+    go.wait()
+    count, lat = 0, []
+    receive, string_at, now = sub.receive, ctypes.string_at, time.perf_counter_ns
+    u8 = ctypes.c_uint8
+    while True:
+        s = receive()
+        if s is None:
+            os.sched_yield()
+            continue
+        ptr, n = s.payload_ptr, s.header.number_of_elements
+        if mode == "zero-copy":
+            flag = u8.from_address(ptr).value
+            _ = u8.from_address(ptr + n - 1).value
+            if latency:
+                lat.append(now() - ctypes.c_uint64.from_address(ptr + 8).value)
+        else:
+            m = string_at(ptr, n)
+            flag = m[0]
+            if latency:
+                lat.append(now() - STAMP.unpack_from(m)[1])
+        s.delete()
+        if flag == STOP:
+            break
+        count += 1
+    out.put((count, time.perf_counter_ns(), lat))
+    sub.delete()
+
+
+def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
+    import iceoryx2 as iox2
+
+    ctx = mp.get_context("spawn")
+    name = f"pyivshmem-bench/pubsub/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    node, svc = _iox_service(name, max(size, 16), nsubs)
+    pub = (svc.publisher_builder().initial_max_slice_len(max(size, 16))
+           .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered).create())
+    ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
+    procs = [ctx.Process(target=_iox_sub, args=(name, max(size, 16), nsubs, ready, go, out, mode,
+                                                latency)) for _ in range(nsubs)]
+    for p in procs:
+        p.start()
+    ready.wait(60)
+    go.wait(60)
+    data = _payload(size)
+    buf = (ctypes.c_uint8 * size).from_buffer(data)
+    loan, memmove, now = pub.loan_slice_uninit, ctypes.memmove, time.perf_counter_ns
+    t0 = now()
+    end = t0 + int(seconds * 1e9)
+    nxt = t0
+    sent = 0
+
+    def send_one():
+        s = loan(size)
+        memmove(s.payload_ptr, buf, size)
+        s.assume_init().send()
+
+    while now() < end:
+        if latency:
+            while now() < nxt:
+                pass
+            nxt += gap_ns
+            STAMP.pack_into(data, 0, 0, now())
+        send_one()
+        sent += 1
+    data[0] = STOP
+    send_one()
+    res = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    del buf
+    pub.delete()
+    return _summary(sent, t0, res)
+
+
+def _summary(sent, t0, res):
+    for count, _, _ in res:
+        if count != sent:
+            raise RuntimeError(f"a subscriber got {count} of {sent} messages (lossless run)")
+    t_end = max(r[1] for r in res)
+    lat = sorted(x for r in res for x in r[2])
+    d = {"sent": sent, "rate": sent / ((t_end - t0) / 1e9)}
+    if lat:
+        d["p50_us"] = lat[len(lat) // 2] / 1e3
+        d["p99_us"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3
+    return d
+
+
+# -- driver --------------------------------------------------------------------------------------
+def _sizes(text):
+    from pyivshmem import parse_size
+
+    return [parse_size(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyivshmem bench pubsub", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subscribers", default="1,2,4", help="subscriber counts (1,2,4)")
+    ap.add_argument("--sizes", default="64,4K,1M", help="message sizes (64,4K,1M)")
+    ap.add_argument("--modes", default="copy,zero-copy")
+    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per throughput trial")
+    ap.add_argument("--repeat", type=int, default=3, help="trials per figure (median)")
+    ap.add_argument("--latency-gap-us", type=float, default=200.0,
+                    help="microseconds between latency probes (paced)")
+    ap.add_argument("--quick", action="store_true", help="0.3 s trials, one each")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--peers", default="pyivshmem,iceoryx2")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.repeat = 0.3, 1
+    if any(n < STAMP.size for n in _sizes(args.sizes)):
+        ap.error(f"message sizes must be at least {STAMP.size} bytes (the latency stamp)")
+    runners = {"pyivshmem": _run_ivs, "iceoryx2": _run_iox}
+    peers = [p for p in args.peers.split(",") if p]
+    if "iceoryx2" in peers:
+        try:
+            import iceoryx2  # noqa: F401
+        except ImportError:
+            print("iceoryx2 is not installed (pip install iceoryx2): measuring pyivshmem alone",
+                  file=sys.stderr)
+            peers.remove("iceoryx2")
+    results: List[Dict] = []
+    gap = int(args.latency_gap_us * 1000)
+    for nsubs in [int(x) for x in args.subscribers.split(",")]:
+        for size in _sizes(args.sizes):
+            for mode in args.modes.split(","):
+                fig: Dict[str, Dict[str, List[float]]] = {p: {"rate": [], "p50": [], "p99": []}
+                                                          for p in peers}
+                for _ in range(args.repeat):
+                    for p in peers:  # alternated
+                        r = runners[p](nsubs, size, mode, args.seconds, False, gap)
+                        fig[p]["rate"].append(r["rate"])
+                        r = runners[p](nsubs, size, mode, min(args.seconds, 0.5), True, gap)
+                        fig[p]["p50"].append(r["p50_us"])
+                        fig[p]["p99"].append(r["p99_us"])
+                row = {"subscribers": nsubs, "size": size, "mode": mode}
+                for p in peers:
+                    row[p] = {k: statistics.median(v) for k, v in fig[p].items()}
+                results.append(row)
+                _print_row(row, peers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds": args.seconds, "repeat": args.repeat, "results": results}, f,
+                      indent=2)
+    return 0
+
+
+def _print_row(row, peers):
+    size = row["size"]
+    label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB" if size >= 1024 else f"{size} B"
+    parts = [f"{row['subscribers']} sub  {label:>6s}  {row['mode']:9s}"]
+    for p in peers:
+        r = row[p]
+        parts.append(f"{p}: {r['rate'] / 1e6:7.3f} M/s  p50 {r['p50']:7.1f} us  p99 {r['p99']:8.1f} us")
+    if len(peers) == 2:
+        a, b = row[peers[0]], row[peers[1]]
+        parts.append(f"rate x{a['rate'] / b['rate']:.2f}  p50 x{b['p50'] / a['p50']:.2f}")
+    print(" | ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,7 +33,7 @@ dev = PciDevice.open(vfio=True)
 bdf, first_id = dev.bdf, dev.id
 ring = dev.region.ring("h2g")
 vmguest.stage("open", id=dev.id, bdf=bdf)
-got, events = [], []
+got = []
 while len(got) < N:
     try:
         m = ring.recv(timeout=120)

@@ -7,7 +7,6 @@ file, so two of them never fight over it. Only the last test boots a guest.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib

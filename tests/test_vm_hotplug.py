@@ -158,3 +158,77 @@ def test_unplug_and_replug_during_a_stream(tmp_path):
     # the host saw it leave and come back under a new id, which the re-opened device reports
     assert back["id"] in joined and back["id"] != guest_id
     assert back["bdf"] == opened["bdf"]
+
+
+SYSFS_GUEST = r"""
+import mmap, os, time
+import vmguest
+from pyivshmem import PciDevice, DeviceGoneError
+
+dev = PciDevice.open(vfio=False)
+bdf = dev.bdf
+# a child holding its own raw mapping of BAR2 across the removal shows what touching it does
+r1, w1 = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    fd = os.open(f"/sys/bus/pci/devices/{bdf}/resource2", os.O_RDWR)
+    mm = mmap.mmap(fd, 4096)
+    os.write(w1, b"r")
+    os.read(r2, 1)
+    os._exit(mm[0])          # the first byte, or death by a signal
+os.read(r1, 1)
+vmguest.stage("open", bdf=bdf)
+deadline = time.monotonic() + 120
+while dev.present:
+    if time.monotonic() > deadline:
+        raise TimeoutError("the device never went away")
+    time.sleep(0.01)
+try:
+    dev.read_register(8)
+    reg_err = None
+except DeviceGoneError as e:
+    reg_err = type(e).__name__
+os.write(w2, b"g")
+_, status = os.waitpid(pid, 0)
+child = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
+dev.close()
+vmguest.stage("gone", reg_err=reg_err, child=child)
+info = PciDevice.wait_for(bdf, timeout=240)
+with PciDevice.open(info.bdf, vfio=False) as dev:
+    first = dev.memory[0]
+vmguest.result(first=first, bdf=info.bdf)
+"""
+
+
+def test_sysfs_unplug_is_noticed_and_replug_reopens(tmp_path):
+    """Without VFIO the kernel removes the device at once: ``present`` turns False, calls raise
+    DeviceGoneError, and what a raw mapping of BAR2 does afterwards is recorded (the documented
+    limit); the device re-opens after device_add."""
+    image = harness.require_image()
+    shm = harness.unique_shm()
+    with open(shm, "wb") as f:
+        f.write(b"\x5a")
+        f.truncate(1 << 20)
+    devices = ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"]
+    devices += harness.ivshmem_plain(shm, 1 << 20, extra=",id=ivs0,bus=rp1")
+    try:
+        with harness.Vm(SYSFS_GUEST, devices, workdir=tmp_path, image=image, iommu=False,
+                        qmp=True) as vm:
+            vm.wait_for("stage", timeout=harness.BOOT_TIMEOUT)
+            vm.qmp("device_del", id="ivs0")
+            vm.qmp_event("DEVICE_DELETED", timeout=120)
+            gone = vm.wait_for("stage", timeout=120, after=1).json()
+            # QEMU 7.2 aborts when ivshmem-plain is plugged again with the memory backend it had
+            # (qemu_ram_set_idstr assertion): plug it back with a new backend over the same file
+            vm.qmp("object-add", **{"qom-type": "memory-backend-file", "id": "hm2",
+                                    "mem-path": str(shm), "size": 1 << 20, "share": True})
+            vm.qmp("device_add", driver="ivshmem-plain", memdev="hm2", id="ivs0", bus="rp1")
+            res = vm.result(timeout=240)
+    finally:
+        shm.unlink()
+    sys.stderr.write(f"a raw BAR2 mapping touched after removal: {gone['child']}\n")
+    assert gone["reg_err"] == "DeviceGoneError"
+    # nothing is promised for a raw mapping after removal (printed above, not asserted): runs
+    # under TCG with QEMU 7.2 and Linux 6.1 read the old memory once and zeros once
+    assert res == {"first": 0x5A, "bdf": res["bdf"]}

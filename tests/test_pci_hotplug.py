@@ -1,0 +1,65 @@
+"""Hot-unplug seen by a guest PciDevice opened through sysfs, on a fake sysfs tree (no VM):
+``present`` turns False when the device's directory disappears, calls then raise DeviceGoneError,
+rings on its region raise ClosedError, and ``PciDevice.wait_for`` finds a device or times out.
+The real thing, with QEMU's device_del/device_add, is tests/test_vm_hotplug.py."""
+from __future__ import annotations
+
+import errno
+import shutil
+
+import pytest
+
+from pyivshmem import ClosedError, DeviceError, DeviceGoneError, PciDevice, WaitTimeout
+
+from test_documented_options import _fake_device, needs_root
+
+
+@pytest.fixture
+def sysfs(tmp_path):
+    root = tmp_path / "sys"
+    (root / "bus" / "pci" / "devices").mkdir(parents=True)
+    return root
+
+
+@needs_root
+def test_removed_device_raises_device_gone_and_releases_its_region(sysfs):
+    d = _fake_device(sysfs, doorbell=True)
+    dev = PciDevice.open(vfio=False, sysfs=str(sysfs))
+    ring = dev.region.create_ring("r", slot_size=64, capacity=8)
+    assert dev.present
+    dev.check()
+    shutil.rmtree(d)                          # what the kernel does on hot-unplug
+    assert dev.present is False
+    with pytest.raises(DeviceGoneError) as ei:
+        dev.read_register(8)
+    assert isinstance(ei.value, DeviceError) and ei.value.errno == errno.ENODEV
+    assert "is gone" in str(ei.value) and "PciDevice.wait_for" in str(ei.value)
+    for call in (lambda: dev.notify(1, 0), lambda: dev.wait(0), dev.check, lambda: dev.region):
+        with pytest.raises(DeviceGoneError):
+            call()
+    with pytest.raises(ClosedError):          # the region over BAR2 was released
+        ring.try_send(b"x")
+    dev.close()
+    assert dev.closed
+    with pytest.raises(ClosedError):
+        dev.read_register(8)
+
+
+@needs_root
+def test_wait_polls_and_notices_the_removal(sysfs):
+    d = _fake_device(sysfs, doorbell=True)
+    with PciDevice.open(vfio=False, sysfs=str(sysfs), poll_interval=0.01) as dev:
+        assert dev.wait(0.01) == []
+        shutil.rmtree(d)
+        with pytest.raises(DeviceGoneError):
+            dev.wait(0.01)
+
+
+def test_wait_for_finds_a_device_or_times_out(sysfs):
+    with pytest.raises(WaitTimeout, match="no ivshmem device 0000:00:05.0 appeared within 0.05 s"):
+        PciDevice.wait_for("00:05.0", 0.05, sysfs=str(sysfs))
+    _fake_device(sysfs, doorbell=False)
+    assert PciDevice.wait_for("00:05.0", 5, sysfs=str(sysfs)).bdf == "0000:00:05.0"
+    assert PciDevice.wait_for(None, 5, sysfs=str(sysfs)).bdf == "0000:00:05.0"
+    with pytest.raises(WaitTimeout):
+        PciDevice.wait_for("00:06.0", 0, sysfs=str(sysfs))

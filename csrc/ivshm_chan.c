@@ -164,6 +164,7 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
         if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, ch->route,
                                                     memory_order_release, memory_order_relaxed)) {
             IVSHM_FENCE(); /* F1: pairs with F2 in ivshm_chan_wake_other / pass_on */
+            stat_add(&ch->st.arms);
             call->entry = (int)e;
             return 1;
         }
@@ -477,8 +478,9 @@ int64_t ivshm_chan_recv(struct ivshm_chan *ch, void *buf, uint64_t cap, uint64_t
 void ivshm_chan_get_stats(const struct ivshm_chan *ch, struct ivshm_chan_stats *out)
 {
     const uint64_t *src[] = {&ch->st.doorbells, &ch->st.sleeps, &ch->st.wakeups,
-                             &ch->st.unrouted, &ch->st.passes};
-    uint64_t *dst[] = {&out->doorbells, &out->sleeps, &out->wakeups, &out->unrouted, &out->passes};
+                             &ch->st.unrouted, &ch->st.passes, &ch->st.arms};
+    uint64_t *dst[] = {&out->doorbells, &out->sleeps, &out->wakeups, &out->unrouted, &out->passes,
+                       &out->arms};
     for (unsigned i = 0; i < sizeof(src) / sizeof(src[0]); i++)
         *dst[i] = atomic_load_explicit(IVSHM_ATOMIC((uint64_t *)src[i]), memory_order_relaxed);
 }

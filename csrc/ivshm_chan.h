@@ -80,6 +80,9 @@ struct ivshm_chan_stats {
     uint64_t wakeups;   /* waits ended by a doorbell */
     uint64_t unrouted;  /* sleepers claimed whose route the resolver did not know */
     uint64_t passes;    /* rings sent to pass a wake-up on to a sleeper of one's own side */
+    uint64_t arms;      /* entries taken: each can cost the other side at most one ring (a waker
+                           may claim an entry whose sleeper then finds work in its re-check and
+                           never sleeps, so rings are bounded by arms, not by sleeps) */
 };
 
 struct ivshm_chan {

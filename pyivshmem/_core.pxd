@@ -131,6 +131,7 @@ cdef extern from "ivshm_chan.h" nogil:
         uint64_t wakeups
         uint64_t unrouted
         uint64_t passes
+        uint64_t arms
     ctypedef struct ivshm_chan "struct ivshm_chan":
         uint32_t route
         int wait_fd

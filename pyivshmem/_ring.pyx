@@ -3251,12 +3251,13 @@ cdef class Channel:
     def stats(self):
         """Counters of this side: messages sent/received, doorbells rung, sleeps, wake-ups by a
         doorbell, sleepers claimed that could not be rung (their peer unknown: they re-check),
-        wake-ups passed on to a sleeper of one's own side."""
+        wake-ups passed on to a sleeper of one's own side, and armings (sleeper entries taken;
+        the other side rings at most once per arming)."""
         cdef ivshm_chan_stats st
         ivshm_chan_get_stats(&self._ch, &st)
         return {"sent": self._sent, "received": self._received, "doorbells": st.doorbells,
                 "sleeps": st.sleeps, "wakeups": st.wakeups, "unrouted": st.unrouted,
-                "passed_on": st.passes}
+                "passed_on": st.passes, "armed": st.arms}
 
     def fileno(self):
         """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls."""

@@ -2940,6 +2940,10 @@ cdef class Channel:
         return self._ring._check()
 
     cdef inline void _wake_other(self, uint32_t my_side) noexcept:
+        # A send or receive that copied with the GIL released may have seen the region closed
+        # and unmapped when it left: then there is nobody to wake through this mapping.
+        if self._ring._m.closed:
+            return
         if self._ring._info.kind == IVSHM_KIND_PUBSUB and my_side == IVSHM_CHAN_SEND:
             ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
         else:
@@ -2951,6 +2955,8 @@ cdef class Channel:
         cdef _Mapping m = self._ring._m
         cdef int rc
         while True:
+            if self._closed or m.closed:  # a copy that released the GIL may have seen a close
+                raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
             m.enter()
             with nogil:
                 rc = ivshm_chan_wait(&self._ch, call)
@@ -3166,6 +3172,7 @@ cdef class Channel:
                         self._full_timeout(timeout)
                     self._ring._timeout_error(timeout)
                 span = self._recheck if left is None else min(self._recheck, left)
+                self._check()  # closed meanwhile (another thread): the mapping may be gone
                 m.enter()  # the mapping stays while this call holds a sleeper entry
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)

@@ -1,18 +1,12 @@
 /* ivshm_bench_ref.c - the bare eventfd ping-pong of ivshm_bench_ref.h. */
 #define _GNU_SOURCE
 #include "ivshm_bench_ref.h"
+#include "ivshm_time.h"
 
 #include <errno.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
-
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static int put(int fd, uint64_t v)
 {
@@ -44,10 +38,10 @@ int ivshm_ref_eventfd_rtt(int rx, int tx, int lead, uint64_t count, int64_t *lat
     int rc;
     for (uint64_t i = 0; i < count; i++) {
         if (lead) {
-            int64_t t0 = mono_ns();
+            int64_t t0 = ivshm_now_ns();
             if ((rc = put(tx, 1)) || (rc = get(rx, &v)))
                 return rc;
-            lat_ns[i] = mono_ns() - t0;
+            lat_ns[i] = ivshm_now_ns() - t0;
         } else if ((rc = get(rx, &v)) || (rc = put(tx, 1))) {
             return rc;
         }
@@ -65,12 +59,12 @@ int ivshm_ref_eventfd_wake(int rx, int tx, int lead, uint64_t count, uint64_t ga
             struct timespec gap = {(time_t)(gap_ns / 1000000000u), (long)(gap_ns % 1000000000u)};
             while (nanosleep(&gap, &gap) != 0 && errno == EINTR)
                 ;
-            if ((rc = put(tx, (uint64_t)mono_ns())) || (rc = get(rx, &v)))
+            if ((rc = put(tx, (uint64_t)ivshm_now_ns())) || (rc = get(rx, &v)))
                 return rc;
         } else {
             if ((rc = get(rx, &v)))
                 return rc;
-            int64_t t = mono_ns();
+            int64_t t = ivshm_now_ns();
             lat_ns[i] = t - (int64_t)v;
             if ((rc = put(tx, 1)))
                 return rc;

@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE
 #include "ivshm_doorbell.h"
+#include "ivshm_time.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -23,30 +24,6 @@
 
 #define WS_DRAIN_BIT (UINT64_C(1) << 63)
 #define WS_BATCH 64
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* Milliseconds left until deadline (rounded up, never negative); -1 when there is none. */
-static int ms_left(int64_t deadline)
-{
-    if (deadline < 0)
-        return -1;
-    int64_t left = deadline - now_ns();
-    if (left <= 0)
-        return 0;
-    int64_t ms = (left + 999999) / 1000000;
-    return ms > INT_MAX ? INT_MAX : (int)ms;
-}
-
-static int64_t deadline_after(int timeout_ms)
-{
-    return timeout_ms < 0 ? -1 : now_ns() + (int64_t)timeout_ms * 1000000;
-}
 
 int ivshm_eventfd_create(int nonblock)
 {
@@ -125,7 +102,7 @@ int ivshm_waitset_wait(int epfd, int timeout_ms, unsigned flags, struct ivshm_fi
 {
     if (max_out <= 0 || !out)
         return -EINVAL;
-    int64_t deadline = deadline_after(timeout_ms);
+    int64_t deadline = ivshm_deadline_ms(timeout_ms);
     int timeout = timeout_ms < 0 ? -1 : timeout_ms;
     struct epoll_event evs[WS_BATCH];
     int want = max_out < WS_BATCH ? max_out : WS_BATCH;
@@ -134,7 +111,7 @@ int ivshm_waitset_wait(int epfd, int timeout_ms, unsigned flags, struct ivshm_fi
         int n = epoll_wait(epfd, evs, want, timeout);
         if (n < 0) {
             if (errno == EINTR && (flags & IVSHM_WAIT_RESTART)) {
-                timeout = ms_left(deadline);
+                timeout = ivshm_ms_left(deadline);
                 continue;
             }
             rc = -errno;
@@ -165,7 +142,7 @@ int ivshm_waitset_wait(int epfd, int timeout_ms, unsigned flags, struct ivshm_fi
             break;
         }
         /* Only spurious wake-ups: sleep again for what is left. */
-        timeout = ms_left(deadline);
+        timeout = ivshm_ms_left(deadline);
         if (timeout == 0) {
             rc = 0;
             break;
@@ -173,20 +150,20 @@ int ivshm_waitset_wait(int epfd, int timeout_ms, unsigned flags, struct ivshm_fi
     }
 done:
     if (remaining_ms)
-        *remaining_ms = ms_left(deadline);
+        *remaining_ms = ivshm_ms_left(deadline);
     return rc;
 }
 
 int ivshm_wait_readable(int fd, int timeout_ms, unsigned flags, int *remaining_ms)
 {
-    int64_t deadline = deadline_after(timeout_ms);
+    int64_t deadline = ivshm_deadline_ms(timeout_ms);
     int timeout = timeout_ms < 0 ? -1 : timeout_ms;
     struct pollfd p = { .fd = fd, .events = POLLIN };
     int rc;
     for (;;) {
         int n = poll(&p, 1, timeout);
         if (n < 0 && errno == EINTR && (flags & IVSHM_WAIT_RESTART)) {
-            timeout = ms_left(deadline);
+            timeout = ivshm_ms_left(deadline);
             continue;
         }
         if (n < 0)
@@ -198,6 +175,6 @@ int ivshm_wait_readable(int fd, int timeout_ms, unsigned flags, int *remaining_m
         break;
     }
     if (remaining_ms)
-        *remaining_ms = ms_left(deadline);
+        *remaining_ms = ivshm_ms_left(deadline);
     return rc;
 }

@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include "ivshm_peer.h"
 #include "ivshm_doorbell.h"
+#include "ivshm_time.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -22,24 +23,6 @@
 #include <unistd.h>
 
 #define MAX_FDS_PER_MSG 253   /* the kernel's SCM_MAX_FD */
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static int ms_left(int64_t deadline)
-{
-    if (deadline < 0)
-        return -1;
-    int64_t left = deadline - now_ns();
-    if (left <= 0)
-        return 0;
-    int64_t ms = (left + 999999) / 1000000;
-    return ms > INT_MAX ? INT_MAX : (int)ms;
-}
 
 void ivshm_proto_msg_init(struct ivshm_proto_msg *msg)
 {
@@ -91,7 +74,7 @@ static void take_fds(struct ivshm_proto_msg *msg, struct msghdr *mh, int first_p
 int ivshm_proto_recv(int sock, struct ivshm_proto_msg *msg, int timeout_ms, unsigned flags,
                      int *remaining_ms)
 {
-    int64_t deadline = timeout_ms < 0 ? -1 : now_ns() + (int64_t)timeout_ms * 1000000;
+    int64_t deadline = ivshm_deadline_ms(timeout_ms);
     int rc = 0;
     while (msg->nbytes < 8) {
         union {
@@ -110,7 +93,7 @@ int ivshm_proto_recv(int sock, struct ivshm_proto_msg *msg, int timeout_ms, unsi
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                int left = ms_left(deadline);
+                int left = ivshm_ms_left(deadline);
                 if (left == 0) {        /* a poll of 0 ms would only say what recvmsg said */
                     rc = -ETIMEDOUT;
                     break;
@@ -147,7 +130,7 @@ int ivshm_proto_recv(int sock, struct ivshm_proto_msg *msg, int timeout_ms, unsi
             rc = -EBADMSG;
     }
     if (remaining_ms)
-        *remaining_ms = ms_left(deadline);
+        *remaining_ms = ivshm_ms_left(deadline);
     return rc;
 }
 

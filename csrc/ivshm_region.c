@@ -17,13 +17,7 @@
 #include <time.h>
 
 #include "ivshm_atomic.h"
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+#include "ivshm_time.h"
 
 static void short_sleep(void)
 {
@@ -110,7 +104,7 @@ int ivshm_region_attach(struct ivshm_region *r, void *base, uint64_t size, unsig
     if (rc)
         return rc;
     struct ivshm_region_hdr *h = (struct ivshm_region_hdr *)base;
-    uint64_t deadline = now_ns() + (uint64_t)(wait_ms < 0 ? 0 : wait_ms) * 1000000ull;
+    uint64_t deadline = (uint64_t)ivshm_now_ns() + (uint64_t)(wait_ms < 0 ? 0 : wait_ms) * 1000000ull;
 
     if (flags & IVSHM_ATTACH_FORMAT) {
         /* Unconditional re-format: mark it in progress first so attachers wait, not misread. */
@@ -135,7 +129,7 @@ int ivshm_region_attach(struct ivshm_region *r, void *base, uint64_t size, unsig
         }
         if (magic != IVSHM_MAGIC_FORMATTING)
             return -EBADMSG;
-        if (now_ns() >= deadline)
+        if ((uint64_t)ivshm_now_ns() >= deadline)
             return -ETIMEDOUT;
         short_sleep();
     }
@@ -265,18 +259,18 @@ int ivshm_ring_check_ctrl(const struct ivshm_region *r, const struct ivshm_ring_
 /* Take the directory lock: 0, 1 (taken over from a holder silent for a lease), -ETIMEDOUT. */
 static int lock_dir(struct ivshm_region_hdr *h, uint64_t token, int wait_ms)
 {
-    uint64_t now = now_ns();
+    uint64_t now = (uint64_t)ivshm_now_ns();
     uint64_t deadline = now + (uint64_t)(wait_ms < 0 ? 0 : wait_ms) * 1000000ull;
     uint64_t seen_lock = 0, seen_time = 0, seen_since = now;
     for (;;) {
         uint64_t expected = 0;
         /* acquire pairs with the release in unlock_dir by the previous holder */
         if (IVSHM_CAS(&h->lock, &expected, token)) {
-            IVSHM_STORE_RELAXED(&h->lock_time, now_ns());
+            IVSHM_STORE_RELAXED(&h->lock_time, (uint64_t)ivshm_now_ns());
             return 0;
         }
         uint64_t beat = IVSHM_LOAD_RELAXED(&h->lock_time);
-        now = now_ns();
+        now = (uint64_t)ivshm_now_ns();
         if (expected != seen_lock || beat != seen_time) {
             seen_lock = expected; /* the holder changed or made progress: its lease restarts */
             seen_time = beat;
@@ -286,7 +280,7 @@ static int lock_dir(struct ivshm_region_hdr *h, uint64_t token, int wait_ms)
              * meanwhile).  What a dead holder left half-done is harmless: an entry it did not
              * publish is still free, and the space it reserved stays unused. */
             if (IVSHM_CAS(&h->lock, &expected, token)) {
-                IVSHM_STORE_RELAXED(&h->lock_time, now_ns());
+                IVSHM_STORE_RELAXED(&h->lock_time, (uint64_t)ivshm_now_ns());
                 return 1;
             }
             continue;
@@ -305,7 +299,7 @@ static void clear_ring(struct ivshm_region_hdr *h, uint8_t *base, uint64_t bytes
     for (uint64_t done = 0; done < bytes; done += chunk) {
         uint64_t n = bytes - done < chunk ? bytes - done : chunk;
         memset(base + done, 0, n);
-        IVSHM_STORE_RELAXED(&h->lock_time, now_ns());
+        IVSHM_STORE_RELAXED(&h->lock_time, (uint64_t)ivshm_now_ns());
     }
 }
 

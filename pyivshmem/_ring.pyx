@@ -72,6 +72,7 @@ from pyivshmem.errors import (
     RingNotFoundError, ViewInUseError, AccessDeniedError, SystemCallError,
     SubscriberDroppedError,
 )
+from pyivshmem._size import parse_size  # the one size grammar (pure Python, shared with the server)
 
 __all__ = ["Region", "SpscRing", "MpmcRing", "PubSubRing", "Subscriber", "SlotView", "Channel",
            "parse_size"]
@@ -82,7 +83,6 @@ cdef extern from "Python.h":
 
 _KINDS = {"spsc": IVSHM_KIND_SPSC, "mpmc": IVSHM_KIND_MPMC, "pubsub": IVSHM_KIND_PUBSUB}
 _KIND_NAMES = {IVSHM_KIND_SPSC: "spsc", IVSHM_KIND_MPMC: "mpmc", IVSHM_KIND_PUBSUB: "pubsub"}
-_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 #: Default busy-spin budget of blocking calls before they start sleeping, in seconds.
 DEFAULT_SPIN = 50e-6
@@ -102,33 +102,6 @@ cdef uint64_t _NOGIL_BYTES = 65536
 
 #: Largest region size accepted (a sanity bound far above any ivshmem device).
 MAX_REGION_SIZE = 1 << 48
-
-
-def parse_size(size, what="size"):
-    """Bytes from an int or a string such as "4096", "64K", "16M", "1G" (powers of 1024).
-    ConfigError, naming ``what``, for anything else (floats, bools, None, zero or negative)."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ConfigError(f"{what} must be an int or a string like '16M', not {size!r}")
-    if isinstance(size, int):
-        if size <= 0:
-            raise ConfigError(f"{what} must be positive, got {size}")
-        return int(size)
-    s = size.strip().upper()
-    if s.endswith("IB"):
-        s = s[:-2]
-    elif s.endswith("B"):
-        s = s[:-1]
-    mult = 1
-    if s and s[-1] in _SUFFIX:
-        mult = _SUFFIX[s[-1]]
-        s = s[:-1]
-    try:
-        n = int(s.strip())
-    except ValueError:
-        raise ConfigError(f"cannot parse {what} {size!r}: use bytes or a K/M/G suffix, e.g. '16M'") from None
-    if n <= 0:
-        raise ConfigError(f"{what} must be positive, got {size!r}")
-    return n * mult
 
 
 def _int_arg(value, what, lo, hi):

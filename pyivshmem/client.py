@@ -1,14 +1,8 @@
 """`pyivshmem client`: an interactive ivshmem client, like QEMU's ``ivshmem-client``.
 
 It connects to a server as a host peer, prints its id, the peers joining and leaving, and the
-interrupts it receives, and reads commands from standard input (a terminal or a pipe)::
-
-    dump                   show my id and vectors, and every connected peer
-    int <peer> <vector>    ring one vector of a peer
-    int <peer> all         ring every vector of a peer
-    int all                ring every vector of every other peer
-    help                   list the commands
-    quit                   leave (so does end of input)
+interrupts it receives, and reads commands from standard input (a terminal or a pipe): dump,
+int <peer> <vector|all>, int all, help, quit (listed once, in COMMANDS).
 """
 from __future__ import annotations
 
@@ -21,6 +15,15 @@ from typing import List, Optional, Sequence, TextIO
 from .errors import ConfigError, IvshmemError, PeerDisconnected
 from .peer import DEFAULT_SOCKET, DISCONNECTED, JOINED, LEFT, Peer
 
+#: The commands, listed once for the usage text and the 'help' command.
+COMMANDS = """  dump                   show my id and vectors, and every connected peer
+  int <peer> <vector>    ring one vector of a peer
+  int <peer> all         ring every vector of a peer
+  int all                ring every vector of every other peer
+  help                   list the commands
+  quit                   leave (so does end of input)
+"""
+
 USAGE = f"""usage: pyivshmem client [-h] [-v] [-S SOCKET] [-t SECONDS]
 
 An interactive ivshmem client: connects to an ivshmem server, prints peers joining and
@@ -32,21 +35,9 @@ leaving and the interrupts received, and reads commands from standard input.
   -t SECONDS  how long to wait for the server during set-up (default 5)
 
 Commands (type 'help' once connected):
-  dump                   show my id and vectors, and every connected peer
-  int <peer> <vector>    ring one vector of a peer
-  int <peer> all         ring every vector of a peer
-  int all                ring every vector of every other peer
-  help                   list the commands
-  quit                   leave (so does end of input)
-"""
+{COMMANDS}"""
 
-HELP = """commands:
-  dump                   show my id and vectors, and every connected peer
-  int <peer> <vector>    ring one vector of a peer
-  int <peer> all         ring every vector of a peer
-  int all                ring every vector of every other peer
-  help                   this list
-  quit                   leave (so does end of input)"""
+HELP = "commands:\n" + COMMANDS.rstrip("\n")
 
 
 class _Client:

@@ -391,9 +391,9 @@ def test_cli_rejects_bad_arguments(argv, needle, capsys):
 @pytest.mark.parametrize("topology", ["host-guest", "guest-guest"])
 def test_guest_topology_without_qemu_exits_2_saying_what_to_install(topology, monkeypatch,
                                                                     capsys, tmp_path):
-    from pyivshmem import _vm
+    from pyivshmem.vm import harness as vmh
 
-    monkeypatch.setattr(_vm, "qemu_binary", lambda: None)
+    monkeypatch.setattr(vmh, "qemu_binary", lambda: None)
     out = tmp_path / "out.json"
     assert bench.main(["--topology", topology, "--quick", "--json", str(out)]) == 2
     err = capsys.readouterr().err
@@ -776,10 +776,10 @@ def _fake_guests(monkeypatch, seen):
 
 
 def test_cli_accel_tcg_is_used_and_said(monkeypatch, capsys, tmp_path):
-    from pyivshmem import _vm
+    from pyivshmem.vm import harness as vmh
 
-    monkeypatch.setattr(_vm, "_kvm_verdict", None)
-    monkeypatch.setattr(_vm, "probe_kvm", lambda **kw: pytest.fail("--accel tcg must not probe"))
+    monkeypatch.setattr(vmh, "_kvm_verdict", None)
+    monkeypatch.setattr(vmh, "probe_kvm", lambda **kw: pytest.fail("--accel tcg must not probe"))
     seen = {}
     _fake_guests(monkeypatch, seen)
     out = tmp_path / "g.json"
@@ -792,11 +792,11 @@ def test_cli_accel_tcg_is_used_and_said(monkeypatch, capsys, tmp_path):
 
 
 def test_cli_accel_auto_probes_and_says_why(monkeypatch, capsys):
-    from pyivshmem import _vm
+    from pyivshmem.vm import harness as vmh
 
-    monkeypatch.setattr(_vm, "_kvm_verdict", None)
+    monkeypatch.setattr(vmh, "_kvm_verdict", None)
     monkeypatch.delenv("PYIVSHMEM_VM_ACCEL", raising=False)
-    monkeypatch.setattr(_vm, "probe_kvm", lambda image=None, timeout=None: (
+    monkeypatch.setattr(vmh, "probe_kvm", lambda image=None, timeout=None: (
         False, f"a probe boot under KVM did not reach the guest's init within {timeout:g} s"))
     seen = {}
     _fake_guests(monkeypatch, seen)
@@ -808,9 +808,9 @@ def test_cli_accel_auto_probes_and_says_why(monkeypatch, capsys):
 
 
 def test_cli_accel_kvm_without_kvm_exits_2(monkeypatch, capsys):
-    from pyivshmem import _vm
+    from pyivshmem.vm import harness as vmh
 
-    monkeypatch.setattr(_vm, "kvm_device_problem", lambda path="/dev/kvm": "/dev/kvm does not exist")
+    monkeypatch.setattr(vmh, "kvm_device_problem", lambda path="/dev/kvm": "/dev/kvm does not exist")
     _fake_guests(monkeypatch, {})
     assert bench.main(["--topology", "host-guest", "--accel", "kvm", "--quick"]) == 2
     assert "--accel kvm: KVM was asked for, but /dev/kvm does not exist" in capsys.readouterr().err

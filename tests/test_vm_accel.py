@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from pyivshmem import IvshmemError, _vm
+from pyivshmem import IvshmemError
+from pyivshmem.vm import harness as vmh
 from pyivshmem.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture(autouse=True)
 def fresh_verdict(monkeypatch):
     """Every test starts without a cached verdict (and leaves the process's own alone)."""
-    monkeypatch.setattr(_vm, "_kvm_verdict", None)
+    monkeypatch.setattr(vmh, "_kvm_verdict", None)
     monkeypatch.delenv("PYIVSHMEM_VM_ACCEL", raising=False)
 
 
@@ -38,7 +39,7 @@ class FakeProbe:
 def test_auto_uses_kvm_when_the_probe_boots_and_asks_once_per_process():
     probe = FakeProbe(True, "a probe boot under KVM reached the guest's init in 0.4 s")
     said = []
-    c = _vm.choose_accel("auto", probe=probe, timeout=3, report=said.append)
+    c = vmh.choose_accel("auto", probe=probe, timeout=3, report=said.append)
     assert (c.accel, c.requested) == ("kvm", "auto")
     assert c.reason == "a probe boot under KVM reached the guest's init in 0.4 s"
     assert said == ["QEMU guests run under KVM: a probe boot under KVM reached the guest's init "
@@ -46,58 +47,58 @@ def test_auto_uses_kvm_when_the_probe_boots_and_asks_once_per_process():
     assert probe.calls == [3]
     # the verdict is cached: a second choice (even with another probe) does not boot again
     other = FakeProbe(False, "never asked")
-    assert _vm.choose_accel(None, probe=other).accel == "kvm"
+    assert vmh.choose_accel(None, probe=other).accel == "kvm"
     assert probe.calls == [3] and other.calls == []
 
 
 def test_auto_uses_tcg_when_the_probe_fails_and_says_why():
     probe = FakeProbe(False, "a probe boot under KVM did not reach the guest's init within 2 s")
     said = []
-    c = _vm.choose_accel("auto", probe=probe, report=said.append)
+    c = vmh.choose_accel("auto", probe=probe, report=said.append)
     assert c.accel == "tcg" and "within 2 s" in c.reason
     assert said == ["QEMU guests run under TCG (software emulation): a probe boot under KVM did "
                     "not reach the guest's init within 2 s"]
-    assert probe.calls == [_vm.KVM_PROBE_TIMEOUT]
+    assert probe.calls == [vmh.KVM_PROBE_TIMEOUT]
 
 
 def test_forced_accelerators_do_not_probe(monkeypatch):
     probe = FakeProbe(True, "unused")
-    c = _vm.choose_accel("tcg", probe=probe)
+    c = vmh.choose_accel("tcg", probe=probe)
     assert c.accel == "tcg" and "KVM not probed" in c.reason
-    monkeypatch.setattr(_vm, "kvm_device_problem", lambda path="/dev/kvm": None)
-    c = _vm.choose_accel("KVM", probe=probe)
+    monkeypatch.setattr(vmh, "kvm_device_problem", lambda path="/dev/kvm": None)
+    c = vmh.choose_accel("KVM", probe=probe)
     assert c.accel == "kvm" and "not probed" in c.reason
     monkeypatch.setenv("PYIVSHMEM_VM_ACCEL", "tcg")
-    assert _vm.choose_accel(None, probe=probe).accel == "tcg"
+    assert vmh.choose_accel(None, probe=probe).accel == "tcg"
     assert probe.calls == []
-    assert _vm._kvm_verdict is None  # nothing was cached by forced choices
+    assert vmh._kvm_verdict is None  # nothing was cached by forced choices
 
 
 def test_forced_kvm_without_a_usable_device_says_so(monkeypatch):
-    monkeypatch.setattr(_vm, "kvm_device_problem",
+    monkeypatch.setattr(vmh, "kvm_device_problem",
                         lambda path="/dev/kvm": "/dev/kvm does not exist (no KVM on this host)")
-    with pytest.raises(_vm.VmUnavailable, match="KVM was asked for, but /dev/kvm does not exist"):
-        _vm.choose_accel("kvm")
+    with pytest.raises(vmh.VmUnavailable, match="KVM was asked for, but /dev/kvm does not exist"):
+        vmh.choose_accel("kvm")
 
 
 def test_unknown_accelerator_is_a_config_error():
     with pytest.raises(ConfigError, match="use one of auto, kvm, tcg"):
-        _vm.choose_accel("hvf")
+        vmh.choose_accel("hvf")
 
 
 def test_missing_device_means_tcg_without_booting(monkeypatch, tmp_path):
-    monkeypatch.setattr(_vm, "qemu_binary", lambda: pytest.fail("QEMU must not be started"))
-    monkeypatch.setattr(_vm, "kvm_device_problem",
+    monkeypatch.setattr(vmh, "qemu_binary", lambda: pytest.fail("QEMU must not be started"))
+    monkeypatch.setattr(vmh, "kvm_device_problem",
                         lambda path="/dev/kvm": "/dev/kvm does not exist (no KVM on this host)")
-    ok, why = _vm.probe_kvm(image=_fake_image(tmp_path), timeout=1)
+    ok, why = vmh.probe_kvm(image=_fake_image(tmp_path), timeout=1)
     assert not ok and "/dev/kvm does not exist" in why
 
 
 def test_vm_errors_are_ivshmem_errors_not_assertions():
-    for cls in (_vm.VmError, _vm.VmTimeout, _vm.VmUnavailable):
+    for cls in (vmh.VmError, vmh.VmTimeout, vmh.VmUnavailable):
         assert issubclass(cls, IvshmemError) and issubclass(cls, RuntimeError)
         assert not issubclass(cls, AssertionError)
-    assert issubclass(_vm.VmTimeout, _vm.VmError)
+    assert issubclass(vmh.VmTimeout, vmh.VmError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def _fake_image(tmp_path):
     d.mkdir(exist_ok=True)
     for name in ("vmlinuz", "base.cpio.gz", "python.cpio.gz"):
         (d / name).write_bytes(b"\0" * 64)
-    return _vm.Image(_vm.Kernel("0-fake", d / "vmlinuz", d / "base.cpio.gz"), d / "python.cpio.gz")
+    return vmh.Image(vmh.Kernel("0-fake", d / "vmlinuz", d / "base.cpio.gz"), d / "python.cpio.gz")
 
 
 def _fake_qemu(tmp_path, monkeypatch, body):
@@ -116,8 +117,8 @@ def _fake_qemu(tmp_path, monkeypatch, body):
                       f"echo $$ > {tmp_path}/qemu.pid\n"
                       f"echo \"$@\" > {tmp_path}/qemu.args\n" + body)
     script.chmod(0o755)
-    monkeypatch.setattr(_vm, "qemu_binary", lambda: str(script))
-    monkeypatch.setattr(_vm, "kvm_device_problem", lambda path="/dev/kvm": None)
+    monkeypatch.setattr(vmh, "qemu_binary", lambda: str(script))
+    monkeypatch.setattr(vmh, "kvm_device_problem", lambda path="/dev/kvm": None)
 
 
 def _gone(pid):
@@ -133,7 +134,7 @@ def test_a_hanging_kvm_probe_falls_back_to_tcg_within_its_timeout(tmp_path, monk
     _fake_qemu(tmp_path, monkeypatch, "exec sleep 300\n")
     said = []
     t0 = time.monotonic()
-    c = _vm.choose_accel("auto", image=_fake_image(tmp_path), timeout=1.0, report=said.append)
+    c = vmh.choose_accel("auto", image=_fake_image(tmp_path), timeout=1.0, report=said.append)
     took = time.monotonic() - t0
     assert c.accel == "tcg"
     assert "did not reach the guest's init within 1 s" in c.reason and "hang" in c.reason
@@ -150,14 +151,14 @@ def test_a_hanging_kvm_probe_falls_back_to_tcg_within_its_timeout(tmp_path, monk
     assert took < 1.0 + 30
     # the verdict is kept for the process: asking again does not start QEMU again
     (tmp_path / "qemu.pid").unlink()
-    assert _vm.choose_accel("auto", image=_fake_image(tmp_path)).accel == "tcg"
+    assert vmh.choose_accel("auto", image=_fake_image(tmp_path)).accel == "tcg"
     assert not (tmp_path / "qemu.pid").exists()
 
 
 def test_a_qemu_that_dies_under_kvm_falls_back_with_its_message(tmp_path, monkeypatch):
     _fake_qemu(tmp_path, monkeypatch,
                "echo 'qemu-system-x86_64: kvm_init_vcpu: failed: Invalid argument'\nexit 1\n")
-    ok, why = _vm.probe_kvm(image=_fake_image(tmp_path), timeout=20)
+    ok, why = vmh.probe_kvm(image=_fake_image(tmp_path), timeout=20)
     assert not ok
     assert why == ("QEMU could not boot a guest under KVM: qemu-system-x86_64: kvm_init_vcpu: "
                    "failed: Invalid argument")
@@ -166,21 +167,35 @@ def test_a_qemu_that_dies_under_kvm_falls_back_with_its_message(tmp_path, monkey
 def test_a_probe_boot_that_reaches_init_means_kvm(tmp_path, monkeypatch):
     # a fake QEMU that behaves like a guest under working KVM: init says it booted
     _fake_qemu(tmp_path, monkeypatch, "echo '@@PYIVSHMEM:booted 0-fake'\nexec sleep 300\n")
-    ok, why = _vm.probe_kvm(image=_fake_image(tmp_path), timeout=20)
+    ok, why = vmh.probe_kvm(image=_fake_image(tmp_path), timeout=20)
     assert ok and why.startswith("a probe boot under KVM reached the guest's init in ")
     assert _gone(int((tmp_path / "qemu.pid").read_text()))
 
 
 def test_vm_command_line_follows_the_choice(tmp_path, monkeypatch):
     img = _fake_image(tmp_path)
-    tcg = _vm.Vm("", workdir=tmp_path, image=img, accel="tcg").command()
+    tcg = vmh.Vm("", workdir=tmp_path, image=img, accel="tcg").command()
     assert tcg[1:5] == ["-accel", "tcg", "-M", "q35"]
-    assert _vm.Vm("", workdir=tmp_path, image=img, accel="kvm").command()[1:3] == ["-accel", "kvm"]
+    assert vmh.Vm("", workdir=tmp_path, image=img, accel="kvm").command()[1:3] == ["-accel", "kvm"]
     monkeypatch.setenv("PYIVSHMEM_VM_ACCEL", "tcg")
-    assert _vm.Vm("", workdir=tmp_path, image=img).accel == "tcg"
+    assert vmh.Vm("", workdir=tmp_path, image=img).accel == "tcg"
     monkeypatch.delenv("PYIVSHMEM_VM_ACCEL")
-    monkeypatch.setattr(_vm, "_kvm_verdict", (True, "fake"))
-    assert _vm.Vm("", workdir=tmp_path, image=img).accel == "kvm"
+    monkeypatch.setattr(vmh, "_kvm_verdict", (True, "fake"))
+    assert vmh.Vm("", workdir=tmp_path, image=img).accel == "kvm"
     monkeypatch.setenv("PYIVSHMEM_VM_CPU", "host")
-    cmd = _vm.Vm("", workdir=tmp_path, image=img, accel="kvm").command()
+    cmd = vmh.Vm("", workdir=tmp_path, image=img, accel="kvm").command()
     assert cmd[cmd.index("-cpu") + 1] == "host"
+
+
+def test_python_m_pyivshmem_vm_is_the_harness_command():
+    """`python -m pyivshmem.vm build|smoke|probe` (formerly `python -m pyivshmem._vm`)."""
+    import subprocess
+    import sys
+
+    from test_server import _env
+
+    r = subprocess.run([sys.executable, "-m", "pyivshmem.vm", "--help"], capture_output=True,
+                       text=True, timeout=60, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert "python -m pyivshmem.vm" in r.stdout
+    assert "probe" in r.stdout and "smoke" in r.stdout

@@ -30,7 +30,7 @@ def test_guest_exception_is_reported_with_traceback(image, tmp_path):
 
 
 def test_waits_are_bounded_and_a_hung_guest_powers_off(image, tmp_path):
-    from pyivshmem._vm import VmTimeout
+    from pyivshmem.vm.harness import VmTimeout
 
     script = "import time, vmguest\nvmguest.stage('sleeping')\ntime.sleep(3600)\n"
     with harness.Vm(script, workdir=tmp_path, iommu=False, image=image, guest_timeout=5) as vm:
@@ -65,12 +65,12 @@ def _our_qemus():
 def test_kvm_probe_on_this_host_decides_within_its_timeout(image, tmp_path, monkeypatch):
     """On hosts where /dev/kvm opens but a KVM guest hangs (or QEMU aborts), the probe falls back
     to TCG and says why; where KVM works, a real guest boots under it."""
-    from pyivshmem import _vm
+    from pyivshmem.vm import harness as vmh
 
-    monkeypatch.setattr(_vm, "_kvm_verdict", None)  # this test's verdict is not the process's
+    monkeypatch.setattr(vmh, "_kvm_verdict", None)  # this test's verdict is not the process's
     said = []
     t0 = time.monotonic()
-    choice = _vm.choose_accel("auto", image=image, timeout=3, report=said.append)
+    choice = vmh.choose_accel("auto", image=image, timeout=3, report=said.append)
     took = time.monotonic() - t0
     assert said == [choice.describe()]
     assert not _our_qemus()  # the probe's QEMU was killed and reaped

@@ -263,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         from .guests import GuestsUnavailable, check_available, guest_settings, run_guests
 
-        from .._vm import VmUnavailable, choose_accel
+        from ..vm.harness import VmUnavailable, choose_accel
 
         guest = guest_settings(s, {"sizes": args.sizes, "count": args.count,
                                    "rtt_samples": args.rtt_samples,

@@ -1,6 +1,6 @@
 """`pyivshmem bench --topology host-guest|guest-guest`: pyivshmem across QEMU guests.
 
-The guests are the VM harness's (pyivshmem._vm): a Debian kernel and busybox, the host's own Python
+The guests are the VM harness's (pyivshmem.vm.harness): a Debian kernel and busybox, the host's own Python
 and the installed pyivshmem package, booted under KVM when a probe boot under KVM succeeds (else
 under software emulation, TCG; ``--accel`` forces one) with an ``ivshmem-doorbell`` device
 connected to a pyivshmem :class:`~pyivshmem.Server` embedded in this process. Inside, the
@@ -308,7 +308,7 @@ def _wait_joined(peer: Any, count: int, timeout: float, watch: _Watch) -> List[i
 def _run_topology(plan: _Plan, image: Any, workdir: str, progress: Progress,
                   accel: str = "tcg") -> List[Dict[str, Any]]:
     from .. import Peer, Server
-    from .._vm import BOOT_TIMEOUT, Vm, VmError, ivshmem_doorbell
+    from ..vm.harness import BOOT_TIMEOUT, Vm, VmError, ivshmem_doorbell
 
     sock = os.path.join(workdir, "ivshmem.sock")
     guests = ["guest"] if plan.topology == "host-guest" else ["a", "b"]
@@ -369,7 +369,7 @@ def guest_settings(s: Any, explicit: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_available() -> Any:
     """The guest image (built or found in the cache); GuestsUnavailable saying what to install."""
-    from .._vm import VmUnavailable, ensure_image, qemu_binary
+    from ..vm.harness import VmUnavailable, ensure_image, qemu_binary
 
     if not qemu_binary():
         raise GuestsUnavailable(f"qemu-system-x86_64 is not installed ({INSTALL_HINT})")

@@ -390,6 +390,15 @@ def fmt_us(ns: Optional[float]) -> str:
     return f"{us:,.0f}"
 
 
+def fmt_ns(ns: Optional[float]) -> str:
+    """A duration with its unit, for progress lines ("3.21 us", "415 us", "2.1 ms")."""
+    if ns is None:
+        return "-"
+    if ns < 1_000_000:
+        return f"{fmt_us(ns)} us" if ns < 10_000 else f"{ns / 1000:.0f} us"
+    return f"{ns / 1e6:.1f} ms"
+
+
 def fmt_rate(r: Optional[float]) -> str:
     if r is None:
         return "-"

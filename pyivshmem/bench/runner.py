@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .peers import Transport
+from .report import fmt_ns, fmt_rate
 from .stats import Histogram, spread, summarize_rates
 from .workers import WorkerFailed, WorkerGroup, usable_cpus
 
@@ -68,25 +69,6 @@ class Settings:
 
 
 Progress = Callable[[str], None]
-
-
-def _fmt_ns(ns: Optional[float]) -> str:
-    if ns is None:
-        return "-"
-    if ns < 10_000:
-        return f"{ns / 1000:.2f} us"
-    if ns < 1_000_000:
-        return f"{ns / 1000:.0f} us"
-    return f"{ns / 1e6:.1f} ms"
-
-
-def _fmt_rate(r: Optional[float]) -> str:
-    if r is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if r >= scale:
-            return f"{r / scale:.2f}{unit}"
-    return f"{r:.0f}"
 
 
 class _Session:
@@ -273,9 +255,9 @@ class Runner:
             result = f"{rec['status']}: {rec['note']}"
         elif rec["latency_ns"]:
             lat = rec["latency_ns"]
-            result = f"p50 {_fmt_ns(lat['p50'])}  p99 {_fmt_ns(lat['p99'])}"
+            result = f"p50 {fmt_ns(lat['p50'])}  p99 {fmt_ns(lat['p99'])}"
         elif rec["throughput"]:
-            result = f"{_fmt_rate(rec['throughput']['msgs_per_s'])} msg/s"
+            result = f"{fmt_rate(rec['throughput']['msgs_per_s'])} msg/s"
         elif rec["doorbells_per_msg"] is not None:
             result = f"{rec['doorbells_per_msg']:.4f} doorbells per message"
         else:

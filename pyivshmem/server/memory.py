@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 import tempfile
 from typing import Optional, Tuple, Union
 
+from .._size import parse_size
 from ..errors import ConfigError
 from ._ffi import lib
 
@@ -34,34 +34,11 @@ REGION_FORMATTING = int(lib.IVSHM_MAGIC_FORMATTING)
 REGION_HDR_SIZE = int(lib.IVSHM_HDR_SIZE)
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)\s*$")
-_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-
-
 def parse_qemu_size(value: Union[int, str]) -> int:
-    """Parse a size the way QEMU's ``-l`` does: bytes, or K/M/G/T (powers of 1024), fractions
-    allowed with a suffix ("1.5M"). The result is NOT rounded; see :func:`round_up_pow2`."""
-    if isinstance(value, bool):
-        raise ConfigError(f"invalid size {value!r}")
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        if not m:
-            raise ConfigError(
-                f"invalid size {value!r}: expected a number of bytes with an optional "
-                "K, M, G or T suffix (powers of 1024), e.g. 4M"
-            )
-        number, suffix = m.group(1), m.group(2).lower()
-        shift = _SUFFIX[suffix]
-        if "." in number:
-            if not suffix or suffix == "b":
-                raise ConfigError(f"invalid size {value!r}: a fraction needs a K/M/G/T suffix")
-            size = int(float(number) * (1 << shift))
-        else:
-            size = int(number) << shift
-    if size <= 0:
-        raise ConfigError(f"invalid size {value!r}: the shared memory size must be positive")
+    """A memory size in the one size grammar (:func:`pyivshmem._size.parse_size`, QEMU's ``-l``:
+    bytes, or K/M/G/T... powers of 1024, fractions allowed with a suffix, "1.5M"), at most
+    MAX_SIZE. The result is NOT rounded; see :func:`round_up_pow2`."""
+    size = parse_size(value, "size")
     if size > MAX_SIZE:
         raise ConfigError(f"invalid size {value!r}: larger than {MAX_SIZE >> 40} TiB")
     return size

@@ -1,4 +1,4 @@
-"""The VM tests' view of pyivshmem's VM harness (pyivshmem/_vm.py, which the benchmark uses too).
+"""The VM tests' view of pyivshmem's VM harness (pyivshmem/vm/harness.py, which the benchmark uses too).
 
 Everything is re-exported from there; this module adds what only tests need: ``HERE`` (this folder,
 where the helper scripts copied into guests live) and :func:`require_image`, which turns "cannot
@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from pyivshmem import _vm
-from pyivshmem._vm import (  # noqa: F401  (re-exported for the tests)
+from pyivshmem.vm import harness as vmh
+from pyivshmem.vm.harness import (  # noqa: F401  (re-exported for the tests)
     BOOT_TIMEOUT, GUEST_HELPER, KERNEL_ARGS, MARK, VFIO_MODULES, Cpio, Image, Kernel, Message, Vm,
     VmError, VmUnavailable, cache_dir, ensure_image, ensure_kernel, ensure_python, ivshmem_doorbell,
     ivshmem_plain, kernel_package, main, package_cpio, package_dir, python_key, qemu_binary,
@@ -23,7 +23,7 @@ from pyivshmem._vm import (  # noqa: F401  (re-exported for the tests)
 HERE = Path(__file__).resolve().parent
 
 
-def require_image() -> _vm.Image:
+def require_image() -> vmh.Image:
     """For tests: the image, or pytest.skip with the reason (a failure if PYIVSHMEM_REQUIRE_VM=1)."""
     import pytest
 

@@ -18,7 +18,7 @@ Per boot, two small uncompressed archives are appended: the pyivshmem package as
 
 The guest's ``/init`` mounts the usual file systems, loads the modules, runs ``/test/main.py`` with the
 copied interpreter and powers off. Results come back over the serial console (QEMU's stdout) as lines
-``@@PYIVSHMEM:<tag> <text>``; the guest side helper (``_vmguest.py``, importable in the guest as
+``@@PYIVSHMEM:<tag> <text>``; the guest side helper (``pyivshmem/vm/guest.py``, importable in the guest as
 ``vmguest``) prints them. Every wait is bounded, QEMU is killed by its own pid, and the serial log is kept
 in a file and printed when a test fails.
 
@@ -63,10 +63,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import ConfigError, IvshmemError
+from ..errors import ConfigError, IvshmemError
 
 MARK = "@@PYIVSHMEM:"
-GUEST_HELPER = Path(__file__).resolve().parent / "_vmguest.py"
+GUEST_HELPER = Path(__file__).resolve().parent / "guest.py"
 # modules VFIO needs, by module name; their dependencies are added from modules.dep
 VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pci-core", "vfio-pci")
 KERNEL_ARGS = "console=ttyS0 quiet loglevel=1 panic=-1 oops=panic intel_iommu=on"
@@ -1027,11 +1027,11 @@ def unique_shm(prefix: str = "pyivshmem-vmtest") -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m pyivshmem._vm build|smoke|probe`: build the cache (and boot a trivial guest once,
+    """`python -m pyivshmem.vm build|smoke|probe`: build the cache (and boot a trivial guest once,
     or only say which accelerator guests would run under, and why)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m pyivshmem._vm")
+    ap = argparse.ArgumentParser(prog="python -m pyivshmem.vm")
     ap.add_argument("command", choices=["build", "smoke", "probe"])
     ap.add_argument("--accel", choices=ACCELS, default=None,
                     help="auto (probe KVM, default), kvm or tcg")

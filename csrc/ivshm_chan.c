@@ -212,29 +212,31 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
     uint64_t v = 0;
     /* Sleepers of this process may share the fd: channels on other rings with the same vector,
      * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
-     * that was claimed keeps one unit and puts the rest back.  A call that was not claimed woke
-     * for somebody else's ring: if others of this process sleep on the fd it puts everything
-     * back for them (and yields, so that they run); alone, the unit is a stray (a ring for a
-     * sleeper that left meanwhile) and it is dropped.  EAGAIN: another reader was first. */
+     * that was claimed keeps one unit and puts the rest back for the others.  A call that was
+     * not claimed woke for somebody else's ring: it puts everything back (and yields, so that
+     * they run).  A sleeper alone on the fd takes what is there: rings of its own earlier
+     * armings (claimed just before a re-check found work) or of sleepers that left.  EAGAIN:
+     * another reader was first. */
     ssize_t n = read(ch->wait_fd, &v, sizeof(v));
     if (n < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-    uint64_t rest = v;
-    int mine = claimed(ch, call);
-    if (mine && v > 0)
-        rest = v - 1;
-    else if (ch->fd_sleepers == NULL ||
-             atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_relaxed) <= 1)
-        rest = 0;
-    if (rest > 0) {
+    if (v == 0)
+        return 0;
+    /* A ring for this fd while we sleep on it alone is ours: one claimed at this arming, or a
+     * stray of an earlier one (claimed just before its re-check found work). */
+    int alone = ch->fd_sleepers == NULL ||
+                atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_relaxed) <= 1;
+    int mine = claimed(ch, call) || alone;
+    uint64_t rest = mine ? v - 1 : v;
+    if (rest > 0 && !alone) {
         ssize_t w = write(ch->wait_fd, &rest, sizeof(rest));
         (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
         if (!mine)
             sched_yield();
     }
-    if (mine && v > 0)
+    if (mine)
         stat_add(&ch->st.wakeups);
-    return mine && v > 0;
+    return mine;
 }
 
 void ivshm_chan_sleep_begin(struct ivshm_chan *ch)

@@ -190,6 +190,8 @@ def test_the_pyivshmem_server_command(sock_path):
         _wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="socket")
         assert proc.poll() is None, proc.stderr.read()
         with Peer.connect(sock_path, vectors=2) as a, Peer.connect(sock_path, vectors=2) as b:
+            # b's join reaches a through the server, a moment after b connected
+            _wait_for(lambda: a.events() is not None and b.id in a.peers, what="a to hear of b")
             a.notify(b.id, 1)
             assert b.wait(10) == [1]
             assert os.path.exists(f"/dev/shm/{name}")

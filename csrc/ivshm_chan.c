@@ -112,8 +112,7 @@ static uint32_t *waiting_of(const struct ivshm_chan *ch, uint32_t side)
 
 static int route_ok(uint32_t w)
 {
-    return (w & IVSHM_SLEEPER_ARMED) && IVSHM_SLEEPER_VECTOR(w) < IVSHM_MAX_VECTORS &&
-           (w & 0x7f000000u) == 0;
+    return (w & IVSHM_SLEEPER_ARMED) && IVSHM_SLEEPER_VECTOR(w) < IVSHM_MAX_VECTORS;
 }
 
 /* -- readiness ------------------------------------------------------------------------------------ */
@@ -155,13 +154,22 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
      * The count and the entry are ordered by the release CAS below, which the claim's acquire
      * CAS pairs with. */
     atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
+    /* This arming's word: the route and a ticket in bits 24..30.  Sleepers with the same route
+     * (threads of one channel, channels of one process on one vector) would otherwise write equal
+     * words: one whose entry was claimed and then re-armed by another would take the other's
+     * arming back in its disarm, leaving that one asleep with no entry. */
+    uint64_t n = atomic_fetch_add_explicit(IVSHM_ATOMIC(&ch->tickets), 1u, memory_order_relaxed);
+    /* mixed with where this channel and this call live, so that the armings of other channel
+     * structs and threads with the same route differ too (the top 7 bits of a multiplicative hash) */
+    uint64_t h = ((uint64_t)(uintptr_t)ch ^ ((uint64_t)(uintptr_t)call << 17) ^ n) * 0x9E3779B97F4A7C15ull;
+    call->word = ch->route | ((uint32_t)(h >> 57) << 24);
     for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
         uint32_t e = (start + k) % IVSHM_SLEEPERS;
         uint32_t expect = 0;
         if (IVSHM_LOAD_RELAXED(&table[e]) != 0)
             continue;
         /* S1: pairs with the waker's load and CAS in claim_one() (through F1/F2) */
-        if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, ch->route,
+        if (atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &expect, call->word,
                                                     memory_order_release, memory_order_relaxed)) {
             IVSHM_FENCE(); /* F1: pairs with F2 in ivshm_chan_wake_other / pass_on */
             stat_add(&ch->st.arms);
@@ -178,7 +186,7 @@ void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (call->entry < 0)
         return;
     uint32_t *slot = &table_of(ch, call->side)[call->entry];
-    uint32_t expect = ch->route;
+    uint32_t expect = call->word;
     call->entry = -1;
     /* Take the entry back.  A failed CAS means a waker claimed it (and decremented `waiting`):
      * its ring is on the way or already in the eventfd; the next sleep absorbs it. */
@@ -204,7 +212,7 @@ static int claimed(const struct ivshm_chan *ch, const struct ivshm_chan_call *ca
 {
     if (call->entry < 0)
         return 0;
-    return IVSHM_LOAD_RELAXED(&table_of(ch, call->side)[call->entry]) != ch->route;
+    return IVSHM_LOAD_RELAXED(&table_of(ch, call->side)[call->entry]) != call->word;
 }
 
 int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)

@@ -100,9 +100,12 @@ struct ivshm_chan {
     uint64_t spin_ns;          /* busy-poll this long before sleeping (per blocking call) */
     uint64_t recheck_ns;       /* sleepers look at the ring at least this often */
     uint32_t start_cons, start_prod; /* where wakers start their scans (fairness), a hint */
+    uint32_t tickets;                /* armings so far: the ticket bits of route words */
     /* Process-local count of sleepers on wait_fd, shared by every channel of this process that
      * sleeps on the same fd (NULL: this channel is alone on it).  A sleeper woken by a ring meant
-     * for another one puts it back only when others sleep there.  Set by the owner after init. */
+     * for another one puts it back only when others sleep there.  Set by the owner after init:
+     * channels (or threads) of one process that sleep on one fd must share one counter here,
+     * or a sleeper that thinks itself alone can take a ring meant for another. */
     uint32_t *fd_sleepers;
     struct ivshm_chan_stats st; /* updated with relaxed atomics */
 };
@@ -117,6 +120,7 @@ struct ivshm_chan_call {
     uint32_t slept;        /* sleeps entered during this call */
     uint64_t need;         /* SPSC producers: slots needed for the message waited for */
     int entry;             /* the table entry this call holds while armed, -1 when none */
+    uint32_t word;         /* the word it wrote there: route and ticket */
     uint32_t backoff_us;   /* polling back-off */
 };
 

@@ -35,6 +35,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ClosedError, ConfigError, DeviceError, DeviceGoneError, WaitTimeout
 
+
+def _new_eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd (through the C helpers, which work on every
+    Python the package supports)."""
+    from .doorbell import eventfd
+
+    return eventfd(nonblock=True)
+
 __all__ = ["PciDevice", "PciDeviceInfo", "IVSHMEM_VENDOR", "IVSHMEM_DEVICE"]
 
 IVSHMEM_VENDOR = 0x1AF4
@@ -465,7 +473,7 @@ class PciDevice:
         os.set_inheritable(self._mem_fd, False)
         self.id = self.read_register(_REG_IVPOSITION)
         self.uses_vfio = True
-        self._gone_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._gone_fd = _new_eventfd()
         self._start_watch(dev)
         # MSI-X: one eventfd per vector
         count = ffi.new("uint32_t *")
@@ -561,7 +569,7 @@ class PciDevice:
         count, flags = ffi.new("uint32_t *"), ffi.new("uint32_t *")
         if lib.ivshm_vfio_irq_info(dev_fd, _VFIO_PCI_REQ_IRQ_INDEX, count, flags) < 0 or count[0] < 1:
             return  # an old kernel without the request interrupt: removal waits for close()
-        self._req_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._req_fd = _new_eventfd()
         arg = struct.pack("=IIIIIi", 24, _VFIO_IRQ_SET_DATA_EVENTFD | _VFIO_IRQ_SET_ACTION_TRIGGER,
                           _VFIO_PCI_REQ_IRQ_INDEX, 0, 1, self._req_fd)
         try:
@@ -570,7 +578,7 @@ class PciDevice:
             os.close(self._req_fd)
             self._req_fd = -1
             return
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop_fd = _new_eventfd()
         req, stop = self._req_fd, self._stop_fd
 
         def watch() -> None:

@@ -218,7 +218,9 @@ def test_two_channels_of_one_process_share_a_vector(shm_path):
                 ta.join(10)
                 tb.join(LOST)
             assert got == [b"%d" % i for i in range(20)]
-            assert cb.stats["wakeups"] == 20
+            # rung, not found by a re-check (the 5 s bound above is far below the 60 s re-check);
+            # a message sent just after the receiver armed is found by its own re-check instead
+            assert cb.stats["wakeups"] >= 1 and tx.stats["doorbells"] >= 1
     finally:
         close_fds(fds)
 

@@ -60,6 +60,7 @@ struct mctx {
     uint64_t received;
     uint64_t sleeps;
     int shared_route; /* all consumers use peer 1's route and eventfd */
+    uint32_t fd_sleepers; /* their count of sleepers on it (ivshm_chan.h) */
 };
 
 struct cons_arg {
@@ -78,6 +79,8 @@ static void *consumer(void *p)
     int peer = m->shared_route ? 1 : a->peer;
     CHECKP(ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, peer, 0, m->bells.fd[peer], m->cancel_fd,
                            resolve, &m->bells, 0, RECHECK_NS) == 0, "init");
+    if (m->shared_route)
+        ch.fd_sleepers = &m->fd_sleepers; /* the consumers share one eventfd: say so */
     for (;;) {
         uint64_t v;
         int64_t n = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, LOST_NS);
@@ -122,10 +125,13 @@ static void run_sleepy_consumers(char *detail, size_t dn, int nthreads, int shar
                           RECHECK_NS) == 0, "init");
     for (uint64_t i = 0; i < m.n && !tc_failed(); i++) {
         /* wait until the consumers are asleep again, now and then, so most sends find sleepers */
-        if (i % 3 == 0) {
+        {
+            /* wait (up to 200 ms: a slow sanitizer build on a busy machine) until every consumer
+             * is asleep again, so that the messages go to sleepers, one at a time */
             struct ivshm_ring_ctrl *c = (struct ivshm_ring_ctrl *)(m.t.mem + m.info.offset);
-            for (int k = 0; k < 2000 && __atomic_load_n(&c->cons_waiting, __ATOMIC_RELAXED) <
-                                            (uint32_t)nthreads; k++)
+            int64_t until = ivshm_chan_now_ns() + 200000000;
+            while (__atomic_load_n(&c->cons_waiting, __ATOMIC_RELAXED) < (uint32_t)nthreads &&
+                   ivshm_chan_now_ns() < until)
                 sched_yield();
         }
         CHECK(ivshm_chan_send(&ch, &i, sizeof(i), LOST_NS) == 0, "send %" PRIu64, i);
@@ -390,7 +396,7 @@ static void hostile_table(char *detail, size_t dn)
     /* every entry taken by garbage: no armed bit, a vector out of range, stray high bits */
     for (unsigned e = 0; e < IVSHM_SLEEPERS; e++)
         c->cons_sleepers[e] = e % 3 == 0 ? 0x00000105u : e % 3 == 1 ? (IVSHM_SLEEPER_ARMED | 200u)
-                                                                     : 0xff000101u;
+                                                                     : 0xff0001ffu;
     c->cons_waiting = 0xffffffffu;
     uint64_t v = 1;
     CHECK(ivshm_chan_send(&tx, &v, sizeof(v), 0) == 0, "send");

@@ -91,7 +91,7 @@ static void wake_fences_lose_no_wakeup(char *detail, size_t n)
         /* Nobody touches the entry any more this round.  Still ours although the re-check did
          * not see the message: it was published and the waker claimed nobody, so a real
          * sleeper would sleep on.  (Claimed although we saw it: one spurious ring, no harm.) */
-        int still_ours = __atomic_load_n(&ctl->cons_sleepers[call.entry], __ATOMIC_ACQUIRE) == ch.route;
+        int still_ours = __atomic_load_n(&ctl->cons_sleepers[call.entry], __ATOMIC_ACQUIRE) == call.word;
         if (saw) {
             l.found++;
         } else {

@@ -507,7 +507,10 @@ def test_c_example_blocks_on_the_channel_with_doorbells(tmp_path, shm_path):
         # it slept (at least at each pause) and every sleep ended with a doorbell, not a re-check
         assert int(stats["sleeps"]) >= n // 10, out
         assert int(stats["wakeups"]) >= int(stats["sleeps"]) - 2, out
-        assert rx.stats["wakeups"] > n // 2 and tx.stats["doorbells"] >= n // 10
+        # Python's side: every sleep ended by the C side's doorbell, and it rang the C side at
+        # each pause at least (how often Python finds the reply already there depends on speed)
+        assert rx.stats["wakeups"] >= rx.stats["sleeps"] - 2, rx.stats
+        assert tx.stats["doorbells"] >= n // 10, tx.stats
     finally:
         region.close()
         close_fds(fds)

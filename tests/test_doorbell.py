@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+
+from _fds import fd_count
 from _procwait import call_when_waiting, wait_until_in_wait
 
 from pyivshmem import ClosedError, ConfigError
@@ -22,9 +24,6 @@ import pyivshmem  # noqa: E402
 # where this process imported pyivshmem from (source tree or site-packages): the child uses it too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
 
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_eventfd_ring_and_drain_coalesce():

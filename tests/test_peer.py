@@ -16,15 +16,13 @@ from typing import Callable, List, Optional, Sequence
 
 import pytest
 
+from _fds import fd_count
 from pyivshmem import ClosedError, ConfigError, PeerDisconnected, ProtocolError
 from pyivshmem.doorbell import NOTIFY_EVENTFD, Doorbell, drain, ring
 from pyivshmem.peer import DISCONNECTED, JOINED, LEFT, Peer, PeerEvent
 
 MiB = 1 << 20
 
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # ---------------------------------------------------------------------------- fake server

@@ -8,11 +8,9 @@ import os
 
 import pytest
 
+from _fds import fd_count
 from pyivshmem import InheritedError, Peer, Server
 
-
-def fd_count():
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.timeout(60)

@@ -290,3 +290,30 @@ def test_sigbus_outside_guarded_memory_still_kills(shm_path, faulthandler):
     assert proc.returncode == -signal.SIGBUS, proc
     if faulthandler:
         assert "Bus error" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["spsc", "mpmc", "pubsub"])
+def test_every_ring_kind_raises_lost_and_never_hangs(shm_path, kind):
+    """On the guard's zero pages each kind's calls raise RegionLostError at once (the rings'
+    validation keeps zeros from crashing or hanging them); blocking calls with no timeout too."""
+    with Region.create(shm_path, "1M") as r:
+        q = r.create_ring("q", kind, slot_size=64, capacity=8)
+        sub = q.subscribe() if kind == "pubsub" else None
+        rx = sub if sub is not None else q
+        q.send(b"one")
+        assert rx.recv(timeout=1) == b"one"
+        os.truncate(shm_path, 4096)
+        calls = [lambda: q.send(b"x"),                 # no timeout: must not block
+                 lambda: q.try_send(b"x"), lambda: len(q), lambda: q.send_many([b"a", b"b"]),
+                 lambda: q.reserve(8),
+                 lambda: rx.recv(),                    # no timeout: must not block
+                 lambda: rx.try_recv(), lambda: len(rx), lambda: rx.recv_many(),
+                 lambda: rx.recv_into(bytearray(64)), lambda: rx.peek()]
+        for call in calls:
+            with pytest.raises(RegionLostError):
+                call()
+        # closing still works (and never raises) on lost memory
+        if sub is not None:
+            sub.close()
+        q.close()
+    assert r.closed

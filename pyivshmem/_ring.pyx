@@ -1891,7 +1891,6 @@ cdef class MpmcRing(_Ring):
                               "lap of the ring's indices (use the index stalled() reports)")
         raise ConfigError(f"recover({slot}) on ring {self._name!r}: nobody holds that slot "
                           "(nothing to recover, or its holder finished meanwhile)")
-        if self._m.lost: self._raise_lost()
 
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
         self._check_send()
@@ -2581,7 +2580,6 @@ cdef class PubSubRing(_Ring):
             return out
         finally:
             free(buf)
-        if self._m.lost: self._raise_lost()
 
     def cut(self, int index):
         """Cut subscriber ``index`` off (its next call raises SubscriberDroppedError): True if it
@@ -2602,7 +2600,6 @@ cdef class PubSubRing(_Ring):
                 "last_cut": self._p.last_cut if self._p.last_cut >= 0 else None,
                 "last_reason": _CUT_REASONS.get(self._p.last_reason),
                 "last_behind": self._p.last_behind if self._p.last_cut >= 0 else None}
-        if self._m.lost: self._raise_lost()
 
 
 cdef class Subscriber(_Ring):

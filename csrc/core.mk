@@ -1,6 +1,6 @@
 # The C core's sources, listed once: csrc/Makefile (libivshm.a), tests/c/Makefile, bench/c/Makefile,
 # setup.py and the tests that compile C programs all read this line.
-CORE_SRCS := ivshm_region.c ivshm_spsc.c ivshm_mpmc.c ivshm_chan.c ivshm_pubsub.c
+CORE_SRCS := ivshm_region.c ivshm_spsc.c ivshm_mpmc.c ivshm_chan.c ivshm_pubsub.c ivshm_guard.c
 # What libivshm.a adds for C programs (csrc/Makefile only; the Python binding builds these into its
 # cffi modules instead): eventfd doorbells, the server protocol's both ends, and a host peer that
 # joins an ivshmem server (ivshm_hostpeer.h).

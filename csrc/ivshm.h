@@ -7,4 +7,5 @@
 #include "ivshm_mpmc.h"
 #include "ivshm_pubsub.h"
 #include "ivshm_chan.h"
+#include "ivshm_guard.h"
 #endif

@@ -273,3 +273,12 @@ cdef extern from "ivshm_pubsub.h" nogil:
 
 cdef extern from "ivshm_chan.h" nogil:
     int ivshm_chan_wake_all(ivshm_chan *ch, uint32_t my_side)
+
+cdef extern from "ivshm_guard.h" nogil:
+    enum:
+        IVSHM_GUARD_MAX
+    int ivshm_guard_add(void *base, size_t len, int *lost, int wake_fd)
+    void ivshm_guard_remove(int id)
+    int ivshm_guard_install()
+    int ivshm_guard_installed()
+    unsigned long ivshm_guard_hits()

@@ -5,6 +5,7 @@ pyivshmem.errors.error_from_code, the one place that turns C error codes into ex
 """
 import collections.abc as _abc
 import errno as _errno
+import fcntl as _fcntl
 import mmap as _mmap
 import numbers as _numbers
 import operator as _operator
@@ -70,7 +71,7 @@ from pyivshmem.errors import (
     ClosedError, ConfigError, CorruptionError, MessageTooLargeError, RegionFormatError,
     StallError, WaitTimeout, AlreadyExistsError, RegionNotFoundError, RegionFullError,
     RingNotFoundError, ViewInUseError, AccessDeniedError, SystemCallError,
-    SubscriberDroppedError,
+    SubscriberDroppedError, RegionLostError,
 )
 from pyivshmem._size import parse_size  # the one size grammar (pure Python, shared with the server)
 
@@ -242,13 +243,22 @@ cdef class _Mapping:
     a caller, and calls that start after close() raise ClosedError.  ``closed_fd`` is an eventfd
     that close() makes readable for good (nobody drains it): a sleeper in this process polls it
     beside its doorbell and leaves with ClosedError.  It is closed only when this object dies.
-    All fields are used with the GIL held.
+    All fields are used with the GIL held, except ``lost``.
+
+    ``lost`` is set by the SIGBUS guard (csrc/ivshm_guard.h), from a signal handler in whatever
+    thread faulted, when another process truncated the memory under the mapping: the mapping is
+    then private zero pages, and the guard also writes ``closed_fd`` so that sleepers wake.  Every
+    operation checks ``lost`` after it touched the memory (one load and a branch) and raises
+    RegionLostError, so nothing read from the zero pages is returned.  ``guard_id`` is the guard's
+    registry slot (-1: not guarded, a memfd sealed against shrinking needs none).
     """
     cdef uint8_t *base
     cdef uint64_t size
     cdef bint closed
     cdef Py_ssize_t users
     cdef int closed_fd
+    cdef int lost
+    cdef int guard_id
 
     def __cinit__(self):
         self.base = NULL
@@ -256,6 +266,15 @@ cdef class _Mapping:
         self.closed = False
         self.users = 0
         self.closed_fd = -1
+        self.lost = 0
+        self.guard_id = -1
+
+    cdef object lost_error(self, what):
+        return RegionLostError(
+            f"{what}: the region's shared memory was truncated by another process (a peer shrank "
+            "the file under this mapping), so its contents are gone; this process was kept alive "
+            "by mapping zero pages over it.  Close the region and its rings and channels, and "
+            "re-open it (or reconnect to the server for its memory)")
 
     cdef inline void enter(self):
         self.users += 1
@@ -266,6 +285,9 @@ cdef class _Mapping:
             self._unmap()
 
     cdef void _unmap(self):
+        if self.guard_id >= 0:  # before the memory and the eventfd the guard would touch go
+            ivshm_guard_remove(self.guard_id)
+            self.guard_id = -1
         if self.base != NULL:
             munmap(self.base, self.size)
             self.base = NULL
@@ -362,6 +384,8 @@ cdef class SlotView:
                               "another message now")
         if self.st.m.closed:
             raise ClosedError("the region behind this view is closed")
+        if self.st.m.lost:
+            raise self.st.m.lost_error("a zero-copy view")
         return 0
 
     def __len__(self):
@@ -427,7 +451,9 @@ cdef class SlotView:
                 return self.tobytes()[key]  # strided: a copy
             return _new_view(self.st, self.off + start, length)
         cdef Py_ssize_t k = self._index(key)
-        return <uint8_t>self.st.base[self.off + k]
+        cdef uint8_t b = <uint8_t>self.st.base[self.off + k]
+        self._ok()  # the read may have met the memory lost (the guard's zero pages)
+        return b
 
     def __setitem__(self, key, value):
         self._ok()
@@ -442,6 +468,7 @@ cdef class SlotView:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
                 raise ConfigError(f"a byte is an int from 0 to 255, not {value!r}")
             st.base[self.off + k] = <char>(<int>value)
+            self._ok()
             return
         PySlice_GetIndicesEx(key, self.n, &start, &stop, &step, &length)
         if step != 1:
@@ -449,6 +476,7 @@ cdef class SlotView:
         stop = start + length
         if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) == length and length <= 4096:
             memcpy(st.base + self.off + start, PyBytes_AS_STRING(value), length)  # the hot path
+            self._ok()
             return
         PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE)
         try:
@@ -472,10 +500,13 @@ cdef class SlotView:
                     m.leave()
         finally:
             PyBuffer_Release(&buf)
+        self._ok()
 
     def tobytes(self):
         self._ok()
-        return PyBytes_FromStringAndSize(self.st.base + self.off, self.n)
+        out = PyBytes_FromStringAndSize(self.st.base + self.off, self.n)
+        self._ok()  # the copy may have met the memory lost (the guard's zero pages)
+        return out
 
     def __bytes__(self):
         return self.tobytes()
@@ -640,7 +671,10 @@ cdef class Region:
     def from_fd(cls, fd, *, size=None, offset=0, format_if_empty=True):
         """Attach to memory behind a file descriptor (a memfd, the server's memory fd, a VFIO
         device fd with ``offset``).  ``fd`` is duplicated; the caller keeps its own.  For a regular
-        file (a memfd, a /dev/shm file), ``offset + size`` must lie within it."""
+        file (a memfd, a /dev/shm file), ``offset + size`` must lie within it (ConfigError
+        otherwise).  A memfd that allows sealing is sealed against shrinking (F_SEAL_SHRINK, for
+        every process that shares it), so no peer can truncate it under the others; memory that
+        cannot be sealed is covered by the SIGBUS guard (RegionLostError, docs/trust.md)."""
         fd = _int_arg(fd, "fd", 0, 2**31 - 1)
         offset = _int_arg(offset, "offset", 0, 2**62)
         if offset % _mmap.PAGESIZE:
@@ -658,6 +692,12 @@ cdef class Region:
             raise ConfigError(f"fd {fd} holds {st.st_size} bytes: a region of {n} bytes at offset "
                               f"{offset} does not fit in it (pass a smaller size, or none to use "
                               "the file's)")
+        if _stat.S_ISREG(st.st_mode):
+            try:
+                _seal_shrink(fd)
+            except OSError as e:
+                raise SystemCallError(e.errno, f"cannot seal fd {fd} against shrinking: "
+                                      f"{e.strerror}") from None
         try:
             dup = _os.dup(fd)
         except OSError as e:
@@ -691,13 +731,33 @@ cdef class Region:
                     "/proc/sys/vm/nr_hugepages\" (or the pool of this page size under "
                     "/sys/kernel/mm/hugepages/)")
             raise SystemCallError(e, f"cannot map {size} bytes of {path or 'fd %d' % fd}: {_os.strerror(e)}")
-        cdef uint64_t gen = int.from_bytes(_os.urandom(8), "little") | 1
+        m.base = <uint8_t *>p  # m._unmap() undoes everything from here on
+        m.size = size
         cdef int rc
+        where = path or f"fd {fd}"
+        if _may_shrink(fd):
+            # Another process could truncate the file under us: guard the mapping (SIGBUS ->
+            # zero pages and RegionLostError instead of death).
+            rc = ivshm_guard_add(p, size, &m.lost, m.closed_fd)
+            if rc < 0:
+                m._unmap()
+                if rc == -_errno.ENOSPC:
+                    raise SystemCallError(
+                        _errno.ENOSPC, f"cannot open {where}: this process already has "
+                        f"{IVSHM_GUARD_MAX} regions open whose memory another process could "
+                        "truncate (the SIGBUS guard's limit); close some, or use memory the "
+                        "server seals (its default memfd)")
+                raise SystemCallError(-rc, f"cannot install the SIGBUS guard for {where}: "
+                                      f"{_os.strerror(-rc)}")
+            m.guard_id = rc
+        cdef uint64_t gen = int.from_bytes(_os.urandom(8), "little") | 1
         with nogil:
             rc = ivshm_region_attach(&self._r, p, size, flags, gen, _FORMAT_WAIT_MS)
+        if m.lost:
+            m._unmap()
+            raise m.lost_error(f"attach to {where}")
         if rc != 0:
-            munmap(p, size)
-            where = path or f"fd {fd}"
+            m._unmap()
             if rc == -EBADMSG:
                 raise RegionFormatError(
                     f"{where} is not a pyivshmem region (bad magic); create it with Region.create, "
@@ -711,8 +771,6 @@ cdef class Region:
             if rc == -ETIMEDOUT:
                 raise WaitTimeout(f"{where}: another process started formatting the region and did not finish")
             raise _error_from_code(rc, f"attach to {where}")
-        m.base = <uint8_t *>p
-        m.size = size
         self._m = m
         self._size = size
         self._fd = fd
@@ -772,8 +830,12 @@ cdef class Region:
         self.close()
 
     cdef inline int _ensure_open(self) except -1:
+        """ClosedError, or RegionLostError once another process truncated the memory; called
+        before and after each operation (the memory may be lost during it)."""
         if self._m is None or self._m.closed:
             raise ClosedError("the region is closed")
+        if self._m.lost:
+            raise self._m.lost_error(f"region {self._path or 'fd'}")
         return 0
 
     def __repr__(self):
@@ -812,6 +874,7 @@ cdef class Region:
         """Raise StaleRegionError if the region was re-formatted since this side attached."""
         self._ensure_open()
         rc = ivshm_region_check(&self._r)
+        self._ensure_open()
         if rc != 0:
             raise _error_from_code(rc, "region check",
                                    "the region was re-formatted (generation changed); re-open it"
@@ -884,6 +947,7 @@ cdef class Region:
         cdef ivshm_ring_info info
         cdef const char *why = NULL
         cdef int rc = ivshm_region_find_ring(&self._r, bname, &info, &why)
+        self._ensure_open()
         if rc == -ENOENT:
             known = [r.get("name") for r in self.rings()]
             raise RingNotFoundError(f"no ring named {name!r} in this region (rings: {known})")
@@ -948,8 +1012,13 @@ cdef class Region:
         try:
             ring = cls.__new__(cls)
             ring._init(self, info)
+        except BaseException:
+            if m.lost:  # what _init found wrong was the guard's zero pages
+                raise m.lost_error(f"open ring {info.name.decode('utf-8', 'replace')!r}") from None
+            raise
         finally:
             m.leave()
+        self._ensure_open()
         self._handles.add(ring)
         return ring
 
@@ -964,6 +1033,7 @@ cdef class Region:
             self._list_rings(out)
         finally:
             m.leave()
+        self._ensure_open()
         return out
 
     cdef _list_rings(self, list out):
@@ -1004,9 +1074,37 @@ cdef class Region:
         # copies first: no Python code (and so no thread switch) between the reads
         cdef uint32_t version = h.version, nrings = h.nrings
         cdef uint64_t gen = h.generation, alloc = h.alloc_off, lock = h.lock
+        self._ensure_open()
         return {"size": self._size, "version": version, "generation": gen,
                 "rings": nrings, "allocated": alloc, "free": self._size - alloc
                 if alloc <= self._size else 0, "directory_locked": lock != 0}
+
+
+def _may_shrink(int fd):
+    """True if another process could truncate the file behind ``fd`` under a mapping of it: a
+    regular file (a /dev/shm or hugetlbfs file, a memfd) that is not sealed against shrinking."""
+    try:
+        st = _os.fstat(fd)
+    except OSError:
+        return False
+    if not _stat.S_ISREG(st.st_mode):
+        return False  # a device (a VFIO BAR) cannot be truncated
+    try:
+        seals = _fcntl.fcntl(fd, _fcntl.F_GET_SEALS)
+    except OSError:
+        return True  # not a memfd: no seals
+    return not (seals & _fcntl.F_SEAL_SHRINK)
+
+
+def _seal_shrink(int fd):
+    """Seal a memfd against shrinking where it allows sealing; a file that cannot be sealed (not
+    a memfd: EINVAL; a memfd made without MFD_ALLOW_SEALING or already F_SEAL_SEAL'd: EPERM) is
+    left as it is (the SIGBUS guard covers it)."""
+    try:
+        _fcntl.fcntl(fd, _fcntl.F_ADD_SEALS, _fcntl.F_SEAL_SHRINK)
+    except OSError as e:
+        if e.errno not in (_errno.EPERM, _errno.EINVAL):
+            raise
 
 
 def _fspath(path, what):
@@ -1220,7 +1318,12 @@ cdef class _Ring:
     def __repr__(self):
         return f"<pyivshmem.{type(self).__name__} {self._name!r} capacity={self.capacity} slot_size={self.slot_size}>"
 
+    cdef int _raise_lost(self) except -1:
+        raise self._m.lost_error(f"ring {self._name!r}")
+
     cdef object _corrupt(self, int rc, const char *why, uint64_t a, uint64_t b, what):
+        if self._m.lost:  # the "corruption" is the guard's zero pages
+            return self._m.lost_error(f"{what} on ring {self._name!r}")
         err = _error_from_code(rc, f"{what} on ring {self._name!r}", _detail(why, a, b))
         if isinstance(err, CorruptionError):
             err.ring = self._name
@@ -1230,20 +1333,32 @@ cdef class _Ring:
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
         raise NotImplementedError
 
-    cdef object _recv_obj(self):
+    cdef object _recv_raw(self):
         raise NotImplementedError
+
+    @cython.final
+    cdef object _recv_obj(self):
+        """The next message or None (the subclass's _recv_raw), unless the memory was lost on
+        the way: then RegionLostError, so zeros read from the guard's pages never come out."""
+        msg = self._recv_raw()
+        if self._m.lost:
+            self._raise_lost()
+        return msg
 
     cdef int _send_obj(self, data) except -2:
         """0 sent, -1 full."""
         cdef Py_buffer buf
         cdef int rc
         if PyBytes_CheckExact(data):
-            return self._send_ptr(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
-        try:
-            rc = self._send_ptr(<const char *>buf.buf, buf.len)
-        finally:
-            PyBuffer_Release(&buf)
+            rc = self._send_ptr(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        else:
+            PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+            try:
+                rc = self._send_ptr(<const char *>buf.buf, buf.len)
+            finally:
+                PyBuffer_Release(&buf)
+        if self._m.lost:  # the message went into the guard's zero pages: nobody will see it
+            self._raise_lost()
         return rc
 
     cdef _full_error(self, timeout):
@@ -1351,7 +1466,9 @@ cdef class SpscRing(_Ring):
 
     def __len__(self):
         self._check()
-        return ivshm_spsc_count(&self._q)
+        n = ivshm_spsc_count(&self._q)
+        if self._m.lost: self._raise_lost()
+        return n
 
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
         self._check_send()
@@ -1377,7 +1494,7 @@ cdef class SpscRing(_Ring):
                 f"{self.max_message} bytes ({self.capacity} slots of {self.slot_size})")
         raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send")
 
-    cdef object _recv_obj(self):
+    cdef object _recv_raw(self):
         self._check_recv()
         cdef ivshm_spsc_msg m
         cdef char *dst
@@ -1422,10 +1539,12 @@ cdef class SpscRing(_Ring):
         while True:
             sent += self._send_batch(seq, sent, total)
             if sent >= total or t == 0:
+                if self._m.lost: self._raise_lost()
                 return sent
             if w is None:
                 w = _Waiter.make(t, self._spin)
             if not w.pause():
+                if self._m.lost: self._raise_lost()
                 return sent
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
@@ -1538,10 +1657,12 @@ cdef class SpscRing(_Ring):
             if rc != 0 and rc != -EAGAIN and got == 0:
                 raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_many")
             if got or t == 0 or maxc <= 0:
+                if self._m.lost: self._raise_lost()
                 return out
             if w is None:
                 w = _Waiter.make(t, self._spin)
             if not w.pause():
+                if self._m.lost: self._raise_lost()
                 return out
 
     def recv_into(self, buffer):
@@ -1560,6 +1681,7 @@ cdef class SpscRing(_Ring):
             try:
                 rc = ivshm_spsc_next(&self._q, &m)
                 if rc == -EAGAIN:
+                    if self._m.lost: self._raise_lost()
                     return None
                 if rc != 0:
                     raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "recv_into")
@@ -1575,6 +1697,7 @@ cdef class SpscRing(_Ring):
                 mp.leave()
         finally:
             PyBuffer_Release(&buf)
+        if self._m.lost: self._raise_lost()
         return m.len
 
     # zero copy -------------------------------------------------------------------------------
@@ -1590,6 +1713,7 @@ cdef class SpscRing(_Ring):
         cdef uint8_t *p = NULL
         cdef int rc = ivshm_spsc_reserve(&self._q, n, &p)
         if rc == -EAGAIN:
+            if self._m.lost: self._raise_lost()
             return None
         if rc == -EMSGSIZE:
             raise MessageTooLargeError(f"reserve({size}) on ring {self._name!r}: zero-copy messages "
@@ -1599,6 +1723,7 @@ cdef class SpscRing(_Ring):
         self._wst = _new_state(self._m, p, False)
         self._wview_len = n
         self._zc_gen = _fork_gen
+        if self._m.lost: self._raise_lost()
         return _new_view(self._wst, 0, n)
 
     def commit(self, size=None):
@@ -1612,6 +1737,7 @@ cdef class SpscRing(_Ring):
         self._wst = None
         self._wview_len = -1
         ivshm_spsc_commit(&self._q, <uint32_t>n)
+        if self._m.lost: self._raise_lost()
 
     def cancel(self):
         """Drop the open reservation without sending anything; its views become invalid."""
@@ -1632,6 +1758,7 @@ cdef class SpscRing(_Ring):
         cdef ivshm_spsc_msg m
         cdef int rc = ivshm_spsc_next(&self._q, &m)
         if rc == -EAGAIN:
+            if self._m.lost: self._raise_lost()
             return None
         if rc != 0:
             raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "peek")
@@ -1641,6 +1768,7 @@ cdef class SpscRing(_Ring):
         self._rst = _new_state(self._m, <void *>m.data, True)
         self._peeked_slots = m.nslots
         self._zc_gen = _fork_gen
+        if self._m.lost: self._raise_lost()
         return _new_view(self._rst, 0, m.len)
 
     def release(self):
@@ -1656,6 +1784,7 @@ cdef class SpscRing(_Ring):
         m.nslots = self._peeked_slots
         ivshm_spsc_advance(&self._q, &m)
         ivshm_spsc_release(&self._q)
+        if self._m.lost: self._raise_lost()
 
 
 cdef int _get_writable(buffer, Py_buffer *buf) except -1:
@@ -1722,7 +1851,9 @@ cdef class MpmcRing(_Ring):
 
     def __len__(self):
         self._check()
-        return ivshm_mpmc_count(&self._q)
+        n = ivshm_mpmc_count(&self._q)
+        if self._m.lost: self._raise_lost()
+        return n
 
     def stalled(self):
         """The index of a slot that stops the ring, or None: claimed by a producer that has not
@@ -1732,9 +1863,12 @@ cdef class MpmcRing(_Ring):
         self._check()
         cdef uint64_t pos
         if ivshm_mpmc_stalled(&self._q, &pos):
+            if self._m.lost: self._raise_lost()
             return pos
         if ivshm_mpmc_consumer_stalled(&self._q, &pos):
+            if self._m.lost: self._raise_lost()
             return pos
+        if self._m.lost: self._raise_lost()
         return None
 
     def recover(self, slot):
@@ -1747,8 +1881,10 @@ cdef class MpmcRing(_Ring):
         cdef uint64_t pos = _int_arg(slot, "slot", 0, 2**64 - 1)
         cdef int rc = ivshm_mpmc_recover(&self._q, pos)
         if rc == IVSHM_MPMC_RECOVERED_CONSUMER:
+            if self._m.lost: self._raise_lost()
             return "consumer"
         if rc == IVSHM_MPMC_RECOVERED_PRODUCER:
+            if self._m.lost: self._raise_lost()
             return "producer"
         if rc == -EINVAL:
             raise ConfigError(f"recover({slot}) on ring {self._name!r}: that index is not within a "
@@ -1787,7 +1923,7 @@ cdef class MpmcRing(_Ring):
             raise err
         return 0
 
-    cdef object _recv_obj(self):
+    cdef object _recv_raw(self):
         self._check_recv()
         self._raise_pending()
         cdef uint64_t pos
@@ -1894,11 +2030,13 @@ cdef class MpmcRing(_Ring):
                 e.args = (f"{e.args[0]}; message {sent} of the batch, the {sent} before it were sent",)
                 raise
             if sent >= total or t == 0:
+                if self._m.lost: self._raise_lost()
                 return sent
             if w is None:
                 w = _Waiter.make(t, self._spin)
             if not w.pause():
                 self._stalled_sending(timeout, sent)
+                if self._m.lost: self._raise_lost()
                 return sent
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
@@ -1960,13 +2098,16 @@ cdef class MpmcRing(_Ring):
                 if not out:
                     raise err
                 self._pending_error = err  # raised by the next receive: nothing is hidden
+                if self._m.lost: self._raise_lost()
                 return out
             if out or t == 0 or maxc <= 0:
+                if self._m.lost: self._raise_lost()
                 return out
             if w is None:
                 w = _Waiter.make(t, self._spin)
             if not w.pause():
                 self._stalled_receiving(timeout)
+                if self._m.lost: self._raise_lost()
                 return out
 
     def recv_into(self, buffer):
@@ -1991,6 +2132,7 @@ cdef class MpmcRing(_Ring):
                     m = ivshm_mpmc_claim_recv_max(&self._q, 1, buf.len, &pos, &needed)
                 if m <= 0:
                     if m == -EAGAIN:
+                        if self._m.lost: self._raise_lost()
                         return None
                     if m == -EMSGSIZE:
                         raise MessageTooLargeError(
@@ -2017,6 +2159,7 @@ cdef class MpmcRing(_Ring):
                 mp.leave()
         finally:
             PyBuffer_Release(&buf)
+        if self._m.lost: self._raise_lost()
         return n
 
     def reserve(self, size):
@@ -2033,6 +2176,7 @@ cdef class MpmcRing(_Ring):
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_send(&self._q, 1, &pos)
         if m == -EAGAIN:
+            if self._m.lost: self._raise_lost()
             return None
         if m < 0:
             raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "reserve")
@@ -2040,6 +2184,7 @@ cdef class MpmcRing(_Ring):
         self._wst = _new_state(self._m, ivshm_mpmc_payload(&self._q, pos), False)
         self._wview_len = n
         self._zc_gen = _fork_gen
+        if self._m.lost: self._raise_lost()
         return _new_view(self._wst, 0, n)
 
     def commit(self, size=None):
@@ -2053,6 +2198,7 @@ cdef class MpmcRing(_Ring):
         self._wst = None
         self._wview_len = -1
         ivshm_mpmc_commit_one(&self._q, self._wpos, <uint32_t>n)
+        if self._m.lost: self._raise_lost()
 
     def cancel(self):
         """Give the reserved slot back without sending: it is as if never claimed, or, when other
@@ -2077,6 +2223,7 @@ cdef class MpmcRing(_Ring):
         cdef uint64_t pos
         cdef int64_t m = ivshm_mpmc_claim_recv(&self._q, 1, &pos)
         if m == -EAGAIN:
+            if self._m.lost: self._raise_lost()
             return None
         if m < 0:
             raise self._corrupt(m, self._q.why, self._q.why_a, self._q.why_b, "peek")
@@ -2087,6 +2234,7 @@ cdef class MpmcRing(_Ring):
         self._rpos = pos
         self._rst = _new_state(self._m, ivshm_mpmc_payload(&self._q, pos), True)
         self._zc_gen = _fork_gen
+        if self._m.lost: self._raise_lost()
         return _new_view(self._rst, 0, n)
 
     def release(self):
@@ -2098,6 +2246,7 @@ cdef class MpmcRing(_Ring):
         _retire(self._rst, f"release on ring {self._name!r}")
         self._rst = None
         ivshm_mpmc_release_one(&self._q, self._rpos)
+        if self._m.lost: self._raise_lost()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2197,10 +2346,13 @@ cdef class PubSubRing(_Ring):
         look at the subscriber table)."""
         self._check()
         cdef uint64_t h = self._ctrl.head, t = self._ctrl.tail
+        if self._m.lost: self._raise_lost()
         return h - t if t <= h and h - t <= self._info.capacity else 0
 
     # -- errors ------------------------------------------------------------------------------
     cdef object _pub_error(self, int rc, what):
+        if self._m.lost:
+            return self._m.lost_error(f"{what} on ring {self._name!r}")
         if rc == -EMSGSIZE:
             return MessageTooLargeError(
                 f"{what} on ring {self._name!r}: messages are at most {self.slot_size} bytes "
@@ -2245,7 +2397,7 @@ cdef class PubSubRing(_Ring):
             return -1
         raise self._pub_error(rc, "send")
 
-    cdef object _recv_obj(self):
+    cdef object _recv_raw(self):
         raise ConfigError(f"ring {self._name!r} is a pubsub ring: this handle publishes; "
                           "receive through ring.subscribe()")
 
@@ -2278,10 +2430,12 @@ cdef class PubSubRing(_Ring):
         while True:
             sent += self._send_batch(seq, sent, total)
             if sent >= total or t == 0:
+                if self._m.lost: self._raise_lost()
                 return sent
             if w is None:
                 w = _Waiter.make(t, self._spin)
             if not w.pause():
+                if self._m.lost: self._raise_lost()
                 return sent
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
@@ -2353,12 +2507,14 @@ cdef class PubSubRing(_Ring):
         cdef uint8_t *p = NULL
         cdef int rc = ivshm_pubsub_reserve(&self._p, n, &p)
         if rc == -EAGAIN:
+            if self._m.lost: self._raise_lost()
             return None
         if rc != 0:
             raise self._pub_error(rc, "reserve")
         self._wst = _new_state(self._m, p, False)
         self._wview_len = n
         self._zc_gen = _fork_gen
+        if self._m.lost: self._raise_lost()
         return _new_view(self._wst, 0, n)
 
     def commit(self, size=None):
@@ -2372,6 +2528,7 @@ cdef class PubSubRing(_Ring):
         self._wst = None
         self._wview_len = -1
         ivshm_pubsub_commit(&self._p, <uint32_t>n)
+        if self._m.lost: self._raise_lost()
 
     def cancel(self):
         """Drop the reservation without publishing (subscribers never see it)."""
@@ -2394,6 +2551,7 @@ cdef class PubSubRing(_Ring):
             s._subscribe(self._region, &self._info)
         finally:
             m.leave()
+        if self._m.lost: self._raise_lost()
         return s
 
     def subscribers(self):
@@ -2418,6 +2576,7 @@ cdef class PubSubRing(_Ring):
                     d["reason"] = _CUT_REASONS.get(buf[i].reason, "unknown")
                     d["cut_behind"] = buf[i].cut_head - buf[i].cut_cursor
                 out.append(d)
+            if self._m.lost: self._raise_lost()
             return out
         finally:
             free(buf)
@@ -2428,12 +2587,15 @@ cdef class PubSubRing(_Ring):
         self._check()
         if not 0 <= index < IVSHM_PUBSUB_MAX_SUBS:
             raise ConfigError(f"subscriber index must be 0..{IVSHM_PUBSUB_MAX_SUBS - 1}, not {index}")
-        return ivshm_pubsub_cut(&self._p, index) == 1
+        n = ivshm_pubsub_cut(&self._p, index) == 1
+        if self._m.lost: self._raise_lost()
+        return n
 
     @property
     def stats(self):
         """The publisher's counters: subscribers cut off by this handle, the last one cut (entry,
         reason, how far behind), active subscribers at its last look at the table."""
+        if self._m.lost: self._raise_lost()
         return {"cuts": self._p.cuts, "active": self._p.active,
                 "last_cut": self._p.last_cut if self._p.last_cut >= 0 else None,
                 "last_reason": _CUT_REASONS.get(self._p.last_reason),
@@ -2500,7 +2662,9 @@ cdef class Subscriber(_Ring):
     def __len__(self):
         """Messages published that this subscriber has not received yet."""
         self._check()
-        return ivshm_pubsub_pending(&self._s)
+        n = ivshm_pubsub_pending(&self._s)
+        if self._m.lost: self._raise_lost()
+        return n
 
     def status(self):
         """{"state", "position", "head", and when cut off: "reason", "behind"}."""
@@ -2512,6 +2676,7 @@ cdef class Subscriber(_Ring):
             d["state"] = "dropped"
             d["reason"] = _CUT_REASONS.get(st.reason, "unknown") if st.state == IVSHM_SUB_DROPPED else "unknown"
             d["behind"] = st.cut_head - st.cut_cursor if st.state == IVSHM_SUB_DROPPED else None
+        if self._m.lost: self._raise_lost()
         return d
 
     def close(self):
@@ -2536,6 +2701,8 @@ cdef class Subscriber(_Ring):
     # -- errors ------------------------------------------------------------------------------
     cdef object _sub_error(self, int64_t rc, what):
         cdef ivshm_pubsub_status st
+        if self._m.lost:
+            return self._m.lost_error(f"{what} on ring {self._name!r}")
         if rc == -ECONNRESET:
             ivshm_pubsub_sub_status(&self._s, &st)
             if st.state == IVSHM_SUB_DROPPED:
@@ -2603,7 +2770,7 @@ cdef class Subscriber(_Ring):
         ivshm_pubsub_advance(&self._s)
         return out
 
-    cdef object _recv_obj(self):
+    cdef object _recv_raw(self):
         self._check_sub()
         cdef ivshm_pubsub_msg m
         cdef int rc = ivshm_pubsub_next(&self._s, &m)
@@ -2649,12 +2816,15 @@ cdef class Subscriber(_Ring):
                 if not out:
                     raise err
                 self._pending_error = err
+                if self._m.lost: self._raise_lost()
                 return out
             if out or t == 0 or maxc <= 0:
+                if self._m.lost: self._raise_lost()
                 return out
             if w is None:
                 w = _Waiter.make(t, self._spin)
             if not w.pause():
+                if self._m.lost: self._raise_lost()
                 return out
 
     def recv_into(self, buffer):
@@ -2672,6 +2842,7 @@ cdef class Subscriber(_Ring):
             try:
                 rc = ivshm_pubsub_next(&self._s, &m)
                 if rc == -EAGAIN:
+                    if self._m.lost: self._raise_lost()
                     return None
                 if rc != 0:
                     raise self._sub_error(rc, "recv_into")
@@ -2690,6 +2861,7 @@ cdef class Subscriber(_Ring):
                 mp.leave()
         finally:
             PyBuffer_Release(&buf)
+        if self._m.lost: self._raise_lost()
         return m.len
 
     def peek(self):
@@ -2706,11 +2878,13 @@ cdef class Subscriber(_Ring):
         cdef ivshm_pubsub_msg m
         cdef int rc = ivshm_pubsub_next(&self._s, &m)
         if rc == -EAGAIN:
+            if self._m.lost: self._raise_lost()
             return None
         if rc != 0:
             raise self._sub_error(rc, "peek")
         self._rst = _new_state(self._m, <void *>m.data, True)
         self._zc_gen = _fork_gen
+        if self._m.lost: self._raise_lost()
         return _new_view(self._rst, 0, m.len)
 
     def release(self):
@@ -2725,6 +2899,7 @@ cdef class Subscriber(_Ring):
             raise self._sub_error(rc, "release")
         ivshm_pubsub_advance(&self._s)
         ivshm_pubsub_release(&self._s)
+        if self._m.lost: self._raise_lost()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2934,6 +3109,8 @@ cdef class Channel:
             with nogil:
                 rc = ivshm_chan_wait(&self._ch, call)
             m.leave()
+            if m.lost:  # the SIGBUS guard wrote the region's closed_fd: the memory is gone
+                raise m.lost_error(f"channel over ring {self._ring._name!r}")
             if self._closed or m.closed or rc == -ECANCELED:
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
             if rc == -EINTR_:

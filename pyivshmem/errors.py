@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "RegionFormatError",
     "StaleRegionError",
+    "RegionLostError",
     "CorruptionError",
     "MessageTooLargeError",
     "WaitTimeout",
@@ -84,6 +85,14 @@ class RegionFormatError(IvshmemError, ValueError):
 
 class StaleRegionError(IvshmemError, RuntimeError):
     """The region was re-formatted (its generation changed) since this side attached to it."""
+
+
+class RegionLostError(IvshmemError, RuntimeError):
+    """The region's shared memory was truncated by another process (a peer shrank the file under
+    the mapping).  The mapping was replaced by private zero pages so that this process did not die
+    of SIGBUS; the messages in it are gone.  Every later call on the region, its rings and their
+    channels raises this error: close them and re-open the region (a new Region on the file, or a
+    new connection to the server for its memory).  docs/trust.md says what the guard covers."""
 
 
 class CorruptionError(IvshmemError, RuntimeError):

@@ -493,10 +493,14 @@ class Peer:
 
     @property
     def peers(self) -> Dict[int, int]:
-        """The other connected peers: ``{peer_id: number_of_vectors}`` (a copy), as of the
-        last call that took in the server's messages (every call but this one and ``id``,
-        ``vectors``, ``fileno``)."""
+        """The other connected peers: ``{peer_id: number_of_vectors}`` (a copy).
+
+        The server's waiting messages are taken in first, as notify() and wait() do (never
+        blocking; their events wait for events()), so the view is as current as what the server
+        has sent, and reading it keeps the server from queueing for this peer.  A protocol error
+        found here drops the connection and is raised by the next events() call."""
         self._live()
+        self._drain_server(implicit=True)
         return {pid: len(fds) for pid, fds in sorted(self._peers.items())}
 
     @property

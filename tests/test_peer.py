@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import gc
 import os
+import select
 import shutil
 import socket
 import struct
@@ -637,8 +638,12 @@ def test_two_peers_on_the_real_server(server):
         assert a.vectors == 2 and a.peers == {}
         with Peer.connect(server.socket_path) as b:
             assert b.vectors == 2 and b.peers == {a.id: 2} and b.id != a.id
-            seen = _events_until(a, lambda s: a.peers.get(b.id) == 2)
-            assert [(e.kind, e.peer) for e in seen] == [(JOINED, b.id)]
+            # `peers` takes in the server's announcement by itself (no wait() or events() call)
+            # once it has arrived: a's fileno() turns readable for it
+            assert select.select([a.fileno()], [], [], 20)[0], "b's join never reached a"
+            assert a.peers == {b.id: 2}
+            # ... and the event still waits for events()
+            assert [(e.kind, e.peer) for e in a.events()] == [(JOINED, b.id)]
 
             # ring each other's vectors
             a.notify(b.id, 1)
@@ -679,7 +684,7 @@ def test_server_shutdown_is_reported(sock_dir):
     try:
         a = Peer.connect(srv.socket_path)
         b = Peer.connect(srv.socket_path)
-        _events_until(a, lambda s: b.id in a.peers)
+        _events_until(a, lambda s: (JOINED, b.id) in [(e.kind, e.peer) for e in s])
     finally:
         srv.close()
     with a, b:

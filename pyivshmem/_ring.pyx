@@ -891,13 +891,21 @@ cdef class Region:
         (:class:`PubSubRing`); ``slow`` ("block", the default, or "drop") and ``slow_timeout``
         (seconds, default 1.0) say what happens to subscribers that fall behind (docs/pubsub.md)."""
         self._ensure_open()
-        if kind == "pubsub":
-            return self._create_pubsub(name, slot_size, capacity, exist_ok, slow, slow_timeout)
-        if slow is not None or slow_timeout is not None:
-            raise ConfigError(f"slow and slow_timeout apply to kind='pubsub' rings, not {kind!r}")
         bname = _ring_name(name)
         if not isinstance(kind, str) or kind not in _KINDS:
             raise ConfigError(f"unknown ring kind {kind!r}: use 'spsc', 'mpmc' or 'pubsub'")
+        cdef uint32_t k = _KINDS[kind]
+        cdef uint32_t pol = IVSHM_PUBSUB_BLOCK
+        cdef int64_t slow_ns = 0
+        if k == IVSHM_KIND_PUBSUB:
+            slow = "block" if slow is None else slow
+            if slow not in ("block", "drop"):
+                raise ConfigError(f"slow must be 'block' or 'drop', not {slow!r}")
+            pol = IVSHM_PUBSUB_BLOCK if slow == "block" else IVSHM_PUBSUB_DROP
+            slow_ns = _seconds_ns(1.0 if slow_timeout is None else slow_timeout, "slow_timeout",
+                                  False)
+        elif slow is not None or slow_timeout is not None:
+            raise ConfigError(f"slow and slow_timeout apply to kind='pubsub' rings, not {kind!r}")
         slot_size = parse_size(slot_size, f"slot_size (the slot size of ring {name!r})")
         if slot_size > IVSHM_MAX_SLOT_SIZE:
             raise ConfigError(f"slot_size (the slot size of ring {name!r}) is {slot_size}: at most "
@@ -911,15 +919,18 @@ cdef class Region:
         cdef uint64_t token = int.from_bytes(_os.urandom(8), "little") | 1
         cdef int rc
         cdef const char *cname = bname
-        cdef uint32_t k = _KINDS[kind]
         cdef uint32_t ss = slot_size
         cdef uint32_t cap = capacity
         cdef _Mapping m = self._m
         m.enter()
         try:
             with nogil:
-                rc = ivshm_region_create_ring(&self._r, cname, k, ss, cap, token, _LOCK_WAIT_MS,
-                                              &info, &why)
+                if k == IVSHM_KIND_PUBSUB:
+                    rc = ivshm_pubsub_create(&self._r, cname, ss, cap, pol, <uint64_t>slow_ns,
+                                             token, _LOCK_WAIT_MS, &info, &why)
+                else:
+                    rc = ivshm_region_create_ring(&self._r, cname, k, ss, cap, token,
+                                                  _LOCK_WAIT_MS, &info, &why)
         finally:
             m.leave()
         self._ensure_open()
@@ -928,6 +939,10 @@ cdef class Region:
                                      "region (exist_ok=False); open it with region.ring(name)")
         if rc < 0:
             detail = why.decode() if why != NULL else None
+            if rc == -EEXIST and k == IVSHM_KIND_PUBSUB:
+                raise ConfigError(f"cannot create pubsub ring {name!r} (slot_size={slot_size}, "
+                                  f"capacity={capacity}, slow={slow!r}, slow_timeout="
+                                  f"{slow_ns / 1e9:g}): {detail}")
             if rc == -EEXIST:
                 raise ConfigError(f"ring {name!r} exists as {_KIND_NAMES.get(info.kind, '?')} with "
                                   f"slot_size={info.slot_size}, capacity={info.capacity}; asked for "
@@ -953,54 +968,6 @@ cdef class Region:
             raise RingNotFoundError(f"no ring named {name!r} in this region (rings: {known})")
         if rc < 0:
             raise _ring_error(rc, f"open ring {name!r}", why, name)
-        return self._attach(&info)
-
-    def _create_pubsub(self, name, slot_size, capacity, exist_ok, slow, slow_timeout):
-        slow = "block" if slow is None else slow
-        if slow not in ("block", "drop"):
-            raise ConfigError(f"slow must be 'block' or 'drop', not {slow!r}")
-        cdef int64_t slow_ns = _seconds_ns(1.0 if slow_timeout is None else slow_timeout,
-                                           "slow_timeout", False)
-        bname = _ring_name(name)
-        slot_size = parse_size(slot_size, f"slot_size (the slot size of ring {name!r})")
-        if slot_size > IVSHM_MAX_SLOT_SIZE:
-            raise ConfigError(f"slot_size (the slot size of ring {name!r}) is {slot_size}: at most "
-                              f"{IVSHM_MAX_SLOT_SIZE} bytes")
-        capacity = _int_arg(capacity, f"capacity of ring {name!r}", -2**63, 2**63)
-        if not 2 <= capacity <= IVSHM_MAX_CAPACITY or capacity & (capacity - 1):
-            raise ConfigError(f"capacity of ring {name!r} is {capacity}: it must be a power of two "
-                              f"between 2 and {IVSHM_MAX_CAPACITY} slots")
-        cdef ivshm_ring_info info
-        cdef const char *why = NULL
-        cdef uint64_t token = int.from_bytes(_os.urandom(8), "little") | 1
-        cdef const char *cname = bname
-        cdef uint32_t ss = slot_size, cap = capacity
-        cdef uint32_t pol = IVSHM_PUBSUB_BLOCK if slow == "block" else IVSHM_PUBSUB_DROP
-        cdef int rc
-        cdef _Mapping m = self._m
-        m.enter()
-        try:
-            with nogil:
-                rc = ivshm_pubsub_create(&self._r, cname, ss, cap, pol, <uint64_t>slow_ns, token,
-                                         _LOCK_WAIT_MS, &info, &why)
-        finally:
-            m.leave()
-        self._ensure_open()
-        if rc == 1 and not exist_ok:
-            raise AlreadyExistsError(_errno.EEXIST, f"a ring named {name!r} already exists in this "
-                                     "region (exist_ok=False); open it with region.ring(name)")
-        if rc < 0:
-            detail = why.decode() if why != NULL else None
-            if rc == -EEXIST:
-                raise ConfigError(f"cannot create pubsub ring {name!r} (slot_size={slot_size}, "
-                                  f"capacity={capacity}, slow={slow!r}, slow_timeout="
-                                  f"{slow_ns / 1e9:g}): {detail}")
-            if rc == -ENOSPC:
-                need = ivshm_ring_bytes(IVSHM_KIND_PUBSUB, ss, cap)
-                raise RegionFullError(f"cannot create ring {name!r}: {detail}; it needs {need} bytes "
-                                      f"and the region has {self._size} in all: use a larger region "
-                                      "or a smaller ring")
-            raise _ring_error(rc, f"create ring {name!r}", why, name)
         return self._attach(&info)
 
     cdef object _attach(self, ivshm_ring_info *info):

@@ -71,26 +71,19 @@ static void chain(int sig, siginfo_t *si, void *ctx)
     } else {
         __atomic_store_n(&self_raised_streak, 0, __ATOMIC_RELAXED);
     }
-    if (p->sa_flags & SA_SIGINFO) {
-        if (p->sa_sigaction == guard_handler) {
+    int info = (p->sa_flags & SA_SIGINFO) != 0;
+    if (info && p->sa_sigaction == guard_handler) {
+        die_by_default(sig);
+        return;
+    }
+    if (!info) {
+        if (p->sa_handler == SIG_IGN && si && si->si_code <= 0)
+            return; /* sent by a process (kill), and ignored before the guard came */
+        if (p->sa_handler == SIG_DFL || p->sa_handler == SIG_IGN) {
+            /* a fault cannot be ignored: the kernel kills a process that ignores a fault's SIGBUS */
             die_by_default(sig);
             return;
         }
-        if (p->sa_flags & SA_RESETHAND) {
-            struct sigaction dfl;
-            memset(&dfl, 0, sizeof(dfl));
-            dfl.sa_handler = SIG_DFL;
-            sigaction(sig, &dfl, NULL);
-        }
-        p->sa_sigaction(sig, si, ctx);
-        return;
-    }
-    if (p->sa_handler == SIG_IGN && si && si->si_code <= 0)
-        return; /* sent by a process (kill), and ignored before the guard came */
-    if (p->sa_handler == SIG_DFL || p->sa_handler == SIG_IGN) {
-        /* a fault cannot be ignored: the kernel kills a process that ignores a fault's SIGBUS */
-        die_by_default(sig);
-        return;
     }
     if (p->sa_flags & SA_RESETHAND) {
         struct sigaction dfl;
@@ -98,7 +91,10 @@ static void chain(int sig, siginfo_t *si, void *ctx)
         dfl.sa_handler = SIG_DFL;
         sigaction(sig, &dfl, NULL);
     }
-    p->sa_handler(sig);
+    if (info)
+        p->sa_sigaction(sig, si, ctx);
+    else
+        p->sa_handler(sig);
 }
 
 static void guard_handler(int sig, siginfo_t *si, void *ctx)

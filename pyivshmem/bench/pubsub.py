@@ -102,15 +102,8 @@ def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
     end = now() + int(seconds * 1e9)
     nxt = now()
     try_send, reserve, commit, yield_ = ring.try_send, ring.reserve, ring.commit, os.sched_yield
-    while True:
-        t = now()
-        if t >= end:
-            break
-        if latency:
-            while now() < nxt:
-                pass
-            nxt += gap_ns
-            STAMP.pack_into(data, 0, 0, now())
+
+    def publish():  # one message, waiting (yielding the CPU) while the slowest subscriber lags
         if mode == "zero-copy":
             v = reserve(size)
             while v is None:
@@ -121,18 +114,20 @@ def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
         else:
             while not try_send(data):
                 yield_()
+
+    while True:
+        t = now()
+        if t >= end:
+            break
+        if latency:
+            while now() < nxt:
+                pass
+            nxt += gap_ns
+            STAMP.pack_into(data, 0, 0, now())
+        publish()
         sent += 1
     data[0] = STOP
-    if mode == "zero-copy":
-        v = reserve(size)
-        while v is None:
-            yield_()
-            v = reserve(size)
-        v[:] = data
-        commit()
-    else:
-        while not try_send(data):
-            yield_()
+    publish()
     return sent
 
 

@@ -22,3 +22,29 @@ def c_lib_sources():
             if line.startswith("LIB_EXTRA_SRCS"):
                 return out + line.split(":=", 1)[1].split()
     raise RuntimeError("csrc/core.mk has no LIB_EXTRA_SRCS line")
+
+
+def build_example(name, out_dir, *, lib=False, static=False, warnings=()):
+    """Compile examples/c/<name>.c with the C core (``lib``: with everything libivshm.a holds) into
+    ``out_dir``; the executable's path.  Skips the calling test without a C compiler or the source
+    tree; fails it, with the compiler's output, when the example does not build.  ``static``: try
+    a static executable first (for a guest, which lacks the host's libc when libc.a is missing)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    csrc = os.path.join(ROOT, "csrc")
+    src = os.path.join(ROOT, "examples", "c", name + ".c")
+    if not cc or not os.path.isfile(src) or not os.path.isfile(os.path.join(csrc, "core.mk")):
+        pytest.skip(f"needs the source tree (csrc/, examples/c/{name}.c) and a C compiler")
+    out = os.path.join(str(out_dir), name)
+    sources = [src] + [os.path.join(csrc, f) for f in (c_lib_sources() if lib else c_core_sources())]
+    p = None
+    for link in ((["-static"], []) if static else ([],)):
+        p = subprocess.run([cc, "-std=gnu11", "-O2", *warnings, *link, "-I", csrc, *sources, "-o", out],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if p.returncode == 0:
+            return out
+    pytest.fail(f"cannot build examples/c/{name}.c:\n{p.stdout}")

@@ -36,6 +36,15 @@ def shm_path():
 
 
 @pytest.fixture
+def image():
+    """The QEMU guest image of the VM tests (tests/vm/harness.py): built or found once, and the
+    test skips, saying why, where QEMU or what the image needs is missing."""
+    from vm import harness
+
+    return harness.require_image()
+
+
+@pytest.fixture
 def region(shm_path):
     from pyivshmem import Region
 

@@ -15,7 +15,7 @@ import pytest
 
 from pyivshmem import Peer, Server
 
-from _csrc import ROOT, c_lib_sources
+from _csrc import build_example
 from test_server import _env, _wait_for
 
 ROUNDS = 20
@@ -23,18 +23,8 @@ ROUNDS = 20
 
 @pytest.fixture(scope="module")
 def peer_doorbell(tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler")
-    csrc = os.path.join(ROOT, "csrc")
-    src = os.path.join(ROOT, "examples", "c", "peer_doorbell.c")
-    if not os.path.isfile(src):
-        pytest.skip("needs the source tree (csrc/, examples/c/)")
-    out = tmp_path_factory.mktemp("c") / "peer_doorbell"
-    sources = [src] + [os.path.join(csrc, f) for f in c_lib_sources()]
-    subprocess.run([cc, "-std=gnu11", "-O2", "-Wall", "-Werror", "-Wno-maybe-uninitialized",
-                    "-I", csrc, *sources, "-o", str(out)], check=True)
-    return str(out)
+    return build_example("peer_doorbell", tmp_path_factory.mktemp("c"), lib=True,
+                         warnings=("-Wall", "-Werror", "-Wno-maybe-uninitialized"))
 
 
 def _ping_pong(exe: str, sock_path: str, py: Peer) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pyivshmem import Channel, ClosedError, ConfigError, Peer, Region, Server, S
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _csrc import c_core_sources  # noqa: E402
+from _csrc import build_example  # noqa: E402
 from _fdbell import FdBell, close_fds, make_fds  # noqa: E402
 
 RECHECK = 60.0
@@ -467,15 +466,7 @@ def test_library_needs_no_os_eventfd():
 
 @pytest.mark.timeout(120)
 def test_c_example_blocks_on_the_channel_with_doorbells(tmp_path, shm_path):
-    src = ROOT / "examples" / "c" / "ring_echo.c"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not src.exists() or cc is None:
-        pytest.skip("needs the source tree and a C compiler")
-    exe = tmp_path / "ring_echo"
-    csrc = ROOT / "csrc"
-    srcs = [str(csrc / f) for f in c_core_sources()]
-    subprocess.run([cc, "-O2", "-std=gnu11", f"-I{csrc}", str(src), *srcs, "-o", str(exe)],
-                   check=True)
+    exe = build_example("ring_echo", tmp_path)
     region = Region.create(shm_path, "1M")
     fds = make_fds([0, 1])
     try:

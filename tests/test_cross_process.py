@@ -1,14 +1,13 @@
 """Rings between processes: exactly-once, in-order delivery; the layout as an ABI with C."""
 import multiprocessing as mp
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from pyivshmem import Region
 
-from _csrc import c_core_sources
+from _csrc import build_example
 
 CTX = mp.get_context("spawn")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,18 +116,7 @@ def test_mpmc_two_producers_two_consumers(shm_path):
 
 @pytest.fixture(scope="module")
 def ring_echo(tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler")
-    out = tmp_path_factory.mktemp("c") / "ring_echo"
-    csrc = os.path.join(ROOT, "csrc")
-    if not os.path.isfile(os.path.join(csrc, "core.mk")):
-        pytest.skip("needs the source tree (csrc/, examples/c/)")
-    sources = [os.path.join(ROOT, "examples", "c", "ring_echo.c")] + [
-        os.path.join(csrc, f) for f in c_core_sources()
-    ]
-    subprocess.run([cc, "-std=gnu11", "-O2", "-I", csrc, *sources, "-o", str(out)], check=True)
-    return str(out)
+    return build_example("ring_echo", tmp_path_factory.mktemp("c"))
 
 
 def test_c_program_and_python_share_the_layout(shm_path, ring_echo):

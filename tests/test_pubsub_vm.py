@@ -7,44 +7,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from _csrc import c_core_sources
+from _csrc import build_example
 from vm import harness
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.timeout(300)]
 
-ROOT = harness.HERE.parent.parent
 SHM_SIZE = 1 << 20
 TOTAL = 20_000
 SLOW = 120  # seconds: a guest under software emulation can be descheduled for long
 
 
 @pytest.fixture
-def image():
-    return harness.require_image()
-
-
-@pytest.fixture
 def fanout(tmp_path):
-    src = ROOT / "examples" / "c" / "pubsub_fanout.c"
-    csrc = ROOT / "csrc"
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not src.exists() or not cc:
-        pytest.skip("needs the source tree (examples/c/pubsub_fanout.c) and a C compiler")
-    core = [str(csrc / f) for f in c_core_sources()]
-    out = tmp_path / "pubsub_fanout"
-    for static in (["-static"], []):  # static if libc.a is there; else the guest has the host's libc
-        p = subprocess.run([cc, "-std=gnu11", "-O2", *static, f"-I{csrc}", str(src), *core, "-o", str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if p.returncode == 0:
-            return out.read_bytes()
-    pytest.fail(f"cannot build pubsub_fanout:\n{p.stdout}")
+    with open(build_example("pubsub_fanout", tmp_path, static=True), "rb") as f:
+        return f.read()
 
 
 GUEST = r"""

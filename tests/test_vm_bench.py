@@ -12,16 +12,10 @@ import sys
 import pytest
 
 from pyivshmem.bench import report
-from vm import harness
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.timeout(240)]
 
 RTT, COUNT, WAKE = 60, 400, 20
-
-
-@pytest.fixture
-def image():
-    return harness.require_image()
 
 
 def _bench(tmp_path, topology):

@@ -4,41 +4,22 @@ what a host Python process sends through SPSC rings. Needs qemu-system-x86_64 an
 the source tree (skips otherwise)."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 
 import pytest
 
-from _csrc import c_core_sources
+from _csrc import build_example
 from vm import harness
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.timeout(240)]
 
-ROOT = harness.HERE.parent.parent
 SHM_SIZE = 1 << 20
 
 
 @pytest.fixture
-def image():
-    return harness.require_image()
-
-
-@pytest.fixture
 def ring_echo(tmp_path):
-    src = ROOT / "examples" / "c" / "ring_echo.c"
-    csrc = ROOT / "csrc"
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not src.exists() or not cc:
-        pytest.skip("needs the source tree (examples/c/ring_echo.c) and a C compiler")
-    core = [str(csrc / f) for f in c_core_sources()]
-    out = tmp_path / "ring_echo"
-    for static in (["-static"], []):  # static if libc.a is there; else the guest has the host's libc
-        p = subprocess.run([cc, "-std=gnu11", "-O2", *static, f"-I{csrc}", str(src), *core, "-o", str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if p.returncode == 0:
-            return out.read_bytes()
-    pytest.fail(f"cannot build ring_echo:\n{p.stdout}")
+    with open(build_example("ring_echo", tmp_path, static=True), "rb") as f:
+        return f.read()
 
 
 C_GUEST = r"""

@@ -28,11 +28,6 @@ PINGS = 50
 RECHECK, PING_TIMEOUT = 30.0, 20.0
 
 
-@pytest.fixture
-def image():
-    return harness.require_image()
-
-
 CHANNEL_GUEST = r"""
 import os, threading
 import vmguest

@@ -19,11 +19,6 @@ SHM_SIZE = 1 << 20
 
 
 @pytest.fixture
-def image():
-    return harness.require_image()
-
-
-@pytest.fixture
 def memfd():
     if not hasattr(os, "memfd_create") or not hasattr(os, "eventfd"):
         pytest.skip("needs os.memfd_create and os.eventfd (Python >= 3.10 on Linux)")

@@ -12,11 +12,6 @@ from vm import harness
 pytestmark = [pytest.mark.vm, pytest.mark.qemu, pytest.mark.timeout(180)]
 
 
-@pytest.fixture
-def image():
-    return harness.require_image()
-
-
 def test_guest_exception_is_reported_with_traceback(image, tmp_path):
     script = "import vmguest\nvmguest.stage('one')\nraise ValueError('broken on purpose')\n"
     with harness.Vm(script, workdir=tmp_path, iommu=False, image=image) as vm:

@@ -22,11 +22,6 @@ SHM_SIZE = 1 << 20
 RECHECK, PING_TIMEOUT = 30.0, 20.0
 
 
-@pytest.fixture
-def image():
-    return harness.require_image()
-
-
 PAIR_GUEST = r"""
 import os, threading, time
 import vmguest

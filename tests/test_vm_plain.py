@@ -19,11 +19,6 @@ SHM_SIZE = 1 << 20
 
 
 @pytest.fixture
-def image():
-    return harness.require_image()
-
-
-@pytest.fixture
 def shm_path():
     p = harness.unique_shm()
     yield p

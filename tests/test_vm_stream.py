@@ -29,11 +29,6 @@ N = int(os.environ.get("PYIVSHMEM_VM_STREAM_N", "10000"))
 WINDOW = 100
 
 
-@pytest.fixture
-def image():
-    return harness.require_image()
-
-
 STREAM_GUEST = r"""
 import os, select
 import vmguest

@@ -1161,7 +1161,26 @@ cdef class _Ring:
     cdef _ViewState _rst       # the peeked message's views, or None
     cdef uint64_t _zc_gen      # _fork_gen when the reservation or peek was made
     cdef ivshm_ring_ctrl *_ctrl
+    cdef const char **_ptrs    # batch calls' pointer and length arrays (_batch_arrays), or NULL
+    cdef uint64_t *_lens
     cdef object __weakref__
+
+    cdef int _batch_arrays(self) except -1:
+        self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
+        self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
+        if self._ptrs == NULL or self._lens == NULL:
+            raise MemoryError()
+        return 0
+
+    def __dealloc__(self):
+        # (after a subclass's own __dealloc__) nothing of a reservation or a peek becomes visible
+        # in shared memory without commit()/release(): the views no export holds go invalid
+        if self._wst is not None and self._wst.exports == 0:
+            self._wst.valid = False
+        if self._rst is not None and self._rst.exports == 0:
+            self._rst.valid = False
+        free(self._ptrs)
+        free(self._lens)
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         self._region = region
@@ -1399,8 +1418,6 @@ cdef class SpscRing(_Ring):
     (up to ``capacity * slot_size`` bytes) and arrive whole."""
     cdef ivshm_spsc _q
     cdef uint32_t _peeked_slots  # slots of the message peek() validated, consumed by release()
-    cdef const char **_ptrs
-    cdef uint64_t *_lens
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         _Ring._init(self, region, info)
@@ -1408,19 +1425,7 @@ cdef class SpscRing(_Ring):
         rc = ivshm_spsc_attach(&self._q, &region._r, info, &why)
         if rc != 0:
             raise _ring_error(rc, f"open ring {self._name!r}", why, self._name)
-        self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
-        self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
-        if self._ptrs == NULL or self._lens == NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        # nothing of a reservation or a peek is visible in shared memory before commit()/release()
-        if self._wst is not None and self._wst.exports == 0:
-            self._wst.valid = False
-        if self._rst is not None and self._rst.exports == 0:
-            self._rst.valid = False
-        free(self._ptrs)
-        free(self._lens)
+        self._batch_arrays()
 
     @property
     def kind(self):
@@ -2267,8 +2272,6 @@ cdef class PubSubRing(_Ring):
     cdef ivshm_pubsub_pub _p
     cdef uint32_t _policy
     cdef uint64_t _slow_ns
-    cdef const char **_ptrs
-    cdef uint64_t *_lens
 
     cdef _init(self, Region region, ivshm_ring_info *info):
         _Ring._init(self, region, info)
@@ -2279,17 +2282,7 @@ cdef class PubSubRing(_Ring):
             rc = ivshm_pubsub_pub_attach(&self._p, &region._r, info, _LOCK_WAIT_MS, &why)
         if rc != 0:
             raise _ring_error(rc, f"open ring {self._name!r}", why, self._name)
-        self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
-        self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
-        if self._ptrs == NULL or self._lens == NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        # nothing of a reservation is visible to subscribers before commit()
-        if self._wst is not None and self._wst.exports == 0:
-            self._wst.valid = False
-        free(self._ptrs)
-        free(self._lens)
+        self._batch_arrays()
 
     @property
     def kind(self):
@@ -2582,10 +2575,6 @@ cdef class Subscriber(_Ring):
 
     def __cinit__(self):
         self._joined = False
-
-    def __dealloc__(self):
-        if self._rst is not None and self._rst.exports == 0:
-            self._rst.valid = False
 
     cdef _subscribe(self, Region region, ivshm_ring_info *info):
         _Ring._init(self, region, info)

@@ -1165,6 +1165,28 @@ cdef class _Ring:
     cdef uint64_t *_lens
     cdef object __weakref__
 
+    cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
+        raise NotImplementedError  # rings that send in batches (SPSC, publish-subscribe)
+
+    cdef _send_many_batched(self, messages, timeout):
+        """send_many of the rings with a _send_batch: batches until all are sent, the ring is
+        full (timeout=0) or the wait for room ends; how many were sent."""
+        self._check_send()
+        cdef double t = _timeout_arg(timeout)
+        seq = self._sequence(messages)
+        cdef Py_ssize_t total = len(seq), sent = 0
+        cdef _Waiter w = None
+        while True:
+            sent += self._send_batch(seq, sent, total)
+            if sent >= total or t == 0:
+                if self._m.lost: self._raise_lost()
+                return sent
+            if w is None:
+                w = _Waiter.make(t, self._spin)
+            if not w.pause():
+                if self._m.lost: self._raise_lost()
+                return sent
+
     cdef int _batch_arrays(self) except -1:
         self._ptrs = <const char **>malloc(_BATCH * sizeof(char *))
         self._lens = <uint64_t *>malloc(_BATCH * sizeof(uint64_t))
@@ -1503,21 +1525,7 @@ cdef class SpscRing(_Ring):
         it waits up to ``timeout`` seconds (None: forever) for room.  Returns how many were sent:
         the rest are ``messages[n:]``.  A message too large raises MessageTooLargeError with
         ``.sent``, the number sent before it."""
-        self._check_send()
-        cdef double t = _timeout_arg(timeout)
-        seq = self._sequence(messages)
-        cdef Py_ssize_t total = len(seq), sent = 0
-        cdef _Waiter w = None
-        while True:
-            sent += self._send_batch(seq, sent, total)
-            if sent >= total or t == 0:
-                if self._m.lost: self._raise_lost()
-                return sent
-            if w is None:
-                w = _Waiter.make(t, self._spin)
-            if not w.pause():
-                if self._m.lost: self._raise_lost()
-                return sent
+        return self._send_many_batched(messages, timeout)
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
         cdef Py_ssize_t i, k, n, done = 0
@@ -2382,21 +2390,7 @@ cdef class PubSubRing(_Ring):
         SpscRing.send_many.  With ``timeout=0`` (default) it stops when the ring is full;
         otherwise it waits up to ``timeout`` seconds (None: forever) for room.  Returns how many
         were sent."""
-        self._check_send()
-        cdef double t = _timeout_arg(timeout)
-        seq = self._sequence(messages)
-        cdef Py_ssize_t total = len(seq), sent = 0
-        cdef _Waiter w = None
-        while True:
-            sent += self._send_batch(seq, sent, total)
-            if sent >= total or t == 0:
-                if self._m.lost: self._raise_lost()
-                return sent
-            if w is None:
-                w = _Waiter.make(t, self._spin)
-            if not w.pause():
-                if self._m.lost: self._raise_lost()
-                return sent
+        return self._send_many_batched(messages, timeout)
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
         cdef Py_ssize_t k, n, m, done = 0

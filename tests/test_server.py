@@ -671,6 +671,29 @@ def test_stale_socket_replaced_live_refused(sock_path, tmp_path):
     assert plain.read_text() == "data"
 
 
+@pytest.mark.timeout(60)
+def test_socket_path_appears_only_once_the_server_listens(sock_path, monkeypatch):
+    # bind() creates the socket file before listen() makes it accept connections: a client that
+    # waits for the path and connects in between got "Connection refused" from a starting server
+    seen = []
+    real_listen = socket.socket.listen
+
+    def listen(self, *a):
+        seen.append(os.path.exists(sock_path))
+        return real_listen(self, *a)
+
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    with Server(sock_path, size="4K") as server:
+        monkeypatch.undo()
+        assert seen == [False], "the socket path existed before the server listened"
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        assert [n for n in os.listdir(os.path.dirname(sock_path)) if n.startswith(".")] == []
+        with RawClient(sock_path) as c:
+            assert c.handshake()[0] == 0
+        assert server.running
+    assert not os.path.exists(sock_path)
+
+
 def test_bad_arguments(sock_path):
     with pytest.raises(ConfigError):
         Server(sock_path, vectors=65)

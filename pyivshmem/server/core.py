@@ -457,32 +457,56 @@ class Server:
     def _bind(self) -> socket.socket:
         path = self._socket_path
         _clear_stale_socket(path)
+        # Bound under a temporary name and linked into place once it listens: a client that sees
+        # the path never finds a socket that refuses connections (bind() creates the file before
+        # listen() makes it accept them).
+        tmp: Optional[str] = os.path.join(os.path.dirname(path) or ".",
+                                          f".{os.path.basename(path)[:16]}.{os.getpid()}")
+        if len(os.fsencode(tmp)) > 107 or os.path.lexists(tmp):  # sun_path's limit
+            tmp = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             # the mode of a socket's inode is applied to the file bind() creates: no window in
             # which the socket is more open than asked (umask can only narrow it further)
             os.fchmod(sock.fileno(), self._mode)
             try:
-                sock.bind(path)
+                sock.bind(tmp or path)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ConfigError(
-                        f"{path} appeared while the server was starting (another server?); "
-                        "stop it or choose another socket path (-S)"
-                    ) from exc
+                if exc.errno == errno.EADDRINUSE and tmp is None:
+                    raise self._appeared(path) from exc
                 raise path_error(exc, "cannot bind the socket", path) from exc
-            st = os.lstat(path)
-            self._socket_id = (st.st_dev, st.st_ino)
+            st = os.lstat(tmp or path)
+            if tmp is None:
+                self._socket_id = (st.st_dev, st.st_ino)
             if stat.S_IMODE(st.st_mode) != self._mode and stat.S_ISSOCK(st.st_mode):
-                os.chmod(path, self._mode)    # the umask narrowed it
+                os.chmod(tmp or path, self._mode)    # the umask narrowed it
             sock.listen(4096)
+            if tmp is not None:
+                try:
+                    os.link(tmp, path)  # fails, unlike rename(), where another server appeared
+                except FileExistsError as exc:
+                    raise self._appeared(path) from exc
+                except OSError as exc:
+                    raise path_error(exc, "cannot bind the socket", path) from exc
+                self._socket_id = (st.st_dev, st.st_ino)
             sock.setblocking(False)
         except BaseException:
             sock.close()
             if self._socket_id is not None:
                 self._unlink_socket()
             raise
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
         return sock
+
+    @staticmethod
+    def _appeared(path: str) -> ConfigError:
+        return ConfigError(f"{path} appeared while the server was starting (another server?); "
+                           "stop it or choose another socket path (-S)")
 
     def _unlink_socket(self) -> None:
         """Remove the socket path, only if it still is the socket this server created."""

@@ -43,14 +43,14 @@ class Pair:
     """Two regions (the two hosts), a sending and a receiving bridge process, a producer."""
 
     def __init__(self, tmp_path, shm, *, slot=SLOT, capacity=1024, spill="8M", extra=(),
-                 sender_listens=False):
+                 sender_listens=False, kind="spsc"):
         self.tmp, self.slot, self.spill, self.extra = tmp_path, slot, spill, list(extra)
         self.sender_listens = sender_listens
         self.a, self.b = shm + "-a", shm + "-b"
         self.ra = Region.create(self.a, "32M")
         self.rb = Region.create(self.b, "32M")
-        self.ra.create_ring("up", slot_size=slot, capacity=capacity)
-        self.rb.create_ring("down", slot_size=slot, capacity=capacity)
+        self.ra.create_ring("up", kind, slot_size=slot, capacity=capacity)
+        self.rb.create_ring("down", kind, slot_size=slot, capacity=capacity)
         self.port = free_port()
         self.procs = {}
         self.logs = {}
@@ -334,10 +334,11 @@ def test_bad_configuration_is_refused_with_a_message(tmp_path, region):
     from pyivshmem.bridge import BridgeError
 
     region.create_ring("m", kind="mpmc", slot_size=64, capacity=8)
+    region.create_ring("p", kind="pubsub", slot_size=64, capacity=8)
     with pytest.raises(ConfigError, match="exactly one"):
         Bridge(region, out={"m": "m"}, state_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="SPSC"):
-        Bridge(region, connect="tcp://127.0.0.1:1", out={"m": "m"}, state_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="SPSC and MPMC"):
+        Bridge(region, connect="tcp://127.0.0.1:1", out={"p": "m"}, state_dir=str(tmp_path))
     with pytest.raises(BridgeError, match="not in the region"):
         Bridge(region, connect="tcp://127.0.0.1:1", out={"nope": "x"}, state_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="tcp://"):

@@ -544,3 +544,19 @@ def test_benchmark_runs_both_transports_and_reports_ratios(tmp_path):
     assert tp["ratio"] == pytest.approx(tp["bridge_msgs_per_s"] / tp["zmq_msgs_per_s"])
     assert set(res["roundtrip"]) == {"p50", "p99"}
     assert "bridge/zmq" in r.stdout
+
+
+def test_pyivshmem_bench_bridge_runs_the_bridge_benchmark_from_the_cli(tmp_path):
+    """`pyivshmem bench bridge` (tiny counts, region files): both transports, one ratio each."""
+    out = tmp_path / "cli-bridge-bench.json"
+    r = subprocess.run([PY, "-m", "pyivshmem", "bench", "bridge", "--rounds", "1", "--count",
+                        "2000", "--sizes", "64", "--pings", "10", "--no-doorbells", "--json",
+                        str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = __import__("json").loads(out.read_text())["results"]
+    assert res["throughput"]["64"]["bridge_msgs_per_s"] > 0
+    assert res["roundtrip"]["p50"]["bridge_us"] > 0
+    assert "bridge/zmq" in r.stdout
+    bad = subprocess.run([PY, "-m", "pyivshmem", "bench", "bridge", "--rounds", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "pyivshmem bench bridge" in bad.stderr

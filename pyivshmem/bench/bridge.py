@@ -1,7 +1,9 @@
 """The bridge against ZeroMQ used directly from Python, over loopback, in the same run.
 
-    python3 -m pyivshmem.bench.bridge [--rounds 3] [--count 200000] [--sizes 64,1024] [--pings 2000]
-                                  [--json FILE]
+    pyivshmem bench bridge [--rounds 3] [--count 200000] [--sizes 64,1024] [--pings 2000]
+                           [--json FILE]
+
+(also ``python3 -m pyivshmem.bench.bridge`` and ``bench/bridge_bench.py``, the same options).
 
 Throughput: ``count`` messages from a producer to a consumer.
 - *zmq*: a DEALER process sends them in multipart batches of ``--batch`` frames (one frame per
@@ -285,21 +287,32 @@ def pct(lat, q):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--count", type=int, default=200_000)
-    ap.add_argument("--sizes", default="64,1024")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--pings", type=int, default=2000)
+    ap = argparse.ArgumentParser(prog="pyivshmem bench bridge",
+                                 description=__doc__.split("\n\n")[0])
+    from . import _positive_int
+
+    ap.add_argument("--rounds", type=_positive_int, default=3, help="trials of each figure")
+    ap.add_argument("--count", type=_positive_int, default=200_000,
+                    help="messages per throughput trial")
+    ap.add_argument("--sizes", default="64,1024", help="message sizes in bytes, comma-separated")
+    ap.add_argument("--batch", type=_positive_int, default=256,
+                    help="messages per ZeroMQ batch of the direct trials")
+    ap.add_argument("--pings", type=_positive_int, default=2000,
+                    help="round trips per round-trip trial")
     ap.add_argument("--no-doorbells", action="store_true",
                     help="regions in /dev/shm files and no doorbells (idle waits poll with "
                          "back-off up to 1 ms) instead of two servers whose peers ring each other")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: a status, as `pyivshmem bench` returns
+        return int(exc.code or 0)
     try:
         import zmq  # noqa: F401
     except ImportError:
-        sys.exit("the bridge benchmark needs pyzmq: pip install 'pyivshmem[bridge]'")
+        print("pyivshmem bench bridge: the bridge benchmark needs pyzmq: "
+              "pip install 'pyivshmem[bridge]'", file=sys.stderr)
+        return 2
     sizes = [int(x) for x in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="pyivshmem-bridge-bench-")
     bridged = Bridged(tmp, max(sizes), not args.no_doorbells)

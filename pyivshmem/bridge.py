@@ -660,53 +660,73 @@ class _OutStream:
 
     def _take_peeked(self, limit: int, half: int) -> int:
         """The fast path: while more than ``half`` the ring is queued, look at each message in
-        place, append it to the spill file, and only then release its slot (no wake-up of the
-        producer: the Channel path does that once the ring is half empty).  Returns how many."""
+        place, copy it into the spill file with its record, and only then release its slot (no
+        wake-up of the producer: the Channel path does that once the ring is half empty).
+        Returns how many.  The common case (a record that fits before the end of the spill
+        file) is written inline: this loop is the bridge's cost per message."""
         ring, spill, mm = self.ring, self.spill, self.spill.mm
-        pack, rs, slot = _REC.pack_into, _REC.size, self.slot_size
+        pack, rs = _REC.pack_into, _REC.size
+        data_size = spill.data_size
+        mv = memoryview(mm)
         took = 0
         with self.lock:
             window, outq = self.window, self.outq  # under the lock: rewind() rebuilds outq
             seq, pos = self.next_seq, self.pos
-            room = self.bridge.max_inflight - len(window)
+            # slots above the half mark now (the producer may add more: the next call sees them)
+            avail = min(limit, self.bridge.max_inflight - len(window), len(ring) - half)
             now = time.monotonic()
             nbytes = 0
+            tail, used = spill.tail, spill.used
+            recs = []
+            add = recs.append
+            most = (rs + self.slot_size + 7) & ~7  # the largest record a one-slot message makes
             try:
-                while took < limit and took < room and len(ring) > half:
-                    if spill.place(slot) is None:
-                        break
+                while took < avail:
+                    if tail + most > data_size or used + most > data_size:
+                        spill.tail, spill.used = tail, used
+                        if spill.place(self.slot_size) is None:
+                            break  # the window is full (checked before peek: no un-peek)
                     try:
                         v = ring.peek()
                     except MessageTooLargeError:  # spans slots: the Channel path takes it
                         break
                     if v is None:
                         break
-                    try:
-                        n = len(v)
-                        data = bytes(v)
-                    finally:
-                        v.release()
-                    pos += 1
-                    off = spill.place(n)
-                    if off == -1:
-                        off = spill.write(seq, pos, data, n)
+                    n = len(v)
+                    size = (rs + n + 7) & ~7
+                    if tail + size > data_size or used + size > data_size:
+                        # the end of the spill file (a wrap marker), or full: the general path
+                        spill.tail, spill.used = tail, used
+                        try:
+                            off = spill.write(seq, pos + 1, v, n)  # room: checked above
+                        finally:
+                            v.release()
+                        tail, used = spill.tail, spill.used
                     else:
+                        off = tail
                         d = _SPILL_HDR + off + rs
-                        mm[d:d + n] = data
-                        pack(mm, _SPILL_HDR + off, seq, pos, n, _rec_check(seq, pos, n))
-                        size = (rs + n + 7) & ~7
-                        spill.tail = off + size
-                        if spill.tail == spill.data_size:
-                            spill.tail = 0
-                        spill.used += size
+                        try:
+                            mm[d:d + n] = v
+                        finally:
+                            v.release()
+                        pack(mm, _SPILL_HDR + off, seq, pos + 1, n,
+                             ((seq * 0x9E3779B1) ^ ((pos + 1) * 0x85EBCA77)
+                              ^ (n * 0xC2B2AE3D) ^ 0x5BD1E995) & 0xFFFFFFFF)
+                        tail += size
+                        if tail == data_size:
+                            tail = 0
+                        used += size
+                    pos += 1
                     ring.release()  # the record is in the spill file: the slot may go
-                    rec = _Record(seq, pos, data, off, (rs + n + 7) & ~7, now)
-                    window.append(rec)
-                    outq.append(rec)
+                    d = _SPILL_HDR + off + rs
+                    add(_Record(seq, pos, mv[d:d + n], off, size, now))
                     seq += 1
                     took += 1
                     nbytes += n
             finally:
+                spill.tail, spill.used = tail, used
+                window.extend(recs)
+                outq.extend(recs)
                 self.next_seq, self.pos = seq, pos
                 self.m["messages"] += took
                 self.m["bytes"] += nbytes
@@ -848,10 +868,16 @@ class _OutStream:
             while not b._stop.is_set():
                 took = 0
                 need = self.slot_size  # room the next message needs in the window
+                # Messages are taken by peek/release (cheap) except one per batch, taken through
+                # the Channel once the ring is at most half full: that one rings a producer
+                # asleep on a full ring (peek/release do not), early enough that it refills
+                # the ring while the bridge drains the rest.
+                woke = False
                 while took < b.batch and not b._stop.is_set():
-                    if len(self.ring) > half:
-                        # plenty queued: zero-copy look, spill, then release each slot
-                        k = self._take_peeked(b.batch - took, half)
+                    keep = 0 if woke else half
+                    if len(self.ring) > keep:
+                        # zero-copy look, spill, then release each slot
+                        k = self._take_peeked(b.batch - took, keep)
                         if k:
                             took += k
                             known = None  # that message may have been among them
@@ -870,6 +896,7 @@ class _OutStream:
                         break
                     if n == 0:
                         took += 1
+                        woke = True
                         continue
                     with self.lock:
                         if not self._room(n):
@@ -877,6 +904,7 @@ class _OutStream:
                             break
                     self._take_into(n)
                     took += 1
+                    woke = True
                 if took:
                     b._poke()
                     continue
@@ -1377,6 +1405,9 @@ class Bridge:
         self._closed = False
         self._threads: List[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # True while the network thread is (about to be) asleep in its poll: only then does
+        # _poke() write the pipe (a system call and a wake-up less per batch when it is awake)
+        self._net_idle = True
         self.outs: Dict[bytes, _OutStream] = {}
         self.ins: Dict[bytes, _InStream] = {}
         self._ctx = None
@@ -1561,10 +1592,29 @@ class Bridge:
 
     # -- network thread -------------------------------------------------------------------------
     def _poke(self) -> None:
+        """Tell the network thread there is something to send.  It sets _net_idle, then looks
+        for work, then polls; a caller adds its work, then reads _net_idle: either the look sees
+        the work or the caller sees the flag (the GIL orders the two)."""
+        if not self._net_idle:
+            return
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
             pass
+
+    def _work_waiting(self) -> bool:
+        """Something the network thread would send now (data or an acknowledgement)."""
+        if self._stop.is_set():
+            return True
+        for s in self.ins.values():
+            if s.delivered != s.acked_sent:
+                return not (self.listen and self._peer is None)
+        if not self._welcomed.is_set():
+            return False
+        for o in self.outs.values():
+            if o.outq:
+                return True
+        return False
 
     def _send(self, frames: List[bytes]) -> bool:
         """Send one multipart message to the remote; False when it cannot be sent now."""
@@ -1805,7 +1855,11 @@ class Bridge:
                     poller.modify(self._sock, zmq.POLLIN | zmq.POLLOUT)
                 else:
                     poller.modify(self._sock, zmq.POLLIN)
-                events = dict(poller.poll(100))
+                self._net_idle = True
+                # want_out: the socket refused; POLLOUT wakes us, no need to look for work
+                busy = not want_out and self._work_waiting()
+                events = dict(poller.poll(0 if busy else 100))
+                self._net_idle = False
                 if self._wake_r in events:
                     try:
                         while os.read(self._wake_r, 4096):

@@ -191,10 +191,14 @@ def zmq_roundtrip(pings, size):
 class Bridged:
     """Two regions (two hosts) and two bridge processes between them, kept for the whole run."""
 
-    def __init__(self, tmp, slot, doorbells):
+    def __init__(self, tmp, slot, doorbells, source=None):
         from pyivshmem import Peer, Region, Server
 
         self.tmp = tmp
+        os.makedirs(tmp, exist_ok=True)
+        env = None
+        if source is not None:  # the bridge processes run another tree's pyivshmem
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(source))
         self.closers = []
         if doorbells:  # two servers (the two hosts); everyone joins as a peer, sleeps on doorbells
             self.a, self.b = os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")
@@ -208,8 +212,9 @@ class Bridged:
             where = ["--server", self.a, "--vector", "0"], ["--server", self.b, "--vector", "0"]
         else:
             self.pa = self.pb = None
-            self.a = f"/dev/shm/pyivshmem-bb-{os.getpid()}-a"
-            self.b = f"/dev/shm/pyivshmem-bb-{os.getpid()}-b"
+            tag = "base" if source else "this"
+            self.a = f"/dev/shm/pyivshmem-bb-{os.getpid()}-{tag}-a"
+            self.b = f"/dev/shm/pyivshmem-bb-{os.getpid()}-{tag}-b"
             self.ra, self.rb = Region.create(self.a, "64M"), Region.create(self.b, "64M")
             self.closers = [self.ra.close, self.rb.close, lambda: os.unlink(self.a),
                             lambda: os.unlink(self.b)]
@@ -225,10 +230,10 @@ class Bridged:
         self.procs = [
             subprocess.Popen(common + where[1] + ["--listen", f"tcp://127.0.0.1:{port}",
                                        "--in", "down", "--in", "ping", "--out", "pong",
-                                       "--state-dir", os.path.join(tmp, "b")]),
+                                       "--state-dir", os.path.join(tmp, "b")], env=env),
             subprocess.Popen(common + where[0] + ["--connect", f"tcp://127.0.0.1:{port}",
                                        "--out", "up=down", "--out", "ping", "--in", "pong",
-                                       "--state-dir", os.path.join(tmp, "a")]),
+                                       "--state-dir", os.path.join(tmp, "a")], env=env),
         ]
 
     def throughput(self, count, size):
@@ -302,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--no-doorbells", action="store_true",
                     help="regions in /dev/shm files and no doorbells (idle waits poll with "
                          "back-off up to 1 ms) instead of two servers whose peers ring each other")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the bridge of another source tree (DIR holds its pyivshmem "
+                         "package, built), in the same alternation: this bridge against that one")
     ap.add_argument("--json")
     try:
         args = ap.parse_args(argv)
@@ -315,33 +323,54 @@ def main(argv=None):
         return 2
     sizes = [int(x) for x in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="pyivshmem-bridge-bench-")
-    bridged = Bridged(tmp, max(sizes), not args.no_doorbells)
-    res = {"throughput": {s: {"zmq": [], "bridge": []} for s in sizes},
-           "roundtrip": {"zmq": [], "bridge": []}}
+    kinds = {"bridge": Bridged(os.path.join(tmp, "this"), max(sizes), not args.no_doorbells)}
+    if args.baseline:
+        kinds["baseline"] = Bridged(os.path.join(tmp, "base"), max(sizes), not args.no_doorbells,
+                                    source=args.baseline)
+    res = {"throughput": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
+           "roundtrip": {k: [] for k in ["zmq", *kinds]}}
     try:
-        bridged.roundtrip(10, 64)  # warm up: both bridges connected
+        for b in kinds.values():
+            b.roundtrip(10, 64)  # warm up: both bridges connected
         for r in range(args.rounds):
             for s in sizes:
                 res["throughput"][s]["zmq"].append(zmq_throughput(args.count, s, args.batch))
-                res["throughput"][s]["bridge"].append(bridged.throughput(args.count, s))
+                for k, b in kinds.items():
+                    res["throughput"][s][k].append(b.throughput(args.count, s))
             res["roundtrip"]["zmq"].append(zmq_roundtrip(args.pings, 64))
-            res["roundtrip"]["bridge"].append(bridged.roundtrip(args.pings, 64))
+            for k, b in kinds.items():
+                res["roundtrip"][k].append(b.roundtrip(args.pings, 64))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        bridged.close()
+        for b in kinds.values():
+            b.close()
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"throughput": {}, "roundtrip": {}}
-    print(f"{'figure':34s} {'zmq direct':>14s} {'bridged':>14s} {'bridge/zmq':>11s}")
+    base = "baseline" in kinds
+    head = f"{'figure':34s} {'zmq direct':>14s} {'bridged':>14s} {'bridge/zmq':>11s}"
+    if base:
+        head += f" {'baseline':>14s} {'baseline/zmq':>13s}"
+    print(head)
     for s in sizes:
         z = statistics.median(res["throughput"][s]["zmq"])
         b = statistics.median(res["throughput"][s]["bridge"])
         out["throughput"][s] = {"zmq_msgs_per_s": z, "bridge_msgs_per_s": b, "ratio": b / z}
-        print(f"{f'throughput {s} B (msg/s)':34s} {z:14,.0f} {b:14,.0f} {b / z:10.2f}x")
+        line = f"{f'throughput {s} B (msg/s)':34s} {z:14,.0f} {b:14,.0f} {b / z:10.2f}x"
+        if base:
+            o = statistics.median(res["throughput"][s]["baseline"])
+            out["throughput"][s].update(baseline_msgs_per_s=o, baseline_ratio=o / z)
+            line += f" {o:14,.0f} {o / z:12.2f}x"
+        print(line)
     for q, name in ((0.5, "p50"), (0.99, "p99")):
         z = statistics.median(pct(lat, q) for lat in res["roundtrip"]["zmq"])
         b = statistics.median(pct(lat, q) for lat in res["roundtrip"]["bridge"])
         out["roundtrip"][name] = {"zmq_us": z, "bridge_us": b, "ratio": b / z}
-        print(f"{f'round trip 64 B {name} (us)':34s} {z:14,.1f} {b:14,.1f} {b / z:10.2f}x")
+        line = f"{f'round trip 64 B {name} (us)':34s} {z:14,.1f} {b:14,.1f} {b / z:10.2f}x"
+        if base:
+            o = statistics.median(pct(lat, q) for lat in res["roundtrip"]["baseline"])
+            out["roundtrip"][name].update(baseline_us=o, baseline_ratio=o / z)
+            line += f" {o:14,.1f} {o / z:12.2f}x"
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": out}, f, indent=1)

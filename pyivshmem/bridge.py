@@ -667,7 +667,6 @@ class _OutStream:
         ring, spill, mm = self.ring, self.spill, self.spill.mm
         pack, rs = _REC.pack_into, _REC.size
         data_size = spill.data_size
-        mv = memoryview(mm)
         took = 0
         with self.lock:
             window, outq = self.window, self.outq  # under the lock: rewind() rebuilds outq
@@ -718,8 +717,7 @@ class _OutStream:
                         used += size
                     pos += 1
                     ring.release()  # the record is in the spill file: the slot may go
-                    d = _SPILL_HDR + off + rs
-                    add(_Record(seq, pos, mv[d:d + n], off, size, now))
+                    add(_Record(seq, pos, None, off, size, now))  # sent from the spill file
                     seq += 1
                     took += 1
                     nbytes += n
@@ -1208,10 +1206,7 @@ class _InStream:
             n = self.ch.try_send(msgs[0]) if len(msgs) == 1 else self.ch.send_many(msgs, timeout=0)
             n = int(n)
             if n:
-                slots = nbytes = 0
-                for x in msgs[:n]:
-                    slots += _slots_for(len(x), self.slot_size)
-                    nbytes += len(x)
+                slots, nbytes = self._slots_bytes(msgs if n == len(msgs) else msgs[:n])
                 self._record(first + n - 1, slots)
                 self.m["messages"] += n
                 self.m["bytes"] += nbytes
@@ -1256,11 +1251,8 @@ class _InStream:
                     except WaitTimeout:
                         n = 0
                     if n:
-                        slots = 0
-                        nbytes = 0
-                        for x in chunk[:n]:
-                            slots += _slots_for(len(x), self.slot_size)
-                            nbytes += len(x)
+                        slots, nbytes = self._slots_bytes(chunk if n == len(chunk)
+                                                          else chunk[:n])
                         self._record(first + i + n - 1, slots)
                         self.m["messages"] += n
                         self.m["bytes"] += nbytes
@@ -1271,6 +1263,16 @@ class _InStream:
         except BaseException as e:  # noqa: BLE001 - reported through the bridge
             if not (isinstance(e, ClosedError) and b._stop.is_set()):
                 b._fail(f"delivery into ring {self.name!r}", e)
+
+    def _slots_for_all(self, msgs: List[bytes]) -> int:
+        return sum(_slots_for(len(x), self.slot_size) for x in msgs)
+
+    def _slots_bytes(self, msgs: List[bytes]) -> Tuple[int, int]:
+        """The ring slots and the bytes ``msgs`` take (one slot each, unless one is longer)."""
+        lens = list(map(len, msgs))
+        if max(lens) <= self.slot_size:
+            return len(lens), sum(lens)
+        return self._slots_for_all(msgs), sum(lens)
 
     def _record(self, seq: int, slots: int) -> None:
         with self.cv:  # on_data writes the state too, when a new sender stream begins
@@ -1310,6 +1312,33 @@ def _b64(v: int) -> bytes:
 
 
 _MAX_PARTS = 1 << 16
+_MAX_RUN = 256 * 1024  # bytes of records per data message (or one record, when larger)
+
+
+def _records(buf: bytes, first: int) -> List[bytes]:
+    """The messages of a run of spill records from the network (``seq, pos, len, check``, the
+    message, padding to 8 bytes; seqs ``first``, ``first + 1``, ...), every field checked."""
+    out = []
+    off, end = 0, len(buf)
+    unpack, rs = _REC.unpack_from, _REC.size
+    seq = first
+    while off < end:
+        if end - off < rs:
+            raise ValueError("a record header cut short")
+        q, _pos, n, _check = unpack(buf, off)
+        if q != seq:
+            raise ValueError(f"record seq {q} where {seq} was due")
+        d = off + rs
+        if n > end - d:
+            raise ValueError(f"a record of {n} bytes in {end - d}")
+        out.append(buf[d:d + n])
+        off = d + ((n + 7) & ~7)
+        seq += 1
+        if len(out) > _MAX_PARTS:
+            raise ValueError("too many records")
+    if off != end or not out:
+        raise ValueError("records do not fill the run")
+    return out
 
 
 def _pack(parts: List[bytes]) -> bytes:
@@ -1687,7 +1716,11 @@ class Bridge:
                 if s is None:
                     self._unknown(frames[1])
                     return
-                reply = s.on_data(_u64(frames[2]), _u64(frames[3]), _u64(frames[4]), frames[5:])
+                if len(frames) != 6:
+                    raise ValueError("a data message carries one run of records")
+                first = _u64(frames[3])
+                reply = s.on_data(_u64(frames[2]), first, _u64(frames[4]),
+                                  _records(frames[5], first))
                 if reply is not None:
                     if reply[0] == "A":
                         self._send([b"A", s.key, _b64(s.sid), _b64(reply[1])])
@@ -1764,30 +1797,41 @@ class Bridge:
         for o in self.outs.values():
             while True:
                 with o.lock:
-                    if not o.outq:
+                    q = o.outq
+                    if not q:
                         break
-                    first = o.outq[0].seq
+                    head = q[0]
+                    first = head.seq
                     frames = [b"D", o.key, _b64(o.sid), _b64(first), _b64(o.acked)]
-                    nbytes = 0
-                    items = []
-                    for r in o.outq:
-                        if r.seq != first + len(items):  # the receiver numbers by position
-                            raise BridgeError(f"ring {o.local!r}: the send queue skips from seq "
-                                              f"{first + len(items) - 1} to {r.seq}")
-                        items.append(r.data)
-                        nbytes += len(r.data)
-                        if len(items) >= self.batch or nbytes >= 256 * 1024:
-                            break
-                if not self._send(frames + items):
+                    # the records of a run of consecutive messages lie back to back in the spill
+                    # file (until it wraps): they travel as they are, one slice per batch
+                    k = min(len(q), self.batch)
+                    last = q[k - 1]
+                    end = last.off + last.size
+                    if not (last.seq == first + k - 1 and last.off >= head.off
+                            and end - head.off <= _MAX_RUN):
+                        k, end = 1, head.off + head.size
+                        while k < len(q) and k < self.batch:
+                            r = q[k]
+                            if r.seq != first + k:  # the receiver numbers by position
+                                raise BridgeError(f"ring {o.local!r}: the send queue skips from "
+                                                  f"seq {first + k - 1} to {r.seq}")
+                            if r.off != end or end + r.size - head.off > _MAX_RUN:
+                                break
+                            end += r.size
+                            k += 1
+                    run = o.spill.mm[_SPILL_HDR + head.off:_SPILL_HDR + end]
+                frames.append(run)
+                if not self._send(frames):
                     blocked = True
                     break
                 with o.lock:
                     # acks or a rewind may have changed the queue meanwhile: drop what was sent
-                    k = len(items)
-                    while k and o.outq and o.outq[0].seq < first + len(items):
+                    n = k
+                    while n and o.outq and o.outq[0].seq < first + k:
                         o.outq.popleft()
-                        k -= 1
-                o.m["sent"] += len(items)
+                        n -= 1
+                o.m["sent"] += k
         return blocked
 
     def _timers(self) -> None:

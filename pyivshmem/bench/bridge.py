@@ -16,7 +16,9 @@ Round trip: one message at a time, ``--pings`` times, p50/p99:
 - *bridge*: ring -> bridge -> ring -> echo process -> ring -> bridge -> ring.
 Trials alternate (zmq, bridge, zmq, bridge, ...) so a change of the machine's speed during the run
 hits both alike.  Prints the medians over the rounds and the ratio bridge / zmq (throughput: the
-fraction of the raw transport's rate the bridge keeps; round trip: how many times longer).
+fraction of the raw transport's rate the bridge keeps; round trip: how many times longer; CPU per
+message: the two bridge processes against ZeroMQ's two ends, a figure that a busy machine
+disturbs less than rates).
 By default each "host" is a pyivshmem Server and the bridges, producers and consumers join it as
 peers, so idle waits sleep on doorbells (`pyivshmem bridge --server`); ``--no-doorbells`` uses
 /dev/shm region files instead, where idle waits poll with back-off up to 1 ms.
@@ -72,10 +74,11 @@ def role_zmq_sink(port, count, batch):
     while got < count:
         frames = s.recv_multipart()
         if t0 is None:  # timed from the first batch, as the bridged consumer is
-            t0, first = time.perf_counter(), len(frames) - 1
+            t0, first, c0 = time.perf_counter(), len(frames) - 1, time.process_time()
         got += len(frames) - 1
         s.send_multipart([frames[0], b"A"])
-    print(json.dumps({"rate": (count - first) / (time.perf_counter() - t0)}), flush=True)
+    print(json.dumps({"rate": (count - first) / (time.perf_counter() - t0),
+                      "cpu": time.process_time() - c0}), flush=True)
     s.close(0)
     ctx.term()
 
@@ -88,7 +91,7 @@ def role_zmq_source(port, count, size, batch, window):
     s.connect(f"tcp://127.0.0.1:{port}")
     msgs = payloads(size)
     sent = inflight = 0
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     while sent < count:
         while inflight >= window:
             s.recv()
@@ -100,6 +103,7 @@ def role_zmq_source(port, count, size, batch, window):
     while inflight:
         s.recv()
         inflight -= 1
+    print(json.dumps({"cpu": time.process_time() - c0}), flush=True)
     s.close(0)
     ctx.term()
 
@@ -158,10 +162,17 @@ def zmq_throughput(count, size, batch):
     sink = subprocess.Popen([PY, *ME, "_role", "zmq_sink", str(port), str(count), str(batch)],
                             stdout=subprocess.PIPE, text=True)
     src = subprocess.Popen([PY, *ME, "_role", "zmq_source", str(port), str(count), str(size),
-                            str(batch), "64"])
-    out = sink.communicate(timeout=600)[0]
-    src.wait(60)
-    return json.loads(out)["rate"]
+                            str(batch), "64"], stdout=subprocess.PIPE, text=True)
+    out = json.loads(sink.communicate(timeout=600)[0])
+    src_cpu = json.loads(src.communicate(timeout=60)[0])["cpu"]
+    return out["rate"], (out["cpu"] + src_cpu) / count * 1e6
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def zmq_roundtrip(pings, size):
@@ -240,6 +251,7 @@ class Bridged:
         from pyivshmem import Channel
 
         ch = Channel(self.rb.ring("down"), self.pb, vector=1)
+        c0 = sum(cpu_seconds(p.pid) for p in self.procs)
         prod = subprocess.Popen([PY, *ME, "_role", "ring_producer", self.a, str(count), str(size)])
         got = 0
         t0 = None
@@ -251,9 +263,10 @@ class Bridged:
                 t0, first = time.perf_counter(), len(msgs)
             got += len(msgs)
         el = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(p.pid) for p in self.procs) - c0
         prod.wait(60)
         ch.close()
-        return (count - first) / el
+        return (count - first) / el, cpu / count * 1e6
 
     def roundtrip(self, pings, size):
         from pyivshmem import Channel
@@ -328,15 +341,20 @@ def main(argv=None):
         kinds["baseline"] = Bridged(os.path.join(tmp, "base"), max(sizes), not args.no_doorbells,
                                     source=args.baseline)
     res = {"throughput": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
+           "cpu": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
            "roundtrip": {k: [] for k in ["zmq", *kinds]}}
     try:
         for b in kinds.values():
             b.roundtrip(10, 64)  # warm up: both bridges connected
         for r in range(args.rounds):
             for s in sizes:
-                res["throughput"][s]["zmq"].append(zmq_throughput(args.count, s, args.batch))
+                rate, cpu = zmq_throughput(args.count, s, args.batch)
+                res["throughput"][s]["zmq"].append(rate)
+                res["cpu"][s]["zmq"].append(cpu)
                 for k, b in kinds.items():
-                    res["throughput"][s][k].append(b.throughput(args.count, s))
+                    rate, cpu = b.throughput(args.count, s)
+                    res["throughput"][s][k].append(rate)
+                    res["cpu"][s][k].append(cpu)
             res["roundtrip"]["zmq"].append(zmq_roundtrip(args.pings, 64))
             for k, b in kinds.items():
                 res["roundtrip"][k].append(b.roundtrip(args.pings, 64))
@@ -360,6 +378,16 @@ def main(argv=None):
             o = statistics.median(res["throughput"][s]["baseline"])
             out["throughput"][s].update(baseline_msgs_per_s=o, baseline_ratio=o / z)
             line += f" {o:14,.0f} {o / z:12.2f}x"
+        print(line)
+    for s in sizes:  # the transport's CPU: ZeroMQ's two ends against the two bridges
+        z = statistics.median(res["cpu"][s]["zmq"])
+        b = statistics.median(res["cpu"][s]["bridge"])
+        out["throughput"][s].update(zmq_cpu_us=z, bridge_cpu_us=b)
+        line = f"{f'CPU per message {s} B (us)':34s} {z:14,.2f} {b:14,.2f} {b / z:10.2f}x"
+        if base:
+            o = statistics.median(res["cpu"][s]["baseline"])
+            out["throughput"][s].update(baseline_cpu_us=o)
+            line += f" {o:14,.2f} {o / z:12.2f}x"
         print(line)
     for q, name in ((0.5, "p50"), (0.99, "p99")):
         z = statistics.median(pct(lat, q) for lat in res["roundtrip"]["zmq"])

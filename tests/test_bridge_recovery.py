@@ -190,6 +190,28 @@ def test_frames_from_the_network_are_checked_before_use():
             _unpack(bad)
 
 
+def test_runs_of_records_from_the_network_are_checked_before_use():
+    import struct
+
+    from pyivshmem.bridge import _records
+
+    def rec(seq, msg, pad=True):
+        body = struct.pack("<QQII", seq, 0, len(msg), 0) + msg
+        return body + b"\0" * (-len(body) % 8 if pad else 0)
+
+    good = rec(7, b"abc") + rec(8, b"") + rec(9, b"x" * 8)
+    assert _records(good, 7) == [b"abc", b"", b"x" * 8]
+    for bad, first in ((good, 6),                                   # not the seq announced
+                       (rec(7, b"a") + rec(9, b"b"), 7),            # a gap inside the run
+                       (good[:-1], 7),                              # cut short
+                       (good + b"\0" * 8, 7),                       # trailing bytes
+                       (rec(7, b"abc")[:20], 7),                    # a header cut short
+                       (struct.pack("<QQII", 7, 0, 1 << 30, 0), 7),  # a length past the end
+                       (b"", 7)):                                   # no record at all
+        with pytest.raises(ValueError):
+            _records(bad, first)
+
+
 def test_garbage_from_the_network_is_dropped_and_the_bridge_keeps_working(region, tmp_path):
     import socket
 

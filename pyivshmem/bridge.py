@@ -183,6 +183,12 @@ _CTRL_SIZE = 640        # struct ivshm_ring_ctrl (csrc/ivshm_layout.h)
 _CTRL_HEAD = 128        # producer index
 _CTRL_TAIL = 256        # consumer index
 _MPMC_HDR = 8           # slot header: u32 seq, u32 len
+_CTRL_CONS_WAITING, _CTRL_PROD_WAITING = 384, 512  # sleepers counted per side
+_CTRL_CONS_TABLE, _CTRL_PROD_TABLE = 392, 520      # their route words
+_SLEEPERS = 30
+_NOTIFY_EVENTFD = 1     # pyivshmem.doorbell.NOTIFY_EVENTFD
+_ONE = (1).to_bytes(8, "little")
+_FENCE = threading.Lock()
 _M32 = 0xFFFFFFFF
 
 
@@ -240,6 +246,7 @@ class _MpmcRaw:
                               f"slot size {self.slot_size}, {size} bytes)")
         self.stride = stride
         self.slots = self.base + _CTRL_SIZE
+        self._start = 0  # wake_one's first table entry to look at
         self._head = ctypes.c_uint64.from_address(self.base + _CTRL_HEAD)
         self._tail = ctypes.c_uint64.from_address(self.base + _CTRL_TAIL)
 
@@ -283,6 +290,47 @@ class _MpmcRaw:
             ctypes.memmove(h + _MPMC_HDR, data, len(data))
         ctypes.c_uint32.from_address(h + 4).value = len(data)
         ctypes.c_uint32.from_address(h).value = (i + 1) & _M32
+
+    def wake_one(self, consumers: bool, doorbell: Any) -> bool:
+        """Ring one consumer (or producer) asleep on this ring, as a Channel's receive or send
+        does, for the bridge's own peek/release and reserve/commit, which ring nobody.
+
+        The wake-up protocol (docs/wakeup.md): a sleeper counts itself in the side's waiting
+        word, writes its route word (armed bit, peer, vector) into the side's table, re-checks the
+        ring, sleeps on its eventfd.  After publishing, the bridge fences (a lock: a locked
+        instruction on x86-64), reads the waiting word, and rings the first armed route it can
+        reach through ``doorbell`` (its provider's notify_target), rotating the start like the C
+        waker.  It does not claim the entry (that needs a CAS): the sleeper wakes, finds the
+        ring ready, and takes its entry back itself; a second ring before that is absorbed by its
+        next sleep.  Best effort by construction: a sleeper missed still re-checks by itself."""
+        if doorbell is None:
+            return False
+        _FENCE.acquire()
+        _FENCE.release()
+        base = self.base
+        if not ctypes.c_uint32.from_address(base + (_CTRL_CONS_WAITING if consumers
+                                                    else _CTRL_PROD_WAITING)).value:
+            return False
+        words = struct.unpack(f"<{_SLEEPERS}I", ctypes.string_at(
+            base + (_CTRL_CONS_TABLE if consumers else _CTRL_PROD_TABLE), 4 * _SLEEPERS))
+        for k in range(_SLEEPERS):
+            e = (self._start + k) % _SLEEPERS
+            w = words[e]
+            if not w & 0x80000000:
+                continue
+            try:
+                target = doorbell.notify_target((w >> 8) & 0xFFFF, w & 0xFF)
+            except (IvshmemError, OSError, LookupError, ValueError):
+                target = None
+            if target is None or target[0] != _NOTIFY_EVENTFD:
+                continue
+            try:
+                os.write(target[1], _ONE)
+            except OSError:
+                continue
+            self._start = e + 1
+            return True
+        return False
 
     def _claimed(self, consumer: bool, lo: int) -> List[int]:
         if consumer:  # claimed by a consumer, not released: seq == i + 1 for i < tail
@@ -829,6 +877,8 @@ class _OutStream:
                 self.next_seq = seq
                 self.m["messages"] += took
                 self.m["bytes"] += nbytes
+        if took:
+            raw.wake_one(False, self.bridge.doorbell)  # a producer asleep on a full ring
         return took
 
     def _pump_mpmc(self) -> None:
@@ -1141,6 +1191,7 @@ class _InStream:
                     self.state.write(self.delivered, self.pos, self.gen, self.sid)
                 self.m["messages"] += done
                 self.m["bytes"] += nbytes
+                raw.wake_one(True, b.doorbell)  # a consumer asleep on the empty ring
                 b._poke()
         return done
 

@@ -7,12 +7,12 @@ both directions.  docs/bridge.md describes the design, the envelope and the faul
 Per forwarded ring (an *out stream*):
 
 - a pump thread takes messages from the local ring (SPSC, or MPMC with other consumers) and
-  appends each to a *spill file*
-  (an mmap'd log in the state directory) **before** the ring slot is released, together with the
-  ring position after it, so a killed and restarted sending bridge neither loses nor repeats one;
-- the network thread sends the spilled, unacknowledged messages in batches (one multipart ZeroMQ
-  message: envelope + one frame per message), resends them after a reconnect or a gap, and frees
-  them when the receiver acknowledges them.  The spill file's size is the window: when it is full
+  appends each to a *spill file* (an mmap'd log in the state directory) **before** the ring slot
+  is released, together with the ring position (MPMC: the slot's index) after it, so a killed
+  and restarted sending bridge neither loses nor repeats one;
+- the network thread sends the spilled, unacknowledged messages in batches (one ZeroMQ frame: the
+  envelope and the batch's spill records as they lie in the file), resends them after a
+  reconnect or a gap, and frees them when the receiver acknowledges them.  The spill file's size is the window: when it is full
   the pump stops taking from the ring, the ring fills and the local producer blocks.
 
 Per delivered ring (an *in stream*):
@@ -22,7 +22,8 @@ Per delivered ring (an *in stream*):
   doorbell when the ring is full: backpressure) and records the last delivered sequence number and
   the ring's producer position after it in a small state file; only then is it acknowledged.  A
   restarted receiving bridge compares that position with the ring's own producer index to know
-  exactly which messages of an interrupted batch reached the ring.
+  exactly which messages of an interrupted batch reached the ring.  Into an MPMC ring (other
+  producers too) it reserves and commits slot by slot, an intent naming each slot first.
 
 ZeroMQ (pyzmq) is an optional dependency: ``pip install 'pyivshmem[bridge]'``.
 """

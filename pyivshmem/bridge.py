@@ -6,12 +6,13 @@ both directions.  docs/bridge.md describes the design, the envelope and the faul
 
 Per forwarded ring (an *out stream*):
 
-- a pump thread takes messages from the local SPSC ring and appends each to a *spill file*
-  (an mmap'd log in the state directory) **before** the ring slot is released, together with the
-  ring position after it, so a killed and restarted sending bridge neither loses nor repeats one;
-- the network thread sends the spilled, unacknowledged messages in batches (one multipart ZeroMQ
-  message: envelope + one frame per message), resends them after a reconnect or a gap, and frees
-  them when the receiver acknowledges them.  The spill file's size is the window: when it is full
+- a pump thread takes messages from the local ring (SPSC, or MPMC with other consumers) and
+  appends each to a *spill file* (an mmap'd log in the state directory) **before** the ring slot
+  is released, together with the ring position (MPMC: the slot's index) after it, so a killed
+  and restarted sending bridge neither loses nor repeats one;
+- the network thread sends the spilled, unacknowledged messages in batches (one ZeroMQ frame: the
+  envelope and the batch's spill records as they lie in the file), resends them after a
+  reconnect or a gap, and frees them when the receiver acknowledges them.  The spill file's size is the window: when it is full
   the pump stops taking from the ring, the ring fills and the local producer blocks.
 
 Per delivered ring (an *in stream*):
@@ -21,13 +22,15 @@ Per delivered ring (an *in stream*):
   doorbell when the ring is full: backpressure) and records the last delivered sequence number and
   the ring's producer position after it in a small state file; only then is it acknowledged.  A
   restarted receiving bridge compares that position with the ring's own producer index to know
-  exactly which messages of an interrupted batch reached the ring.
+  exactly which messages of an interrupted batch reached the ring.  Into an MPMC ring (other
+  producers too) it reserves and commits slot by slot, an intent naming each slot first.
 
 ZeroMQ (pyzmq) is an optional dependency: ``pip install 'pyivshmem[bridge]'``.
 """
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import mmap
 import os
@@ -155,16 +158,197 @@ def _ring_entry(region: Any, name: str) -> Dict[str, Any]:
                       "(region.create_ring(name, 'spsc', ...))")
 
 
-def _spsc_ring(region: Any, name: str) -> Any:
+def _bridged_ring(region: Any, name: str) -> Any:
+    """The ring ``name`` of ``region``: SPSC (the bridge is its only consumer or producer) or
+    MPMC (one consumer or producer among several); ConfigError for a publish-subscribe ring."""
     try:
         ring = region.ring(name)
     except KeyError:
         raise BridgeError(f"ring {name!r} is not in the region; create it first") from None
-    if ring.kind != "spsc":
+    if ring.kind not in ("spsc", "mpmc"):
         ring.close()
-        raise ConfigError(f"ring {name!r} is {ring.kind}: the bridge forwards and delivers SPSC rings "
-                          "(it must be the ring's only consumer or only producer)")
+        raise ConfigError(
+            f"ring {name!r} is {ring.kind}: the bridge forwards and delivers SPSC and MPMC rings. "
+            "A publish-subscribe subscription ends with the process that holds it, so a restarted "
+            "bridge could not take up where it left off: subscribe a process of your own that "
+            "sends into an SPSC or MPMC ring, and bridge that ring")
     return ring
+
+
+
+# ---------------------------------------------------------------------------------------------
+# MPMC rings: what the bridge reads of them straight from the mapping
+# ---------------------------------------------------------------------------------------------
+
+_CTRL_SIZE = 640        # struct ivshm_ring_ctrl (csrc/ivshm_layout.h)
+_CTRL_HEAD = 128        # producer index
+_CTRL_TAIL = 256        # consumer index
+_MPMC_HDR = 8           # slot header: u32 seq, u32 len
+_CTRL_CONS_WAITING, _CTRL_PROD_WAITING = 384, 512  # sleepers counted per side
+_CTRL_CONS_TABLE, _CTRL_PROD_TABLE = 392, 520      # their route words
+_SLEEPERS = 30
+_NOTIFY_EVENTFD = 1     # pyivshmem.doorbell.NOTIFY_EVENTFD
+_ONE = (1).to_bytes(8, "little")
+_FENCE = threading.Lock()
+_M32 = 0xFFFFFFFF
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def _address_of(view: Any) -> int:
+    """The address of the memory a buffer (a SlotView) shows."""
+    b = _PyBuffer()
+    if _get_buffer(view, ctypes.byref(b), 0) != 0:  # PyBUF_SIMPLE
+        raise BridgeError("cannot read the address of a slot view")
+    try:
+        return int(b.buf or 0)
+    finally:
+        _release_buffer(ctypes.byref(b))
+
+
+class _MpmcRaw:
+    """An MPMC ring's indices and slot headers, read from the mapping (csrc/ivshm_mpmc.h).
+
+    The ring API says which message a peek or a reservation holds only through the view; the
+    bridge needs that *index* to find, after a restart, a slot its predecessor had claimed when it
+    was killed (a peek not yet released, a reservation not yet committed).  Every value read is
+    checked against the ring's geometry before use.
+    """
+
+    def __init__(self, region: Any, name: str):
+        e = _ring_entry(region, name)
+        cap, size, off = int(e["capacity"]), int(e["size"]), int(e["offset"])
+        self.name = name
+        self.cap, self.slot_size = cap, int(e["slot_size"])
+        stride = (_MPMC_HDR + self.slot_size + 7) & ~7  # ivshm_ring_stride()
+        ok = (cap >= 2 and not cap & (cap - 1) and _CTRL_SIZE + cap * stride <= size
+              and 0 < off and off + size <= int(region.size))
+        self.base = int(region.address) + off
+        if ok:  # the control block's description must agree (csrc/ivshm_layout.h, line 0)
+            kind, ss, c, st = struct.unpack("<IIII", ctypes.string_at(self.base + 8, 16))
+            ok = (kind, ss, c, st) == (2, self.slot_size, cap, stride)
+        if not ok:
+            raise BridgeError(f"ring {name!r}: its directory entry and control block do not "
+                              f"describe an MPMC ring this bridge understands (capacity {cap}, "
+                              f"slot size {self.slot_size}, {size} bytes)")
+        self.stride = stride
+        self.slots = self.base + _CTRL_SIZE
+        self._start = 0  # wake_one's first table entry to look at
+        self._head = ctypes.c_uint64.from_address(self.base + _CTRL_HEAD)
+        self._tail = ctypes.c_uint64.from_address(self.base + _CTRL_TAIL)
+
+    def head(self) -> int:
+        return self._head.value
+
+    def tail(self) -> int:
+        return self._tail.value
+
+    def _hdr(self, i: int) -> int:
+        return self.slots + (i % self.cap) * self.stride
+
+    def seq(self, i: int) -> int:
+        return ctypes.c_uint32.from_address(self._hdr(i)).value
+
+    def length(self, i: int) -> int:
+        n = ctypes.c_uint32.from_address(self._hdr(i) + 4).value
+        if n > self.slot_size:
+            raise BridgeError(f"ring {self.name!r}: slot {i} claims {n} bytes, more than a slot")
+        return n
+
+    def payload(self, i: int, n: int) -> bytes:
+        return ctypes.string_at(self._hdr(i) + _MPMC_HDR, n)
+
+    def index_of(self, view: Any, upper: int) -> int:
+        """The index of the slot ``view`` shows: the one in [upper - capacity, upper) with its
+        place in the ring (upper: the consumer index for a peek, the producer index for a
+        reservation, read after the claim)."""
+        off = _address_of(view) - _MPMC_HDR - self.slots
+        k, r = divmod(off, self.stride)
+        if r or not 0 <= k < self.cap:
+            raise BridgeError(f"ring {self.name!r}: a slot view outside the ring's slots")
+        return upper - 1 - ((upper - 1 - k) % self.cap)
+
+    def commit(self, i: int, data: bytes) -> None:
+        """Finish a reservation its holder (a killed predecessor) left open: the payload, the
+        length, then the sequence word that publishes it (stores stay in program order on x86-64;
+        each is a separate call here, so the compiler cannot reorder them either)."""
+        h = self._hdr(i)
+        if data:
+            ctypes.memmove(h + _MPMC_HDR, data, len(data))
+        ctypes.c_uint32.from_address(h + 4).value = len(data)
+        ctypes.c_uint32.from_address(h).value = (i + 1) & _M32
+
+    def wake_one(self, consumers: bool, doorbell: Any) -> bool:
+        """Ring one consumer (or producer) asleep on this ring, as a Channel's receive or send
+        does, for the bridge's own peek/release and reserve/commit, which ring nobody.
+
+        The wake-up protocol (docs/wakeup.md): a sleeper counts itself in the side's waiting
+        word, writes its route word (armed bit, peer, vector) into the side's table, re-checks the
+        ring, sleeps on its eventfd.  After publishing, the bridge fences (a lock: a locked
+        instruction on x86-64), reads the waiting word, and rings the first armed route it can
+        reach through ``doorbell`` (its provider's notify_target), rotating the start like the C
+        waker.  It does not claim the entry (that needs a CAS): the sleeper wakes, finds the
+        ring ready, and takes its entry back itself; a second ring before that is absorbed by its
+        next sleep.  Best effort by construction: a sleeper missed still re-checks by itself."""
+        if doorbell is None:
+            return False
+        _FENCE.acquire()
+        _FENCE.release()
+        base = self.base
+        if not ctypes.c_uint32.from_address(base + (_CTRL_CONS_WAITING if consumers
+                                                    else _CTRL_PROD_WAITING)).value:
+            return False
+        words = struct.unpack(f"<{_SLEEPERS}I", ctypes.string_at(
+            base + (_CTRL_CONS_TABLE if consumers else _CTRL_PROD_TABLE), 4 * _SLEEPERS))
+        for k in range(_SLEEPERS):
+            e = (self._start + k) % _SLEEPERS
+            w = words[e]
+            if not w & 0x80000000:
+                continue
+            try:
+                target = doorbell.notify_target((w >> 8) & 0xFFFF, w & 0xFF)
+            except (IvshmemError, OSError, LookupError, ValueError):
+                target = None
+            if target is None or target[0] != _NOTIFY_EVENTFD:
+                continue
+            try:
+                os.write(target[1], _ONE)
+            except OSError:
+                continue
+            self._start = e + 1
+            return True
+        return False
+
+    def _claimed(self, consumer: bool, lo: int) -> List[int]:
+        if consumer:  # claimed by a consumer, not released: seq == i + 1 for i < tail
+            t = self.tail()
+            return [i for i in range(max(lo, t - self.cap), t) if self.seq(i) == (i + 1) & _M32]
+        h = self.head()  # claimed by a producer, not committed: seq == i for i < head
+        return [i for i in range(max(lo, h - self.cap), h) if self.seq(i) == i & _M32]
+
+    def dead_claims(self, consumer: bool, lo: int, grace: float = 0.3) -> List[int]:
+        """Slots from index ``lo`` on claimed (by a consumer: not released; by a producer: not
+        committed) and still so after ``grace`` seconds: a live party holds one for a copy."""
+        first = self._claimed(consumer, lo)
+        if not first:
+            return []
+        time.sleep(grace)
+        again = set(self._claimed(consumer, lo))
+        return [i for i in first if i in again]
 
 
 def _slots_for(n: int, slot_size: int) -> int:
@@ -180,7 +364,9 @@ _SPILL_HDR = 4096
 _REC = struct.Struct("<QQII")  # seq, ring position after the message, length, check
 _WRAP = 0xFFFFFFFF
 # pending intents (taken from the ring by a call that consumes; recorded before it)
-_P_NONE, _P_EMPTY, _P_INTO = 0, 1, 2
+_P_NONE, _P_EMPTY, _P_INTO, _P_MPMC = 0, 1, 2, 3
+# the receiving side's MPMC intents: none, a batch (seq, producer index before it), a slot
+_I_NONE, _I_HINT, _I_IDX = 0, 1, 2
 
 
 def _rec_check(seq: int, pos: int, n: int) -> int:
@@ -341,7 +527,9 @@ class _OutStream:
     def __init__(self, bridge: "Bridge", local: str, remote: str):
         self.bridge, self.local, self.remote = bridge, local, remote
         self.key = remote.encode()
-        self.ring = _spsc_ring(bridge.region, local)
+        self.ring = _bridged_ring(bridge.region, local)
+        self.mpmc = self.ring.kind == "mpmc"
+        self.raw = _MpmcRaw(bridge.region, local) if self.mpmc else None
         self.slot_size = self.ring.slot_size
         self.capacity = self.ring.capacity
         self.ch = bridge._channel(self.ring)
@@ -366,7 +554,71 @@ class _OutStream:
         self._recover()
 
     # -- restart ------------------------------------------------------------------------------
+    def _recover_mpmc(self) -> None:
+        """Restart over an MPMC ring.  Records hold the index of the slot each message came
+        from (plus one).  The bridge holds at most one claimed slot at a time: a peek whose
+        message is spilled but not released (its record names it), or, between the batch's
+        intent and the record, a peek not yet spilled (the intent names the consumer index before
+        the batch; the slot is the one claimed by a dead consumer from there on).  The first is
+        released, the second spilled and released."""
+        acked, acked_pos, recs = self.spill.load()
+        if acked_pos is None:
+            self.spill.acked_rec.write(0, 0, 0)
+        gen = int(self.bridge.region.generation) & _MASK64
+        same_region = acked_pos is None or int.from_bytes(self.spill.mm[24:32], "little") == gen
+        if not same_region:
+            log.warning("ring %r: the region was re-formatted since %s was written; its %d "
+                        "unacknowledged message(s) will still be sent", self.local,
+                        self.spill.path, len(recs))
+        self.spill.mm[24:32] = gen.to_bytes(8, "little")
+        self.acked, self.acked_pos = acked, 0
+        last_seq = recs[-1].seq if recs else acked
+        p = self.spill.pending_rec.read()
+        pending = (p is not None and p[0] == _P_MPMC and p[1] <= last_seq + 1 and same_region)
+        last_idx = recs[-1].pos - 1 if recs and recs[-1].pos else None
+        lo = [x for x in (last_idx, p[2] if pending else None) if x is not None]
+        dead = self.raw.dead_claims(True, min(lo)) if lo and same_region else []
+        if last_idx is not None and last_idx in dead:
+            self.ring.recover(last_idx)  # its message is in the spill file (the last record)
+            dead.remove(last_idx)
+            log.info("ring %r: released slot %d, whose message (seq %d) the previous bridge had "
+                     "spilled", self.local, last_idx, last_seq)
+        if pending:
+            mine = [i for i in dead if i >= p[2] and (last_idx is None or i > last_idx)]
+            if len(mine) == 1:
+                i = mine[0]
+                n = self.raw.length(i)
+                data = self.raw.payload(i, n)
+                if self.spill.place(n) is None:
+                    raise BridgeError(f"ring {self.local!r}: no room in {self.spill.path} for "
+                                      "the message the previous bridge was taking")
+                off = self.spill.write(last_seq + 1, i + 1, data, n)
+                recs.append(_Record(last_seq + 1, i + 1, data, off, _align8(_REC.size + n),
+                                    time.monotonic()))
+                self.ring.recover(i)
+                dead.remove(i)
+                last_seq += 1
+                log.info("ring %r: the message the previous bridge was taking (seq %d, slot %d) "
+                         "is in the spill file", self.local, last_seq, i)
+            elif mine:
+                log.error("ring %r: slots %s were claimed by consumers that died; one may have "
+                          "been this bridge's predecessor's, which cannot tell which: left alone "
+                          "(ring.recover(slot) once their holders are known to be dead)",
+                          self.local, mine)
+        for i in dead:
+            log.warning("ring %r: slot %d is held by a consumer that is not this bridge (dead or "
+                        "stalled?); producers will stop there", self.local, i)
+        self.spill.pending_rec.write(_P_NONE, 0, 0, 0, 0)
+        self.window.extend(recs)
+        self.outq.extend(recs)
+        self.next_seq, self.pos = last_seq + 1, 0
+        if recs:
+            log.info("ring %r: %d unacknowledged message(s) (seq %d..%d) reloaded from %s",
+                     self.local, len(recs), recs[0].seq, recs[-1].seq, self.spill.path)
+
     def _recover(self) -> None:
+        if self.mpmc:
+            return self._recover_mpmc()
         acked, acked_pos, recs = self.spill.load()
         tail = int(_ring_entry(self.bridge.region, self.local)["tail"])
         gen = int(self.bridge.region.generation) & _MASK64
@@ -457,53 +709,71 @@ class _OutStream:
 
     def _take_peeked(self, limit: int, half: int) -> int:
         """The fast path: while more than ``half`` the ring is queued, look at each message in
-        place, append it to the spill file, and only then release its slot (no wake-up of the
-        producer: the Channel path does that once the ring is half empty).  Returns how many."""
+        place, copy it into the spill file with its record, and only then release its slot (no
+        wake-up of the producer: the Channel path does that once the ring is half empty).
+        Returns how many.  The common case (a record that fits before the end of the spill
+        file) is written inline: this loop is the bridge's cost per message."""
         ring, spill, mm = self.ring, self.spill, self.spill.mm
-        pack, rs, slot = _REC.pack_into, _REC.size, self.slot_size
+        pack, rs = _REC.pack_into, _REC.size
+        data_size = spill.data_size
         took = 0
         with self.lock:
             window, outq = self.window, self.outq  # under the lock: rewind() rebuilds outq
             seq, pos = self.next_seq, self.pos
-            room = self.bridge.max_inflight - len(window)
+            # slots above the half mark now (the producer may add more: the next call sees them)
+            avail = min(limit, self.bridge.max_inflight - len(window), len(ring) - half)
             now = time.monotonic()
             nbytes = 0
+            tail, used = spill.tail, spill.used
+            recs = []
+            add = recs.append
+            most = (rs + self.slot_size + 7) & ~7  # the largest record a one-slot message makes
             try:
-                while took < limit and took < room and len(ring) > half:
-                    if spill.place(slot) is None:
-                        break
+                while took < avail:
+                    if tail + most > data_size or used + most > data_size:
+                        spill.tail, spill.used = tail, used
+                        if spill.place(self.slot_size) is None:
+                            break  # the window is full (checked before peek: no un-peek)
                     try:
                         v = ring.peek()
                     except MessageTooLargeError:  # spans slots: the Channel path takes it
                         break
                     if v is None:
                         break
-                    try:
-                        n = len(v)
-                        data = bytes(v)
-                    finally:
-                        v.release()
-                    pos += 1
-                    off = spill.place(n)
-                    if off == -1:
-                        off = spill.write(seq, pos, data, n)
+                    n = len(v)
+                    size = (rs + n + 7) & ~7
+                    if tail + size > data_size or used + size > data_size:
+                        # the end of the spill file (a wrap marker), or full: the general path
+                        spill.tail, spill.used = tail, used
+                        try:
+                            off = spill.write(seq, pos + 1, v, n)  # room: checked above
+                        finally:
+                            v.release()
+                        tail, used = spill.tail, spill.used
                     else:
+                        off = tail
                         d = _SPILL_HDR + off + rs
-                        mm[d:d + n] = data
-                        pack(mm, _SPILL_HDR + off, seq, pos, n, _rec_check(seq, pos, n))
-                        size = (rs + n + 7) & ~7
-                        spill.tail = off + size
-                        if spill.tail == spill.data_size:
-                            spill.tail = 0
-                        spill.used += size
+                        try:
+                            mm[d:d + n] = v
+                        finally:
+                            v.release()
+                        pack(mm, _SPILL_HDR + off, seq, pos + 1, n,
+                             ((seq * 0x9E3779B1) ^ ((pos + 1) * 0x85EBCA77)
+                              ^ (n * 0xC2B2AE3D) ^ 0x5BD1E995) & 0xFFFFFFFF)
+                        tail += size
+                        if tail == data_size:
+                            tail = 0
+                        used += size
+                    pos += 1
                     ring.release()  # the record is in the spill file: the slot may go
-                    rec = _Record(seq, pos, data, off, (rs + n + 7) & ~7, now)
-                    window.append(rec)
-                    outq.append(rec)
+                    add(_Record(seq, pos, None, off, size, now))  # sent from the spill file
                     seq += 1
                     took += 1
                     nbytes += n
             finally:
+                spill.tail, spill.used = tail, used
+                window.extend(recs)
+                outq.extend(recs)
                 self.next_seq, self.pos = seq, pos
                 self.m["messages"] += took
                 self.m["bytes"] += nbytes
@@ -569,18 +839,94 @@ class _OutStream:
         self.spill.pending_rec.write(_P_NONE, 0, 0, 0, 0)
         return 0
 
+    def _take_mpmc(self, limit: int) -> int:
+        """Take up to ``limit`` messages from an MPMC ring, one consumer among several: an intent
+        (the next seq, the consumer index now), then per message peek, append it to the spill
+        file with its slot's index, release.  Returns how many."""
+        ring, spill, raw = self.ring, self.spill, self.raw
+        slot = self.slot_size
+        took = nbytes = 0
+        with self.lock:
+            window, outq = self.window, self.outq
+            seq = self.next_seq
+            room = self.bridge.max_inflight - len(window)
+            if room <= 0 or spill.place(slot) is None or len(ring) == 0:
+                return 0
+            spill.pending_rec.write(_P_MPMC, seq, raw.tail(), 0, 0)
+            now = time.monotonic()
+            try:
+                while took < limit and took < room and spill.place(slot) is not None:
+                    v = ring.peek()
+                    if v is None:
+                        break
+                    try:
+                        idx = raw.index_of(v, raw.tail())
+                        n = len(v)
+                        data = bytes(v)
+                    finally:
+                        v.release()
+                    off = spill.write(seq, idx + 1, data, n)
+                    ring.release()  # the record is in the spill file: the slot may go
+                    rec = _Record(seq, idx + 1, data, off, (_REC.size + n + 7) & ~7, now)
+                    window.append(rec)
+                    outq.append(rec)
+                    seq += 1
+                    took += 1
+                    nbytes += n
+            finally:
+                spill.pending_rec.write(_P_NONE, 0, 0, 0, 0)
+                self.next_seq = seq
+                self.m["messages"] += took
+                self.m["bytes"] += nbytes
+        if took:
+            raw.wake_one(False, self.bridge.doorbell)  # a producer asleep on a full ring
+        return took
+
+    def _pump_mpmc(self) -> None:
+        """An MPMC ring's pump: peek, spill, release (above).  It waits for messages by looking
+        at the ring with back-off (50 us doubling to 1 ms), not on the doorbell: a Channel's
+        waiting receive takes an empty message itself, and on an MPMC ring the restarted bridge
+        could not tell whether it had."""
+        b = self.bridge
+        pause = 50e-6
+        while not b._stop.is_set():
+            took = self._take_mpmc(b.batch)
+            if took:
+                pause = 50e-6
+                b._poke()
+                continue
+            with self.lock:
+                if not self._room(self.slot_size):
+                    self.lock.wait(0.5)  # window full: wait for acknowledgements
+                    continue
+            b._stop.wait(pause)
+            pause = min(pause * 2, 1e-3)
+
     def pump(self) -> None:
         b = self.bridge
+        if self.mpmc:
+            try:
+                self._pump_mpmc()
+            except BaseException as e:  # noqa: BLE001 - reported through the bridge
+                if not (isinstance(e, ClosedError) and b._stop.is_set()):
+                    b._fail(f"pump of ring {self.local!r}", e)
+            return
         half = max(1, self.capacity // 2)
         known: Optional[int] = None  # the next message's length, when a wait just learnt it
         try:
             while not b._stop.is_set():
                 took = 0
                 need = self.slot_size  # room the next message needs in the window
+                # Messages are taken by peek/release (cheap) except one per batch, taken through
+                # the Channel once the ring is at most half full: that one rings a producer
+                # asleep on a full ring (peek/release do not), early enough that it refills
+                # the ring while the bridge drains the rest.
+                woke = False
                 while took < b.batch and not b._stop.is_set():
-                    if len(self.ring) > half:
-                        # plenty queued: zero-copy look, spill, then release each slot
-                        k = self._take_peeked(b.batch - took, half)
+                    keep = 0 if woke else half
+                    if len(self.ring) > keep:
+                        # zero-copy look, spill, then release each slot
+                        k = self._take_peeked(b.batch - took, keep)
                         if k:
                             took += k
                             known = None  # that message may have been among them
@@ -599,6 +945,7 @@ class _OutStream:
                         break
                     if n == 0:
                         took += 1
+                        woke = True
                         continue
                     with self.lock:
                         if not self._room(n):
@@ -606,6 +953,7 @@ class _OutStream:
                             break
                     self._take_into(n)
                     took += 1
+                    woke = True
                 if took:
                     b._poke()
                     continue
@@ -701,32 +1049,45 @@ class _InStream:
         self.bridge, self.name = bridge, name
         self.key = name.encode()
         region = bridge.region
-        # a producer that died between publishing a batch and announcing it in the ring's head
-        # is adopted by the next producer's first look: take that look now, so head is exact
-        probe = _spsc_ring(region, name)
-        try:
-            if probe.reserve(0) is not None:
-                probe.cancel()
-        except IvshmemError:
-            pass
-        probe.close()
+        self.ring = _bridged_ring(region, name)
+        self.mpmc = self.ring.kind == "mpmc"
+        self.raw = _MpmcRaw(region, name) if self.mpmc else None
+        self.resume: Optional[int] = None  # MPMC: a slot the predecessor reserved, for delivered+1
+        if not self.mpmc:
+            # a producer that died between publishing a batch and announcing it in the ring's
+            # head is adopted by the next producer's first look: take that look now, so head is
+            # exact (with a handle of its own: the bridge's stays clean)
+            probe = _bridged_ring(region, name)
+            try:
+                if probe.reserve(0) is not None:
+                    probe.cancel()
+            except IvshmemError:
+                pass
+            probe.close()
         head = int(_ring_entry(region, name)["head"])
-        self.ring = _spsc_ring(region, name)
         self.slot_size = self.ring.slot_size
         self.ch = bridge._channel(self.ring)
         path = os.path.join(bridge.state_dir, f"in-{name}.state")
         self.mm, _ = _open_map(path, 4096, b"PYIVBIN1")
-        # delivered seq, ring head after it, region generation, sender's stream id
+        # delivered seq, ring head after it (MPMC: the index of its slot + 1), region
+        # generation, sender's stream id
         self.state = _DualRecord(self.mm, 64, 4)
+        # MPMC: (kind, seq, index): the batch's intent (the producer index before it) or the slot
+        # reserved for seq
+        self.pending = _DualRecord(self.mm, 256, 3)
         st = self.state.read()
         gen = int(region.generation)
         if st is not None and st[2] != gen & _MASK64:
             log.warning("ring %r: the region was re-formatted since %s was written; starting "
                         "afresh (duplicates of the last window are possible)", name, path)
             st = None
+            self.pending.write(_I_NONE, 0, 0)
         if st is None:
-            self.delivered, self.pos, self.skip, self.sid = 0, head, 0, 0
-            self.state.write(0, head, gen, 0)
+            self.delivered, self.pos, self.skip, self.sid = 0, 0 if self.mpmc else head, 0, 0
+            self.state.write(0, self.pos, gen, 0)
+        elif self.mpmc:
+            self.delivered, self.pos, self.sid, self.skip = st[0], st[1], st[3], 0
+            self._recover_mpmc(gen)
         else:
             self.delivered, self.pos, self.sid = st[0], st[1], st[3]
             if head < self.pos:
@@ -747,6 +1108,94 @@ class _InStream:
         self.m = {"messages": 0, "bytes": 0, "duplicates": 0, "gaps": 0}
         self.thread: Optional[threading.Thread] = None
 
+    def _recover_mpmc(self, gen: int) -> None:
+        """Restart over an MPMC ring, one producer among several.  Per message the bridge
+        reserves a slot, writes an intent naming seq and slot, copies, commits; each batch
+        starts with an intent naming the producer index before it.  So after a kill: every seq
+        before the intent's was delivered; the intent's slot, committed, holds its seq; left
+        reserved (or, when the kill came before the intent, the one slot a dead producer holds
+        after it), it is finished with the resent message instead of a new reservation."""
+        p = self.pending.read()
+        if p is None or p[0] == _I_NONE or p[1] < self.delivered + 1:
+            return
+        kind, seq, idx = p
+        self.delivered = seq - 1
+        lo = idx
+        if kind == _I_IDX:
+            if self.raw.seq(idx) == idx & _M32 and idx < self.raw.head():
+                self.resume = idx
+            else:
+                self.delivered, self.pos = seq, idx + 1  # committed before the kill
+                lo = idx + 1
+        if self.resume is None:
+            dead = self.raw.dead_claims(False, lo)
+            if len(dead) == 1:
+                self.resume = dead[0]
+            elif dead:
+                log.error("ring %r: slots %s were reserved by producers that died; one may have "
+                          "been this bridge's predecessor's, which cannot tell which: left alone "
+                          "(ring.recover(slot) once their holders are known to be dead)",
+                          self.name, dead)
+        if self.resume is not None:
+            log.info("ring %r: slot %d, reserved by the previous bridge for seq %d, waits for "
+                     "that message's resend", self.name, self.resume, self.delivered + 1)
+        self.state.write(self.delivered, self.pos, gen, self.sid)
+        self.pending.write(_I_NONE, 0, 0)
+
+    def _put_mpmc(self, first: int, msgs: List[bytes], wait: float) -> int:
+        """Deliver ``msgs`` (seq ``first`` on) into an MPMC ring, waiting up to ``wait`` seconds
+        for room (looking with back-off: a reservation does not sleep on the doorbell).  Records
+        what it delivered; returns how many."""
+        ring, raw, pending = self.ring, self.raw, self.pending
+        b = self.bridge
+        done = nbytes = 0
+        deadline = None
+        pause = 50e-6
+        pending.write(_I_HINT, first, raw.head())
+        try:
+            while done < len(msgs) and not b._stop.is_set():
+                seq, m = first + done, msgs[done]
+                if self.resume is not None and seq == self.delivered + 1:
+                    idx, self.resume = self.resume, None
+                    if len(m) > self.slot_size:
+                        raise MessageTooLargeError(
+                            f"a message of {len(m)} bytes for ring {self.name!r}, whose slots "
+                            f"hold {self.slot_size}: give the ring larger slots")
+                    pending.write(_I_IDX, seq, idx)
+                    raw.commit(idx, m)
+                else:
+                    v = ring.reserve(len(m))
+                    if v is None:
+                        if deadline is None:
+                            deadline = time.monotonic() + wait
+                        if time.monotonic() >= deadline:
+                            break
+                        b._stop.wait(pause)
+                        pause = min(pause * 2, 1e-3)
+                        continue
+                    try:
+                        idx = raw.index_of(v, raw.head())
+                        pending.write(_I_IDX, seq, idx)
+                        if m:
+                            v[:] = m
+                    finally:
+                        v.release()
+                    ring.commit()
+                pause = 50e-6
+                deadline = None
+                self.delivered, self.pos = seq, idx + 1
+                done += 1
+                nbytes += len(m)
+        finally:
+            if done:
+                with self.cv:
+                    self.state.write(self.delivered, self.pos, self.gen, self.sid)
+                self.m["messages"] += done
+                self.m["bytes"] += nbytes
+                raw.wake_one(True, b.doorbell)  # a consumer asleep on the empty ring
+                b._poke()
+        return done
+
     def on_data(self, sid: int, first: int, base: int,
                 msgs: List[bytes]) -> Optional[Tuple[str, int]]:
         """A batch arrived: queue what is new.  Returns a reply to send ("A"ck or "N"ack, seq).
@@ -764,6 +1213,12 @@ class _InStream:
                 self.sid, self.skip = sid, 0
                 # positions from here on count from the ring's producer index as it is now
                 self.pos = int(_ring_entry(self.bridge.region, self.name)["head"])
+                if self.resume is not None:
+                    log.warning("ring %r: slot %d, reserved for the old stream's next message, "
+                                "is given up (consumers see an empty message there)", self.name,
+                                self.resume)
+                    self.ring.recover(self.resume)
+                    self.resume = None
                 self.received = self.delivered = base
                 self.state.write(base, self.pos, self.gen, sid)
             expect = self.received + 1
@@ -797,13 +1252,13 @@ class _InStream:
         # sleep on a full ring, takes the rest.
         n = 0
         try:
+            if self.mpmc:
+                n = self._put_mpmc(first, msgs, 0.0)
+                return None
             n = self.ch.try_send(msgs[0]) if len(msgs) == 1 else self.ch.send_many(msgs, timeout=0)
             n = int(n)
             if n:
-                slots = nbytes = 0
-                for x in msgs[:n]:
-                    slots += _slots_for(len(x), self.slot_size)
-                    nbytes += len(x)
+                slots, nbytes = self._slots_bytes(msgs if n == len(msgs) else msgs[:n])
                 self._record(first + n - 1, slots)
                 self.m["messages"] += n
                 self.m["bytes"] += nbytes
@@ -839,6 +1294,8 @@ class _InStream:
                         self.skip = 0
                     self._record(first + i - 1, sum(_slots_for(len(x), self.slot_size)
                                                     for x in msgs[:i]))
+                while self.mpmc and i < len(msgs) and not b._stop.is_set():
+                    i += self._put_mpmc(first + i, msgs[i:] if i else msgs, b.idle_wait)
                 while i < len(msgs) and not b._stop.is_set():
                     chunk = msgs[i:i + b.batch] if i or len(msgs) > b.batch else msgs
                     try:
@@ -846,11 +1303,8 @@ class _InStream:
                     except WaitTimeout:
                         n = 0
                     if n:
-                        slots = 0
-                        nbytes = 0
-                        for x in chunk[:n]:
-                            slots += _slots_for(len(x), self.slot_size)
-                            nbytes += len(x)
+                        slots, nbytes = self._slots_bytes(chunk if n == len(chunk)
+                                                          else chunk[:n])
                         self._record(first + i + n - 1, slots)
                         self.m["messages"] += n
                         self.m["bytes"] += nbytes
@@ -861,6 +1315,16 @@ class _InStream:
         except BaseException as e:  # noqa: BLE001 - reported through the bridge
             if not (isinstance(e, ClosedError) and b._stop.is_set()):
                 b._fail(f"delivery into ring {self.name!r}", e)
+
+    def _slots_for_all(self, msgs: List[bytes]) -> int:
+        return sum(_slots_for(len(x), self.slot_size) for x in msgs)
+
+    def _slots_bytes(self, msgs: List[bytes]) -> Tuple[int, int]:
+        """The ring slots and the bytes ``msgs`` take (one slot each, unless one is longer)."""
+        lens = list(map(len, msgs))
+        if max(lens) <= self.slot_size:
+            return len(lens), sum(lens)
+        return self._slots_for_all(msgs), sum(lens)
 
     def _record(self, seq: int, slots: int) -> None:
         with self.cv:  # on_data writes the state too, when a new sender stream begins
@@ -900,6 +1364,33 @@ def _b64(v: int) -> bytes:
 
 
 _MAX_PARTS = 1 << 16
+_MAX_RUN = 256 * 1024  # bytes of records per data message (or one record, when larger)
+
+
+def _records(buf: bytes, first: int) -> List[bytes]:
+    """The messages of a run of spill records from the network (``seq, pos, len, check``, the
+    message, padding to 8 bytes; seqs ``first``, ``first + 1``, ...), every field checked."""
+    out = []
+    off, end = 0, len(buf)
+    unpack, rs = _REC.unpack_from, _REC.size
+    seq = first
+    while off < end:
+        if end - off < rs:
+            raise ValueError("a record header cut short")
+        q, _pos, n, _check = unpack(buf, off)
+        if q != seq:
+            raise ValueError(f"record seq {q} where {seq} was due")
+        d = off + rs
+        if n > end - d:
+            raise ValueError(f"a record of {n} bytes in {end - d}")
+        out.append(buf[d:d + n])
+        off = d + ((n + 7) & ~7)
+        seq += 1
+        if len(out) > _MAX_PARTS:
+            raise ValueError("too many records")
+    if off != end or not out:
+        raise ValueError("records do not fill the run")
+    return out
 
 
 def _pack(parts: List[bytes]) -> bytes:
@@ -995,6 +1486,9 @@ class Bridge:
         self._closed = False
         self._threads: List[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # True while the network thread is (about to be) asleep in its poll: only then does
+        # _poke() write the pipe (a system call and a wake-up less per batch when it is awake)
+        self._net_idle = True
         self.outs: Dict[bytes, _OutStream] = {}
         self.ins: Dict[bytes, _InStream] = {}
         self._ctx = None
@@ -1179,10 +1673,29 @@ class Bridge:
 
     # -- network thread -------------------------------------------------------------------------
     def _poke(self) -> None:
+        """Tell the network thread there is something to send.  It sets _net_idle, then looks
+        for work, then polls; a caller adds its work, then reads _net_idle: either the look sees
+        the work or the caller sees the flag (the GIL orders the two)."""
+        if not self._net_idle:
+            return
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
             pass
+
+    def _work_waiting(self) -> bool:
+        """Something the network thread would send now (data or an acknowledgement)."""
+        if self._stop.is_set():
+            return True
+        for s in self.ins.values():
+            if s.delivered != s.acked_sent:
+                return not (self.listen and self._peer is None)
+        if not self._welcomed.is_set():
+            return False
+        for o in self.outs.values():
+            if o.outq:
+                return True
+        return False
 
     def _send(self, frames: List[bytes]) -> bool:
         """Send one multipart message to the remote; False when it cannot be sent now."""
@@ -1255,7 +1768,11 @@ class Bridge:
                 if s is None:
                     self._unknown(frames[1])
                     return
-                reply = s.on_data(_u64(frames[2]), _u64(frames[3]), _u64(frames[4]), frames[5:])
+                if len(frames) != 6:
+                    raise ValueError("a data message carries one run of records")
+                first = _u64(frames[3])
+                reply = s.on_data(_u64(frames[2]), first, _u64(frames[4]),
+                                  _records(frames[5], first))
                 if reply is not None:
                     if reply[0] == "A":
                         self._send([b"A", s.key, _b64(s.sid), _b64(reply[1])])
@@ -1332,30 +1849,41 @@ class Bridge:
         for o in self.outs.values():
             while True:
                 with o.lock:
-                    if not o.outq:
+                    q = o.outq
+                    if not q:
                         break
-                    first = o.outq[0].seq
+                    head = q[0]
+                    first = head.seq
                     frames = [b"D", o.key, _b64(o.sid), _b64(first), _b64(o.acked)]
-                    nbytes = 0
-                    items = []
-                    for r in o.outq:
-                        if r.seq != first + len(items):  # the receiver numbers by position
-                            raise BridgeError(f"ring {o.local!r}: the send queue skips from seq "
-                                              f"{first + len(items) - 1} to {r.seq}")
-                        items.append(r.data)
-                        nbytes += len(r.data)
-                        if len(items) >= self.batch or nbytes >= 256 * 1024:
-                            break
-                if not self._send(frames + items):
+                    # the records of a run of consecutive messages lie back to back in the spill
+                    # file (until it wraps): they travel as they are, one slice per batch
+                    k = min(len(q), self.batch)
+                    last = q[k - 1]
+                    end = last.off + last.size
+                    if not (last.seq == first + k - 1 and last.off >= head.off
+                            and end - head.off <= _MAX_RUN):
+                        k, end = 1, head.off + head.size
+                        while k < len(q) and k < self.batch:
+                            r = q[k]
+                            if r.seq != first + k:  # the receiver numbers by position
+                                raise BridgeError(f"ring {o.local!r}: the send queue skips from "
+                                                  f"seq {first + k - 1} to {r.seq}")
+                            if r.off != end or end + r.size - head.off > _MAX_RUN:
+                                break
+                            end += r.size
+                            k += 1
+                    run = o.spill.mm[_SPILL_HDR + head.off:_SPILL_HDR + end]
+                frames.append(run)
+                if not self._send(frames):
                     blocked = True
                     break
                 with o.lock:
                     # acks or a rewind may have changed the queue meanwhile: drop what was sent
-                    k = len(items)
-                    while k and o.outq and o.outq[0].seq < first + len(items):
+                    n = k
+                    while n and o.outq and o.outq[0].seq < first + k:
                         o.outq.popleft()
-                        k -= 1
-                o.m["sent"] += len(items)
+                        n -= 1
+                o.m["sent"] += k
         return blocked
 
     def _timers(self) -> None:
@@ -1423,7 +1951,11 @@ class Bridge:
                     poller.modify(self._sock, zmq.POLLIN | zmq.POLLOUT)
                 else:
                     poller.modify(self._sock, zmq.POLLIN)
-                events = dict(poller.poll(100))
+                self._net_idle = True
+                # want_out: the socket refused; POLLOUT wakes us, no need to look for work
+                busy = not want_out and self._work_waiting()
+                events = dict(poller.poll(0 if busy else 100))
+                self._net_idle = False
                 if self._wake_r in events:
                     try:
                         while os.read(self._wake_r, 4096):

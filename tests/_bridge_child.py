@@ -58,6 +58,31 @@ def produce_fixed(path, ring_name, count, size):
     region.close()
 
 
+def consume_to_file(path, ring_name, out_path, pause):
+    """Another consumer of an MPMC ring, beside the bridge: appends the index of every message it
+    takes to ``out_path`` (8 bytes each, flushed per batch) until SIGTERM."""
+    import signal
+    import time
+
+    from pyivshmem import Channel, Region
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    region = Region.open(path)
+    ch = Channel(region.ring(ring_name))
+    with open(out_path, "ab") as f:
+        while not stop:
+            msgs = ch.recv_many(8, timeout=0.05)
+            if msgs:
+                f.write(b"".join(m[:8] for m in msgs))
+                f.flush()
+                time.sleep(pause)
+    ch.close()
+    region.close()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "produce":
         produce(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    elif sys.argv[1] == "consume-to-file":
+        consume_to_file(sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]))

@@ -43,14 +43,14 @@ class Pair:
     """Two regions (the two hosts), a sending and a receiving bridge process, a producer."""
 
     def __init__(self, tmp_path, shm, *, slot=SLOT, capacity=1024, spill="8M", extra=(),
-                 sender_listens=False):
+                 sender_listens=False, kind="spsc"):
         self.tmp, self.slot, self.spill, self.extra = tmp_path, slot, spill, list(extra)
         self.sender_listens = sender_listens
         self.a, self.b = shm + "-a", shm + "-b"
         self.ra = Region.create(self.a, "32M")
         self.rb = Region.create(self.b, "32M")
-        self.ra.create_ring("up", slot_size=slot, capacity=capacity)
-        self.rb.create_ring("down", slot_size=slot, capacity=capacity)
+        self.ra.create_ring("up", kind, slot_size=slot, capacity=capacity)
+        self.rb.create_ring("down", kind, slot_size=slot, capacity=capacity)
         self.port = free_port()
         self.procs = {}
         self.logs = {}
@@ -334,10 +334,11 @@ def test_bad_configuration_is_refused_with_a_message(tmp_path, region):
     from pyivshmem.bridge import BridgeError
 
     region.create_ring("m", kind="mpmc", slot_size=64, capacity=8)
+    region.create_ring("p", kind="pubsub", slot_size=64, capacity=8)
     with pytest.raises(ConfigError, match="exactly one"):
         Bridge(region, out={"m": "m"}, state_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="SPSC"):
-        Bridge(region, connect="tcp://127.0.0.1:1", out={"m": "m"}, state_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="SPSC and MPMC"):
+        Bridge(region, connect="tcp://127.0.0.1:1", out={"p": "m"}, state_dir=str(tmp_path))
     with pytest.raises(BridgeError, match="not in the region"):
         Bridge(region, connect="tcp://127.0.0.1:1", out={"nope": "x"}, state_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="tcp://"):
@@ -543,3 +544,19 @@ def test_benchmark_runs_both_transports_and_reports_ratios(tmp_path):
     assert tp["ratio"] == pytest.approx(tp["bridge_msgs_per_s"] / tp["zmq_msgs_per_s"])
     assert set(res["roundtrip"]) == {"p50", "p99"}
     assert "bridge/zmq" in r.stdout
+
+
+def test_pyivshmem_bench_bridge_runs_the_bridge_benchmark_from_the_cli(tmp_path):
+    """`pyivshmem bench bridge` (tiny counts, region files): both transports, one ratio each."""
+    out = tmp_path / "cli-bridge-bench.json"
+    r = subprocess.run([PY, "-m", "pyivshmem", "bench", "bridge", "--rounds", "1", "--count",
+                        "2000", "--sizes", "64", "--pings", "10", "--no-doorbells", "--json",
+                        str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = __import__("json").loads(out.read_text())["results"]
+    assert res["throughput"]["64"]["bridge_msgs_per_s"] > 0
+    assert res["roundtrip"]["p50"]["bridge_us"] > 0
+    assert "bridge/zmq" in r.stdout
+    bad = subprocess.run([PY, "-m", "pyivshmem", "bench", "bridge", "--rounds", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "pyivshmem bench bridge" in bad.stderr

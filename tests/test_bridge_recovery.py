@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("zmq")
 
 from pyivshmem import Channel  # noqa: E402
-from pyivshmem.bridge import _P_EMPTY, _P_INTO, _InStream, _OutStream  # noqa: E402
+from pyivshmem.bridge import (  # noqa: E402
+    _I_HINT, _I_IDX, _P_EMPTY, _P_INTO, _P_MPMC, _InStream, _OutStream)
 
 
 class FakeBridge:
@@ -189,6 +190,28 @@ def test_frames_from_the_network_are_checked_before_use():
             _unpack(bad)
 
 
+def test_runs_of_records_from_the_network_are_checked_before_use():
+    import struct
+
+    from pyivshmem.bridge import _records
+
+    def rec(seq, msg, pad=True):
+        body = struct.pack("<QQII", seq, 0, len(msg), 0) + msg
+        return body + b"\0" * (-len(body) % 8 if pad else 0)
+
+    good = rec(7, b"abc") + rec(8, b"") + rec(9, b"x" * 8)
+    assert _records(good, 7) == [b"abc", b"", b"x" * 8]
+    for bad, first in ((good, 6),                                   # not the seq announced
+                       (rec(7, b"a") + rec(9, b"b"), 7),            # a gap inside the run
+                       (good[:-1], 7),                              # cut short
+                       (good + b"\0" * 8, 7),                       # trailing bytes
+                       (rec(7, b"abc")[:20], 7),                    # a header cut short
+                       (struct.pack("<QQII", 7, 0, 1 << 30, 0), 7),  # a length past the end
+                       (b"", 7)):                                   # no record at all
+        with pytest.raises(ValueError):
+            _records(bad, first)
+
+
 def test_garbage_from_the_network_is_dropped_and_the_bridge_keeps_working(region, tmp_path):
     import socket
 
@@ -272,3 +295,107 @@ def test_a_new_sender_stream_is_taken_up_after_its_acknowledged_seq(region, down
     assert (s2.sid, s2.delivered, s2.skip) == (8, 5, 0)
     assert s2.on_data(8, 5, 4, [b"c"]) == ("A", 5)
     assert down.recv_many(8, timeout=1) == [b"a", b"b", b"c"]
+
+
+# -- MPMC rings: the bridge is one consumer (or producer) among several ----------------------------
+
+_DEAD = []  # exports of views held by "killed" handles: a live export keeps their claim
+
+
+def _kill_holding(view):
+    """The handle holding ``view`` dies with its claim: nothing gives the slot back."""
+    _DEAD.append(memoryview(view))
+
+
+@pytest.fixture
+def mup(region):
+    region.create_ring("mup", "mpmc", slot_size=64, capacity=8)
+    return region.ring("mup")  # a producer's (and another consumer's) handle
+
+
+def test_mpmc_message_peeked_before_its_record_is_spilled_and_its_slot_freed(region, mup, tmp_path):
+    fb = FakeBridge(region, tmp_path)
+    for i in range(3):
+        mup.send(b"m%d" % i)
+    s = _OutStream(fb, "mup", "down")
+    assert s._take_mpmc(1) == 1  # m0, spilled and released
+    s.spill.pending_rec.write(_P_MPMC, s.next_seq, s.raw.tail(), 0, 0)
+    v = s.ring.peek()            # m1 claimed; killed before it reached the spill file
+    assert bytes(v) == b"m1"
+    _kill_holding(v)
+    s2 = _OutStream(fb, "mup", "down")
+    assert [(r.seq, r.data) for r in s2.window] == [(1, b"m0"), (2, b"m1")]
+    assert mup.try_recv() == b"m2"  # the other consumer goes on ...
+    for i in range(8):               # ... and producers use every slot again
+        assert mup.try_send(b"n%d" % i), f"slot {i} still held"
+
+
+def test_mpmc_message_spilled_but_not_released_is_not_taken_twice(region, mup, tmp_path):
+    fb = FakeBridge(region, tmp_path)
+    mup.send(b"only")
+    mup.send(b"next")
+    s = _OutStream(fb, "mup", "down")
+    s.spill.pending_rec.write(_P_MPMC, s.next_seq, s.raw.tail(), 0, 0)
+    v = s.ring.peek()
+    idx = s.raw.index_of(v, s.raw.tail())
+    s.spill.write(s.next_seq, idx + 1, bytes(v), len(v))  # in the spill file, not released
+    _kill_holding(v)
+    s2 = _OutStream(fb, "mup", "down")
+    assert [(r.seq, r.data) for r in s2.window] == [(1, b"only")]
+    assert s2._take_mpmc(8) == 1 and s2.window[-1].data == b"next"
+    for i in range(8):
+        assert mup.try_send(b"n%d" % i), f"slot {i} still held"
+
+
+def test_mpmc_slot_of_another_dead_consumer_is_left_alone(region, mup, tmp_path):
+    fb = FakeBridge(region, tmp_path)
+    mup.send(b"theirs")
+    mup.send(b"ours")
+    other = region.ring("mup")
+    _kill_holding(other.peek())  # another consumer died holding "theirs"
+    s = _OutStream(fb, "mup", "down")
+    assert s._take_mpmc(8) == 1
+    s2 = _OutStream(fb, "mup", "down")
+    assert [(r.seq, r.data) for r in s2.window] == [(1, b"ours")]
+    assert s2.raw._claimed(True, 0) == [0]  # still held: only an operator may recover it
+
+
+@pytest.fixture
+def mdown(region):
+    region.create_ring("mdown", "mpmc", slot_size=64, capacity=8)
+    return Channel(region.ring("mdown"))  # a consumer (and another producer)
+
+
+@pytest.mark.parametrize("intent", ["slot", "batch"])
+def test_mpmc_slot_reserved_before_a_kill_gets_the_resent_message(region, mdown, tmp_path, intent):
+    fb = FakeBridge(region, tmp_path)
+    s = _InStream(fb, "mdown")
+    assert s.on_data(7, 1, 0, [b"one"]) is None and s.delivered == 1
+    s.pending.write(_I_HINT, 2, s.raw.head())
+    v = s.ring.reserve(3)  # for seq 2; killed before (batch) or after (slot) its intent
+    if intent == "slot":
+        s.pending.write(_I_IDX, 2, s.raw.index_of(v, s.raw.head()))
+        v[:1] = b"t"  # and in the middle of the copy
+    _kill_holding(v)
+    assert mdown.try_send(b"other")  # another producer's message, after the reserved slot
+    s2 = _InStream(fb, "mdown")
+    assert s2.delivered == 1 and s2.resume is not None
+    assert s2.on_data(7, 2, 1, [b"two", b"three"]) is None  # the sender resends
+    assert s2.delivered == 3
+    assert mdown.recv_many(8, timeout=1) == [b"one", b"two", b"other", b"three"]
+
+
+def test_mpmc_message_committed_before_its_record_is_not_delivered_again(region, mdown, tmp_path):
+    fb = FakeBridge(region, tmp_path)
+    s = _InStream(fb, "mdown")
+    assert s.on_data(7, 1, 0, [b"one"]) is None
+    s.pending.write(_I_HINT, 2, s.raw.head())
+    v = s.ring.reserve(3)
+    s.pending.write(_I_IDX, 2, s.raw.index_of(v, s.raw.head()))
+    v[:] = b"two"
+    v.release()
+    s.ring.commit()  # in the ring; killed before the state file was written
+    s2 = _InStream(fb, "mdown")
+    assert s2.delivered == 2 and s2.resume is None
+    assert s2.on_data(7, 2, 1, [b"two", b"three"]) is None  # the resend of 2 is dropped
+    assert mdown.recv_many(8, timeout=1) == [b"one", b"two", b"three"]

@@ -26,6 +26,7 @@ MODULES = [
     "pyivshmem.peer",
     "pyivshmem.server",
     "pyivshmem.pci",
+    "pyivshmem.bridge",
 ]
 
 

@@ -34,6 +34,7 @@ examples:
   pyivshmem bench --topology host-guest --quick   host <-> QEMU guest (needs qemu-system-x86)
   pyivshmem bench --topology guest-guest --accel tcg   two guests, KVM not even probed
   pyivshmem bench pubsub --quick               publish-subscribe against iceoryx2 (docs/pubsub.md)
+  pyivshmem bench bridge                       the bridge against ZeroMQ used directly (docs/bridge.md)
 """
 
 
@@ -186,6 +187,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .pubsub import main as pubsub_main
 
         return pubsub_main(args_list[1:])
+    if args_list[:1] == ["bridge"]:  # its own options: pyivshmem bench bridge --help
+        from .bridge import main as bridge_main
+
+        return bridge_main(args_list[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)

@@ -1,7 +1,9 @@
 """The bridge against ZeroMQ used directly from Python, over loopback, in the same run.
 
-    python3 -m pyivshmem.bench.bridge [--rounds 3] [--count 200000] [--sizes 64,1024] [--pings 2000]
-                                  [--json FILE]
+    pyivshmem bench bridge [--rounds 3] [--count 200000] [--sizes 64,1024] [--pings 2000]
+                           [--json FILE]
+
+(also ``python3 -m pyivshmem.bench.bridge`` and ``bench/bridge_bench.py``, the same options).
 
 Throughput: ``count`` messages from a producer to a consumer.
 - *zmq*: a DEALER process sends them in multipart batches of ``--batch`` frames (one frame per
@@ -14,7 +16,9 @@ Round trip: one message at a time, ``--pings`` times, p50/p99:
 - *bridge*: ring -> bridge -> ring -> echo process -> ring -> bridge -> ring.
 Trials alternate (zmq, bridge, zmq, bridge, ...) so a change of the machine's speed during the run
 hits both alike.  Prints the medians over the rounds and the ratio bridge / zmq (throughput: the
-fraction of the raw transport's rate the bridge keeps; round trip: how many times longer).
+fraction of the raw transport's rate the bridge keeps; round trip: how many times longer; CPU per
+message: the two bridge processes against ZeroMQ's two ends, a figure that a busy machine
+disturbs less than rates).
 By default each "host" is a pyivshmem Server and the bridges, producers and consumers join it as
 peers, so idle waits sleep on doorbells (`pyivshmem bridge --server`); ``--no-doorbells`` uses
 /dev/shm region files instead, where idle waits poll with back-off up to 1 ms.
@@ -70,10 +74,11 @@ def role_zmq_sink(port, count, batch):
     while got < count:
         frames = s.recv_multipart()
         if t0 is None:  # timed from the first batch, as the bridged consumer is
-            t0, first = time.perf_counter(), len(frames) - 1
+            t0, first, c0 = time.perf_counter(), len(frames) - 1, time.process_time()
         got += len(frames) - 1
         s.send_multipart([frames[0], b"A"])
-    print(json.dumps({"rate": (count - first) / (time.perf_counter() - t0)}), flush=True)
+    print(json.dumps({"rate": (count - first) / (time.perf_counter() - t0),
+                      "cpu": time.process_time() - c0}), flush=True)
     s.close(0)
     ctx.term()
 
@@ -86,7 +91,7 @@ def role_zmq_source(port, count, size, batch, window):
     s.connect(f"tcp://127.0.0.1:{port}")
     msgs = payloads(size)
     sent = inflight = 0
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     while sent < count:
         while inflight >= window:
             s.recv()
@@ -98,6 +103,7 @@ def role_zmq_source(port, count, size, batch, window):
     while inflight:
         s.recv()
         inflight -= 1
+    print(json.dumps({"cpu": time.process_time() - c0}), flush=True)
     s.close(0)
     ctx.term()
 
@@ -156,10 +162,17 @@ def zmq_throughput(count, size, batch):
     sink = subprocess.Popen([PY, *ME, "_role", "zmq_sink", str(port), str(count), str(batch)],
                             stdout=subprocess.PIPE, text=True)
     src = subprocess.Popen([PY, *ME, "_role", "zmq_source", str(port), str(count), str(size),
-                            str(batch), "64"])
-    out = sink.communicate(timeout=600)[0]
-    src.wait(60)
-    return json.loads(out)["rate"]
+                            str(batch), "64"], stdout=subprocess.PIPE, text=True)
+    out = json.loads(sink.communicate(timeout=600)[0])
+    src_cpu = json.loads(src.communicate(timeout=60)[0])["cpu"]
+    return out["rate"], (out["cpu"] + src_cpu) / count * 1e6
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def zmq_roundtrip(pings, size):
@@ -189,10 +202,14 @@ def zmq_roundtrip(pings, size):
 class Bridged:
     """Two regions (two hosts) and two bridge processes between them, kept for the whole run."""
 
-    def __init__(self, tmp, slot, doorbells):
+    def __init__(self, tmp, slot, doorbells, source=None):
         from pyivshmem import Peer, Region, Server
 
         self.tmp = tmp
+        os.makedirs(tmp, exist_ok=True)
+        env = None
+        if source is not None:  # the bridge processes run another tree's pyivshmem
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(source))
         self.closers = []
         if doorbells:  # two servers (the two hosts); everyone joins as a peer, sleeps on doorbells
             self.a, self.b = os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")
@@ -206,8 +223,9 @@ class Bridged:
             where = ["--server", self.a, "--vector", "0"], ["--server", self.b, "--vector", "0"]
         else:
             self.pa = self.pb = None
-            self.a = f"/dev/shm/pyivshmem-bb-{os.getpid()}-a"
-            self.b = f"/dev/shm/pyivshmem-bb-{os.getpid()}-b"
+            tag = "base" if source else "this"
+            self.a = f"/dev/shm/pyivshmem-bb-{os.getpid()}-{tag}-a"
+            self.b = f"/dev/shm/pyivshmem-bb-{os.getpid()}-{tag}-b"
             self.ra, self.rb = Region.create(self.a, "64M"), Region.create(self.b, "64M")
             self.closers = [self.ra.close, self.rb.close, lambda: os.unlink(self.a),
                             lambda: os.unlink(self.b)]
@@ -223,16 +241,17 @@ class Bridged:
         self.procs = [
             subprocess.Popen(common + where[1] + ["--listen", f"tcp://127.0.0.1:{port}",
                                        "--in", "down", "--in", "ping", "--out", "pong",
-                                       "--state-dir", os.path.join(tmp, "b")]),
+                                       "--state-dir", os.path.join(tmp, "b")], env=env),
             subprocess.Popen(common + where[0] + ["--connect", f"tcp://127.0.0.1:{port}",
                                        "--out", "up=down", "--out", "ping", "--in", "pong",
-                                       "--state-dir", os.path.join(tmp, "a")]),
+                                       "--state-dir", os.path.join(tmp, "a")], env=env),
         ]
 
     def throughput(self, count, size):
         from pyivshmem import Channel
 
         ch = Channel(self.rb.ring("down"), self.pb, vector=1)
+        c0 = sum(cpu_seconds(p.pid) for p in self.procs)
         prod = subprocess.Popen([PY, *ME, "_role", "ring_producer", self.a, str(count), str(size)])
         got = 0
         t0 = None
@@ -244,9 +263,10 @@ class Bridged:
                 t0, first = time.perf_counter(), len(msgs)
             got += len(msgs)
         el = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(p.pid) for p in self.procs) - c0
         prod.wait(60)
         ch.close()
-        return (count - first) / el
+        return (count - first) / el, cpu / count * 1e6
 
     def roundtrip(self, pings, size):
         from pyivshmem import Channel
@@ -285,50 +305,100 @@ def pct(lat, q):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--count", type=int, default=200_000)
-    ap.add_argument("--sizes", default="64,1024")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--pings", type=int, default=2000)
+    ap = argparse.ArgumentParser(prog="pyivshmem bench bridge",
+                                 description=__doc__.split("\n\n")[0])
+    from . import _positive_int
+
+    ap.add_argument("--rounds", type=_positive_int, default=3, help="trials of each figure")
+    ap.add_argument("--count", type=_positive_int, default=200_000,
+                    help="messages per throughput trial")
+    ap.add_argument("--sizes", default="64,1024", help="message sizes in bytes, comma-separated")
+    ap.add_argument("--batch", type=_positive_int, default=256,
+                    help="messages per ZeroMQ batch of the direct trials")
+    ap.add_argument("--pings", type=_positive_int, default=2000,
+                    help="round trips per round-trip trial")
     ap.add_argument("--no-doorbells", action="store_true",
                     help="regions in /dev/shm files and no doorbells (idle waits poll with "
                          "back-off up to 1 ms) instead of two servers whose peers ring each other")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the bridge of another source tree (DIR holds its pyivshmem "
+                         "package, built), in the same alternation: this bridge against that one")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: a status, as `pyivshmem bench` returns
+        return int(exc.code or 0)
     try:
         import zmq  # noqa: F401
     except ImportError:
-        sys.exit("the bridge benchmark needs pyzmq: pip install 'pyivshmem[bridge]'")
+        print("pyivshmem bench bridge: the bridge benchmark needs pyzmq: "
+              "pip install 'pyivshmem[bridge]'", file=sys.stderr)
+        return 2
     sizes = [int(x) for x in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="pyivshmem-bridge-bench-")
-    bridged = Bridged(tmp, max(sizes), not args.no_doorbells)
-    res = {"throughput": {s: {"zmq": [], "bridge": []} for s in sizes},
-           "roundtrip": {"zmq": [], "bridge": []}}
+    kinds = {"bridge": Bridged(os.path.join(tmp, "this"), max(sizes), not args.no_doorbells)}
+    if args.baseline:
+        kinds["baseline"] = Bridged(os.path.join(tmp, "base"), max(sizes), not args.no_doorbells,
+                                    source=args.baseline)
+    res = {"throughput": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
+           "cpu": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
+           "roundtrip": {k: [] for k in ["zmq", *kinds]}}
     try:
-        bridged.roundtrip(10, 64)  # warm up: both bridges connected
+        for b in kinds.values():
+            b.roundtrip(10, 64)  # warm up: both bridges connected
         for r in range(args.rounds):
             for s in sizes:
-                res["throughput"][s]["zmq"].append(zmq_throughput(args.count, s, args.batch))
-                res["throughput"][s]["bridge"].append(bridged.throughput(args.count, s))
+                rate, cpu = zmq_throughput(args.count, s, args.batch)
+                res["throughput"][s]["zmq"].append(rate)
+                res["cpu"][s]["zmq"].append(cpu)
+                for k, b in kinds.items():
+                    rate, cpu = b.throughput(args.count, s)
+                    res["throughput"][s][k].append(rate)
+                    res["cpu"][s][k].append(cpu)
             res["roundtrip"]["zmq"].append(zmq_roundtrip(args.pings, 64))
-            res["roundtrip"]["bridge"].append(bridged.roundtrip(args.pings, 64))
+            for k, b in kinds.items():
+                res["roundtrip"][k].append(b.roundtrip(args.pings, 64))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        bridged.close()
+        for b in kinds.values():
+            b.close()
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"throughput": {}, "roundtrip": {}}
-    print(f"{'figure':34s} {'zmq direct':>14s} {'bridged':>14s} {'bridge/zmq':>11s}")
+    base = "baseline" in kinds
+    head = f"{'figure':34s} {'zmq direct':>14s} {'bridged':>14s} {'bridge/zmq':>11s}"
+    if base:
+        head += f" {'baseline':>14s} {'baseline/zmq':>13s}"
+    print(head)
     for s in sizes:
         z = statistics.median(res["throughput"][s]["zmq"])
         b = statistics.median(res["throughput"][s]["bridge"])
         out["throughput"][s] = {"zmq_msgs_per_s": z, "bridge_msgs_per_s": b, "ratio": b / z}
-        print(f"{f'throughput {s} B (msg/s)':34s} {z:14,.0f} {b:14,.0f} {b / z:10.2f}x")
+        line = f"{f'throughput {s} B (msg/s)':34s} {z:14,.0f} {b:14,.0f} {b / z:10.2f}x"
+        if base:
+            o = statistics.median(res["throughput"][s]["baseline"])
+            out["throughput"][s].update(baseline_msgs_per_s=o, baseline_ratio=o / z)
+            line += f" {o:14,.0f} {o / z:12.2f}x"
+        print(line)
+    for s in sizes:  # the transport's CPU: ZeroMQ's two ends against the two bridges
+        z = statistics.median(res["cpu"][s]["zmq"])
+        b = statistics.median(res["cpu"][s]["bridge"])
+        out["throughput"][s].update(zmq_cpu_us=z, bridge_cpu_us=b)
+        line = f"{f'CPU per message {s} B (us)':34s} {z:14,.2f} {b:14,.2f} {b / z:10.2f}x"
+        if base:
+            o = statistics.median(res["cpu"][s]["baseline"])
+            out["throughput"][s].update(baseline_cpu_us=o)
+            line += f" {o:14,.2f} {o / z:12.2f}x"
+        print(line)
     for q, name in ((0.5, "p50"), (0.99, "p99")):
         z = statistics.median(pct(lat, q) for lat in res["roundtrip"]["zmq"])
         b = statistics.median(pct(lat, q) for lat in res["roundtrip"]["bridge"])
         out["roundtrip"][name] = {"zmq_us": z, "bridge_us": b, "ratio": b / z}
-        print(f"{f'round trip 64 B {name} (us)':34s} {z:14,.1f} {b:14,.1f} {b / z:10.2f}x")
+        line = f"{f'round trip 64 B {name} (us)':34s} {z:14,.1f} {b:14,.1f} {b / z:10.2f}x"
+        if base:
+            o = statistics.median(pct(lat, q) for lat in res["roundtrip"]["baseline"])
+            out["roundtrip"][name].update(baseline_us=o, baseline_ratio=o / z)
+            line += f" {o:14,.1f} {o / z:12.2f}x"
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": out}, f, indent=1)

@@ -130,6 +130,15 @@ class Peer:
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
+        # How to ring every (peer, vector) I know, for Channel's wakers in C (the table's address
+        # is _bell_table).  Entries follow _own and _peers: set when a vector arrives, cleared
+        # BEFORE its fd is closed.  The table lives as long as this object (not just until close):
+        # a Channel holds its Peer, so it never reads freed memory.
+        out = ffi.new("struct ivshm_bell_table **")
+        rc = lib.ivshm_bell_table_create(lib.IVSHM_BELL_EVENTFD, MAX_ID, MAX_VECTORS, out)
+        if rc < 0:
+            raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
+        self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
         #: The shared memory, a pyivshmem Region (closed with the Peer).
         self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
 
@@ -183,6 +192,8 @@ class Peer:
             self._outer.add(self._ws.fileno(), 0, drain=False)
             self._outer.add(self._ready, 1, drain=False)
             self._sock_watched = True
+            # a Channel's waker lets us take in the server's news before it rings (_bell_refresh)
+            lib.ivshm_bell_table_set_watch(self._bells, self._sock.fileno())
             self._poll = select.poll()   # the cheap "anything waiting?" of implicit drains
             self._poll.register(self._sock.fileno(), select.POLLIN)
             self._setup(deadline, timeout, vectors)
@@ -371,6 +382,7 @@ class Peer:
             except BaseException:
                 _close(fd)
                 raise
+            lib.ivshm_bell_table_set_fd(self._bells, value, len(self._own), fd)
             self._own.append(fd)
             return None
 
@@ -379,16 +391,20 @@ class Peer:
             if fds is None:
                 raise fail(f"a disconnect of peer {value}, which is not connected "
                            f"(known peers: {sorted(self._peers) or 'none'})")
+            # out of the table first: a Channel's waker must never ring a closed (or reused) fd
+            lib.ivshm_bell_table_clear_peer(self._bells, value)
             for f in fds:
                 _close(f)
             return PeerEvent(LEFT, value, len(fds))
 
         fds = self._peers.get(value)
         if fds is None:
+            lib.ivshm_bell_table_set_fd(self._bells, value, 0, fd)
             self._peers[value] = [fd]
             return None if during_setup else PeerEvent(JOINED, value, 1)
         if len(fds) >= MAX_VECTORS:
             raise fail(f"more than {MAX_VECTORS} vectors for peer {value}")
+        lib.ivshm_bell_table_set_fd(self._bells, value, len(fds), fd)
         fds.append(fd)
         return None
 
@@ -462,6 +478,7 @@ class Peer:
         self._server_gone = why
         sock, self._sock = self._sock, None
         if sock is not None:
+            lib.ivshm_bell_table_set_watch(self._bells, -1)  # before its fd number is closed
             if self._sock_watched and self._ws is not None and not self._ws.closed:
                 self._ws.remove(sock.fileno())
             self._sock_watched = False
@@ -561,6 +578,25 @@ class Peer:
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)
 
+    @property
+    def _bell_table(self) -> int:
+        """The address of my bell table (csrc/ivshm_doorbell.h), for Channel: how to ring every
+        (peer, vector) I know, kept up to date as peers join and leave, valid while this object
+        lives (entries are cleared by close())."""
+        return int(ffi.cast("uintptr_t", self._bells))
+
+    def _bell_refresh(self) -> None:
+        """A Channel's waker found my server socket readable: take in what is waiting, so that
+        the table knows who left and who joined before it rings (and the server never queues
+        for a peer that only sends through Channels)."""
+        if self._closed:
+            return
+        if os.getpid() != self._pid:
+            # an inherited Peer may not read the parent's socket: stop asking
+            lib.ivshm_bell_table_set_watch(self._bells, -1)
+            return
+        self._drain_server(implicit=True)
+
     def fileno(self) -> int:
         """An epoll fd, readable when one of my vectors fired, a server message is waiting, or
         events taken in by another call wait for events(): register it with
@@ -639,6 +675,7 @@ class Peer:
 
     # ------------------------------------------------------------------ closing
     def _release(self) -> None:
+        lib.ivshm_bell_table_clear(self._bells)  # before any fd is closed (see _bell_table)
         self._drop_server(self._server_gone or "closed")
         if self._outer is not None:
             self._outer.close()
@@ -663,6 +700,7 @@ class Peer:
     def _release_inherited(self) -> None:
         """Close this process's copies of the fds, touching nothing the parent shares: no epoll
         changes (an epoll set is shared across fork), no socket shutdown, no protocol state."""
+        lib.ivshm_bell_table_clear(self._bells)  # our copy of the table; before the fds go
         if self._sock is not None:
             fd = self._sock.detach()  # close our copy without the socket object's bookkeeping
             _close(fd)

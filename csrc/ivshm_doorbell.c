@@ -10,7 +10,9 @@
  * An epoll registration carries a single 64-bit word; it holds the fd (low 32 bits), the
  * caller's tag (bits 32..62) and the drain flag (bit 63).
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include "ivshm_doorbell.h"
 #include "ivshm_atomic.h"
 #include "ivshm_time.h"

@@ -244,6 +244,8 @@ struct ivshm_bell_table {
     uint32_t max_peer;
     uint32_t max_vectors;
     int watch_fd;
+    uint64_t watch_ns;     /* the watch interval */
+    int64_t next_look_ns;  /* CLOCK_MONOTONIC time of the next unforced look (a hint) */
     uintptr_t reg;
     int32_t **rows;
 };
@@ -343,16 +345,28 @@ void ivshm_bell_table_clear(struct ivshm_bell_table *t)
         ivshm_bell_table_clear_peer(t, (uint32_t)p);
 }
 
-void ivshm_bell_table_set_watch(struct ivshm_bell_table *t, int fd)
+void ivshm_bell_table_set_watch(struct ivshm_bell_table *t, int fd, uint64_t interval_ns)
 {
+    IVSHM_STORE_RELAXED(&t->watch_ns, interval_ns);
+    IVSHM_STORE_RELAXED(&t->next_look_ns, (int64_t)0);
     IVSHM_STORE_RELEASE(&t->watch_fd, fd < 0 ? -1 : fd); /* pairs with the load in stale() */
 }
 
-int ivshm_bell_table_stale(const struct ivshm_bell_table *t)
+int ivshm_bell_table_stale(struct ivshm_bell_table *t, int force)
 {
     int fd = IVSHM_LOAD_ACQUIRE(&t->watch_fd); /* pairs with set_watch */
     if (fd < 0)
         return 0;
+    uint64_t every = IVSHM_LOAD_RELAXED(&t->watch_ns);
+    if (every > 0) {
+        /* a hint shared by the table's wakers: at worst two of them look at once */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+        if (!force && now < IVSHM_LOAD_RELAXED(&t->next_look_ns))
+            return 0;
+        IVSHM_STORE_RELAXED(&t->next_look_ns, now + (int64_t)every);
+    }
     struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
     /* readable, EOF (POLLHUP) or an error: the owner has something to take in either way */
     return poll(&p, 1, 0) > 0 && !(p.revents & POLLNVAL);

@@ -122,7 +122,9 @@ int ivshm_bell_sleep(int fd, const int *cancel_fds, int ncancel, int timeout_ms)
  *
  * The watch fd (a host peer's server socket) turns readable when the server has news the owner
  * has not taken in (a peer joined or left): ivshm_bell_table_stale() says so with one poll(2), so
- * that a waker can let the owner refresh the table first. */
+ * that a waker can let the owner refresh the table first.  That poll would double the system calls
+ * of a ring, so it runs at most once per watch interval, unless forced (a lookup missed: maybe
+ * the peer has just joined). */
 struct ivshm_bell_table;
 
 /* A new table of `kind` for peer ids 0..max_peer and vectors 0..max_vectors-1 (max_peer <=
@@ -141,10 +143,12 @@ int ivshm_bell_table_set_mmio(struct ivshm_bell_table *t, uintptr_t reg);
 /* Clear everything: every fd, the register and the watch fd (the owner is closing). */
 void ivshm_bell_table_clear(struct ivshm_bell_table *t);
 
-/* The watch fd, -1 for none (clear it before closing the fd). */
-void ivshm_bell_table_set_watch(struct ivshm_bell_table *t, int fd);
-/* 1 when the watch fd is readable (the owner has news to take in), else 0. */
-int ivshm_bell_table_stale(const struct ivshm_bell_table *t);
+/* The watch fd, -1 for none (clear it before closing the fd), and how often at most an unforced
+ * ivshm_bell_table_stale() looks at it (ns; 0: every time). */
+void ivshm_bell_table_set_watch(struct ivshm_bell_table *t, int fd, uint64_t interval_ns);
+/* 1 when the watch fd is readable (the owner has news to take in), else 0.  Unless `force`, 0
+ * without looking when the last look was less than the watch interval ago. */
+int ivshm_bell_table_stale(struct ivshm_bell_table *t, int force);
 
 /* How to ring (peer, vector): 0 and *out filled, or -ENOENT (unknown peer or vector: *out is
  * IVSHM_BELL_NONE).  Never looks at the watch fd.  An ivshm_chan_resolve_fn (ctx: the table). */

@@ -125,7 +125,7 @@ cdef extern from "ivshm_doorbell.h" nogil:
     ctypedef struct ivshm_bell_table "struct ivshm_bell_table":
         pass
     int ivshm_bell_ring(const ivshm_bell *b)
-    int ivshm_bell_table_stale(const ivshm_bell_table *t)
+    int ivshm_bell_table_stale(ivshm_bell_table *t, int force)
     int ivshm_bell_table_resolve(void *table, uint32_t peer, uint32_t vector, ivshm_bell *out)
 
 cdef extern from "ivshm_chan.h" nogil:

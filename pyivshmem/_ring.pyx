@@ -2821,7 +2821,8 @@ cdef void _refresh_bells(void *chan) noexcept with gil:
 
 cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out) noexcept nogil:
     """The C channel asks how to ring (peer, vector), for a provider with a bell table: read it in
-    C.  Python runs only when the table's watch fd (a Peer's server socket) is readable.
+    C.  Python runs only when the table's watch fd (a Peer's server socket) is readable: looked
+    at once per watch interval, and whenever the lookup misses (a peer that has just joined).
 
     Lifetime (docs/wakeup.md): wakes run with the GIL held from this lookup to the ring, and the
     provider clears an entry before it takes the GIL to close its fd, so a ring never reaches a
@@ -2829,9 +2830,13 @@ cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *o
     cdef _BellCtx *c = <_BellCtx *>ctx
     if c.closed:
         return -1
-    if ivshm_bell_table_stale(c.table):
+    if ivshm_bell_table_stale(c.table, 0):
         _refresh_bells(c.channel)
-    return ivshm_bell_table_resolve(c.table, peer, vector, out)
+    cdef int rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
+    if rc < 0 and ivshm_bell_table_stale(c.table, 1):
+        _refresh_bells(c.channel)
+        rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
+    return rc
 
 
 cdef class _FdShare:

@@ -54,6 +54,10 @@ JOINED = "joined"
 LEFT = "left"
 DISCONNECTED = "disconnected"
 
+#: A Channel's waker looks at the server socket (taking in joins and leaves before it rings) at
+#: most this often, and whenever it rings a peer it does not know (seconds).
+BELL_WATCH_INTERVAL = 0.001
+
 #: Events kept for events() before joined-and-left pairs are dropped (then twice what is left).
 _COMPACT_MIN = 256
 
@@ -193,7 +197,8 @@ class Peer:
             self._outer.add(self._ready, 1, drain=False)
             self._sock_watched = True
             # a Channel's waker lets us take in the server's news before it rings (_bell_refresh)
-            lib.ivshm_bell_table_set_watch(self._bells, self._sock.fileno())
+            lib.ivshm_bell_table_set_watch(self._bells, self._sock.fileno(),
+                                           int(BELL_WATCH_INTERVAL * 1e9))
             self._poll = select.poll()   # the cheap "anything waiting?" of implicit drains
             self._poll.register(self._sock.fileno(), select.POLLIN)
             self._setup(deadline, timeout, vectors)
@@ -478,7 +483,7 @@ class Peer:
         self._server_gone = why
         sock, self._sock = self._sock, None
         if sock is not None:
-            lib.ivshm_bell_table_set_watch(self._bells, -1)  # before its fd number is closed
+            lib.ivshm_bell_table_set_watch(self._bells, -1, 0)  # before its fd number is closed
             if self._sock_watched and self._ws is not None and not self._ws.closed:
                 self._ws.remove(sock.fileno())
             self._sock_watched = False
@@ -593,7 +598,7 @@ class Peer:
             return
         if os.getpid() != self._pid:
             # an inherited Peer may not read the parent's socket: stop asking
-            lib.ivshm_bell_table_set_watch(self._bells, -1)
+            lib.ivshm_bell_table_set_watch(self._bells, -1, 0)
             return
         self._drain_server(implicit=True)
 

@@ -131,24 +131,32 @@ static void table_watch_fd(char *detail, size_t dn)
     int sv[2];
     CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0, "socketpair");
     CHECK(ivshm_bell_table_create(IVSHM_BELL_EVENTFD, 15, 2, &t) == 0, "create");
-    CHECK(ivshm_bell_table_stale(t) == 0, "stale without a watch fd");
-    ivshm_bell_table_set_watch(t, sv[0]);
-    CHECK(ivshm_bell_table_stale(t) == 0, "stale with nothing to read");
+    CHECK(ivshm_bell_table_stale(t, 1) == 0, "stale without a watch fd");
+    ivshm_bell_table_set_watch(t, sv[0], 0); /* look every time */
+    CHECK(ivshm_bell_table_stale(t, 0) == 0, "stale with nothing to read");
     CHECK(write(sv[1], "x", 1) == 1, "write");
-    CHECK(ivshm_bell_table_stale(t) == 1, "not stale with news waiting");
+    CHECK(ivshm_bell_table_stale(t, 0) == 1, "not stale with news waiting");
     char c;
     CHECK(read(sv[0], &c, 1) == 1, "read");
-    CHECK(ivshm_bell_table_stale(t) == 0, "stale after the news were taken in");
+    CHECK(ivshm_bell_table_stale(t, 0) == 0, "stale after the news were taken in");
+    /* at most one look per interval, unless forced; the first look is not held back */
+    ivshm_bell_table_set_watch(t, sv[0], 3600ull * 1000000000);
+    CHECK(ivshm_bell_table_stale(t, 0) == 0, "stale with nothing to read");
+    CHECK(write(sv[1], "y", 1) == 1, "write");
+    CHECK(ivshm_bell_table_stale(t, 0) == 0, "looked again within the interval");
+    CHECK(ivshm_bell_table_stale(t, 1) == 1, "a forced look missed the news");
+    CHECK(read(sv[0], &c, 1) == 1, "read");
+    ivshm_bell_table_set_watch(t, sv[0], 0);
     close(sv[1]); /* EOF is news too (the server went away) */
-    CHECK(ivshm_bell_table_stale(t) == 1, "EOF not reported");
-    ivshm_bell_table_set_watch(t, -1);
-    CHECK(ivshm_bell_table_stale(t) == 0, "stale after the watch fd was cleared");
-    ivshm_bell_table_set_watch(t, sv[0]);
+    CHECK(ivshm_bell_table_stale(t, 0) == 1, "EOF not reported");
+    ivshm_bell_table_set_watch(t, -1, 0);
+    CHECK(ivshm_bell_table_stale(t, 1) == 0, "stale after the watch fd was cleared");
+    ivshm_bell_table_set_watch(t, sv[0], 0);
     ivshm_bell_table_clear(t);
-    CHECK(ivshm_bell_table_stale(t) == 0, "clear kept the watch fd");
+    CHECK(ivshm_bell_table_stale(t, 1) == 0, "clear kept the watch fd");
     close(sv[0]);
     ivshm_bell_table_destroy(t);
-    snprintf(detail, dn, "readable, drained, EOF, cleared");
+    snprintf(detail, dn, "readable, drained, interval, forced, EOF, cleared");
 }
 
 /* ---------------------------------------------------------------------------------------------- */

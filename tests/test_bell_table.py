@@ -212,3 +212,44 @@ def test_channel_over_pci_device_stores_into_the_doorbell_register(tmp_path):
         tx.close()
     for fd in fds[5]:
         os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_only_sends_through_channels_never_makes_the_server_queue(tmp_path):
+    """The channel's waker looks at the sender's server socket (at most once per ms, and on a
+    miss) and takes the news in: while peers come and go, the server's backlog for a Peer that
+    only rings through a Channel stays small."""
+    import socket
+
+    sock = str(tmp_path / "s.sock")
+    with Server(sock, size="1M", vectors=1) as server:
+        server.start()
+        with Peer.connect(sock, timeout=30) as sender, Peer.connect(sock, timeout=30) as receiver:
+            ring = sender.region.create_ring("r", slot_size=64, capacity=8)
+            tx = Channel(ring, sender, spin=0, recheck=RECHECK)
+            rx = Channel(receiver.region.ring("r"), receiver, spin=0, recheck=RECHECK)
+            deadline = time.monotonic() + TIMEOUT
+            while receiver.id not in sender.peers:  # the sender knows the receiver from here on
+                assert time.monotonic() < deadline
+                select.select([sender.fileno()], [], [], 1.0)
+                sender.events()
+            most = 0
+            for i in range(200):
+                with socket.socket(socket.AF_UNIX) as s:  # a peer comes and goes
+                    s.connect(sock)
+                assert server.wait_until(
+                    lambda p: p == (sender.id, receiver.id) and server.stats["accepted"] == i + 3,
+                    10)
+                s_ = _Sleeper(rx)
+                _wait_sleeping(sender.region, "r", s_)
+                time.sleep(0.0011)  # past the watch interval: this ring looks at the socket
+                tx.send(b"%d" % i)
+                assert s_.join() == b"%d" % i
+                receiver.events()
+                most = max(most, server.backlog(sender.id))
+            # a sender that never read would have had 3 messages queued per cycle
+            assert most <= 8, most
+            assert tx.stats["doorbells"] == 200 and rx.stats["wakeups"] == 200
+            assert sender.events()  # what the waker took in waits for events()
+            rx.close()
+            tx.close()

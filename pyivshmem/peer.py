@@ -12,7 +12,11 @@ every fd that came with it is closed.
 
 Every use of a Peer (:meth:`notify`, :meth:`notify_target`, :meth:`wait`, :meth:`events`) first
 takes in every server message already waiting, so an application that only sends never leaves its
-server queueing announcements for it (:attr:`peers` shows the result of the last such call).  Events are kept for
+server queueing announcements for it (:attr:`peers` shows the result of the last such call).  A
+Channel over a Peer rings from the Peer's C bell table instead of calling :meth:`notify_target`;
+its waker looks at the server socket at most once per :data:`BELL_WATCH_INTERVAL` of doorbells
+(and whenever it rings a peer the table lacks) and takes waiting messages in the same way
+(docs/wakeup.md).  Events are kept for
 :meth:`events`; when many pile up, a peer that joined and left meanwhile is dropped from them.
 
 A Peer is meant to be used from one thread at a time; :meth:`notify` may also be called from

@@ -212,8 +212,10 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
         return 0;
     /* A ring for this fd while we sleep on it alone is ours: one claimed at this arming, or a
      * stray of an earlier one (claimed just before its re-check found work). */
+    /* seq_cst: pairs with the count in ivshm_chan_sleep_begin and the claim's CAS (see
+     * ivshm_chan_wait: a sleeper not counted yet looks at its entry before it sleeps) */
     int alone = ch->fd_sleepers == NULL ||
-                atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_relaxed) <= 1;
+                atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_seq_cst) <= 1;
     int mine = claimed(ch, call) || alone;
     uint64_t rest = mine ? v - 1 : v;
     if (rest > 0 && !alone) {
@@ -230,8 +232,8 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 void ivshm_chan_sleep_begin(struct ivshm_chan *ch)
 {
     stat_add(&ch->st.sleeps);
-    if (ch->fd_sleepers)
-        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
+    if (ch->fd_sleepers) /* seq_cst: pairs with the load in ivshm_chan_absorb */
+        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_seq_cst);
 }
 
 void ivshm_chan_sleep_end(struct ivshm_chan *ch)
@@ -306,7 +308,17 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (armed) {
         int64_t ms = (span + 999999) / 1000000;
         ivshm_chan_sleep_begin(ch);
-        rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        /* Claimed already (between the re-check and here)?  Then do not sleep: another sleeper of
+         * this fd that woke before we were counted in fd_sleepers thought itself alone and may
+         * have taken our ring.  Either it sees us counted (and puts our ring back), or we see the
+         * claim here: the count, this load, the claim's CAS and its load of the count are all
+         * sequentially consistent, and the claim comes before the ring it took. */
+        if (call->entry >= 0 &&
+            atomic_load_explicit(IVSHM_ATOMIC(&table_of(ch, call->side)[call->entry]),
+                                 memory_order_seq_cst) != call->word)
+            rc = 1;
+        else
+            rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
         ivshm_chan_sleep_end(ch);
     } else {
         stat_add(&ch->st.sleeps);
@@ -337,9 +349,10 @@ static int claim_one(struct ivshm_chan *ch, uint32_t side, int passing_on)
         if (w == 0 || !route_ok(w))
             continue;
         /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins);
-         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment */
+         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment;
+         * seq_cst: pairs with the sleeper's look at its entry before it sleeps (ivshm_chan_wait) */
         if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &w, 0u,
-                                                     memory_order_acquire, memory_order_relaxed))
+                                                     memory_order_seq_cst, memory_order_relaxed))
             continue;
         atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
         IVSHM_STORE_RELAXED(startp, e + 1); /* the next waker starts past this one */

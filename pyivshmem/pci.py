@@ -52,9 +52,15 @@ IVSHMEM_DEVICE = 0x1110
 VFIO_DRIVER = "vfio-pci"
 DEFAULT_POLL_INTERVAL = 0.001  # seconds: the longest a guest without interrupts sleeps between checks
 
-_REG_IVPOSITION = 0x08
-_REG_DOORBELL = 0x0C
-_BAR0_SIZE = 256
+# the ivshmem BAR0 layout, from csrc/ivshm_vfio.h through the binding (never a copy)
+try:
+    from ._ffi_vfio import lib as _vlib  # type: ignore[import-not-found]
+
+    _REG_IVPOSITION = int(_vlib.IVSHM_REG_IVPOSITION)
+    _REG_DOORBELL = int(_vlib.IVSHM_REG_DOORBELL)
+    _BAR0_SIZE = int(_vlib.IVSHM_BAR0_SIZE)
+except ImportError:  # pragma: no cover - a broken build: PciDevice.open() says so through _cffi()
+    _REG_IVPOSITION = _REG_DOORBELL = _BAR0_SIZE = 0
 _GONE_TAG = 0x7FFFFFFF  # wait-set tag of the hot-unplug eventfd; vectors use their number
 _PCI_COMMAND = 0x04
 _PCI_COMMAND_MEMORY = 0x2

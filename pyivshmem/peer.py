@@ -110,6 +110,16 @@ class Peer:
 
     def __init__(self) -> None:
         # Use Peer.connect(); the constructor only makes an empty, closed-safe object.
+        # (first: if this fails, nothing else exists to release)
+        # How to ring every (peer, vector) I know, for Channel's wakers in C (the table's address
+        # is _bell_table).  Entries follow _own and _peers: set when a vector arrives, cleared
+        # BEFORE its fd is closed.  The table lives as long as this object (not just until close):
+        # a Channel holds its Peer, so it never reads freed memory.
+        out = ffi.new("struct ivshm_bell_table **")
+        rc = lib.ivshm_bell_table_create(lib.IVSHM_BELL_EVENTFD, MAX_ID, MAX_VECTORS, out)
+        if rc < 0:
+            raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
+        self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
         self._closed = False
         # The process that made this Peer.  A child that inherits it across fork shares the
         # server connection and the epoll sets with the parent: it may only close() it (its own
@@ -138,15 +148,6 @@ class Peer:
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
-        # How to ring every (peer, vector) I know, for Channel's wakers in C (the table's address
-        # is _bell_table).  Entries follow _own and _peers: set when a vector arrives, cleared
-        # BEFORE its fd is closed.  The table lives as long as this object (not just until close):
-        # a Channel holds its Peer, so it never reads freed memory.
-        out = ffi.new("struct ivshm_bell_table **")
-        rc = lib.ivshm_bell_table_create(lib.IVSHM_BELL_EVENTFD, MAX_ID, MAX_VECTORS, out)
-        if rc < 0:
-            raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
-        self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
         #: The shared memory, a pyivshmem Region (closed with the Peer).
         self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
 

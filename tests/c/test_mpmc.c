@@ -421,6 +421,62 @@ static void mpmc_consumer_stall_and_recovery(char *detail, size_t dn)
     snprintf(detail, dn, "dead consumer and producer claims recovered");
 }
 
+/* A restarted party takes over what its dead predecessor held, exactly once: the message in a
+ * dead consumer's claim is read out before the claim is dropped, and a dead producer's
+ * reservation is committed with the message it was to carry; next_claim() finds both. */
+static void mpmc_claims_read_and_finished(char *detail, size_t dn)
+{
+    struct tregion tr;
+    CHECK(tregion_new(&tr, 65536) == 0, "region");
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 4, 1, 0, &info, &why) == 0, "create");
+    struct ivshm_mpmc p, dead, c;
+    CHECK(ivshm_mpmc_attach(&p, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&dead, &tr.r, &info, &why) == 0 &&
+              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    uint8_t buf[16];
+    uint64_t pos = 99, needed = 0;
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 0 && ivshm_mpmc_next_claim(&c, 0, 0, &pos) == 0,
+          "an empty ring holds no claims");
+    CHECK(ivshm_mpmc_try_send(&p, "hello", 5) == 0 && ivshm_mpmc_try_send(&p, "x", 1) == 0, "send");
+    CHECK(ivshm_mpmc_claim_state(&c, 0) == 0, "a committed message is nobody's claim");
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == -ENOENT, "not claimed: refused");
+    CHECK(ivshm_mpmc_claim_recv(&dead, 1, &pos) == 1 && pos == 0, "the doomed consumer claims 0");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1, "another takes 1");
+    CHECK(ivshm_mpmc_claim_state(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "0 is a consumer's");
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 1 && pos == 0, "found (%" PRIu64 ")", pos);
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 1, &pos) == 0, "none after it");
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, 4, &needed) == -ENOBUFS && needed == 5, "short buffer");
+    memset(buf, 0, sizeof(buf));
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == 5 && memcmp(buf, "hello", 5) == 0,
+          "its message read out");
+    CHECK(ivshm_mpmc_claim_state(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "and still claimed");
+    CHECK(ivshm_mpmc_recover_with(&c, 0, "y", 1) == -EBUSY, "no message into a consumer's claim");
+    /* a length over the slot size in a claimed slot is reported, not copied */
+    ivshm_mpmc_slot(&c, 0)->len = 17;
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == -EPROTO, "bad length refused");
+    ivshm_mpmc_slot(&c, 0)->len = 5;
+    CHECK(ivshm_mpmc_recover(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "then dropped");
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == -ENOENT, "no longer claimed");
+    /* a producer that died holding a reservation, with one committed after it */
+    CHECK(ivshm_mpmc_claim_send(&dead, 1, &pos) == 1 && pos == 2, "the doomed producer claims 2");
+    CHECK(ivshm_mpmc_try_send(&p, "z", 1) == 0, "index 3 behind it");
+    CHECK(ivshm_mpmc_claim_state(&c, 2) == IVSHM_MPMC_RECOVERED_PRODUCER, "2 is a producer's");
+    CHECK(ivshm_mpmc_next_claim(&c, 0, 0, &pos) == 1 && pos == 2, "found (%" PRIu64 ")", pos);
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 0, "no consumer claims left");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "consumers wait at 2");
+    CHECK(ivshm_mpmc_recover_with(&c, 2, "0123456789abcdefg", 17) == -EMSGSIZE, "too long refused");
+    CHECK(ivshm_mpmc_recover_with(&c, 2, "finished", 8) == IVSHM_MPMC_RECOVERED_PRODUCER, "finished");
+    CHECK(ivshm_mpmc_recover_with(&c, 2, "again", 5) == -ENOENT, "only once");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 8 && memcmp(buf, "finished", 8) == 0,
+          "consumers get its message");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'z', "then index 3");
+    CHECK(ivshm_mpmc_claim_state(&c, 1000) == -EINVAL && ivshm_mpmc_recover_with(&c, 1000, "", 0) == -EINVAL,
+          "far away index refused");
+    tregion_free(&tr);
+    snprintf(detail, dn, "dead claims found, read out and finished");
+}
+
 int main(int argc, char **argv)
 {
     static const struct tcase cases[] = {
@@ -433,6 +489,7 @@ int main(int argc, char **argv)
         {"mpmc_zero_bursts", mpmc_zero_bursts, 0},
         {"mpmc_short_buffers_keep_messages", mpmc_short_buffers_keep_messages, 0},
         {"mpmc_consumer_stall_and_recovery", mpmc_consumer_stall_and_recovery, 0},
+        {"mpmc_claims_read_and_finished", mpmc_claims_read_and_finished, 0},
     };
     return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
 }

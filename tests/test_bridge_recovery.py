@@ -399,3 +399,24 @@ def test_mpmc_message_committed_before_its_record_is_not_delivered_again(region,
     assert s2.delivered == 2 and s2.resume is None
     assert s2.on_data(7, 2, 1, [b"two", b"three"]) is None  # the resend of 2 is dropped
     assert mdown.recv_many(8, timeout=1) == [b"one", b"two", b"three"]
+
+
+def test_mpmc_reserved_slot_recovered_by_an_operator_meanwhile_is_not_overwritten(
+        region, mdown, tmp_path):
+    """The predecessor's reservation is finished by someone else (recover(slot): an empty
+    message) before the resend comes: the resent message takes a slot of its own, once."""
+    fb = FakeBridge(region, tmp_path)
+    s = _InStream(fb, "mdown")
+    assert s.on_data(7, 1, 0, [b"one"]) is None
+    s.pending.write(_I_HINT, 2, s.ring.head)
+    v = s.ring.reserve(3)
+    slot = s.ring.reserved_slot
+    s.pending.write(_I_IDX, 2, slot)
+    _kill_holding(v)
+    assert mdown.try_send(b"other")
+    s2 = _InStream(fb, "mdown")
+    assert s2.resume == slot
+    assert mdown.ring.recover(slot) == "producer"  # an operator's recovery, as an empty message
+    assert s2.on_data(7, 2, 1, [b"two", b"three"]) is None
+    assert s2.delivered == 3
+    assert mdown.recv_many(8, timeout=1) == [b"one", b"", b"other", b"two", b"three"]

@@ -261,18 +261,31 @@ static void mpmc_1x1_fifo(char *d, size_t n) { run_mpmc(1, 1, 40, 16, 16, 100000
 static void mpmc_3x3_cap8(char *d, size_t n) { run_mpmc(3, 3, 32, 8, 4, 150000, d, n); }
 static void mpmc_4x1_cap2(char *d, size_t n) { run_mpmc(4, 1, 16, 2, 2, 100000, d, n); }
 
+/* A region with an MPMC ring "m" of `cap` 16-byte slots and three handles on it; 0, or -1 with
+ * the region freed. */
+static int mpmc_three_handles(struct tregion *tr, uint32_t cap, struct ivshm_mpmc *a, struct ivshm_mpmc *b,
+                              struct ivshm_mpmc *c)
+{
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    if (tregion_new(tr, 65536) != 0)
+        return -1;
+    if (ivshm_region_create_ring(&tr->r, "m", IVSHM_KIND_MPMC, 16, cap, 1, 0, &info, &why) != 0 ||
+        ivshm_mpmc_attach(a, &tr->r, &info, &why) != 0 || ivshm_mpmc_attach(b, &tr->r, &info, &why) != 0 ||
+        ivshm_mpmc_attach(c, &tr->r, &info, &why) != 0) {
+        tregion_free(tr);
+        return -1;
+    }
+    return 0;
+}
+
 /* A producer that claimed a slot and did not commit: consumers stop there, stalled() says where;
  * the commit lets everything behind it through, in order. */
 static void mpmc_stall_detected(char *detail, size_t dn)
 {
     struct tregion tr;
-    CHECK(tregion_new(&tr, 65536) == 0, "region");
-    struct ivshm_ring_info info;
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 8, 1, 0, &info, &why) == 0, "create");
     struct ivshm_mpmc a, b, c;
-    CHECK(ivshm_mpmc_attach(&a, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&b, &tr.r, &info, &why) == 0 &&
-              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    CHECK(mpmc_three_handles(&tr, 8, &a, &b, &c) == 0, "a ring of 8 slots, three handles");
     uint8_t buf[16];
     uint64_t pos = 99, spos = 0;
     CHECK(ivshm_mpmc_try_send(&a, "0", 1) == 0, "send 0");
@@ -371,13 +384,8 @@ static void mpmc_short_buffers_keep_messages(char *detail, size_t dn)
 static void mpmc_consumer_stall_and_recovery(char *detail, size_t dn)
 {
     struct tregion tr;
-    CHECK(tregion_new(&tr, 65536) == 0, "region");
-    struct ivshm_ring_info info;
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 4, 1, 0, &info, &why) == 0, "create");
     struct ivshm_mpmc p, dead, c;
-    CHECK(ivshm_mpmc_attach(&p, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&dead, &tr.r, &info, &why) == 0 &&
-              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    CHECK(mpmc_three_handles(&tr, 4, &p, &dead, &c) == 0, "a ring of 4 slots, three handles");
     uint8_t buf[16];
     uint64_t pos = 99, spos = 0;
     for (int i = 0; i < 3; i++)
@@ -427,13 +435,8 @@ static void mpmc_consumer_stall_and_recovery(char *detail, size_t dn)
 static void mpmc_claims_read_and_finished(char *detail, size_t dn)
 {
     struct tregion tr;
-    CHECK(tregion_new(&tr, 65536) == 0, "region");
-    struct ivshm_ring_info info;
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 4, 1, 0, &info, &why) == 0, "create");
     struct ivshm_mpmc p, dead, c;
-    CHECK(ivshm_mpmc_attach(&p, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&dead, &tr.r, &info, &why) == 0 &&
-              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    CHECK(mpmc_three_handles(&tr, 4, &p, &dead, &c) == 0, "a ring of 4 slots, three handles");
     uint8_t buf[16];
     uint64_t pos = 99, needed = 0;
     CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 0 && ivshm_mpmc_next_claim(&c, 0, 0, &pos) == 0,

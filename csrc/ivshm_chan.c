@@ -26,26 +26,6 @@ static void stat_add(uint64_t *counter)
     atomic_fetch_add_explicit(IVSHM_ATOMIC(counter), 1, memory_order_relaxed);
 }
 
-int ivshm_bell_ring(const struct ivshm_bell *b)
-{
-    if (b->kind == IVSHM_BELL_EVENTFD) {
-        uint64_t one = 1;
-        ssize_t n;
-        do {
-            n = write(b->fd, &one, sizeof(one));
-        } while (n < 0 && errno == EINTR);
-        /* EAGAIN: the counter is saturated, so the peer has a wake-up pending anyway */
-        if (n < 0 && errno != EAGAIN)
-            return -errno;
-        return 0;
-    }
-    if (b->kind == IVSHM_BELL_MMIO) {
-        *b->reg = b->value; /* an aligned 32-bit store, as the ivshmem Doorbell register needs */
-        return 0;
-    }
-    return 0;
-}
-
 int ivshm_chan_init(struct ivshm_chan *ch, uint32_t kind, void *ring, int peer, int vector,
                     int wait_fd, int cancel_fd, ivshm_chan_resolve_fn resolve, void *resolve_ctx,
                     uint64_t spin_ns, uint64_t recheck_ns)
@@ -196,14 +176,14 @@ void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
                                   memory_order_relaxed);
 }
 
-/* The fds that cancel a wait, into p[]; their number. */
-static int cancel_fds(const struct ivshm_chan *ch, struct pollfd *p)
+/* The fds that cancel a wait, into fds[]; their number. */
+static int cancel_fds(const struct ivshm_chan *ch, int *fds)
 {
     int n = 0;
     if (ch->cancel_fd >= 0)
-        p[n++] = (struct pollfd){.fd = ch->cancel_fd, .events = POLLIN, .revents = 0};
+        fds[n++] = ch->cancel_fd;
     if (ch->cancel_fd2 >= 0)
-        p[n++] = (struct pollfd){.fd = ch->cancel_fd2, .events = POLLIN, .revents = 0};
+        fds[n++] = ch->cancel_fd2;
     return n;
 }
 
@@ -217,7 +197,7 @@ static int claimed(const struct ivshm_chan *ch, const struct ivshm_chan_call *ca
 
 int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 {
-    uint64_t v = 0;
+    uint64_t v;
     /* Sleepers of this process may share the fd: channels on other rings with the same vector,
      * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
      * that was claimed keeps one unit and puts the rest back for the others.  A call that was
@@ -225,15 +205,17 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
      * they run).  A sleeper alone on the fd takes what is there: rings of its own earlier
      * armings (claimed just before a re-check found work) or of sleepers that left.  EAGAIN:
      * another reader was first. */
-    ssize_t n = read(ch->wait_fd, &v, sizeof(v));
-    if (n < 0)
-        return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+    int rc = ivshm_eventfd_take(ch->wait_fd, &v);
+    if (rc < 0)
+        return rc;
     if (v == 0)
         return 0;
     /* A ring for this fd while we sleep on it alone is ours: one claimed at this arming, or a
      * stray of an earlier one (claimed just before its re-check found work). */
+    /* seq_cst: pairs with the count in ivshm_chan_sleep_begin and the claim's CAS (see
+     * ivshm_chan_wait: a sleeper not counted yet looks at its entry before it sleeps) */
     int alone = ch->fd_sleepers == NULL ||
-                atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_relaxed) <= 1;
+                atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_seq_cst) <= 1;
     int mine = claimed(ch, call) || alone;
     uint64_t rest = mine ? v - 1 : v;
     if (rest > 0 && !alone) {
@@ -250,8 +232,8 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 void ivshm_chan_sleep_begin(struct ivshm_chan *ch)
 {
     stat_add(&ch->st.sleeps);
-    if (ch->fd_sleepers)
-        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
+    if (ch->fd_sleepers) /* seq_cst: pairs with the load in ivshm_chan_absorb */
+        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_seq_cst);
 }
 
 void ivshm_chan_sleep_end(struct ivshm_chan *ch)
@@ -264,20 +246,11 @@ void ivshm_chan_sleep_end(struct ivshm_chan *ch)
  * sleeper of this fd), 0 timed out, -ECANCELED, -errno. */
 static int sleep_fd(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int ms)
 {
-    struct pollfd p[3];
-    p[0] = (struct pollfd){.fd = ch->wait_fd, .events = POLLIN, .revents = 0};
-    int nc = cancel_fds(ch, p + 1);
-    int n = poll(p, (nfds_t)(1 + nc), ms);
-    if (n < 0)
-        return -errno;
-    for (int i = 1; i <= nc; i++)
-        if (p[i].revents)
-            return -ECANCELED;
-    if (n == 0)
-        return 0;
-    if (p[0].revents & (POLLERR | POLLNVAL))
-        return -EBADF;
-    int rc = ivshm_chan_absorb(ch, call);
+    int cancel[2];
+    int rc = ivshm_bell_sleep(ch->wait_fd, cancel, cancel_fds(ch, cancel), ms);
+    if (rc <= 0)
+        return rc;
+    rc = ivshm_chan_absorb(ch, call);
     return rc < 0 ? rc : 1;
 }
 
@@ -291,8 +264,12 @@ static int sleep_poll(struct ivshm_chan *ch, struct ivshm_chan_call *call, int64
     if (call->backoff_us < BACKOFF_MAX_US)
         call->backoff_us *= 2;
     struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
+    int cancel[2];
     struct pollfd p[2];
-    int n = ppoll(p, (nfds_t)cancel_fds(ch, p), &ts, NULL);
+    int nc = cancel_fds(ch, cancel);
+    for (int i = 0; i < nc; i++)
+        p[i] = (struct pollfd){.fd = cancel[i], .events = POLLIN, .revents = 0};
+    int n = ppoll(p, (nfds_t)nc, &ts, NULL);
     if (n < 0)
         return -errno;
     return n > 0 ? -ECANCELED : 0;
@@ -331,7 +308,17 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (armed) {
         int64_t ms = (span + 999999) / 1000000;
         ivshm_chan_sleep_begin(ch);
-        rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        /* Claimed already (between the re-check and here)?  Then do not sleep: another sleeper of
+         * this fd that woke before we were counted in fd_sleepers thought itself alone and may
+         * have taken our ring.  Either it sees us counted (and puts our ring back), or we see the
+         * claim here: the count, this load, the claim's CAS and its load of the count are all
+         * sequentially consistent, and the claim comes before the ring it took. */
+        if (call->entry >= 0 &&
+            atomic_load_explicit(IVSHM_ATOMIC(&table_of(ch, call->side)[call->entry]),
+                                 memory_order_seq_cst) != call->word)
+            rc = 1;
+        else
+            rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
         ivshm_chan_sleep_end(ch);
     } else {
         stat_add(&ch->st.sleeps);
@@ -362,9 +349,10 @@ static int claim_one(struct ivshm_chan *ch, uint32_t side, int passing_on)
         if (w == 0 || !route_ok(w))
             continue;
         /* claim: pairs with the sleeper's CAS in ivshm_chan_disarm (exactly one of us wins);
-         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment */
+         * acquire: pairs with the arming CAS, so our decrement follows the sleeper's increment;
+         * seq_cst: pairs with the sleeper's look at its entry before it sleeps (ivshm_chan_wait) */
         if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&table[e]), &w, 0u,
-                                                     memory_order_acquire, memory_order_relaxed))
+                                                     memory_order_seq_cst, memory_order_relaxed))
             continue;
         atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
         IVSHM_STORE_RELAXED(startp, e + 1); /* the next waker starts past this one */

@@ -40,6 +40,7 @@
 #include <stdint.h>
 
 #include "ivshm_atomic.h"
+#include "ivshm_doorbell.h"
 #include "ivshm_layout.h"
 #include "ivshm_mpmc.h"
 #include "ivshm_pubsub.h"
@@ -49,25 +50,13 @@
 extern "C" {
 #endif
 
-/* How to ring one doorbell. */
-#define IVSHM_BELL_NONE 0    /* nothing to ring: the peer is unknown, it re-checks */
-#define IVSHM_BELL_EVENTFD 1 /* write the 8-byte integer 1 to an eventfd (host peer) */
-#define IVSHM_BELL_MMIO 2    /* 32-bit store of `value` to a doorbell register (guest BAR0) */
-
-struct ivshm_bell {
-    int kind;
-    int fd;
-    volatile uint32_t *reg;
-    uint32_t value;
-};
-
-/* Ring one doorbell.  0, or -errno from write(2) (a full eventfd counter counts as rung). */
-int ivshm_bell_ring(const struct ivshm_bell *b);
+/* Doorbells (struct ivshm_bell, ivshm_bell_ring, the bell table) are ivshm_doorbell.h's. */
 
 /* The doorbell interface: fill *out with how to ring `vector` of peer `peer`; return 0, or a
  * negative value when that peer or vector is unknown (the ring is then lost, and the sleeper's
  * re-check covers it).  Called while a channel wakes someone: rarely, never per message while
- * both sides are awake.  Host peers resolve to eventfds, guests to their BAR0 register. */
+ * both sides are awake.  Host peers resolve to eventfds, guests to their BAR0 register;
+ * ivshm_bell_table_resolve (ivshm_doorbell.h) is one, over a provider's bell table. */
 typedef int (*ivshm_chan_resolve_fn)(void *ctx, uint32_t peer, uint32_t vector, struct ivshm_bell *out);
 
 /* Which side of the ring a call acts for. */

@@ -112,18 +112,26 @@ cdef extern from "ivshm_mpmc.h" nogil:
     uint64_t ivshm_mpmc_count(const ivshm_mpmc *q)
     int ivshm_mpmc_stalled(const ivshm_mpmc *q, uint64_t *pos)
 
-cdef extern from "ivshm_chan.h" nogil:
+cdef extern from "ivshm_doorbell.h" nogil:
     enum:
         IVSHM_BELL_NONE
         IVSHM_BELL_EVENTFD
         IVSHM_BELL_MMIO
-        IVSHM_CHAN_RECV
-        IVSHM_CHAN_SEND
     ctypedef struct ivshm_bell "struct ivshm_bell":
         int kind
         int fd
         volatile uint32_t *reg
         uint32_t value
+    ctypedef struct ivshm_bell_table "struct ivshm_bell_table":
+        pass
+    int ivshm_bell_ring(const ivshm_bell *b)
+    int ivshm_bell_table_stale(ivshm_bell_table *t, int force)
+    int ivshm_bell_table_resolve(void *table, uint32_t peer, uint32_t vector, ivshm_bell *out)
+
+cdef extern from "ivshm_chan.h" nogil:
+    enum:
+        IVSHM_CHAN_RECV
+        IVSHM_CHAN_SEND
     ctypedef int (*ivshm_chan_resolve_fn)(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out)
     ctypedef struct ivshm_chan_stats "struct ivshm_chan_stats":
         uint64_t doorbells
@@ -145,7 +153,6 @@ cdef extern from "ivshm_chan.h" nogil:
         uint32_t slept
         uint64_t need
         int entry
-    int ivshm_bell_ring(const ivshm_bell *b)
     int ivshm_chan_init(ivshm_chan *ch, uint32_t kind, void *ring, int peer, int vector, int wait_fd,
                         int cancel_fd, ivshm_chan_resolve_fn resolve, void *resolve_ctx,
                         uint64_t spin_ns, uint64_t recheck_ns)

@@ -2988,10 +2988,11 @@ cdef int64_t _seconds_ns(value, name, bint allow_none) except? -2:
 
 
 cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out) noexcept with gil:
-    """The C channel asks how to ring (peer, vector): the doorbell provider's notify_target.
-    Asked afresh for every doorbell (at most one per sleep of the other side): a provider closes
-    a departed peer's fds, so a cached fd number could name an unrelated file later."""
-    cdef Channel ch = <Channel>ctx
+    """The C channel asks how to ring (peer, vector), for a provider without a bell table: its
+    ``notify_target``.  Asked afresh for every doorbell (at most one per sleep of the other side):
+    a provider closes a departed peer's fds, so a cached fd number could name an unrelated file
+    later."""
+    cdef Channel ch = <Channel>(<_BellCtx *>ctx).channel
     try:
         if ch._doorbell is None or ch._closed:
             return -1
@@ -3011,6 +3012,42 @@ cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *ou
         return 0
     except BaseException:
         return -1  # counted as unrouted; the sleeper's re-check covers it
+
+
+cdef struct _BellCtx:
+    ivshm_bell_table *table  # the provider's bell table (NULL: ask notify_target)
+    void *channel            # the Channel (borrowed: the Channel owns this struct)
+    int closed               # the Channel was closed: ring nobody
+
+
+cdef void _refresh_bells(void *chan) noexcept with gil:
+    """The provider has news (its server socket is readable): let it take them in, so that the
+    table names the peers that exist now (a peer that left and one that joined with its id)."""
+    cdef Channel ch = <Channel>chan
+    try:
+        ch._doorbell._bell_refresh()
+    except BaseException:
+        pass  # the table stays as it is; a ring to a peer it lacks is lost and re-checked
+
+
+cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out) noexcept nogil:
+    """The C channel asks how to ring (peer, vector), for a provider with a bell table: read it in
+    C.  Python runs only when the table's watch fd (a Peer's server socket) is readable: looked
+    at once per watch interval, and whenever the lookup misses (a peer that has just joined).
+
+    Lifetime (docs/wakeup.md): wakes run with the GIL held from this lookup to the ring, and the
+    provider clears an entry before it takes the GIL to close its fd, so a ring never reaches a
+    closed (or reused) fd number; the Channel holds the provider, which owns the table."""
+    cdef _BellCtx *c = <_BellCtx *>ctx
+    if c.closed:
+        return -1
+    if ivshm_bell_table_stale(c.table, 0):
+        _refresh_bells(c.channel)
+    cdef int rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
+    if rc < 0 and ivshm_bell_table_stale(c.table, 1):
+        _refresh_bells(c.channel)
+        rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
+    return rc
 
 
 cdef class _FdShare:
@@ -3036,7 +3073,10 @@ cdef class Channel:
     and each doorbell wakes one sleeper that is actually asleep.
 
     ``doorbell`` is a doorbell provider (a host :class:`Peer`, a guest :class:`PciDevice`, or any
-    object with ``id``, ``vector_fd(v)`` and ``notify_target(peer, v)``); ``vector`` is this side's
+    object with ``id``, ``vector_fd(v)`` and ``notify_target(peer, v)``; a provider that also has
+    ``_bell_table``, the address of a C ``struct ivshm_bell_table`` it keeps up to date and alive
+    while it lives, and ``_bell_refresh()``, is rung from C without calling into Python, see
+    docs/wakeup.md); ``vector`` is this side's
     vector to sleep on (use one vector per blocking channel in a process; threads of one process
     may share a channel).  Without a doorbell, or when the provider has no interrupt fd (a guest
     without VFIO), sleeping degrades to polling with back-off (50 us to 1 ms).
@@ -3055,6 +3095,7 @@ cdef class Channel:
     cdef double _spin, _recheck
     cdef uint64_t _sent, _received
     cdef _FdShare _share
+    cdef _BellCtx _bells
     cdef object __weakref__
 
     def __cinit__(self):
@@ -3090,6 +3131,14 @@ cdef class Channel:
                 self._fd = fd
         else:
             self._my_id = -1
+        self._bells.channel = <void *>self
+        self._bells.table = NULL
+        table = getattr(doorbell, "_bell_table", None) if doorbell is not None else None
+        if table is not None:
+            if isinstance(table, bool) or not isinstance(table, int) or table <= 0:
+                raise ConfigError(f"the doorbell's _bell_table must be the address of a bell table, "
+                                  f"not {table!r}")
+            self._bells.table = <ivshm_bell_table *><size_t>table
         self._cancel_fd = _chan_eventfd()
         cdef void *q
         if r._info.kind == IVSHM_KIND_SPSC:
@@ -3101,7 +3150,9 @@ cdef class Channel:
         else:
             q = <void *>&(<MpmcRing>r)._q
         rc = ivshm_chan_init(&self._ch, r._info.kind, q, self._my_id, vector, self._fd,
-                             r._m.closed_fd, _resolve_bell, <void *>self, spin_ns, recheck_ns)
+                             r._m.closed_fd,
+                             _resolve_table if self._bells.table != NULL else _resolve_bell,
+                             <void *>&self._bells, spin_ns, recheck_ns)
         if rc != 0:
             raise _error_from_code(rc, "set up the channel")
         self._ch.cancel_fd2 = self._cancel_fd
@@ -3466,6 +3517,7 @@ cdef class Channel:
         if self._closed:
             return
         self._closed = True
+        self._bells.closed = 1
         _chan_signal(self._cancel_fd)
 
     @property

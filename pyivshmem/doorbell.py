@@ -6,7 +6,8 @@ and can wait until one of its own vectors fires.  On the host the vectors are ev
 by an ivshmem server; in a guest they are the BAR0 Doorbell register (to ring) and VFIO MSI-X
 eventfds (to wait).
 
-The helpers here call the C code in ``csrc/ivshm_doorbell.c`` through cffi; the GIL is released
+The helpers here call the C code in ``csrc/ivshm_doorbell.c`` (the one doorbell back-end: the
+channel, Peer and PciDevice all use it) through cffi; the GIL is released
 while a call blocks.  A blocked :meth:`WaitSet.wait` returns to Python when a signal arrives, so
 Python runs its handlers (Ctrl-C raises ``KeyboardInterrupt`` as usual), and then resumes with the
 time that is left.
@@ -50,6 +51,12 @@ class Doorbell(Protocol):
 
     Implemented by :class:`pyivshmem.Peer` (host, eventfds from a server) and by
     ``pyivshmem.PciDevice`` (guest, BAR0 + VFIO).
+
+    Optionally, a provider also has ``_bell_table`` (the address of a C ``struct
+    ivshm_bell_table``, csrc/ivshm_doorbell.h, that it keeps up to date: entries cleared before
+    their fds are closed, memory valid while the provider lives) and ``_bell_refresh()`` (called,
+    with the GIL, when the table's watch fd is readable).  A Channel over such a provider rings
+    from C without calling :meth:`notify_target`; docs/wakeup.md says why that is safe.
     """
 
     @property

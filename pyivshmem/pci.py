@@ -25,7 +25,6 @@ import errno
 import fcntl
 import mmap
 import os
-import select
 import struct
 import threading
 import time
@@ -33,6 +32,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ._ffi_doorbell import ffi as _dffi
+from ._ffi_doorbell import lib as _dlib
+from .doorbell import WaitSet
 from .errors import ClosedError, ConfigError, DeviceError, DeviceGoneError, WaitTimeout
 
 
@@ -50,9 +52,16 @@ IVSHMEM_DEVICE = 0x1110
 VFIO_DRIVER = "vfio-pci"
 DEFAULT_POLL_INTERVAL = 0.001  # seconds: the longest a guest without interrupts sleeps between checks
 
-_REG_IVPOSITION = 0x08
-_REG_DOORBELL = 0x0C
-_BAR0_SIZE = 256
+# the ivshmem BAR0 layout, from csrc/ivshm_vfio.h through the binding (never a copy)
+try:
+    from ._ffi_vfio import lib as _vlib  # type: ignore[import-not-found]
+
+    _REG_IVPOSITION = int(_vlib.IVSHM_REG_IVPOSITION)
+    _REG_DOORBELL = int(_vlib.IVSHM_REG_DOORBELL)
+    _BAR0_SIZE = int(_vlib.IVSHM_BAR0_SIZE)
+except ImportError:  # pragma: no cover - a broken build: PciDevice.open() says so through _cffi()
+    _REG_IVPOSITION = _REG_DOORBELL = _BAR0_SIZE = 0
+_GONE_TAG = 0x7FFFFFFF  # wait-set tag of the hot-unplug eventfd; vectors use their number
 _PCI_COMMAND = 0x04
 _PCI_COMMAND_MEMORY = 0x2
 _PCI_STATUS = 0x06
@@ -234,7 +243,15 @@ class PciDevice:
         self._bar2_size = 0
         self._mem_fd = -1  # resource2 (sysfs) or a dup of the VFIO device fd
         self._efds: List[int] = []
-        self._epoll: Optional[select.epoll] = None
+        self._ws: Optional[WaitSet] = None  # the MSI-X eventfds and _gone_fd (csrc/ivshm_doorbell.c)
+        # How a Channel's waker rings a peer from C (csrc/ivshm_doorbell.h): the Doorbell register
+        # once BAR0 is mapped on a doorbell device, cleared BEFORE BAR0 is unmapped.  It lives as
+        # long as this object: a Channel holds its PciDevice.
+        out = _dffi.new("struct ivshm_bell_table **")
+        rc = _dlib.ivshm_bell_table_create(_dlib.IVSHM_BELL_MMIO, 0xFFFF, 256, out)
+        if rc < 0:
+            raise DeviceError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
+        self._bells = _dffi.gc(out[0], _dlib.ivshm_bell_table_destroy)
         self._timer_fd = -1
         self._region = None
         self._mmap: Optional[mmap.mmap] = None
@@ -406,6 +423,8 @@ class PciDevice:
                     )
             if not self.interrupts:
                 self._timer_fd = self._make_timer()
+            if self.flavour != "plain" and self._bar0:
+                _dlib.ivshm_bell_table_set_mmio(self._bells, self._bar0 + _REG_DOORBELL)
         except BaseException:
             self.close()
             raise
@@ -483,10 +502,10 @@ class PciDevice:
             fds = ffi.new("int[]", n)
             _check(lib.ivshm_vfio_msix_enable(v, n, fds), f"bind {n} MSI-X vectors of {self.bdf} to eventfds")
             self._efds = [int(fds[i]) for i in range(n)]
-            self._epoll = select.epoll()
-            for fd in self._efds:
-                self._epoll.register(fd, select.EPOLLIN)
-            self._epoll.register(self._gone_fd, select.EPOLLIN)
+            self._ws = WaitSet()
+            for i, fd in enumerate(self._efds):
+                self._ws.add(fd, i, drain=True)
+            self._ws.add(self._gone_fd, _GONE_TAG, drain=False)
             self.interrupts = True
         self.vectors = n
 
@@ -556,6 +575,7 @@ class PciDevice:
             if self._vfio is not None and lib is not None:
                 lib.ivshm_vfio_close(self._vfio)
                 self._vfio = None
+            _dlib.ivshm_bell_table_clear(self._bells)  # no waker may store into BAR0 any more
             if self._bar0 and lib is not None:
                 lib.ivshm_mmio_unmap(self._bar0, self._bar0_len)
             self._bar0 = 0
@@ -582,16 +602,16 @@ class PciDevice:
         req, stop = self._req_fd, self._stop_fd
 
         def watch() -> None:
-            p = select.poll()
-            p.register(req, select.POLLIN)
-            p.register(stop, select.POLLIN)
-            while True:
-                fds = [fd for fd, _ in p.poll()]
-                if stop in fds:
-                    return
-                if req in fds:
-                    self._release_gone("the host removed it (hot-unplug: vfio-pci asked for it back)")
-                    return
+            with WaitSet() as ws:
+                ws.add(req, 0, drain=False)
+                ws.add(stop, 1, drain=False)
+                while True:
+                    tags = {tag for tag, _ in ws.wait(None)}
+                    if 1 in tags:
+                        return
+                    if 0 in tags:
+                        self._release_gone("the host removed it (hot-unplug: vfio-pci asked for it back)")
+                        return
 
         self._watcher = threading.Thread(target=watch, name=f"pci-watch-{self.bdf}", daemon=True)
         self._watcher.start()
@@ -612,10 +632,11 @@ class PciDevice:
             self._region.close()
             self._region = None
         self._closed = True
+        _dlib.ivshm_bell_table_clear(self._bells)  # before BAR0 is unmapped
         lib = _lib
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
         if self._vfio is not None and lib is not None:
             lib.ivshm_vfio_close(self._vfio)  # disables MSI-X before closing the device
             self._vfio = None
@@ -742,6 +763,16 @@ class PciDevice:
             return None
         return (2, self._bar0 + _REG_DOORBELL, (peer_id << 16) | vector)
 
+    @property
+    def _bell_table(self) -> int:
+        """The address of my bell table (csrc/ivshm_doorbell.h), for Channel: the Doorbell
+        register (nothing on ivshmem-plain or without a mapped BAR0), cleared by close() and on
+        hot-unplug, valid while this object lives."""
+        return int(_dffi.cast("uintptr_t", self._bells))
+
+    def _bell_refresh(self) -> None:
+        """Nothing to take in: the table has no watch fd."""
+
     def vector_fd(self, vector: int) -> Optional[int]:
         """The eventfd MSI-X ``vector`` fires on (read 8 bytes to drain it); None without interrupts."""
         self._live()
@@ -757,8 +788,8 @@ class PciDevice:
         """An fd for select/epoll/asyncio: readable when one of my vectors fired (an epoll fd over
         the eventfds); without interrupts, a timerfd that fires every ``poll_interval``."""
         self._live()
-        if self._epoll is not None:
-            return self._epoll.fileno()
+        if self._ws is not None:
+            return self._ws.fileno()
         return self._timer_fd
 
     def wait(self, timeout: Optional[float] = None) -> List[int]:
@@ -770,7 +801,7 @@ class PciDevice:
         self._live()
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ConfigError(f"timeout must be None or a number >= 0, not {timeout!r}")
-        if self._epoll is None:
+        if self._ws is None:
             delay = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
             if delay > 0:
                 time.sleep(delay)
@@ -782,14 +813,13 @@ class PciDevice:
             return fired
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            events = self._epoll.poll(left)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = self._ws.wait(left)  # drains the vectors that fired
             if self._gone is not None:
                 raise self._gone_error()
-            if events:
-                fired = self._drain_vectors()
-                if fired:
-                    return fired
+            fired = sorted({tag for tag, _ in events if tag != _GONE_TAG})
+            if fired:
+                return fired
             if deadline is not None and time.monotonic() >= deadline:
                 return []
 

@@ -12,7 +12,11 @@ every fd that came with it is closed.
 
 Every use of a Peer (:meth:`notify`, :meth:`notify_target`, :meth:`wait`, :meth:`events`) first
 takes in every server message already waiting, so an application that only sends never leaves its
-server queueing announcements for it (:attr:`peers` shows the result of the last such call).  Events are kept for
+server queueing announcements for it (:attr:`peers` shows the result of the last such call).  A
+Channel over a Peer rings from the Peer's C bell table instead of calling :meth:`notify_target`;
+its waker looks at the server socket at most once per :data:`BELL_WATCH_INTERVAL` of doorbells
+(and whenever it rings a peer the table lacks) and takes waiting messages in the same way
+(docs/wakeup.md).  Events are kept for
 :meth:`events`; when many pile up, a peer that joined and left meanwhile is dropped from them.
 
 A Peer is meant to be used from one thread at a time; :meth:`notify` may also be called from
@@ -53,6 +57,10 @@ SETUP_QUIET = 0.05
 JOINED = "joined"
 LEFT = "left"
 DISCONNECTED = "disconnected"
+
+#: A Channel's waker looks at the server socket (taking in joins and leaves before it rings) at
+#: most this often, and whenever it rings a peer it does not know (seconds).
+BELL_WATCH_INTERVAL = 0.001
 
 #: Events kept for events() before joined-and-left pairs are dropped (then twice what is left).
 _COMPACT_MIN = 256
@@ -102,6 +110,16 @@ class Peer:
 
     def __init__(self) -> None:
         # Use Peer.connect(); the constructor only makes an empty, closed-safe object.
+        # (first: if this fails, nothing else exists to release)
+        # How to ring every (peer, vector) I know, for Channel's wakers in C (the table's address
+        # is _bell_table).  Entries follow _own and _peers: set when a vector arrives, cleared
+        # BEFORE its fd is closed.  The table lives as long as this object (not just until close):
+        # a Channel holds its Peer, so it never reads freed memory.
+        out = ffi.new("struct ivshm_bell_table **")
+        rc = lib.ivshm_bell_table_create(lib.IVSHM_BELL_EVENTFD, MAX_ID, MAX_VECTORS, out)
+        if rc < 0:
+            raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
+        self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
         self._closed = False
         # The process that made this Peer.  A child that inherits it across fork shares the
         # server connection and the epoll sets with the parent: it may only close() it (its own
@@ -183,6 +201,9 @@ class Peer:
             self._outer.add(self._ws.fileno(), 0, drain=False)
             self._outer.add(self._ready, 1, drain=False)
             self._sock_watched = True
+            # a Channel's waker lets us take in the server's news before it rings (_bell_refresh)
+            lib.ivshm_bell_table_set_watch(self._bells, self._sock.fileno(),
+                                           int(BELL_WATCH_INTERVAL * 1e9))
             self._poll = select.poll()   # the cheap "anything waiting?" of implicit drains
             self._poll.register(self._sock.fileno(), select.POLLIN)
             self._setup(deadline, timeout, vectors)
@@ -371,6 +392,7 @@ class Peer:
             except BaseException:
                 _close(fd)
                 raise
+            lib.ivshm_bell_table_set_fd(self._bells, value, len(self._own), fd)
             self._own.append(fd)
             return None
 
@@ -379,16 +401,20 @@ class Peer:
             if fds is None:
                 raise fail(f"a disconnect of peer {value}, which is not connected "
                            f"(known peers: {sorted(self._peers) or 'none'})")
+            # out of the table first: a Channel's waker must never ring a closed (or reused) fd
+            lib.ivshm_bell_table_clear_peer(self._bells, value)
             for f in fds:
                 _close(f)
             return PeerEvent(LEFT, value, len(fds))
 
         fds = self._peers.get(value)
         if fds is None:
+            lib.ivshm_bell_table_set_fd(self._bells, value, 0, fd)
             self._peers[value] = [fd]
             return None if during_setup else PeerEvent(JOINED, value, 1)
         if len(fds) >= MAX_VECTORS:
             raise fail(f"more than {MAX_VECTORS} vectors for peer {value}")
+        lib.ivshm_bell_table_set_fd(self._bells, value, len(fds), fd)
         fds.append(fd)
         return None
 
@@ -462,6 +488,7 @@ class Peer:
         self._server_gone = why
         sock, self._sock = self._sock, None
         if sock is not None:
+            lib.ivshm_bell_table_set_watch(self._bells, -1, 0)  # before its fd number is closed
             if self._sock_watched and self._ws is not None and not self._ws.closed:
                 self._ws.remove(sock.fileno())
             self._sock_watched = False
@@ -565,6 +592,25 @@ class Peer:
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)
 
+    @property
+    def _bell_table(self) -> int:
+        """The address of my bell table (csrc/ivshm_doorbell.h), for Channel: how to ring every
+        (peer, vector) I know, kept up to date as peers join and leave, valid while this object
+        lives (entries are cleared by close())."""
+        return int(ffi.cast("uintptr_t", self._bells))
+
+    def _bell_refresh(self) -> None:
+        """A Channel's waker found my server socket readable: take in what is waiting, so that
+        the table knows who left and who joined before it rings (and the server never queues
+        for a peer that only sends through Channels)."""
+        if self._closed:
+            return
+        if os.getpid() != self._pid:
+            # an inherited Peer may not read the parent's socket: stop asking
+            lib.ivshm_bell_table_set_watch(self._bells, -1, 0)
+            return
+        self._drain_server(implicit=True)
+
     def fileno(self) -> int:
         """An epoll fd, readable when one of my vectors fired, a server message is waiting, or
         events taken in by another call wait for events(): register it with
@@ -643,6 +689,7 @@ class Peer:
 
     # ------------------------------------------------------------------ closing
     def _release(self) -> None:
+        lib.ivshm_bell_table_clear(self._bells)  # before any fd is closed (see _bell_table)
         self._drop_server(self._server_gone or "closed")
         if self._outer is not None:
             self._outer.close()
@@ -667,6 +714,7 @@ class Peer:
     def _release_inherited(self) -> None:
         """Close this process's copies of the fds, touching nothing the parent shares: no epoll
         changes (an epoll set is shared across fork), no socket shutdown, no protocol state."""
+        lib.ivshm_bell_table_clear(self._bells)  # our copy of the table; before the fds go
         if self._sock is not None:
             fd = self._sock.detach()  # close our copy without the socket object's bookkeeping
             _close(fd)

@@ -1,5 +1,6 @@
-"""cffi build script for pyivshmem._ffi_doorbell: eventfd doorbells, the epoll wait loop, and
-the client side of the ivshmem server protocol (csrc/ivshm_doorbell.c, csrc/ivshm_peer.c)."""
+"""cffi build script for pyivshmem._ffi_doorbell: doorbells (eventfds, the epoll wait loop, the bell
+table), and the client side of the ivshmem server protocol (csrc/ivshm_doorbell.c,
+csrc/ivshm_peer.c)."""
 import importlib.util
 import os
 
@@ -21,50 +22,11 @@ _helpers = _build_helpers()
 CSRC, compile_flags = _helpers.CSRC, _helpers.compile_flags
 
 ffibuilder = FFI()
-ffibuilder.cdef(
-    """
-    #define IVSHM_WS_DRAIN ...
-    #define IVSHM_WAIT_RESTART ...
-    #define IVSHM_WS_TAG_MAX ...
-    #define IVSHM_PROTO_VERSION ...
-    #define IVSHM_PROTO_MAX_ID ...
-    #define IVSHM_PROTO_MAX_VECTORS ...
-
-    struct ivshm_fired { uint32_t tag; uint32_t flags; uint64_t count; };
-
-    int ivshm_eventfd_create(int nonblock);
-    int ivshm_eventfd_ring(int fd);
-    int ivshm_eventfd_drain(int fd, uint64_t *count);
-    int ivshm_waitset_create(void);
-    int ivshm_waitset_add(int epfd, int fd, uint32_t tag, unsigned flags);
-    int ivshm_waitset_remove(int epfd, int fd);
-    int ivshm_waitset_wait(int epfd, int timeout_ms, unsigned flags, struct ivshm_fired *out,
-                           int max_out, int *remaining_ms);
-    int ivshm_wait_readable(int fd, int timeout_ms, unsigned flags, int *remaining_ms);
-
-    struct ivshm_proto_msg {
-        int64_t value;
-        int fd;
-        int nbytes;
-        int nfds;
-        int ctrunc;
-        int late_fd;
-        ...;
-    };
-    void ivshm_proto_msg_init(struct ivshm_proto_msg *msg);
-    void ivshm_proto_msg_reset(struct ivshm_proto_msg *msg);
-    int ivshm_proto_recv(int sock, struct ivshm_proto_msg *msg, int timeout_ms, unsigned flags,
-                         int *remaining_ms);
-    int ivshm_proto_check_value(int64_t value, int allow_minus_one);
-    int ivshm_fd_check_eventfd(int fd);
-    int ivshm_fd_check_shm(int fd, uint64_t *size);
-    int ivshm_fd_describe(int fd, char *buf, size_t len);
-
-    int ivshm_ref_eventfd_rtt(int rx, int tx, int lead, uint64_t count, int64_t *lat_ns);
-    int ivshm_ref_eventfd_wake(int rx, int tx, int lead, uint64_t count, uint64_t gap_ns,
-                               int64_t *lat_ns);
-    """
-)
+# the declarations come from the headers themselves (never a copy): the constants' values and the
+# structs' layouts are the compiled ones
+ffibuilder.cdef(_helpers.cdef_from_header("ivshm_doorbell.h")
+                + _helpers.cdef_from_header("ivshm_peer.h")
+                + _helpers.cdef_from_header("ivshm_bench_ref.h"))
 
 _cflags, _ldflags = compile_flags()
 ffibuilder.set_source(

@@ -21,20 +21,12 @@ CSRC = _helpers.CSRC
 compile_flags = _helpers.compile_flags
 
 ffibuilder = FFI()
-ffibuilder.cdef(
-    """
-    #define IVSHM_SERVER_MSG_SIZE ...
-    #define IVSHM_PROTO_VERSION ...
-    #define IVSHM_PROTO_MAX_ID ...
-    #define IVSHM_PROTO_MAX_VECTORS ...
-    #define IVSHM_MAGIC ...
-    #define IVSHM_MAGIC_FORMATTING ...
-    #define IVSHM_HDR_SIZE ...
-
-    int ivshm_server_send_msg(int sock, int64_t value, int fd, unsigned *done);
-    int ivshm_server_eventfd(int *fd_out);
-    """
-)
+# from the headers themselves, never a copy
+ffibuilder.cdef(_helpers.cdef_from_header("ivshm_server.h")
+                + _helpers.cdef_from_header("ivshm_peer.h", defines=[
+                    "IVSHM_PROTO_VERSION", "IVSHM_PROTO_MAX_ID", "IVSHM_PROTO_MAX_VECTORS"])
+                + _helpers.cdef_from_header("ivshm_layout.h", defines=[
+                    "IVSHM_MAGIC", "IVSHM_MAGIC_FORMATTING", "IVSHM_HDR_SIZE"]))
 _cflags, _ldflags = compile_flags()
 ffibuilder.set_source(
     "pyivshmem._ffi_server",

@@ -13,7 +13,7 @@ passed=0
 failed=0
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT INT TERM
-for prog in test_spsc test_mpmc test_region test_hostile test_chan test_wake test_pubsub test_guard replay_region replay_rings; do
+for prog in test_spsc test_mpmc test_region test_hostile test_chan test_wake test_bell test_pubsub test_guard replay_region replay_rings; do
     exe=$bindir/$prog
     case $prog in
         replay_*)

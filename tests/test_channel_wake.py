@@ -97,3 +97,28 @@ def test_wake_with_nobody_asleep_rings_nobody_and_checks_its_side(region, bells)
     with pytest.raises(ConfigError, match="'senders' or 'receivers'"):
         ch.wake("consumers")
     ch.close()
+
+
+def test_wake_receivers_of_a_publisher_rings_every_subscriber(region):
+    fds = make_fds([0, 1, 2])
+    try:
+        region.create_ring("r", "pubsub", slot_size=64, capacity=8)
+        pub = region.ring("r")
+        subs = [pub.subscribe(), region.ring("r").subscribe()]
+        publisher = Channel(pub, FdBell(0, fds), spin=0, recheck=600)
+        readers = [Channel(s, FdBell(i + 1, fds), spin=0, recheck=600) for i, s in enumerate(subs)]
+        waits = [_asleep_in_thread(lambda ch=ch: ch.recv(timeout=20), region, "consumers_waiting")
+                 for ch in readers]
+        v = pub.reserve(4)
+        v[:] = b"news"
+        v.release()
+        pub.commit()
+        assert publisher.wake("receivers") == 2
+        assert [_finished(t, out) for t, out in waits] == [b"news", b"news"]
+        assert all(ch.stats["wakeups"] >= 1 for ch in readers), "woken by doorbells"
+        for ch in readers + [publisher]:
+            ch.close()
+        for s in subs:
+            s.close()
+    finally:
+        close_fds(fds)

@@ -469,6 +469,14 @@ static inline uint64_t ivshm_mpmc_count(const struct ivshm_mpmc *q)
     return d > q->capacity ? 0 : d;
 }
 
+/* The producer index (slots claimed by producers so far) and the consumer index, as they are
+ * now (each may move on at once): for callers that note where the ring was before a claim. */
+static inline void ivshm_mpmc_indices(const struct ivshm_mpmc *q, uint64_t *head, uint64_t *tail)
+{
+    *tail = IVSHM_LOAD_ACQUIRE(&q->ctrl->tail);
+    *head = IVSHM_LOAD_ACQUIRE(&q->ctrl->head);
+}
+
 /* 1 if the slot at the consumers' index is claimed by a producer that has not committed yet (the
  * state a dead producer leaves behind), with its index in *pos; else 0. */
 static inline int ivshm_mpmc_stalled(const struct ivshm_mpmc *q, uint64_t *pos)
@@ -520,6 +528,36 @@ int ivshm_mpmc_abandon(struct ivshm_mpmc *q, uint64_t i);
  * nobody (nothing to recover, or the holder finished meanwhile), -EINVAL if i is not within a lap
  * of the indices. */
 int ivshm_mpmc_recover(struct ivshm_mpmc *q, uint64_t i);
+
+/* Who holds slot index i: IVSHM_MPMC_RECOVERED_CONSUMER (claimed by a consumer, not handed
+ * back: tail - capacity <= i < tail, its sequence word i + 1), IVSHM_MPMC_RECOVERED_PRODUCER
+ * (claimed by a producer, not committed: tail <= i < head, its sequence word i), 0 (nobody), or
+ * -EINVAL if i is not within a lap of the indices.  A snapshot: a live holder may finish at once. */
+int ivshm_mpmc_claim_state(const struct ivshm_mpmc *q, uint64_t i);
+
+/* The first index from `from` on (and within a lap) that a consumer (consumer nonzero) or a
+ * producer holds as ivshm_mpmc_claim_state says, in *pos: returns 1; 0 when there is none.  For
+ * finding, after a restart, the claims a dead party left: a claim reported twice a while apart
+ * belongs to a party that stalled or died. */
+int ivshm_mpmc_next_claim(const struct ivshm_mpmc *q, int consumer, uint64_t from, uint64_t *pos);
+
+/* Copy the message of slot index i, claimed by a consumer and not handed back (a dead consumer's
+ * claim, before ivshm_mpmc_recover drops it), into buf (cap bytes).  Returns its length; -ENOENT
+ * if no consumer holds slot i (or its holder handed it back during the copy: what was copied
+ * may be torn), -ENOBUFS if cap is shorter than the message (*needed says its length when needed
+ * is not NULL), -EPROTO if its length exceeds the slot size, -EINVAL if i is not within a lap.
+ * The slot stays claimed. */
+int64_t ivshm_mpmc_read_claimed(struct ivshm_mpmc *q, uint64_t i, void *buf, uint64_t cap,
+                                uint64_t *needed);
+
+/* Like ivshm_mpmc_recover of a producer's claim, but committing the message (data, len) instead
+ * of an empty one: what a restarted producer does to finish the reservation its dead predecessor
+ * left open, without a second reservation (no message lost or repeated).  The payload and length
+ * are written, then the sequence word is set with a release CAS.  Returns
+ * IVSHM_MPMC_RECOVERED_PRODUCER; -EMSGSIZE if len exceeds the slot size; -EBUSY if slot i is a
+ * consumer's claim (no message can be committed there); -ENOENT if nobody holds it; -EINVAL if i
+ * is not within a lap.  Only once the holder is known to be dead, and by one party at a time. */
+int ivshm_mpmc_recover_with(struct ivshm_mpmc *q, uint64_t i, const void *data, uint32_t len);
 
 #ifdef __cplusplus
 }

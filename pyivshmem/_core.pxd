@@ -179,6 +179,12 @@ cdef extern from "ivshm_mpmc.h" nogil:
     int ivshm_mpmc_consumer_stalled(const ivshm_mpmc *q, uint64_t *pos)
     int ivshm_mpmc_abandon(ivshm_mpmc *q, uint64_t i)
     int ivshm_mpmc_recover(ivshm_mpmc *q, uint64_t i)
+    void ivshm_mpmc_indices(const ivshm_mpmc *q, uint64_t *head, uint64_t *tail)
+    int ivshm_mpmc_claim_state(const ivshm_mpmc *q, uint64_t i)
+    int ivshm_mpmc_next_claim(const ivshm_mpmc *q, int consumer, uint64_t start, uint64_t *pos)
+    int64_t ivshm_mpmc_read_claimed(ivshm_mpmc *q, uint64_t i, void *buf, uint64_t cap,
+                                    uint64_t *needed)
+    int ivshm_mpmc_recover_with(ivshm_mpmc *q, uint64_t i, const void *data, uint32_t len)
 
 cdef extern from "ivshm_region.h" nogil:
     enum:

@@ -1851,26 +1851,112 @@ cdef class MpmcRing(_Ring):
         if self._m.lost: self._raise_lost()
         return None
 
-    def recover(self, slot):
+    def recover(self, slot, message=None):
         """Operator recovery of ``slot`` (as :meth:`stalled` or a StallError names it), claimed by
-        a party that died: a consumer's claim is handed to the next lap (its message is lost), a
-        producer's is committed as an empty message.  Returns "consumer" or "producer".  Only call
-        it once the holder is known to be dead: a live one would go on using a slot others now
-        use.  ConfigError if nothing holds that slot."""
+        a party that died: a consumer's claim is handed to the next lap (its message is lost:
+        :meth:`read_claimed` reads it first), a producer's is committed as an empty message, or
+        with ``message`` (bytes-like, at most ``slot_size`` bytes) when given: a restarted producer
+        finishes the reservation its dead predecessor left open.  Returns "consumer" or
+        "producer".  Only call it once the holder is known to be dead: a live one would go on using
+        a slot others now use.  ConfigError if nothing holds that slot, or if ``message`` is given
+        for a consumer's claim."""
         self._check()
         cdef uint64_t pos = _int_arg(slot, "slot", 0, 2**64 - 1)
-        cdef int rc = ivshm_mpmc_recover(&self._q, pos)
+        cdef int rc
+        cdef Py_buffer buf
+        if message is None:
+            rc = ivshm_mpmc_recover(&self._q, pos)
+        else:
+            PyObject_GetBuffer(message, &buf, PyBUF_SIMPLE)
+            try:
+                if <uint64_t>buf.len > self._info.slot_size:
+                    raise MessageTooLargeError(
+                        f"recover({slot}, message=...) on ring {self._name!r}: the message has "
+                        f"{buf.len} bytes, its slots hold at most {self.slot_size}")
+                rc = ivshm_mpmc_recover_with(&self._q, pos, buf.buf, <uint32_t>buf.len)
+            finally:
+                PyBuffer_Release(&buf)
+        if self._m.lost: self._raise_lost()
         if rc == IVSHM_MPMC_RECOVERED_CONSUMER:
-            if self._m.lost: self._raise_lost()
             return "consumer"
         if rc == IVSHM_MPMC_RECOVERED_PRODUCER:
-            if self._m.lost: self._raise_lost()
             return "producer"
         if rc == -EINVAL:
             raise ConfigError(f"recover({slot}) on ring {self._name!r}: that index is not within a "
                               "lap of the ring's indices (use the index stalled() reports)")
+        if rc == -EBUSY:
+            raise ConfigError(f"recover({slot}, message=...) on ring {self._name!r}: that slot is "
+                              "a consumer's claim, which holds a message already; read it with "
+                              "read_claimed(slot), recover it without message")
         raise ConfigError(f"recover({slot}) on ring {self._name!r}: nobody holds that slot "
                           "(nothing to recover, or its holder finished meanwhile)")
+
+    def read_claimed(self, slot):
+        """The message (bytes) in ``slot``, claimed by a consumer that has not released it: what a
+        dead consumer was taking, to be handed on before :meth:`recover` drops the claim (which
+        stays).  The length is checked against the slot size and the claim re-checked after the
+        copy.  ConfigError if no consumer holds that slot (or it was released during the copy);
+        CorruptionError for a length over the slot size."""
+        self._check()
+        cdef uint64_t pos = _int_arg(slot, "slot", 0, 2**64 - 1)
+        cdef uint64_t cap = self._info.slot_size
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>cap)
+        cdef int64_t n = ivshm_mpmc_read_claimed(&self._q, pos, PyBytes_AS_STRING(out), cap, NULL)
+        if self._m.lost: self._raise_lost()
+        if n >= 0:
+            return out[:n]
+        if n == -EINVAL:
+            raise ConfigError(f"read_claimed({slot}) on ring {self._name!r}: that index is not "
+                              "within a lap of the ring's indices")
+        if n == -ENOENT:
+            raise ConfigError(f"read_claimed({slot}) on ring {self._name!r}: no consumer holds "
+                              "that slot (never claimed, or released meanwhile): see claims()")
+        raise self._corrupt(n, self._q.why, self._q.why_a, self._q.why_b, "read_claimed")
+
+    def claims(self, holder, since=0):
+        """The indices (ascending) of slots claimed and not finished by ``holder``: "consumer"
+        (claimed, not released: a receive in progress, a peek held, or a dead consumer's) or
+        "producer" (reserved, not committed), from index ``since`` on, within a lap.  A snapshot:
+        a live party holds a slot for one copy, so a slot listed again after a while belongs to a
+        party that stalled or died (see :meth:`recover`)."""
+        self._check()
+        if holder not in ("consumer", "producer"):
+            raise ConfigError(f"claims(holder) takes 'consumer' or 'producer', not {holder!r}")
+        cdef uint64_t pos = _int_arg(since, "since", 0, 2**64 - 1)
+        cdef int consumer = holder == "consumer"
+        out = []
+        while ivshm_mpmc_next_claim(&self._q, consumer, pos, &pos):
+            out.append(pos)
+            pos += 1
+        if self._m.lost: self._raise_lost()
+        return out
+
+    @property
+    def peeked_slot(self):
+        """The index of the slot this handle's open :meth:`peek` holds (as :meth:`claims`,
+        :meth:`stalled` and :meth:`recover` name slots), or None."""
+        return self._rpos if self._rst is not None else None
+
+    @property
+    def reserved_slot(self):
+        """The index of the slot this handle's open :meth:`reserve` holds, or None."""
+        return self._wpos if self._wview_len >= 0 else None
+
+    @property
+    def head(self):
+        """The producer index: how many slots producers have claimed since the ring was made."""
+        self._check()
+        cdef uint64_t h, t
+        ivshm_mpmc_indices(&self._q, &h, &t)
+        return h
+
+    @property
+    def tail(self):
+        """The consumer index: how many slots consumers have claimed since the ring was made."""
+        self._check()
+        cdef uint64_t h, t
+        ivshm_mpmc_indices(&self._q, &h, &t)
+        return t
 
     cdef int _send_ptr(self, const char *p, uint64_t n) except -2:
         self._check_send()
@@ -3447,3 +3533,24 @@ cdef class Channel:
 
     def __repr__(self):
         return f"<pyivshmem.Channel ring={self._ring._name!r} vector={self._vector} fd={self._fd}>"
+
+    def wake(self, side):
+        """Wake a sleeper of ``side`` after messages were taken or put outside this channel's own
+        calls (``ring.peek()``/``release()``, ``ring.reserve()``/``commit()``, or another handle),
+        which ring nobody: "senders" after taking (one producer asleep on a full ring),
+        "receivers" after putting (one consumer asleep on an empty ring; every subscriber for a
+        PubSubRing publisher).  Like the channel's own calls it rings only a sleeper that is
+        actually asleep, through this channel's doorbell.  Returns how many were rung."""
+        self._check()
+        cdef uint32_t my_side
+        if side == "senders":
+            my_side = IVSHM_CHAN_RECV  # a consumer's doing wakes producers
+        elif side == "receivers":
+            my_side = IVSHM_CHAN_SEND
+        else:
+            raise ConfigError(f"wake(side) takes 'senders' or 'receivers', not {side!r}")
+        if self._ring._m.closed:
+            return 0
+        if self._ring._info.kind == IVSHM_KIND_PUBSUB and my_side == IVSHM_CHAN_SEND:
+            return ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
+        return ivshm_chan_wake_other(&self._ch, my_side)

@@ -30,7 +30,6 @@ ZeroMQ (pyzmq) is an optional dependency: ``pip install 'pyivshmem[bridge]'``.
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import mmap
 import os
@@ -177,178 +176,19 @@ def _bridged_ring(region: Any, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# MPMC rings: what the bridge reads of them straight from the mapping
+# MPMC rings: the claims a killed predecessor left
 # ---------------------------------------------------------------------------------------------
 
-_CTRL_SIZE = 640        # struct ivshm_ring_ctrl (csrc/ivshm_layout.h)
-_CTRL_HEAD = 128        # producer index
-_CTRL_TAIL = 256        # consumer index
-_MPMC_HDR = 8           # slot header: u32 seq, u32 len
-_CTRL_CONS_WAITING, _CTRL_PROD_WAITING = 384, 512  # sleepers counted per side
-_CTRL_CONS_TABLE, _CTRL_PROD_TABLE = 392, 520      # their route words
-_SLEEPERS = 30
-_NOTIFY_EVENTFD = 1     # pyivshmem.doorbell.NOTIFY_EVENTFD
-_ONE = (1).to_bytes(8, "little")
-_FENCE = threading.Lock()
-_M32 = 0xFFFFFFFF
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-def _address_of(view: Any) -> int:
-    """The address of the memory a buffer (a SlotView) shows."""
-    b = _PyBuffer()
-    if _get_buffer(view, ctypes.byref(b), 0) != 0:  # PyBUF_SIMPLE
-        raise BridgeError("cannot read the address of a slot view")
-    try:
-        return int(b.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(b))
-
-
-class _MpmcRaw:
-    """An MPMC ring's indices and slot headers, read from the mapping (csrc/ivshm_mpmc.h).
-
-    The ring API says which message a peek or a reservation holds only through the view; the
-    bridge needs that *index* to find, after a restart, a slot its predecessor had claimed when it
-    was killed (a peek not yet released, a reservation not yet committed).  Every value read is
-    checked against the ring's geometry before use.
-    """
-
-    def __init__(self, region: Any, name: str):
-        e = _ring_entry(region, name)
-        cap, size, off = int(e["capacity"]), int(e["size"]), int(e["offset"])
-        self.name = name
-        self.cap, self.slot_size = cap, int(e["slot_size"])
-        stride = (_MPMC_HDR + self.slot_size + 7) & ~7  # ivshm_ring_stride()
-        ok = (cap >= 2 and not cap & (cap - 1) and _CTRL_SIZE + cap * stride <= size
-              and 0 < off and off + size <= int(region.size))
-        self.base = int(region.address) + off
-        if ok:  # the control block's description must agree (csrc/ivshm_layout.h, line 0)
-            kind, ss, c, st = struct.unpack("<IIII", ctypes.string_at(self.base + 8, 16))
-            ok = (kind, ss, c, st) == (2, self.slot_size, cap, stride)
-        if not ok:
-            raise BridgeError(f"ring {name!r}: its directory entry and control block do not "
-                              f"describe an MPMC ring this bridge understands (capacity {cap}, "
-                              f"slot size {self.slot_size}, {size} bytes)")
-        self.stride = stride
-        self.slots = self.base + _CTRL_SIZE
-        self._start = 0  # wake_one's first table entry to look at
-        self._head = ctypes.c_uint64.from_address(self.base + _CTRL_HEAD)
-        self._tail = ctypes.c_uint64.from_address(self.base + _CTRL_TAIL)
-
-    def head(self) -> int:
-        return self._head.value
-
-    def tail(self) -> int:
-        return self._tail.value
-
-    def _hdr(self, i: int) -> int:
-        return self.slots + (i % self.cap) * self.stride
-
-    def seq(self, i: int) -> int:
-        return ctypes.c_uint32.from_address(self._hdr(i)).value
-
-    def length(self, i: int) -> int:
-        n = ctypes.c_uint32.from_address(self._hdr(i) + 4).value
-        if n > self.slot_size:
-            raise BridgeError(f"ring {self.name!r}: slot {i} claims {n} bytes, more than a slot")
-        return n
-
-    def payload(self, i: int, n: int) -> bytes:
-        return ctypes.string_at(self._hdr(i) + _MPMC_HDR, n)
-
-    def index_of(self, view: Any, upper: int) -> int:
-        """The index of the slot ``view`` shows: the one in [upper - capacity, upper) with its
-        place in the ring (upper: the consumer index for a peek, the producer index for a
-        reservation, read after the claim)."""
-        off = _address_of(view) - _MPMC_HDR - self.slots
-        k, r = divmod(off, self.stride)
-        if r or not 0 <= k < self.cap:
-            raise BridgeError(f"ring {self.name!r}: a slot view outside the ring's slots")
-        return upper - 1 - ((upper - 1 - k) % self.cap)
-
-    def commit(self, i: int, data: bytes) -> None:
-        """Finish a reservation its holder (a killed predecessor) left open: the payload, the
-        length, then the sequence word that publishes it (stores stay in program order on x86-64;
-        each is a separate call here, so the compiler cannot reorder them either)."""
-        h = self._hdr(i)
-        if data:
-            ctypes.memmove(h + _MPMC_HDR, data, len(data))
-        ctypes.c_uint32.from_address(h + 4).value = len(data)
-        ctypes.c_uint32.from_address(h).value = (i + 1) & _M32
-
-    def wake_one(self, consumers: bool, doorbell: Any) -> bool:
-        """Ring one consumer (or producer) asleep on this ring, as a Channel's receive or send
-        does, for the bridge's own peek/release and reserve/commit, which ring nobody.
-
-        The wake-up protocol (docs/wakeup.md): a sleeper counts itself in the side's waiting
-        word, writes its route word (armed bit, peer, vector) into the side's table, re-checks the
-        ring, sleeps on its eventfd.  After publishing, the bridge fences (a lock: a locked
-        instruction on x86-64), reads the waiting word, and rings the first armed route it can
-        reach through ``doorbell`` (its provider's notify_target), rotating the start like the C
-        waker.  It does not claim the entry (that needs a CAS): the sleeper wakes, finds the
-        ring ready, and takes its entry back itself; a second ring before that is absorbed by its
-        next sleep.  Best effort by construction: a sleeper missed still re-checks by itself."""
-        if doorbell is None:
-            return False
-        _FENCE.acquire()
-        _FENCE.release()
-        base = self.base
-        if not ctypes.c_uint32.from_address(base + (_CTRL_CONS_WAITING if consumers
-                                                    else _CTRL_PROD_WAITING)).value:
-            return False
-        words = struct.unpack(f"<{_SLEEPERS}I", ctypes.string_at(
-            base + (_CTRL_CONS_TABLE if consumers else _CTRL_PROD_TABLE), 4 * _SLEEPERS))
-        for k in range(_SLEEPERS):
-            e = (self._start + k) % _SLEEPERS
-            w = words[e]
-            if not w & 0x80000000:
-                continue
-            try:
-                target = doorbell.notify_target((w >> 8) & 0xFFFF, w & 0xFF)
-            except (IvshmemError, OSError, LookupError, ValueError):
-                target = None
-            if target is None or target[0] != _NOTIFY_EVENTFD:
-                continue
-            try:
-                os.write(target[1], _ONE)
-            except OSError:
-                continue
-            self._start = e + 1
-            return True
-        return False
-
-    def _claimed(self, consumer: bool, lo: int) -> List[int]:
-        if consumer:  # claimed by a consumer, not released: seq == i + 1 for i < tail
-            t = self.tail()
-            return [i for i in range(max(lo, t - self.cap), t) if self.seq(i) == (i + 1) & _M32]
-        h = self.head()  # claimed by a producer, not committed: seq == i for i < head
-        return [i for i in range(max(lo, h - self.cap), h) if self.seq(i) == i & _M32]
-
-    def dead_claims(self, consumer: bool, lo: int, grace: float = 0.3) -> List[int]:
-        """Slots from index ``lo`` on claimed (by a consumer: not released; by a producer: not
-        committed) and still so after ``grace`` seconds: a live party holds one for a copy."""
-        first = self._claimed(consumer, lo)
-        if not first:
-            return []
-        time.sleep(grace)
-        again = set(self._claimed(consumer, lo))
-        return [i for i in first if i in again]
+def _dead_claims(ring: Any, holder: str, lo: int, grace: float = 0.3) -> List[int]:
+    """Slots of the MPMC ``ring`` from index ``lo`` on claimed by a ``holder`` ("consumer": not
+    released; "producer": not committed) and still so after ``grace`` seconds: a live party holds
+    one only for a copy."""
+    first = ring.claims(holder, lo)
+    if not first:
+        return []
+    time.sleep(grace)
+    again = set(ring.claims(holder, lo))
+    return [i for i in first if i in again]
 
 
 def _slots_for(n: int, slot_size: int) -> int:
@@ -529,7 +369,6 @@ class _OutStream:
         self.key = remote.encode()
         self.ring = _bridged_ring(bridge.region, local)
         self.mpmc = self.ring.kind == "mpmc"
-        self.raw = _MpmcRaw(bridge.region, local) if self.mpmc else None
         self.slot_size = self.ring.slot_size
         self.capacity = self.ring.capacity
         self.ch = bridge._channel(self.ring)
@@ -577,7 +416,7 @@ class _OutStream:
         pending = (p is not None and p[0] == _P_MPMC and p[1] <= last_seq + 1 and same_region)
         last_idx = recs[-1].pos - 1 if recs and recs[-1].pos else None
         lo = [x for x in (last_idx, p[2] if pending else None) if x is not None]
-        dead = self.raw.dead_claims(True, min(lo)) if lo and same_region else []
+        dead = _dead_claims(self.ring, "consumer", min(lo)) if lo and same_region else []
         if last_idx is not None and last_idx in dead:
             self.ring.recover(last_idx)  # its message is in the spill file (the last record)
             dead.remove(last_idx)
@@ -587,8 +426,8 @@ class _OutStream:
             mine = [i for i in dead if i >= p[2] and (last_idx is None or i > last_idx)]
             if len(mine) == 1:
                 i = mine[0]
-                n = self.raw.length(i)
-                data = self.raw.payload(i, n)
+                data = self.ring.read_claimed(i)
+                n = len(data)
                 if self.spill.place(n) is None:
                     raise BridgeError(f"ring {self.local!r}: no room in {self.spill.path} for "
                                       "the message the previous bridge was taking")
@@ -843,7 +682,7 @@ class _OutStream:
         """Take up to ``limit`` messages from an MPMC ring, one consumer among several: an intent
         (the next seq, the consumer index now), then per message peek, append it to the spill
         file with its slot's index, release.  Returns how many."""
-        ring, spill, raw = self.ring, self.spill, self.raw
+        ring, spill = self.ring, self.spill
         slot = self.slot_size
         took = nbytes = 0
         with self.lock:
@@ -852,7 +691,7 @@ class _OutStream:
             room = self.bridge.max_inflight - len(window)
             if room <= 0 or spill.place(slot) is None or len(ring) == 0:
                 return 0
-            spill.pending_rec.write(_P_MPMC, seq, raw.tail(), 0, 0)
+            spill.pending_rec.write(_P_MPMC, seq, ring.tail, 0, 0)
             now = time.monotonic()
             try:
                 while took < limit and took < room and spill.place(slot) is not None:
@@ -860,7 +699,7 @@ class _OutStream:
                     if v is None:
                         break
                     try:
-                        idx = raw.index_of(v, raw.tail())
+                        idx = ring.peeked_slot
                         n = len(v)
                         data = bytes(v)
                     finally:
@@ -878,8 +717,8 @@ class _OutStream:
                 self.next_seq = seq
                 self.m["messages"] += took
                 self.m["bytes"] += nbytes
-        if took:
-            raw.wake_one(False, self.bridge.doorbell)  # a producer asleep on a full ring
+        if took and self.bridge.doorbell is not None:
+            self.ch.wake("senders")  # a producer asleep on a full ring (peek/release ring nobody)
         return took
 
     def _pump_mpmc(self) -> None:
@@ -1051,7 +890,6 @@ class _InStream:
         region = bridge.region
         self.ring = _bridged_ring(region, name)
         self.mpmc = self.ring.kind == "mpmc"
-        self.raw = _MpmcRaw(region, name) if self.mpmc else None
         self.resume: Optional[int] = None  # MPMC: a slot the predecessor reserved, for delivered+1
         if not self.mpmc:
             # a producer that died between publishing a batch and announcing it in the ring's
@@ -1122,13 +960,13 @@ class _InStream:
         self.delivered = seq - 1
         lo = idx
         if kind == _I_IDX:
-            if self.raw.seq(idx) == idx & _M32 and idx < self.raw.head():
+            if self.ring.claims("producer", idx)[:1] == [idx]:  # still reserved
                 self.resume = idx
             else:
                 self.delivered, self.pos = seq, idx + 1  # committed before the kill
                 lo = idx + 1
         if self.resume is None:
-            dead = self.raw.dead_claims(False, lo)
+            dead = _dead_claims(self.ring, "producer", lo)
             if len(dead) == 1:
                 self.resume = dead[0]
             elif dead:
@@ -1146,12 +984,12 @@ class _InStream:
         """Deliver ``msgs`` (seq ``first`` on) into an MPMC ring, waiting up to ``wait`` seconds
         for room (looking with back-off: a reservation does not sleep on the doorbell).  Records
         what it delivered; returns how many."""
-        ring, raw, pending = self.ring, self.raw, self.pending
+        ring, pending = self.ring, self.pending
         b = self.bridge
         done = nbytes = 0
         deadline = None
         pause = 50e-6
-        pending.write(_I_HINT, first, raw.head())
+        pending.write(_I_HINT, first, ring.head)
         try:
             while done < len(msgs) and not b._stop.is_set():
                 seq, m = first + done, msgs[done]
@@ -1162,7 +1000,16 @@ class _InStream:
                             f"a message of {len(m)} bytes for ring {self.name!r}, whose slots "
                             f"hold {self.slot_size}: give the ring larger slots")
                     pending.write(_I_IDX, seq, idx)
-                    raw.commit(idx, m)
+                    try:
+                        ring.recover(idx, message=m)  # finish the predecessor's reservation
+                    except ConfigError as e:
+                        # finished by someone else meanwhile (an operator's recover): the
+                        # message goes into a slot of its own, under a batch intent again
+                        log.warning("ring %r: slot %d, reserved by the previous bridge for seq "
+                                    "%d, is no longer reserved (%s); delivering it anew",
+                                    self.name, idx, seq, e)
+                        pending.write(_I_HINT, seq, ring.head)
+                        continue
                 else:
                     v = ring.reserve(len(m))
                     if v is None:
@@ -1174,7 +1021,7 @@ class _InStream:
                         pause = min(pause * 2, 1e-3)
                         continue
                     try:
-                        idx = raw.index_of(v, raw.head())
+                        idx = ring.reserved_slot
                         pending.write(_I_IDX, seq, idx)
                         if m:
                             v[:] = m
@@ -1192,7 +1039,8 @@ class _InStream:
                     self.state.write(self.delivered, self.pos, self.gen, self.sid)
                 self.m["messages"] += done
                 self.m["bytes"] += nbytes
-                raw.wake_one(True, b.doorbell)  # a consumer asleep on the empty ring
+                if b.doorbell is not None:  # a consumer asleep on the empty ring
+                    self.ch.wake("receivers")  # (reserve/commit ring nobody)
                 b._poke()
         return done
 

@@ -319,7 +319,7 @@ def test_mpmc_message_peeked_before_its_record_is_spilled_and_its_slot_freed(reg
         mup.send(b"m%d" % i)
     s = _OutStream(fb, "mup", "down")
     assert s._take_mpmc(1) == 1  # m0, spilled and released
-    s.spill.pending_rec.write(_P_MPMC, s.next_seq, s.raw.tail(), 0, 0)
+    s.spill.pending_rec.write(_P_MPMC, s.next_seq, s.ring.tail, 0, 0)
     v = s.ring.peek()            # m1 claimed; killed before it reached the spill file
     assert bytes(v) == b"m1"
     _kill_holding(v)
@@ -335,9 +335,9 @@ def test_mpmc_message_spilled_but_not_released_is_not_taken_twice(region, mup, t
     mup.send(b"only")
     mup.send(b"next")
     s = _OutStream(fb, "mup", "down")
-    s.spill.pending_rec.write(_P_MPMC, s.next_seq, s.raw.tail(), 0, 0)
+    s.spill.pending_rec.write(_P_MPMC, s.next_seq, s.ring.tail, 0, 0)
     v = s.ring.peek()
-    idx = s.raw.index_of(v, s.raw.tail())
+    idx = s.ring.peeked_slot
     s.spill.write(s.next_seq, idx + 1, bytes(v), len(v))  # in the spill file, not released
     _kill_holding(v)
     s2 = _OutStream(fb, "mup", "down")
@@ -357,7 +357,7 @@ def test_mpmc_slot_of_another_dead_consumer_is_left_alone(region, mup, tmp_path)
     assert s._take_mpmc(8) == 1
     s2 = _OutStream(fb, "mup", "down")
     assert [(r.seq, r.data) for r in s2.window] == [(1, b"ours")]
-    assert s2.raw._claimed(True, 0) == [0]  # still held: only an operator may recover it
+    assert s2.ring.claims("consumer") == [0]  # still held: only an operator may recover it
 
 
 @pytest.fixture
@@ -371,10 +371,10 @@ def test_mpmc_slot_reserved_before_a_kill_gets_the_resent_message(region, mdown,
     fb = FakeBridge(region, tmp_path)
     s = _InStream(fb, "mdown")
     assert s.on_data(7, 1, 0, [b"one"]) is None and s.delivered == 1
-    s.pending.write(_I_HINT, 2, s.raw.head())
+    s.pending.write(_I_HINT, 2, s.ring.head)
     v = s.ring.reserve(3)  # for seq 2; killed before (batch) or after (slot) its intent
     if intent == "slot":
-        s.pending.write(_I_IDX, 2, s.raw.index_of(v, s.raw.head()))
+        s.pending.write(_I_IDX, 2, s.ring.reserved_slot)
         v[:1] = b"t"  # and in the middle of the copy
     _kill_holding(v)
     assert mdown.try_send(b"other")  # another producer's message, after the reserved slot
@@ -389,9 +389,9 @@ def test_mpmc_message_committed_before_its_record_is_not_delivered_again(region,
     fb = FakeBridge(region, tmp_path)
     s = _InStream(fb, "mdown")
     assert s.on_data(7, 1, 0, [b"one"]) is None
-    s.pending.write(_I_HINT, 2, s.raw.head())
+    s.pending.write(_I_HINT, 2, s.ring.head)
     v = s.ring.reserve(3)
-    s.pending.write(_I_IDX, 2, s.raw.index_of(v, s.raw.head()))
+    s.pending.write(_I_IDX, 2, s.ring.reserved_slot)
     v[:] = b"two"
     v.release()
     s.ring.commit()  # in the ring; killed before the state file was written
@@ -399,3 +399,24 @@ def test_mpmc_message_committed_before_its_record_is_not_delivered_again(region,
     assert s2.delivered == 2 and s2.resume is None
     assert s2.on_data(7, 2, 1, [b"two", b"three"]) is None  # the resend of 2 is dropped
     assert mdown.recv_many(8, timeout=1) == [b"one", b"two", b"three"]
+
+
+def test_mpmc_reserved_slot_recovered_by_an_operator_meanwhile_is_not_overwritten(
+        region, mdown, tmp_path):
+    """The predecessor's reservation is finished by someone else (recover(slot): an empty
+    message) before the resend comes: the resent message takes a slot of its own, once."""
+    fb = FakeBridge(region, tmp_path)
+    s = _InStream(fb, "mdown")
+    assert s.on_data(7, 1, 0, [b"one"]) is None
+    s.pending.write(_I_HINT, 2, s.ring.head)
+    v = s.ring.reserve(3)
+    slot = s.ring.reserved_slot
+    s.pending.write(_I_IDX, 2, slot)
+    _kill_holding(v)
+    assert mdown.try_send(b"other")
+    s2 = _InStream(fb, "mdown")
+    assert s2.resume == slot
+    assert mdown.ring.recover(slot) == "producer"  # an operator's recovery, as an empty message
+    assert s2.on_data(7, 2, 1, [b"two", b"three"]) is None
+    assert s2.delivered == 3
+    assert mdown.recv_many(8, timeout=1) == [b"one", b"", b"other", b"two", b"three"]

@@ -261,18 +261,31 @@ static void mpmc_1x1_fifo(char *d, size_t n) { run_mpmc(1, 1, 40, 16, 16, 100000
 static void mpmc_3x3_cap8(char *d, size_t n) { run_mpmc(3, 3, 32, 8, 4, 150000, d, n); }
 static void mpmc_4x1_cap2(char *d, size_t n) { run_mpmc(4, 1, 16, 2, 2, 100000, d, n); }
 
+/* A region with an MPMC ring "m" of `cap` 16-byte slots and three handles on it; 0, or -1 with
+ * the region freed. */
+static int mpmc_three_handles(struct tregion *tr, uint32_t cap, struct ivshm_mpmc *a, struct ivshm_mpmc *b,
+                              struct ivshm_mpmc *c)
+{
+    struct ivshm_ring_info info;
+    const char *why = NULL;
+    if (tregion_new(tr, 65536) != 0)
+        return -1;
+    if (ivshm_region_create_ring(&tr->r, "m", IVSHM_KIND_MPMC, 16, cap, 1, 0, &info, &why) != 0 ||
+        ivshm_mpmc_attach(a, &tr->r, &info, &why) != 0 || ivshm_mpmc_attach(b, &tr->r, &info, &why) != 0 ||
+        ivshm_mpmc_attach(c, &tr->r, &info, &why) != 0) {
+        tregion_free(tr);
+        return -1;
+    }
+    return 0;
+}
+
 /* A producer that claimed a slot and did not commit: consumers stop there, stalled() says where;
  * the commit lets everything behind it through, in order. */
 static void mpmc_stall_detected(char *detail, size_t dn)
 {
     struct tregion tr;
-    CHECK(tregion_new(&tr, 65536) == 0, "region");
-    struct ivshm_ring_info info;
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 8, 1, 0, &info, &why) == 0, "create");
     struct ivshm_mpmc a, b, c;
-    CHECK(ivshm_mpmc_attach(&a, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&b, &tr.r, &info, &why) == 0 &&
-              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    CHECK(mpmc_three_handles(&tr, 8, &a, &b, &c) == 0, "a ring of 8 slots, three handles");
     uint8_t buf[16];
     uint64_t pos = 99, spos = 0;
     CHECK(ivshm_mpmc_try_send(&a, "0", 1) == 0, "send 0");
@@ -371,13 +384,8 @@ static void mpmc_short_buffers_keep_messages(char *detail, size_t dn)
 static void mpmc_consumer_stall_and_recovery(char *detail, size_t dn)
 {
     struct tregion tr;
-    CHECK(tregion_new(&tr, 65536) == 0, "region");
-    struct ivshm_ring_info info;
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&tr.r, "m", IVSHM_KIND_MPMC, 16, 4, 1, 0, &info, &why) == 0, "create");
     struct ivshm_mpmc p, dead, c;
-    CHECK(ivshm_mpmc_attach(&p, &tr.r, &info, &why) == 0 && ivshm_mpmc_attach(&dead, &tr.r, &info, &why) == 0 &&
-              ivshm_mpmc_attach(&c, &tr.r, &info, &why) == 0, "attach");
+    CHECK(mpmc_three_handles(&tr, 4, &p, &dead, &c) == 0, "a ring of 4 slots, three handles");
     uint8_t buf[16];
     uint64_t pos = 99, spos = 0;
     for (int i = 0; i < 3; i++)
@@ -421,6 +429,57 @@ static void mpmc_consumer_stall_and_recovery(char *detail, size_t dn)
     snprintf(detail, dn, "dead consumer and producer claims recovered");
 }
 
+/* A restarted party takes over what its dead predecessor held, exactly once: the message in a
+ * dead consumer's claim is read out before the claim is dropped, and a dead producer's
+ * reservation is committed with the message it was to carry; next_claim() finds both. */
+static void mpmc_claims_read_and_finished(char *detail, size_t dn)
+{
+    struct tregion tr;
+    struct ivshm_mpmc p, dead, c;
+    CHECK(mpmc_three_handles(&tr, 4, &p, &dead, &c) == 0, "a ring of 4 slots, three handles");
+    uint8_t buf[16];
+    uint64_t pos = 99, needed = 0;
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 0 && ivshm_mpmc_next_claim(&c, 0, 0, &pos) == 0,
+          "an empty ring holds no claims");
+    CHECK(ivshm_mpmc_try_send(&p, "hello", 5) == 0 && ivshm_mpmc_try_send(&p, "x", 1) == 0, "send");
+    CHECK(ivshm_mpmc_claim_state(&c, 0) == 0, "a committed message is nobody's claim");
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == -ENOENT, "not claimed: refused");
+    CHECK(ivshm_mpmc_claim_recv(&dead, 1, &pos) == 1 && pos == 0, "the doomed consumer claims 0");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1, "another takes 1");
+    CHECK(ivshm_mpmc_claim_state(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "0 is a consumer's");
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 1 && pos == 0, "found (%" PRIu64 ")", pos);
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 1, &pos) == 0, "none after it");
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, 4, &needed) == -ENOBUFS && needed == 5, "short buffer");
+    memset(buf, 0, sizeof(buf));
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == 5 && memcmp(buf, "hello", 5) == 0,
+          "its message read out");
+    CHECK(ivshm_mpmc_claim_state(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "and still claimed");
+    CHECK(ivshm_mpmc_recover_with(&c, 0, "y", 1) == -EBUSY, "no message into a consumer's claim");
+    /* a length over the slot size in a claimed slot is reported, not copied */
+    ivshm_mpmc_slot(&c, 0)->len = 17;
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == -EPROTO, "bad length refused");
+    ivshm_mpmc_slot(&c, 0)->len = 5;
+    CHECK(ivshm_mpmc_recover(&c, 0) == IVSHM_MPMC_RECOVERED_CONSUMER, "then dropped");
+    CHECK(ivshm_mpmc_read_claimed(&c, 0, buf, sizeof(buf), NULL) == -ENOENT, "no longer claimed");
+    /* a producer that died holding a reservation, with one committed after it */
+    CHECK(ivshm_mpmc_claim_send(&dead, 1, &pos) == 1 && pos == 2, "the doomed producer claims 2");
+    CHECK(ivshm_mpmc_try_send(&p, "z", 1) == 0, "index 3 behind it");
+    CHECK(ivshm_mpmc_claim_state(&c, 2) == IVSHM_MPMC_RECOVERED_PRODUCER, "2 is a producer's");
+    CHECK(ivshm_mpmc_next_claim(&c, 0, 0, &pos) == 1 && pos == 2, "found (%" PRIu64 ")", pos);
+    CHECK(ivshm_mpmc_next_claim(&c, 1, 0, &pos) == 0, "no consumer claims left");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == -EAGAIN, "consumers wait at 2");
+    CHECK(ivshm_mpmc_recover_with(&c, 2, "0123456789abcdefg", 17) == -EMSGSIZE, "too long refused");
+    CHECK(ivshm_mpmc_recover_with(&c, 2, "finished", 8) == IVSHM_MPMC_RECOVERED_PRODUCER, "finished");
+    CHECK(ivshm_mpmc_recover_with(&c, 2, "again", 5) == -ENOENT, "only once");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 8 && memcmp(buf, "finished", 8) == 0,
+          "consumers get its message");
+    CHECK(ivshm_mpmc_try_recv(&c, buf, sizeof(buf), NULL) == 1 && buf[0] == 'z', "then index 3");
+    CHECK(ivshm_mpmc_claim_state(&c, 1000) == -EINVAL && ivshm_mpmc_recover_with(&c, 1000, "", 0) == -EINVAL,
+          "far away index refused");
+    tregion_free(&tr);
+    snprintf(detail, dn, "dead claims found, read out and finished");
+}
+
 int main(int argc, char **argv)
 {
     static const struct tcase cases[] = {
@@ -433,6 +492,7 @@ int main(int argc, char **argv)
         {"mpmc_zero_bursts", mpmc_zero_bursts, 0},
         {"mpmc_short_buffers_keep_messages", mpmc_short_buffers_keep_messages, 0},
         {"mpmc_consumer_stall_and_recovery", mpmc_consumer_stall_and_recovery, 0},
+        {"mpmc_claims_read_and_finished", mpmc_claims_read_and_finished, 0},
     };
     return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
 }

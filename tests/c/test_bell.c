@@ -12,9 +12,8 @@
 #include <unistd.h>
 
 #include "tcommon.h"
+#include "tchan.h"
 
-#define LOST_NS (20ll * 1000000000)   /* a case that waits this long lost a wake-up */
-#define RECHECK_NS (60ull * 1000000000) /* re-checks never rescue a lost doorbell here */
 
 static uint64_t counter_of(int fd)
 {
@@ -237,82 +236,29 @@ static void table_readers_never_see_a_foreign_fd(char *detail, size_t dn)
 /* ---------------------------------------------------------------------------------------------- */
 /* a blocking SPSC ping-pong between two threads whose channels resolve through one bell table:
  * every message is a sleep and a doorbell, and a lost doorbell shows as a 20 s timeout */
-struct tpp {
-    struct tregion t;
-    struct ivshm_ring_info a, b;
-    struct ivshm_bell_table *bells;
-    int fd[3];
-    uint64_t rounds;
-};
-
-static void *tpong(void *p_)
-{
-    struct tpp *p = p_;
-    struct ivshm_spsc in, out;
-    const char *why = NULL;
-    CHECKP(ivshm_spsc_attach(&in, &p->t.r, &p->a, &why) == 0, "attach");
-    CHECKP(ivshm_spsc_attach(&out, &p->t.r, &p->b, &why) == 0, "attach");
-    struct ivshm_chan rx, tx;
-    ivshm_chan_init(&rx, IVSHM_KIND_SPSC, &in, 1, 1, p->fd[1], -1, ivshm_bell_table_resolve,
-                    p->bells, 0, RECHECK_NS);
-    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &out, 1, 1, p->fd[1], -1, ivshm_bell_table_resolve,
-                    p->bells, 0, RECHECK_NS);
-    for (uint64_t i = 0; i < p->rounds; i++) {
-        uint64_t v;
-        CHECKP(ivshm_chan_recv(&rx, &v, sizeof(v), NULL, LOST_NS) == 8, "pong recv %" PRIu64, i);
-        CHECKP(v == i, "pong got %" PRIu64, v);
-        v++;
-        CHECKP(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "pong send");
-    }
-    return NULL;
-}
-
 static void channel_over_table(char *detail, size_t dn)
 {
-    struct tpp p;
-    memset(&p, 0, sizeof(p));
-    p.rounds = tc_count(1000, 200);
-    CHECK(tregion_new(&p.t, 1 << 16) == 0, "region");
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&p.t.r, "a", IVSHM_KIND_SPSC, 8, 4, 1, 0, &p.a, &why) == 0, "a");
-    CHECK(ivshm_region_create_ring(&p.t.r, "b", IVSHM_KIND_SPSC, 8, 4, 1, 0, &p.b, &why) == 0, "b");
-    CHECK(ivshm_bell_table_create(IVSHM_BELL_EVENTFD, 65535, 64, &p.bells) == 0, "table");
+    struct ivshm_bell_table *bells = NULL;
+    int fd[3];
+    CHECK(ivshm_bell_table_create(IVSHM_BELL_EVENTFD, 65535, 64, &bells) == 0, "table");
     /* peer 1 sleeps on vector 1, peer 2 on vector 1; vector 0 of each is a decoy nobody sleeps on */
     for (int i = 0; i < 3; i++)
-        p.fd[i] = ivshm_eventfd_create(1);
-    CHECK(ivshm_bell_table_set_fd(p.bells, 1, 1, p.fd[1]) == 0, "set");
-    CHECK(ivshm_bell_table_set_fd(p.bells, 2, 1, p.fd[2]) == 0, "set");
-    CHECK(ivshm_bell_table_set_fd(p.bells, 1, 0, p.fd[0]) == 0, "set");
-    CHECK(ivshm_bell_table_set_fd(p.bells, 2, 0, p.fd[0]) == 0, "set");
-    pthread_t th;
-    pthread_create(&th, NULL, tpong, &p);
-    struct ivshm_spsc out, in;
-    CHECK(ivshm_spsc_attach(&out, &p.t.r, &p.a, &why) == 0, "attach");
-    CHECK(ivshm_spsc_attach(&in, &p.t.r, &p.b, &why) == 0, "attach");
-    struct ivshm_chan tx, rx;
-    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &out, 2, 1, p.fd[2], -1, ivshm_bell_table_resolve, p.bells,
-                    0, RECHECK_NS);
-    ivshm_chan_init(&rx, IVSHM_KIND_SPSC, &in, 2, 1, p.fd[2], -1, ivshm_bell_table_resolve, p.bells,
-                    0, RECHECK_NS);
-    for (uint64_t i = 0; i < p.rounds && !tc_failed(); i++) {
-        CHECK(ivshm_chan_send(&tx, &i, sizeof(i), LOST_NS) == 0, "ping send");
-        uint64_t v;
-        int64_t n = ivshm_chan_recv(&rx, &v, sizeof(v), NULL, LOST_NS);
-        CHECK(n != -ETIMEDOUT, "lost wake-up at round %" PRIu64, i);
-        CHECK(n == 8 && v == i + 1, "ping got %" PRIu64, v);
-    }
-    pthread_join(th, NULL);
-    struct ivshm_chan_stats a, b;
-    ivshm_chan_get_stats(&tx, &a);
-    ivshm_chan_get_stats(&rx, &b);
-    CHECK(counter_of(p.fd[0]) == 0, "a doorbell went to vector 0, which nobody sleeps on");
-    CHECK(a.unrouted == 0 && b.unrouted == 0, "unrouted doorbells: %" PRIu64, a.unrouted + b.unrouted);
+        fd[i] = ivshm_eventfd_create(1);
+    CHECK(ivshm_bell_table_set_fd(bells, 1, 1, fd[1]) == 0, "set");
+    CHECK(ivshm_bell_table_set_fd(bells, 2, 1, fd[2]) == 0, "set");
+    CHECK(ivshm_bell_table_set_fd(bells, 1, 0, fd[0]) == 0, "set");
+    CHECK(ivshm_bell_table_set_fd(bells, 2, 0, fd[0]) == 0, "set");
+    struct tchan_pp p = {.resolve = ivshm_bell_table_resolve, .ctx = bells, .fd_ping = fd[2],
+                         .fd_pong = fd[1], .vector = 1, .rounds = tc_count(1000, 200)};
+    tchan_pingpong(&p);
+    CHECK(counter_of(fd[0]) == 0, "a doorbell went to vector 0, which nobody sleeps on");
+    CHECK(p.tx.unrouted == 0 && p.rx.unrouted == 0, "unrouted doorbells: %" PRIu64,
+          p.tx.unrouted + p.rx.unrouted);
     snprintf(detail, dn, "%" PRIu64 " round trips, %" PRIu64 " doorbells", p.rounds,
-             a.doorbells + b.doorbells);
+             p.tx.doorbells + p.rx.doorbells);
     for (int i = 0; i < 3; i++)
-        close(p.fd[i]);
-    ivshm_bell_table_destroy(p.bells);
-    tregion_free(&p.t);
+        close(fd[i]);
+    ivshm_bell_table_destroy(bells);
 }
 
 static const struct tcase cases[] = {

@@ -8,9 +8,8 @@
 
 #include "ivshm_chan.h"
 #include "tcommon.h"
+#include "tchan.h"
 
-#define RECHECK_NS (60ull * 1000000000ull)
-#define LOST_NS (20ll * 1000000000ll) /* far below the re-check: only a doorbell is this fast */
 #define MAXP 8
 
 /* A doorbell table: peer id -> its eventfd (vector 0). */
@@ -250,64 +249,15 @@ static void multi_sleeper_producers(char *detail, size_t dn)
 /* ---------------------------------------------------------------------------------------------- */
 /* SPSC ping-pong, both sides blocking, no spinning: every message is a sleep and a doorbell */
 
-struct pp {
-    struct tregion t;
-    struct ivshm_ring_info a, b;
-    struct bells bells;
-    uint64_t rounds;
-};
-
-static void *pong(void *p_)
-{
-    struct pp *p = p_;
-    struct ivshm_spsc in, out;
-    const char *why = NULL;
-    CHECKP(ivshm_spsc_attach(&in, &p->t.r, &p->a, &why) == 0, "attach");
-    CHECKP(ivshm_spsc_attach(&out, &p->t.r, &p->b, &why) == 0, "attach");
-    struct ivshm_chan rx, tx;
-    ivshm_chan_init(&rx, IVSHM_KIND_SPSC, &in, 1, 0, p->bells.fd[1], -1, resolve, &p->bells, 0, RECHECK_NS);
-    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &out, 1, 0, p->bells.fd[1], -1, resolve, &p->bells, 0, RECHECK_NS);
-    for (uint64_t i = 0; i < p->rounds; i++) {
-        uint64_t v;
-        CHECKP(ivshm_chan_recv(&rx, &v, sizeof(v), NULL, LOST_NS) == 8, "pong recv %" PRIu64, i);
-        CHECKP(v == i, "pong got %" PRIu64, v);
-        v++;
-        CHECKP(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "pong send");
-    }
-    return NULL;
-}
-
 static void spsc_pingpong(char *detail, size_t dn)
 {
-    struct pp p;
-    memset(&p, 0, sizeof(p));
-    p.rounds = tc_count(2000, 300);
-    CHECK(tregion_new(&p.t, 1 << 16) == 0, "region");
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&p.t.r, "a", IVSHM_KIND_SPSC, 8, 4, 1, 0, &p.a, &why) == 0, "a");
-    CHECK(ivshm_region_create_ring(&p.t.r, "b", IVSHM_KIND_SPSC, 8, 4, 1, 0, &p.b, &why) == 0, "b");
-    bells_open(&p.bells);
-    pthread_t th;
-    pthread_create(&th, NULL, pong, &p);
-    struct ivshm_spsc out, in;
-    CHECK(ivshm_spsc_attach(&out, &p.t.r, &p.a, &why) == 0, "attach");
-    CHECK(ivshm_spsc_attach(&in, &p.t.r, &p.b, &why) == 0, "attach");
-    struct ivshm_chan tx, rx;
-    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &out, 2, 0, p.bells.fd[2], -1, resolve, &p.bells, 0, RECHECK_NS);
-    ivshm_chan_init(&rx, IVSHM_KIND_SPSC, &in, 2, 0, p.bells.fd[2], -1, resolve, &p.bells, 0, RECHECK_NS);
-    for (uint64_t i = 0; i < p.rounds && !tc_failed(); i++) {
-        CHECK(ivshm_chan_send(&tx, &i, sizeof(i), LOST_NS) == 0, "ping send");
-        uint64_t v;
-        int64_t n = ivshm_chan_recv(&rx, &v, sizeof(v), NULL, LOST_NS);
-        CHECK(n != -ETIMEDOUT, "lost wake-up at round %" PRIu64, i);
-        CHECK(n == 8 && v == i + 1, "ping got %" PRIu64, v);
-    }
-    pthread_join(th, NULL);
-    struct ivshm_chan_stats st;
-    ivshm_chan_get_stats(&rx, &st);
-    snprintf(detail, dn, "%" PRIu64 " round trips, %" PRIu64 " sleeps", p.rounds, st.sleeps);
-    bells_close(&p.bells);
-    tregion_free(&p.t);
+    struct bells bells;
+    bells_open(&bells);
+    struct tchan_pp p = {.resolve = resolve, .ctx = &bells, .fd_ping = bells.fd[2],
+                         .fd_pong = bells.fd[1], .vector = 0, .rounds = tc_count(2000, 300)};
+    tchan_pingpong(&p);
+    snprintf(detail, dn, "%" PRIu64 " round trips, %" PRIu64 " sleeps", p.rounds, p.rx.sleeps);
+    bells_close(&bells);
 }
 
 /* ---------------------------------------------------------------------------------------------- */

@@ -315,9 +315,16 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
          * sequentially consistent, and the claim comes before the ring it took. */
         if (call->entry >= 0 &&
             atomic_load_explicit(IVSHM_ATOMIC(&table_of(ch, call->side)[call->entry]),
-                                 memory_order_seq_cst) != call->word)
-            rc = 1;
-        else
+                                 memory_order_seq_cst) != call->word) {
+            /* Woken before sleeping: take the ring's unit if it is there already (absorb counts
+             * the wake-up with this sleep).  If it is not there yet, this call did not sleep at
+             * all: the unit, when it comes, is a stray that ends the next sleep at once and is
+             * counted with that one (or another sleeper of the fd took it with its own). */
+            int took = ivshm_chan_absorb(ch, call);
+            if (took == 0)
+                atomic_fetch_sub_explicit(IVSHM_ATOMIC(&ch->st.sleeps), 1, memory_order_relaxed);
+            rc = took < 0 ? took : 1;
+        } else
             rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
         ivshm_chan_sleep_end(ch);
     } else {

@@ -40,11 +40,27 @@ def _child(sock, *args):
                             stderr=subprocess.PIPE, text=True, env=_env())
 
 
+def _readline(proc):
+    """One line of the child's stdout, read from the fd a byte at a time: a buffered readline()
+    would keep the lines after it in the text wrapper, where communicate() (which reads the fd)
+    never finds them, and a child that is quick to finish would seem to have printed nothing."""
+    out = bytearray()
+    fd = proc.stdout.fileno()
+    while True:
+        b = os.read(fd, 1)
+        if not b:
+            break
+        out += b
+        if b == b"\n":
+            break
+    return out.decode()
+
+
 def _line(proc, key, timeout=60.0):
     """The next JSON line of the child that has ``key`` (others are skipped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+        line = _readline(proc)
         if not line:
             break
         msg = json.loads(line)

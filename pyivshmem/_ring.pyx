@@ -259,8 +259,10 @@ cdef class _Mapping:
     cdef int closed_fd
     cdef int lost
     cdef int guard_id
+    cdef uint64_t fork_gen  # _fork_gen in the process that made this mapping (and closed_fd)
 
     def __cinit__(self):
+        self.fork_gen = _fork_gen
         self.base = NULL
         self.size = 0
         self.closed = False
@@ -304,7 +306,10 @@ cdef class _Mapping:
         if self.closed:
             return
         self.closed = True
-        if self.closed_fd >= 0:
+        # Not in a forked child: its closed_fd is the parent's eventfd, and writing it would
+        # wake (and fail) the parent's sleepers on a region the parent still uses.  The child's
+        # own sleepers, if it made any, see the close at their next re-check.
+        if self.closed_fd >= 0 and self.fork_gen == _fork_gen:
             _c_write(self.closed_fd, &one, 8)
         if self.users == 0:
             self._unmap()
@@ -1223,6 +1228,8 @@ cdef class _Ring:
             raise ClosedError(f"ring {self._name!r}: this handle is closed")
         if self._m.closed:
             raise ClosedError(f"ring {self._name!r}: its region is closed")
+        if self._m.lost:  # also inside wait loops: a blocking call without a timeout must see it
+            self._raise_lost()
         return 0
 
     cdef inline int _check_send(self) except -1:
@@ -1862,6 +1869,10 @@ cdef class MpmcRing(_Ring):
         for a consumer's claim."""
         self._check()
         cdef uint64_t pos = _int_arg(slot, "slot", 0, 2**64 - 1)
+        if (self._rst is not None and pos == self._rpos) or (self._wview_len >= 0 and pos == self._wpos):
+            raise ConfigError(f"recover({slot}) on ring {self._name!r}: this handle holds that slot "
+                              "itself (its open peek() or reserve()); release()/commit() or cancel() "
+                              "it instead: recover() is for slots whose holder died")
         cdef int rc
         cdef Py_buffer buf
         if message is None:

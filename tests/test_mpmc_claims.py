@@ -108,3 +108,26 @@ def test_a_dead_producers_reservation_is_finished_with_the_given_message(ring, s
         ring.recover(slot, message=b"again")
     with pytest.raises(ConfigError, match="not within a lap"):
         ring.recover(1000, message=b"far")
+
+
+def test_recover_refuses_the_slot_this_handle_holds(shm_path):
+    # recovering one's own open peek or reservation would let others reuse the slot under it:
+    # a message lost on release(), or a message overwritten on commit()
+    with Region.create(shm_path, "1M") as r:
+        a = r.create_ring("m", "mpmc", slot_size=64, capacity=4)
+        view = a.reserve(10)
+        view[:3] = b"own"
+        del view
+        with pytest.raises(ConfigError, match="holds that slot itself"):
+            a.recover(a.reserved_slot, b"hijack")
+        with pytest.raises(ConfigError, match="holds that slot itself"):
+            a.recover(a.reserved_slot)
+        a.commit(3)
+        v = a.peek()
+        assert bytes(v) == b"own"
+        del v
+        with pytest.raises(ConfigError, match="holds that slot itself"):
+            a.recover(a.peeked_slot)
+        a.release()
+        a.send(b"next")
+        assert r.ring("m").recv(timeout=0) == b"next"

@@ -47,3 +47,61 @@ def test_peer_closed_in_a_forked_child_leaves_the_parent_alone(tmp_path):
         peer.close()  # no error, nothing leaked
         assert server.wait_until(lambda peers: not peers, 10)
         assert fd_count() <= base, "the parent leaked descriptors"
+
+
+@pytest.mark.timeout(60)
+def test_region_closed_in_a_forked_child_leaves_the_parents_channels_alone(shm_path):
+    # the region's close eventfd is shared across fork: a child closing its copy wrote it, and
+    # every blocking call of the parent on that region raised ClosedError from then on
+    from pyivshmem import Channel, Region
+
+    with Region.create(shm_path, "1M") as r:
+        rx = Channel(r.create_ring("a", slot_size=64, capacity=4), spin=0)
+        tx = Channel(r.ring("a"), spin=0)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                r.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not r.closed
+        tx.send(b"after the child closed its copy")
+        assert rx.recv(timeout=10) == b"after the child closed its copy"
+        from pyivshmem import WaitTimeout
+        with pytest.raises(WaitTimeout):  # a real wait, not an instant ClosedError
+            rx.recv(timeout=0.05)
+        rx.close()
+        tx.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_exits_and_leaves_the_parents_server_alone(tmp_path):
+    # the atexit hook closed every live server, in the child too: it waited for a loop thread
+    # that only the parent has (the child hung at exit), or would unlink the parent's socket
+    import subprocess
+    import sys
+    import textwrap
+
+    sock = str(tmp_path / "s.sock")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pyivshmem import Peer, Server
+        srv = Server({sock!r}, size="1M", vectors=1).start()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a hang at exit dies of SIGALRM instead of blocking the test
+            sys.exit(0)
+        _, st = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(st) == 0, st
+        assert os.path.exists({sock!r}), "the child unlinked the parent's socket"
+        with Peer.connect({sock!r}, timeout=10) as p:
+            assert p.id >= 0
+        srv.close()
+        print("ok")
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stdout, p.stderr[-2000:])

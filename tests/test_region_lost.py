@@ -335,3 +335,39 @@ def test_every_ring_kind_raises_lost_and_never_hangs(shm_path, kind):
             sub.close()
         q.close()
     assert r.closed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["send", "send_many", "recv", "recv_many"])
+def test_mpmc_call_blocked_without_timeout_raises_lost(shm_path, call):
+    # a call waiting with timeout=None re-checks the ring in its wait loop; that loop looked at
+    # `closed` only, so a truncation left it waiting for ever
+    import threading
+
+    region = Region.create(shm_path, "1M")
+    ring = region.create_ring("m", "mpmc", slot_size=64, capacity=4)
+    if call.startswith("send"):
+        for _ in range(4):
+            ring.send(b"fill")
+    waiter = region.ring("m")
+    fn = {"send": lambda: waiter.send(b"x", timeout=None),
+          "send_many": lambda: waiter.send_many([b"x"], timeout=None),
+          "recv": lambda: waiter.recv(timeout=None),
+          "recv_many": lambda: waiter.recv_many(4, timeout=None)}[call]
+    got = []
+
+    def run():
+        try:
+            fn()
+            got.append("returned")
+        except BaseException as e:  # noqa: BLE001 - the test reports what came out
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(0.2)  # let it reach its wait loop (a call that has not waited yet raises anyway)
+    os.truncate(shm_path, 0)
+    t.join(20)
+    assert not t.is_alive(), f"{call}(timeout=None) still blocked after the memory was truncated"
+    assert isinstance(got[0], RegionLostError), got
+    region.close()

@@ -694,6 +694,39 @@ def test_socket_path_appears_only_once_the_server_listens(sock_path, monkeypatch
     assert not os.path.exists(sock_path)
 
 
+@pytest.mark.timeout(60)
+def test_stale_socket_replaced_meanwhile_by_a_live_one_is_not_removed(sock_path, monkeypatch):
+    # two servers starting on one stale path: the one that probed the stale file must not unlink
+    # the live socket the other has put there since (it would run on, unreachable)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock_path)
+    stale.close()
+    live = socket.socket(socket.AF_UNIX)
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        try:
+            return real_connect(self, address)
+        except ConnectionRefusedError:
+            if address == sock_path and live.fileno() >= 0 and not live.getsockname():
+                os.unlink(sock_path)  # the other server: clears the stale file, binds, listens
+                live.bind(sock_path)
+                live.listen(1)
+            raise
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    try:
+        with pytest.raises(ConfigError, match="appeared while the server was starting"):
+            Server(sock_path, size="4K").listen()
+        monkeypatch.undo()
+        assert os.path.exists(sock_path)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(sock_path)  # the live one is still there and reachable
+        probe.close()
+    finally:
+        live.close()
+
+
 def test_bad_arguments(sock_path):
     with pytest.raises(ConfigError):
         Server(sock_path, vectors=65)

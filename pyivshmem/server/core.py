@@ -213,6 +213,7 @@ class Server:
         keep_shm: bool = False,
     ):
         self._closed = False
+        self._pid = os.getpid()  # a forked child's copy owns neither the loop nor the socket path
         self._listening = False
         if isinstance(vectors, bool) or not isinstance(vectors, int):
             raise ConfigError(f"vectors must be an integer, not {vectors!r}")
@@ -403,6 +404,8 @@ class Server:
     def close(self) -> None:
         if self._closed:
             return
+        if self._inherited():
+            return
         if self._running:
             self._request_stop()
             if self._loop_ident == threading.get_ident():
@@ -421,8 +424,17 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _inherited(self) -> bool:
+        """True (and marked closed) in a forked child: the loop thread, the socket path and the
+        memory are the parent's, and releasing them here would stop or unlink the parent's
+        server; the child's copies of the descriptors go when it exits."""
+        if getattr(self, "_pid", None) in (None, os.getpid()):
+            return False
+        self._closed = True
+        return True
+
     def __del__(self) -> None:
-        if getattr(self, "_closed", True):
+        if getattr(self, "_closed", True) or self._inherited():
             return
         if getattr(self, "_listening", False):
             warnings.warn(
@@ -936,9 +948,15 @@ def _clear_stale_socket(path: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        log.info("replacing stale socket file %s (nobody accepts on it)", path)
         try:
-            os.unlink(path)
+            now = os.lstat(path)
+            # only the file that was probed: another server starting at the same moment may
+            # have replaced it with its own live socket since
+            # (the inode number alone is not enough: a freed one is soon handed out again)
+            if ((now.st_dev, now.st_ino, now.st_ctime_ns) ==
+                    (st.st_dev, st.st_ino, st.st_ctime_ns)):
+                log.info("replacing stale socket file %s (nobody accepts on it)", path)
+                os.unlink(path)
         except FileNotFoundError:
             pass
         return

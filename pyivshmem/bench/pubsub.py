@@ -64,7 +64,7 @@ def _ivs_sub(path, ready, go, out, mode, latency):
     sub = ring.subscribe()
     ready.wait()
     go.wait()
-    count, lat, t_first = 0, [], None
+    count, lat = 0, []
     peek, release, recv = sub.peek, sub.release, sub.try_recv
     now, yield_ = time.perf_counter_ns, os.sched_yield
     while True:
@@ -97,10 +97,6 @@ def _ivs_sub(path, ready, go, out, mode, latency):
 
 def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
     data = _payload(size)
-    sent = 0
-    now = time.perf_counter_ns
-    end = now() + int(seconds * 1e9)
-    nxt = now()
     try_send, reserve, commit, yield_ = ring.try_send, ring.reserve, ring.commit, os.sched_yield
 
     def publish():  # one message, waiting (yielding the CPU) while the slowest subscriber lags
@@ -115,10 +111,18 @@ def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
             while not try_send(data):
                 yield_()
 
-    while True:
-        t = now()
-        if t >= end:
-            break
+    return _publish_for(seconds, latency, gap_ns, data, publish)
+
+
+def _publish_for(seconds, latency, gap_ns, data, publish):
+    """The publisher's loop, the same for both transports: ``publish()`` (which sends ``data``)
+    for ``seconds``, paced ``gap_ns`` apart with a timestamp in ``data`` when measuring latency,
+    then the stop marker; how many messages were published before it."""
+    now = time.perf_counter_ns
+    end = now() + int(seconds * 1e9)
+    nxt = now()
+    sent = 0
+    while now() < end:
         if latency:
             while now() < nxt:
                 pass
@@ -225,27 +229,15 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
     go.wait(60)
     data = _payload(size)
     buf = (ctypes.c_uint8 * size).from_buffer(data)
-    loan, memmove, now = pub.loan_slice_uninit, ctypes.memmove, time.perf_counter_ns
-    t0 = now()
-    end = t0 + int(seconds * 1e9)
-    nxt = t0
-    sent = 0
+    loan, memmove = pub.loan_slice_uninit, ctypes.memmove
 
     def send_one():
         s = loan(size)
         memmove(s.payload_ptr, buf, size)
         s.assume_init().send()
 
-    while now() < end:
-        if latency:
-            while now() < nxt:
-                pass
-            nxt += gap_ns
-            STAMP.pack_into(data, 0, 0, now())
-        send_one()
-        sent += 1
-    data[0] = STOP
-    send_one()
+    t0 = time.perf_counter_ns()
+    sent = _publish_for(seconds, latency, gap_ns, data, send_one)
     res = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)

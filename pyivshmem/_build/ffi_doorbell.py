@@ -1,24 +1,17 @@
 """cffi build script for pyivshmem._ffi_doorbell: doorbells (eventfds, the epoll wait loop, the bell
 table), and the client side of the ivshmem server protocol (csrc/ivshm_doorbell.c,
 csrc/ivshm_peer.c)."""
-import importlib.util
 import os
+import runpy
+import types
 
 from cffi import FFI
 
 
-def _build_helpers():
-    # pyivshmem/_build/__init__.py loaded by path: importing the pyivshmem package would need
-    # the extension modules this build is about to produce
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_pyivshmem_build",
-                                                  os.path.join(here, "__init__.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_helpers = _build_helpers()
+# pyivshmem/_build/__init__.py run by path: importing the pyivshmem package would need the
+# extension modules this build is about to produce
+_helpers = types.SimpleNamespace(**runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")))
 CSRC, compile_flags = _helpers.CSRC, _helpers.compile_flags
 
 ffibuilder = FFI()

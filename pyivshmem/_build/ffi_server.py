@@ -1,22 +1,16 @@
 """cffi (API mode, out-of-line) build of pyivshmem._ffi_server: the server's send side, and the
 protocol and layout constants the server needs (from csrc/ivshm_peer.h and csrc/ivshm_layout.h)."""
-import importlib.util
 import os
+import runpy
+import types
 
 from cffi import FFI
 
 
-def _build_helpers():
-    # Load pyivshmem/_build/__init__.py by path: importing the pyivshmem package itself would
-    # pull in extension modules that are not built yet while setup.py runs this script.
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_pyivshmem_build", os.path.join(here, "__init__.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_helpers = _build_helpers()
+# pyivshmem/_build/__init__.py run by path: importing the pyivshmem package would need the
+# extension modules this build is about to produce
+_helpers = types.SimpleNamespace(**runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")))
 CSRC = _helpers.CSRC
 compile_flags = _helpers.compile_flags
 

@@ -2,23 +2,17 @@
 
 The guest side of an ivshmem PCI device: VFIO ioctls, BAR0 register access, the polling timer.
 """
-import importlib.util
 import os
+import runpy
+import types
 
 from cffi import FFI
 
 
-def _build_helpers():
-    # load pyivshmem/_build/__init__.py by path: importing the package would need the extension
-    # modules this build is about to produce
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_pyivshmem_build", os.path.join(here, "__init__.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_b = _build_helpers()
+# pyivshmem/_build/__init__.py run by path: importing the pyivshmem package would need the
+# extension modules this build is about to produce
+_b = types.SimpleNamespace(**runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")))
 _cflags, _ldflags = _b.compile_flags()
 
 ffibuilder = FFI()

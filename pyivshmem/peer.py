@@ -405,18 +405,30 @@ class Peer:
             lib.ivshm_bell_table_clear_peer(self._bells, value)
             for f in fds:
                 _close(f)
-            return PeerEvent(LEFT, value, len(fds))
+            announced = len(fds) >= self._complete_at()
+            return PeerEvent(LEFT, value, len(fds)) if announced and not during_setup else None
 
         fds = self._peers.get(value)
         if fds is None:
-            lib.ivshm_bell_table_set_fd(self._bells, value, 0, fd)
-            self._peers[value] = [fd]
-            return None if during_setup else PeerEvent(JOINED, value, 1)
-        if len(fds) >= MAX_VECTORS:
+            fds = self._peers[value] = []
+        elif len(fds) >= MAX_VECTORS:
             raise fail(f"more than {MAX_VECTORS} vectors for peer {value}")
         lib.ivshm_bell_table_set_fd(self._bells, value, len(fds), fd)
         fds.append(fd)
+        # The server sends a new peer's vectors as separate messages, which may reach us one
+        # by one: the peer is announced once it has as many as we do (every peer of a server
+        # has the same number), never with a partial count.
+        if len(fds) == self._complete_at() and not during_setup:
+            return PeerEvent(JOINED, value, len(fds))
         return None
+
+    def _complete_at(self) -> int:
+        """How many vectors make another peer's join complete: as many as we have."""
+        return max(1, len(self._own))
+
+    def _complete_peers(self) -> Dict[int, List[int]]:
+        n = self._complete_at()
+        return {pid: fds for pid, fds in sorted(self._peers.items()) if len(fds) >= n}
 
     def _note(self, ev: Optional[PeerEvent]) -> None:
         """Keep an event for events().  Past _compact_at events waiting, coalesce them."""
@@ -525,10 +537,12 @@ class Peer:
         The server's waiting messages are taken in first, as notify() and wait() do (never
         blocking; their events wait for events()), so the view is as current as what the server
         has sent, and reading it keeps the server from queueing for this peer.  A protocol error
-        found here drops the connection and is raised by the next events() call."""
+        found here drops the connection and is raised by the next events() call.  A peer that
+        is joining shows once all its vectors have arrived (the server sends them one by one),
+        as its JOINED event does: never with a partial count."""
         self._live()
         self._drain_server(implicit=True)
-        return {pid: len(fds) for pid, fds in sorted(self._peers.items())}
+        return {pid: len(fds) for pid, fds in self._complete_peers().items()}
 
     @property
     def connected(self) -> bool:

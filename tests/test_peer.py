@@ -463,6 +463,40 @@ def test_own_vectors_arriving_late_are_added(fake):
         assert p.wait(5) == [1]
 
 
+def test_a_joining_peer_shows_only_with_all_its_vectors(fake):
+    """The server sends a new peer's vectors one message each; between them the peer is
+    neither in `peers` nor announced, and a peer that leaves before it completed is not
+    announced as leaving either."""
+    steps = [threading.Event() for _ in range(2)]
+
+    def script(c):
+        c.setup(1, vectors=2)
+        c.send(4, c.efd())
+        assert steps[0].wait(20), "the test never released the script"
+        c.send(4, c.efd())
+        assert steps[1].wait(20), "the test never released the script"
+        c.send(6, c.efd())
+        c.send(6)  # peer 6 leaves with one of its two vectors sent
+        c.send(7, c.efd())
+        c.send(7, c.efd())
+
+    srv = fake(script)
+    with Peer.connect(srv.path, vectors=2) as p:
+        deadline = time.monotonic() + 20
+        while 4 not in p._peers:  # until peer 4's first vector has been taken in
+            assert p.peers == {}
+            assert time.monotonic() < deadline, "peer 4's first vector never arrived"
+            time.sleep(0.005)
+        assert p.peers == {} and p.events() == []  # one vector of two so far
+        steps[0].set()
+        assert _events_until(p, lambda evs: evs) == [PeerEvent(JOINED, 4, 2)]
+        assert p.peers == {4: 2}
+        steps[1].set()
+        # 6 came and went half-joined: nothing about it; then 7 joined whole
+        assert _events_until(p, lambda evs: evs) == [PeerEvent(JOINED, 7, 2)]
+        assert p.peers == {4: 2, 7: 2}
+
+
 # ---------------------------------------------------------------------------- the client CLI
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -640,8 +674,16 @@ def test_two_peers_on_the_real_server(server):
             assert b.vectors == 2 and b.peers == {a.id: 2} and b.id != a.id
             # `peers` takes in the server's announcement by itself (no wait() or events() call)
             # once it has arrived: a's fileno() turns readable for it
-            assert select.select([a.fileno()], [], [], 20)[0], "b's join never reached a"
-            assert a.peers == {b.id: 2}
+            # (its two vectors may arrive apart: until both have, b is not shown at all)
+            end = time.monotonic() + 20
+            while True:
+                assert select.select([a.fileno()], [], [], 20)[0], "b's join never reached a"
+                seen = a.peers
+                assert seen in ({}, {b.id: 2}), f"a partial join shown: {seen}"
+                if seen:
+                    break
+                assert time.monotonic() < end, "b's second vector never reached a"
+                time.sleep(0.001)
             # ... and the event still waits for events()
             assert [(e.kind, e.peer) for e in a.events()] == [(JOINED, b.id)]
 

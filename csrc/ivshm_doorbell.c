@@ -236,7 +236,7 @@ int ivshm_bell_sleep(int fd, const int *cancel_fds, int ncancel, int timeout_ms)
 
 /* -- the bell table ------------------------------------------------------------------------------------
  * rows[peer] is NULL until the first fd of that peer is set, then an array of max_vectors fds (-1
- * where none).  Publication: a row is filled with -1 before the release store of its pointer, and
+ * where none) followed by the number of set_fd and clear_peer calls on the row.  Publication: a row is filled with -1 before the release store of its pointer, and
  * lookups load the pointer with acquire (pairs with that store); entries are single int stores and
  * loads.  The register and the watch fd are single stores and loads too. */
 struct ivshm_bell_table {
@@ -247,7 +247,7 @@ struct ivshm_bell_table {
     uint64_t watch_ns;     /* the watch interval */
     int64_t next_look_ns;  /* CLOCK_MONOTONIC time of the next unforced look (a hint) */
     uintptr_t reg;
-    int32_t **rows;
+    int32_t **rows;        /* each: max_vectors fds, then the row's count of changes */
 };
 
 int ivshm_bell_table_create(int kind, uint32_t max_peer, uint32_t max_vectors,
@@ -296,11 +296,12 @@ int ivshm_bell_table_set_fd(struct ivshm_bell_table *t, uint32_t peer, uint32_t 
     if (row == NULL) {
         if (fd < 0)
             return 0;
-        row = malloc(sizeof(*row) * t->max_vectors);
+        row = malloc(sizeof(*row) * ((size_t)t->max_vectors + 1));
         if (row == NULL)
             return -ENOMEM;
         for (uint32_t v = 0; v < t->max_vectors; v++)
             row[v] = -1;
+        row[t->max_vectors] = 0;
         int32_t *expect = NULL;
         /* release: pairs with the acquire loads of rows[peer] (lookups, other setters) */
         if (!atomic_compare_exchange_strong_explicit(IVSHM_ATOMIC(&t->rows[peer]), &expect, row,
@@ -310,6 +311,7 @@ int ivshm_bell_table_set_fd(struct ivshm_bell_table *t, uint32_t peer, uint32_t 
         }
     }
     IVSHM_STORE_RELEASE(&row[vector], (int32_t)fd); /* pairs with the acquire load in resolve */
+    atomic_fetch_add_explicit(IVSHM_ATOMIC(&row[t->max_vectors]), 1, memory_order_relaxed);
     return 0;
 }
 
@@ -320,10 +322,20 @@ int ivshm_bell_table_clear_peer(struct ivshm_bell_table *t, uint32_t peer)
     if (t->kind != IVSHM_BELL_EVENTFD)
         return 0;
     int32_t *row = IVSHM_LOAD_ACQUIRE(&t->rows[peer]);
-    if (row != NULL)
-        for (uint32_t v = 0; v < t->max_vectors; v++)
-            IVSHM_STORE_RELEASE(&row[v], -1); /* pairs with the acquire load in resolve */
+    if (row == NULL)
+        return 0;
+    for (uint32_t v = 0; v < t->max_vectors; v++)
+        IVSHM_STORE_RELEASE(&row[v], -1); /* pairs with the acquire load in resolve */
+    atomic_fetch_add_explicit(IVSHM_ATOMIC(&row[t->max_vectors]), 1, memory_order_relaxed);
     return 0;
+}
+
+uint32_t ivshm_bell_table_changes(const struct ivshm_bell_table *t, uint32_t peer)
+{
+    if (t->kind != IVSHM_BELL_EVENTFD || peer > t->max_peer)
+        return 0;
+    int32_t *row = IVSHM_LOAD_ACQUIRE(&t->rows[peer]); /* pairs with set_fd's publication */
+    return row == NULL ? 0 : (uint32_t)IVSHM_LOAD_RELAXED(&row[t->max_vectors]);
 }
 
 int ivshm_bell_table_set_mmio(struct ivshm_bell_table *t, uintptr_t reg)

@@ -122,9 +122,11 @@ int ivshm_bell_sleep(int fd, const int *cancel_fds, int ncancel, int timeout_ms)
  *
  * The watch fd (a host peer's server socket) turns readable when the server has news the owner
  * has not taken in (a peer joined or left): ivshm_bell_table_stale() says so with one poll(2), so
- * that a waker can let the owner refresh the table first.  That poll would double the system calls
- * of a ring, so it runs at most once per watch interval, unless forced (a lookup missed: maybe
- * the peer has just joined). */
+ * that a waker can let the owner refresh the table: first when a lookup missed (maybe the peer has
+ * just joined), otherwise after the ring, so that the poll is not between a publish and its
+ * doorbell; a waker that rang an entry which the refresh changed (ivshm_bell_table_changes())
+ * rings it again.  The poll would double the system calls of a ring, so an unforced look runs at
+ * most once per watch interval. */
 struct ivshm_bell_table;
 
 /* A new table of `kind` for peer ids 0..max_peer and vectors 0..max_vectors-1 (max_peer <=
@@ -138,6 +140,9 @@ void ivshm_bell_table_destroy(struct ivshm_bell_table *t);
 int ivshm_bell_table_set_fd(struct ivshm_bell_table *t, uint32_t peer, uint32_t vector, int fd);
 /* Clear every vector of one peer (it left); 0 or -EINVAL. */
 int ivshm_bell_table_clear_peer(struct ivshm_bell_table *t, uint32_t peer);
+/* How many set_fd and clear_peer calls changed one peer's entries so far (0 for a peer never
+ * set, or an MMIO table): a waker compares two reads to see whether a refresh touched them. */
+uint32_t ivshm_bell_table_changes(const struct ivshm_bell_table *t, uint32_t peer);
 /* MMIO tables: the Doorbell register's address, 0 to clear (the BAR is going away). */
 int ivshm_bell_table_set_mmio(struct ivshm_bell_table *t, uintptr_t reg);
 /* Clear everything: every fd, the register and the watch fd (the owner is closing). */

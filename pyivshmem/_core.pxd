@@ -126,6 +126,7 @@ cdef extern from "ivshm_doorbell.h" nogil:
         pass
     int ivshm_bell_ring(const ivshm_bell *b)
     int ivshm_bell_table_stale(ivshm_bell_table *t, int force)
+    uint32_t ivshm_bell_table_changes(const ivshm_bell_table *t, uint32_t peer)
     int ivshm_bell_table_resolve(void *table, uint32_t peer, uint32_t vector, ivshm_bell *out)
 
 cdef extern from "ivshm_chan.h" nogil:

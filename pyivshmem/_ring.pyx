@@ -3025,10 +3025,20 @@ cdef int _resolve_bell(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *ou
         return -1  # counted as unrouted; the sleeper's re-check covers it
 
 
+# how many doorbells of one wake the table resolver remembers for the look after them (a wake
+# rings at most one sleeper per table entry)
+cdef enum:
+    _RUNG_MAX = 32
+
+
 cdef struct _BellCtx:
     ivshm_bell_table *table  # the provider's bell table (NULL: ask notify_target)
     void *channel            # the Channel (borrowed: the Channel owns this struct)
     int closed               # the Channel was closed: ring nobody
+    int nrung                # doorbells rung from the table since the last look after them
+    uint32_t rung_peer[_RUNG_MAX]
+    uint32_t rung_vector[_RUNG_MAX]
+    uint32_t rung_gen[_RUNG_MAX]  # the peer's ivshm_bell_table_changes() when it was rung
 
 
 cdef void _refresh_bells(void *chan) noexcept with gil:
@@ -3043,8 +3053,10 @@ cdef void _refresh_bells(void *chan) noexcept with gil:
 
 cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *out) noexcept nogil:
     """The C channel asks how to ring (peer, vector), for a provider with a bell table: read it in
-    C.  Python runs only when the table's watch fd (a Peer's server socket) is readable: looked
-    at once per watch interval, and whenever the lookup misses (a peer that has just joined).
+    C, without a system call.  Whether the table is stale (the watch fd, a Peer's server socket,
+    is readable: a peer left, or one joined with a reused id) is looked at after the ring, by
+    _bells_after_wake(), so that this look is not between the publish and the doorbell; only a
+    lookup that misses (a peer that has just joined) looks first.
 
     Lifetime (docs/wakeup.md): wakes run with the GIL held from this lookup to the ring, and the
     provider clears an entry before it takes the GIL to close its fd, so a ring never reaches a
@@ -3052,13 +3064,37 @@ cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *o
     cdef _BellCtx *c = <_BellCtx *>ctx
     if c.closed:
         return -1
-    if ivshm_bell_table_stale(c.table, 0):
-        _refresh_bells(c.channel)
     cdef int rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
     if rc < 0 and ivshm_bell_table_stale(c.table, 1):
         _refresh_bells(c.channel)
         rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
+    if rc == 0 and c.nrung < _RUNG_MAX:
+        c.rung_peer[c.nrung] = peer
+        c.rung_vector[c.nrung] = vector
+        c.rung_gen[c.nrung] = ivshm_bell_table_changes(c.table, peer)
+        c.nrung += 1
     return rc
+
+
+cdef void _bells_after_wake(_BellCtx *c) noexcept:
+    """After a wake that rang from the table: when the table's owner has news (looked at once
+    per watch interval), let it take them in, and ring again each doorbell whose peer's entries
+    it changed: the peer id may have been reused by a peer that joined since, whose sleeper
+    was rung on the departed peer's fd (the new fd may even have the same number, so numbers
+    cannot tell).  Called with the GIL held, as the wake was."""
+    cdef int n = c.nrung
+    cdef int i
+    cdef ivshm_bell b
+    c.nrung = 0
+    if n == 0 or c.closed or c.table == NULL or not ivshm_bell_table_stale(c.table, 0):
+        return
+    _refresh_bells(c.channel)
+    if c.closed:
+        return
+    for i in range(n):
+        if (ivshm_bell_table_changes(c.table, c.rung_peer[i]) != c.rung_gen[i]
+                and ivshm_bell_table_resolve(c.table, c.rung_peer[i], c.rung_vector[i], &b) == 0):
+            ivshm_bell_ring(&b)
 
 
 cdef class _FdShare:
@@ -3185,15 +3221,20 @@ cdef class Channel:
             raise ClosedError("the channel is closed")
         return self._ring._check()
 
-    cdef inline void _wake_other(self, uint32_t my_side) noexcept:
+    cdef inline int _wake_other(self, uint32_t my_side) noexcept:
+        """Ring the sleepers of the other side that need it; how many were rung."""
         # A send or receive that copied with the GIL released may have seen the region closed
         # and unmapped when it left: then there is nobody to wake through this mapping.
         if self._ring._m.closed:
-            return
+            return 0
+        cdef int rung
         if self._ring._info.kind == IVSHM_KIND_PUBSUB and my_side == IVSHM_CHAN_SEND:
-            ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
+            rung = ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
         else:
-            ivshm_chan_wake_other(&self._ch, my_side)
+            rung = ivshm_chan_wake_other(&self._ch, my_side)
+        if self._bells.nrung:
+            _bells_after_wake(&self._bells)
+        return rung
 
     cdef int _wait(self, ivshm_chan_call *call, timeout, bint sending) except -1:
         """One blocking wait (GIL released, mapping held).  Returns when the ring may be ready;
@@ -3237,6 +3278,8 @@ cdef class Channel:
     cdef void _pass_on(self, ivshm_chan_call *call) noexcept:
         if not self._ring._m.closed:
             ivshm_chan_pass_on(&self._ch, call)
+            if self._bells.nrung:
+                _bells_after_wake(&self._bells)
 
     # -- receive ------------------------------------------------------------------------------
     def try_recv(self):
@@ -3560,8 +3603,4 @@ cdef class Channel:
             my_side = IVSHM_CHAN_SEND
         else:
             raise ConfigError(f"wake(side) takes 'senders' or 'receivers', not {side!r}")
-        if self._ring._m.closed:
-            return 0
-        if self._ring._info.kind == IVSHM_KIND_PUBSUB and my_side == IVSHM_CHAN_SEND:
-            return ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
-        return ivshm_chan_wake_other(&self._ch, my_side)
+        return self._wake_other(my_side)

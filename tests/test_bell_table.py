@@ -154,6 +154,44 @@ def test_a_departed_peer_is_never_rung_and_its_successor_with_the_same_id_is(tmp
             tx.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_reused_id_not_yet_taken_in_is_rung_after_the_old_fd(tmp_path):
+    """b leaves and c joins with b's id while the waker's Peer has taken in neither message: its
+    table still names b's fd (open: the departure was not processed).  The wake rings that fd,
+    then looks at the server socket, takes the news in, and rings c's new fd: c's sleeper wakes
+    by its doorbell, not by a re-check."""
+    sock = str(tmp_path / "s.sock")
+    with Server(sock, size="1M", vectors=1) as server:
+        server.start()
+        with Peer.connect(sock, timeout=30) as a:
+            ring = a.region.create_ring("r", kind="mpmc", slot_size=64, capacity=8)
+            tx = Channel(ring, a, spin=0, recheck=RECHECK)
+            b = Peer.connect(sock, timeout=30)
+            bid = b.id
+            deadline = time.monotonic() + TIMEOUT
+            while bid not in a.peers:  # a knows b: its table has b's fd
+                assert time.monotonic() < deadline, "no JOINED for b"
+                select.select([a.fileno()], [], [], 1.0)
+            a.events()
+            b.close()
+            # the departure reaches a's socket: leave it unread
+            assert select.select([a.fileno()], [], [], TIMEOUT)[0], "no LEFT for b"
+            server._next_id = bid
+            with Peer.connect(sock, timeout=30) as c:
+                assert c.id == bid
+                _no_python_resolver(a)
+                rx = Channel(c.region.ring("r"), c, spin=0, recheck=RECHECK)
+                s = _Sleeper(rx)
+                _wait_sleeping(a.region, "r", s)
+                time.sleep(0.002)  # past the table's watch interval
+                tx.send(b"to c")
+                assert s.join() == b"to c"
+                assert rx.stats["wakeups"] == 1
+                assert bid in a.peers
+                rx.close()
+            tx.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_closed_peer_rings_nobody(tmp_path):
     """Peer.close() clears the table before closing fds: a Channel that outlives its Peer (over a

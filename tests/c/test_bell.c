@@ -84,8 +84,12 @@ static void table_eventfd(char *detail, size_t dn)
     CHECK(ivshm_bell_table_ring(t, 7, 2) == 0, "ring");
     CHECK(ivshm_bell_table_ring(t, 7, 3) == -ENOENT, "ringing an unknown vector");
     CHECK(counter_of(fd) == 1, "the ring did not reach the fd");
+    /* each peer's entries count their changes: a waker compares two reads */
+    CHECK(ivshm_bell_table_changes(t, 7) == 1 && ivshm_bell_table_changes(t, 6) == 0 &&
+          ivshm_bell_table_changes(t, 65536) == 0, "changes after one set_fd");
     /* the peer leaves: cleared, and no ring reaches the fd any more */
     CHECK(ivshm_bell_table_clear_peer(t, 7) == 0, "clear");
+    CHECK(ivshm_bell_table_changes(t, 7) == 2, "a clear is a change");
     CHECK(ivshm_bell_table_resolve(t, 7, 2, &b) == -ENOENT, "a cleared peer resolves");
     CHECK(ivshm_bell_table_ring(t, 7, 2) == -ENOENT && counter_of(fd) == 0, "rang a cleared peer");
     /* set one vector to -1 */

@@ -309,7 +309,7 @@ def test_schema_is_stable():
         "figure", "group", "unit", "higher_is_better", "pyivshmem", "best_peer",
         "best_peer_value", "ratio"}
     # added to version 1 later: checked when present, so older documents still validate
-    assert set(report.OPTIONAL_RECORD_FIELDS) == {"spread"}
+    assert set(report.OPTIONAL_RECORD_FIELDS) == {"spread", "samples_alternated"}
     assert set(report.SPREAD_FIELDS) == {"metric", "values", "seq", "spread", "limit", "flagged"}
     assert set(report.OPTIONAL_HEADLINE_FIELDS) == {"spread_flagged"}
     # the documentation names every record field

@@ -96,6 +96,21 @@ class FakeSession:
                     for r in self.roles if r[0] == "c"})
         return out
 
+    def start(self, tasks, timeout, order=None):
+        """The first half of run(): the task is noted now (with its turn FIFOs), and answered
+        by finish()."""
+        self.runner.started.append((self.t.key, tasks["a"]["pattern"], tasks["a"].get("turn_in"),
+                                    tasks["a"].get("turn_out"), tasks["a"].get("mode")))
+        self.pending = (tasks, timeout, order)
+
+    def finish(self):
+        tasks, timeout, order = self.pending
+        self.runner.finished.append(self.t.key)
+        res = self.run(tasks, timeout, order)
+        if self.t.key in self.runner.lose_turns:
+            res["a"]["turns_lost"] = True
+        return res
+
     def close(self):
         self.closed = True
 
@@ -108,6 +123,9 @@ class FakeRunner(Runner):
         self.runs = []              # (transport key, scenario, mode, count) in the order run
         self.counts = {}
         self.sessions = []
+        self.started = []           # (key, sender pattern, turn_in, turn_out, mode) by start()
+        self.finished = []          # keys, in the order finish() answered
+        self.lose_turns = set()     # keys whose sender reports that its turns stopped coming
 
     def open_session(self, t, roles, cpus, sizes):
         s = FakeSession(self, t, roles)
@@ -325,3 +343,61 @@ def test_cli_max_spread_is_a_percentage(arg, value, monkeypatch, capsys):
 def test_cli_rejects_bad_max_spread(arg, capsys):
     assert bench.main(["--max-spread", arg]) == 2
     assert "--max-spread" in capsys.readouterr().err
+
+
+class TwoVariants(Fake):
+    """A transport with pyivshmem's two wake-up variants (they share its workers)."""
+
+    def wakeup_variants(self):
+        return [{"mode": "blocking", "variant": "no spin", "rank": 0},
+                {"mode": "adaptive", "variant": "spin", "rank": 1}]
+
+
+def test_wakeup_senders_take_turns_in_rounds_of_one_variant_per_transport():
+    ts = [TwoVariants("A", is_pyivshmem=True), Fake("B"), Fake("C")]
+    runner = FakeRunner(_settings(scenarios=("wakeup",)), ts, _const(1000))
+    recs = runner.run()
+    # per trial: round 1 = A's first variant with B and C, started together, then collected;
+    # round 2 = A's second variant alone (no partner left: no turns)
+    assert [(k, m) for k, _p, _i, _o, m in runner.started] == \
+        [("A", "blocking"), ("B", "blocking"), ("C", "blocking"), ("A", "adaptive")] * 3
+    assert runner.finished == ["A", "B", "C", "A"] * 3
+    for t in range(3):
+        rnd = runner.started[4 * t:4 * t + 3]
+        ins = [i for _k, _p, i, _o, _m in rnd]
+        outs = [o for _k, _p, _i, o, _m in rnd]
+        assert all(ins) and len(set(ins)) == 3
+        assert outs == ins[1:] + ins[:1]  # a ring: each hands its turn to the next
+        assert runner.started[4 * t + 3][2] is None  # alone: no FIFOs
+    wake = {(r["transport"], r["mode"]): r for r in recs if r["scenario"] == "wakeup"}
+    assert wake[("A", "blocking")]["samples_alternated"] is True
+    assert wake[("B", "blocking")]["samples_alternated"] is True
+    assert wake[("A", "adaptive")]["samples_alternated"] is False
+    assert [r["latency_ns"]["count"] for r in wake.values()] == [30] * 4
+    doc = report.build_document(recs, runner.s.as_dict(), runner.notes, ["pyivshmem", "bench"],
+                                [0, 1], 1.0)
+    report.validate(json.loads(json.dumps(doc)))
+    assert "wake-ups alternating one by one" in report.format_report(doc)
+
+
+def test_a_wakeup_sender_that_lost_its_turns_is_not_called_alternated():
+    ts = [Fake("A", is_pyivshmem=True), Fake("B")]
+    runner = FakeRunner(_settings(scenarios=("wakeup",)), ts, _const(1000))
+    runner.lose_turns = {"B"}
+    recs = runner.run()
+    alt = {r["transport"]: r["samples_alternated"] for r in recs if r["scenario"] == "wakeup"}
+    assert alt == {"A": True, "B": False}
+
+
+def test_a_wakeup_transport_failing_to_start_is_dropped_and_the_others_go_on():
+    ts = [Fake("A", is_pyivshmem=True), Fake("B"), Fake("C")]
+    runner = FakeRunner(_settings(scenarios=("wakeup",)), ts, _const(1000),
+                        fail_at={("B", "wakeup"): 1})
+    recs = runner.run()
+    by = {r["transport"]: r for r in recs if r["scenario"] == "wakeup"}
+    assert by["B"]["status"] == "failed" and "trial 2 of 3" in by["B"]["note"]
+    assert by["A"]["status"] == by["C"]["status"] == "ok"
+    assert len(by["A"]["spread"]["values"]) == 3
+    # trial 3 is A and C alone together: a ring of two
+    last = runner.started[-2:]
+    assert [k for k, *_ in last] == ["A", "C"] and last[0][3] == last[1][2]

@@ -135,6 +135,7 @@ HEADLINE_FIELDS: Dict[str, tuple] = {
 # added in version 1 after its first documents: checked when present
 OPTIONAL_RECORD_FIELDS: Dict[str, tuple] = {
     "spread": (dict, type(None)),  # how much the figure's trials disagree (below)
+    "samples_alternated": (bool,),  # wake-up: samples alternated one by one with the others'
 }
 SPREAD_FIELDS: Dict[str, tuple] = {
     "metric": (str,),              # what each trial value is: "p50" (ns) or "msgs_per_s"
@@ -615,7 +616,8 @@ def _trials_line(settings: Dict[str, Any]) -> str:
     n = settings.get("repeat") or 1
     limit = settings.get("max_spread")
     text = (f"Each figure: {n} trial{'s' if n != 1 else ''}, interleaved across transports "
-            "(A B C A B C ...); spread = (max - min) / median of a figure's trials")
+            "(A B C A B C ...), wake-ups alternating one by one within each trial; "
+            "spread = (max - min) / median of a figure's trials")
     if limit is not None:
         text += f", ! = above {limit * 100:.0f}% (--max-spread)"
     return text + "."

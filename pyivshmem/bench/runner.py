@@ -2,7 +2,10 @@
 
 One :class:`Runner` walks the figures (a figure is a group of records compared with each other:
 one scenario, mode, size and placement) and runs every transport's trials of a figure interleaved:
-trial 1 of pyivshmem's variants and of each peer, then trial 2 of each, and so on.  Each transport
+trial 1 of pyivshmem's variants and of each peer, then trial 2 of each, and so on.  Wake-up
+figures go further: within a trial the transports' senders take turns (a token passed through
+FIFOs), so their wake-ups alternate one by one, as bench/c/chan_wake alternates its samples; a
+transport's own variants share its workers, so they take part in successive rounds.  Each transport
 keeps a group of spawned worker processes (see workers.py) for the whole run.  Each measured figure
 becomes one record (a plain dict, the JSON schema of report.py) with the spread of its trials; a
 scenario that cannot run becomes a record with ``status`` "skipped" or "failed" and a note saying
@@ -83,6 +86,12 @@ class _Session:
 
     def run(self, tasks: Dict[str, Dict[str, Any]], timeout: float,
             order: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+        self.start(tasks, timeout, order)
+        return self.finish()
+
+    def start(self, tasks: Dict[str, Dict[str, Any]], timeout: float,
+              order: Optional[Sequence[str]] = None) -> None:
+        """run() in two halves (WorkerGroup.start/finish): several sessions at once."""
         if self.group is None:
             self.state = self.transport.setup(
                 self.runner.ctx, f"{self.runner.run_id}-{self.runner.next_serial()}",
@@ -95,7 +104,15 @@ class _Session:
                 self._teardown()
                 raise
         try:
-            return self.group.run(tasks, timeout, order)
+            self.group.start(tasks, timeout, order)
+        except BaseException:
+            self.close()
+            raise
+
+    def finish(self) -> Dict[str, Dict[str, Any]]:
+        assert self.group is not None, "finish() without start()"
+        try:
+            return self.group.finish()
         except BaseException:
             self.close()
             raise
@@ -132,6 +149,10 @@ class _Entry:
         self.status = "skipped" if skip else "ok"
         self.prepare: Optional[Callable[[], None]] = None
         self.trial: Callable[[int], Dict[str, Any]] = lambda i: {}
+        # start(i, turn, n) and collect() instead of trial(i): the trial runs alongside n - 1
+        # others, its sender taking turns through the FIFOs in ``turn`` (wake-up figures)
+        self.start: Optional[Callable[[int, Dict[str, str], int], None]] = None
+        self.collect: Optional[Callable[[], Dict[str, Any]]] = None
         self.finish: Callable[[List[Dict[str, Any]]], Dict[str, Any]] = lambda results: {}
         self.metric = ""
         self.results: List[Dict[str, Any]] = []
@@ -369,17 +390,19 @@ class Runner:
                     e.fail(exc, "calibration")
                 e.elapsed += time.monotonic() - t0
         for i in range(self.trials):
+            if live and all(e.start is not None for e in live):
+                for members in _rounds([e for e in live if e.live]):
+                    self._in_turns(group, members, i)
+                continue
             for e in live:
                 if not e.live:
                     continue
-                self._trials_run += 1
-                seq = self._trials_run
-                self.trial_log.append((group, e.t.key, e.fields.get("variant", ""), i))
+                seq = self._log_trial(group, e, i)
                 t0 = time.monotonic()
                 try:
                     res = e.trial(i)
                 except WorkerFailed as exc:
-                    e.fail(exc, f"trial {i + 1} of {self.trials}" if self.trials > 1 else "")
+                    e.fail(exc, self._when(i))
                 else:
                     e.results.append(res)
                     e.seq.append(seq)
@@ -394,6 +417,58 @@ class Runner:
                                    **e.fields)
                 rec["spread"] = self._spread(e)
             self._say(rec)
+
+    def _log_trial(self, group: str, e: _Entry, i: int) -> int:
+        """Note that trial ``i`` of ``e`` runs now; its number in the whole run."""
+        self._trials_run += 1
+        self.trial_log.append((group, e.t.key, e.fields.get("variant", ""), i))
+        return self._trials_run
+
+    def _when(self, i: int) -> str:
+        return f"trial {i + 1} of {self.trials}" if self.trials > 1 else ""
+
+    def _in_turns(self, group: str, members: List[_Entry], i: int) -> None:
+        """Trial ``i`` of every member at once, their senders taking turns: a ring of FIFOs,
+        member k waiting on FIFO k and handing on to FIFO k + 1.  This process holds every FIFO
+        open meanwhile (so a token is never lost to a FIFO nobody has open yet) and puts the
+        first token in."""
+        tmp = tempfile.mkdtemp(prefix="pyivshmem-turns-")
+        fds: List[int] = []
+        started: List[Tuple[_Entry, int, float]] = []
+        n = len(members)
+        try:
+            paths = [os.path.join(tmp, f"turn{k}") for k in range(n)] if n > 1 else []
+            for path in paths:
+                os.mkfifo(path, 0o600)
+                fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            for k, e in enumerate(members):
+                turn = {"turn_in": paths[k], "turn_out": paths[(k + 1) % n]} if paths else {}
+                seq = self._log_trial(group, e, i)
+                t0 = time.monotonic()
+                try:
+                    assert e.start is not None
+                    e.start(i, turn, n)
+                except WorkerFailed as exc:
+                    e.fail(exc, self._when(i))
+                    e.elapsed += time.monotonic() - t0
+                else:
+                    started.append((e, seq, t0))
+            if fds and started:
+                os.write(fds[members.index(started[0][0])], b".")  # the first turn
+            for e, seq, t0 in started:
+                try:
+                    assert e.collect is not None
+                    res = e.collect()
+                except WorkerFailed as exc:
+                    e.fail(exc, self._when(i))
+                else:
+                    e.results.append(res)
+                    e.seq.append(seq)
+                e.elapsed += time.monotonic() - t0
+        finally:
+            for fd in fds:
+                os.close(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _spread(self, e: _Entry) -> Dict[str, Any]:
         values = [float(r["value"]) for r in e.results]
@@ -509,22 +584,36 @@ class Runner:
                 fields = dict(mode=v["mode"], variant=v["variant"], size=size, rank=v.get("rank"))
                 e = _Entry(t, "wakeup", group, fields, v.get("skip") or bad.get(size))
                 e.metric = "p50"
-                e.trial = self._wake_trial(t, v, size)
-                e.finish = _latency_finish
+                self._wake_trial(e, t, v, size)
                 out.append(e)
         return out
 
-    def _wake_trial(self, t: Transport, v: Dict[str, Any], size: int) -> Callable[[int], Dict[str, Any]]:
-        def trial(i: int) -> Dict[str, Any]:
+    def _wake_trial(self, e: _Entry, t: Transport, v: Dict[str, Any], size: int) -> None:
+        """Trial i of a wake-up figure: the sender (a) sleeps ``wake_gap`` before each timed
+        message, the receiver (b) is asleep in a blocking receive and records the latency."""
+        def tasks(i: int, turn: Dict[str, str], n: int) -> Tuple[Dict[str, Any], float]:
             count = max(1, self._split(self.s.wake_samples, i))
             task = {"size": size, "mode": v["mode"], "busy": False, "count": count,
                     "gap": self.s.wake_gap}
-            res = self._pair(t).run(
-                {"a": dict(task, pattern=v.get("send", "wake-send")),
-                 "b": dict(task, pattern=v.get("recv", "wake-recv"))},
-                60 + 3 * count * (self.s.wake_gap + 0.001), order=["b", "a"])
-            return _latency_trial(res, "b")
-        return trial
+            return ({"a": dict(task, pattern=v.get("send", "wake-send"), **turn),
+                     "b": dict(task, pattern=v.get("recv", "wake-recv"))},
+                    60 + 3 * n * count * (self.s.wake_gap + 0.001))
+
+        alongside = [1]
+
+        def start(i: int, turn: Dict[str, str], n: int) -> None:
+            work, timeout = tasks(i, turn, n)
+            alongside[0] = n
+            self._pair(t).start(work, timeout, order=["b", "a"])
+
+        def collect() -> Dict[str, Any]:
+            res = self._pair(t).finish()
+            out = _latency_trial(res, "b")
+            out["in_turns"] = alongside[0] > 1 and not res["a"].get("turns_lost")
+            return out
+
+        e.start, e.collect = start, collect
+        e.finish = _wake_finish
 
     # MPMC ------------------------------------------------------------------------------------
     def _mpmc(self) -> None:
@@ -632,6 +721,20 @@ class Runner:
                 pair.close()
 
 
+def _rounds(entries: List[_Entry]) -> List[List[_Entry]]:
+    """Entries to run at once, round after round: at most one variant per transport in a round
+    (a transport's variants share its workers), each in the first round without its transport."""
+    rounds: List[List[_Entry]] = []
+    for e in entries:
+        for r in rounds:
+            if all(o.t.key != e.t.key for o in r):
+                r.append(e)
+                break
+        else:
+            rounds.append([e])
+    return rounds
+
+
 def _latency_trial(res: Dict[str, Dict[str, Any]], role: str) -> Dict[str, Any]:
     hist = Histogram.from_dict(res[role]["histogram"])
     if not hist.count:
@@ -648,6 +751,15 @@ def _latency_finish(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         for k, v in (r["counters"] or {}).items():
             counters[k] = counters.get(k, 0) + v
     return {"latency_ns": _latency(hist), "counters": counters or None}
+
+
+def _wake_finish(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A wake-up figure: a latency figure that also says whether its samples alternated one by
+    one with the other transports' in every trial (False: some trial ran alone, or lost its
+    turns because another transport's sender failed)."""
+    out = _latency_finish(results)
+    out["samples_alternated"] = all(r.get("in_turns") for r in results)
+    return out
 
 
 def _counters(res: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, int]]:

@@ -302,17 +302,69 @@ def mpmc_consume(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     return {"start_ns": t0, "end_ns": clock(), "messages": got}
 
 
+#: How long a sender waits for its turn before it goes on alone (another transport's sender
+#: failed, so the turn will not come back): much longer than one turn of every transport.
+TURN_TIMEOUT = 10.0
+
+
+class _Turns:
+    """Taking turns with the senders of the other transports of one wake-up figure, so that
+    their wake-ups alternate one by one (A B C A B C ...) and a change of the machine's speed
+    meets them alike: wait for the turn on ``turn_in`` (a FIFO), act, hand it on to
+    ``turn_out``.  Without FIFOs in the task (one transport alone), both are no-ops.  When a
+    turn does not come within TURN_TIMEOUT, this sender goes on without turns, and says so in
+    its result."""
+
+    def __init__(self, task: Dict[str, Any]) -> None:
+        self.fd_in = self.fd_out = -1
+        self.alone = False
+        if task.get("turn_in"):
+            # O_RDWR: opening a FIFO so never waits for the other end (Linux)
+            self.fd_in = os.open(task["turn_in"], os.O_RDWR | os.O_CLOEXEC)
+            self.fd_out = os.open(task["turn_out"], os.O_RDWR | os.O_CLOEXEC)
+
+    def wait(self) -> None:
+        if self.fd_in < 0 or self.alone:
+            return
+        import select
+
+        if select.select([self.fd_in], [], [], TURN_TIMEOUT)[0]:
+            os.read(self.fd_in, 1)
+        else:
+            self.alone = True
+
+    def done(self) -> None:
+        if self.fd_out >= 0:
+            os.write(self.fd_out, b".")
+
+    def close(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        for fd in (self.fd_in, self.fd_out):
+            if fd >= 0:
+                os.close(fd)
+        self.fd_in = self.fd_out = -1
+        if self.alone:
+            result["turns_lost"] = True
+        return result
+
+
 def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
-    """Send a timestamped message after sleeping ``gap`` seconds each time (the peer is asleep)."""
+    """Send a timestamped message after sleeping ``gap`` seconds each time (the peer is asleep);
+    in turns with the other transports' senders when the task names turn FIFOs."""
     size, gap = max(task["size"], 8), task["gap"]
     pad = payload(size - 8)
     send = ep.send
     clock = time.monotonic_ns
-    for _ in range(task["count"]):
-        time.sleep(gap)
-        send(clock().to_bytes(8, "little") + pad)
-    send(STOP)
-    return {}
+    turns = _Turns(task)
+    try:
+        for _ in range(task["count"]):
+            turns.wait()
+            time.sleep(gap)
+            send(clock().to_bytes(8, "little") + pad)
+            turns.done()
+        send(STOP)
+    finally:
+        result = turns.close({})
+    return result
 
 
 def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
@@ -411,10 +463,20 @@ def ref_rtt_echo(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
 
 def ref_wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     ffi, lib = _ref_lib()
-    rc = lib.ivshm_ref_eventfd_wake(ep.rx, ep.tx, 1, task["count"], int(task["gap"] * 1e9),
-                                    ffi.NULL)
-    _ref_check(rc, "eventfd wake-ups")
-    return {}
+    gap_ns = int(task["gap"] * 1e9)
+    turns = _Turns(task)
+    try:
+        if turns.fd_in < 0:
+            _ref_check(lib.ivshm_ref_eventfd_wake(ep.rx, ep.tx, 1, task["count"], gap_ns, ffi.NULL),
+                       "eventfd wake-ups")
+        for _ in range(task["count"] if turns.fd_in >= 0 else 0):
+            turns.wait()  # then one wake-up in C: sleep, time, write, wait for the receiver
+            _ref_check(lib.ivshm_ref_eventfd_wake(ep.rx, ep.tx, 1, 1, gap_ns, ffi.NULL),
+                       "eventfd wake-ups")
+            turns.done()
+    finally:
+        result = turns.close({})
+    return result
 
 
 def ref_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
@@ -541,18 +603,32 @@ class WorkerGroup:
     def run(self, tasks: Dict[str, Dict[str, Any]], timeout: float,
             order: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
         """Run one task per role (``order``: who gets "go" first); results by role."""
+        self.start(tasks, timeout, order)
+        return self.finish()
+
+    def start(self, tasks: Dict[str, Dict[str, Any]], timeout: float,
+              order: Optional[Sequence[str]] = None) -> None:
+        """The first half of run(): hand out the tasks and say "go" once every worker has
+        opened; finish() collects the results.  Several groups can run at once this way."""
         if self.dead:
             raise WorkerFailed("worker group already failed")
-        order = list(order or self.roles)
+        self._order = list(order or self.roles)
         try:
-            deadline = time.monotonic() + timeout
-            for role in order:
+            self._deadline = time.monotonic() + timeout
+            for role in self._order:
                 self.conns[role].send(("task", tasks[role]))
-            for role in order:
-                self._expect(role, "opened", deadline)
-            for role in order:
+            for role in self._order:
+                self._expect(role, "opened", self._deadline)
+            for role in self._order:
                 self.conns[role].send(("go",))
-            return {role: self._expect(role, "ok", deadline) for role in order}
+        except BaseException:
+            self.kill()
+            raise
+
+    def finish(self) -> Dict[str, Dict[str, Any]]:
+        """The results of the task start() began, by role."""
+        try:
+            return {role: self._expect(role, "ok", self._deadline) for role in self._order}
         except BaseException:
             self.kill()
             raise

@@ -1,0 +1,95 @@
+"""The turns that wake-up senders of different transports take (pyivshmem.bench.workers), with
+real FIFOs and threads but no timing: the order of their sends is checked, not their speed."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from pyivshmem.bench import workers
+from pyivshmem.bench.peers import Endpoint
+from pyivshmem.bench.workers import STOP, wake_send
+
+
+def _ring_of_fifos(tmp_path, n):
+    paths = [str(tmp_path / f"turn{k}") for k in range(n)]
+    for p in paths:
+        os.mkfifo(p, 0o600)
+    # held open by "the runner" for the whole trial, as Runner._in_turns does
+    fds = [os.open(p, os.O_RDWR) for p in paths]
+    return paths, fds
+
+
+def _senders(paths, names, count, sent, lock, start=None):
+    n = len(paths)
+    threads, results = [], {}
+
+    def run(k, name):
+        def send(m):
+            with lock:
+                sent.append((name, m))
+
+        task = {"size": 64, "gap": 0, "count": count}
+        if paths:
+            task.update(turn_in=paths[k], turn_out=paths[(k + 1) % n])
+        results[name] = wake_send(Endpoint(send=send, recv=None, try_recv=None), task)
+
+    for k, name in enumerate(names):
+        if start is not None and name not in start:
+            continue
+        th = threading.Thread(target=run, args=(k, name), daemon=True)
+        th.start()
+        threads.append(th)
+    return threads, results
+
+
+@pytest.mark.timeout(60)
+def test_senders_in_a_ring_of_fifos_alternate_one_by_one(tmp_path):
+    paths, fds = _ring_of_fifos(tmp_path, 3)
+    sent, lock = [], threading.Lock()
+    try:
+        threads, results = _senders(paths, "ABC", 50, sent, lock)
+        os.write(fds[0], b".")  # the first turn
+        for th in threads:
+            th.join(30)
+            assert not th.is_alive()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    order = [name for name, m in sent if m != STOP]
+    assert order == list("ABC" * 50)
+    assert all(len(m) == 64 for _name, m in sent if m != STOP)
+    assert sorted(name for name, m in sent if m == STOP) == list("ABC")
+    assert results == {"A": {}, "B": {}, "C": {}}
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_whose_turn_never_comes_goes_on_alone_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(workers, "TURN_TIMEOUT", 0.2)
+    paths, fds = _ring_of_fifos(tmp_path, 3)
+    sent, lock = [], threading.Lock()
+    try:
+        # B never started (its transport failed): A's turns go into B's FIFO and stay there
+        threads, results = _senders(paths, "ABC", 5, sent, lock, start="AC")
+        os.write(fds[0], b".")
+        for th in threads:
+            th.join(30)
+            assert not th.is_alive()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    order = [name for name, m in sent if m != STOP]
+    assert sorted(order) == list("AAAAACCCCC")
+    assert order[0] == "A"
+    # A had its first turn only; C never had one: both went on alone after the timeout
+    assert results == {"A": {"turns_lost": True}, "C": {"turns_lost": True}}
+
+
+def test_without_fifos_a_sender_sends_alone(tmp_path):
+    sent, lock = [], threading.Lock()
+    threads, results = _senders([], "A", 4, sent, lock)
+    for th in threads:
+        th.join(30)
+    assert [m for _n, m in sent][-1] == STOP and len(sent) == 5
+    assert results == {"A": {}}

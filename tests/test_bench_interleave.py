@@ -401,3 +401,18 @@ def test_a_wakeup_transport_failing_to_start_is_dropped_and_the_others_go_on():
     # trial 3 is A and C alone together: a ring of two
     last = runner.started[-2:]
     assert [k for k, *_ in last] == ["A", "C"] and last[0][3] == last[1][2]
+
+
+def test_one_call_and_batched_throughput_of_a_size_interleave_with_each_other():
+    """README compares batches with one call per message: their trials alternate too, and each
+    record keeps its own group."""
+    a, b = Fake("A", is_pyivshmem=True), Fake("B")
+    a.batch = b.batch = True
+    runner = FakeRunner(_settings(scenarios=("throughput",)), [a, b], _const(1000.0))
+    recs = runner.run()
+    order = [(grp.split("/")[1], key, i) for grp, key, _v, i in runner.trial_log]
+    assert order == [(kind, key, i) for i in range(3) for key in "AB"
+                     for kind in ("single", "batch")]
+    groups = {(r["transport"], r["batch"]): r["group"] for r in recs}
+    assert groups == {("A", 1): "throughput/single/64/cross", ("A", 32): "throughput/batch/64/cross",
+                      ("B", 1): "throughput/single/64/cross", ("B", 32): "throughput/batch/64/cross"}

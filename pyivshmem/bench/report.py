@@ -495,9 +495,9 @@ def _throughput_section(recs: List[Dict[str, Any]]) -> List[str]:
         mine = [r for r in recs if r["group"].startswith(f"throughput/{kind}/")]
         keys: Dict[Tuple[str, str], Dict[int, Dict[str, Any]]] = {}
         for r in _ordered(mine):
-            keys.setdefault((r["label"], r["method"]), {})[r["size"]] = r
+            keys.setdefault((r["label"], r["variant"]), {})[r["size"]] = r
         first = True
-        for (label, _method), by_size in keys.items():
+        for (label, _variant), by_size in keys.items():
             if not any(x["status"] == "ok" for x in by_size.values()):
                 continue
             variant = next(iter(by_size.values()))["variant"]

@@ -307,7 +307,8 @@ class Runner:
                 self._figures(self._roundtrip_entries())
             if "throughput" in sc:
                 for size in self.s.sizes:
-                    self._figures(self._throughput_entries(size))
+                    self._figures(self._throughput_entries(size),
+                                  together=f"throughput/{size}/{self.placement}")
             if "wakeup" in sc:
                 self._figures(self._wakeup_entries())
             self._close_pairs()
@@ -367,8 +368,14 @@ class Runner:
         return total // n + (1 if i < total % n else 0)
 
     # -- figures -----------------------------------------------------------------------------
-    def _figures(self, entries: List[_Entry]) -> None:
-        """Group entries into figures (by group, in order of appearance) and run each."""
+    def _figures(self, entries: List[_Entry], together: Optional[str] = None) -> None:
+        """Group entries into figures (by group, in order of appearance) and run each; with
+        ``together`` (a name for the progress lines), interleave the trials of all of them,
+        each record keeping its own group (throughput: one call per message against batches of
+        the same size, which README compares)."""
+        if together is not None:
+            self._figure(together, entries)
+            return
         groups: Dict[str, List[_Entry]] = {}
         for e in entries:
             groups.setdefault(e.group, []).append(e)
@@ -397,7 +404,7 @@ class Runner:
             for e in live:
                 if not e.live:
                     continue
-                seq = self._log_trial(group, e, i)
+                seq = self._log_trial(e, i)
                 t0 = time.monotonic()
                 try:
                     res = e.trial(i)
@@ -409,19 +416,19 @@ class Runner:
                 e.elapsed += time.monotonic() - t0
         for e in entries:
             if e.status != "ok":
-                rec = self._record(e.t, e.scenario, group, status=e.status, note=e.note,
+                rec = self._record(e.t, e.scenario, e.group, status=e.status, note=e.note,
                                    **e.fields)
             else:
                 fields = e.finish(e.results)
-                rec = self._record(e.t, e.scenario, group, elapsed_s=e.elapsed, **fields,
+                rec = self._record(e.t, e.scenario, e.group, elapsed_s=e.elapsed, **fields,
                                    **e.fields)
                 rec["spread"] = self._spread(e)
             self._say(rec)
 
-    def _log_trial(self, group: str, e: _Entry, i: int) -> int:
+    def _log_trial(self, e: _Entry, i: int) -> int:
         """Note that trial ``i`` of ``e`` runs now; its number in the whole run."""
         self._trials_run += 1
-        self.trial_log.append((group, e.t.key, e.fields.get("variant", ""), i))
+        self.trial_log.append((e.group, e.t.key, e.fields.get("variant", ""), i))
         return self._trials_run
 
     def _when(self, i: int) -> str:
@@ -443,7 +450,7 @@ class Runner:
                 fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
             for k, e in enumerate(members):
                 turn = {"turn_in": paths[k], "turn_out": paths[(k + 1) % n]} if paths else {}
-                seq = self._log_trial(group, e, i)
+                seq = self._log_trial(e, i)
                 t0 = time.monotonic()
                 try:
                     assert e.start is not None

@@ -227,17 +227,20 @@ def tput_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
         while not head:
             head = recv_many(batch)
         t0 = clock()
-        got, last = len(head), head
+        got, first, tail = len(head), len(head), head[-1]
+        del head
         while got < n:
             more = recv_many(batch)
             if more:
                 got += len(more)
-                last = more
+                tail = more[-1]
+            # drop the batch before the next call makes the next one, as the single-call loop
+            # drops each message (holding it would change how the allocator reuses memory)
+            del more
         t1 = clock()
         if got != n:
             raise RuntimeError(f"batch receive got {got} messages, expected {n}")
-        timed = n - len(head)
-        tail = last[-1]
+        timed = n - first
     elif task["busy"]:
         try_recv = ep.try_recv
         while try_recv() is None:

@@ -141,6 +141,8 @@ cdef double _timeout_arg(object timeout, what="timeout") except -2.0:
         f = PyFloat_AS_DOUBLE(timeout)
         if f >= 0 and f != float("inf"):
             return f
+    elif PyLong_CheckExact(timeout) and 0 <= timeout <= 1000000000:  # 0, 5 ... (no ABC check)
+        return <double><long long>timeout
     if isinstance(timeout, bool) or not isinstance(timeout, _numbers.Real):
         raise ConfigError(f"{what} must be a number of seconds, or None to wait forever, not "
                           f"{type(timeout).__name__} {timeout!r}")
@@ -3322,7 +3324,7 @@ cdef class Channel:
         if max_count < 0:
             raise ConfigError(f"max_count must be >= 0, not {max_count}")
         self._check()
-        out = self._ring.recv_many(max_count, timeout=0)
+        out = self._ring.recv_many(max_count, 0.0)
         cdef ivshm_chan_call call
         if not out and t != 0 and max_count > 0:
             ivshm_chan_call_init(&call, IVSHM_CHAN_RECV, t, 1)
@@ -3334,7 +3336,7 @@ cdef class Channel:
                         if type(e) is WaitTimeout:
                             return []
                         raise  # a StallError says more than an empty list
-                    out = self._ring.recv_many(max_count, timeout=0)
+                    out = self._ring.recv_many(max_count, 0.0)
             finally:
                 self._pass_on(&call)
         if out:
@@ -3404,7 +3406,7 @@ cdef class Channel:
         self._check()
         seq = self._ring._sequence(messages)  # a sequence: the rest, messages[n:], stays the caller's
         cdef Py_ssize_t total = len(seq)
-        cdef Py_ssize_t sent = self._ring.send_many(seq, timeout=0)
+        cdef Py_ssize_t sent = self._ring.send_many(seq, 0.0)
         if sent:
             self._sent += sent
             self._wake_other(IVSHM_CHAN_SEND)
@@ -3421,7 +3423,7 @@ cdef class Channel:
                     if type(e) is WaitTimeout:
                         break
                     raise
-                n = self._ring.send_many(seq[sent:] if sent else seq, timeout=0)
+                n = self._ring.send_many(seq[sent:] if sent else seq, 0.0)
                 if n:
                     sent += n
                     self._sent += n

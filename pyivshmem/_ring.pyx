@@ -3087,19 +3087,29 @@ cdef void _bells_after_wake(_BellCtx *c) noexcept:
     per watch interval), let it take them in, and ring again each doorbell whose peer's entries
     it changed: the peer id may have been reused by a peer that joined since, whose sleeper
     was rung on the departed peer's fd (the new fd may even have the same number, so numbers
-    cannot tell).  Called with the GIL held, as the wake was."""
+    cannot tell).  Called with the GIL held, as the wake was.
+
+    The refresh runs Python, so the GIL may pass meanwhile to another thread waking through the
+    same Channel, which records its own doorbells in c.rung_*: ours are copied out first."""
     cdef int n = c.nrung
     cdef int i
     cdef ivshm_bell b
+    cdef uint32_t peer[_RUNG_MAX]
+    cdef uint32_t vector[_RUNG_MAX]
+    cdef uint32_t gen[_RUNG_MAX]
     c.nrung = 0
     if n == 0 or c.closed or c.table == NULL or not ivshm_bell_table_stale(c.table, 0):
         return
+    for i in range(n):
+        peer[i] = c.rung_peer[i]
+        vector[i] = c.rung_vector[i]
+        gen[i] = c.rung_gen[i]
     _refresh_bells(c.channel)
     if c.closed:
         return
     for i in range(n):
-        if (ivshm_bell_table_changes(c.table, c.rung_peer[i]) != c.rung_gen[i]
-                and ivshm_bell_table_resolve(c.table, c.rung_peer[i], c.rung_vector[i], &b) == 0):
+        if (ivshm_bell_table_changes(c.table, peer[i]) != gen[i]
+                and ivshm_bell_table_resolve(c.table, peer[i], vector[i], &b) == 0):
             ivshm_bell_ring(&b)
 
 

@@ -3042,6 +3042,7 @@ cdef struct _BellCtx:
     void *channel            # the Channel (borrowed: the Channel owns this struct)
     int closed               # the Channel was closed: ring nobody
     int nrung                # doorbells rung from the table since the last look after them
+    int refreshed            # a lookup that missed took the news in since then
     uint32_t rung_peer[_RUNG_MAX]
     uint32_t rung_vector[_RUNG_MAX]
     uint32_t rung_gen[_RUNG_MAX]  # the peer's ivshm_bell_table_changes() when it was rung
@@ -3073,6 +3074,7 @@ cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *o
     cdef int rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
     if rc < 0 and ivshm_bell_table_stale(c.table, 1):
         _refresh_bells(c.channel)
+        c.refreshed = 1  # it may have changed entries rung before it in this wake
         rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
     if rc == 0 and c.nrung < _RUNG_MAX:
         c.rung_peer[c.nrung] = peer
@@ -3097,14 +3099,21 @@ cdef void _bells_after_wake(_BellCtx *c) noexcept:
     cdef uint32_t peer[_RUNG_MAX]
     cdef uint32_t vector[_RUNG_MAX]
     cdef uint32_t gen[_RUNG_MAX]
+    cdef int refreshed = c.refreshed
     c.nrung = 0
-    if n == 0 or c.closed or c.table == NULL or not ivshm_bell_table_stale(c.table, 0):
+    c.refreshed = 0
+    if n == 0 or c.closed or c.table == NULL:
+        return
+    # A lookup that missed during the wake took the news in (a forced look): that look also
+    # put off the next unforced one, so compare the entries rung before it without looking.
+    if not refreshed and not ivshm_bell_table_stale(c.table, 0):
         return
     for i in range(n):
         peer[i] = c.rung_peer[i]
         vector[i] = c.rung_vector[i]
         gen[i] = c.rung_gen[i]
-    _refresh_bells(c.channel)
+    if not refreshed:
+        _refresh_bells(c.channel)
     if c.closed:
         return
     for i in range(n):
@@ -3248,7 +3257,7 @@ cdef class Channel:
             rung = ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
         else:
             rung = ivshm_chan_wake_other(&self._ch, my_side)
-        if self._bells.nrung:
+        if self._bells.nrung or self._bells.refreshed:
             _bells_after_wake(&self._bells)
         return rung
 
@@ -3294,7 +3303,7 @@ cdef class Channel:
     cdef void _pass_on(self, ivshm_chan_call *call) noexcept:
         if not self._ring._m.closed:
             ivshm_chan_pass_on(&self._ch, call)
-            if self._bells.nrung:
+            if self._bells.nrung or self._bells.refreshed:
                 _bells_after_wake(&self._bells)
 
     # -- receive ------------------------------------------------------------------------------

@@ -392,3 +392,55 @@ def test_a_second_thread_waking_during_the_refresh_does_not_hide_the_first_ring(
     close_fds(fds)
     close_fds(dummy)
     close_fds(bell.fds)
+
+
+@pytest.mark.timeout(120)
+def test_a_refresh_forced_by_a_miss_during_the_wake_still_re_rings_the_entries_rung_before(
+        shm_path):
+    """A publisher rings every subscriber in one wake.  The first is rung on a stale entry (its
+    id was reused: the table still names the departed peer's fd); the second is not in the table
+    yet, so its lookup takes the news in (a forced look), which also changes the first entry.
+    The look after the wake must ring the first subscriber again on its new fd, although the
+    forced look has just consumed the news (and set the next unforced look 10 s away)."""
+    from pyivshmem import Region
+    from _fdbell import FdBell, close_fds, make_fds
+
+    # peer 7's sleeper takes entry 0 of the sleeper table and peer 2's entry 10 (route % 30):
+    # a waker claims 7 first
+    fds = make_fds([7, 2])
+    dummy = make_fds([7])
+    with Region.create(shm_path, "1M") as region:
+        region.create_ring("r", "pubsub", slot_size=64, capacity=8)
+        pub = region.ring("r")
+        subs = [pub.subscribe(), region.ring("r").subscribe()]
+        bell = _TableBell(0, make_fds([0]))
+        bell.set_fd(7, dummy[7][0])  # stale: peer 7's id now belongs to a new subscriber
+        publisher = Channel(pub, bell, spin=0, recheck=RECHECK)
+        readers = [Channel(s, FdBell(p, {p: fds[p]}), spin=0, recheck=RECHECK)
+                   for p, s in zip((7, 2), subs)]
+
+        def on_refresh():
+            os.eventfd_read(bell.watch)  # the news taken in: the watch is quiet again
+            for p in (7, 2):
+                bell.set_fd(p, fds[p][0])
+
+        bell.on_refresh = on_refresh
+        os.eventfd_write(bell.watch, 1)
+        bell._lib.ivshm_bell_table_set_watch(bell._table, bell.watch, int(10e9))
+        sleepers = []
+        for ch in readers:
+            sleepers.append(_Sleeper(ch))
+            _wait_sleeping(region, "r", sleepers[-1], n=len(sleepers))
+        publisher.send(b"news")
+        assert [s.join() for s in sleepers] == [b"news", b"news"]
+        assert bell.refreshes == 1
+        assert bell.refreshes == 1
+        assert [ch.stats["wakeups"] for ch in readers] == [1, 1]
+        for ch in readers + [publisher]:
+            ch.close()
+        for s in subs:
+            s.close()
+        bell.close()
+    close_fds(fds)
+    close_fds(dummy)
+    close_fds(bell.fds)

@@ -461,3 +461,34 @@ def test_a_turn_handed_to_a_transport_that_failed_to_start_reaches_the_next():
     assert by["B"]["status"] == "failed"
     # A's turn went to B's FIFO and on to C; C's back to A (with the runner's first turn)
     assert runner.turn_came == {"A": True, "C": True}
+
+
+class MarkerSession(FakeSession):
+    """Notes whether the runner had marked its ring of turns as started, at start and finish."""
+
+    def _marked(self, tasks):
+        import os
+
+        from pyivshmem.bench.workers import TURNS_STARTED
+
+        turn_in = tasks["a"].get("turn_in")
+        return turn_in and os.path.exists(os.path.join(os.path.dirname(turn_in), TURNS_STARTED))
+
+    def start(self, tasks, timeout, order=None):
+        self.runner.marks.append(("start", self.t.key, self._marked(tasks)))
+        super().start(tasks, timeout, order)
+
+    def finish(self):
+        self.runner.marks.append(("finish", self.t.key, self._marked(self.pending[0])))
+        return super().finish()
+
+
+def test_a_ring_of_turns_is_marked_started_after_every_sender_started():
+    """Senders count the wait for a turn only once the runner says that all have started."""
+    ts = [Fake("A", is_pyivshmem=True), Fake("B")]
+    runner = FakeRunner(_settings(scenarios=("wakeup",), repeat=1), ts, _const(1000))
+    runner.marks = []
+    runner.open_session = lambda t, roles, cpus, sizes: MarkerSession(runner, t, roles)
+    runner.run()
+    assert runner.marks == [("start", "A", False), ("start", "B", False),
+                            ("finish", "A", True), ("finish", "B", True)]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .peers import Transport
 from .report import fmt_ns, fmt_rate
 from .stats import Histogram, spread, summarize_rates
-from .workers import WorkerFailed, WorkerGroup, usable_cpus
+from .workers import TURNS_STARTED, WorkerFailed, WorkerGroup, usable_cpus
 
 __all__ = ["Settings", "Runner", "SCENARIOS"]
 
@@ -467,6 +467,9 @@ class Runner:
                 # nobody reads a failed member's FIFO: pass its turns on for it, or every turn
                 # handed to it would be lost and the others would wait TURN_TIMEOUT, then go alone
                 relay = _Relay([(fds[k], fds[(k + 1) % n]) for k in failed])
+            if fds:
+                # every sender has started: their wait for a turn counts from now on
+                open(os.path.join(tmp, TURNS_STARTED), "w").close()
             if fds and started:
                 os.write(fds[members.index(started[0][0])], b".")  # the first turn
             for e, seq, t0 in started:

@@ -3042,6 +3042,7 @@ cdef struct _BellCtx:
     void *channel            # the Channel (borrowed: the Channel owns this struct)
     int closed               # the Channel was closed: ring nobody
     int nrung                # doorbells rung from the table since the last look after them
+    int refreshed            # a lookup that missed took the news in since then
     uint32_t rung_peer[_RUNG_MAX]
     uint32_t rung_vector[_RUNG_MAX]
     uint32_t rung_gen[_RUNG_MAX]  # the peer's ivshm_bell_table_changes() when it was rung
@@ -3073,6 +3074,7 @@ cdef int _resolve_table(void *ctx, uint32_t peer, uint32_t vector, ivshm_bell *o
     cdef int rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
     if rc < 0 and ivshm_bell_table_stale(c.table, 1):
         _refresh_bells(c.channel)
+        c.refreshed = 1  # it may have changed entries rung before it in this wake
         rc = ivshm_bell_table_resolve(c.table, peer, vector, out)
     if rc == 0 and c.nrung < _RUNG_MAX:
         c.rung_peer[c.nrung] = peer
@@ -3087,19 +3089,36 @@ cdef void _bells_after_wake(_BellCtx *c) noexcept:
     per watch interval), let it take them in, and ring again each doorbell whose peer's entries
     it changed: the peer id may have been reused by a peer that joined since, whose sleeper
     was rung on the departed peer's fd (the new fd may even have the same number, so numbers
-    cannot tell).  Called with the GIL held, as the wake was."""
+    cannot tell).  Called with the GIL held, as the wake was.
+
+    The refresh runs Python, so the GIL may pass meanwhile to another thread waking through the
+    same Channel, which records its own doorbells in c.rung_*: ours are copied out first."""
     cdef int n = c.nrung
     cdef int i
     cdef ivshm_bell b
+    cdef uint32_t peer[_RUNG_MAX]
+    cdef uint32_t vector[_RUNG_MAX]
+    cdef uint32_t gen[_RUNG_MAX]
+    cdef int refreshed = c.refreshed
     c.nrung = 0
-    if n == 0 or c.closed or c.table == NULL or not ivshm_bell_table_stale(c.table, 0):
+    c.refreshed = 0
+    if n == 0 or c.closed or c.table == NULL:
         return
-    _refresh_bells(c.channel)
+    # A lookup that missed during the wake took the news in (a forced look): that look also
+    # put off the next unforced one, so compare the entries rung before it without looking.
+    if not refreshed and not ivshm_bell_table_stale(c.table, 0):
+        return
+    for i in range(n):
+        peer[i] = c.rung_peer[i]
+        vector[i] = c.rung_vector[i]
+        gen[i] = c.rung_gen[i]
+    if not refreshed:
+        _refresh_bells(c.channel)
     if c.closed:
         return
     for i in range(n):
-        if (ivshm_bell_table_changes(c.table, c.rung_peer[i]) != c.rung_gen[i]
-                and ivshm_bell_table_resolve(c.table, c.rung_peer[i], c.rung_vector[i], &b) == 0):
+        if (ivshm_bell_table_changes(c.table, peer[i]) != gen[i]
+                and ivshm_bell_table_resolve(c.table, peer[i], vector[i], &b) == 0):
             ivshm_bell_ring(&b)
 
 
@@ -3238,7 +3257,7 @@ cdef class Channel:
             rung = ivshm_chan_wake_all(&self._ch, my_side)  # every subscriber needs every message
         else:
             rung = ivshm_chan_wake_other(&self._ch, my_side)
-        if self._bells.nrung:
+        if self._bells.nrung or self._bells.refreshed:
             _bells_after_wake(&self._bells)
         return rung
 
@@ -3284,7 +3303,7 @@ cdef class Channel:
     cdef void _pass_on(self, ivshm_chan_call *call) noexcept:
         if not self._ring._m.closed:
             ivshm_chan_pass_on(&self._ch, call)
-            if self._bells.nrung:
+            if self._bells.nrung or self._bells.refreshed:
                 _bells_after_wake(&self._bells)
 
     # -- receive ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ._ffi_doorbell import ffi, lib
 from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
@@ -138,6 +138,10 @@ class Peer:
         self._id = -1
         self._own: List[int] = []  # my vector eventfds
         self._peers: Dict[int, List[int]] = {}  # other peer id -> its vector eventfds
+        # The peers of _peers whose join completed (shown in peers, announced by JOINED unless
+        # known at set-up): once in, a peer stays until it leaves, even when our own vector
+        # count grows later, so that its JOINED and LEFT come once each and in pairs.
+        self._whole: Set[int] = set()
         # Events not yet returned by events().  When they pile up (an application that never
         # calls events()), a peer that joined and left meanwhile is dropped from the list, so
         # memory stays bounded by the peers that exist.
@@ -405,7 +409,8 @@ class Peer:
             lib.ivshm_bell_table_clear_peer(self._bells, value)
             for f in fds:
                 _close(f)
-            announced = len(fds) >= self._complete_at()
+            announced = value in self._whole
+            self._whole.discard(value)
             return PeerEvent(LEFT, value, len(fds)) if announced and not during_setup else None
 
         fds = self._peers.get(value)
@@ -417,9 +422,13 @@ class Peer:
         fds.append(fd)
         # The server sends a new peer's vectors as separate messages, which may reach us one
         # by one: the peer is announced once it has as many as we do (every peer of a server
-        # has the same number), never with a partial count.
-        if len(fds) == self._complete_at() and not during_setup:
-            return PeerEvent(JOINED, value, len(fds))
+        # has the same number), never with a partial count, and only once: our own count may
+        # grow later (vectors of ours arriving after set-up), which must not hide or announce
+        # again a peer already announced.
+        if value not in self._whole and len(fds) >= self._complete_at():
+            self._whole.add(value)
+            if not during_setup:
+                return PeerEvent(JOINED, value, len(fds))
         return None
 
     def _complete_at(self) -> int:
@@ -427,8 +436,7 @@ class Peer:
         return max(1, len(self._own))
 
     def _complete_peers(self) -> Dict[int, List[int]]:
-        n = self._complete_at()
-        return {pid: fds for pid, fds in sorted(self._peers.items()) if len(fds) >= n}
+        return {pid: fds for pid, fds in sorted(self._peers.items()) if pid in self._whole}
 
     def _note(self, ev: Optional[PeerEvent]) -> None:
         """Keep an event for events().  Past _compact_at events waiting, coalesce them."""
@@ -721,6 +729,7 @@ class Peer:
             for fd in fds:
                 _close(fd)
         self._peers = {}
+        self._whole = set()
         lib.ivshm_proto_msg_reset(self._msg)
         if self.region is not None:
             self.region.close()
@@ -742,6 +751,7 @@ class Peer:
             if fd >= 0:
                 _close(fd)
         self._ready, self._own, self._peers = -1, [], {}
+        self._whole = set()
         if self.region is not None:
             self.region.close()  # our mapping only
 

@@ -291,3 +291,156 @@ def test_a_peer_that_only_sends_through_channels_never_makes_the_server_queue(tm
             assert sender.events()  # what the waker took in waits for events()
             rx.close()
             tx.close()
+
+
+class _TableBell:
+    """A provider with a C bell table whose entries the test sets, and a watch fd the test makes
+    readable: ``on_refresh`` runs inside ``_bell_refresh`` (a Channel's waker took the news in)."""
+
+    def __init__(self, my_id, fds):
+        from pyivshmem._ffi_doorbell import ffi, lib
+        self._lib = lib
+        self.id = my_id
+        self.fds = fds
+        out = ffi.new("struct ivshm_bell_table **")
+        assert lib.ivshm_bell_table_create(lib.IVSHM_BELL_EVENTFD, 15, 1, out) == 0
+        self._table = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
+        self._bell_table = int(ffi.cast("uintptr_t", self._table))
+        self.watch = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.on_refresh = None
+        self.refreshes = 0
+
+    def set_fd(self, peer, fd):
+        assert self._lib.ivshm_bell_table_set_fd(self._table, peer, 0, fd) == 0
+
+    def stale(self):
+        """From now on every waker's look finds news (interval 0: no skipped looks)."""
+        os.eventfd_write(self.watch, 1)
+        self._lib.ivshm_bell_table_set_watch(self._table, self.watch, 0)
+
+    def vector_fd(self, vector):
+        return self.fds[self.id][vector]
+
+    def notify_target(self, peer, vector):
+        raise AssertionError("the channel asked notify_target: it should ring from the C table")
+
+    def _bell_refresh(self):
+        self.refreshes += 1
+        if self.on_refresh is not None:
+            self.on_refresh()
+
+    def close(self):
+        self._lib.ivshm_bell_table_clear(self._table)
+        os.close(self.watch)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_thread_waking_during_the_refresh_does_not_hide_the_first_ring(shm_path):
+    """Threads of one process may share a channel.  Thread 1's wake rings a stale entry, then
+    takes the provider's news in, which runs Python: the GIL may pass to thread 2, whose wake
+    through the same channel rings (and records) another doorbell.  Thread 1 must still ring
+    again the entry the refresh changed: its sleeper would otherwise wait for a re-check."""
+    from pyivshmem import Region
+    from _fdbell import FdBell, close_fds, make_fds
+
+    fds = make_fds([1, 2])
+    dummy = make_fds([1, 2])  # what the waker's table names before the refresh: nobody sleeps there
+    with Region.create(shm_path, "1M") as region:
+        ring = region.create_ring("r", kind="mpmc", slot_size=64, capacity=8)
+        bell = _TableBell(0, make_fds([0]))
+        tx = Channel(ring, bell, spin=0, recheck=RECHECK)
+        rx = [Channel(region.ring("r"), FdBell(p, {p: fds[p]}), spin=0, recheck=RECHECK)
+              for p in (1, 2)]
+        for p in (1, 2):
+            bell.set_fd(p, dummy[p][0])
+        sleepers = []
+        for ch in rx:
+            sleepers.append(_Sleeper(ch))
+            _wait_sleeping(region, "r", sleepers[-1], n=len(sleepers))
+        second = threading.Event()
+        second_done = threading.Event()
+        errors = []
+
+        def thread2():
+            assert second.wait(TIMEOUT)
+            try:
+                tx.send(b"two")  # rings the other sleeper, on its right fd now
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                errors.append(e)
+            second_done.set()
+
+        def on_refresh():
+            bell.on_refresh = None  # once
+            for p in (1, 2):
+                bell.set_fd(p, fds[p][0])  # the entries change: the right fds
+            second.set()
+            assert second_done.wait(TIMEOUT)  # the GIL passes to thread 2 meanwhile
+
+        t2 = threading.Thread(target=thread2, daemon=True)
+        t2.start()
+        bell.on_refresh = on_refresh
+        bell.stale()
+        tx.send(b"one")  # rings a dummy fd, then the look finds news
+        t2.join(TIMEOUT)
+        assert not errors, errors
+        got = sorted(s.join() for s in sleepers)
+        assert got == [b"one", b"two"]
+        assert sum(ch.stats["wakeups"] for ch in rx) == 2
+        for ch in rx + [tx]:
+            ch.close()
+        bell.close()
+    close_fds(fds)
+    close_fds(dummy)
+    close_fds(bell.fds)
+
+
+@pytest.mark.timeout(120)
+def test_a_refresh_forced_by_a_miss_during_the_wake_still_re_rings_the_entries_rung_before(
+        shm_path):
+    """A publisher rings every subscriber in one wake.  The first is rung on a stale entry (its
+    id was reused: the table still names the departed peer's fd); the second is not in the table
+    yet, so its lookup takes the news in (a forced look), which also changes the first entry.
+    The look after the wake must ring the first subscriber again on its new fd, although the
+    forced look has just consumed the news (and set the next unforced look 10 s away)."""
+    from pyivshmem import Region
+    from _fdbell import FdBell, close_fds, make_fds
+
+    # peer 7's sleeper takes entry 0 of the sleeper table and peer 2's entry 10 (route % 30):
+    # a waker claims 7 first
+    fds = make_fds([7, 2])
+    dummy = make_fds([7])
+    with Region.create(shm_path, "1M") as region:
+        region.create_ring("r", "pubsub", slot_size=64, capacity=8)
+        pub = region.ring("r")
+        subs = [pub.subscribe(), region.ring("r").subscribe()]
+        bell = _TableBell(0, make_fds([0]))
+        bell.set_fd(7, dummy[7][0])  # stale: peer 7's id now belongs to a new subscriber
+        publisher = Channel(pub, bell, spin=0, recheck=RECHECK)
+        readers = [Channel(s, FdBell(p, {p: fds[p]}), spin=0, recheck=RECHECK)
+                   for p, s in zip((7, 2), subs)]
+
+        def on_refresh():
+            os.eventfd_read(bell.watch)  # the news taken in: the watch is quiet again
+            for p in (7, 2):
+                bell.set_fd(p, fds[p][0])
+
+        bell.on_refresh = on_refresh
+        os.eventfd_write(bell.watch, 1)
+        bell._lib.ivshm_bell_table_set_watch(bell._table, bell.watch, int(10e9))
+        sleepers = []
+        for ch in readers:
+            sleepers.append(_Sleeper(ch))
+            _wait_sleeping(region, "r", sleepers[-1], n=len(sleepers))
+        publisher.send(b"news")
+        assert [s.join() for s in sleepers] == [b"news", b"news"]
+        assert bell.refreshes == 1
+        assert bell.refreshes == 1
+        assert [ch.stats["wakeups"] for ch in readers] == [1, 1]
+        for ch in readers + [publisher]:
+            ch.close()
+        for s in subs:
+            s.close()
+        bell.close()
+    close_fds(fds)
+    close_fds(dummy)
+    close_fds(bell.fds)

@@ -416,3 +416,79 @@ def test_one_call_and_batched_throughput_of_a_size_interleave_with_each_other():
     groups = {(r["transport"], r["batch"]): r["group"] for r in recs}
     assert groups == {("A", 1): "throughput/single/64/cross", ("A", 32): "throughput/batch/64/cross",
                       ("B", 1): "throughput/single/64/cross", ("B", 32): "throughput/batch/64/cross"}
+
+
+class TokenSession(FakeSession):
+    """A wake-up sender that really passes its turn: finish() hands one token on to its
+    ``turn_out`` and waits (5 s at most) for one on its ``turn_in``, noting whether it came."""
+
+    def start(self, tasks, timeout, order=None):
+        if self.t.key in self.runner.fail_start:
+            raise WorkerFailed(f"{self.t.key} failed to start on purpose")
+        super().start(tasks, timeout, order)
+
+    def finish(self):
+        import os
+        import select
+
+        task = self.pending[0]["a"]
+        if task.get("turn_out"):
+            fd_out = os.open(task["turn_out"], os.O_RDWR)
+            fd_in = os.open(task["turn_in"], os.O_RDWR)
+            try:
+                os.write(fd_out, b".")
+                got = bool(select.select([fd_in], [], [], 5.0)[0])
+                if got:
+                    os.read(fd_in, 1)
+                self.runner.turn_came[self.t.key] = got
+            finally:
+                os.close(fd_out)
+                os.close(fd_in)
+        return super().finish()
+
+
+def test_a_turn_handed_to_a_transport_that_failed_to_start_reaches_the_next():
+    """B's sender failed to start: nobody reads its FIFO.  A turn handed to B must still reach
+    C (the runner passes it on for B), or C and A would wait TURN_TIMEOUT and then lose their
+    turns for the rest of the trial."""
+    ts = [Fake("A", is_pyivshmem=True), Fake("B"), Fake("C")]
+    runner = FakeRunner(_settings(scenarios=("wakeup",), repeat=1), ts, _const(1000))
+    runner.fail_start = {"B"}
+    runner.turn_came = {}
+    runner.open_session = lambda t, roles, cpus, sizes: TokenSession(runner, t, roles)
+    recs = runner.run()
+    by = {r["transport"]: r for r in recs if r["scenario"] == "wakeup"}
+    assert by["B"]["status"] == "failed"
+    # A's turn went to B's FIFO and on to C; C's back to A (with the runner's first turn)
+    assert runner.turn_came == {"A": True, "C": True}
+
+
+class MarkerSession(FakeSession):
+    """Notes whether the runner had marked its ring of turns as started, at start and finish."""
+
+    def _marked(self, tasks):
+        import os
+
+        from pyivshmem.bench.workers import TURNS_STARTED
+
+        turn_in = tasks["a"].get("turn_in")
+        return turn_in and os.path.exists(os.path.join(os.path.dirname(turn_in), TURNS_STARTED))
+
+    def start(self, tasks, timeout, order=None):
+        self.runner.marks.append(("start", self.t.key, self._marked(tasks)))
+        super().start(tasks, timeout, order)
+
+    def finish(self):
+        self.runner.marks.append(("finish", self.t.key, self._marked(self.pending[0])))
+        return super().finish()
+
+
+def test_a_ring_of_turns_is_marked_started_after_every_sender_started():
+    """Senders count the wait for a turn only once the runner says that all have started."""
+    ts = [Fake("A", is_pyivshmem=True), Fake("B")]
+    runner = FakeRunner(_settings(scenarios=("wakeup",), repeat=1), ts, _const(1000))
+    runner.marks = []
+    runner.open_session = lambda t, roles, cpus, sizes: MarkerSession(runner, t, roles)
+    runner.run()
+    assert runner.marks == [("start", "A", False), ("start", "B", False),
+                            ("finish", "A", True), ("finish", "B", True)]

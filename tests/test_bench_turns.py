@@ -12,12 +12,14 @@ from pyivshmem.bench.peers import Endpoint
 from pyivshmem.bench.workers import STOP, wake_send
 
 
-def _ring_of_fifos(tmp_path, n):
+def _ring_of_fifos(tmp_path, n, started=True):
     paths = [str(tmp_path / f"turn{k}") for k in range(n)]
     for p in paths:
         os.mkfifo(p, 0o600)
     # held open by "the runner" for the whole trial, as Runner._in_turns does
     fds = [os.open(p, os.O_RDWR) for p in paths]
+    if started:  # every sender started (Runner._in_turns marks it before the first turn)
+        (tmp_path / workers.TURNS_STARTED).touch()
     return paths, fds
 
 
@@ -93,3 +95,31 @@ def test_without_fifos_a_sender_sends_alone(tmp_path):
         th.join(30)
     assert [m for _n, m in sent][-1] == STOP and len(sent) == 5
     assert results == {"A": {}}
+
+
+@pytest.mark.timeout(60)
+def test_the_first_turn_waits_for_every_sender_to_start(tmp_path, monkeypatch):
+    """The runner starts the senders one after another (a transport's workers may have to be
+    spawned first, which can take longer than TURN_TIMEOUT on a loaded machine) and puts the
+    first turn in only once all have started, which it marks with the file ``started`` beside
+    the FIFOs.  A sender that started early must not count that time against its turn."""
+    monkeypatch.setattr(workers, "TURN_TIMEOUT", 0.2)
+    paths, fds = _ring_of_fifos(tmp_path, 2, started=False)
+    sent, lock = [], threading.Lock()
+    try:
+        threads, results = _senders(paths, "AB", 5, sent, lock, start="A")
+        # B's transport takes a while to start: several TURN_TIMEOUTs, measured on a clock,
+        # which is the point of this test (not a synchronisation)
+        threads[0].join(1.0)
+        assert threads[0].is_alive(), "A went on before the first turn"
+        more, results_b = _senders(paths, "AB", 5, sent, lock, start="B")
+        (tmp_path / workers.TURNS_STARTED).touch()
+        os.write(fds[0], b".")  # the first turn
+        for th in threads + more:
+            th.join(30)
+            assert not th.is_alive()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert [name for name, m in sent if m != STOP] == list("AB" * 5)
+    assert results == {"A": {}} and results_b == {"B": {}}

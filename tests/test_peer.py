@@ -497,6 +497,38 @@ def test_a_joining_peer_shows_only_with_all_its_vectors(fake):
         assert p.peers == {4: 2, 7: 2}
 
 
+def test_a_peer_announced_before_our_own_vectors_grew_stays_and_is_announced_leaving(fake):
+    """Our own vectors may still arrive after set-up (connect(vectors=1) on a two-vector
+    server).  A peer announced while we had one vector stays in `peers` when our second one
+    arrives, is not announced a second time when its own second vector arrives, and its
+    departure is announced: every JOINED has its LEFT, and each only once."""
+    steps = [threading.Event() for _ in range(2)]
+
+    def script(c):
+        c.setup(1, vectors=1)
+        assert steps[0].wait(20), "the test never released the script"
+        c.send(4, c.efd())       # peer 4 joins with one vector: as many as we have
+        c.send(1, c.efd())       # then our own second vector arrives
+        c.send(5, c.efd())       # peer 5 joins while 4 still has one vector
+        c.send(5, c.efd())
+        assert steps[1].wait(20), "the test never released the script"
+        c.send(4, c.efd())       # 4's second vector
+        c.send(4)                # 4 leaves
+        c.send(5)                # 5 leaves
+
+    srv = fake(script)
+    with Peer.connect(srv.path, vectors=1) as p:
+        steps[0].set()
+        seen = _events_until(p, lambda evs: PeerEvent(JOINED, 5, 2) in evs)
+        assert seen == [PeerEvent(JOINED, 4, 1), PeerEvent(JOINED, 5, 2)]
+        assert p.vectors == 2
+        assert p.peers == {4: 1, 5: 2}  # 4, announced, does not vanish
+        steps[1].set()
+        seen = _events_until(p, lambda evs: PeerEvent(LEFT, 5, 2) in evs)
+        assert seen == [PeerEvent(LEFT, 4, 2), PeerEvent(LEFT, 5, 2)]
+        assert p.peers == {}
+
+
 # ---------------------------------------------------------------------------- the client CLI
 import subprocess  # noqa: E402
 import sys  # noqa: E402

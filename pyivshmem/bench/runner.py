@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .peers import Transport
 from .report import fmt_ns, fmt_rate
 from .stats import Histogram, spread, summarize_rates
-from .workers import WorkerFailed, WorkerGroup, usable_cpus
+from .workers import TURNS_STARTED, WorkerFailed, WorkerGroup, usable_cpus
 
 __all__ = ["Settings", "Runner", "SCENARIOS"]
 
@@ -442,6 +443,7 @@ class Runner:
         tmp = tempfile.mkdtemp(prefix="pyivshmem-turns-")
         fds: List[int] = []
         started: List[Tuple[_Entry, int, float]] = []
+        relay: Optional[_Relay] = None
         n = len(members)
         try:
             paths = [os.path.join(tmp, f"turn{k}") for k in range(n)] if n > 1 else []
@@ -460,6 +462,14 @@ class Runner:
                     e.elapsed += time.monotonic() - t0
                 else:
                     started.append((e, seq, t0))
+            failed = [k for k, e in enumerate(members) if not any(e is s[0] for s in started)]
+            if fds and started and failed:
+                # nobody reads a failed member's FIFO: pass its turns on for it, or every turn
+                # handed to it would be lost and the others would wait TURN_TIMEOUT, then go alone
+                relay = _Relay([(fds[k], fds[(k + 1) % n]) for k in failed])
+            if fds:
+                # every sender has started: their wait for a turn counts from now on
+                open(os.path.join(tmp, TURNS_STARTED), "w").close()
             if fds and started:
                 os.write(fds[members.index(started[0][0])], b".")  # the first turn
             for e, seq, t0 in started:
@@ -473,6 +483,8 @@ class Runner:
                     e.seq.append(seq)
                 e.elapsed += time.monotonic() - t0
         finally:
+            if relay is not None:
+                relay.stop()
             for fd in fds:
                 os.close(fd)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -726,6 +738,34 @@ class Runner:
         finally:
             if pair is not None:
                 pair.close()
+
+
+class _Relay:
+    """Pass turns on for the members of a ring of FIFOs whose sender never started: a thread
+    that copies every token arriving on one of ``pairs``' first fds to its second."""
+
+    def __init__(self, pairs: List[Tuple[int, int]]) -> None:
+        self.pairs = dict(pairs)
+        for fd in self.pairs:
+            os.set_blocking(fd, False)  # never stuck in a read that another reader won
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bench-turn-relay", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import select
+
+        while not self.done.is_set():
+            for fd in select.select(list(self.pairs), [], [], 0.05)[0]:
+                try:
+                    token = os.read(fd, 64)
+                    os.write(self.pairs[fd], token)
+                except BlockingIOError:
+                    pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def _rounds(entries: List[_Entry]) -> List[List[_Entry]]:

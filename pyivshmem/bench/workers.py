@@ -308,6 +308,8 @@ def mpmc_consume(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
 #: How long a sender waits for its turn before it goes on alone (another transport's sender
 #: failed, so the turn will not come back): much longer than one turn of every transport.
 TURN_TIMEOUT = 10.0
+#: The file the runner makes beside a ring of turn FIFOs once every sender of it has started.
+TURNS_STARTED = "started"
 
 
 class _Turns:
@@ -321,23 +323,40 @@ class _Turns:
     def __init__(self, task: Dict[str, Any]) -> None:
         self.fd_in = self.fd_out = -1
         self.alone = False
+        self.first = True
+        self.started = ""
         if task.get("turn_in"):
             # O_RDWR: opening a FIFO so never waits for the other end (Linux)
             self.fd_in = os.open(task["turn_in"], os.O_RDWR | os.O_CLOEXEC)
             self.fd_out = os.open(task["turn_out"], os.O_RDWR | os.O_CLOEXEC)
+            # made by the runner beside the FIFOs once every sender has started (TURNS_STARTED)
+            self.started = os.path.join(os.path.dirname(task["turn_in"]), TURNS_STARTED)
 
     def wait(self) -> None:
         if self.fd_in < 0 or self.alone:
             return
         import select
 
-        if select.select([self.fd_in], [], [], TURN_TIMEOUT)[0]:
-            os.read(self.fd_in, 1)
-        else:
-            self.alone = True
+        # The first turn comes only once the runner has started every sender, one after
+        # another (spawning a transport's workers may take longer than TURN_TIMEOUT): until it
+        # says so, waiting does not count (the group's deadline still bounds it).
+        deadline = None
+        while True:
+            if deadline is None and (not self.first or os.path.exists(self.started)):
+                deadline = time.monotonic() + TURN_TIMEOUT
+            left = 0.05 if deadline is None else max(0.0, deadline - time.monotonic())
+            if select.select([self.fd_in], [], [], left)[0]:
+                os.read(self.fd_in, 1)
+                self.first = False
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                self.alone = True
+                return
 
     def done(self) -> None:
-        if self.fd_out >= 0:
+        # Alone, this sender no longer waits for its turns: handing turns on would let the next
+        # one believe that it alternates with us (and say so in its record) while we send freely.
+        if self.fd_out >= 0 and not self.alone:
             os.write(self.fd_out, b".")
 
     def close(self, result: Dict[str, Any]) -> Dict[str, Any]:

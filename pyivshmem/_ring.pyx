@@ -1625,22 +1625,18 @@ cdef class SpscRing(_Ring):
                     rc = ivshm_spsc_next(&self._q, &m)
                     if rc != 0:
                         break
-                    released += m.len
                     if m.nslots == 1 and m.len <= _NOGIL_BYTES:
                         b = PyBytes_FromStringAndSize(<const char *>m.data, m.len)
-                        ivshm_spsc_advance(&self._q, &m)
                     else:
                         b = PyBytes_FromStringAndSize(NULL, m.len)
                         dst = PyBytes_AS_STRING(b)
                         with nogil:
                             ivshm_spsc_copy(&self._q, &m, dst)
-                            ivshm_spsc_advance(&self._q, &m)
-                            if released >= _OVERLAP_BYTES:
-                                ivshm_spsc_release(&self._q)  # as soon as copied, as recv() does
-                                released = 0
                     PyList_Append(out, b)
+                    ivshm_spsc_advance(&self._q, &m)
                     got += 1
                     gathered += m.len
+                    released += m.len
                     if released >= _OVERLAP_BYTES:
                         ivshm_spsc_release(&self._q)  # much read: hand the slots back now
                         released = 0

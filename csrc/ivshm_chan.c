@@ -79,6 +79,12 @@ void ivshm_chan_call_init(struct ivshm_chan_call *call, uint32_t side, int64_t t
     call->backoff_us = BACKOFF_MIN_US;
 }
 
+void ivshm_chan_call_progress(struct ivshm_chan_call *call)
+{
+    call->spin_until_ns = 0;
+    call->backoff_us = BACKOFF_MIN_US;
+}
+
 /* -- the table of one side ---------------------------------------------------------------------- */
 static uint32_t *table_of(const struct ivshm_chan *ch, uint32_t side)
 {

@@ -130,6 +130,12 @@ int64_t ivshm_chan_now_ns(void);
 void ivshm_chan_call_init(struct ivshm_chan_call *call, uint32_t side, int64_t timeout_ns,
                           uint64_t need);
 
+/* The call made progress (part of a batch went, or came): its next wait spins again, and a
+ * polling back-off starts again from its shortest step, as a new call's would; the deadline
+ * stays.  A batch that waits for room slot after slot would otherwise spin only before its
+ * first slot and sleep on the doorbell before every later one. */
+void ivshm_chan_call_progress(struct ivshm_chan_call *call);
+
 /* 1 if the call's side of the ring is ready: a message at the consumers' index, room for `need`
  * slots at the producers'.  Never consumes anything.  A corrupt ring reads as ready (the caller's
  * next ring operation reports the corruption). */

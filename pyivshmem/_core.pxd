@@ -159,6 +159,7 @@ cdef extern from "ivshm_chan.h" nogil:
                         uint64_t spin_ns, uint64_t recheck_ns)
     int64_t ivshm_chan_now_ns()
     void ivshm_chan_call_init(ivshm_chan_call *call, uint32_t side, int64_t timeout_ns, uint64_t need)
+    void ivshm_chan_call_progress(ivshm_chan_call *call)
     int ivshm_chan_ready(const ivshm_chan *ch, uint32_t side, uint64_t need)
     int ivshm_chan_wait(ivshm_chan *ch, ivshm_chan_call *call)
     int ivshm_chan_arm(ivshm_chan *ch, ivshm_chan_call *call)

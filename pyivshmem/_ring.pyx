@@ -179,6 +179,7 @@ cdef class _Waiter:
     Made by _Waiter.make() from a timeout that _timeout_arg validated (-1: forever)."""
     cdef double deadline
     cdef double spin_until
+    cdef double spin
     cdef long sleep_ns
     cdef bint forever
 
@@ -188,9 +189,16 @@ cdef class _Waiter:
         cdef double now = _now()
         w.forever = timeout < 0
         w.deadline = now + timeout
+        w.spin = spin
         w.spin_until = now + spin
         w.sleep_ns = 1000
         return w
+
+    cdef void progress(self) noexcept:
+        """Part of a batch went: spin again before sleeping, back-off from its shortest step,
+        as a new call would (the deadline stays)."""
+        self.spin_until = _now() + self.spin
+        self.sleep_ns = 1000
 
     cdef int pause(self) except -1:
         """Return 1 to try again, 0 when the deadline passed."""
@@ -1183,13 +1191,17 @@ cdef class _Ring:
         seq = self._sequence(messages)
         cdef Py_ssize_t total = len(seq), sent = 0
         cdef _Waiter w = None
+        cdef Py_ssize_t n
         while True:
-            sent += self._send_batch(seq, sent, total)
+            n = self._send_batch(seq, sent, total)
+            sent += n
             if sent >= total or t == 0:
                 if self._m.lost: self._raise_lost()
                 return sent
             if w is None:
                 w = _Waiter.make(t, self._spin)
+            elif n:
+                w.progress()
             if not w.pause():
                 if self._m.lost: self._raise_lost()
                 return sent
@@ -2081,7 +2093,7 @@ cdef class MpmcRing(_Ring):
         cdef _Waiter w = None
         cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
         cdef object item
-        cdef Py_ssize_t ln
+        cdef Py_ssize_t ln, before = 0
         cdef int rc
         while True:
             self._check_send()  # again after each pause: the region may have been closed
@@ -2113,6 +2125,9 @@ cdef class MpmcRing(_Ring):
                 return sent
             if w is None:
                 w = _Waiter.make(t, self._spin)
+            elif sent > before:
+                w.progress()
+            before = sent
             if not w.pause():
                 self._stalled_sending(timeout, sent)
                 if self._m.lost: self._raise_lost()
@@ -3447,6 +3462,7 @@ cdef class Channel:
                     sent += n
                     self._sent += n
                     self._wake_other(IVSHM_CHAN_SEND)
+                    ivshm_chan_call_progress(&call)  # spin again before the next slot's sleep
         finally:
             self._pass_on(&call)
         return sent

@@ -228,3 +228,33 @@ def test_asyncio_recv_and_send(region, fds):
     assert asyncio.run(scenario()) == b"one"
     assert rx.stats["wakeups"] >= 1 and tx.stats["wakeups"] >= 1
     assert [rx.try_recv(), rx.try_recv()] == [b"b", b"c"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["spsc", "mpmc"])
+def test_send_many_spins_again_after_each_slot_it_waited_for(region, fds, kind):
+    """A batch into a full ring waits slot after slot.  Each wait that follows progress spins
+    again first, as a new send() would: with a consumer that frees a slot within the spin, the
+    sender never sleeps on the doorbell (it used to spin before the first slot only and then
+    sleep before every later one)."""
+    ring = region.create_ring("batch", kind=kind, slot_size=64, capacity=2)
+    bell = FdBell(0, fds)
+    tx = Channel(ring, bell, vector=0, spin=0.5)  # far longer than the consumer needs per slot
+    got = []
+
+    def consume():
+        r = region.ring("batch")
+        while len(got) < 200:
+            m = r.try_recv()
+            if m is not None:
+                got.append(m)
+
+    th = threading.Thread(target=consume)
+    th.start()
+    try:
+        assert tx.send_many([b"%d" % i for i in range(200)], timeout=60) == 200
+    finally:
+        th.join(60)
+    assert got == [b"%d" % i for i in range(200)]
+    assert tx.stats["sleeps"] == 0, tx.stats
+    tx.close()

@@ -227,27 +227,34 @@ def tput_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
         while not head:
             head = recv_many(batch)
         t0 = clock()
-        got, first, tail = len(head), len(head), head[-1]
+        got, first, tail_len = len(head), len(head), len(head[-1])
         del head
         while got < n:
             more = recv_many(batch)
             if more:
                 got += len(more)
-                tail = more[-1]
-            # drop the batch before the next call makes the next one, as the single-call loop
-            # drops each message (holding it would change how the allocator reuses memory)
+                tail_len = len(more[-1])
+            # drop the batch (its last message too) before the next call makes the next one, as
+            # the single-call loop drops each message: holding one would make the receiver
+            # alternate between two buffers, twice the memory to keep in cache at 1 MiB
             del more
         t1 = clock()
         if got != n:
             raise RuntimeError(f"batch receive got {got} messages, expected {n}")
+        if tail_len != size:
+            raise RuntimeError(f"received a {tail_len}-byte message, expected {size}")
         timed = n - first
+        tail = None
     elif task["busy"]:
         try_recv = ep.try_recv
         while try_recv() is None:
             pass
         t0 = clock()
         tail = None
-        for _ in repeat(None, n - 1):
+        for _ in repeat(None, n - 2):  # each message dropped at once, as in the loop below
+            while try_recv() is None:
+                pass
+        if n > 1:
             tail = try_recv()
             while tail is None:
                 tail = try_recv()

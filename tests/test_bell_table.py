@@ -83,6 +83,26 @@ def test_channel_over_peer_rings_from_the_table(tmp_path):
                 ch.close()
 
 
+def _successor_is_rung(server, sock, a, tx, bid, pause=0.0):
+    """Peer c connects with the id ``bid`` and sleeps on ring "r"; a's channel ``tx`` sends
+    (after ``pause`` seconds) and must wake it by its doorbell, from the C table, not by a
+    re-check; a then knows c."""
+    server._next_id = bid
+    with Peer.connect(sock, timeout=30) as c:
+        assert c.id == bid
+        _no_python_resolver(a)
+        rx = Channel(c.region.ring("r"), c, spin=0, recheck=RECHECK)
+        s = _Sleeper(rx)
+        _wait_sleeping(a.region, "r", s)
+        if pause:
+            time.sleep(pause)
+        tx.send(b"to c")
+        assert s.join() == b"to c"
+        assert rx.stats["wakeups"] == 1
+        assert bid in a.peers
+        rx.close()
+
+
 @pytest.mark.timeout(120)
 def test_a_departed_peer_is_never_rung_and_its_successor_with_the_same_id_is(tmp_path):
     """b sleeps and is rung; b leaves; a takes the departure in and its fd numbers are reused by
@@ -132,22 +152,11 @@ def test_a_departed_peer_is_never_rung_and_its_successor_with_the_same_id_is(tmp
                 assert ring.try_recv() == b"for nobody"
                 os.close(ghost_fds[bid][0])
 
-                # c joins with b's id
-                server._next_id = bid
-                with Peer.connect(sock, timeout=30) as c:
-                    assert c.id == bid
-                    _no_python_resolver(a)
-                    rx = Channel(c.region.ring("r"), c, spin=0, recheck=RECHECK)
-                    s = _Sleeper(rx)
-                    _wait_sleeping(a.region, "r", s)
-                    tx.send(b"to c")  # a has not been told of c: its waker takes the join in
-                    assert s.join() == b"to c"
-                    assert rx.stats["wakeups"] == 1
-                    assert bid in a.peers
-                    for fd in unrelated:
-                        with pytest.raises(BlockingIOError):
-                            os.eventfd_read(fd)
-                    rx.close()
+                # c joins with b's id; a has not been told of c: its waker takes the join in
+                _successor_is_rung(server, sock, a, tx, bid)
+                for fd in unrelated:
+                    with pytest.raises(BlockingIOError):
+                        os.eventfd_read(fd)
             finally:
                 for fd in unrelated:
                     os.close(fd)
@@ -176,19 +185,7 @@ def test_a_reused_id_not_yet_taken_in_is_rung_after_the_old_fd(tmp_path):
             b.close()
             # the departure reaches a's socket: leave it unread
             assert select.select([a.fileno()], [], [], TIMEOUT)[0], "no LEFT for b"
-            server._next_id = bid
-            with Peer.connect(sock, timeout=30) as c:
-                assert c.id == bid
-                _no_python_resolver(a)
-                rx = Channel(c.region.ring("r"), c, spin=0, recheck=RECHECK)
-                s = _Sleeper(rx)
-                _wait_sleeping(a.region, "r", s)
-                time.sleep(0.002)  # past the table's watch interval
-                tx.send(b"to c")
-                assert s.join() == b"to c"
-                assert rx.stats["wakeups"] == 1
-                assert bid in a.peers
-                rx.close()
+            _successor_is_rung(server, sock, a, tx, bid, pause=0.002)  # past the watch interval
             tx.close()
 
 

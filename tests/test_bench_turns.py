@@ -46,12 +46,13 @@ def _senders(paths, names, count, sent, lock, start=None):
     return threads, results
 
 
-@pytest.mark.timeout(60)
-def test_senders_in_a_ring_of_fifos_alternate_one_by_one(tmp_path):
-    paths, fds = _ring_of_fifos(tmp_path, 3)
+def _run_ring(tmp_path, names, count, start=None):
+    """Senders ``names`` in a ring of FIFOs (only those in ``start`` run), the first turn put
+    in; what they sent, in order, and their results."""
+    paths, fds = _ring_of_fifos(tmp_path, len(names))
     sent, lock = [], threading.Lock()
     try:
-        threads, results = _senders(paths, "ABC", 50, sent, lock)
+        threads, results = _senders(paths, names, count, sent, lock, start=start)
         os.write(fds[0], b".")  # the first turn
         for th in threads:
             th.join(30)
@@ -59,6 +60,12 @@ def test_senders_in_a_ring_of_fifos_alternate_one_by_one(tmp_path):
     finally:
         for fd in fds:
             os.close(fd)
+    return sent, results
+
+
+@pytest.mark.timeout(60)
+def test_senders_in_a_ring_of_fifos_alternate_one_by_one(tmp_path):
+    sent, results = _run_ring(tmp_path, "ABC", 50)
     order = [name for name, m in sent if m != STOP]
     assert order == list("ABC" * 50)
     assert all(len(m) == 64 for _name, m in sent if m != STOP)
@@ -69,18 +76,8 @@ def test_senders_in_a_ring_of_fifos_alternate_one_by_one(tmp_path):
 @pytest.mark.timeout(60)
 def test_a_sender_whose_turn_never_comes_goes_on_alone_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(workers, "TURN_TIMEOUT", 0.2)
-    paths, fds = _ring_of_fifos(tmp_path, 3)
-    sent, lock = [], threading.Lock()
-    try:
-        # B never started (its transport failed): A's turns go into B's FIFO and stay there
-        threads, results = _senders(paths, "ABC", 5, sent, lock, start="AC")
-        os.write(fds[0], b".")
-        for th in threads:
-            th.join(30)
-            assert not th.is_alive()
-    finally:
-        for fd in fds:
-            os.close(fd)
+    # B never started (its transport failed): A's turns go into B's FIFO and stay there
+    sent, results = _run_ring(tmp_path, "ABC", 5, start="AC")
     order = [name for name, m in sent if m != STOP]
     assert sorted(order) == list("AAAAACCCCC")
     assert order[0] == "A"

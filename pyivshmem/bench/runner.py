@@ -405,16 +405,8 @@ class Runner:
             for e in live:
                 if not e.live:
                     continue
-                seq = self._log_trial(e, i)
-                t0 = time.monotonic()
-                try:
-                    res = e.trial(i)
-                except WorkerFailed as exc:
-                    e.fail(exc, self._when(i))
-                else:
-                    e.results.append(res)
-                    e.seq.append(seq)
-                e.elapsed += time.monotonic() - t0
+                self._finish_trial(e, i, self._log_trial(e, i), time.monotonic(),
+                                   lambda e=e: e.trial(i))
         for e in entries:
             if e.status != "ok":
                 rec = self._record(e.t, e.scenario, e.group, status=e.status, note=e.note,
@@ -431,6 +423,19 @@ class Runner:
         self._trials_run += 1
         self.trial_log.append((e.group, e.t.key, e.fields.get("variant", ""), i))
         return self._trials_run
+
+    def _finish_trial(self, e: _Entry, i: int, seq: int, t0: float,
+                      result: Callable[[], Dict[str, Any]]) -> None:
+        """Trial ``i`` of ``e`` (number ``seq`` in the run, begun at ``t0``) ends with
+        ``result()``: kept with its number, or the entry fails."""
+        try:
+            res = result()
+        except WorkerFailed as exc:
+            e.fail(exc, self._when(i))
+        else:
+            e.results.append(res)
+            e.seq.append(seq)
+        e.elapsed += time.monotonic() - t0
 
     def _when(self, i: int) -> str:
         return f"trial {i + 1} of {self.trials}" if self.trials > 1 else ""
@@ -473,15 +478,8 @@ class Runner:
             if fds and started:
                 os.write(fds[members.index(started[0][0])], b".")  # the first turn
             for e, seq, t0 in started:
-                try:
-                    assert e.collect is not None
-                    res = e.collect()
-                except WorkerFailed as exc:
-                    e.fail(exc, self._when(i))
-                else:
-                    e.results.append(res)
-                    e.seq.append(seq)
-                e.elapsed += time.monotonic() - t0
+                assert e.collect is not None
+                self._finish_trial(e, i, seq, t0, e.collect)
         finally:
             if relay is not None:
                 relay.stop()

@@ -239,7 +239,7 @@ def test_send_many_spins_again_after_each_slot_it_waited_for(region, fds, kind):
     sleep before every later one)."""
     ring = region.create_ring("batch", kind=kind, slot_size=64, capacity=2)
     bell = FdBell(0, fds)
-    tx = Channel(ring, bell, vector=0, spin=0.5)  # far longer than the consumer needs per slot
+    tx = Channel(ring, bell, vector=0, spin=2.0)  # far longer than the consumer needs per slot
     got = []
 
     def consume():

@@ -133,3 +133,17 @@ def call_when_waiting(fn, *args, tid=None, what="the wait"):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def stop(proc, timeout=15.0):
+    """Terminate a child process if it still runs; kill it if it does not end within timeout."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

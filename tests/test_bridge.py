@@ -1,6 +1,7 @@
 """The bridge: rings forwarded between two bridge processes over ZeroMQ on 127.0.0.1, exactly
 once and in order, across SIGKILLs of either bridge; backpressure with flat memory; the message
 that says what to install when pyzmq is missing."""
+import contextlib
 import os
 import signal
 import socket
@@ -13,8 +14,24 @@ import pytest
 from pyivshmem import Channel, Region
 
 import _bridge_child as bc
+from _procwait import stop
 
 zmq = pytest.importorskip("zmq")
+
+@contextlib.contextmanager
+def two_servers_with_peers(tmp_path):
+    """Two servers (two hosts' memory, 2 vectors each) and two peers of each: an application's
+    and a bridge's, as (app_a, app_b, peer_a, peer_b)."""
+    from pyivshmem import Peer, Server
+
+    sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    with Server(sa, size="1M", vectors=2) as server_a, Server(sb, size="1M", vectors=2) as server_b:
+        server_a.start()
+        server_b.start()
+        with Peer.connect(sa, timeout=30) as app_a, Peer.connect(sb, timeout=30) as app_b, \
+                Peer.connect(sa, timeout=30) as peer_a, Peer.connect(sb, timeout=30) as peer_b:
+            yield app_a, app_b, peer_a, peer_b
+
 
 PY = sys.executable
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,14 +106,8 @@ class Pair:
         return self.logs[which].read_text(errors="replace")
 
     def close(self):
-        for name, p in self.procs.items():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(15)
+        for p in self.procs.values():
+            stop(p)
         self.ra.close()
         self.rb.close()
         for path in (self.a, self.b):
@@ -397,37 +408,32 @@ def test_bridges_of_server_peers_sleep_on_doorbells(tmp_path):
     """Rings in two servers' memory (two hosts), bridges that joined them as peers: with no spin
     budget every idle wait sleeps, and the bridges and the applications wake each other by
     doorbell (the eventfds the servers handed out), not by polling."""
-    from pyivshmem import Bridge, Peer, Server
+    from pyivshmem import Bridge
 
     port = free_port()
-    sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
-    with Server(sa, size="1M", vectors=2) as server_a, Server(sb, size="1M", vectors=2) as server_b:
-        server_a.start()
-        server_b.start()
-        with Peer.connect(sa, timeout=30) as app_a, Peer.connect(sb, timeout=30) as app_b, \
-                Peer.connect(sa, timeout=30) as peer_a, Peer.connect(sb, timeout=30) as peer_b:
-            app_a.region.create_ring("up", slot_size=64, capacity=16)
-            app_b.region.create_ring("down", slot_size=64, capacity=16)
-            # the bridges sleep on vector 0 of their peers; the applications on vector 1
-            ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
-                        state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
-            bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
-                        state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
-            with ba, bb:
-                ba.wait_connected(20)
-                tx = Channel(app_a.region.ring("up"), app_a, vector=1, spin=0)
-                rx = Channel(app_b.region.ring("down"), app_b, vector=1, spin=0)
-                for i in range(200):
-                    tx.send(b"message %d" % i, timeout=30)
-                    assert rx.recv(timeout=30) == b"message %d" % i  # one at a time: idle between
-                m_a, m_b = ba.metrics(), bb.metrics()
-                # the sending bridge slept on an empty ring and the producer's doorbell woke it
-                assert m_a["out"]["up"]["channel"]["wakeups"] > 0, m_a
-                assert tx.stats["doorbells"] > 0
-                # the consumer slept on an empty ring and the receiving bridge rang it
-                assert rx.stats["wakeups"] > 0 and m_b["in"]["down"]["channel"]["doorbells"] > 0, m_b
-                tx.close()
-                rx.close()
+    with two_servers_with_peers(tmp_path) as (app_a, app_b, peer_a, peer_b):
+        app_a.region.create_ring("up", slot_size=64, capacity=16)
+        app_b.region.create_ring("down", slot_size=64, capacity=16)
+        # the bridges sleep on vector 0 of their peers; the applications on vector 1
+        ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
+                    state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
+        bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
+                    state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
+        with ba, bb:
+            ba.wait_connected(20)
+            tx = Channel(app_a.region.ring("up"), app_a, vector=1, spin=0)
+            rx = Channel(app_b.region.ring("down"), app_b, vector=1, spin=0)
+            for i in range(200):
+                tx.send(b"message %d" % i, timeout=30)
+                assert rx.recv(timeout=30) == b"message %d" % i  # one at a time: idle between
+            m_a, m_b = ba.metrics(), bb.metrics()
+            # the sending bridge slept on an empty ring and the producer's doorbell woke it
+            assert m_a["out"]["up"]["channel"]["wakeups"] > 0, m_a
+            assert tx.stats["doorbells"] > 0
+            # the consumer slept on an empty ring and the receiving bridge rang it
+            assert rx.stats["wakeups"] > 0 and m_b["in"]["down"]["channel"]["doorbells"] > 0, m_b
+            tx.close()
+            rx.close()
 
 
 class CuttingProxy:

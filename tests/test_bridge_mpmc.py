@@ -1,7 +1,6 @@
 """The bridge over MPMC rings: one consumer among several of the local ring, one producer among
 several of the remote ring, exactly once and in order across SIGKILLs of either bridge (bridge
 processes on 127.0.0.1, like tests/test_bridge.py)."""
-import os
 import subprocess
 import time
 
@@ -122,41 +121,35 @@ def test_mpmc_sleepers_are_rung_by_the_bridges(tmp_path):
     which ring nobody, so they ring the sleepers themselves.  The producer (on a ring of 8 slots)
     and the consumer sleep with a re-check interval far beyond the test's timeouts: each message
     gets through only if a doorbell wakes them."""
-    from pyivshmem import Peer, Server
-    from test_bridge import free_port
+    from test_bridge import free_port, two_servers_with_peers
 
     port = free_port()
-    sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
-    with Server(sa, size="1M", vectors=2) as server_a, Server(sb, size="1M", vectors=2) as server_b:
-        server_a.start()
-        server_b.start()
-        with Peer.connect(sa, timeout=30) as app_a, Peer.connect(sb, timeout=30) as app_b, \
-                Peer.connect(sa, timeout=30) as peer_a, Peer.connect(sb, timeout=30) as peer_b:
-            app_a.region.create_ring("up", "mpmc", slot_size=64, capacity=8)
-            app_b.region.create_ring("down", "mpmc", slot_size=64, capacity=8)
-            ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
-                        state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
-            bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
-                        state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
-            with ba, bb:
-                ba.wait_connected(20)
-                tx = Channel(app_a.region.ring("up"), app_a, vector=1, spin=0, recheck=600)
-                rx = Channel(app_b.region.ring("down"), app_b, vector=1, spin=0, recheck=600)
-                for i in range(50):  # one at a time: the consumer sleeps on an empty ring
-                    tx.send(b"one %d" % i, timeout=10)
-                    assert rx.recv(timeout=10) == b"one %d" % i
-                assert rx.stats["wakeups"] > 0
-                for i in range(0, 400, 40):  # bursts: the producer sleeps on a full ring
-                    burst = [b"burst %d" % k for k in range(i, i + 40)]
-                    assert tx.send_many(burst, timeout=10) == 40
-                    got = []
-                    for _ in range(5):  # recv_many returns [] on timeout: bounded tries
-                        got += rx.recv_many(40 - len(got), timeout=10)
-                        if len(got) == 40:
-                            break
-                    assert got == burst
-                assert tx.stats["wakeups"] > 0, tx.stats
-                ba.check()
-                bb.check()
-                tx.close()
-                rx.close()
+    with two_servers_with_peers(tmp_path) as (app_a, app_b, peer_a, peer_b):
+        app_a.region.create_ring("up", "mpmc", slot_size=64, capacity=8)
+        app_b.region.create_ring("down", "mpmc", slot_size=64, capacity=8)
+        ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
+                    state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
+        bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
+                    state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
+        with ba, bb:
+            ba.wait_connected(20)
+            tx = Channel(app_a.region.ring("up"), app_a, vector=1, spin=0, recheck=600)
+            rx = Channel(app_b.region.ring("down"), app_b, vector=1, spin=0, recheck=600)
+            for i in range(50):  # one at a time: the consumer sleeps on an empty ring
+                tx.send(b"one %d" % i, timeout=10)
+                assert rx.recv(timeout=10) == b"one %d" % i
+            assert rx.stats["wakeups"] > 0
+            for i in range(0, 400, 40):  # bursts: the producer sleeps on a full ring
+                burst = [b"burst %d" % k for k in range(i, i + 40)]
+                assert tx.send_many(burst, timeout=10) == 40
+                got = []
+                for _ in range(5):  # recv_many returns [] on timeout: bounded tries
+                    got += rx.recv_many(40 - len(got), timeout=10)
+                    if len(got) == 40:
+                        break
+                assert got == burst
+            assert tx.stats["wakeups"] > 0, tx.stats
+            ba.check()
+            bb.check()
+            tx.close()
+            rx.close()

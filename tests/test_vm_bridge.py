@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+from _procwait import stop
 
 from vm import harness
 
@@ -123,13 +124,7 @@ def test_guest_ring_bridged_to_another_host_region_exactly_once(image, tmp_path)
             ch.close()
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(15)
+            stop(p)
         for f in (guest_file, other_file):
             try:
                 f.unlink()

@@ -154,3 +154,30 @@ def test_mpmc_send_many_recv_many_32x64(benchmark, mpmc):
         return recv_many(32)
 
     assert benchmark(op) == batch
+
+
+def test_channel_send_recv_64(benchmark, spsc):
+    """A Channel without a doorbell (nobody sleeps): one send and one recv per message."""
+    from pyivshmem import Channel
+
+    tx, rx = Channel(spsc, None), Channel(spsc, None)
+
+    def op():
+        tx.send(MSG64)
+        return rx.recv()
+
+    assert benchmark(op) == MSG64
+
+
+def test_channel_send_recv_many_one_waiting_64(benchmark, spsc):
+    """Channel.recv_many with one message waiting: the per-call cost of a batch receive, to set
+    against test_channel_send_recv_64."""
+    from pyivshmem import Channel
+
+    tx, rx = Channel(spsc, None), Channel(spsc, None)
+
+    def op():
+        tx.send(MSG64)
+        return rx.recv_many(32)
+
+    assert benchmark(op) == [MSG64]

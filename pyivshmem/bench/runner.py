@@ -400,7 +400,7 @@ class Runner:
         for i in range(self.trials):
             if live and all(e.start is not None for e in live):
                 for members in _rounds([e for e in live if e.live]):
-                    self._in_turns(group, members, i)
+                    self._in_turns(members, i)
                 continue
             for e in live:
                 if not e.live:
@@ -440,7 +440,7 @@ class Runner:
     def _when(self, i: int) -> str:
         return f"trial {i + 1} of {self.trials}" if self.trials > 1 else ""
 
-    def _in_turns(self, group: str, members: List[_Entry], i: int) -> None:
+    def _in_turns(self, members: List[_Entry], i: int) -> None:
         """Trial ``i`` of every member at once, their senders taking turns: a ring of FIFOs,
         member k waiting on FIFO k and handing on to FIFO k + 1.  This process holds every FIFO
         open meanwhile (so a token is never lost to a FIFO nobody has open yet) and puts the

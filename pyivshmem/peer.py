@@ -435,9 +435,6 @@ class Peer:
         """How many vectors make another peer's join complete: as many as we have."""
         return max(1, len(self._own))
 
-    def _complete_peers(self) -> Dict[int, List[int]]:
-        return {pid: fds for pid, fds in sorted(self._peers.items()) if pid in self._whole}
-
     def _note(self, ev: Optional[PeerEvent]) -> None:
         """Keep an event for events().  Past _compact_at events waiting, coalesce them."""
         if ev is None:
@@ -550,7 +547,7 @@ class Peer:
         as its JOINED event does: never with a partial count."""
         self._live()
         self._drain_server(implicit=True)
-        return {pid: len(fds) for pid, fds in self._complete_peers().items()}
+        return {pid: len(fds) for pid, fds in sorted(self._peers.items()) if pid in self._whole}
 
     @property
     def connected(self) -> bool:

@@ -82,8 +82,9 @@ class FakeSession:
         value = runner.value(self.t.key, kind, n)
         if kind == "roundtrip":
             return {"a": {"histogram": _hist(value)}, "b": {"echoed": 10}}
-        if kind == "wakeup":
-            return {"a": {}, "b": {"histogram": _hist(value)}}
+        if kind == "wakeup":  # send and arrival times, which the runner pairs
+            sent = [1_000_000 * i for i in range(10)]
+            return {"a": {"sent_ns": sent}, "b": {"arrived_ns": [s + value for s in sent]}}
         count = first["count"]
         if kind == "throughput":
             return {"a": {}, "b": {"messages": count, "start_ns": 0,

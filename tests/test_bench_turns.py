@@ -35,7 +35,10 @@ def _senders(paths, names, count, sent, lock, start=None):
         task = {"size": 64, "gap": 0, "count": count}
         if paths:
             task.update(turn_in=paths[k], turn_out=paths[(k + 1) % n])
-        results[name] = wake_send(Endpoint(send=send, recv=None, try_recv=None), task)
+        r = wake_send(Endpoint(send=send, recv=None, try_recv=None), task)
+        times = r.pop("sent_ns")  # one send time per message, in order (paired by the runner)
+        if len(times) == count and times == sorted(times):
+            results[name] = r
 
     for k, name in enumerate(names):
         if start is not None and name not in start:

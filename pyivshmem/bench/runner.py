@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .peers import Transport
 from .report import fmt_ns, fmt_rate
 from .stats import Histogram, spread, summarize_rates
-from .workers import TURNS_STARTED, WorkerFailed, WorkerGroup, usable_cpus
+from .workers import TURNS_STARTED, WorkerFailed, WorkerGroup, usable_cpus, wake_latencies
 
 __all__ = ["Settings", "Runner", "SCENARIOS"]
 
@@ -625,6 +625,12 @@ class Runner:
 
         def collect() -> Dict[str, Any]:
             res = self._pair(t).finish()
+            if "arrived_ns" in res["b"]:  # send and arrival times, paired here (workers.wake_send)
+                try:
+                    hist = wake_latencies(res["a"].get("sent_ns") or [], res["b"]["arrived_ns"])
+                except ValueError as exc:
+                    raise WorkerFailed(str(exc)) from None
+                res["b"]["histogram"] = hist.to_dict()
             out = _latency_trial(res, "b")
             out["in_turns"] = alongside[0] > 1 and not res["a"].get("turns_lost")
             return out

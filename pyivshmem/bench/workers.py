@@ -377,39 +377,55 @@ class _Turns:
 
 
 def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
-    """Send a timestamped message after sleeping ``gap`` seconds each time (the peer is asleep);
-    in turns with the other transports' senders when the task names turn FIFOs."""
+    """Send a message after sleeping ``gap`` seconds each time (the peer is asleep), in turns
+    with the other transports' senders when the task names turn FIFOs.  The message is made
+    beforehand and the clock read just before the send call: what is timed is the transport,
+    not the making of a timestamped message (the bare eventfd's timestamp is its message).
+    Returns the send times, which the runner pairs with the receiver's arrival times."""
     size, gap = max(task["size"], 8), task["gap"]
-    pad = payload(size - 8)
+    msg = payload(size)
     send = ep.send
     clock = time.monotonic_ns
     turns = _Turns(task)
+    sent = []
     try:
         for _ in range(task["count"]):
             turns.wait()
             time.sleep(gap)
-            send(clock().to_bytes(8, "little") + pad)
+            t = clock()
+            send(msg)
+            sent.append(t)
             turns.done()
         send(STOP)
     finally:
-        result = turns.close({})
+        result = turns.close({"sent_ns": sent})
     return result
 
 
 def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
-    """Blocking receive; records arrival time minus the sender's timestamp (one way, asleep)."""
+    """Blocking receive; records when each call returned (one way, asleep: the runner pairs
+    these with the sender's send times, in order)."""
     recv = ep.recv
     clock = time.monotonic_ns
-    samples = []
+    arrived = []
     while True:
         m = recv()
         t = clock()
         if len(m) == 1:
             break
-        samples.append(max(0, t - int.from_bytes(bytes(m[:8]), "little")))
+        arrived.append(t)
+    return {"arrived_ns": arrived}
+
+
+def wake_latencies(sent: List[int], arrived: List[int]) -> Histogram:
+    """The one-way latencies of a wake-up trial: the i-th arrival minus the i-th send (every
+    transport measured delivers in order and loses nothing).  ValueError when the counts
+    differ."""
+    if len(sent) != len(arrived):
+        raise ValueError(f"wake-up trial: {len(sent)} messages sent but {len(arrived)} received")
     hist = Histogram()
-    hist.record_many(samples)
-    return {"histogram": hist.to_dict()}
+    hist.record_many(max(0, b - a) for a, b in zip(sent, arrived))
+    return hist
 
 
 def zc_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:

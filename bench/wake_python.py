@@ -9,8 +9,9 @@ sample between the same two processes, so that a change of the machine's speed m
            sleeper that can be cancelled and re-checks must do (a Channel's sleep in C)
   channel  Channel.recv over a Peer of an embedded server (vector 0), no spinning
 
-The sender sleeps --gap before each wake-up, takes the time, and writes the eventfd or sends
-through the Channel; the receiver takes the time when its call returns.  The sender waits for an
+The sender sleeps --gap before each wake-up, takes the time, and at once writes the eventfd or
+sends a message made beforehand through the Channel; the receiver takes the time when its call
+returns, and the i-th arrival is paired with the i-th send.  The sender waits for an
 acknowledgement before the next sample.  Prints the p50 of each and the ratios; figures belong to
 benchmarks, never to pass/fail tests.
 """
@@ -27,49 +28,49 @@ from pyivshmem import Channel, Peer, Server
 KINDS = ("read", "poll", "channel")
 
 
-def _child(role, cpu, sock, fds, n, gap, out):
+def _child(role, cpu, sock, fds, n, gap, out, ready):
     os.sched_setaffinity(0, {cpu})
     clock = time.monotonic_ns
     bare, polled, ack, idle1, idle2 = fds
     peer = Peer.connect(sock, timeout=10)
     ring = peer.region.ring("wake")
     chan = Channel(ring, peer, vector=0 if role == "recv" else 1, spin=0.0)
-    pad = b"x" * 56
+    msg = b"x" * 64
     try:
         if role == "send":
-            out.get()  # the receiver is ready
+            ready.get()  # the receiver is ready
+            sent = {k: [] for k in KINDS}
             for i in range(len(KINDS) * n):
                 time.sleep(gap)
                 kind = KINDS[i % len(KINDS)]
+                t = clock()
                 if kind == "read":
-                    os.eventfd_write(bare, clock())
+                    os.eventfd_write(bare, 1)
                 elif kind == "poll":
-                    os.eventfd_write(polled, clock())
+                    os.eventfd_write(polled, 1)
                 else:
-                    chan.send(clock().to_bytes(8, "little") + pad)
+                    chan.send(msg)
+                sent[kind].append(t)
                 os.eventfd_read(ack)
+            out.put(("sent", sent))
             return
         po = select.poll()
         for fd in (polled, idle1, idle2):
             po.register(fd, select.POLLIN)
-        lat = {k: [] for k in KINDS}
-        out.put("ready")
+        arrived = {k: [] for k in KINDS}
+        ready.put("ready")
         for i in range(len(KINDS) * n):
             kind = KINDS[i % len(KINDS)]
             if kind == "read":
-                sent = os.eventfd_read(bare)
-                now = clock()
+                os.eventfd_read(bare)
             elif kind == "poll":
                 po.poll(1000)
-                sent = os.eventfd_read(polled)
-                now = clock()
+                os.eventfd_read(polled)
             else:
-                m = chan.recv(timeout=10)
-                now = clock()
-                sent = int.from_bytes(m[:8], "little")
-            lat[kind].append(now - sent)
+                chan.recv(timeout=10)
+            arrived[kind].append(clock())
             os.eventfd_write(ack, 1)
-        out.put(lat)
+        out.put(("arrived", arrived))
     finally:
         chan.close()
         peer.close()
@@ -91,16 +92,18 @@ def main():
             fds = [os.eventfd(0), os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0),
                    os.eventfd(0), os.eventfd(0)]
             ctx = mp.get_context("fork")
-            out = ctx.Queue()
-            recv = ctx.Process(target=_child, args=("recv", cpu_r, sock, fds, a.samples, a.gap, out))
+            out, ready = ctx.Queue(), ctx.Queue()
+            common = (sock, fds, a.samples, a.gap, out, ready)
+            recv = ctx.Process(target=_child, args=("recv", cpu_r) + common)
             recv.start()
-            send = ctx.Process(target=_child, args=("send", cpu_s, sock, fds, a.samples, a.gap, out))
+            send = ctx.Process(target=_child, args=("send", cpu_s) + common)
             send.start()
+            got = dict(out.get(timeout=60) for _ in range(2))
             send.join()
-            lat = out.get(timeout=60)
             recv.join()
             for fd in fds:
                 os.close(fd)
+    lat = {k: [b - a for a, b in zip(got["sent"][k], got["arrived"][k])] for k in KINDS}
     p50 = {k: statistics.median(v) / 1e3 for k, v in lat.items()}
     print(f"one-way wake-up p50, {a.samples} samples each, alternated, CPUs {a.cpus}: "
           + ", ".join(f"{k} {p50[k]:.2f} us" for k in KINDS))

@@ -737,6 +737,25 @@ def test_c_eventfd_reference_in_the_same_run(tmp_path, capsys):
     assert "C: bare eventfd ping-pong" in capsys.readouterr().out
 
 
+def test_python_eventfd_wakeups_in_the_same_run(tmp_path, capsys):
+    """The bare eventfd from Python takes part in the wake-up only, every wake-up answered and
+    timed from the send call to the receive's return, as pyivshmem's are."""
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--scenarios", "roundtrip,wakeup", "--sizes", "64", "--rtt-samples", "50",
+            "--rtt-seconds", "0.2", "--wake-samples", "9", "--wake-gap", "0.001",
+            "--peers", "py-eventfd", "--json", str(out), "--quiet"]
+    assert bench.main(argv) == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    report.validate(doc)
+    ref = [r for r in doc["records"] if r["transport"] == "py-eventfd"]
+    assert [(r["scenario"], r["mode"]) for r in ref] == [("wakeup", "blocking")]
+    rec = ref[0]
+    assert rec["status"] == "ok", rec["note"]
+    assert rec["latency_ns"]["count"] == 9 and rec["ratio"] > 0
+    assert rec["samples_alternated"] is True  # in turns with pyivshmem's wake-ups
+    assert "Python: bare eventfd ping-pong" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # guests under KVM or TCG: what the figures are called, and the choice on the command line
 def test_guest_figures_under_kvm_are_labelled_speed_figures():

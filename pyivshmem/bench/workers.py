@@ -534,11 +534,46 @@ def ref_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     return {"histogram": hist.to_dict()}
 
 
+def py_wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """wake_send over a bare eventfd from Python: sleep, read the clock, write; then wait for
+    the receiver's answer (an eventfd has no messages to queue: two writes would add up)."""
+    gap, tx, rx = task["gap"], ep.tx, ep.rx
+    clock = time.monotonic_ns
+    turns = _Turns(task)
+    sent = []
+    try:
+        for _ in range(task["count"]):
+            turns.wait()
+            time.sleep(gap)
+            t = clock()
+            os.eventfd_write(tx, 1)
+            sent.append(t)
+            os.eventfd_read(rx)
+            turns.done()
+    finally:
+        result = turns.close({"sent_ns": sent})
+    return result
+
+
+def py_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """wake_recv over a bare eventfd from Python: ``count`` blocking reads, each answered."""
+    tx, rx = ep.tx, ep.rx
+    clock = time.monotonic_ns
+    arrived = []
+    for _ in range(task["count"]):
+        os.eventfd_read(rx)
+        arrived.append(clock())
+        os.eventfd_write(tx, 1)
+    return {"arrived_ns": arrived}
+
+
 PATTERNS: Dict[str, Callable[[Endpoint, Dict[str, Any]], Dict[str, Any]]] = {
     "ref-rtt-lead": ref_rtt_lead,
     "ref-rtt-echo": ref_rtt_echo,
     "ref-wake-send": ref_wake_send,
     "ref-wake-recv": ref_wake_recv,
+    "py-wake-send": py_wake_send,
+    "py-wake-recv": py_wake_recv,
     "rtt-client": rtt_client,
     "rtt-echo": rtt_echo,
     "tput-send": tput_send,

@@ -20,6 +20,7 @@ per-message work beyond the calls being measured.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import traceback
@@ -376,15 +377,13 @@ class _Turns:
         return result
 
 
-def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
-    """Send a message after sleeping ``gap`` seconds each time (the peer is asleep), in turns
-    with the other transports' senders when the task names turn FIFOs.  The message is made
-    beforehand and the clock read just before the send call: what is timed is the transport,
-    not the making of a timestamped message (the bare eventfd's timestamp is its message).
-    Returns the send times, which the runner pairs with the receiver's arrival times."""
-    size, gap = max(task["size"], 8), task["gap"]
-    msg = payload(size)
-    send = ep.send
+def _timed_sends(task: Dict[str, Any], call: Callable[[Any], Any], arg: Any,
+                 after: Optional[Callable[[], Any]] = None,
+                 last: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+    """The wake-up sender's loop: ``count`` times wait for the turn, sleep ``gap``, read the
+    clock and at once ``call(arg)`` (then ``after()``, outside the timed part), hand the turn
+    on; ``last()`` at the end.  The send times, for the runner to pair with the arrivals."""
+    gap = task["gap"]
     clock = time.monotonic_ns
     turns = _Turns(task)
     sent = []
@@ -393,13 +392,26 @@ def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
             turns.wait()
             time.sleep(gap)
             t = clock()
-            send(msg)
+            call(arg)
             sent.append(t)
+            if after is not None:
+                after()
             turns.done()
-        send(STOP)
+        if last is not None:
+            last()
     finally:
         result = turns.close({"sent_ns": sent})
     return result
+
+
+def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Send a message after sleeping ``gap`` seconds each time (the peer is asleep), in turns
+    with the other transports' senders when the task names turn FIFOs.  The message is made
+    beforehand and the clock read just before the send call: what is timed is the transport,
+    not the making of a timestamped message (the bare eventfd's timestamp is its message).
+    Returns the send times, which the runner pairs with the receiver's arrival times."""
+    send = ep.send
+    return _timed_sends(task, send, payload(max(task["size"], 8)), last=lambda: send(STOP))
 
 
 def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
@@ -537,22 +549,8 @@ def ref_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
 def py_wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     """wake_send over a bare eventfd from Python: sleep, read the clock, write; then wait for
     the receiver's answer (an eventfd has no messages to queue: two writes would add up)."""
-    gap, tx, rx = task["gap"], ep.tx, ep.rx
-    clock = time.monotonic_ns
-    turns = _Turns(task)
-    sent = []
-    try:
-        for _ in range(task["count"]):
-            turns.wait()
-            time.sleep(gap)
-            t = clock()
-            os.eventfd_write(tx, 1)
-            sent.append(t)
-            os.eventfd_read(rx)
-            turns.done()
-    finally:
-        result = turns.close({"sent_ns": sent})
-    return result
+    return _timed_sends(task, functools.partial(os.eventfd_write, ep.tx), 1,
+                        after=functools.partial(os.eventfd_read, ep.rx))
 
 
 def py_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:

@@ -125,33 +125,9 @@ int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
 }
 
 /* -- sleeping side -------------------------------------------------------------------------------- */
-/* Take the ring that ended this channel's last sleep, left in wait_fd (see sleep_fd), before a
- * new arming can be rung.  What is there now is that ring, or rings for other sleepers of this
- * process on the fd: with any of them counted in fd_sleepers, everything goes back for them.
- * With none counted, nothing there is theirs: one armed and claimed but not counted yet looks at
- * its entry after it is counted and does not sleep (the argument of ivshm_chan_absorb: the count,
- * that look, the claim's CAS and the load below are sequentially consistent). */
-static void take_owed(struct ivshm_chan *ch)
-{
-    if (IVSHM_LOAD_RELAXED(&ch->owed) == 0 ||
-        atomic_exchange_explicit(IVSHM_ATOMIC(&ch->owed), 0u, memory_order_relaxed) == 0)
-        return;
-    uint64_t v;
-    if (ivshm_eventfd_take(ch->wait_fd, &v) < 0 || v == 0)
-        return; /* taken by another sleeper of the fd, as a stray: nothing left to do */
-    /* seq_cst: pairs with the count in ivshm_chan_sleep_begin (as in ivshm_chan_absorb) */
-    if (ch->fd_sleepers &&
-        atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_seq_cst) > 0) {
-        ssize_t w = write(ch->wait_fd, &v, sizeof(v));
-        (void)w; /* EAGAIN: the counter is full, which wakes them just as well */
-    }
-}
-
 int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     call->entry = -1;
-    if (ch->wait_fd >= 0)
-        take_owed(ch);
     if (ch->route == 0)
         return 0;
     uint32_t *table = table_of(ch, call->side);
@@ -273,27 +249,13 @@ void ivshm_chan_sleep_end(struct ivshm_chan *ch)
 }
 
 /* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 woken (rung, or a ring for another
- * sleeper of this fd), 0 timed out, -ECANCELED, -errno.
- *
- * A sleeper alone on the fd owns whatever rang it (ivshm_chan_absorb), so it does not read the
- * ring now: the read is a system call, the largest cost between the wake-up and the message, and
- * this channel's next arming makes it instead (take_owed), before it sleeps.  Meanwhile the ring
- * keeps the fd readable: a sleeper of this process that comes first takes it as a stray (one
- * look at its ring for nothing), and Peer.wait() reports the vector.  With other sleepers on the
- * fd, the ring may be theirs: absorb sorts it out at once. */
+ * sleeper of this fd), 0 timed out, -ECANCELED, -errno. */
 static int sleep_fd(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int ms)
 {
     int cancel[2];
     int rc = ivshm_bell_sleep(ch->wait_fd, cancel, cancel_fds(ch, cancel), ms);
     if (rc <= 0)
         return rc;
-    /* seq_cst: as the load in ivshm_chan_absorb; this sleeper is still counted */
-    if (ch->fd_sleepers == NULL ||
-        atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_seq_cst) <= 1) {
-        atomic_store_explicit(IVSHM_ATOMIC(&ch->owed), 1u, memory_order_relaxed);
-        stat_add(&ch->st.wakeups);
-        return 1;
-    }
     rc = ivshm_chan_absorb(ch, call);
     return rc < 0 ? rc : 1;
 }

@@ -96,10 +96,6 @@ struct ivshm_chan {
      * channels (or threads) of one process that sleep on one fd must share one counter here,
      * or a sleeper that thinks itself alone can take a ring meant for another. */
     uint32_t *fd_sleepers;
-    /* 1 while the ring that ended this channel's last sleep is still in wait_fd: a sleeper that
-     * woke alone on the fd leaves the read of its ring to its next arming (ivshm_chan_arm takes
-     * it then), so that the read's cost comes before a sleep instead of after a wake-up. */
-    uint32_t owed;
     struct ivshm_chan_stats st; /* updated with relaxed atomics */
 };
 
@@ -153,8 +149,7 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
 /* The two halves of ivshm_chan_wait's sleep, for event loops that sleep on wait_fd themselves
  * (asyncio): arm claims an entry and fences, then the caller re-checks the ring, sleeps, and
- * disarms.  Arm returns 1 if armed, 0 if no entry was free (poll instead).  Arm first takes the
- * ring a blocking wait of this channel left in wait_fd (`owed`), so it cannot end this sleep. */
+ * disarms.  Arm returns 1 if armed, 0 if no entry was free (poll instead). */
 int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 

@@ -3595,9 +3595,7 @@ cdef class Channel:
                 "passed_on": st.passes, "armed": st.arms}
 
     def fileno(self):
-        """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls.  The
-        ring that woke a blocking call may stay in it until this channel's next sleep
-        (docs/wakeup.md), so readable does not mean a message is there."""
+        """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls."""
         return self._fd
 
     def __len__(self):

@@ -419,73 +419,6 @@ static void pass_on_after_cancelled_sleeper(char *detail, size_t dn)
     tregion_free(&t);
 }
 
-/* ---------------------------------------------------------------------------------------------- */
-/* a sleeper alone on its fd leaves the ring that woke it for its next arming to take: the fd stays
- * readable until then, and that ring never ends the next sleep early */
-
-struct owed_ctx {
-    struct tregion t;
-    struct ivshm_ring_info info;
-    struct bells bells;
-    int64_t got;
-};
-
-static void *owed_sleeper(void *c_)
-{
-    struct owed_ctx *c = c_;
-    struct ivshm_spsc q;
-    const char *why = NULL;
-    CHECKP(ivshm_spsc_attach(&q, &c->t.r, &c->info, &why) == 0, "attach");
-    struct ivshm_chan ch;
-    ivshm_chan_init(&ch, IVSHM_KIND_SPSC, &q, 1, 0, c->bells.fd[1], -1, resolve, &c->bells, 0,
-                    RECHECK_NS);
-    uint64_t v = 0;
-    c->got = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, LOST_NS);
-    struct ivshm_chan_stats st;
-    ivshm_chan_get_stats(&ch, &st);
-    CHECKP(st.sleeps == 1 && st.wakeups == 1, "first recv: %" PRIu64 " sleeps, %" PRIu64 " wake-ups",
-           st.sleeps, st.wakeups);
-    struct pollfd p = {.fd = c->bells.fd[1], .events = POLLIN};
-    CHECKP(poll(&p, 1, 0) == 1, "the ring that woke the sleeper is no longer in its fd");
-    /* an empty ring: the next sleep must last its whole timeout, woken by nothing */
-    int64_t t0 = ivshm_chan_now_ns();
-    int64_t rc = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, 100 * 1000000ll);
-    CHECKP(rc == -ETIMEDOUT, "second recv: %" PRId64, rc);
-    CHECKP(ivshm_chan_now_ns() - t0 >= 100 * 1000000ll, "second recv returned early");
-    ivshm_chan_get_stats(&ch, &st);
-    CHECKP(st.wakeups == 1, "the left ring ended the next sleep (%" PRIu64 " wake-ups)", st.wakeups);
-    CHECKP(poll(&p, 1, 0) == 0, "the next arming did not take the left ring");
-    return NULL;
-}
-
-static void alone_sleeper_leaves_its_ring(char *detail, size_t dn)
-{
-    struct owed_ctx c;
-    memset(&c, 0, sizeof(c));
-    CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
-    const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&c.t.r, "o", IVSHM_KIND_SPSC, 8, 4, 1, 0, &c.info, &why) == 0,
-          "ring: %s", why);
-    bells_open(&c.bells);
-    struct ivshm_spsc q;
-    CHECK(ivshm_spsc_attach(&q, &c.t.r, &c.info, &why) == 0, "attach");
-    struct ivshm_chan tx;
-    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &q, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
-                    RECHECK_NS);
-    pthread_t th;
-    pthread_create(&th, NULL, owed_sleeper, &c);
-    struct ivshm_ring_ctrl *ctl = (struct ivshm_ring_ctrl *)(c.t.mem + c.info.offset);
-    while (__atomic_load_n(&ctl->cons_waiting, __ATOMIC_ACQUIRE) == 0 && !tc_failed())
-        sched_yield(); /* the sleeper is armed */
-    uint64_t v = 5;
-    CHECK(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "send");
-    pthread_join(th, NULL);
-    CHECK(c.got == 8, "lost wake-up: recv %" PRId64, c.got);
-    snprintf(detail, dn, "the ring left, then taken by the next arming");
-    bells_close(&c.bells);
-    tregion_free(&c.t);
-}
-
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -494,7 +427,6 @@ static const struct tcase cases[] = {
     {"chan_cancel_wakes_blocked_calls", cancel_wakes_blocked_calls, 0},
     {"chan_hostile_table", hostile_table, 0},
     {"chan_pass_on_after_cancelled_sleeper", pass_on_after_cancelled_sleeper, 0},
-    {"chan_alone_sleeper_leaves_its_ring", alone_sleeper_leaves_its_ring, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

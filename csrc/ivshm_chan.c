@@ -235,11 +235,20 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
     return mine;
 }
 
-void ivshm_chan_sleep_begin(struct ivshm_chan *ch)
+int ivshm_chan_sleep_begin(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 {
     stat_add(&ch->st.sleeps);
     if (ch->fd_sleepers) /* seq_cst: pairs with the load in ivshm_chan_absorb */
         atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_seq_cst);
+    /* Claimed already (between the re-check and here)?  Then do not sleep: another sleeper of
+     * this fd that woke before we were counted in fd_sleepers thought itself alone and may have
+     * taken our ring.  Either it sees us counted (and puts our ring back), or we see the claim
+     * here: the count, this load, the claim's CAS and its load of the count are all sequentially
+     * consistent, and the claim comes before the ring it took.  Every sleeper on a shared fd
+     * needs this look, the event loops' as much as ivshm_chan_wait's. */
+    return call->entry >= 0 &&
+           atomic_load_explicit(IVSHM_ATOMIC(&table_of(ch, call->side)[call->entry]),
+                                memory_order_seq_cst) != call->word;
 }
 
 void ivshm_chan_sleep_end(struct ivshm_chan *ch)
@@ -313,15 +322,7 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     int rc;
     if (armed) {
         int64_t ms = (span + 999999) / 1000000;
-        ivshm_chan_sleep_begin(ch);
-        /* Claimed already (between the re-check and here)?  Then do not sleep: another sleeper of
-         * this fd that woke before we were counted in fd_sleepers thought itself alone and may
-         * have taken our ring.  Either it sees us counted (and puts our ring back), or we see the
-         * claim here: the count, this load, the claim's CAS and its load of the count are all
-         * sequentially consistent, and the claim comes before the ring it took. */
-        if (call->entry >= 0 &&
-            atomic_load_explicit(IVSHM_ATOMIC(&table_of(ch, call->side)[call->entry]),
-                                 memory_order_seq_cst) != call->word) {
+        if (ivshm_chan_sleep_begin(ch, call)) { /* claimed already: see there */
             /* Woken before sleeping: take the ring's unit if it is there already (absorb counts
              * the wake-up with this sleep).  If it is not there yet, this call did not sleep at
              * all: the unit, when it comes, is a stray that ends the next sleep at once and is

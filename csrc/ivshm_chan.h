@@ -159,8 +159,12 @@ void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
 
 /* Bracket a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait does its own):
- * counts the sleep and the sleepers on the fd. */
-void ivshm_chan_sleep_begin(struct ivshm_chan *ch);
+ * begin counts the sleep and the sleepers on the fd, then looks at the call's entry once more.
+ * It returns 1 if a waker claimed the entry already: then do not sleep, but absorb and look at
+ * the ring (another sleeper of this fd that woke before this one was counted may have taken
+ * its ring, thinking itself alone; see docs/wakeup.md).  0: sleep on wait_fd, then absorb.
+ * sleep_end follows in both cases. */
+int ivshm_chan_sleep_begin(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
 void ivshm_chan_sleep_end(struct ivshm_chan *ch);
 
 /* After publishing (IVSHM_CHAN_SEND side woke consumers) or releasing slots (RECV side wakes

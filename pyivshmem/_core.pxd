@@ -165,7 +165,7 @@ cdef extern from "ivshm_chan.h" nogil:
     int ivshm_chan_arm(ivshm_chan *ch, ivshm_chan_call *call)
     void ivshm_chan_disarm(ivshm_chan *ch, ivshm_chan_call *call)
     int ivshm_chan_absorb(ivshm_chan *ch, const ivshm_chan_call *call)
-    void ivshm_chan_sleep_begin(ivshm_chan *ch)
+    int ivshm_chan_sleep_begin(ivshm_chan *ch, const ivshm_chan_call *call)
     void ivshm_chan_sleep_end(ivshm_chan *ch)
     int ivshm_chan_wake_other(ivshm_chan *ch, uint32_t my_side)
     void ivshm_chan_pass_on(ivshm_chan *ch, ivshm_chan_call *call)

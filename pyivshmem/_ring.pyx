@@ -3505,10 +3505,16 @@ cdef class Channel:
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)
                     if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
-                        ivshm_chan_sleep_begin(&self._ch)
+                        # claimed between the re-check and the count: our ring may have been
+                        # taken by another sleeper of the fd, so take what is there and look
+                        claimed = ivshm_chan_sleep_begin(&self._ch, &c.call)
                         try:
-                            await self._await_fds(loop, span if armed else min(span, 0.001), armed,
-                                                  m.closed_fd, c)
+                            if claimed:
+                                if not self._closed:
+                                    ivshm_chan_absorb(&self._ch, &c.call)
+                            else:
+                                await self._await_fds(loop, span if armed else min(span, 0.001),
+                                                      armed, m.closed_fd, c)
                         finally:
                             ivshm_chan_sleep_end(&self._ch)
                 finally:

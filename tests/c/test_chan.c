@@ -419,6 +419,98 @@ static void pass_on_after_cancelled_sleeper(char *detail, size_t dn)
     tregion_free(&t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* an event-loop sleeper (arm, re-check, sleep_begin, poll, absorb: ivshm_chan.h's sequence, and
+ * Channel._async_wait's) on channel Y, claimed and rung between its re-check and its count, while
+ * channel X of the same process and vector sleeps alone: X wakes, takes the ring (it thinks itself
+ * alone on the fd), and Y must learn from sleep_begin that it was claimed instead of sleeping */
+
+struct loop_ctx {
+    struct tregion t;
+    struct ivshm_ring_info ix;
+    struct bells bells;
+    uint32_t fd_sleepers;
+    struct ivshm_spsc qx;
+    struct ivshm_chan x;
+    int64_t got;
+};
+
+static void *loop_x_sleeper(void *c_)
+{
+    struct loop_ctx *c = c_;
+    uint64_t v = 0;
+    c->got = ivshm_chan_recv(&c->x, &v, sizeof(v), NULL, LOST_NS);
+    return NULL;
+}
+
+static void loop_sleeper_claimed_before_counted(char *detail, size_t dn)
+{
+    struct loop_ctx c;
+    memset(&c, 0, sizeof(c));
+    CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    struct ivshm_ring_info iy;
+    CHECK(ivshm_region_create_ring(&c.t.r, "x", IVSHM_KIND_SPSC, 8, 4, 1, 0, &c.ix, &why) == 0,
+          "ring x: %s", why);
+    CHECK(ivshm_region_create_ring(&c.t.r, "y", IVSHM_KIND_SPSC, 8, 4, 1, 0, &iy, &why) == 0,
+          "ring y: %s", why);
+    bells_open(&c.bells);
+    int fd = c.bells.fd[1]; /* X and Y: peer 1, vector 0, one eventfd, one count of its sleepers */
+    struct ivshm_spsc qy, px, py;
+    CHECK(ivshm_spsc_attach(&c.qx, &c.t.r, &c.ix, &why) == 0, "attach");
+    CHECK(ivshm_spsc_attach(&qy, &c.t.r, &iy, &why) == 0, "attach");
+    CHECK(ivshm_spsc_attach(&px, &c.t.r, &c.ix, &why) == 0, "attach");
+    CHECK(ivshm_spsc_attach(&py, &c.t.r, &iy, &why) == 0, "attach");
+    struct ivshm_chan y, tx, ty;
+    ivshm_chan_init(&c.x, IVSHM_KIND_SPSC, &c.qx, 1, 0, fd, -1, resolve, &c.bells, 0, RECHECK_NS);
+    ivshm_chan_init(&y, IVSHM_KIND_SPSC, &qy, 1, 0, fd, -1, resolve, &c.bells, 0, RECHECK_NS);
+    c.x.fd_sleepers = y.fd_sleepers = &c.fd_sleepers;
+    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &px, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
+                    RECHECK_NS);
+    ivshm_chan_init(&ty, IVSHM_KIND_SPSC, &py, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
+                    RECHECK_NS);
+    /* 1. X sleeps on the fd, alone */
+    pthread_t th;
+    pthread_create(&th, NULL, loop_x_sleeper, &c);
+    struct ivshm_ring_ctrl *cx = (struct ivshm_ring_ctrl *)(c.t.mem + c.ix.offset);
+    while ((__atomic_load_n(&cx->cons_waiting, __ATOMIC_ACQUIRE) == 0 ||
+            __atomic_load_n(&c.fd_sleepers, __ATOMIC_ACQUIRE) == 0) && !tc_failed())
+        sched_yield();
+    /* 2. Y, an event-loop sleeper: arms and re-checks (empty) */
+    struct ivshm_chan_call cy;
+    ivshm_chan_call_init(&cy, IVSHM_CHAN_RECV, -1, 1);
+    CHECK(ivshm_chan_arm(&y, &cy) == 1, "arm y");
+    CHECK(!ivshm_chan_ready(&y, IVSHM_CHAN_RECV, 1), "y empty");
+    /* 3. a message for Y: its entry is claimed and its ring written to the shared fd, which
+     *    wakes X; X takes the ring (alone on the fd: Y is not counted yet) and sleeps again */
+    uint64_t v = 6;
+    CHECK(ivshm_chan_send(&ty, &v, sizeof(v), LOST_NS) == 0, "send y");
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    struct ivshm_chan_stats st;
+    do {
+        sched_yield();
+        ivshm_chan_get_stats(&c.x, &st);
+    } while ((st.sleeps < 2 || poll(&p, 1, 0) != 0) && !tc_failed());
+    /* 4. Y is counted: sleep_begin must say that Y was claimed, so that Y does not sleep */
+    int claimed = ivshm_chan_sleep_begin(&y, &cy);
+    int n = claimed ? 1 : poll(&p, 1, (int)(LOST_NS / 1000000));
+    ivshm_chan_absorb(&y, &cy);
+    ivshm_chan_sleep_end(&y);
+    ivshm_chan_disarm(&y, &cy);
+    CHECK(n == 1, "lost wake-up: x took y's ring and y, not told it was claimed, slept its whole "
+                  "timeout with a message on its ring (ready=%d)",
+          ivshm_chan_ready(&y, IVSHM_CHAN_RECV, 1));
+    CHECK(ivshm_chan_ready(&y, IVSHM_CHAN_RECV, 1), "y's message");
+    /* X goes on sleeping until its own message */
+    v = 5;
+    CHECK(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "send x");
+    pthread_join(th, NULL);
+    CHECK(c.got == 8, "lost wake-up of x: recv %" PRId64, c.got);
+    snprintf(detail, dn, "y told it was claimed: %s", claimed ? "yes" : "no");
+    bells_close(&c.bells);
+    tregion_free(&c.t);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -427,6 +519,7 @@ static const struct tcase cases[] = {
     {"chan_cancel_wakes_blocked_calls", cancel_wakes_blocked_calls, 0},
     {"chan_hostile_table", hostile_table, 0},
     {"chan_pass_on_after_cancelled_sleeper", pass_on_after_cancelled_sleeper, 0},
+    {"chan_loop_sleeper_claimed_before_counted", loop_sleeper_claimed_before_counted, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

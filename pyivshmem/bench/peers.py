@@ -30,7 +30,7 @@ iceoryx2           iceoryx2 publish-subscribe (lossless: no overflow, retry unti
                    blocking through its event service
 c-eventfd          not a queue: the floor of every blocking figure, a bare eventfd ping-pong in
                    C (csrc/ivshm_bench_ref.c), blocking round trips and wake-ups only
-py-eventfd         not a queue: the same ping-pong from Python (os.eventfd_write/eventfd_read),
+py-eventfd         not a queue: the same ping-pong from Python (8-byte os.write/os.read),
                    timed as pyivshmem is: what a Python sender and receiver cost by themselves;
                    wake-ups only
 =================  ======================================================================
@@ -748,13 +748,13 @@ class CEventfd(Transport):
 
 class PyEventfd(CEventfd):
     """The bare eventfd ping-pong of ``c-eventfd``, from Python: the sender sleeps, reads the
-    clock and calls ``os.eventfd_write``, the receiver reads the clock when ``os.eventfd_read``
-    returns, exactly as pyivshmem's wake-up is timed.  What a Python process pays to sleep and
+    clock and writes the eventfd (``os.write`` of 8 bytes), the receiver reads the clock when
+    its blocking ``os.read`` returns, exactly as pyivshmem's wake-up is timed.  What a Python process pays to sleep and
     wake by itself, so that a wake-up figure shows which part is the transport's."""
 
     key = "py-eventfd"
     label = "Python: bare eventfd ping-pong"
-    calls = {"blocking": "os.eventfd_write/eventfd_read on blocking eventfds"}
+    calls = {"blocking": "os.write/os.read on blocking eventfds"}
 
     def roundtrip_variants(self):
         return []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 import traceback
 from array import array
@@ -546,22 +547,27 @@ def ref_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     return {"histogram": hist.to_dict()}
 
 
+#: An eventfd write of 1 (8 bytes in host order), made once.
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
+
+
 def py_wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     """wake_send over a bare eventfd from Python: sleep, read the clock, write; then wait for
     the receiver's answer (an eventfd has no messages to queue: two writes would add up)."""
-    return _timed_sends(task, functools.partial(os.eventfd_write, ep.tx), 1,
-                        after=functools.partial(os.eventfd_read, ep.rx))
+    return _timed_sends(task, functools.partial(os.write, ep.tx), _EVENTFD_ONE,
+                        after=functools.partial(os.read, ep.rx, 8))
 
 
 def py_wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     """wake_recv over a bare eventfd from Python: ``count`` blocking reads, each answered."""
     tx, rx = ep.tx, ep.rx
+    read, write = os.read, os.write
     clock = time.monotonic_ns
     arrived = []
     for _ in range(task["count"]):
-        os.eventfd_read(rx)
+        read(rx, 8)
         arrived.append(clock())
-        os.eventfd_write(tx, 1)
+        write(tx, _EVENTFD_ONE)
     return {"arrived_ns": arrived}
 
 

@@ -26,6 +26,11 @@ def test_a_message_lost_or_gained_is_an_error_not_a_figure():
         wake_latencies([1, 2, 3], [4, 5])
 
 
+def test_an_arrival_before_its_send_is_a_mispairing_not_a_zero():
+    with pytest.raises(ValueError, match="message 1 arrived 50 ns before it was sent"):
+        wake_latencies([100, 200, 300], [150, 150, 400])
+
+
 def test_the_clock_is_read_just_before_the_send_and_just_after_the_receive(monkeypatch):
     ticks = itertools.count(1_000, 1_000)  # every read of the clock moves it 1 us on
     monkeypatch.setattr(workers.time, "monotonic_ns", lambda: next(ticks))

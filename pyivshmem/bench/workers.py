@@ -433,11 +433,16 @@ def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
 def wake_latencies(sent: List[int], arrived: List[int]) -> Histogram:
     """The one-way latencies of a wake-up trial: the i-th arrival minus the i-th send (every
     transport measured delivers in order and loses nothing).  ValueError when the counts
-    differ."""
+    differ or an arrival comes before its send (a mis-pairing, never a figure)."""
     if len(sent) != len(arrived):
         raise ValueError(f"wake-up trial: {len(sent)} messages sent but {len(arrived)} received")
+    lat = [b - a for a, b in zip(sent, arrived)]
+    if lat and min(lat) < 0:
+        i = min(range(len(lat)), key=lat.__getitem__)
+        raise ValueError(f"wake-up trial: message {i} arrived {-lat[i]} ns before it was sent: "
+                         "sends and arrivals are not paired right")
     hist = Histogram()
-    hist.record_many(max(0, b - a) for a, b in zip(sent, arrived))
+    hist.record_many(lat)
     return hist
 
 

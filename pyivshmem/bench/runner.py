@@ -630,8 +630,9 @@ class Runner:
                     hist = wake_latencies(res["a"].get("sent_ns") or [], res["b"]["arrived_ns"])
                 except ValueError as exc:
                     raise WorkerFailed(str(exc)) from None
-                res["b"]["histogram"] = hist.to_dict()
-            out = _latency_trial(res, "b")
+                out = _latency_of(hist, res)
+            else:  # a histogram made by the receiver (the C reference)
+                out = _latency_trial(res, "b")
             out["in_turns"] = alongside[0] > 1 and not res["a"].get("turns_lost")
             return out
 
@@ -787,7 +788,11 @@ def _rounds(entries: List[_Entry]) -> List[List[_Entry]]:
 
 
 def _latency_trial(res: Dict[str, Dict[str, Any]], role: str) -> Dict[str, Any]:
-    hist = Histogram.from_dict(res[role]["histogram"])
+    return _latency_of(Histogram.from_dict(res[role]["histogram"]), res)
+
+
+def _latency_of(hist: Histogram, res: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """A latency trial's result from its samples and its pair run (for the counters)."""
     if not hist.count:
         raise WorkerFailed("a trial timed no samples")
     return {"value": hist.value_at_percentile(50), "histogram": hist, "counters": _counters(res)}

@@ -403,22 +403,29 @@ sys.exit(main(["bridge", "--region", sys.argv[1], "--connect", "tcp://127.0.0.1:
     assert "pip install 'pyivshmem[bridge]'" in r.stderr, r.stderr
 
 
+def sleeping_bridges(tmp_path, port, peer_a, peer_b):
+    """Bridge a (ring "up" to b's "down", connecting) and bridge b (listening), each over its
+    server peer's region, sleeping on vector 0 of that peer with no spin budget."""
+    from pyivshmem import Bridge
+
+    ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
+                state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
+    bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
+                state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
+    return ba, bb
+
+
 @pytest.mark.timeout(120)
 def test_bridges_of_server_peers_sleep_on_doorbells(tmp_path):
     """Rings in two servers' memory (two hosts), bridges that joined them as peers: with no spin
     budget every idle wait sleeps, and the bridges and the applications wake each other by
     doorbell (the eventfds the servers handed out), not by polling."""
-    from pyivshmem import Bridge
-
     port = free_port()
     with two_servers_with_peers(tmp_path) as (app_a, app_b, peer_a, peer_b):
         app_a.region.create_ring("up", slot_size=64, capacity=16)
         app_b.region.create_ring("down", slot_size=64, capacity=16)
         # the bridges sleep on vector 0 of their peers; the applications on vector 1
-        ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
-                    state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
-        bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
-                    state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
+        ba, bb = sleeping_bridges(tmp_path, port, peer_a, peer_b)
         with ba, bb:
             ba.wait_connected(20)
             tx = Channel(app_a.region.ring("up"), app_a, vector=1, spin=0)

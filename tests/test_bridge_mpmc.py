@@ -121,16 +121,13 @@ def test_mpmc_sleepers_are_rung_by_the_bridges(tmp_path):
     which ring nobody, so they ring the sleepers themselves.  The producer (on a ring of 8 slots)
     and the consumer sleep with a re-check interval far beyond the test's timeouts: each message
     gets through only if a doorbell wakes them."""
-    from test_bridge import free_port, two_servers_with_peers
+    from test_bridge import free_port, sleeping_bridges, two_servers_with_peers
 
     port = free_port()
     with two_servers_with_peers(tmp_path) as (app_a, app_b, peer_a, peer_b):
         app_a.region.create_ring("up", "mpmc", slot_size=64, capacity=8)
         app_b.region.create_ring("down", "mpmc", slot_size=64, capacity=8)
-        ba = Bridge(peer_a.region, connect=f"tcp://127.0.0.1:{port}", out={"up": "down"},
-                    state_dir=str(tmp_path / "a"), doorbell=peer_a, vector=0, spin=0)
-        bb = Bridge(peer_b.region, listen=f"tcp://127.0.0.1:{port}", in_rings=["down"],
-                    state_dir=str(tmp_path / "b"), doorbell=peer_b, vector=0, spin=0)
+        ba, bb = sleeping_bridges(tmp_path, port, peer_a, peer_b)
         with ba, bb:
             ba.wait_connected(20)
             tx = Channel(app_a.region.ring("up"), app_a, vector=1, spin=0, recheck=600)

@@ -77,6 +77,7 @@ void ivshm_chan_call_init(struct ivshm_chan_call *call, uint32_t side, int64_t t
     call->need = need ? need : 1;
     call->entry = -1;
     call->backoff_us = BACKOFF_MIN_US;
+    call->fd_slot = -1;
 }
 
 void ivshm_chan_call_progress(struct ivshm_chan_call *call)
@@ -201,60 +202,143 @@ static int claimed(const struct ivshm_chan *ch, const struct ivshm_chan_call *ca
     return IVSHM_LOAD_RELAXED(&table_of(ch, call->side)[call->entry]) != call->word;
 }
 
+/* fd_share's spin lock (process-local; held for a scan of its slots, never across a call). */
+static void share_lock(struct ivshm_fd_share *sh)
+{
+    /* acquire: pairs with the release in share_unlock */
+    while (atomic_exchange_explicit(IVSHM_ATOMIC(&sh->lock), 1u, memory_order_acquire) != 0)
+        while (IVSHM_LOAD_RELAXED(&sh->lock) != 0)
+            sched_yield();
+}
+
+static void share_unlock(struct ivshm_fd_share *sh)
+{
+    IVSHM_STORE_RELEASE(&sh->lock, 0u); /* pairs with the acquire in share_lock */
+}
+
+#define OWED_UNKNOWN UINT64_MAX
+
+/* How many units the other sleepers of this process on the fd still need: those whose entry a
+ * waker claimed (so a ring for them is in the fd, or on its way) and that have not taken one.
+ * OWED_UNKNOWN when one of them is counted without a slot.  *alone: nobody else is counted. */
+static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan_call *call,
+                            int *alone)
+{
+    struct ivshm_fd_share *sh = ch->fd_share;
+    *alone = 1;
+    if (sh == NULL)
+        return 0;
+    uint32_t me = call->fd_slot != -1;
+    /* seq_cst: pairs with the count in ivshm_chan_sleep_begin.  A sleeper B rung, but not yet
+     * counted when this load ran, sees its claim in sleep_begin's look and does not sleep: the
+     * count, that look, the claim's CAS and this load are sequentially consistent, and the claim
+     * comes before the ring we took. */
+    if (atomic_load_explicit(IVSHM_ATOMIC(&sh->count), memory_order_seq_cst) <= me)
+        return 0;
+    *alone = 0;
+    uint64_t owed = 0;
+    uint32_t with_slot = 0;
+    /* Under the lock, a slot's entry is armed and mapped: its sleeper is between sleep_begin and
+     * sleep_end.  A sleeper counted after our eventfd read registered after the claim behind the
+     * units we took (the claim, the ring, our read, then its registration under this lock), so
+     * its look in sleep_begin sees the claim; one registered before we hold the lock is scanned
+     * here, and the claim is visible to this load. */
+    share_lock(sh);
+    for (int i = 0; i < IVSHM_FD_SLOTS; i++) {
+        const struct ivshm_fd_sleeper *o = &sh->s[i];
+        if (o->entry == NULL)
+            continue;
+        with_slot++;
+        /* seq_cst: pairs with the claim's CAS in claim_one */
+        if (i != call->fd_slot && atomic_load_explicit(IVSHM_ATOMIC(o->entry),
+                                                       memory_order_seq_cst) != o->word &&
+            !IVSHM_LOAD_RELAXED(&o->took)) /* pairs with the store in ivshm_chan_absorb */
+            owed++;
+    }
+    if (IVSHM_LOAD_RELAXED(&sh->count) > with_slot + (call->fd_slot == -2))
+        owed = OWED_UNKNOWN; /* somebody sleeps here without a slot: we cannot tell */
+    share_unlock(sh);
+    return owed;
+}
+
 int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 {
     uint64_t v;
     /* Sleepers of this process may share the fd: channels on other rings with the same vector,
      * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
-     * that was claimed keeps one unit and puts the rest back for the others.  A call that was
-     * not claimed woke for somebody else's ring: it puts everything back (and yields, so that
-     * they run).  A sleeper alone on the fd takes what is there: rings of its own earlier
-     * armings (claimed just before a re-check found work) or of sleepers that left.  EAGAIN:
-     * another reader was first. */
+     * that was claimed keeps one unit.  Of the rest, it puts back as many as the other sleepers
+     * on the fd were rung with and have not taken (fd_share), and yields if it was not claimed
+     * itself, so that they run.  What is left are strays (rings of a sleeper's earlier arming
+     * that found work in its re-check, of sleepers that left): dropped, so that they do not
+     * wake idle sleepers again and again.  EAGAIN: another reader was first. */
     int rc = ivshm_eventfd_take(ch->wait_fd, &v);
     if (rc < 0)
         return rc;
     if (v == 0)
         return 0;
-    /* A ring for this fd while we sleep on it alone is ours: one claimed at this arming, or a
-     * stray of an earlier one (claimed just before its re-check found work). */
-    /* seq_cst: pairs with the count in ivshm_chan_sleep_begin and the claim's CAS (see
-     * ivshm_chan_wait: a sleeper not counted yet looks at its entry before it sleeps) */
-    int alone = ch->fd_sleepers == NULL ||
-                atomic_load_explicit(IVSHM_ATOMIC(ch->fd_sleepers), memory_order_seq_cst) <= 1;
-    int mine = claimed(ch, call) || alone;
-    uint64_t rest = mine ? v - 1 : v;
-    if (rest > 0 && !alone) {
-        ssize_t w = write(ch->wait_fd, &rest, sizeof(rest));
+    int alone;
+    int own = claimed(ch, call);
+    uint64_t owed = others_owed(ch, call, &alone);
+    uint64_t rest = own ? v - 1 : v;
+    uint64_t back = rest < owed ? rest : owed;
+    if (own && call->fd_slot >= 0) /* pairs with the load in others_owed */
+        IVSHM_STORE_RELAXED(&ch->fd_share->s[call->fd_slot].took, 1u);
+    if (back > 0) {
+        ssize_t w = write(ch->wait_fd, &back, sizeof(back));
         (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
-        if (!mine)
+        if (!own)
             sched_yield();
     }
+    /* A ring for this fd while we sleep on it alone is ours: one claimed at this arming, or a
+     * stray of an earlier one. */
+    int mine = own || alone;
     if (mine)
         stat_add(&ch->st.wakeups);
     return mine;
 }
 
-int ivshm_chan_sleep_begin(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
+int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     stat_add(&ch->st.sleeps);
-    if (ch->fd_sleepers) /* seq_cst: pairs with the load in ivshm_chan_absorb */
-        atomic_fetch_add_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_seq_cst);
+    call->fd_slot = -1;
+    if (call->entry < 0)
+        return 0; /* not armed: it does not sleep on the fd */
+    const uint32_t *entry = &table_of(ch, call->side)[call->entry];
+    struct ivshm_fd_share *sh = ch->fd_share;
+    if (sh) {
+        share_lock(sh);
+        call->fd_slot = -2;
+        for (int i = 0; i < IVSHM_FD_SLOTS; i++)
+            if (sh->s[i].entry == NULL) {
+                sh->s[i].entry = entry;
+                sh->s[i].word = call->word;
+                IVSHM_STORE_RELAXED(&sh->s[i].took, 0u);
+                call->fd_slot = i;
+                break;
+            }
+        /* seq_cst: pairs with the load in others_owed */
+        atomic_fetch_add_explicit(IVSHM_ATOMIC(&sh->count), 1u, memory_order_seq_cst);
+        share_unlock(sh);
+    }
     /* Claimed already (between the re-check and here)?  Then do not sleep: another sleeper of
-     * this fd that woke before we were counted in fd_sleepers thought itself alone and may have
-     * taken our ring.  Either it sees us counted (and puts our ring back), or we see the claim
-     * here: the count, this load, the claim's CAS and its load of the count are all sequentially
-     * consistent, and the claim comes before the ring it took.  Every sleeper on a shared fd
-     * needs this look, the event loops' as much as ivshm_chan_wait's. */
-    return call->entry >= 0 &&
-           atomic_load_explicit(IVSHM_ATOMIC(&table_of(ch, call->side)[call->entry]),
-                                memory_order_seq_cst) != call->word;
+     * this fd that woke before we were counted may have taken our ring, thinking itself alone or
+     * not seeing us in the slots.  Either it sees us counted and in our slot (and puts our ring
+     * back), or we see the claim here (see others_owed).  Every sleeper on a shared fd needs
+     * this look, the event loops' as much as ivshm_chan_wait's. */
+    return atomic_load_explicit(IVSHM_ATOMIC(entry), memory_order_seq_cst) != call->word;
 }
 
-void ivshm_chan_sleep_end(struct ivshm_chan *ch)
+void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
-    if (ch->fd_sleepers)
-        atomic_fetch_sub_explicit(IVSHM_ATOMIC(ch->fd_sleepers), 1u, memory_order_relaxed);
+    struct ivshm_fd_share *sh = ch->fd_share;
+    if (sh == NULL || call->fd_slot == -1)
+        return;
+    share_lock(sh);
+    if (call->fd_slot >= 0)
+        sh->s[call->fd_slot].entry = NULL;
+    atomic_fetch_sub_explicit(IVSHM_ATOMIC(&sh->count), 1u, memory_order_relaxed);
+    share_unlock(sh);
+    call->fd_slot = -1;
 }
 
 /* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 woken (rung, or a ring for another
@@ -333,7 +417,7 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
             rc = took < 0 ? took : 1;
         } else
             rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
-        ivshm_chan_sleep_end(ch);
+        ivshm_chan_sleep_end(ch, call);
     } else {
         stat_add(&ch->st.sleeps);
         rc = sleep_poll(ch, call, span);

@@ -74,6 +74,27 @@ struct ivshm_chan_stats {
                            never sleeps, so rings are bounded by arms, not by sleeps) */
 };
 
+/* A process's sleepers on one doorbell fd (an eventfd is one counter for all of them; each ring
+ * is one unit meant for the sleeper whose entry the waker claimed).  Process-local memory, all
+ * zero when unused (no set-up, nothing to free).  Each sleeper on the fd is counted in `count`
+ * and, while a slot is free, names its armed entry in s[]: so a sleeper that took units it was
+ * not rung for can tell how many of them other sleepers here still need (those whose entry a
+ * waker claimed and who have not taken a unit yet), put back that many, and drop the rest,
+ * rather than pass a stray unit back and forth with another idle sleeper.  A sleeper that finds
+ * no free slot makes the others put back everything (as when they cannot tell).  Changed only
+ * under `lock` (a spin lock: held for a scan of s[], never across a system call). */
+#define IVSHM_FD_SLOTS 32
+struct ivshm_fd_sleeper {
+    const uint32_t *entry; /* the sleeper table entry it armed; NULL: slot free */
+    uint32_t word;         /* the word it wrote there (another value: a waker claimed it) */
+    uint32_t took;         /* it took its ring's unit (atomic, written by its owner) */
+};
+struct ivshm_fd_share {
+    uint32_t lock;  /* 0 free, 1 held */
+    uint32_t count; /* sleepers on the fd, with a slot or without (atomic; changed under lock) */
+    struct ivshm_fd_sleeper s[IVSHM_FD_SLOTS];
+};
+
 struct ivshm_chan {
     uint32_t kind;             /* IVSHM_KIND_SPSC or IVSHM_KIND_MPMC */
     uint32_t route;            /* my route word (IVSHM_SLEEPER_WORD), 0: I cannot be rung */
@@ -90,12 +111,13 @@ struct ivshm_chan {
     uint64_t recheck_ns;       /* sleepers look at the ring at least this often */
     uint32_t start_cons, start_prod; /* where wakers start their scans (fairness), a hint */
     uint32_t tickets;                /* armings so far: the ticket bits of route words */
-    /* Process-local count of sleepers on wait_fd, shared by every channel of this process that
+    /* The sleepers of this process on wait_fd, shared by every channel of this process that
      * sleeps on the same fd (NULL: this channel is alone on it).  A sleeper woken by a ring meant
-     * for another one puts it back only when others sleep there.  Set by the owner after init:
-     * channels (or threads) of one process that sleep on one fd must share one counter here,
-     * or a sleeper that thinks itself alone can take a ring meant for another. */
-    uint32_t *fd_sleepers;
+     * for another one puts it back only for sleepers there that were rung and have not taken
+     * their ring yet.  Set by the owner after init: channels (or threads) of one process that
+     * sleep on one fd must share one struct here, or a sleeper that thinks itself alone can take
+     * a ring meant for another. */
+    struct ivshm_fd_share *fd_share;
     struct ivshm_chan_stats st; /* updated with relaxed atomics */
 };
 
@@ -111,6 +133,8 @@ struct ivshm_chan_call {
     int entry;             /* the table entry this call holds while armed, -1 when none */
     uint32_t word;         /* the word it wrote there: route and ticket */
     uint32_t backoff_us;   /* polling back-off */
+    int fd_slot;           /* while sleeping: its slot in ch->fd_share->s, -2 counted there
+                              without a slot, -1 not counted */
 };
 
 /* Set up a channel over `ring` (a struct ivshm_spsc * or struct ivshm_mpmc *, per `kind`; for
@@ -154,18 +178,21 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
 /* Take a doorbell from wait_fd after an event loop saw it readable, while `call` still holds
- * its entry: keeps one ring if the entry was claimed, puts rings meant for other sleepers of
- * this process back (see fd_sleepers).  1 if a ring for this call was taken, 0 if not, -errno. */
+ * its entry and is counted (between sleep_begin and sleep_end): keeps one ring if the entry was
+ * claimed, puts back the rings that other sleepers of this process on the fd were rung with and
+ * have not taken (see fd_share), and drops the rest.  1 if a ring for this call was taken (or the
+ * call is alone on the fd: any ring there is its own or a stray), 0 if not, -errno. */
 int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
 
 /* Bracket a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait does its own):
- * begin counts the sleep and the sleepers on the fd, then looks at the call's entry once more.
+ * begin counts the sleep and, if the call is armed, counts it among the sleepers on the fd
+ * (fd_share), then looks at the call's entry once more.
  * It returns 1 if a waker claimed the entry already: then do not sleep, but absorb and look at
  * the ring (another sleeper of this fd that woke before this one was counted may have taken
  * its ring, thinking itself alone; see docs/wakeup.md).  0: sleep on wait_fd, then absorb.
  * sleep_end follows in both cases. */
-int ivshm_chan_sleep_begin(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
-void ivshm_chan_sleep_end(struct ivshm_chan *ch);
+int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
 /* After publishing (IVSHM_CHAN_SEND side woke consumers) or releasing slots (RECV side wakes
  * producers): ring one sleeper of the OTHER side, if any sleeps.  1 rung, 0 nobody to ring. */

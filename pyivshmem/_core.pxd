@@ -141,12 +141,14 @@ cdef extern from "ivshm_chan.h" nogil:
         uint64_t unrouted
         uint64_t passes
         uint64_t arms
+    ctypedef struct ivshm_fd_share "struct ivshm_fd_share":
+        uint32_t count
     ctypedef struct ivshm_chan "struct ivshm_chan":
         uint32_t route
         int wait_fd
         int cancel_fd
         int cancel_fd2
-        uint32_t *fd_sleepers
+        ivshm_fd_share *fd_share
         uint64_t spin_ns
         uint64_t recheck_ns
     ctypedef struct ivshm_chan_call "struct ivshm_chan_call":
@@ -165,8 +167,8 @@ cdef extern from "ivshm_chan.h" nogil:
     int ivshm_chan_arm(ivshm_chan *ch, ivshm_chan_call *call)
     void ivshm_chan_disarm(ivshm_chan *ch, ivshm_chan_call *call)
     int ivshm_chan_absorb(ivshm_chan *ch, const ivshm_chan_call *call)
-    int ivshm_chan_sleep_begin(ivshm_chan *ch, const ivshm_chan_call *call)
-    void ivshm_chan_sleep_end(ivshm_chan *ch)
+    int ivshm_chan_sleep_begin(ivshm_chan *ch, ivshm_chan_call *call)
+    void ivshm_chan_sleep_end(ivshm_chan *ch, ivshm_chan_call *call)
     int ivshm_chan_wake_other(ivshm_chan *ch, uint32_t my_side)
     void ivshm_chan_pass_on(ivshm_chan *ch, ivshm_chan_call *call)
     void ivshm_chan_get_stats(const ivshm_chan *ch, ivshm_chan_stats *out)

@@ -3134,13 +3134,13 @@ cdef void _bells_after_wake(_BellCtx *c) noexcept:
 
 
 cdef class _FdShare:
-    """The count of this process's sleepers on one doorbell fd, shared by every Channel that
-    sleeps on it (ivshm_chan.h, fd_sleepers)."""
-    cdef uint32_t count
+    """This process's sleepers on one doorbell fd, shared by every Channel that sleeps on it
+    (ivshm_chan.h, fd_share; all zero is its empty state)."""
+    cdef ivshm_fd_share share
 
 
-# doorbell fd -> its _FdShare; entries stay (an fd number reused later shares a counter with
-# nobody still sleeping, which is all the counter has to tell)
+# doorbell fd -> its _FdShare; entries stay (an fd number reused later shares it with nobody
+# still sleeping, which is all it has to tell)
 _fd_shares = {}
 
 
@@ -3244,7 +3244,7 @@ cdef class Channel:
             if share is None:
                 share = _fd_shares[self._fd] = _FdShare()
             self._share = share
-            self._ch.fd_sleepers = &self._share.count
+            self._ch.fd_share = &self._share.share
 
     def __dealloc__(self):
         if self._cancel_fd >= 0:
@@ -3516,7 +3516,7 @@ cdef class Channel:
                                 await self._await_fds(loop, span if armed else min(span, 0.001),
                                                       armed, m.closed_fd, c)
                         finally:
-                            ivshm_chan_sleep_end(&self._ch)
+                            ivshm_chan_sleep_end(&self._ch, &c.call)
                 finally:
                     ivshm_chan_disarm(&self._ch, &c.call)  # also when the task is cancelled
                     m.leave()

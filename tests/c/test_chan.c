@@ -59,7 +59,7 @@ struct mctx {
     uint64_t received;
     uint64_t sleeps;
     int shared_route; /* all consumers use peer 1's route and eventfd */
-    uint32_t fd_sleepers; /* their count of sleepers on it (ivshm_chan.h) */
+    struct ivshm_fd_share fd_share; /* their sleepers on it (ivshm_chan.h) */
 };
 
 struct cons_arg {
@@ -79,7 +79,7 @@ static void *consumer(void *p)
     CHECKP(ivshm_chan_init(&ch, IVSHM_KIND_MPMC, &q, peer, 0, m->bells.fd[peer], m->cancel_fd,
                            resolve, &m->bells, 0, RECHECK_NS) == 0, "init");
     if (m->shared_route)
-        ch.fd_sleepers = &m->fd_sleepers; /* the consumers share one eventfd: say so */
+        ch.fd_share = &m->fd_share; /* the consumers share one eventfd: say so */
     for (;;) {
         uint64_t v;
         int64_t n = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, LOST_NS);
@@ -429,7 +429,7 @@ struct loop_ctx {
     struct tregion t;
     struct ivshm_ring_info ix;
     struct bells bells;
-    uint32_t fd_sleepers;
+    struct ivshm_fd_share fd_share;
     struct ivshm_spsc qx;
     struct ivshm_chan x;
     int64_t got;
@@ -464,7 +464,7 @@ static void loop_sleeper_claimed_before_counted(char *detail, size_t dn)
     struct ivshm_chan y, tx, ty;
     ivshm_chan_init(&c.x, IVSHM_KIND_SPSC, &c.qx, 1, 0, fd, -1, resolve, &c.bells, 0, RECHECK_NS);
     ivshm_chan_init(&y, IVSHM_KIND_SPSC, &qy, 1, 0, fd, -1, resolve, &c.bells, 0, RECHECK_NS);
-    c.x.fd_sleepers = y.fd_sleepers = &c.fd_sleepers;
+    c.x.fd_share = y.fd_share = &c.fd_share;
     ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &px, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
                     RECHECK_NS);
     ivshm_chan_init(&ty, IVSHM_KIND_SPSC, &py, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
@@ -474,7 +474,7 @@ static void loop_sleeper_claimed_before_counted(char *detail, size_t dn)
     pthread_create(&th, NULL, loop_x_sleeper, &c);
     struct ivshm_ring_ctrl *cx = (struct ivshm_ring_ctrl *)(c.t.mem + c.ix.offset);
     while ((__atomic_load_n(&cx->cons_waiting, __ATOMIC_ACQUIRE) == 0 ||
-            __atomic_load_n(&c.fd_sleepers, __ATOMIC_ACQUIRE) == 0) && !tc_failed())
+            __atomic_load_n(&c.fd_share.count, __ATOMIC_ACQUIRE) == 0) && !tc_failed())
         sched_yield();
     /* 2. Y, an event-loop sleeper: arms and re-checks (empty) */
     struct ivshm_chan_call cy;
@@ -495,7 +495,7 @@ static void loop_sleeper_claimed_before_counted(char *detail, size_t dn)
     int claimed = ivshm_chan_sleep_begin(&y, &cy);
     int n = claimed ? 1 : poll(&p, 1, (int)(LOST_NS / 1000000));
     ivshm_chan_absorb(&y, &cy);
-    ivshm_chan_sleep_end(&y);
+    ivshm_chan_sleep_end(&y, &cy);
     ivshm_chan_disarm(&y, &cy);
     CHECK(n == 1, "lost wake-up: x took y's ring and y, not told it was claimed, slept its whole "
                   "timeout with a message on its ring (ready=%d)",
@@ -511,6 +511,149 @@ static void loop_sleeper_claimed_before_counted(char *detail, size_t dn)
     tregion_free(&c.t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* the units in a shared fd, counted: X (not rung) takes a ring meant for Y (rung, counted, has not
+ * read it yet) and must put back exactly that one; Y then takes its ring and drops a stray one.
+ * Single-threaded, with the event-loop calls: each step is forced, none depends on timing */
+
+static uint64_t units_in(int fd)
+{
+    uint64_t v = 0;
+    if (read(fd, &v, sizeof(v)) != sizeof(v))
+        return 0;
+    if (write(fd, &v, sizeof(v)) != sizeof(v))
+        tc_fail(__FILE__, __LINE__, "cannot put %" PRIu64 " units back", v);
+    return v;
+}
+
+static void shared_fd_units_counted(char *detail, size_t dn)
+{
+    struct tregion t;
+    CHECK(tregion_new(&t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    struct ivshm_ring_info ix, iy;
+    CHECK(ivshm_region_create_ring(&t.r, "x", IVSHM_KIND_SPSC, 8, 4, 1, 0, &ix, &why) == 0, "x");
+    CHECK(ivshm_region_create_ring(&t.r, "y", IVSHM_KIND_SPSC, 8, 4, 1, 0, &iy, &why) == 0, "y");
+    struct bells b;
+    bells_open(&b);
+    int fd = b.fd[1];
+    struct ivshm_fd_share share;
+    memset(&share, 0, sizeof(share));
+    struct ivshm_spsc qx, qy, py;
+    CHECK(ivshm_spsc_attach(&qx, &t.r, &ix, &why) == 0 && ivshm_spsc_attach(&qy, &t.r, &iy, &why) == 0 &&
+          ivshm_spsc_attach(&py, &t.r, &iy, &why) == 0, "attach");
+    struct ivshm_chan x, y, ty;
+    ivshm_chan_init(&x, IVSHM_KIND_SPSC, &qx, 1, 0, fd, -1, resolve, &b, 0, RECHECK_NS);
+    ivshm_chan_init(&y, IVSHM_KIND_SPSC, &qy, 1, 0, fd, -1, resolve, &b, 0, RECHECK_NS);
+    x.fd_share = y.fd_share = &share;
+    ivshm_chan_init(&ty, IVSHM_KIND_SPSC, &py, 2, 0, b.fd[2], -1, resolve, &b, 0, RECHECK_NS);
+    struct ivshm_chan_call cx, cy;
+    ivshm_chan_call_init(&cx, IVSHM_CHAN_RECV, -1, 1);
+    ivshm_chan_call_init(&cy, IVSHM_CHAN_RECV, -1, 1);
+    /* both asleep on the fd, counted */
+    CHECK(ivshm_chan_arm(&y, &cy) == 1 && ivshm_chan_sleep_begin(&y, &cy) == 0, "y asleep");
+    CHECK(ivshm_chan_arm(&x, &cx) == 1 && ivshm_chan_sleep_begin(&x, &cx) == 0, "x asleep");
+    CHECK(share.count == 2, "two counted: %u", share.count);
+    /* a message for Y: Y's entry claimed, one unit in the fd */
+    uint64_t v = 7;
+    CHECK(ivshm_chan_send(&ty, &v, sizeof(v), LOST_NS) == 0, "send y");
+    CHECK(units_in(fd) == 1, "one ring in the fd");
+    /* X wakes first: the unit is not its own; Y needs it */
+    CHECK(ivshm_chan_absorb(&x, &cx) == 0, "x took y's ring as its own");
+    uint64_t after_x = units_in(fd);
+    CHECK(after_x == 1, "x put back %" PRIu64 " units for y's one ring", after_x);
+    /* a stray besides (a sleeper's earlier arming, claimed as its re-check found work) */
+    uint64_t one = 1;
+    CHECK(write(fd, &one, sizeof(one)) == sizeof(one), "stray");
+    CHECK(ivshm_chan_absorb(&y, &cy) == 1, "y's ring");
+    uint64_t after_y = units_in(fd);
+    CHECK(after_y == 0, "%" PRIu64 " units left after y took its ring: nobody else was rung",
+          after_y);
+    /* X wakes again (say a stray comes while Y is still counted, having taken its ring): X must
+     * drop it, not hand it to Y */
+    CHECK(write(fd, &one, sizeof(one)) == sizeof(one), "stray");
+    CHECK(ivshm_chan_absorb(&x, &cx) == 0, "x: a stray is not its ring");
+    uint64_t after_x2 = units_in(fd);
+    CHECK(after_x2 == 0, "x put a stray back for y, which took its ring already (%" PRIu64 ")",
+          after_x2);
+    ivshm_chan_sleep_end(&y, &cy);
+    ivshm_chan_disarm(&y, &cy);
+    ivshm_chan_sleep_end(&x, &cx);
+    ivshm_chan_disarm(&x, &cx);
+    CHECK(share.count == 0, "counted after the sleeps ended: %u", share.count);
+    for (int i = 0; i < IVSHM_FD_SLOTS; i++)
+        CHECK(share.s[i].entry == NULL, "slot %d still names an entry", i);
+    snprintf(detail, dn, "x put back 1 for y; 2 strays dropped");
+    bells_close(&b);
+    tregion_free(&t);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* a stray ring in an fd that two channels of the process sleep on (left by a third that woke alone
+ * and then closed): it ends a sleep or two, then somebody drops it; it must not go from one idle
+ * sleeper to the other for as long as they sleep */
+
+struct stray_ctx {
+    struct tregion t;
+    struct ivshm_ring_info info[2];
+    struct bells bells;
+    struct ivshm_fd_share fd_share;
+    uint64_t sleeps[2];
+};
+
+struct stray_arg {
+    struct stray_ctx *c;
+    int i;
+};
+
+static void *stray_sleeper(void *a_)
+{
+    struct stray_arg *a = a_;
+    struct stray_ctx *c = a->c;
+    struct ivshm_spsc q;
+    const char *why = NULL;
+    CHECKP(ivshm_spsc_attach(&q, &c->t.r, &c->info[a->i], &why) == 0, "attach");
+    struct ivshm_chan ch;
+    ivshm_chan_init(&ch, IVSHM_KIND_SPSC, &q, 1, 0, c->bells.fd[1], -1, resolve, &c->bells, 0,
+                    RECHECK_NS);
+    ch.fd_share = &c->fd_share;
+    uint64_t v;
+    int64_t rc = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, 2000 * 1000000ll);
+    CHECKP(rc == -ETIMEDOUT, "recv: %" PRId64, rc);
+    struct ivshm_chan_stats st;
+    ivshm_chan_get_stats(&ch, &st);
+    c->sleeps[a->i] = st.sleeps;
+    return NULL;
+}
+
+static void stray_ring_between_two_sleepers(char *detail, size_t dn)
+{
+    struct stray_ctx c;
+    memset(&c, 0, sizeof(c));
+    CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    for (int i = 0; i < 2; i++)
+        CHECK(ivshm_region_create_ring(&c.t.r, i ? "b" : "a", IVSHM_KIND_SPSC, 8, 4, 1, 0,
+                                       &c.info[i], &why) == 0, "ring: %s", why);
+    bells_open(&c.bells);
+    pthread_t th[2];
+    struct stray_arg a[2] = {{&c, 0}, {&c, 1}};
+    for (int i = 0; i < 2; i++)
+        pthread_create(&th[i], NULL, stray_sleeper, &a[i]);
+    while (__atomic_load_n(&c.fd_share.count, __ATOMIC_ACQUIRE) < 2 && !tc_failed())
+        sched_yield(); /* both asleep */
+    uint64_t one = 1;
+    CHECK(write(c.bells.fd[1], &one, sizeof(one)) == sizeof(one), "stray");
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    /* each: its first sleep, then at most one more after the stray woke it */
+    CHECK(c.sleeps[0] + c.sleeps[1] <= 4, "one stray ring ended %" PRIu64 " + %" PRIu64
+          " sleeps of two idle channels", c.sleeps[0], c.sleeps[1]);
+    snprintf(detail, dn, "%" PRIu64 " + %" PRIu64 " sleeps", c.sleeps[0], c.sleeps[1]);
+    bells_close(&c.bells);
+    tregion_free(&c.t);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -520,6 +663,8 @@ static const struct tcase cases[] = {
     {"chan_hostile_table", hostile_table, 0},
     {"chan_pass_on_after_cancelled_sleeper", pass_on_after_cancelled_sleeper, 0},
     {"chan_loop_sleeper_claimed_before_counted", loop_sleeper_claimed_before_counted, 0},
+    {"chan_shared_fd_units_counted", shared_fd_units_counted, 0},
+    {"chan_stray_ring_between_two_sleepers", stray_ring_between_two_sleepers, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

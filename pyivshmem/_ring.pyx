@@ -3144,6 +3144,42 @@ cdef class _FdShare:
 _fd_shares = {}
 
 
+# An event loop keeps one reader per fd: a second add_reader on the fd replaces the first's
+# callback, and the first remove_reader drops both.  Channels of one process that sleep on one
+# vector, or on one region's closed fd, in one loop would then wait for their re-check.  So every
+# asyncio wait watches its fds through one reader per (loop, fd) that wakes all its waiters.
+# event loop -> {fd: the futures waiting on it}
+_loop_watches = _weakref.WeakKeyDictionary()
+
+
+def _wake_waiters(waiters):
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+
+
+def _watch_fd(loop, fd, fut):
+    per = _loop_watches.get(loop)
+    if per is None:
+        per = _loop_watches[loop] = {}
+    waiters = per.get(fd)
+    if waiters is None:
+        waiters = per[fd] = set()
+        loop.add_reader(fd, _wake_waiters, waiters)
+    waiters.add(fut)
+
+
+def _unwatch_fd(loop, fd, fut):
+    per = _loop_watches.get(loop)
+    waiters = None if per is None else per.get(fd)
+    if waiters is None:
+        return
+    waiters.discard(fut)
+    if not waiters:
+        del per[fd]
+        loop.remove_reader(fd)
+
+
 cdef class _AsyncCall:
     """One asyncio wait's C state (coroutines keep it across awaits)."""
     cdef ivshm_chan_call call
@@ -3532,23 +3568,18 @@ cdef class Channel:
 
     async def _await_fds(self, loop, span, bint armed, int closed_fd, _AsyncCall c):
         fut = loop.create_future()
-
-        def ready():
-            if not fut.done():
-                fut.set_result(None)
-
         fds = [self._cancel_fd, closed_fd]  # the mapping's own: held by the caller
         if armed:
             fds.append(self._fd)
-        for fd in fds:
-            loop.add_reader(fd, ready)
         try:
+            for fd in fds:
+                _watch_fd(loop, fd, fut)  # shared with other waiters on the fd (see there)
             await _asyncio.wait_for(fut, span)
         except _asyncio.TimeoutError:
             pass
         finally:
             for fd in fds:
-                loop.remove_reader(fd)
+                _unwatch_fd(loop, fd, fut)
         if armed and not self._closed:
             ivshm_chan_absorb(&self._ch, &c.call)
 

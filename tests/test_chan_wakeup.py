@@ -303,6 +303,45 @@ def test_close_while_awaiting_recv_async_single_thread(shm_path, fds):
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(120)
+def test_two_async_receivers_of_one_loop_share_a_vector_and_a_region(shm_path):
+    """Two tasks of one event loop await recv_async on two rings with one vector: one eventfd,
+    and one region whose close must wake both.  The loop keeps one reader per fd, so the second
+    task's reader used to replace the first's, and the first waited for its re-check (10 s for
+    every message here, and on close)."""
+    fds = make_fds([0, 1], vectors=1)
+    try:
+        region = Region.create(shm_path, "1M")
+        me, other = FdBell(1, fds), FdBell(0, fds)
+        rx = [Channel(region.create_ring(n, slot_size=16, capacity=8), me, vector=0, spin=0,
+                      recheck=RECHECK) for n in ("a", "b")]
+        tx = [Channel(region.ring(n), other, vector=0, spin=0, recheck=RECHECK) for n in ("a", "b")]
+
+        async def both_asleep():
+            while cons_waiting(rx[0].ring) == 0 or cons_waiting(rx[1].ring) == 0:
+                await asyncio.sleep(0.001)
+
+        async def scenario():
+            # each message to the task that slept first, then to the one that slept last
+            for order in ((0, 1), (1, 0), (0, 1)):
+                tasks = [asyncio.ensure_future(c.recv_async(timeout=LOST)) for c in rx]
+                await both_asleep()
+                for i in order:
+                    tx[i].send(b"%d" % i)
+                    got = await asyncio.wait_for(asyncio.shield(tasks[i]), 5)
+                    assert got == b"%d" % i, f"task {i} got {got!r}"
+            tasks = [asyncio.ensure_future(c.recv_async()) for c in rx]
+            await both_asleep()
+            region.close()
+            for i, t in enumerate(tasks):
+                with pytest.raises(ClosedError):
+                    await asyncio.wait_for(t, 5)
+
+        asyncio.run(scenario())
+    finally:
+        close_fds(fds)
+
+
 def test_cancelled_recv_async_leaves_no_sleeper_behind(shm_path, fds):
     with Region.create(shm_path, "1M") as region:
         ring = region.create_ring("r", slot_size=64, capacity=8)

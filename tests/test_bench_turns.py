@@ -9,7 +9,7 @@ import pytest
 
 from pyivshmem.bench import workers
 from pyivshmem.bench.peers import Endpoint
-from pyivshmem.bench.workers import STOP, wake_send
+from pyivshmem.bench.workers import STOP, WAKE_ANSWER, wake_send
 
 
 def _ring_of_fifos(tmp_path, n, started=True):
@@ -32,10 +32,15 @@ def _senders(paths, names, count, sent, lock, start=None):
             with lock:
                 sent.append((name, m))
 
+        def answer():  # the receiver's answer to a message
+            with lock:
+                sent.append((name, WAKE_ANSWER))
+            return WAKE_ANSWER
+
         task = {"size": 64, "gap": 0, "count": count}
         if paths:
             task.update(turn_in=paths[k], turn_out=paths[(k + 1) % n])
-        r = wake_send(Endpoint(send=send, recv=None, try_recv=None), task)
+        r = wake_send(Endpoint(send=send, recv=answer, try_recv=None), task)
         times = r.pop("sent_ns")  # one send time per message, in order (paired by the runner)
         if len(times) == count and times == sorted(times):
             results[name] = r
@@ -69,9 +74,13 @@ def _run_ring(tmp_path, names, count, start=None):
 @pytest.mark.timeout(60)
 def test_senders_in_a_ring_of_fifos_alternate_one_by_one(tmp_path):
     sent, results = _run_ring(tmp_path, "ABC", 50)
-    order = [name for name, m in sent if m != STOP]
+    order = [name for name, m in sent if m not in (STOP, WAKE_ANSWER)]
     assert order == list("ABC" * 50)
-    assert all(len(m) == 64 for _name, m in sent if m != STOP)
+    assert all(len(m) == 64 for _name, m in sent if m not in (STOP, WAKE_ANSWER))
+    # each sender waits for its receiver's answer before the next one sends (the next sender
+    # must not run while this receiver wakes up)
+    events = [(name, m == WAKE_ANSWER) for name, m in sent if m != STOP]
+    assert events == [(name, answered) for name in "ABC" * 50 for answered in (False, True)]
     assert sorted(name for name, m in sent if m == STOP) == list("ABC")
     assert results == {"A": {}, "B": {}, "C": {}}
 
@@ -81,7 +90,7 @@ def test_a_sender_whose_turn_never_comes_goes_on_alone_and_says_so(tmp_path, mon
     monkeypatch.setattr(workers, "TURN_TIMEOUT", 0.2)
     # B never started (its transport failed): A's turns go into B's FIFO and stay there
     sent, results = _run_ring(tmp_path, "ABC", 5, start="AC")
-    order = [name for name, m in sent if m != STOP]
+    order = [name for name, m in sent if m not in (STOP, WAKE_ANSWER)]
     assert sorted(order) == list("AAAAACCCCC")
     assert order[0] == "A"
     # A had its first turn only; C never had one: both went on alone after the timeout
@@ -93,7 +102,7 @@ def test_without_fifos_a_sender_sends_alone(tmp_path):
     threads, results = _senders([], "A", 4, sent, lock)
     for th in threads:
         th.join(30)
-    assert [m for _n, m in sent][-1] == STOP and len(sent) == 5
+    assert [m for _n, m in sent][-1] == STOP and len(sent) == 9  # 4 messages, 4 answers
     assert results == {"A": {}}
 
 
@@ -121,5 +130,5 @@ def test_the_first_turn_waits_for_every_sender_to_start(tmp_path, monkeypatch):
     finally:
         for fd in fds:
             os.close(fd)
-    assert [name for name, m in sent if m != STOP] == list("AB" * 5)
+    assert [name for name, m in sent if m not in (STOP, WAKE_ANSWER)] == list("AB" * 5)
     assert results == {"A": {}} and results_b == {"B": {}}

@@ -10,7 +10,7 @@ import pytest
 
 from pyivshmem.bench import workers
 from pyivshmem.bench.peers import Endpoint
-from pyivshmem.bench.workers import STOP, wake_latencies, wake_recv, wake_send
+from pyivshmem.bench.workers import STOP, WAKE_ANSWER, wake_latencies, wake_recv, wake_send
 
 
 def test_latencies_pair_the_ith_arrival_with_the_ith_send():
@@ -37,18 +37,26 @@ def test_the_clock_is_read_just_before_the_send_and_just_after_the_receive(monke
     monkeypatch.setattr(workers.time, "sleep", lambda s: None)
     wire = collections.deque()
     clock_at_send = []
+    answers = []
 
     def send(m):
         clock_at_send.append(next(ticks))  # what the transport sees: the clock moved once since
         wire.append(m)
 
-    out = wake_send(Endpoint(send=send, recv=None, try_recv=None),
+    def answer():  # the receiver's answer, which the sender waits for after each message
+        answers.append(len(wire))
+        return WAKE_ANSWER
+
+    out = wake_send(Endpoint(send=send, recv=answer, try_recv=None),
                     {"size": 64, "gap": 0.001, "count": 4})
     assert len(out["sent_ns"]) == 4
     # nothing between the clock and the call: the transport's time starts at the clock read
     assert [b - a for a, b in zip(out["sent_ns"], clock_at_send)] == [1_000] * 4
     assert len(wire) == 5 and wire[-1] == STOP
     assert all(len(m) == 64 for m in list(wire)[:4])
-    got = wake_recv(Endpoint(send=None, recv=wire.popleft, try_recv=None), {"size": 64})
+    assert answers == [1, 2, 3, 4]  # an answer awaited after each message, none after STOP
+    back = []
+    got = wake_recv(Endpoint(send=back.append, recv=wire.popleft, try_recv=None), {"size": 64})
     assert len(got["arrived_ns"]) == 4
+    assert back == [WAKE_ANSWER] * 4  # each message answered, STOP not
     assert wake_latencies(out["sent_ns"], got["arrived_ns"]).count == 4

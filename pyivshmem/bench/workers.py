@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 STOP = b"\x00"  # one byte: ends a loop (real messages are at least 8 bytes)
+WAKE_ANSWER = b"answered"  # a wake-up receiver's answer to each message (wake_recv)
 
 
 class WorkerFailed(RuntimeError):
@@ -410,15 +411,19 @@ def wake_send(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     with the other transports' senders when the task names turn FIFOs.  The message is made
     beforehand and the clock read just before the send call: what is timed is the transport,
     not the making of a timestamped message (the bare eventfd's timestamp is its message).
-    Returns the send times, which the runner pairs with the receiver's arrival times."""
+    After each send, wait for the receiver's answer before handing the turn on, as the bare
+    eventfd's sender does: the next transport's sender must not run on this CPU while this
+    receiver is still waking up.  Returns the send times, which the runner pairs with the
+    receiver's arrival times."""
     send = ep.send
-    return _timed_sends(task, send, payload(max(task["size"], 8)), last=lambda: send(STOP))
+    return _timed_sends(task, send, payload(max(task["size"], 8)), after=ep.recv,
+                        last=lambda: send(STOP))
 
 
 def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
     """Blocking receive; records when each call returned (one way, asleep: the runner pairs
-    these with the sender's send times, in order)."""
-    recv = ep.recv
+    these with the sender's send times, in order), then answers (wake_send waits for it)."""
+    recv, send = ep.recv, ep.send
     clock = time.monotonic_ns
     arrived = []
     while True:
@@ -427,6 +432,7 @@ def wake_recv(ep: Endpoint, task: Dict[str, Any]) -> Dict[str, Any]:
         if len(m) == 1:
             break
         arrived.append(t)
+        send(WAKE_ANSWER)
     return {"arrived_ns": arrived}
 
 

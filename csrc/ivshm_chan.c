@@ -126,6 +126,42 @@ int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need)
 }
 
 /* -- sleeping side -------------------------------------------------------------------------------- */
+/* Tickets: bits 24..30 of an arming's word.  Sleepers with the same route (threads of one
+ * channel, channels of one process on one vector) must never write equal words while one of
+ * them still holds its arming: one whose entry was claimed, then re-armed by another with an
+ * equal word, would read its arming as not claimed, and its disarm would take the other's
+ * arming back, leaving that one asleep with no entry for any waker to claim (and the sleepers
+ * of a shared fd would misjudge who was rung).  So a ticket is taken at arming and given back
+ * at disarm, and is unique among this process's live armings of a vector: one set of 128 per
+ * vector, whatever the peer (other processes have other peer ids). */
+#define TICKETS 128u
+static uint64_t ticket_map[IVSHM_MAX_VECTORS][TICKETS / 64];
+static uint32_t ticket_next; /* where the next search starts (spreads the tickets) */
+
+static int ticket_take(uint32_t vector)
+{
+    uint32_t start = atomic_fetch_add_explicit(IVSHM_ATOMIC(&ticket_next), 1u,
+                                               memory_order_relaxed);
+    for (uint32_t k = 0; k < TICKETS; k++) {
+        uint32_t t = (start + k) % TICKETS;
+        uint64_t bit = 1ull << (t % 64);
+        /* acquire: pairs with the release in ticket_give, so that the giver's last look at an
+         * entry with this ticket comes before our arming's CAS */
+        if (!(atomic_fetch_or_explicit(IVSHM_ATOMIC(&ticket_map[vector][t / 64]), bit,
+                                       memory_order_acquire) & bit))
+            return (int)t;
+    }
+    return -1;
+}
+
+static void ticket_give(uint32_t word)
+{
+    uint32_t t = (word >> 24) & (TICKETS - 1);
+    /* release: pairs with the acquire in ticket_take */
+    atomic_fetch_and_explicit(IVSHM_ATOMIC(&ticket_map[IVSHM_SLEEPER_VECTOR(word)][t / 64]),
+                              ~(1ull << (t % 64)), memory_order_release);
+}
+
 int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     call->entry = -1;
@@ -141,15 +177,14 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
      * The count and the entry are ordered by the release CAS below, which the claim's acquire
      * CAS pairs with. */
     atomic_fetch_add_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
-    /* This arming's word: the route and a ticket in bits 24..30.  Sleepers with the same route
-     * (threads of one channel, channels of one process on one vector) would otherwise write equal
-     * words: one whose entry was claimed and then re-armed by another would take the other's
-     * arming back in its disarm, leaving that one asleep with no entry. */
-    uint64_t n = atomic_fetch_add_explicit(IVSHM_ATOMIC(&ch->tickets), 1u, memory_order_relaxed);
-    /* mixed with where this channel and this call live, so that the armings of other channel
-     * structs and threads with the same route differ too (the top 7 bits of a multiplicative hash) */
-    uint64_t h = ((uint64_t)(uintptr_t)ch ^ ((uint64_t)(uintptr_t)call << 17) ^ n) * 0x9E3779B97F4A7C15ull;
-    call->word = ch->route | ((uint32_t)(h >> 57) << 24);
+    /* This arming's word: the route and a ticket in bits 24..30, unique among the live armings
+     * of this process on this vector (see ticket_take). */
+    int ticket = ticket_take(IVSHM_SLEEPER_VECTOR(ch->route));
+    if (ticket < 0) {
+        atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
+        return 0; /* 128 armings of this vector in this process: this one polls */
+    }
+    call->word = ch->route | ((uint32_t)ticket << 24);
     for (uint32_t k = 0; k < IVSHM_SLEEPERS; k++) {
         uint32_t e = (start + k) % IVSHM_SLEEPERS;
         uint32_t expect = 0;
@@ -164,6 +199,7 @@ int ivshm_chan_arm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
             return 1;
         }
     }
+    ticket_give(call->word);
     atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting), 1u, memory_order_relaxed);
     return 0; /* the table is full: this call polls */
 }
@@ -181,6 +217,7 @@ void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call)
                                                 memory_order_relaxed, memory_order_relaxed))
         atomic_fetch_sub_explicit(IVSHM_ATOMIC(waiting_of(ch, call->side)), 1u,
                                   memory_order_relaxed);
+    ticket_give(call->word); /* after the CAS: the last look at the entry with this word */
 }
 
 /* The fds that cancel a wait, into fds[]; their number. */

@@ -110,7 +110,6 @@ struct ivshm_chan {
     uint64_t spin_ns;          /* busy-poll this long before sleeping (per blocking call) */
     uint64_t recheck_ns;       /* sleepers look at the ring at least this often */
     uint32_t start_cons, start_prod; /* where wakers start their scans (fairness), a hint */
-    uint32_t tickets;                /* armings so far: the ticket bits of route words */
     /* The sleepers of this process on wait_fd, shared by every channel of this process that
      * sleeps on the same fd (NULL: this channel is alone on it).  A sleeper woken by a ring meant
      * for another one puts it back only for sleepers there that were rung and have not taken

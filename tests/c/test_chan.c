@@ -654,6 +654,58 @@ static void stray_ring_between_two_sleepers(char *detail, size_t dn)
     tregion_free(&c.t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* two channels of one process with one route on one MPMC ring: X's entry is claimed, Y arms
+ * (again and again) and takes the freed entry.  Y's word must never equal X's while X still
+ * holds its arming: X would then read its arming as not claimed and its disarm would take Y's
+ * arming back, leaving Y asleep with no entry (nobody could ring it) */
+
+static void same_route_armings_never_collide(char *detail, size_t dn)
+{
+    struct tregion t;
+    CHECK(tregion_new(&t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    struct ivshm_ring_info info;
+    CHECK(ivshm_region_create_ring(&t.r, "m", IVSHM_KIND_MPMC, 8, 16, 1, 0, &info, &why) == 0,
+          "ring: %s", why);
+    struct bells b;
+    bells_open(&b);
+    struct ivshm_mpmc qx, qy, qw;
+    CHECK(ivshm_mpmc_attach(&qx, &t.r, &info, &why) == 0 && ivshm_mpmc_attach(&qy, &t.r, &info, &why) == 0 &&
+          ivshm_mpmc_attach(&qw, &t.r, &info, &why) == 0, "attach");
+    struct ivshm_chan x, y, w;
+    ivshm_chan_init(&x, IVSHM_KIND_MPMC, &qx, 1, 0, b.fd[1], -1, resolve, &b, 0, RECHECK_NS);
+    ivshm_chan_init(&y, IVSHM_KIND_MPMC, &qy, 1, 0, b.fd[1], -1, resolve, &b, 0, RECHECK_NS);
+    ivshm_chan_init(&w, IVSHM_KIND_MPMC, &qw, 2, 0, b.fd[2], -1, resolve, &b, 0, RECHECK_NS);
+    struct ivshm_ring_ctrl *c = (struct ivshm_ring_ctrl *)(t.mem + info.offset);
+    struct ivshm_chan_call cx, cy;
+    ivshm_chan_call_init(&cx, IVSHM_CHAN_RECV, -1, 1);
+    CHECK(ivshm_chan_arm(&x, &cx) == 1, "arm x");
+    CHECK(ivshm_chan_wake_other(&w, IVSHM_CHAN_SEND) == 1, "claim x");
+    CHECK(c->cons_sleepers[cx.entry] == 0, "x's entry claimed");
+    int tries = 0, same = 0;
+    for (; tries < 2000 && !same; tries++) {
+        ivshm_chan_call_init(&cy, IVSHM_CHAN_RECV, -1, 1);
+        CHECK(ivshm_chan_arm(&y, &cy) == 1, "arm y");
+        same = cy.entry == cx.entry && cy.word == cx.word;
+        if (!same)
+            ivshm_chan_disarm(&y, &cy);
+    }
+    /* X wakes and takes its arming back: it must see the claim and leave Y's arming alone */
+    ivshm_chan_disarm(&x, &cx);
+    if (same) {
+        CHECK(c->cons_sleepers[cy.entry] == cy.word,
+              "y armed entry %d with x's word %#x after %d armings; x's disarm took it back",
+              cy.entry, cy.word, tries);
+        ivshm_chan_disarm(&y, &cy);
+    }
+    CHECK(!same, "y armed with x's word %#x after %d armings", cx.word, tries);
+    CHECK(c->cons_waiting == 0, "waiting %u", c->cons_waiting);
+    snprintf(detail, dn, "%d armings of y, none with x's word", tries);
+    bells_close(&b);
+    tregion_free(&t);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -665,6 +717,7 @@ static const struct tcase cases[] = {
     {"chan_loop_sleeper_claimed_before_counted", loop_sleeper_claimed_before_counted, 0},
     {"chan_shared_fd_units_counted", shared_fd_units_counted, 0},
     {"chan_stray_ring_between_two_sleepers", stray_ring_between_two_sleepers, 0},
+    {"chan_same_route_armings_never_collide", same_route_armings_never_collide, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

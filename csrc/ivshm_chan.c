@@ -298,23 +298,20 @@ static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan
     return owed;
 }
 
-int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
+/* Read the units in wait_fd and settle them: keep one if `own` (this call was rung and
+ * counted before its claim), put back what the other sleepers of the fd were rung for and have
+ * not taken (others_owed), drop the rest.  1 if a unit was kept or the call is alone on the fd
+ * (what it read was its own or strays), 0 if not or nothing was there, -errno. */
+static int settle(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int own)
 {
     uint64_t v;
-    /* Sleepers of this process may share the fd: channels on other rings with the same vector,
-     * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
-     * that was claimed keeps one unit.  Of the rest, it puts back as many as the other sleepers
-     * on the fd were rung with and have not taken (fd_share), and yields if it was not claimed
-     * itself, so that they run.  What is left are strays (rings of a sleeper's earlier arming
-     * that found work in its re-check, of sleepers that left): dropped, so that they do not
-     * wake idle sleepers again and again.  EAGAIN: another reader was first. */
+    /* EAGAIN (nothing: another reader was first) reads as 0 */
     int rc = ivshm_eventfd_take(ch->wait_fd, &v);
     if (rc < 0)
         return rc;
     if (v == 0)
         return 0;
     int alone;
-    int own = claimed(ch, call);
     uint64_t owed = others_owed(ch, call, &alone);
     uint64_t rest = own ? v - 1 : v;
     uint64_t back = rest < owed ? rest : owed;
@@ -324,20 +321,33 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
         ssize_t w = write(ch->wait_fd, &back, sizeof(back));
         (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
         if (!own)
-            sched_yield();
+            sched_yield(); /* let the sleepers they are for run */
     }
-    /* A ring for this fd while we sleep on it alone is ours: one claimed at this arming, or a
-     * stray of an earlier one. */
-    int mine = own || alone;
-    if (mine)
+    return own || alone;
+}
+
+int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
+{
+    /* Sleepers of this process may share the fd: channels on other rings with the same vector,
+     * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
+     * that was claimed while it slept counted keeps one unit.  Of the rest, it puts back as many
+     * as the other sleepers on the fd were rung for and have not taken, and yields if it was not
+     * claimed itself, so that they run.  What is left are strays (rings of a sleeper's earlier
+     * arming that found work in its re-check, of sleepers that left): dropped, so that they do
+     * not wake idle sleepers again and again.  A call that saw its claim in sleep_begin keeps
+     * nothing: its own ring may be gone already (dropped by a sleeper that read it before this
+     * call was counted), and a unit it kept could be another sleeper's. */
+    int rc = settle(ch, call, claimed(ch, call) && !call->claimed_early);
+    if (rc > 0)
         stat_add(&ch->st.wakeups);
-    return mine;
+    return rc;
 }
 
 int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     stat_add(&ch->st.sleeps);
     call->fd_slot = -1;
+    call->claimed_early = 0;
     if (call->entry < 0)
         return 0; /* not armed: it does not sleep on the fd */
     const uint32_t *entry = &table_of(ch, call->side)[call->entry];
@@ -362,7 +372,14 @@ int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call)
      * not seeing us in the slots.  Either it sees us counted and in our slot (and puts our ring
      * back), or we see the claim here (see others_owed).  Every sleeper on a shared fd needs
      * this look, the event loops' as much as ivshm_chan_wait's. */
-    return atomic_load_explicit(IVSHM_ATOMIC(entry), memory_order_seq_cst) != call->word;
+    if (atomic_load_explicit(IVSHM_ATOMIC(entry), memory_order_seq_cst) == call->word)
+        return 0;
+    /* Its ring is no longer this call's to take (see ivshm_chan_absorb): say so to the others,
+     * so that they do not put a unit back for it. */
+    call->claimed_early = 1;
+    if (call->fd_slot >= 0) /* pairs with the load in others_owed */
+        IVSHM_STORE_RELAXED(&sh->s[call->fd_slot].took, 1u);
+    return 1;
 }
 
 void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call)
@@ -444,13 +461,12 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     if (armed) {
         int64_t ms = (span + 999999) / 1000000;
         if (ivshm_chan_sleep_begin(ch, call)) { /* claimed already: see there */
-            /* Woken before sleeping: take the ring's unit if it is there already (absorb counts
-             * the wake-up with this sleep).  If it is not there yet, this call did not sleep at
-             * all: the unit, when it comes, is a stray that ends the next sleep at once and is
-             * counted with that one (or another sleeper of the fd took it with its own). */
-            int took = ivshm_chan_absorb(ch, call);
-            if (took == 0)
-                atomic_fetch_sub_explicit(IVSHM_ATOMIC(&ch->st.sleeps), 1, memory_order_relaxed);
+            /* Rung before sleeping: this call does not sleep (and is not counted as a sleep or
+             * a wake-up).  What is in the fd is settled as by a sleeper that was not rung: the
+             * strays, its own ring among them if it is there, are dropped, so that they do not
+             * end the next sleep at once. */
+            atomic_fetch_sub_explicit(IVSHM_ATOMIC(&ch->st.sleeps), 1, memory_order_relaxed);
+            int took = settle(ch, call, 0);
             rc = took < 0 ? took : 1;
         } else
             rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);

@@ -134,6 +134,7 @@ struct ivshm_chan_call {
     uint32_t backoff_us;   /* polling back-off */
     int fd_slot;           /* while sleeping: its slot in ch->fd_share->s, -2 counted there
                               without a slot, -1 not counted */
+    int claimed_early;     /* sleep_begin found the entry claimed: no ring is this call's */
 };
 
 /* Set up a channel over `ring` (a struct ivshm_spsc * or struct ivshm_mpmc *, per `kind`; for
@@ -186,10 +187,11 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 /* Bracket a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait does its own):
  * begin counts the sleep and, if the call is armed, counts it among the sleepers on the fd
  * (fd_share), then looks at the call's entry once more.
- * It returns 1 if a waker claimed the entry already: then do not sleep, but absorb and look at
- * the ring (another sleeper of this fd that woke before this one was counted may have taken
- * its ring, thinking itself alone; see docs/wakeup.md).  0: sleep on wait_fd, then absorb.
- * sleep_end follows in both cases. */
+ * It returns 1 if a waker claimed the entry already: then do not sleep, but absorb (which now
+ * keeps no ring for this call: another sleeper of this fd that read its ring before this one
+ * was counted may have dropped it, and a ring taken now could be another sleeper's; see
+ * docs/wakeup.md) and look at the ring.  0: sleep on wait_fd, then absorb.  sleep_end follows
+ * in both cases. */
 int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 

@@ -706,6 +706,67 @@ static void same_route_armings_never_collide(char *detail, size_t dn)
     tregion_free(&t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Y is rung between its re-check and its count; X, counted, reads Y's ring before Y is counted
+ * and drops it (nobody counted was rung for it); Z, counted, is rung.  Y learns of its claim in
+ * sleep_begin and absorbs: it must not keep Z's ring as its own (Z would sleep rung with nothing
+ * in the fd, and nobody rings a claimed entry again) */
+
+static void early_claimed_keeps_no_ring(char *detail, size_t dn)
+{
+    struct tregion t;
+    CHECK(tregion_new(&t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    struct ivshm_ring_info info[3];
+    for (int i = 0; i < 3; i++)
+        CHECK(ivshm_region_create_ring(&t.r, (const char *[]){"x", "y", "z"}[i], IVSHM_KIND_SPSC, 8,
+                                       4, 1, 0, &info[i], &why) == 0, "ring: %s", why);
+    struct bells b;
+    bells_open(&b);
+    int fd = b.fd[1];
+    struct ivshm_fd_share share;
+    memset(&share, 0, sizeof(share));
+    struct ivshm_spsc q[3], p[3];
+    struct ivshm_chan ch[3], tx[3];
+    struct ivshm_chan_call call[3];
+    for (int i = 0; i < 3; i++) {
+        CHECK(ivshm_spsc_attach(&q[i], &t.r, &info[i], &why) == 0 &&
+              ivshm_spsc_attach(&p[i], &t.r, &info[i], &why) == 0, "attach");
+        ivshm_chan_init(&ch[i], IVSHM_KIND_SPSC, &q[i], 1, 0, fd, -1, resolve, &b, 0, RECHECK_NS);
+        ch[i].fd_share = &share;
+        ivshm_chan_init(&tx[i], IVSHM_KIND_SPSC, &p[i], 2, 0, b.fd[2], -1, resolve, &b, 0, RECHECK_NS);
+        ivshm_chan_call_init(&call[i], IVSHM_CHAN_RECV, -1, 1);
+        CHECK(ivshm_chan_arm(&ch[i], &call[i]) == 1, "arm %d", i);
+    }
+    enum { X, Y, Z };
+    CHECK(ivshm_chan_sleep_begin(&ch[X], &call[X]) == 0, "x asleep");
+    /* Y armed and re-checked, not counted yet: rung */
+    uint64_t v = 1;
+    CHECK(ivshm_chan_send(&tx[Y], &v, sizeof(v), LOST_NS) == 0, "send y");
+    /* X reads Y's ring: Y is not counted, so X drops it */
+    ivshm_chan_absorb(&ch[X], &call[X]); /* alone as far as it can tell: "its own or a stray" */
+    CHECK(units_in(fd) == 0, "x put back a unit nobody counted needs");
+    /* Z, counted, is rung */
+    CHECK(ivshm_chan_sleep_begin(&ch[Z], &call[Z]) == 0, "z asleep");
+    CHECK(ivshm_chan_send(&tx[Z], &v, sizeof(v), LOST_NS) == 0, "send z");
+    CHECK(units_in(fd) == 1, "z's ring");
+    /* Y is counted, sees its claim, absorbs as the asyncio calls do, and goes to its ring */
+    CHECK(ivshm_chan_sleep_begin(&ch[Y], &call[Y]) == 1, "y told it was claimed");
+    ivshm_chan_absorb(&ch[Y], &call[Y]);
+    uint64_t left = units_in(fd);
+    CHECK(left == 1, "y took z's ring (%" PRIu64 " left): z sleeps rung with nothing to wake it",
+          left);
+    CHECK(ivshm_chan_absorb(&ch[Z], &call[Z]) == 1, "z's ring");
+    for (int i = 0; i < 3; i++) {
+        ivshm_chan_sleep_end(&ch[i], &call[i]);
+        ivshm_chan_disarm(&ch[i], &call[i]);
+    }
+    CHECK(share.count == 0, "counted: %u", share.count);
+    snprintf(detail, dn, "z's ring left for z");
+    bells_close(&b);
+    tregion_free(&t);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -718,6 +779,7 @@ static const struct tcase cases[] = {
     {"chan_shared_fd_units_counted", shared_fd_units_counted, 0},
     {"chan_stray_ring_between_two_sleepers", stray_ring_between_two_sleepers, 0},
     {"chan_same_route_armings_never_collide", same_route_armings_never_collide, 0},
+    {"chan_early_claimed_keeps_no_ring", early_claimed_keeps_no_ring, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

@@ -108,7 +108,8 @@ struct ivshm_ring_ctrl {
 };
 
 /* A sleeper's route word: how a waker rings it.  Bit 31 marks an armed entry; bits 24..30 are a
- * ticket that makes each arming's word differ from the last one of the same route; bits 8..23
+ * ticket that makes each arming's word differ from every other live arming of the same route
+ * (ivshm_chan.c: ticket_take); bits 8..23
  * are the sleeper's peer id, bits 0..7 its vector.  Words without bit 31, or with a vector of
  * IVSHM_MAX_VECTORS or more, are not routes (a waker skips them). */
 #define IVSHM_SLEEPER_ARMED 0x80000000u

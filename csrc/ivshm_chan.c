@@ -395,14 +395,47 @@ void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     call->fd_slot = -1;
 }
 
+/* The count of rings that sleepers on this channel's fd left unread (see sleep_fd). */
+static uint32_t *unread_of(struct ivshm_chan *ch)
+{
+    return ch->fd_share ? &ch->fd_share->unread : &ch->unread;
+}
+
+/* Before arming: take the rings that sleepers woken alone left in wait_fd (sleep_fd), which
+ * would otherwise end this sleep at once.  Like ivshm_chan_absorb for a sleeper that was not
+ * rung: what other sleepers of the fd were rung for and have not taken goes back, the rest
+ * (those rings, strays) is dropped.  This call is not armed, so none of it is its own. */
+static void take_unread(struct ivshm_chan *ch)
+{
+    uint32_t *unread = unread_of(ch);
+    if (IVSHM_LOAD_RELAXED(unread) == 0)
+        return;
+    IVSHM_STORE_RELAXED(unread, 0u); /* one left after this store ends a later sleep: absorbed */
+    struct ivshm_chan_call none = {.entry = -1, .fd_slot = -1};
+    (void)settle(ch, &none, 0);
+}
+
 /* Sleep on wait_fd (and the cancel fds) for up to `ms`.  1 woken (rung, or a ring for another
  * sleeper of this fd), 0 timed out, -ECANCELED, -errno. */
-static int sleep_fd(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int ms)
+static int sleep_fd(struct ivshm_chan *ch, struct ivshm_chan_call *call, int ms)
 {
     int cancel[2];
     int rc = ivshm_bell_sleep(ch->wait_fd, cancel, cancel_fds(ch, cancel), ms);
     if (rc <= 0)
         return rc;
+    /* Rung for this call, and nobody else of the process sleeps on the fd: leave the unit(s) in
+     * the fd and go to the ring; the next sleep takes them before it arms (take_unread).  The
+     * read would cost a system call here, on the wake-up's path.  Nothing is taken, so nobody's
+     * ring is lost: a sleeper that joins meanwhile wakes once, finds this slot's ring taken,
+     * and drops the unit. */
+    if (claimed(ch, call) &&
+        (ch->fd_share == NULL || IVSHM_LOAD_RELAXED(&ch->fd_share->count) <= 1)) {
+        if (call->fd_slot >= 0) /* pairs with the load in others_owed */
+            IVSHM_STORE_RELAXED(&ch->fd_share->s[call->fd_slot].took, 1u);
+        atomic_fetch_add_explicit(IVSHM_ATOMIC(unread_of(ch)), 1u, memory_order_relaxed);
+        stat_add(&ch->st.wakeups);
+        return 1;
+    }
     rc = ivshm_chan_absorb(ch, call);
     return rc < 0 ? rc : 1;
 }
@@ -450,6 +483,8 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     int64_t span = call->deadline_ns - now;
     if (span > (int64_t)ch->recheck_ns)
         span = (int64_t)ch->recheck_ns;
+    if (ch->wait_fd >= 0)
+        take_unread(ch);
     int armed = ivshm_chan_arm(ch, call);
     /* L1: the re-check after F1 (inside arm) */
     if (ivshm_chan_ready(ch, call->side, call->need)) {

@@ -90,8 +90,10 @@ struct ivshm_fd_sleeper {
     uint32_t took;         /* it took its ring's unit (atomic, written by its owner) */
 };
 struct ivshm_fd_share {
-    uint32_t lock;  /* 0 free, 1 held */
-    uint32_t count; /* sleepers on the fd, with a slot or without (atomic; changed under lock) */
+    uint32_t lock;   /* 0 free, 1 held */
+    uint32_t count;  /* sleepers on the fd, with a slot or without (atomic; changed under lock) */
+    uint32_t unread; /* rings left in the fd by sleepers that woke alone (atomic; see
+                        ivshm_chan_wait) */
     struct ivshm_fd_sleeper s[IVSHM_FD_SLOTS];
 };
 
@@ -117,6 +119,7 @@ struct ivshm_chan {
      * sleep on one fd must share one struct here, or a sleeper that thinks itself alone can take
      * a ring meant for another. */
     struct ivshm_fd_share *fd_share;
+    uint32_t unread;           /* as fd_share->unread, for a channel without fd_share */
     struct ivshm_chan_stats st; /* updated with relaxed atomics */
 };
 
@@ -166,7 +169,9 @@ void ivshm_chan_call_progress(struct ivshm_chan_call *call);
 int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need);
 
 /* Wait until the call's side may be ready, the deadline passes, or cancel_fd fires: spin (once
- * per call), then arm, re-check, sleep up to recheck_ns, disarm.  Returns 1 (try the ring
+ * per call), then arm, re-check, sleep up to recheck_ns, disarm.  A sleeper rung for itself and
+ * alone on wait_fd leaves the ring's unit in the fd and goes at once to the ring; the next sleep
+ * on the fd takes it before arming (so that the read is not on the wake-up's path).  Returns 1 (try the ring
  * again), 0 (deadline passed), -ECANCELED, -EINTR (a signal: handle it and call again), or
  * -errno.  The call holds no table entry when this returns. */
 int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call);

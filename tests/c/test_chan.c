@@ -767,6 +767,77 @@ static void early_claimed_keeps_no_ring(char *detail, size_t dn)
     tregion_free(&t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* a sleeper alone on its fd, rung: it leaves the ring's unit in the fd (the read would be on the
+ * wake-up's path) and takes it before its next sleep, which then sleeps until its timeout
+ * instead of ending at once on the leftover unit */
+
+struct defer_ctx {
+    struct tregion t;
+    struct ivshm_ring_info info;
+    struct bells bells;
+    struct ivshm_spsc q;
+    struct ivshm_chan ch;
+    int64_t got;
+};
+
+static void *defer_sleeper(void *c_)
+{
+    struct defer_ctx *c = c_;
+    uint64_t v = 0;
+    c->got = ivshm_chan_recv(&c->ch, &v, sizeof(v), NULL, LOST_NS);
+    return NULL;
+}
+
+static void wake_leaves_ring_for_next_sleep(char *detail, size_t dn)
+{
+    struct defer_ctx c;
+    memset(&c, 0, sizeof(c));
+    CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    CHECK(ivshm_region_create_ring(&c.t.r, "r", IVSHM_KIND_SPSC, 8, 4, 1, 0, &c.info, &why) == 0,
+          "ring: %s", why);
+    bells_open(&c.bells);
+    struct ivshm_spsc p;
+    CHECK(ivshm_spsc_attach(&c.q, &c.t.r, &c.info, &why) == 0 &&
+          ivshm_spsc_attach(&p, &c.t.r, &c.info, &why) == 0, "attach");
+    struct ivshm_fd_share share;
+    memset(&share, 0, sizeof(share));
+    ivshm_chan_init(&c.ch, IVSHM_KIND_SPSC, &c.q, 1, 0, c.bells.fd[1], -1, resolve, &c.bells, 0,
+                    RECHECK_NS);
+    c.ch.fd_share = &share;
+    struct ivshm_chan tx;
+    ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &p, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
+                    RECHECK_NS);
+    struct ivshm_ring_ctrl *ctl = (struct ivshm_ring_ctrl *)(c.t.mem + c.info.offset);
+    pthread_t th;
+    pthread_create(&th, NULL, defer_sleeper, &c);
+    while ((__atomic_load_n(&ctl->cons_waiting, __ATOMIC_ACQUIRE) == 0 ||
+            __atomic_load_n(&share.count, __ATOMIC_ACQUIRE) == 0) && !tc_failed())
+        sched_yield(); /* asleep, counted on the fd */
+    uint64_t v = 9;
+    CHECK(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "send");
+    pthread_join(th, NULL);
+    CHECK(c.got == 8, "recv: %" PRId64, c.got);
+    struct ivshm_chan_stats st;
+    ivshm_chan_get_stats(&c.ch, &st);
+    CHECK(st.sleeps == 1 && st.wakeups == 1, "sleeps %" PRIu64 ", wake-ups %" PRIu64, st.sleeps,
+          st.wakeups);
+    CHECK(units_in(c.bells.fd[1]) == 1, "the ring's unit read on the wake-up's path");
+    /* the next receive: nothing comes; it must sleep once, until its timeout */
+    int64_t rc = ivshm_chan_recv(&c.ch, &v, sizeof(v), NULL, 100 * 1000000ll);
+    CHECK(rc == -ETIMEDOUT, "recv: %" PRId64, rc);
+    ivshm_chan_get_stats(&c.ch, &st);
+    CHECK(st.sleeps == 2, "%" PRIu64 " sleeps: the unit left in the fd ended a sleep",
+          st.sleeps);
+    CHECK(units_in(c.bells.fd[1]) == 0, "the unit is still in the fd");
+    CHECK(share.count == 0 && share.unread == 0, "share: count %u, unread %u", share.count,
+          share.unread);
+    snprintf(detail, dn, "left 1, taken before the next sleep");
+    bells_close(&c.bells);
+    tregion_free(&c.t);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -780,6 +851,7 @@ static const struct tcase cases[] = {
     {"chan_stray_ring_between_two_sleepers", stray_ring_between_two_sleepers, 0},
     {"chan_same_route_armings_never_collide", same_route_armings_never_collide, 0},
     {"chan_early_claimed_keeps_no_ring", early_claimed_keeps_no_ring, 0},
+    {"chan_wake_leaves_ring_for_next_sleep", wake_leaves_ring_for_next_sleep, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

@@ -342,6 +342,33 @@ def test_two_async_receivers_of_one_loop_share_a_vector_and_a_region(shm_path):
         close_fds(fds)
 
 
+def test_a_loop_closed_with_a_receiver_asleep_is_freed_and_its_sleeper_disarmed(shm_path, fds):
+    """A loop closed (not through asyncio.run) while a task sleeps in recv_async: the loop, the
+    task and the wait go with the last reference to them, and the task's sleeper entry with them.
+    The per-loop table of fd watches held the waiting futures, which hold their loop: the loop,
+    keyed weakly, stayed for good, and the entry stayed armed in the ring."""
+    import gc
+    import weakref
+
+    with Region.create(shm_path, "1M") as region:
+        ring = region.create_ring("r", slot_size=64, capacity=8)
+        ch = Channel(ring, FdBell(0, fds), spin=0, recheck=RECHECK)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(ch.recv_async())
+
+        async def asleep():
+            while cons_waiting(ring) == 0:
+                await asyncio.sleep(0.001)
+
+        loop.run_until_complete(asyncio.wait_for(asleep(), LOST))
+        loop.close()  # the task still waits
+        gone = weakref.ref(loop)
+        del loop, task
+        gc.collect()
+        assert gone() is None, "the closed loop is still referenced"
+        assert cons_waiting(ring) == 0, "the dropped task's sleeper entry is still armed"
+
+
 def test_cancelled_recv_async_leaves_no_sleeper_behind(shm_path, fds):
     with Region.create(shm_path, "1M") as region:
         ring = region.create_ring("r", slot_size=64, capacity=8)

@@ -3148,12 +3148,22 @@ _fd_shares = {}
 # callback, and the first remove_reader drops both.  Channels of one process that sleep on one
 # vector, or on one region's closed fd, in one loop would then wait for their re-check.  So every
 # asyncio wait watches its fds through one reader per (loop, fd) that wakes all its waiters.
-# event loop -> {fd: the futures waiting on it}
+# event loop -> {fd: its _FdWatch}, both weakly: the watch lives in the loop's reader (the futures
+# in it hold their loop, so a table that held them would keep every loop closed with a waiter
+# left, its tasks, and their sleeper entries, for good)
 _loop_watches = _weakref.WeakKeyDictionary()
 
 
-def _wake_waiters(waiters):
-    for fut in waiters:
+class _FdWatch:
+    """The futures of one loop waiting on one fd; held by the loop's reader on the fd."""
+    __slots__ = ("futs", "__weakref__")
+
+    def __init__(self):
+        self.futs = set()
+
+
+def _wake_waiters(watch):
+    for fut in watch.futs:
         if not fut.done():
             fut.set_result(None)
 
@@ -3161,21 +3171,22 @@ def _wake_waiters(waiters):
 def _watch_fd(loop, fd, fut):
     per = _loop_watches.get(loop)
     if per is None:
-        per = _loop_watches[loop] = {}
-    waiters = per.get(fd)
-    if waiters is None:
-        waiters = per[fd] = set()
-        loop.add_reader(fd, _wake_waiters, waiters)
-    waiters.add(fut)
+        per = _loop_watches[loop] = _weakref.WeakValueDictionary()
+    watch = per.get(fd)
+    if watch is None:
+        watch = _FdWatch()
+        loop.add_reader(fd, _wake_waiters, watch)  # raises: nothing is left registered
+        per[fd] = watch
+    watch.futs.add(fut)
 
 
 def _unwatch_fd(loop, fd, fut):
     per = _loop_watches.get(loop)
-    waiters = None if per is None else per.get(fd)
-    if waiters is None:
-        return
-    waiters.discard(fut)
-    if not waiters:
+    watch = None if per is None else per.get(fd)
+    if watch is None or fut not in watch.futs:
+        return  # not ours to remove: the reader of another waiter, or another library's
+    watch.futs.discard(fut)
+    if not watch.futs:
         del per[fd]
         loop.remove_reader(fd)
 

@@ -369,6 +369,55 @@ def test_a_loop_closed_with_a_receiver_asleep_is_freed_and_its_sleeper_disarmed(
         assert cons_waiting(ring) == 0, "the dropped task's sleeper entry is still armed"
 
 
+@pytest.mark.timeout(120)
+def test_a_blocking_sleeper_does_not_spin_while_an_async_sleeper_of_its_fd_is_rung(shm_path):
+    """A thread blocked in recv on ring a and a task awaiting recv_async on ring b share one
+    vector (one eventfd).  b's message rings the fd while b's loop is busy (a callback that
+    blocks for 0.5 s): the unit is b's, so the thread puts it back, and the fd, readable again,
+    ends its next sleep at once.  It must not go round that loop until b's loop runs: it did,
+    about 250 000 times in the 0.5 s."""
+    fds = make_fds([0, 1], vectors=1)
+    try:
+        region = Region.create(shm_path, "1M")
+        me, other = FdBell(1, fds), FdBell(0, fds)
+        ra = Channel(region.create_ring("a", slot_size=16, capacity=8), me, vector=0, spin=0,
+                     recheck=RECHECK)
+        rb = Channel(region.create_ring("b", slot_size=16, capacity=8), me, vector=0, spin=0,
+                     recheck=RECHECK)
+        tb = Channel(region.ring("b"), other, vector=0, spin=0, recheck=RECHECK)
+        ta = Channel(region.ring("a"), other, vector=0, spin=0, recheck=RECHECK)
+        got = {}
+        started = threading.Event()
+
+        def blocking():
+            started.set()
+            got["a"] = ra.recv(timeout=LOST)
+
+        th = threading.Thread(target=blocking)
+        th.start()
+        started.wait(5)
+        wait_until(lambda: cons_waiting(ra.ring) == 1, "the thread asleep on ring a")
+
+        async def scenario():
+            task = asyncio.ensure_future(rb.recv_async(timeout=LOST))
+            while cons_waiting(rb.ring) == 0:
+                await asyncio.sleep(0.001)
+            before = ra.stats["sleeps"]
+            tb.send(b"b")  # claims b's sleeper, rings the shared fd
+            time.sleep(0.5)  # b's loop is busy: b cannot take its ring yet (the scenario, not a wait)
+            spun = ra.stats["sleeps"] - before
+            assert await asyncio.wait_for(task, 5) == b"b"
+            return spun
+
+        spun = asyncio.run(scenario())
+        ta.send(b"a")
+        th.join(LOST)
+        assert got.get("a") == b"a"
+        assert spun <= 10, f"the blocking sleeper slept {spun} times while b's ring waited for b"
+    finally:
+        close_fds(fds)
+
+
 def test_cancelled_recv_async_leaves_no_sleeper_behind(shm_path, fds):
     with Region.create(shm_path, "1M") as region:
         ring = region.create_ring("r", slot_size=64, capacity=8)

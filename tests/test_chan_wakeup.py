@@ -377,8 +377,8 @@ def test_a_blocking_sleeper_does_not_spin_while_an_async_sleeper_of_its_fd_is_ru
     ends its next sleep at once.  It must not go round that loop until b's loop runs: it did,
     about 250 000 times in the 0.5 s."""
     fds = make_fds([0, 1], vectors=1)
+    region = Region.create(shm_path, "1M")
     try:
-        region = Region.create(shm_path, "1M")
         me, other = FdBell(1, fds), FdBell(0, fds)
         ra = Channel(region.create_ring("a", slot_size=16, capacity=8), me, vector=0, spin=0,
                      recheck=RECHECK)
@@ -415,6 +415,7 @@ def test_a_blocking_sleeper_does_not_spin_while_an_async_sleeper_of_its_fd_is_ru
         assert got.get("a") == b"a"
         assert spun <= 10, f"the blocking sleeper slept {spun} times while b's ring waited for b"
     finally:
+        region.close()
         close_fds(fds)
 
 

@@ -838,6 +838,83 @@ static void wake_leaves_ring_for_next_sleep(char *detail, size_t dn)
     tregion_free(&c.t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* more sleepers on one fd than fd_share has slots (channels on 34 rings with one vector, each with
+ * a receiver asleep): one stray ring must not go round them for as long as they sleep.  A sleeper
+ * without a slot makes the others put back every unit, and two of them put it back to each other */
+
+#define OVER_N (IVSHM_FD_SLOTS + 2)
+
+struct over_ctx {
+    struct tregion t;
+    struct ivshm_ring_info info[OVER_N];
+    struct bells bells;
+    struct ivshm_fd_share fd_share;
+    uint64_t sleeps[OVER_N];
+};
+
+struct over_arg {
+    struct over_ctx *c;
+    int i;
+};
+
+static void *over_sleeper(void *a_)
+{
+    struct over_arg *a = a_;
+    struct over_ctx *c = a->c;
+    struct ivshm_spsc q;
+    const char *why = NULL;
+    CHECKP(ivshm_spsc_attach(&q, &c->t.r, &c->info[a->i], &why) == 0, "attach");
+    struct ivshm_chan ch;
+    ivshm_chan_init(&ch, IVSHM_KIND_SPSC, &q, 1, 0, c->bells.fd[1], -1, resolve, &c->bells, 0,
+                    RECHECK_NS);
+    ch.fd_share = &c->fd_share;
+    uint64_t v;
+    int64_t rc = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, 2000 * 1000000ll);
+    CHECKP(rc == -ETIMEDOUT, "recv: %" PRId64, rc);
+    struct ivshm_chan_stats st;
+    ivshm_chan_get_stats(&ch, &st);
+    c->sleeps[a->i] = st.sleeps;
+    return NULL;
+}
+
+static void stray_ring_among_more_sleepers_than_slots(char *detail, size_t dn)
+{
+    struct over_ctx *c = calloc(1, sizeof(*c));
+    CHECK(c != NULL, "memory");
+    CHECK(tregion_new(&c->t, 1 << 20) == 0, "region");
+    const char *why = NULL;
+    for (int i = 0; i < OVER_N; i++) {
+        char name[16];
+        snprintf(name, sizeof(name), "r%d", i);
+        CHECK(ivshm_region_create_ring(&c->t.r, name, IVSHM_KIND_SPSC, 8, 4, 1, 0, &c->info[i],
+                                       &why) == 0, "ring: %s", why);
+    }
+    bells_open(&c->bells);
+    pthread_t th[OVER_N];
+    struct over_arg a[OVER_N];
+    for (int i = 0; i < OVER_N; i++) {
+        a[i] = (struct over_arg){c, i};
+        pthread_create(&th[i], NULL, over_sleeper, &a[i]);
+    }
+    while (__atomic_load_n(&c->fd_share.count, __ATOMIC_ACQUIRE) < OVER_N && !tc_failed())
+        sched_yield(); /* all asleep */
+    uint64_t one = 1;
+    CHECK(write(c->bells.fd[1], &one, sizeof(one)) == sizeof(one), "stray");
+    uint64_t total = 0;
+    for (int i = 0; i < OVER_N; i++) {
+        pthread_join(th[i], NULL);
+        total += c->sleeps[i];
+    }
+    /* each: its first sleep, then at most one more after the stray woke it */
+    CHECK(total <= 2 * OVER_N, "one stray ring ended %" PRIu64 " sleeps of %d idle channels", total,
+          OVER_N);
+    snprintf(detail, dn, "%" PRIu64 " sleeps of %d channels", total, OVER_N);
+    bells_close(&c->bells);
+    tregion_free(&c->t);
+    free(c);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -852,6 +929,7 @@ static const struct tcase cases[] = {
     {"chan_same_route_armings_never_collide", same_route_armings_never_collide, 0},
     {"chan_early_claimed_keeps_no_ring", early_claimed_keeps_no_ring, 0},
     {"chan_wake_leaves_ring_for_next_sleep", wake_leaves_ring_for_next_sleep, 0},
+    {"chan_stray_ring_among_more_sleepers_than_slots", stray_ring_among_more_sleepers_than_slots, 0},
 };
 
 int main(int argc, char **argv) { return tc_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0])); }

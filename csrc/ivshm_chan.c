@@ -77,7 +77,9 @@ void ivshm_chan_call_init(struct ivshm_chan_call *call, uint32_t side, int64_t t
     call->need = need ? need : 1;
     call->entry = -1;
     call->backoff_us = BACKOFF_MIN_US;
-    call->fd_slot = -1;
+    call->fd_counted = 0;
+    call->claimed_early = 0;
+    call->crowded = 0;
 }
 
 void ivshm_chan_call_progress(struct ivshm_chan_call *call)
@@ -239,7 +241,7 @@ static int claimed(const struct ivshm_chan *ch, const struct ivshm_chan_call *ca
     return IVSHM_LOAD_RELAXED(&table_of(ch, call->side)[call->entry]) != call->word;
 }
 
-/* fd_share's spin lock (process-local; held for a scan of its slots, never across a call). */
+/* fd_share's spin lock (process-local; held for a walk of its list, never across a call). */
 static void share_lock(struct ivshm_fd_share *sh)
 {
     /* acquire: pairs with the release in share_unlock */
@@ -253,11 +255,9 @@ static void share_unlock(struct ivshm_fd_share *sh)
     IVSHM_STORE_RELEASE(&sh->lock, 0u); /* pairs with the acquire in share_lock */
 }
 
-#define OWED_UNKNOWN UINT64_MAX
-
 /* How many units the other sleepers of this process on the fd still need: those whose entry a
  * waker claimed (so a ring for them is in the fd, or on its way) and that have not taken one.
- * OWED_UNKNOWN when one of them is counted without a slot.  *alone: nobody else is counted. */
+ * *alone: nobody else is counted. */
 static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan_call *call,
                             int *alone)
 {
@@ -265,7 +265,7 @@ static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan
     *alone = 1;
     if (sh == NULL)
         return 0;
-    uint32_t me = call->fd_slot != -1;
+    uint32_t me = call->fd_counted != 0;
     /* seq_cst: pairs with the count in ivshm_chan_sleep_begin.  A sleeper B rung, but not yet
      * counted when this load ran, sees its claim in sleep_begin's look and does not sleep: the
      * count, that look, the claim's CAS and this load are sequentially consistent, and the claim
@@ -274,26 +274,19 @@ static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan
         return 0;
     *alone = 0;
     uint64_t owed = 0;
-    uint32_t with_slot = 0;
-    /* Under the lock, a slot's entry is armed and mapped: its sleeper is between sleep_begin and
+    /* Under the lock, a listed sleeper's entry is armed and mapped: its sleeper is between sleep_begin and
      * sleep_end.  A sleeper counted after our eventfd read registered after the claim behind the
      * units we took (the claim, the ring, our read, then its registration under this lock), so
      * its look in sleep_begin sees the claim; one registered before we hold the lock is scanned
      * here, and the claim is visible to this load. */
     share_lock(sh);
-    for (int i = 0; i < IVSHM_FD_SLOTS; i++) {
-        const struct ivshm_fd_sleeper *o = &sh->s[i];
-        if (o->entry == NULL)
-            continue;
-        with_slot++;
+    for (const struct ivshm_fd_sleeper *o = sh->head; o != NULL; o = o->next) {
         /* seq_cst: pairs with the claim's CAS in claim_one */
-        if (i != call->fd_slot && atomic_load_explicit(IVSHM_ATOMIC(o->entry),
+        if (o != &call->fd_node && atomic_load_explicit(IVSHM_ATOMIC(o->entry),
                                                        memory_order_seq_cst) != o->word &&
             !IVSHM_LOAD_RELAXED(&o->took)) /* pairs with the store in ivshm_chan_absorb */
             owed++;
     }
-    if (IVSHM_LOAD_RELAXED(&sh->count) > with_slot + (call->fd_slot == -2))
-        owed = OWED_UNKNOWN; /* somebody sleeps here without a slot: we cannot tell */
     share_unlock(sh);
     return owed;
 }
@@ -302,7 +295,7 @@ static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan
  * counted before its claim), put back what the other sleepers of the fd were rung for and have
  * not taken (others_owed), drop the rest.  1 if a unit was kept or the call is alone on the fd
  * (what it read was its own or strays), 0 if not or nothing was there, -errno. */
-static int settle(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int own)
+static int settle(struct ivshm_chan *ch, struct ivshm_chan_call *call, int own)
 {
     uint64_t v;
     /* EAGAIN (nothing: another reader was first) reads as 0 */
@@ -315,18 +308,21 @@ static int settle(struct ivshm_chan *ch, const struct ivshm_chan_call *call, int
     uint64_t owed = others_owed(ch, call, &alone);
     uint64_t rest = own ? v - 1 : v;
     uint64_t back = rest < owed ? rest : owed;
-    if (own && call->fd_slot >= 0) /* pairs with the load in others_owed */
-        IVSHM_STORE_RELAXED(&ch->fd_share->s[call->fd_slot].took, 1u);
+    if (own && call->fd_counted) /* pairs with the load in others_owed */
+        IVSHM_STORE_RELAXED(&call->fd_node.took, 1u);
     if (back > 0) {
         ssize_t w = write(ch->wait_fd, &back, sizeof(back));
         (void)w; /* EAGAIN: the counter is full, which wakes the others just as well */
-        if (!own)
+        if (!own) {
             sched_yield(); /* let the sleepers they are for run */
+            /* and do not poll the fd at once again: it stays readable until they take them */
+            call->crowded = 1;
+        }
     }
     return own || alone;
 }
 
-int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
+int ivshm_chan_absorb(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     /* Sleepers of this process may share the fd: channels on other rings with the same vector,
      * or threads on one channel.  Each ring is one unit meant for one claimed sleeper.  A call
@@ -346,30 +342,31 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
 int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     stat_add(&ch->st.sleeps);
-    call->fd_slot = -1;
+    call->fd_counted = 0;
     call->claimed_early = 0;
     if (call->entry < 0)
         return 0; /* not armed: it does not sleep on the fd */
     const uint32_t *entry = &table_of(ch, call->side)[call->entry];
     struct ivshm_fd_share *sh = ch->fd_share;
     if (sh) {
+        struct ivshm_fd_sleeper *n = &call->fd_node;
+        n->entry = entry;
+        n->word = call->word;
+        IVSHM_STORE_RELAXED(&n->took, 0u);
+        n->prev = NULL;
         share_lock(sh);
-        call->fd_slot = -2;
-        for (int i = 0; i < IVSHM_FD_SLOTS; i++)
-            if (sh->s[i].entry == NULL) {
-                sh->s[i].entry = entry;
-                sh->s[i].word = call->word;
-                IVSHM_STORE_RELAXED(&sh->s[i].took, 0u);
-                call->fd_slot = i;
-                break;
-            }
+        n->next = sh->head;
+        if (sh->head)
+            sh->head->prev = n;
+        sh->head = n;
         /* seq_cst: pairs with the load in others_owed */
         atomic_fetch_add_explicit(IVSHM_ATOMIC(&sh->count), 1u, memory_order_seq_cst);
         share_unlock(sh);
+        call->fd_counted = 1;
     }
     /* Claimed already (between the re-check and here)?  Then do not sleep: another sleeper of
      * this fd that woke before we were counted may have taken our ring, thinking itself alone or
-     * not seeing us in the slots.  Either it sees us counted and in our slot (and puts our ring
+     * not seeing us in the list.  Either it sees us counted and listed (and puts our ring
      * back), or we see the claim here (see others_owed).  Every sleeper on a shared fd needs
      * this look, the event loops' as much as ivshm_chan_wait's. */
     if (atomic_load_explicit(IVSHM_ATOMIC(entry), memory_order_seq_cst) == call->word)
@@ -377,22 +374,46 @@ int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call)
     /* Its ring is no longer this call's to take (see ivshm_chan_absorb): say so to the others,
      * so that they do not put a unit back for it. */
     call->claimed_early = 1;
-    if (call->fd_slot >= 0) /* pairs with the load in others_owed */
-        IVSHM_STORE_RELAXED(&sh->s[call->fd_slot].took, 1u);
+    if (call->fd_counted) /* pairs with the load in others_owed */
+        IVSHM_STORE_RELAXED(&call->fd_node.took, 1u);
     return 1;
 }
 
 void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call)
 {
     struct ivshm_fd_share *sh = ch->fd_share;
-    if (sh == NULL || call->fd_slot == -1)
-        return;
-    share_lock(sh);
-    if (call->fd_slot >= 0)
-        sh->s[call->fd_slot].entry = NULL;
-    atomic_fetch_sub_explicit(IVSHM_ATOMIC(&sh->count), 1u, memory_order_relaxed);
-    share_unlock(sh);
-    call->fd_slot = -1;
+    if (sh != NULL && call->fd_counted) {
+        struct ivshm_fd_sleeper *n = &call->fd_node;
+        share_lock(sh);
+        if (n->prev)
+            n->prev->next = n->next;
+        else
+            sh->head = n->next;
+        if (n->next)
+            n->next->prev = n->prev;
+        atomic_fetch_sub_explicit(IVSHM_ATOMIC(&sh->count), 1u, memory_order_relaxed);
+        share_unlock(sh);
+    }
+    call->fd_counted = 0;
+}
+
+int ivshm_chan_sleep_on_fd(struct ivshm_chan *ch, struct ivshm_chan_call *call)
+{
+    if (call->entry < 0 || ch->wait_fd < 0)
+        return 0;
+    if (call->crowded) {
+        call->crowded = 0; /* one back-off step, then the fd again */
+        return 0;
+    }
+    return 1;
+}
+
+int64_t ivshm_chan_backoff_ns(struct ivshm_chan_call *call)
+{
+    int64_t ns = (int64_t)call->backoff_us * 1000;
+    if (call->backoff_us < BACKOFF_MAX_US)
+        call->backoff_us *= 2;
+    return ns;
 }
 
 /* The count of rings that sleepers on this channel's fd left unread (see sleep_fd). */
@@ -411,7 +432,7 @@ static void take_unread(struct ivshm_chan *ch)
     if (IVSHM_LOAD_RELAXED(unread) == 0)
         return;
     IVSHM_STORE_RELAXED(unread, 0u); /* one left after this store ends a later sleep: absorbed */
-    struct ivshm_chan_call none = {.entry = -1, .fd_slot = -1};
+    struct ivshm_chan_call none = {.entry = -1, .fd_counted = 0};
     (void)settle(ch, &none, 0);
 }
 
@@ -426,12 +447,12 @@ static int sleep_fd(struct ivshm_chan *ch, struct ivshm_chan_call *call, int ms)
     /* Rung for this call, and nobody else of the process sleeps on the fd: leave the unit(s) in
      * the fd and go to the ring; the next sleep takes them before it arms (take_unread).  The
      * read would cost a system call here, on the wake-up's path.  Nothing is taken, so nobody's
-     * ring is lost: a sleeper that joins meanwhile wakes once, finds this slot's ring taken,
+     * ring is lost: a sleeper that joins meanwhile wakes once, finds this one's ring taken,
      * and drops the unit. */
     if (claimed(ch, call) &&
         (ch->fd_share == NULL || IVSHM_LOAD_RELAXED(&ch->fd_share->count) <= 1)) {
-        if (call->fd_slot >= 0) /* pairs with the load in others_owed */
-            IVSHM_STORE_RELAXED(&ch->fd_share->s[call->fd_slot].took, 1u);
+        if (call->fd_counted) /* pairs with the load in others_owed */
+            IVSHM_STORE_RELAXED(&call->fd_node.took, 1u);
         atomic_fetch_add_explicit(IVSHM_ATOMIC(unread_of(ch)), 1u, memory_order_relaxed);
         stat_add(&ch->st.wakeups);
         return 1;
@@ -444,11 +465,9 @@ static int sleep_fd(struct ivshm_chan *ch, struct ivshm_chan_call *call, int ms)
  * once if cancel_fd fires.  0 slept, -ECANCELED, -EINTR, -errno. */
 static int sleep_poll(struct ivshm_chan *ch, struct ivshm_chan_call *call, int64_t max_ns)
 {
-    int64_t ns = (int64_t)call->backoff_us * 1000;
+    int64_t ns = ivshm_chan_backoff_ns(call);
     if (ns > max_ns)
-        ns = max_ns;
-    if (call->backoff_us < BACKOFF_MAX_US)
-        call->backoff_us *= 2;
+        ns = max_ns > 0 ? max_ns : 0;
     struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
     int cancel[2];
     struct pollfd p[2];
@@ -503,8 +522,23 @@ int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call)
             atomic_fetch_sub_explicit(IVSHM_ATOMIC(&ch->st.sleeps), 1, memory_order_relaxed);
             int took = settle(ch, call, 0);
             rc = took < 0 ? took : 1;
-        } else
+        } else if (ivshm_chan_sleep_on_fd(ch, call)) {
             rc = sleep_fd(ch, call, ms > 0x7fffffff ? 0x7fffffff : (int)ms);
+        } else {
+            /* The fd holds rings that other sleepers have not taken yet (polling it would end
+             * at once, again and again): sleep back-off steps until this call is rung, they
+             * took their rings, or the span ends; then absorb as if woken. */
+            int64_t until = ivshm_chan_now_ns() + span;
+            int alone;
+            do
+                rc = sleep_poll(ch, call, until - ivshm_chan_now_ns());
+            while (rc == 0 && !claimed(ch, call) && others_owed(ch, call, &alone) > 0 &&
+                   ivshm_chan_now_ns() < until);
+            if (rc == 0) {
+                int took = ivshm_chan_absorb(ch, call);
+                rc = took < 0 ? took : 1;
+            }
+        }
         ivshm_chan_sleep_end(ch, call);
     } else {
         stat_add(&ch->st.sleeps);

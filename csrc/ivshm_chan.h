@@ -77,24 +77,24 @@ struct ivshm_chan_stats {
 /* A process's sleepers on one doorbell fd (an eventfd is one counter for all of them; each ring
  * is one unit meant for the sleeper whose entry the waker claimed).  Process-local memory, all
  * zero when unused (no set-up, nothing to free).  Each sleeper on the fd is counted in `count`
- * and, while a slot is free, names its armed entry in s[]: so a sleeper that took units it was
- * not rung for can tell how many of them other sleepers here still need (those whose entry a
- * waker claimed and who have not taken a unit yet), put back that many, and drop the rest,
- * rather than pass a stray unit back and forth with another idle sleeper.  A sleeper that finds
- * no free slot makes the others put back everything (as when they cannot tell).  Changed only
- * under `lock` (a spin lock: held for a scan of s[], never across a system call). */
-#define IVSHM_FD_SLOTS 32
+ * and is linked in `head` with its armed entry (the node lives in its struct ivshm_chan_call): so
+ * a sleeper that took units it was not rung for can tell how many of them other sleepers here
+ * still need (those whose entry a waker claimed and who have not taken a unit yet), put back
+ * that many, and drop the rest, rather than pass a stray unit back and forth with another idle
+ * sleeper.  Changed only under `lock` (a spin lock: held for a walk of the list, never across a
+ * system call). */
 struct ivshm_fd_sleeper {
-    const uint32_t *entry; /* the sleeper table entry it armed; NULL: slot free */
+    const uint32_t *entry; /* the sleeper table entry it armed */
     uint32_t word;         /* the word it wrote there (another value: a waker claimed it) */
     uint32_t took;         /* it took its ring's unit (atomic, written by its owner) */
+    struct ivshm_fd_sleeper *next, *prev;
 };
 struct ivshm_fd_share {
     uint32_t lock;   /* 0 free, 1 held */
-    uint32_t count;  /* sleepers on the fd, with a slot or without (atomic; changed under lock) */
+    uint32_t count;  /* sleepers on the fd, all in the list (atomic; changed under lock) */
     uint32_t unread; /* rings left in the fd by sleepers that woke alone (atomic; see
                         ivshm_chan_wait) */
-    struct ivshm_fd_sleeper s[IVSHM_FD_SLOTS];
+    struct ivshm_fd_sleeper *head;
 };
 
 struct ivshm_chan {
@@ -135,9 +135,11 @@ struct ivshm_chan_call {
     int entry;             /* the table entry this call holds while armed, -1 when none */
     uint32_t word;         /* the word it wrote there: route and ticket */
     uint32_t backoff_us;   /* polling back-off */
-    int fd_slot;           /* while sleeping: its slot in ch->fd_share->s, -2 counted there
-                              without a slot, -1 not counted */
+    int fd_counted;        /* while sleeping: 1 if counted and linked in ch->fd_share */
+    struct ivshm_fd_sleeper fd_node; /* its node in ch->fd_share's list, while counted */
     int claimed_early;     /* sleep_begin found the entry claimed: no ring is this call's */
+    int crowded;           /* it put back rings other sleepers of the fd have not taken: its
+                              next sleep is a back-off step, not a poll of the readable fd */
 };
 
 /* Set up a channel over `ring` (a struct ivshm_spsc * or struct ivshm_mpmc *, per `kind`; for
@@ -187,7 +189,7 @@ void ivshm_chan_disarm(struct ivshm_chan *ch, struct ivshm_chan_call *call);
  * claimed, puts back the rings that other sleepers of this process on the fd were rung with and
  * have not taken (see fd_share), and drops the rest.  1 if a ring for this call was taken (or the
  * call is alone on the fd: any ring there is its own or a stray), 0 if not, -errno. */
-int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call);
+int ivshm_chan_absorb(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
 /* Bracket a sleep that an event loop makes on wait_fd itself (ivshm_chan_wait does its own):
  * begin counts the sleep and, if the call is armed, counts it among the sleepers on the fd
@@ -199,6 +201,14 @@ int ivshm_chan_absorb(struct ivshm_chan *ch, const struct ivshm_chan_call *call)
  * in both cases. */
 int ivshm_chan_sleep_begin(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+
+/* After sleep_begin returned 0: 1 if the call sleeps on wait_fd, 0 if it sleeps one back-off
+ * step (ivshm_chan_backoff_ns: 50 us doubling to 1 ms per call) with only the cancel fds and
+ * then absorbs as if woken (absorb then looks at its entry).  0 when it is not armed, or when
+ * its last absorb put back rings that other sleepers of the fd had not taken yet (the fd stays readable
+ * until they do, so polling it would end at once, again and again). */
+int ivshm_chan_sleep_on_fd(struct ivshm_chan *ch, struct ivshm_chan_call *call);
+int64_t ivshm_chan_backoff_ns(struct ivshm_chan_call *call);
 
 /* After publishing (IVSHM_CHAN_SEND side woke consumers) or releasing slots (RECV side wakes
  * producers): ring one sleeper of the OTHER side, if any sleeps.  1 rung, 0 nobody to ring. */

@@ -3559,9 +3559,14 @@ cdef class Channel:
                             if claimed:
                                 if not self._closed:
                                     ivshm_chan_absorb(&self._ch, &c.call)
+                            elif ivshm_chan_sleep_on_fd(&self._ch, &c.call):
+                                await self._await_fds(loop, span, True, armed, m.closed_fd, c)
                             else:
-                                await self._await_fds(loop, span if armed else min(span, 0.001),
-                                                      armed, m.closed_fd, c)
+                                # no slot among the fd's sleepers, or rings for others in it
+                                # (ivshm_chan_sleep_on_fd); not armed: the table is full
+                                step = ivshm_chan_backoff_ns(&c.call) / 1e9 if armed else 0.001
+                                await self._await_fds(loop, min(span, step), False, armed,
+                                                      m.closed_fd, c)
                         finally:
                             ivshm_chan_sleep_end(&self._ch, &c.call)
                 finally:
@@ -3577,10 +3582,10 @@ cdef class Channel:
         finally:
             self._pass_on(&c.call)
 
-    async def _await_fds(self, loop, span, bint armed, int closed_fd, _AsyncCall c):
+    async def _await_fds(self, loop, span, bint on_fd, bint armed, int closed_fd, _AsyncCall c):
         fut = loop.create_future()
         fds = [self._cancel_fd, closed_fd]  # the mapping's own: held by the caller
-        if armed:
+        if on_fd:
             fds.append(self._fd)
         try:
             for fd in fds:

@@ -50,7 +50,7 @@ cdef extern from "<errno.h>":
         EINTR_ "EINTR"
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, strlen
+from libc.string cimport memcpy, memset, strlen
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.unistd cimport write as _c_write, close as _c_close
 from posix.time cimport clock_gettime, CLOCK_MONOTONIC, timespec, nanosleep
@@ -3142,6 +3142,24 @@ cdef class _FdShare:
 # doorbell fd -> its _FdShare; entries stay (an fd number reused later shares it with nobody
 # still sleeping, which is all it has to tell)
 _fd_shares = {}
+
+
+def _reset_fd_shares():
+    # After fork, only the forking thread lives in the child: the sleepers listed in the shares
+    # (nodes on the other threads' stacks) never wake there to leave, and a lock one of them
+    # held is never released.  Their rings are the parent's business.
+    cdef _FdShare share
+    for share in _fd_shares.values():
+        memset(&share.share, 0, sizeof(share.share))
+
+
+_os.register_at_fork(after_in_child=_reset_fd_shares)
+
+
+def _fd_share_count(int fd):
+    """The number of this process's sleepers counted on doorbell fd ``fd`` (tests)."""
+    share = _fd_shares.get(fd)
+    return 0 if share is None else (<_FdShare>share).share.count
 
 
 # An event loop keeps one reader per fd: a second add_reader on the fd replaces the first's

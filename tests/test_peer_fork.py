@@ -105,3 +105,51 @@ def test_a_forked_child_exits_and_leaves_the_parents_server_alone(tmp_path):
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stdout, p.stderr[-2000:])
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_starts_with_no_sleepers_on_the_parents_doorbell_fds(shm_path):
+    # The process's list of sleepers on a doorbell fd (the channels' fd share) names the parent's
+    # sleeping threads, which do not exist in a child: a child that kept them would put rings
+    # back for them for good, and would spin for ever on a share lock one of them held.
+    import threading
+    import time
+
+    from _fdbell import FdBell, close_fds, make_fds
+
+    from pyivshmem import Channel, Region, WaitTimeout, _ring
+
+    fds = make_fds([0, 1])
+    try:
+        with Region.create(shm_path, "1M") as r:
+            rx = Channel(r.create_ring("a", slot_size=64, capacity=4), FdBell(0, fds), spin=0,
+                         recheck=60)
+            done = threading.Event()
+
+            def sleeper():
+                try:
+                    rx.recv(timeout=30)
+                except WaitTimeout:
+                    pass
+                done.set()
+
+            th = threading.Thread(target=sleeper, daemon=True)
+            th.start()
+            fd = fds[0][0]
+            deadline = time.monotonic() + 20
+            while _ring._fd_share_count(fd) != 1:
+                assert time.monotonic() < deadline, "the thread never slept on its doorbell"
+                time.sleep(0.001)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if _ring._fd_share_count(fd) == 0 else 3)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, "the child still counts the parent's sleeper"
+            assert _ring._fd_share_count(fd) == 1  # the parent's is untouched
+            Channel(r.ring("a"), FdBell(1, fds), spin=0).send(b"x")
+            assert done.wait(20)
+            th.join(5)
+            assert _ring._fd_share_count(fd) == 0
+            rx.close()
+    finally:
+        close_fds(fds)

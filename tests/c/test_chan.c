@@ -588,16 +588,19 @@ static void shared_fd_units_counted(char *detail, size_t dn)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* a stray ring in an fd that two channels of the process sleep on (left by a third that woke alone
- * and then closed): it ends a sleep or two, then somebody drops it; it must not go from one idle
- * sleeper to the other for as long as they sleep */
+/* a stray ring in an fd that n channels of the process sleep on (left by another that woke alone
+ * and then closed): it ends a sleep or two, then somebody drops it; it must not go round the idle
+ * sleepers for as long as they sleep.  With 34 of them: more than the 32 slots a first version of
+ * the share had, whose overflow made every sleeper put back every unit */
+
+#define STRAY_MAX 34
 
 struct stray_ctx {
     struct tregion t;
-    struct ivshm_ring_info info[2];
+    struct ivshm_ring_info info[STRAY_MAX];
     struct bells bells;
     struct ivshm_fd_share fd_share;
-    uint64_t sleeps[2];
+    uint64_t sleeps[STRAY_MAX];
 };
 
 struct stray_arg {
@@ -625,32 +628,47 @@ static void *stray_sleeper(void *a_)
     return NULL;
 }
 
-static void stray_ring_between_two_sleepers(char *detail, size_t dn)
+static void stray_ring_among_sleepers(char *detail, size_t dn, int n)
 {
-    struct stray_ctx c;
-    memset(&c, 0, sizeof(c));
-    CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
+    struct stray_ctx *c = calloc(1, sizeof(*c));
+    CHECK(c != NULL, "memory");
+    CHECK(tregion_new(&c->t, 1 << 20) == 0, "region");
     const char *why = NULL;
-    for (int i = 0; i < 2; i++)
-        CHECK(ivshm_region_create_ring(&c.t.r, i ? "b" : "a", IVSHM_KIND_SPSC, 8, 4, 1, 0,
-                                       &c.info[i], &why) == 0, "ring: %s", why);
-    bells_open(&c.bells);
-    pthread_t th[2];
-    struct stray_arg a[2] = {{&c, 0}, {&c, 1}};
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < n; i++) {
+        char name[16];
+        snprintf(name, sizeof(name), "r%d", i);
+        CHECK(ivshm_region_create_ring(&c->t.r, name, IVSHM_KIND_SPSC, 8, 4, 1, 0, &c->info[i],
+                                       &why) == 0, "ring: %s", why);
+    }
+    bells_open(&c->bells);
+    pthread_t th[STRAY_MAX];
+    struct stray_arg a[STRAY_MAX];
+    for (int i = 0; i < n; i++) {
+        a[i] = (struct stray_arg){c, i};
         pthread_create(&th[i], NULL, stray_sleeper, &a[i]);
-    while (__atomic_load_n(&c.fd_share.count, __ATOMIC_ACQUIRE) < 2 && !tc_failed())
-        sched_yield(); /* both asleep */
+    }
+    while (__atomic_load_n(&c->fd_share.count, __ATOMIC_ACQUIRE) < (uint32_t)n && !tc_failed())
+        sched_yield(); /* all asleep */
     uint64_t one = 1;
-    CHECK(write(c.bells.fd[1], &one, sizeof(one)) == sizeof(one), "stray");
-    for (int i = 0; i < 2; i++)
+    CHECK(write(c->bells.fd[1], &one, sizeof(one)) == sizeof(one), "stray");
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++) {
         pthread_join(th[i], NULL);
+        total += c->sleeps[i];
+    }
     /* each: its first sleep, then at most one more after the stray woke it */
-    CHECK(c.sleeps[0] + c.sleeps[1] <= 4, "one stray ring ended %" PRIu64 " + %" PRIu64
-          " sleeps of two idle channels", c.sleeps[0], c.sleeps[1]);
-    snprintf(detail, dn, "%" PRIu64 " + %" PRIu64 " sleeps", c.sleeps[0], c.sleeps[1]);
-    bells_close(&c.bells);
-    tregion_free(&c.t);
+    CHECK(total <= 2 * (uint64_t)n, "one stray ring ended %" PRIu64 " sleeps of %d idle channels",
+          total, n);
+    snprintf(detail, dn, "%" PRIu64 " sleeps of %d channels", total, n);
+    bells_close(&c->bells);
+    tregion_free(&c->t);
+    free(c);
+}
+
+static void stray_ring_between_two_sleepers(char *d, size_t n) { stray_ring_among_sleepers(d, n, 2); }
+static void stray_ring_among_more_sleepers_than_slots(char *d, size_t n)
+{
+    stray_ring_among_sleepers(d, n, STRAY_MAX);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -771,147 +789,51 @@ static void early_claimed_keeps_no_ring(char *detail, size_t dn)
  * wake-up's path) and takes it before its next sleep, which then sleeps until its timeout
  * instead of ending at once on the leftover unit */
 
-struct defer_ctx {
-    struct tregion t;
-    struct ivshm_ring_info info;
-    struct bells bells;
-    struct ivshm_spsc q;
-    struct ivshm_chan ch;
-    int64_t got;
-};
-
-static void *defer_sleeper(void *c_)
-{
-    struct defer_ctx *c = c_;
-    uint64_t v = 0;
-    c->got = ivshm_chan_recv(&c->ch, &v, sizeof(v), NULL, LOST_NS);
-    return NULL;
-}
-
 static void wake_leaves_ring_for_next_sleep(char *detail, size_t dn)
 {
-    struct defer_ctx c;
+    struct loop_ctx c; /* as the loop sleeper's case: channel x, asleep in loop_x_sleeper */
     memset(&c, 0, sizeof(c));
     CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
     const char *why = NULL;
-    CHECK(ivshm_region_create_ring(&c.t.r, "r", IVSHM_KIND_SPSC, 8, 4, 1, 0, &c.info, &why) == 0,
+    CHECK(ivshm_region_create_ring(&c.t.r, "r", IVSHM_KIND_SPSC, 8, 4, 1, 0, &c.ix, &why) == 0,
           "ring: %s", why);
     bells_open(&c.bells);
     struct ivshm_spsc p;
-    CHECK(ivshm_spsc_attach(&c.q, &c.t.r, &c.info, &why) == 0 &&
-          ivshm_spsc_attach(&p, &c.t.r, &c.info, &why) == 0, "attach");
-    struct ivshm_fd_share share;
-    memset(&share, 0, sizeof(share));
-    ivshm_chan_init(&c.ch, IVSHM_KIND_SPSC, &c.q, 1, 0, c.bells.fd[1], -1, resolve, &c.bells, 0,
+    CHECK(ivshm_spsc_attach(&c.qx, &c.t.r, &c.ix, &why) == 0 &&
+          ivshm_spsc_attach(&p, &c.t.r, &c.ix, &why) == 0, "attach");
+    ivshm_chan_init(&c.x, IVSHM_KIND_SPSC, &c.qx, 1, 0, c.bells.fd[1], -1, resolve, &c.bells, 0,
                     RECHECK_NS);
-    c.ch.fd_share = &share;
+    c.x.fd_share = &c.fd_share;
     struct ivshm_chan tx;
     ivshm_chan_init(&tx, IVSHM_KIND_SPSC, &p, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
                     RECHECK_NS);
-    struct ivshm_ring_ctrl *ctl = (struct ivshm_ring_ctrl *)(c.t.mem + c.info.offset);
+    struct ivshm_ring_ctrl *ctl = (struct ivshm_ring_ctrl *)(c.t.mem + c.ix.offset);
     pthread_t th;
-    pthread_create(&th, NULL, defer_sleeper, &c);
+    pthread_create(&th, NULL, loop_x_sleeper, &c);
     while ((__atomic_load_n(&ctl->cons_waiting, __ATOMIC_ACQUIRE) == 0 ||
-            __atomic_load_n(&share.count, __ATOMIC_ACQUIRE) == 0) && !tc_failed())
+            __atomic_load_n(&c.fd_share.count, __ATOMIC_ACQUIRE) == 0) && !tc_failed())
         sched_yield(); /* asleep, counted on the fd */
     uint64_t v = 9;
     CHECK(ivshm_chan_send(&tx, &v, sizeof(v), LOST_NS) == 0, "send");
     pthread_join(th, NULL);
     CHECK(c.got == 8, "recv: %" PRId64, c.got);
     struct ivshm_chan_stats st;
-    ivshm_chan_get_stats(&c.ch, &st);
+    ivshm_chan_get_stats(&c.x, &st);
     CHECK(st.sleeps == 1 && st.wakeups == 1, "sleeps %" PRIu64 ", wake-ups %" PRIu64, st.sleeps,
           st.wakeups);
     CHECK(units_in(c.bells.fd[1]) == 1, "the ring's unit read on the wake-up's path");
     /* the next receive: nothing comes; it must sleep once, until its timeout */
-    int64_t rc = ivshm_chan_recv(&c.ch, &v, sizeof(v), NULL, 100 * 1000000ll);
+    int64_t rc = ivshm_chan_recv(&c.x, &v, sizeof(v), NULL, 100 * 1000000ll);
     CHECK(rc == -ETIMEDOUT, "recv: %" PRId64, rc);
-    ivshm_chan_get_stats(&c.ch, &st);
+    ivshm_chan_get_stats(&c.x, &st);
     CHECK(st.sleeps == 2, "%" PRIu64 " sleeps: the unit left in the fd ended a sleep",
           st.sleeps);
     CHECK(units_in(c.bells.fd[1]) == 0, "the unit is still in the fd");
-    CHECK(share.count == 0 && share.unread == 0, "share: count %u, unread %u", share.count,
-          share.unread);
+    CHECK(c.fd_share.count == 0 && c.fd_share.unread == 0, "share: count %u, unread %u", c.fd_share.count,
+          c.fd_share.unread);
     snprintf(detail, dn, "left 1, taken before the next sleep");
     bells_close(&c.bells);
     tregion_free(&c.t);
-}
-
-/* ---------------------------------------------------------------------------------------------- */
-/* more sleepers on one fd than fd_share has slots (channels on 34 rings with one vector, each with
- * a receiver asleep): one stray ring must not go round them for as long as they sleep.  A sleeper
- * without a slot makes the others put back every unit, and two of them put it back to each other */
-
-#define OVER_N 34 /* more than the 32 slots the share once had */
-
-struct over_ctx {
-    struct tregion t;
-    struct ivshm_ring_info info[OVER_N];
-    struct bells bells;
-    struct ivshm_fd_share fd_share;
-    uint64_t sleeps[OVER_N];
-};
-
-struct over_arg {
-    struct over_ctx *c;
-    int i;
-};
-
-static void *over_sleeper(void *a_)
-{
-    struct over_arg *a = a_;
-    struct over_ctx *c = a->c;
-    struct ivshm_spsc q;
-    const char *why = NULL;
-    CHECKP(ivshm_spsc_attach(&q, &c->t.r, &c->info[a->i], &why) == 0, "attach");
-    struct ivshm_chan ch;
-    ivshm_chan_init(&ch, IVSHM_KIND_SPSC, &q, 1, 0, c->bells.fd[1], -1, resolve, &c->bells, 0,
-                    RECHECK_NS);
-    ch.fd_share = &c->fd_share;
-    uint64_t v;
-    int64_t rc = ivshm_chan_recv(&ch, &v, sizeof(v), NULL, 2000 * 1000000ll);
-    CHECKP(rc == -ETIMEDOUT, "recv: %" PRId64, rc);
-    struct ivshm_chan_stats st;
-    ivshm_chan_get_stats(&ch, &st);
-    c->sleeps[a->i] = st.sleeps;
-    return NULL;
-}
-
-static void stray_ring_among_more_sleepers_than_slots(char *detail, size_t dn)
-{
-    struct over_ctx *c = calloc(1, sizeof(*c));
-    CHECK(c != NULL, "memory");
-    CHECK(tregion_new(&c->t, 1 << 20) == 0, "region");
-    const char *why = NULL;
-    for (int i = 0; i < OVER_N; i++) {
-        char name[16];
-        snprintf(name, sizeof(name), "r%d", i);
-        CHECK(ivshm_region_create_ring(&c->t.r, name, IVSHM_KIND_SPSC, 8, 4, 1, 0, &c->info[i],
-                                       &why) == 0, "ring: %s", why);
-    }
-    bells_open(&c->bells);
-    pthread_t th[OVER_N];
-    struct over_arg a[OVER_N];
-    for (int i = 0; i < OVER_N; i++) {
-        a[i] = (struct over_arg){c, i};
-        pthread_create(&th[i], NULL, over_sleeper, &a[i]);
-    }
-    while (__atomic_load_n(&c->fd_share.count, __ATOMIC_ACQUIRE) < OVER_N && !tc_failed())
-        sched_yield(); /* all asleep */
-    uint64_t one = 1;
-    CHECK(write(c->bells.fd[1], &one, sizeof(one)) == sizeof(one), "stray");
-    uint64_t total = 0;
-    for (int i = 0; i < OVER_N; i++) {
-        pthread_join(th[i], NULL);
-        total += c->sleeps[i];
-    }
-    /* each: its first sleep, then at most one more after the stray woke it */
-    CHECK(total <= 2 * OVER_N, "one stray ring ended %" PRIu64 " sleeps of %d idle channels", total,
-          OVER_N);
-    snprintf(detail, dn, "%" PRIu64 " sleeps of %d channels", total, OVER_N);
-    bells_close(&c->bells);
-    tregion_free(&c->t);
-    free(c);
 }
 
 static const struct tcase cases[] = {

@@ -274,11 +274,11 @@ static uint64_t others_owed(const struct ivshm_chan *ch, const struct ivshm_chan
         return 0;
     *alone = 0;
     uint64_t owed = 0;
-    /* Under the lock, a listed sleeper's entry is armed and mapped: its sleeper is between sleep_begin and
-     * sleep_end.  A sleeper counted after our eventfd read registered after the claim behind the
-     * units we took (the claim, the ring, our read, then its registration under this lock), so
-     * its look in sleep_begin sees the claim; one registered before we hold the lock is scanned
-     * here, and the claim is visible to this load. */
+    /* Under the lock, a listed sleeper's entry is armed and mapped: its sleeper is between
+     * sleep_begin and sleep_end.  A sleeper counted after our eventfd read registered after the
+     * claim behind the units we took (the claim, the ring, our read, then its registration under
+     * this lock), so its look in sleep_begin sees the claim; one registered before we hold the
+     * lock is scanned here, and the claim is visible to this load. */
     share_lock(sh);
     for (const struct ivshm_fd_sleeper *o = sh->head; o != NULL; o = o->next) {
         /* seq_cst: pairs with the claim's CAS in claim_one */

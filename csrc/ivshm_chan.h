@@ -173,9 +173,9 @@ int ivshm_chan_ready(const struct ivshm_chan *ch, uint32_t side, uint64_t need);
 /* Wait until the call's side may be ready, the deadline passes, or cancel_fd fires: spin (once
  * per call), then arm, re-check, sleep up to recheck_ns, disarm.  A sleeper rung for itself and
  * alone on wait_fd leaves the ring's unit in the fd and goes at once to the ring; the next sleep
- * on the fd takes it before arming (so that the read is not on the wake-up's path).  Returns 1 (try the ring
- * again), 0 (deadline passed), -ECANCELED, -EINTR (a signal: handle it and call again), or
- * -errno.  The call holds no table entry when this returns. */
+ * on the fd takes it before arming (so that the read is not on the wake-up's path).  Returns 1
+ * (try the ring again), 0 (deadline passed), -ECANCELED, -EINTR (a signal: handle it and call
+ * again), or -errno.  The call holds no table entry when this returns. */
 int ivshm_chan_wait(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 
 /* The two halves of ivshm_chan_wait's sleep, for event loops that sleep on wait_fd themselves
@@ -205,8 +205,8 @@ void ivshm_chan_sleep_end(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 /* After sleep_begin returned 0: 1 if the call sleeps on wait_fd, 0 if it sleeps one back-off
  * step (ivshm_chan_backoff_ns: 50 us doubling to 1 ms per call) with only the cancel fds and
  * then absorbs as if woken (absorb then looks at its entry).  0 when it is not armed, or when
- * its last absorb put back rings that other sleepers of the fd had not taken yet (the fd stays readable
- * until they do, so polling it would end at once, again and again). */
+ * its last absorb put back rings that other sleepers of the fd had not taken yet (the fd stays
+ * readable until they do, so polling it would end at once, again and again). */
 int ivshm_chan_sleep_on_fd(struct ivshm_chan *ch, struct ivshm_chan_call *call);
 int64_t ivshm_chan_backoff_ns(struct ivshm_chan_call *call);
 

@@ -144,7 +144,8 @@ def test_a_forked_child_starts_with_no_sleepers_on_the_parents_doorbell_fds(shm_
             if pid == 0:
                 os._exit(0 if _ring._fd_share_count(fd) == 0 else 3)
             _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0, "the child still counts the parent's sleeper"
+            assert os.waitstatus_to_exitcode(status) == 0, \
+                "the child still counts the parent's sleeper"
             assert _ring._fd_share_count(fd) == 1  # the parent's is untouched
             Channel(r.ring("a"), FdBell(1, fds), spin=0).send(b"x")
             assert done.wait(20)

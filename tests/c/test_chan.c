@@ -540,7 +540,8 @@ static void shared_fd_units_counted(char *detail, size_t dn)
     struct ivshm_fd_share share;
     memset(&share, 0, sizeof(share));
     struct ivshm_spsc qx, qy, py;
-    CHECK(ivshm_spsc_attach(&qx, &t.r, &ix, &why) == 0 && ivshm_spsc_attach(&qy, &t.r, &iy, &why) == 0 &&
+    CHECK(ivshm_spsc_attach(&qx, &t.r, &ix, &why) == 0 &&
+          ivshm_spsc_attach(&qy, &t.r, &iy, &why) == 0 &&
           ivshm_spsc_attach(&py, &t.r, &iy, &why) == 0, "attach");
     struct ivshm_chan x, y, ty;
     ivshm_chan_init(&x, IVSHM_KIND_SPSC, &qx, 1, 0, fd, -1, resolve, &b, 0, RECHECK_NS);
@@ -665,7 +666,10 @@ static void stray_ring_among_sleepers(char *detail, size_t dn, int n)
     free(c);
 }
 
-static void stray_ring_between_two_sleepers(char *d, size_t n) { stray_ring_among_sleepers(d, n, 2); }
+static void stray_ring_between_two_sleepers(char *d, size_t n)
+{
+    stray_ring_among_sleepers(d, n, 2);
+}
 static void stray_ring_among_more_sleepers_than_slots(char *d, size_t n)
 {
     stray_ring_among_sleepers(d, n, STRAY_MAX);
@@ -688,7 +692,8 @@ static void same_route_armings_never_collide(char *detail, size_t dn)
     struct bells b;
     bells_open(&b);
     struct ivshm_mpmc qx, qy, qw;
-    CHECK(ivshm_mpmc_attach(&qx, &t.r, &info, &why) == 0 && ivshm_mpmc_attach(&qy, &t.r, &info, &why) == 0 &&
+    CHECK(ivshm_mpmc_attach(&qx, &t.r, &info, &why) == 0 &&
+          ivshm_mpmc_attach(&qy, &t.r, &info, &why) == 0 &&
           ivshm_mpmc_attach(&qw, &t.r, &info, &why) == 0, "attach");
     struct ivshm_chan x, y, w;
     ivshm_chan_init(&x, IVSHM_KIND_MPMC, &qx, 1, 0, b.fd[1], -1, resolve, &b, 0, RECHECK_NS);
@@ -751,7 +756,8 @@ static void early_claimed_keeps_no_ring(char *detail, size_t dn)
               ivshm_spsc_attach(&p[i], &t.r, &info[i], &why) == 0, "attach");
         ivshm_chan_init(&ch[i], IVSHM_KIND_SPSC, &q[i], 1, 0, fd, -1, resolve, &b, 0, RECHECK_NS);
         ch[i].fd_share = &share;
-        ivshm_chan_init(&tx[i], IVSHM_KIND_SPSC, &p[i], 2, 0, b.fd[2], -1, resolve, &b, 0, RECHECK_NS);
+        ivshm_chan_init(&tx[i], IVSHM_KIND_SPSC, &p[i], 2, 0, b.fd[2], -1, resolve, &b, 0,
+                        RECHECK_NS);
         ivshm_chan_call_init(&call[i], IVSHM_CHAN_RECV, -1, 1);
         CHECK(ivshm_chan_arm(&ch[i], &call[i]) == 1, "arm %d", i);
     }
@@ -829,7 +835,8 @@ static void wake_leaves_ring_for_next_sleep(char *detail, size_t dn)
     CHECK(st.sleeps == 2, "%" PRIu64 " sleeps: the unit left in the fd ended a sleep",
           st.sleeps);
     CHECK(units_in(c.bells.fd[1]) == 0, "the unit is still in the fd");
-    CHECK(c.fd_share.count == 0 && c.fd_share.unread == 0, "share: count %u, unread %u", c.fd_share.count,
+    CHECK(c.fd_share.count == 0 && c.fd_share.unread == 0, "share: count %u, unread %u",
+          c.fd_share.count,
           c.fd_share.unread);
     snprintf(detail, dn, "left 1, taken before the next sleep");
     bells_close(&c.bells);

@@ -3570,8 +3570,8 @@ cdef class Channel:
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)
                     if not ivshm_chan_ready(&self._ch, side, c.call.need if side == IVSHM_CHAN_SEND else 1):
-                        # claimed between the re-check and the count: our ring may have been
-                        # taken by another sleeper of the fd, so take what is there and look
+                        # claimed between the re-check and the count: do not sleep; absorb
+                        # settles the fd keeping no ring for this call (ivshm_chan_sleep_begin)
                         claimed = ivshm_chan_sleep_begin(&self._ch, &c.call)
                         try:
                             if claimed:
@@ -3580,8 +3580,8 @@ cdef class Channel:
                             elif ivshm_chan_sleep_on_fd(&self._ch, &c.call):
                                 await self._await_fds(loop, span, True, armed, m.closed_fd, c)
                             else:
-                                # no slot among the fd's sleepers, or rings for others in it
-                                # (ivshm_chan_sleep_on_fd); not armed: the table is full
+                                # the fd holds rings for other sleepers (ivshm_chan_sleep_on_fd):
+                                # a back-off step off it; not armed (the table is full): 1 ms
                                 step = ivshm_chan_backoff_ns(&c.call) / 1e9 if armed else 0.001
                                 await self._await_fds(loop, min(span, step), False, armed,
                                                       m.closed_fd, c)
@@ -3666,7 +3666,9 @@ cdef class Channel:
                 "passed_on": st.passes, "armed": st.arms}
 
     def fileno(self):
-        """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls."""
+        """The doorbell fd this side sleeps on (for select/epoll), or -1 when it polls.  The
+        ring that woke a blocking call may stay in it until this channel's next sleep
+        (docs/wakeup.md), so readable does not mean a message is there."""
         return self._fd
 
     def __len__(self):

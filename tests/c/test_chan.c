@@ -843,6 +843,70 @@ static void wake_leaves_ring_for_next_sleep(char *detail, size_t dn)
     tregion_free(&c.t);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* close against a sleeper kept off its fd: Y (counted on the fd, rung) never takes its ring, so
+ * X, woken by it, puts it back and sleeps back-off steps off the fd; the cancel fd must still end
+ * X's wait at once, and X must not go round the readable fd meanwhile */
+
+static void cancel_wakes_a_sleeper_kept_off_its_fd(char *detail, size_t dn)
+{
+    struct loop_ctx c;
+    memset(&c, 0, sizeof(c));
+    CHECK(tregion_new(&c.t, 1 << 16) == 0, "region");
+    const char *why = NULL;
+    struct ivshm_ring_info iy;
+    CHECK(ivshm_region_create_ring(&c.t.r, "x", IVSHM_KIND_SPSC, 8, 4, 1, 0, &c.ix, &why) == 0 &&
+          ivshm_region_create_ring(&c.t.r, "y", IVSHM_KIND_SPSC, 8, 4, 1, 0, &iy, &why) == 0,
+          "rings: %s", why);
+    bells_open(&c.bells);
+    int fd = c.bells.fd[1];
+    int cancel = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct ivshm_spsc qy, py;
+    CHECK(ivshm_spsc_attach(&c.qx, &c.t.r, &c.ix, &why) == 0 &&
+          ivshm_spsc_attach(&qy, &c.t.r, &iy, &why) == 0 &&
+          ivshm_spsc_attach(&py, &c.t.r, &iy, &why) == 0, "attach");
+    struct ivshm_chan y, ty;
+    ivshm_chan_init(&c.x, IVSHM_KIND_SPSC, &c.qx, 1, 0, fd, cancel, resolve, &c.bells, 0,
+                    RECHECK_NS);
+    ivshm_chan_init(&y, IVSHM_KIND_SPSC, &qy, 1, 0, fd, -1, resolve, &c.bells, 0, RECHECK_NS);
+    c.x.fd_share = y.fd_share = &c.fd_share;
+    ivshm_chan_init(&ty, IVSHM_KIND_SPSC, &py, 2, 0, c.bells.fd[2], -1, resolve, &c.bells, 0,
+                    RECHECK_NS);
+    /* Y: asleep on the fd (counted), then rung; it never reads the fd in this case */
+    struct ivshm_chan_call cy;
+    ivshm_chan_call_init(&cy, IVSHM_CHAN_RECV, -1, 1);
+    CHECK(ivshm_chan_arm(&y, &cy) == 1 && ivshm_chan_sleep_begin(&y, &cy) == 0, "y asleep");
+    pthread_t th;
+    pthread_create(&th, NULL, loop_x_sleeper, &c);
+    while (__atomic_load_n(&c.fd_share.count, __ATOMIC_ACQUIRE) < 2 && !tc_failed())
+        sched_yield(); /* x asleep on the fd too */
+    uint64_t v = 3;
+    CHECK(ivshm_chan_send(&ty, &v, sizeof(v), LOST_NS) == 0, "ring y");
+    /* X wakes on Y's ring, puts it back, and sleeps again, off the fd */
+    struct ivshm_chan_stats st;
+    do {
+        sched_yield();
+        ivshm_chan_get_stats(&c.x, &st);
+    } while (st.sleeps < 2 && !tc_failed());
+    /* Y's ring stays owed for 100 ms (the scenario's length, not a wait for an event): X, off
+     * the fd, sleeps on; X polling the readable fd would sleep thousands of times meanwhile */
+    struct timespec owed = {0, 100 * 1000000L};
+    nanosleep(&owed, NULL);
+    uint64_t one = 1;
+    CHECK(write(cancel, &one, sizeof(one)) == sizeof(one), "cancel");
+    pthread_join(th, NULL);
+    CHECK(c.got == -ECANCELED, "x's recv: %" PRId64 " (the cancel fd did not end its wait)", c.got);
+    ivshm_chan_get_stats(&c.x, &st);
+    CHECK(st.sleeps <= 3, "x slept %" PRIu64 " times: it went round the readable fd", st.sleeps);
+    CHECK(units_in(fd) == 1, "y's ring is not in the fd");
+    ivshm_chan_sleep_end(&y, &cy);
+    ivshm_chan_disarm(&y, &cy);
+    snprintf(detail, dn, "cancelled after %" PRIu64 " sleeps", st.sleeps);
+    close(cancel);
+    bells_close(&c.bells);
+    tregion_free(&c.t);
+}
+
 static const struct tcase cases[] = {
     {"chan_multi_sleeper_consumers", multi_sleeper_consumers, 0},
     {"chan_shared_route_consumers", shared_route_consumers, 0},
@@ -857,6 +921,7 @@ static const struct tcase cases[] = {
     {"chan_same_route_armings_never_collide", same_route_armings_never_collide, 0},
     {"chan_early_claimed_keeps_no_ring", early_claimed_keeps_no_ring, 0},
     {"chan_wake_leaves_ring_for_next_sleep", wake_leaves_ring_for_next_sleep, 0},
+    {"chan_cancel_wakes_a_sleeper_kept_off_its_fd", cancel_wakes_a_sleeper_kept_off_its_fd, 0},
     {"chan_stray_ring_among_more_sleepers_than_slots", stray_ring_among_more_sleepers_than_slots, 0},
 };
 

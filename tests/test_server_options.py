@@ -19,6 +19,7 @@ from pyivshmem import Peer, Server
 from pyivshmem.errors import ConfigError
 from pyivshmem.peer import DISCONNECTED
 
+from _procwait import signal_pending
 from test_server import RawClient, _env, _wait_for, join
 
 VECTORS = 64     # one join fills a good part of a socket buffer
@@ -204,6 +205,78 @@ def test_the_pyivshmem_server_command(sock_path):
             proc.kill()
         proc.wait(30)
         proc.stderr.close()
+        if os.path.exists(f"/dev/shm/{name}"):
+            os.unlink(f"/dev/shm/{name}")
+
+
+_WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_the_log_write_blocks_stops_the_server(sock_path):
+    """SIGTERM reaches `pyivshmem server -F -v` while it is blocked writing its log to a full
+    stderr pipe. Python runs the handler inside that write; a handler that logged re-entered the
+    stream (RuntimeError) and never asked the loop to stop, so the server ran on after the pipe
+    was drained. It must stop, with status 0, once its log can be written again."""
+    import fcntl
+    import platform
+
+    number = _WRITE_SYSCALL.get(platform.machine())
+    if number is None:
+        pytest.skip(f"the write system call's number on {platform.machine()} is not listed")
+    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # fills after a few lines
+    proc = subprocess.Popen([sys.executable, "-m", "pyivshmem", "server", "-F", "-v",
+                             "-S", sock_path, "-M", name, "-l", "64K", "-n", "1"],
+                            stdout=subprocess.DEVNULL, stderr=w, env=_env())
+    os.close(w)
+    drained = bytearray()
+    try:
+        _wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="socket")
+        assert proc.poll() is None, os.read(r, 65536)
+
+        def blocked_in_write():
+            try:
+                with open(f"/proc/{proc.pid}/syscall") as f:
+                    return f.read().split()[0] == number
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                return False
+
+        deadline = time.monotonic() + 60
+        while not blocked_in_write():  # each connection is logged until the pipe is full
+            assert proc.poll() is None and time.monotonic() < deadline, "the log never blocked"
+            try:
+                RawClient(sock_path, timeout=5).sock.close()
+            except OSError:
+                pass  # the backlog is full while the server is blocked: it blocks, as wanted
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: not signal_pending(proc.pid, signal.SIGTERM), what="SIGTERM's delivery")
+
+        def drain():
+            while True:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    return
+                drained.extend(chunk)
+
+        t = threading.Thread(target=drain, daemon=True)
+        t.start()
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server ran on after SIGTERM:\n"
+                        + drained[-3000:].decode(errors="replace"))
+        t.join(30)
+        assert code == 0, drained[-3000:].decode(errors="replace")
+        assert b"received SIGTERM, shutting down" in drained
+        assert b"Logging error" not in drained
+        assert not os.path.exists(sock_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        os.close(r)
         if os.path.exists(f"/dev/shm/{name}"):
             os.unlink(f"/dev/shm/{name}")
 

@@ -258,7 +258,9 @@ class Server:
         self._overflow: List[_Client] = []
         self._retry: Set[_Client] = set()
         self._accept_paused_until = 0.0
-        self._stop = threading.Event()
+        # a plain flag, not an Event: a signal handler sets it, and Event.set() takes a lock that
+        # the interrupted thread may hold (a second signal during the first one's set())
+        self._stop = False
         self._finished = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._running = False
@@ -383,15 +385,20 @@ class Server:
         self._running = True
         self._loop_ident = threading.get_ident()
         old = {}
+        got: List[int] = []
         if handle_signals:
+            # The handler only asks the loop to stop: it runs between any two bytecodes of this
+            # thread, which may be inside a write to the log's stream, and a log call from here
+            # would re-enter that stream (RuntimeError, and no stop). The loop logs it.
             def on_signal(signum, frame):
-                log.info("received %s, shutting down", signal.Signals(signum).name)
+                got.append(signum)
                 self._request_stop()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old[sig] = signal.signal(sig, on_signal)
         try:
-            self._run()
+            self._run(lambda: got and log.info("received %s, shutting down",
+                                               signal.Signals(got[0]).name))
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
@@ -458,7 +465,7 @@ class Server:
             raise ClosedError(f"the ivshmem server on {self._socket_path} is closed")
 
     def _request_stop(self) -> None:
-        self._stop.set()
+        self._stop = True
         if self._wake_w >= 0:
             try:
                 os.write(self._wake_w, b"x")
@@ -533,7 +540,7 @@ class Server:
         self._socket_id = None
 
     # ---------------------------------------------------------------- the loop
-    def _run(self) -> None:
+    def _run(self, before_shutdown: Optional[Callable[[], object]] = None) -> None:
         try:
             try:
                 self._loop()
@@ -541,7 +548,11 @@ class Server:
                 log.exception("ivshmem server loop failed; shutting down")
                 raise
             finally:
-                self._shutdown()
+                try:
+                    if before_shutdown is not None:
+                        before_shutdown()
+                finally:
+                    self._shutdown()
         finally:
             self._closed = True
             self._running = False
@@ -551,7 +562,7 @@ class Server:
     def _loop(self) -> None:
         sel = self._sel
         assert sel is not None
-        while not self._stop.is_set():
+        while not self._stop:
             timeout: Optional[float] = None
             if self._retry:
                 timeout = _RETRY_INTERVAL

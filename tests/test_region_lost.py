@@ -92,7 +92,9 @@ def _start_server(tmp_path, memory, shm_name):
         server = Server(sock, memfd=True, size="1M", vectors=2).start()
         return sock, server, None
     where = ["-M", shm_name] if memory == "named" else ["-m", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "pyivshmem", "server", "-F", "-S", sock,
+    # faulthandler: a server that does not stop on SIGTERM is sent SIGABRT, and its stack shows
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "pyivshmem", "server",
+                             "-F", "-S", sock,
                              *where, "-l", "1M", "-n", "2"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.monotonic() + 30
@@ -169,8 +171,23 @@ def test_peer_truncating_the_servers_memory_kills_nobody(tmp_path, shm_name, mem
         if server is not None:
             server.close()
         if server_proc is not None:
-            server_proc.terminate()
-            server_proc.communicate(timeout=30)
+            _stop_server(server_proc)
+
+
+def _stop_server(proc):
+    """SIGTERM, and the server exits within 30 s; if not, its threads' stacks (faulthandler, on
+    SIGABRT) go into the failure."""
+    proc.terminate()
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            err = proc.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate(timeout=30)[1]
+        pytest.fail(f"the server did not exit within 30 s of SIGTERM; its stacks:\n{err[-6000:]}")
 
 
 def test_region_file_truncated_raises_lost_for_every_call(shm_path):

@@ -318,7 +318,7 @@ static inline int ivshm_mpmc_try_send(struct ivshm_mpmc *q, const void *data, ui
 {
     if (IVSHM_UNLIKELY(len > q->slot_size))
         return -EMSGSIZE;
-    uint64_t p;
+    uint64_t p = 0; /* set by every claim that returns > 0 (gcc cannot tell) */
     int64_t m = ivshm_mpmc_claim_send(q, 1, &p);
     if (IVSHM_UNLIKELY(m <= 0))
         return (int)m;
@@ -333,7 +333,7 @@ static inline int ivshm_mpmc_try_send(struct ivshm_mpmc *q, const void *data, ui
 static inline int64_t ivshm_mpmc_try_recv(struct ivshm_mpmc *q, void *buf, uint64_t cap,
                                           uint64_t *needed)
 {
-    uint64_t p;
+    uint64_t p = 0; /* set by every claim that returns > 0 (gcc cannot tell) */
     int64_t m;
     if (IVSHM_LIKELY(cap >= q->slot_size)) {
         m = ivshm_mpmc_claim_recv(q, 1, &p);
@@ -363,7 +363,7 @@ static inline int64_t ivshm_mpmc_send_fixed(struct ivshm_mpmc *q, const void *da
 {
     if (IVSHM_UNLIKELY(elem > q->slot_size))
         return -EMSGSIZE;
-    uint64_t p;
+    uint64_t p = 0; /* set by every claim that returns > 0 (gcc cannot tell) */
     int64_t m = ivshm_mpmc_claim_send(q, n, &p);
     if (m <= 0)
         return m == -EAGAIN ? 0 : m;
@@ -434,7 +434,7 @@ static inline int64_t ivshm_mpmc_get_run(struct ivshm_mpmc *q, uint8_t *s, uint6
 static inline int64_t ivshm_mpmc_recv_fixed(struct ivshm_mpmc *q, void *dst, uint32_t elem,
                                             uint64_t n)
 {
-    uint64_t p;
+    uint64_t p = 0; /* set by every claim that returns > 0 (gcc cannot tell) */
     int64_t m;
     if (IVSHM_LIKELY(elem >= q->slot_size)) {
         m = ivshm_mpmc_claim_recv(q, n, &p);

@@ -226,8 +226,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{_PROG}: {exc}", file=sys.stderr)
             return 1
         if not args["foreground"]:
-            status = _daemonize(args["pidfile"])
+            try:
+                status = _daemonize(args["pidfile"])
+            except OSError as exc:
+                server._abandon()
+                print(f"{_PROG}: cannot start the daemon: {exc.strerror}", file=sys.stderr)
+                return 1
             if status is not None:
+                if status != 0:
+                    # the daemon never served (it could not write its pidfile, or died): its
+                    # socket and memory are this process's to remove, as after any failed start
+                    server._abandon()
                 os._exit(status)    # the original process: leave the server to the daemon
             handler = _use_syslog(handler)
         try:

@@ -349,9 +349,7 @@ class Server:
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         except BaseException:
-            self._memory.unlink(failed_start=True)
-            self._release_all()
-            self._closed = True
+            self._abandon()
             raise
         self._listening = True
         log.info(
@@ -359,6 +357,13 @@ class Server:
             self._socket_path, self._memory.size, self._vectors,
         )
         return self
+
+    def _abandon(self) -> None:
+        """Undo listen() for a start that failed: close everything, unlink the socket path, and
+        unlink the ``-M`` memory only if this server created it. The server is closed after."""
+        self._memory.unlink(failed_start=True)
+        self._release_all()
+        self._closed = True
 
     def start(self) -> "Server":
         """Listen and run the server loop in a background (daemon) thread."""

@@ -1,0 +1,92 @@
+"""The server command line under conditions a careless or hostile user creates: start-up that
+fails after the socket and memory exist, signals that arrive while the server is starting, and
+option values that are wrong in ways the usual checks miss.
+
+Every test looks at what is left on disk (the socket path, /dev/shm, the pidfile) and at the
+exit status, since those are what a user sees.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import Dict
+
+import pytest
+
+
+def _env() -> Dict[str, str]:
+    """Subprocesses import the same pyivshmem as this process (in-place build or installed)."""
+    import pyivshmem
+
+    env = dict(os.environ)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
+    env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pyivshmem", "server", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env(), **kw,
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "ivshmem.sock")
+
+
+@pytest.fixture
+def shm_name():
+    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# daemon mode: a start that fails after the socket and the memory exist
+# ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_daemon_that_cannot_write_its_pidfile_leaves_no_socket_or_memory(
+        sock_path, shm_name, tmp_path):
+    pidfile = tmp_path / "a-directory"
+    pidfile.mkdir()
+    r = _cli("-p", str(pidfile), "-S", sock_path, "-M", shm_name, "-l", "64K")
+    assert r.returncode == 1, r
+    assert "pid file" in r.stderr and str(pidfile) in r.stderr
+    # the failed start cleans up what it made, like any other failed start
+    assert not os.path.lexists(sock_path)
+    assert not os.path.exists(f"/dev/shm/{shm_name}")
+
+
+@pytest.mark.timeout(120)
+def test_daemon_pidfile_failure_keeps_memory_it_did_not_create(sock_path, shm_name, tmp_path):
+    with open(f"/dev/shm/{shm_name}", "wb") as f:
+        f.truncate(64 << 10)
+    r = _cli("-p", str(tmp_path / "missing" / "x.pid"), "-S", sock_path, "-M", shm_name,
+             "-l", "64K")
+    assert r.returncode == 1, r
+    assert not os.path.lexists(sock_path)
+    assert os.path.exists(f"/dev/shm/{shm_name}")     # existed before: not this server's

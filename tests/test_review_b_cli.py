@@ -8,8 +8,10 @@ exit status, since those are what a user sees.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from typing import Dict
@@ -90,3 +92,73 @@ def test_daemon_pidfile_failure_keeps_memory_it_did_not_create(sock_path, shm_na
     assert r.returncode == 1, r
     assert not os.path.lexists(sock_path)
     assert os.path.exists(f"/dev/shm/{shm_name}")     # existed before: not this server's
+
+
+# ------------------------------------------------------------------------------------------
+# SIGTERM while the server starts
+# ------------------------------------------------------------------------------------------
+# The signal is sent by the server process itself at a chosen point of its start-up (a patched
+# function), so the test does not depend on when a signal sent from outside happens to land.
+_SIGNAL_DURING = textwrap.dedent("""
+    import os, signal, sys
+    import pyivshmem.server.cli as cli
+    import pyivshmem.server.memory as memory
+    where, sig, sidefile = sys.argv[1], getattr(signal, sys.argv[2]), sys.argv[3]
+
+    def hit():
+        with open(sidefile, "w") as f:
+            f.write(str(os.getpid()))
+        os.kill(os.getpid(), sig)
+
+    if where == "memory":        # while listening: the socket exists, the memory is being made
+        real_open = memory.Memory.open
+        def patched_open(self):
+            hit()
+            return real_open(self)
+        memory.Memory.open = patched_open
+    else:                        # in the daemon, after it reported its start, before serving
+        real_syslog = cli._use_syslog
+        def patched_syslog(old):
+            hit()
+            return real_syslog(old)
+        cli._use_syslog = patched_syslog
+    sys.exit(cli.main(sys.argv[4:]))
+""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_during_start_up_still_shuts_down_cleanly(sock_path, shm_name, tmp_path, sig):
+    side = tmp_path / "pid"
+    r = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_DURING, "memory", sig, str(side),
+         "-F", "-S", sock_path, "-M", shm_name, "-l", "64K"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env(),
+    )
+    assert side.exists(), r.stderr                    # the signal was sent
+    assert r.returncode == 0, r                       # a clean shutdown, not death by signal
+    assert not os.path.lexists(sock_path)
+    assert not os.path.exists(f"/dev/shm/{shm_name}")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_daemon_right_after_it_started_still_cleans_up(
+        sock_path, shm_name, tmp_path):
+    side = tmp_path / "daemon-pid"
+    pidfile = tmp_path / "server.pid"
+    r = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_DURING, "daemon", "SIGTERM", str(side),
+         "-p", str(pidfile), "-S", sock_path, "-M", shm_name, "-l", "64K"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env(),
+    )
+    assert r.returncode == 0, r
+    _wait_for(lambda: side.exists() and side.read_text(), what="the daemon's side file")
+    pid = int(side.read_text())
+    try:
+        _wait_for(lambda: not _pid_alive(pid), what="the daemon to exit")
+        assert not os.path.lexists(sock_path)
+        assert not os.path.exists(f"/dev/shm/{shm_name}")
+        assert not pidfile.exists()
+    finally:
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -6,8 +6,9 @@ import getopt
 import logging
 import os
 import re
+import signal
 import sys
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import ConfigError
 from .core import (
@@ -208,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args["verbose"] else logging.WARNING)
     log.propagate = False
+    old_handlers: Dict[int, object] = {}
     try:
         try:
             server = Server(
@@ -221,6 +223,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise_fd_limit=True,     # a server process: as many peers as the host allows
                 keep_shm=args["keep_shm"],
             )
+            # Constructing the server made nothing on disk; listen() makes the socket and the
+            # memory. From then on SIGTERM/SIGINT must shut down cleanly, also before the loop
+            # runs (a script may signal as soon as the socket appears, or the pidfile does in
+            # daemon mode): until serve_forever() takes over, they only ask the server to stop,
+            # and it does so as soon as it serves.
+            early: List[int] = []
+
+            def on_signal(signum, frame):
+                early.append(signum)
+                server._request_stop()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, on_signal)
             server.listen()
         except (OSError, ValueError) as exc:
             print(f"{_PROG}: {exc}", file=sys.stderr)
@@ -239,6 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     server._abandon()
                 os._exit(status)    # the original process: leave the server to the daemon
             handler = _use_syslog(handler)
+        if early:
+            log.info("received %s while starting, shutting down", signal.Signals(early[0]).name)
         try:
             server.serve_forever(handle_signals=True)
         finally:
@@ -246,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _remove_pidfile(args["pidfile"])
         return 0
     finally:
+        for sig, old_handler in old_handlers.items():
+            signal.signal(sig, old_handler)  # type: ignore[arg-type]
         log.removeHandler(handler)
         log.propagate = True
 

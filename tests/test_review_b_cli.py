@@ -162,3 +162,40 @@ def test_sigterm_to_the_daemon_right_after_it_started_still_cleans_up(
     finally:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------
+# option values whose message misled, or that slipped past the checks
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["-1", "-64"])
+def test_negative_vector_count_is_not_called_too_many(value):
+    r = _cli("-F", "-n", value)
+    assert r.returncode == 2, r
+    assert "too many" not in r.stderr
+    assert f"invalid number of vectors {value}" in r.stderr and "0..64" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["999", "8", "rw"])
+def test_mode_that_is_not_octal_says_so(value):
+    r = _cli("-F", "--mode", value)
+    assert r.returncode == 2, r
+    assert f"invalid mode {value!r}" in r.stderr       # what the user typed, not a rewrite
+    assert "octal" in r.stderr
+
+
+def test_socket_path_that_is_a_directory_is_not_to_be_removed(tmp_path, shm_name):
+    r = _cli("-F", "-S", str(tmp_path), "-M", shm_name, "-l", "4K")
+    assert r.returncode == 1, r
+    assert "is a directory" in r.stderr
+    assert "remove it" not in r.stderr        # never advise removing a directory
+    assert "socket file" in r.stderr
+    assert tmp_path.is_dir()
+    assert not os.path.exists(f"/dev/shm/{shm_name}")
+
+
+@pytest.mark.parametrize("name", ["/", "//", "///"])
+def test_shm_name_of_slashes_only_is_refused_as_invalid(sock_path, name):
+    r = _cli("-F", "-S", sock_path, "-M", name, "-l", "4K")
+    assert r.returncode == 1, r
+    assert f"invalid shared memory name {name!r}" in r.stderr
+    assert not os.path.lexists(sock_path)

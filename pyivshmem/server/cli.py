@@ -106,13 +106,21 @@ def _parse_args(argv: Sequence[str]) -> dict:
                 raise _UsageError(str(exc)) from None
         elif opt == "-n":
             n = _parse_int(val, "the number of vectors")
-            if not 0 <= n <= MAX_VECTORS:
+            if n < 0:
+                raise _UsageError(f"invalid number of vectors {n}: give 0..{MAX_VECTORS}")
+            if n > MAX_VECTORS:
                 raise _UsageError(f"too many requested vectors {n} (max is {MAX_VECTORS})")
             args["vectors"] = n
         elif opt == "--mode":
-            m = _parse_int(val if val.startswith("0") else "0" + val, "the mode")
-            if m & ~0o7777:
-                raise _UsageError(f"invalid mode {val!r}")
+            t = val.strip()
+            try:
+                m = int(t, 16) if t.lower().startswith("0x") else int(t, 8)
+            except ValueError:
+                m = -1
+            if m < 0 or m & ~0o7777:
+                raise _UsageError(
+                    f"invalid mode {val!r}: expected octal permissions such as 600 or 0660"
+                )
             args["mode"] = m
         elif opt == "--keep-shm":
             args["keep_shm"] = True

@@ -954,6 +954,11 @@ def _clear_stale_socket(path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"{path} is a directory; -S takes the path of the socket file to create, such as "
+            f"{os.path.join(path, 'ivshmem_socket')}"
+        )
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
         raise ConfigError(

@@ -97,7 +97,7 @@ class Memory:
             raise ConfigError(f"choose one kind of shared memory, not {' and '.join(chosen)}")
         self.kind = chosen[0] if chosen else "memfd"
         if shm_name is not None:
-            if not shm_name or "/" in shm_name.strip("/") or shm_name.strip("/") in (".", ".."):
+            if "/" in shm_name.strip("/") or shm_name.strip("/") in ("", ".", ".."):
                 raise ConfigError(
                     f"invalid shared memory name {shm_name!r}: give a plain name such as "
                     "'ivshmem' (it becomes /dev/shm/<name>)"

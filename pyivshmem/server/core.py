@@ -28,7 +28,9 @@ import warnings
 import weakref
 from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
-from ..errors import ClosedError, ConfigError
+from ..errors import (
+    AccessDeniedError, ClosedError, ConfigError, IvshmemError, SystemCallError,
+)
 from ._ffi import ffi, lib
 from .memory import Memory, path_error
 
@@ -342,12 +344,17 @@ class Server:
             self._shm = _Fd(self._memory.open())
             rc = self._lib.ivshm_server_eventfd(self._efd)
             if rc < 0:
-                raise OSError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
+                raise SystemCallError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
             self._orphan = _Fd(self._efd[0])
             self._sel = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
+        except OSError as exc:
+            self._abandon()
+            if isinstance(exc, IvshmemError):
+                raise
+            raise _start_error(exc, self._socket_path) from exc
         except BaseException:
             self._abandon()
             raise
@@ -986,8 +993,9 @@ def _clear_stale_socket(path: str) -> None:
     except (BlockingIOError, InterruptedError):
         pass   # a listener with a full backlog: alive
     except PermissionError as exc:
-        raise PermissionError(
-            exc.errno, f"cannot check whether {path} is in use: permission denied"
+        raise AccessDeniedError(
+            exc.errno, f"cannot check whether {path} is in use: permission denied (run as a "
+            "user allowed to connect to it, or choose another socket path (-S))"
         ) from exc
     finally:
         probe.close()
@@ -995,6 +1003,17 @@ def _clear_stale_socket(path: str) -> None:
         f"{path} is in use: a server accepts connections on it; stop that server or choose "
         "another socket path (-S)"
     )
+
+
+def _start_error(exc: OSError, socket_path: str) -> IvshmemError:
+    """An OSError from starting a server, as a pyivshmem error with the same errno."""
+    what = f"cannot start the ivshmem server on {socket_path}: {exc.strerror or exc}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        what += (" (out of file descriptors: raise the open-file limit, e.g. ulimit -n, or "
+                 "close some)")
+    if isinstance(exc, PermissionError):
+        return AccessDeniedError(exc.errno, what)
+    return SystemCallError(exc.errno, what)
 
 
 def _raise_nofile_limit() -> None:

@@ -16,7 +16,7 @@ import tempfile
 from typing import Optional, Tuple, Union
 
 from .._size import parse_size
-from ..errors import ConfigError
+from ..errors import AccessDeniedError, ConfigError, SystemCallError
 from ._ffi import lib
 
 __all__ = ["Memory", "parse_qemu_size", "round_up_pow2", "MAX_SIZE", "SHM_DIR"]
@@ -50,16 +50,29 @@ def round_up_pow2(size: int) -> int:
 
 
 
+_PATH_HINTS = {
+    errno.ENOENT: "a directory on that path does not exist: create it or choose another path",
+    errno.ENOTDIR: "a component of that path is not a directory: choose another path",
+    errno.EISDIR: "it is a directory: give the path of a file",
+    errno.EROFS: "a read-only file system: choose a writable place",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
 def path_error(exc: OSError, what: str, path) -> Exception:
-    """An OSError about ``path`` turned into one that says what to do."""
+    """An OSError about ``path`` turned into a pyivshmem error (still an OSError with the same
+    errno) that says what to do."""
     if isinstance(exc, PermissionError):
-        return PermissionError(
+        return AccessDeniedError(
             exc.errno, f"{what} {path}: permission denied (check its owner and mode, or run "
             "as a user allowed to write there)"
         )
     if exc.errno == errno.ELOOP:
         return ConfigError(f"{what} {path}: it is a symbolic link, which the server never follows")
-    return OSError(exc.errno, f"{what} {path}: {exc.strerror}")
+    hint = _PATH_HINTS.get(exc.errno or 0)
+    return SystemCallError(
+        exc.errno, f"{what} {path}: {exc.strerror}" + (f" ({hint})" if hint else "")
+    )
 
 
 def seal(fd: int) -> None:
@@ -125,7 +138,13 @@ class Memory:
             fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             where = "a memfd"
         elif kind == "shm_fd":
-            fd = os.dup(self._shm_fd)  # type: ignore[arg-type]
+            try:
+                fd = os.dup(self._shm_fd)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise SystemCallError(
+                    exc.errno, f"cannot use shm_fd {self._shm_fd}: {exc.strerror} (pass a "
+                    "file descriptor that stays open until the server has started)"
+                ) from exc
             os.set_inheritable(fd, False)
             where = f"fd {self._shm_fd}"
         elif kind == "shm_dir":
@@ -214,7 +233,7 @@ class Memory:
                 if exc.errno == errno.EINVAL and size < (1 << 30):
                     size <<= 1
                     continue
-                raise OSError(
+                raise SystemCallError(
                     exc.errno,
                     f"cannot size the shared memory ({where}) to {self.size} bytes: "
                     f"{os.strerror(exc.errno or 0)}",

@@ -1,0 +1,75 @@
+"""Errors an embedded Server raises when it cannot start are pyivshmem errors (IvshmemError,
+and still the builtin OSError a caller would catch), and say what was wrong and what to do."""
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pyivshmem.errors import IvshmemError
+from pyivshmem.server import Server
+
+
+@pytest.mark.parametrize(
+    "where,kw,err,hint",
+    [
+        ("socket in a missing directory", {"socket_path": "{tmp}/missing/s.sock"},
+         errno.ENOENT, "create it"),
+        ("memory in a missing directory", {"shm_dir": "{tmp}/missing"}, errno.ENOENT,
+         "create it"),
+        ("memory file in a missing directory", {"shm_path": "{tmp}/missing/mem"}, errno.ENOENT,
+         "create it"),
+        ("memory file that is a directory", {"shm_path": "{tmp}"}, errno.EISDIR,
+         "is a directory"),
+        ("memory directory that is a file", {"shm_dir": "{tmp}/file"}, errno.ENOTDIR,
+         "not a directory"),
+        ("a closed shm_fd", {"shm_fd": "closed"}, errno.EBADF, "shm_fd"),
+    ],
+)
+def test_a_server_that_cannot_start_raises_an_ivshmem_error(tmp_path, where, kw, err, hint):
+    (tmp_path / "file").write_bytes(b"")
+    args = {"socket_path": str(tmp_path / "s.sock")}
+    for k, v in kw.items():
+        if v == "closed":
+            v = resource.getrlimit(resource.RLIMIT_NOFILE)[0] + 10    # never an open fd
+        else:
+            v = v.format(tmp=tmp_path)
+        args[k] = v
+    server = Server(args.pop("socket_path"), **args)
+    with pytest.raises(IvshmemError) as info:
+        server.listen()
+    assert isinstance(info.value, OSError), where
+    assert info.value.errno == err, (where, info.value)
+    assert hint in str(info.value), (where, str(info.value))
+    assert not os.path.lexists(tmp_path / "s.sock")
+
+
+def test_running_out_of_fds_at_start_is_an_ivshmem_error(tmp_path):
+    """With no fd left for the eventfd, the pipe or the selector, listen() fails with a pyivshmem
+    error that names the limit (checked in a child, whose fd limit can be lowered safely)."""
+    code = textwrap.dedent(f"""
+        import os, resource, sys
+        from pyivshmem.errors import IvshmemError
+        from pyivshmem.server import Server
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        server = Server({str(tmp_path / "s.sock")!r}, size=4096)
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, hard))  # socket + memory only
+        try:
+            server.listen()
+        except IvshmemError as exc:
+            print("IVSHMEM", type(exc).__name__, exc)
+        except Exception as exc:
+            print("OTHER", type(exc).__name__, exc)
+        else:
+            print("STARTED")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("IVSHMEM"), r
+    assert "file descriptors" in r.stdout, r.stdout
+    assert not os.path.lexists(tmp_path / "s.sock")

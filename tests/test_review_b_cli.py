@@ -199,3 +199,85 @@ def test_shm_name_of_slashes_only_is_refused_as_invalid(sock_path, name):
     assert r.returncode == 1, r
     assert f"invalid shared memory name {name!r}" in r.stderr
     assert not os.path.lexists(sock_path)
+
+
+# ------------------------------------------------------------------------------------------
+# SIGHUP: a closed terminal
+# ------------------------------------------------------------------------------------------
+def _serving(sock_path: str, proc: subprocess.Popen) -> None:
+    """Returns once the server's loop has answered a client (so its handlers are in place)."""
+    from test_server import RawClient
+
+    _wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+    assert proc.poll() is None, proc.communicate()
+    with RawClient(sock_path) as c:
+        c.handshake()
+
+
+@pytest.mark.timeout(120)
+def test_sighup_stops_the_foreground_server_cleanly(sock_path, shm_name):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyivshmem", "server", "-F", "-S", sock_path, "-M", shm_name,
+         "-l", "4K"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=_env(),
+    )
+    try:
+        _serving(sock_path, proc)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        assert not os.path.lexists(sock_path)
+        assert not os.path.exists(f"/dev/shm/{shm_name}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+@pytest.mark.timeout(120)
+def test_sighup_ignored_by_nohup_stays_ignored(sock_path, shm_name):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyivshmem", "server", "-F", "-S", sock_path, "-M", shm_name,
+         "-l", "4K"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),   # as nohup does
+    )
+    try:
+        _serving(sock_path, proc)
+        proc.send_signal(signal.SIGHUP)    # an ignored signal is discarded when it is sent
+        _serving(sock_path, proc)          # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        assert not os.path.lexists(sock_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+_EMBEDDED_SIGNAL_DURING_LISTEN = textwrap.dedent("""
+    import os, signal, sys
+    import pyivshmem.server.memory as memory
+    from pyivshmem.server import Server
+    real_open = memory.Memory.open
+    def patched_open(self):
+        os.kill(os.getpid(), signal.SIGTERM)    # the socket exists already
+        return real_open(self)
+    memory.Memory.open = patched_open
+    Server(sys.argv[1], shm_name=sys.argv[2], size=4096).serve_forever(handle_signals=True)
+    print("returned")
+""")
+
+
+@pytest.mark.timeout(120)
+def test_embedded_serve_forever_with_signals_handles_a_signal_during_listen(sock_path, shm_name):
+    r = subprocess.run(
+        [sys.executable, "-c", _EMBEDDED_SIGNAL_DURING_LISTEN, sock_path, shm_name],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env(),
+    )
+    assert r.returncode == 0 and "returned" in r.stdout, r
+    assert not os.path.lexists(sock_path)
+    assert not os.path.exists(f"/dev/shm/{shm_name}")

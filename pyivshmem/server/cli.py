@@ -1,5 +1,5 @@
 """``pyivshmem-server`` (also ``pyivshmem server``): QEMU ivshmem-server's flags and defaults,
-daemon mode with a pidfile, syslog, and a clean shutdown on SIGTERM/SIGINT."""
+daemon mode with a pidfile, syslog, and a clean shutdown on SIGTERM/SIGINT/SIGHUP."""
 from __future__ import annotations
 
 import getopt
@@ -21,6 +21,8 @@ from .core import (
     DEFAULT_VECTORS,
     MAX_VECTORS,
     Server,
+    install_stop_handlers,
+    restore_handlers,
 )
 from .memory import parse_qemu_size, round_up_pow2
 
@@ -197,8 +199,8 @@ def _remove_pidfile(pidfile: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`pyivshmem-server` / `pyivshmem server`: QEMU ivshmem-server's flags and defaults.
 
-    Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the server could not start,
-    2 for bad flags."""
+    Exit status: 0 after a clean shutdown (SIGTERM/SIGINT/SIGHUP), 1 when the server could not
+    start, 2 for bad flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse_args(argv)
@@ -232,8 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 keep_shm=args["keep_shm"],
             )
             # Constructing the server made nothing on disk; listen() makes the socket and the
-            # memory. From then on SIGTERM/SIGINT must shut down cleanly, also before the loop
-            # runs (a script may signal as soon as the socket appears, or the pidfile does in
+            # memory. From then on SIGTERM/SIGINT/SIGHUP must shut down cleanly, also before the
+            # loop runs (a script may signal as soon as the socket appears, or the pidfile does in
             # daemon mode): until serve_forever() takes over, they only ask the server to stop,
             # and it does so as soon as it serves.
             early: List[int] = []
@@ -242,8 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 early.append(signum)
                 server._request_stop()
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old_handlers[sig] = signal.signal(sig, on_signal)
+            old_handlers = install_stop_handlers(on_signal)
             server.listen()
         except (OSError, ValueError) as exc:
             print(f"{_PROG}: {exc}", file=sys.stderr)
@@ -271,8 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _remove_pidfile(args["pidfile"])
         return 0
     finally:
-        for sig, old_handler in old_handlers.items():
-            signal.signal(sig, old_handler)  # type: ignore[arg-type]
+        restore_handlers(old_handlers)
         log.removeHandler(handler)
         log.propagate = True
 

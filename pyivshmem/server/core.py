@@ -389,14 +389,14 @@ class Server:
 
     def serve_forever(self, handle_signals: bool = False) -> None:
         """Listen and run the server loop in this thread until :meth:`stop` (or, with
-        ``handle_signals``, SIGTERM/SIGINT) ends it; then shut down cleanly."""
+        ``handle_signals``, SIGTERM, SIGINT or SIGHUP: :data:`STOP_SIGNALS`) ends it; then shut
+        down cleanly. The handlers are in place before the socket and the memory exist, so a
+        signal sent as soon as the socket appears still stops the server cleanly; a SIGHUP that
+        is ignored (``nohup``) stays ignored."""
         self._check_open()
         if self._running:
             raise ConfigError("this server is already running")
-        self.listen()
-        self._running = True
-        self._loop_ident = threading.get_ident()
-        old = {}
+        old: Dict[int, object] = {}
         got: List[int] = []
         if handle_signals:
             # The handler only asks the loop to stop: it runs between any two bytecodes of this
@@ -406,14 +406,15 @@ class Server:
                 got.append(signum)
                 self._request_stop()
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, on_signal)
+            old = install_stop_handlers(on_signal)
         try:
+            self.listen()
+            self._running = True
+            self._loop_ident = threading.get_ident()
             self._run(lambda: got and log.info("received %s, shutting down",
                                                signal.Signals(got[0]).name))
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            restore_handlers(old)
 
     def stop(self) -> None:
         """Stop serving: every peer is told of every other's departure, the socket path is
@@ -1003,6 +1004,29 @@ def _clear_stale_socket(path: str) -> None:
         f"{path} is in use: a server accepts connections on it; stop that server or choose "
         "another socket path (-S)"
     )
+
+
+#: The signals that stop a server cleanly when it handles signals (the command line does).
+#: QEMU's server stops cleanly on the first two only; SIGHUP (a closed terminal) killed it,
+#: leaving the socket file and the -M memory behind.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def install_stop_handlers(handler: Callable[[int, object], None]) -> Dict[int, object]:
+    """Install ``handler`` for :data:`STOP_SIGNALS`; the previous handlers, for
+    :func:`restore_handlers`. A SIGHUP ignored by whoever started the process (``nohup``) is
+    left ignored."""
+    old: Dict[int, object] = {}
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def restore_handlers(old: Dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def _start_error(exc: OSError, socket_path: str) -> IvshmemError:

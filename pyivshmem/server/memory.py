@@ -119,8 +119,20 @@ class Memory:
         self._shm_name = shm_name
         self._shm_path = os.fspath(shm_path) if shm_path is not None else None
         self._shm_dir = os.fspath(shm_dir) if shm_dir is not None else None
-        self._shm_fd = shm_fd
         self.requested_size = parse_qemu_size(size)
+        # The caller's fd is duplicated now, not when the server starts: the caller may close
+        # its own at once, and that fd number may then name another file of the process.
+        self._shm_fd: Optional[int] = None
+        if shm_fd is not None:
+            try:
+                self._shm_fd = os.dup(shm_fd)
+            except (OSError, TypeError) as exc:
+                raise SystemCallError(
+                    getattr(exc, "errno", None) or errno.EBADF,
+                    f"cannot use shm_fd {shm_fd!r}: "
+                    f"{getattr(exc, 'strerror', None) or exc} (pass an open file descriptor)",
+                ) from exc
+            os.set_inheritable(self._shm_fd, False)
         #: the real size once open() ran (a filesystem may have asked for more)
         self.size = round_up_pow2(self.requested_size)
         self._mode = mode
@@ -138,15 +150,10 @@ class Memory:
             fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             where = "a memfd"
         elif kind == "shm_fd":
-            try:
-                fd = os.dup(self._shm_fd)  # type: ignore[arg-type]
-            except OSError as exc:
-                raise SystemCallError(
-                    exc.errno, f"cannot use shm_fd {self._shm_fd}: {exc.strerror} (pass a "
-                    "file descriptor that stays open until the server has started)"
-                ) from exc
-            os.set_inheritable(fd, False)
-            where = f"fd {self._shm_fd}"
+            if self._shm_fd is None:
+                raise ConfigError("this server's shm_fd was released already")
+            fd, self._shm_fd = self._shm_fd, None      # the caller (the server) owns it now
+            where = f"the shm_fd given (now fd {fd})"
         elif kind == "shm_dir":
             try:
                 fd, tmp = tempfile.mkstemp(prefix="ivshmem.", dir=self._shm_dir)
@@ -192,6 +199,18 @@ class Memory:
             os.close(fd)
             raise
         return fd
+
+    def close(self) -> None:
+        """Release the copy of a caller's ``shm_fd`` if open() never took it over."""
+        fd, self._shm_fd = self._shm_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
 
     def unlink(self, failed_start: bool = False) -> None:
         """Unlink the ``-M`` name (QEMU's behaviour) unless kept, only if it still names the

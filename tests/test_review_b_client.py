@@ -1,0 +1,83 @@
+"""`pyivshmem client` facing a server that breaks the protocol after set-up: it reports what the
+server did and leaves with status 1, like a disconnect, instead of dying with a traceback."""
+from __future__ import annotations
+
+import array
+import io
+import os
+import socket
+import threading
+
+import pytest
+
+from pyivshmem import client
+
+
+class _Out(io.StringIO):
+    """Standard output of the client, with an event set once it has said it is connected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connected = threading.Event()
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        if "connected to" in self.getvalue():
+            self.connected.set()
+        return n
+
+
+def _send(conn: socket.socket, value: int, fd=None) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+    conn.sendmsg([value.to_bytes(8, "little", signed=True)], anc)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("violation", ["unknown departure", "second memory", "own departure"])
+def test_client_reports_a_protocol_violation_after_set_up(tmp_path, capsys, violation):
+    path = str(tmp_path / "fake.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    out = _Out()
+    mem = os.memfd_create("fake")
+    os.ftruncate(mem, 1 << 16)
+    bell = os.eventfd(0)
+    stdin_r, stdin_w = os.pipe()       # stdin stays open and silent
+    failures = []
+
+    def fake_server() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                _send(conn, 0)
+                _send(conn, 5)
+                _send(conn, -1, mem)
+                _send(conn, 5, bell)
+                assert out.connected.wait(30), "the client never said it was connected"
+                if violation == "unknown departure":
+                    _send(conn, 77)
+                elif violation == "second memory":
+                    _send(conn, -1, mem)
+                else:
+                    _send(conn, 5)
+                conn.recv(1)   # until the client leaves
+        except Exception as exc:  # pragma: no cover - shown by the assertion below
+            failures.append(exc)
+
+    t = threading.Thread(target=fake_server, daemon=True)
+    t.start()
+    try:
+        status = client.main(["-S", path], stdin_fd=stdin_r, out=out)
+    finally:
+        os.close(stdin_w)
+        os.close(stdin_r)
+        t.join(30)
+        for fd in (mem, bell):
+            os.close(fd)
+        listener.close()
+    assert not failures, failures
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "pyivshmem client:" in err and "ivshmem server at" in err, err
+    assert "Traceback" not in err

@@ -52,3 +52,45 @@ def test_a_server_never_started_releases_its_copy_of_shm_fd(tmp_path):
         assert _fd_count() == before
     finally:
         os.close(mem)
+
+
+# ------------------------------------------------------------------------------------------
+# two servers on one named memory (every server's default -M is "ivshmem")
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def shm_name():
+    import uuid
+
+    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:
+        pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["shm_name", "shm_path"])
+def test_a_second_server_on_the_same_memory_is_refused_and_the_first_keeps_its_region(
+        tmp_path, shm_name, kind):
+    from pyivshmem import Peer
+    from pyivshmem.errors import ConfigError
+
+    where = {"shm_name": shm_name} if kind == "shm_name" else {"shm_path": str(tmp_path / "m")}
+    first = Server(str(tmp_path / "a.sock"), size="64K", **where).start()
+    try:
+        with Peer.connect(first.socket_path, timeout=30) as peer:
+            peer.region.create_ring("jobs", "spsc", slot_size=64, capacity=16)
+            second = Server(str(tmp_path / "b.sock"), size="128K", **where)
+            with pytest.raises(ConfigError, match="in use by another ivshmem server"):
+                second.listen()
+            assert not os.path.lexists(tmp_path / "b.sock")
+            peer.region.check()                        # header intact: not invalidated
+            assert peer.region.size == 64 << 10          # not resized
+            peer.region.ring("jobs")                     # the first session's ring is there
+            assert first.peers == (peer.id,)
+    finally:
+        first.close()
+    # once the first server is gone, the memory is free for another
+    with Server(str(tmp_path / "c.sock"), size="64K", **where) as third:
+        assert third.size == 64 << 10

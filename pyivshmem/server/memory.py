@@ -140,6 +140,7 @@ class Memory:
         self._keep_shm = bool(keep_shm)
         self._link: Optional[Tuple[str, int, int]] = None   # (path, dev, ino) to unlink
         self._created = False
+        self._lock_fd: Optional[int] = None
 
     def open(self) -> int:
         """Create or open the memory, size it, prepare it; the fd (close-on-exec) is the
@@ -186,6 +187,7 @@ class Memory:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
+            self._lock_against_other_servers(fd, path)
             if kind == "shm_name":
                 self._link = (path, st.st_dev, st.st_ino)
                 self._created = created
@@ -197,14 +199,47 @@ class Memory:
                 seal(fd)
         except BaseException:
             os.close(fd)
+            self._unlock()
             raise
         return fd
 
+    def _lock_against_other_servers(self, fd: int, path: str) -> None:
+        """Refuse memory another pyivshmem server is serving. Two servers on one memory (every
+        server's default -M name is the same) hand out the same peer ids, and the second one
+        would resize it and wipe the first one's live region. The lock is taken on an open
+        file description of its own, never handed to peers: it goes with this server, even
+        while peers of a session that ended still hold the memory's fd."""
+        import fcntl
+
+        try:
+            lock = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return       # no /proc: no check (as QEMU's server, which makes none)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(
+                    f"the shared memory {path} is in use by another ivshmem server; stop that "
+                    "server or choose another shared memory name (-M) or file"
+                ) from None
+            raise path_error(exc, "cannot lock the shared memory file", path) from exc
+        self._lock_fd = lock
+
+    def _unlock(self) -> None:
+        lock, self._lock_fd = self._lock_fd, None
+        if lock is not None:
+            os.close(lock)
+
     def close(self) -> None:
-        """Release the copy of a caller's ``shm_fd`` if open() never took it over."""
+        """Release the copy of a caller's ``shm_fd`` if open() never took it over, and the
+        lock that keeps other servers off named memory."""
         fd, self._shm_fd = self._shm_fd, None
         if fd is not None:
             os.close(fd)
+        self._unlock()
 
     def __del__(self) -> None:
         try:

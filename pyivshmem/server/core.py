@@ -977,6 +977,7 @@ def _clear_stale_socket(path: str) -> None:
     probe.setblocking(False)
     try:
         probe.connect(path)
+        _read_greeting(probe)
     except ConnectionRefusedError:
         try:
             now = os.lstat(path)
@@ -1039,6 +1040,46 @@ def _start_error(exc: OSError, socket_path: str) -> IvshmemError:
     if isinstance(exc, PermissionError):
         return AccessDeniedError(exc.errno, what)
     return SystemCallError(exc.errno, what)
+
+
+#: How long the in-use check waits for a live server's greeting before it hangs up.
+_PROBE_WAIT = 2.0
+
+
+def _read_greeting(probe: socket.socket) -> None:
+    """Read what a live ivshmem server sends a new client first (version, id, memory: 24
+    bytes), closing any fd received, or give up after _PROBE_WAIT seconds or at EOF. QEMU's
+    ivshmem-server exits when one of those first three sends fails, which it would if the
+    check hung up at once; with the greeting read, it only sees a peer come and go."""
+    import array
+    import select
+
+    want = 3 * 8
+    got = 0
+    deadline = time.monotonic() + _PROBE_WAIT
+    poller = select.poll()
+    poller.register(probe.fileno(), select.POLLIN)
+    while got < want:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(int(left * 1000) + 1):
+            return
+        try:
+            data, anc, _flags, _addr = probe.recvmsg(
+                want - got, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            return
+        for level, kind, payload in anc:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)
+        if not data:
+            return
+        got += len(data)
 
 
 def _raise_nofile_limit() -> None:

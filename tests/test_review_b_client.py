@@ -81,3 +81,16 @@ def test_client_reports_a_protocol_violation_after_set_up(tmp_path, capsys, viol
     err = capsys.readouterr().err
     assert "pyivshmem client:" in err and "ivshmem server at" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(60)
+def test_default_connect_to_a_server_without_vectors_says_to_pass_vectors_0(tmp_path):
+    from pyivshmem import Peer
+    from pyivshmem.errors import ProtocolError
+    from pyivshmem.server import Server
+
+    with Server(str(tmp_path / "s.sock"), size="64K", vectors=0) as server:
+        with pytest.raises(ProtocolError, match="connect with vectors=0"):
+            Peer.connect(server.socket_path, timeout=0.5)
+        with Peer.connect(server.socket_path, timeout=30, vectors=0) as peer:   # the remedy
+            assert peer.vectors == 0

@@ -219,13 +219,16 @@ class Memory:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(lock)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                # a file system without locks (ENOLCK, EOPNOTSUPP): serve without the check
+                log.debug("cannot lock %s (%s): not checking for another server",
+                          path, exc.strerror)
+                return
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ConfigError(
-                    f"the shared memory {path} is in use by another ivshmem server; stop that "
-                    "server or choose another shared memory name (-M) or file"
-                ) from None
-            raise path_error(exc, "cannot lock the shared memory file", path) from exc
+            raise ConfigError(
+                f"the shared memory {path} is in use by another ivshmem server; stop that "
+                "server or choose another shared memory name (-M) or file"
+            ) from None
         self._lock_fd = lock
 
     def _unlock(self) -> None:

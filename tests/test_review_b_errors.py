@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -67,3 +68,42 @@ def test_running_out_of_fds_at_start_is_an_ivshmem_error(tmp_path):
     assert r.stdout.startswith("IVSHMEM"), r
     assert "file descriptors" in r.stdout, r.stdout
     assert not os.path.lexists(tmp_path / "s.sock")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to run the server as another user (setpriv)")
+def test_another_users_stale_socket_is_named_with_the_remedy():
+    import pwd
+    import socket
+    import tempfile
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    sticky = tempfile.mkdtemp(prefix="pyivshmem-sticky-", dir="/tmp")
+    try:
+        os.chmod(sticky, 0o1777)                     # like /tmp
+        path = os.path.join(sticky, "ivshmem.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)                                 # root's socket, nobody listening: stale
+        s.close()
+        os.chmod(path, 0o777)                        # anyone may connect: the probe is refused
+        import pyivshmem
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
+        r = subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+             "--clear-groups", sys.executable, "-m", "pyivshmem", "server", "-F", "-S", path,
+             "-m", sticky, "-l", "64K"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env,
+            cwd="/",
+        )
+        assert r.returncode == 1, r
+        assert "stale socket file" in r.stderr and "uid 0" in r.stderr, r.stderr
+        assert "choose another socket path" in r.stderr
+        assert os.path.exists(path)                  # still root's
+    finally:
+        shutil.rmtree(sticky, ignore_errors=True)

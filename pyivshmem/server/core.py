@@ -990,6 +990,14 @@ def _clear_stale_socket(path: str) -> None:
                 os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            # e.g. another user's stale socket in a sticky directory such as /tmp
+            cls = AccessDeniedError if isinstance(exc, PermissionError) else SystemCallError
+            raise cls(
+                exc.errno, f"{path} is a stale socket file (nobody accepts on it) that cannot "
+                f"be removed: {exc.strerror}; remove it as its owner (uid {st.st_uid}) or "
+                "choose another socket path (-S)"
+            ) from exc
         return
     except FileNotFoundError:
         return

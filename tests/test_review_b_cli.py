@@ -78,6 +78,7 @@ def test_daemon_that_cannot_write_its_pidfile_leaves_no_socket_or_memory(
     r = _cli("-p", str(pidfile), "-S", sock_path, "-M", shm_name, "-l", "64K")
     assert r.returncode == 1, r
     assert "pid file" in r.stderr and str(pidfile) in r.stderr
+    assert "path with -p" in r.stderr and "foreground with -F" in r.stderr   # what to do
     # the failed start cleans up what it made, like any other failed start
     assert not os.path.lexists(sock_path)
     assert not os.path.exists(f"/dev/shm/{shm_name}")

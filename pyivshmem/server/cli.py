@@ -173,7 +173,8 @@ def _daemonize(pidfile: str) -> Optional[int]:
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()}\n")
         except OSError as exc:
-            os.write(w, f"cannot write pid file {pidfile}: {exc.strerror}".encode())
+            os.write(w, (f"cannot write pid file {pidfile}: {exc.strerror}; choose a writable "
+                         "path with -p, or stay in the foreground with -F").encode())
             os._exit(1)
         null = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):

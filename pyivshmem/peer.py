@@ -188,7 +188,7 @@ class Peer:
         deadline = _deadline(timeout)
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(timeout)
+            self._sock.settimeout(None if deadline is None else timeout)
             try:
                 self._sock.connect(self._path)
             except OSError as e:

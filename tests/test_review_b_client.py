@@ -94,3 +94,29 @@ def test_default_connect_to_a_server_without_vectors_says_to_pass_vectors_0(tmp_
             Peer.connect(server.socket_path, timeout=0.5)
         with Peer.connect(server.socket_path, timeout=30, vectors=0) as peer:   # the remedy
             assert peer.vectors == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_infinite_timeout_means_wait_forever_for_connect_and_wait(tmp_path):
+    """timeout=float('inf') is 'forever' for the rings; Peer.connect() and Peer.wait() died of
+    OverflowError with it (an infinite deadline has no millisecond count)."""
+    from pyivshmem import Peer
+    from pyivshmem.server import Server
+
+    inf = float("inf")
+    with Server(str(tmp_path / "s.sock"), size="64K") as server:
+        with Peer.connect(server.socket_path, timeout=inf) as a, \
+                Peer.connect(server.socket_path, timeout=30) as b:
+            b.notify(a.id, 0)                  # rung before the wait: it returns at once
+            assert a.wait(timeout=inf) == [0]
+
+
+def test_client_accepts_an_infinite_set_up_timeout(tmp_path, capsys):
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        status = client.main(["-S", str(tmp_path / "nobody.sock"), "-t", "inf"],
+                             stdin_fd=null, out=io.StringIO())
+    finally:
+        os.close(null)
+    assert status == 1                         # nothing listens there: said, not a traceback
+    assert "cannot connect" in capsys.readouterr().err

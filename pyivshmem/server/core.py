@@ -155,8 +155,9 @@ class Server:
         as QEMU's server does, unless ``keep_shm``). ``shm_path``: any file (created if
         missing, never unlinked). ``shm_dir``: an unnamed temporary file in that directory, e.g.
         a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the caller's
-        (duplicated at once: the caller keeps, and may close, its own). ``memfd=True`` or none of them: a memfd, sealed
-        against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL), so no
+        (duplicated at once: the caller keeps, and may close, its own). ``memfd=True`` or none
+        of them: a memfd, sealed against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW, then
+        F_SEAL_SEAL), so no
         peer can truncate it under the others. The memory is a plain file of ``size`` bytes; it
         is not formatted (peers format it).
     size:

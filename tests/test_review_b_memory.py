@@ -94,3 +94,72 @@ def test_a_second_server_on_the_same_memory_is_refused_and_the_first_keeps_its_r
     # once the first server is gone, the memory is free for another
     with Server(str(tmp_path / "c.sock"), size="64K", **where) as third:
         assert third.size == 64 << 10
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_does_not_keep_a_closed_servers_memory_locked(tmp_path, shm_name):
+    """A worker forked while a server ran must not make a later server on the same memory
+    look like a second live server once the first one has closed."""
+    first = Server(str(tmp_path / "a.sock"), shm_name=shm_name, size="64K", keep_shm=True)
+    first.start()
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the worker: waits until told to leave
+        try:
+            os.close(w)
+            os.write(ready_w, b"x")                # running: the fork hooks are done
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    os.close(r)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        first.close()
+        with Server(str(tmp_path / "b.sock"), shm_name=shm_name, size="64K") as second:
+            assert second.size == 64 << 10
+    finally:
+        os.close(w)                                # the worker leaves
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_keeps_its_memory_locked_after_the_fork(tmp_path, shm_name):
+    import signal
+    import subprocess
+    import sys
+
+    from test_review_b_cli import _env, _pid_alive, _wait_for
+
+    pidfile = tmp_path / "server.pid"
+    r = subprocess.run(
+        [sys.executable, "-m", "pyivshmem", "server", "-p", str(pidfile),
+         "-S", str(tmp_path / "a.sock"), "-M", shm_name, "-l", "64K"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env(),
+    )
+    assert r.returncode == 0, r
+    pid = int(pidfile.read_text())
+    try:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "pyivshmem", "server", "-F", "-S", str(tmp_path / "b.sock"),
+             "-M", shm_name, "-l", "64K"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env=_env(),
+        )
+        try:
+            # refused (it exits) or, wrongly, serving (its socket appears)
+            _wait_for(lambda: second.poll() is not None or (tmp_path / "b.sock").exists(),
+                      what="the second server to exit or serve")
+            assert second.poll() is not None, "a second server started on the daemon's memory"
+            assert second.returncode == 1
+            assert "in use by another ivshmem server" in second.stderr.read()
+        finally:
+            if second.poll() is None:
+                second.kill()
+            second.wait(timeout=30)
+            second.stderr.close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        _wait_for(lambda: not _pid_alive(pid), what="the daemon to exit")

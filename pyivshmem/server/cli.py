@@ -251,6 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{_PROG}: {exc}", file=sys.stderr)
             return 1
         if not args["foreground"]:
+            server._memory.lock_survives_fork = True    # the daemon keeps the memory locked
             try:
                 status = _daemonize(args["pidfile"])
             except OSError as exc:

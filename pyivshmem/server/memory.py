@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import tempfile
+import weakref
 from typing import Optional, Tuple, Union
 
 from .._size import parse_size
@@ -73,6 +74,27 @@ def path_error(exc: OSError, what: str, path) -> Exception:
     return SystemCallError(
         exc.errno, f"{what} {path}: {exc.strerror}" + (f" ({hint})" if hint else "")
     )
+
+
+_locked: "weakref.WeakSet[Memory]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the servers' lock descriptors (the lock stays
+    with the parent's; the child's copy would only keep it alive after the parent let go)."""
+    for memory in list(_locked):
+        if memory.lock_survives_fork:
+            continue
+        _locked.discard(memory)
+        fd, memory._lock_fd = memory._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def seal(fd: int) -> None:
@@ -141,6 +163,10 @@ class Memory:
         self._link: Optional[Tuple[str, int, int]] = None   # (path, dev, ino) to unlink
         self._created = False
         self._lock_fd: Optional[int] = None
+        #: True in the process that daemonizes: the daemon keeps the lock across its fork.
+        #: Any other forked child drops its copy, so that a worker forked while the server
+        #: ran never keeps the memory locked after the server closed.
+        self.lock_survives_fork = False
 
     def open(self) -> int:
         """Create or open the memory, size it, prepare it; the fd (close-on-exec) is the
@@ -230,6 +256,7 @@ class Memory:
                 "server or choose another shared memory name (-M) or file"
             ) from None
         self._lock_fd = lock
+        _locked.add(self)
 
     def _unlock(self) -> None:
         lock, self._lock_fd = self._lock_fd, None

@@ -107,3 +107,28 @@ def test_another_users_stale_socket_is_named_with_the_remedy():
         assert os.path.exists(path)                  # still root's
     finally:
         shutil.rmtree(sticky, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_serve_forever_with_signals_outside_the_main_thread_is_refused_before_listening(tmp_path):
+    import threading
+
+    from pyivshmem.errors import ConfigError
+
+    path = tmp_path / "s.sock"
+    server = Server(str(path), size=4096)
+    caught = []
+
+    def run() -> None:
+        try:
+            server.serve_forever(handle_signals=True)
+        except Exception as exc:
+            caught.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert len(caught) == 1 and isinstance(caught[0], ConfigError), caught
+    assert "main thread" in str(caught[0])
+    assert not path.exists()             # nothing was bound or created
+    server.close()

@@ -1027,6 +1027,12 @@ def install_stop_handlers(handler: Callable[[int, object], None]) -> Dict[int, o
     """Install ``handler`` for :data:`STOP_SIGNALS`; the previous handlers, for
     :func:`restore_handlers`. A SIGHUP ignored by whoever started the process (``nohup``) is
     left ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        raise ConfigError(
+            "signal handlers can only be installed from the main thread: call "
+            "serve_forever(handle_signals=True) there, or handle_signals=False (and stop() the "
+            "server yourself) in another thread"
+        )
     old: Dict[int, object] = {}
     for sig in STOP_SIGNALS:
         if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:

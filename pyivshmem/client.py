@@ -12,7 +12,7 @@ import selectors
 import sys
 from typing import List, Optional, Sequence, TextIO
 
-from .errors import ConfigError, IvshmemError, PeerDisconnected
+from .errors import ConfigError, IvshmemError, PeerDisconnected, ProtocolError
 from .peer import DEFAULT_SOCKET, DISCONNECTED, JOINED, LEFT, Peer
 
 #: The commands, listed once for the usage text and the 'help' command.
@@ -105,12 +105,17 @@ class _Client:
         return True
 
     def server_activity(self) -> bool:
-        """Report interrupts and peer events; False when the server went away."""
-        for v in self.peer.wait(0):
-            self.say(f"interrupt on vector {v}")
+        """Report interrupts and peer events; False when the server went away or broke the
+        protocol (said on standard error; the connection is dropped then, as by QEMU's
+        client)."""
         try:
+            for v in self.peer.wait(0):
+                self.say(f"interrupt on vector {v}")
             events = self.peer.events()
         except PeerDisconnected:
+            return False
+        except ProtocolError as e:
+            print(f"pyivshmem client: {e}", file=sys.stderr)
             return False
         for ev in events:
             if ev.kind == JOINED:

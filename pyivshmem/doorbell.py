@@ -109,6 +109,8 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
         return None
     if timeout != timeout or timeout < 0:  # NaN or negative
         raise ConfigError(f"timeout must be None (wait forever) or a number >= 0, not {timeout!r}")
+    if timeout == math.inf:
+        return None      # forever, as for the rings (an infinite deadline has no millisecond count)
     return time.monotonic() + timeout
 
 

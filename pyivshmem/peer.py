@@ -188,7 +188,7 @@ class Peer:
         deadline = _deadline(timeout)
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(timeout)
+            self._sock.settimeout(None if deadline is None else timeout)
             try:
                 self._sock.connect(self._path)
             except OSError as e:
@@ -273,10 +273,15 @@ class Peer:
             if m is None:
                 part = (f" (only {self._msg.nbytes} of its 8 bytes arrived)"
                         if self._msg.nbytes else "")
+                hint = ""
+                if self._id >= 0 and not self._own and vectors is None:
+                    # after the memory, a server without vectors (-n 0) sends nothing at all
+                    hint = ("; if the server has no vectors (ivshmem-server -n 0), connect with "
+                            "vectors=0")
                 raise ProtocolError(
                     f"set-up timed out after {timeout} s: the ivshmem server at {self._path!r} "
                     f"sent nothing more while we waited for {what}{part}; received so far: "
-                    + (", ".join(got) if got else "nothing")
+                    + (", ".join(got) if got else "nothing") + hint
                 )
             return m
 

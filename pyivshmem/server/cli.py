@@ -1,13 +1,14 @@
 """``pyivshmem-server`` (also ``pyivshmem server``): QEMU ivshmem-server's flags and defaults,
-daemon mode with a pidfile, syslog, and a clean shutdown on SIGTERM/SIGINT."""
+daemon mode with a pidfile, syslog, and a clean shutdown on SIGTERM/SIGINT/SIGHUP."""
 from __future__ import annotations
 
 import getopt
 import logging
 import os
 import re
+import signal
 import sys
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import ConfigError
 from .core import (
@@ -20,6 +21,8 @@ from .core import (
     DEFAULT_VECTORS,
     MAX_VECTORS,
     Server,
+    install_stop_handlers,
+    restore_handlers,
 )
 from .memory import parse_qemu_size, round_up_pow2
 
@@ -105,13 +108,21 @@ def _parse_args(argv: Sequence[str]) -> dict:
                 raise _UsageError(str(exc)) from None
         elif opt == "-n":
             n = _parse_int(val, "the number of vectors")
-            if not 0 <= n <= MAX_VECTORS:
+            if n < 0:
+                raise _UsageError(f"invalid number of vectors {n}: give 0..{MAX_VECTORS}")
+            if n > MAX_VECTORS:
                 raise _UsageError(f"too many requested vectors {n} (max is {MAX_VECTORS})")
             args["vectors"] = n
         elif opt == "--mode":
-            m = _parse_int(val if val.startswith("0") else "0" + val, "the mode")
-            if m & ~0o7777:
-                raise _UsageError(f"invalid mode {val!r}")
+            t = val.strip()
+            try:
+                m = int(t, 16) if t.lower().startswith("0x") else int(t, 8)
+            except ValueError:
+                m = -1
+            if m < 0 or m & ~0o7777:
+                raise _UsageError(
+                    f"invalid mode {val!r}: expected octal permissions such as 600 or 0660"
+                )
             args["mode"] = m
         elif opt == "--keep-shm":
             args["keep_shm"] = True
@@ -162,7 +173,8 @@ def _daemonize(pidfile: str) -> Optional[int]:
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()}\n")
         except OSError as exc:
-            os.write(w, f"cannot write pid file {pidfile}: {exc.strerror}".encode())
+            os.write(w, (f"cannot write pid file {pidfile}: {exc.strerror}; choose a writable "
+                         "path with -p, or stay in the foreground with -F").encode())
             os._exit(1)
         null = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
@@ -188,8 +200,8 @@ def _remove_pidfile(pidfile: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`pyivshmem-server` / `pyivshmem server`: QEMU ivshmem-server's flags and defaults.
 
-    Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the server could not start,
-    2 for bad flags."""
+    Exit status: 0 after a clean shutdown (SIGTERM/SIGINT/SIGHUP), 1 when the server could not
+    start, 2 for bad flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse_args(argv)
@@ -208,6 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args["verbose"] else logging.WARNING)
     log.propagate = False
+    old_handlers: Dict[int, object] = {}
     try:
         try:
             server = Server(
@@ -221,15 +234,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise_fd_limit=True,     # a server process: as many peers as the host allows
                 keep_shm=args["keep_shm"],
             )
+            # Constructing the server made nothing on disk; listen() makes the socket and the
+            # memory. From then on SIGTERM/SIGINT/SIGHUP must shut down cleanly, also before the
+            # loop runs (a script may signal as soon as the socket appears, or the pidfile does in
+            # daemon mode): until serve_forever() takes over, they only ask the server to stop,
+            # and it does so as soon as it serves.
+            early: List[int] = []
+
+            def on_signal(signum, frame):
+                early.append(signum)
+                server._request_stop()
+
+            old_handlers = install_stop_handlers(on_signal)
             server.listen()
         except (OSError, ValueError) as exc:
             print(f"{_PROG}: {exc}", file=sys.stderr)
             return 1
         if not args["foreground"]:
-            status = _daemonize(args["pidfile"])
+            server._memory.lock_survives_fork = True    # the daemon keeps the memory locked
+            try:
+                status = _daemonize(args["pidfile"])
+            except OSError as exc:
+                server._abandon()
+                print(f"{_PROG}: cannot start the daemon: {exc.strerror}", file=sys.stderr)
+                return 1
             if status is not None:
+                if status != 0:
+                    # the daemon never served (it could not write its pidfile, or died): its
+                    # socket and memory are this process's to remove, as after any failed start
+                    server._abandon()
                 os._exit(status)    # the original process: leave the server to the daemon
             handler = _use_syslog(handler)
+        if early:
+            log.info("received %s while starting, shutting down", signal.Signals(early[0]).name)
         try:
             server.serve_forever(handle_signals=True)
         finally:
@@ -237,6 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _remove_pidfile(args["pidfile"])
         return 0
     finally:
+        restore_handlers(old_handlers)
         log.removeHandler(handler)
         log.propagate = True
 

@@ -28,7 +28,9 @@ import warnings
 import weakref
 from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
-from ..errors import ClosedError, ConfigError
+from ..errors import (
+    AccessDeniedError, ClosedError, ConfigError, IvshmemError, SystemCallError,
+)
 from ._ffi import ffi, lib
 from .memory import Memory, path_error
 
@@ -153,8 +155,9 @@ class Server:
         as QEMU's server does, unless ``keep_shm``). ``shm_path``: any file (created if
         missing, never unlinked). ``shm_dir``: an unnamed temporary file in that directory, e.g.
         a hugetlbfs mount (QEMU's ``-m``). ``shm_fd``: a file descriptor of the caller's
-        (duplicated; the caller keeps its own). ``memfd=True`` or none of them: a memfd, sealed
-        against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL), so no
+        (duplicated at once: the caller keeps, and may close, its own). ``memfd=True`` or none
+        of them: a memfd, sealed against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW, then
+        F_SEAL_SEAL), so no
         peer can truncate it under the others. The memory is a plain file of ``size`` bytes; it
         is not formatted (peers format it).
     size:
@@ -342,16 +345,19 @@ class Server:
             self._shm = _Fd(self._memory.open())
             rc = self._lib.ivshm_server_eventfd(self._efd)
             if rc < 0:
-                raise OSError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
+                raise SystemCallError(-rc, f"cannot create an eventfd: {os.strerror(-rc)}")
             self._orphan = _Fd(self._efd[0])
             self._sel = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
+        except OSError as exc:
+            self._abandon()
+            if isinstance(exc, IvshmemError):
+                raise
+            raise _start_error(exc, self._socket_path) from exc
         except BaseException:
-            self._memory.unlink(failed_start=True)
-            self._release_all()
-            self._closed = True
+            self._abandon()
             raise
         self._listening = True
         log.info(
@@ -359,6 +365,13 @@ class Server:
             self._socket_path, self._memory.size, self._vectors,
         )
         return self
+
+    def _abandon(self) -> None:
+        """Undo listen() for a start that failed: close everything, unlink the socket path, and
+        unlink the ``-M`` memory only if this server created it. The server is closed after."""
+        self._memory.unlink(failed_start=True)
+        self._release_all()
+        self._closed = True
 
     def start(self) -> "Server":
         """Listen and run the server loop in a background (daemon) thread."""
@@ -377,14 +390,14 @@ class Server:
 
     def serve_forever(self, handle_signals: bool = False) -> None:
         """Listen and run the server loop in this thread until :meth:`stop` (or, with
-        ``handle_signals``, SIGTERM/SIGINT) ends it; then shut down cleanly."""
+        ``handle_signals``, SIGTERM, SIGINT or SIGHUP: :data:`STOP_SIGNALS`) ends it; then shut
+        down cleanly. The handlers are in place before the socket and the memory exist, so a
+        signal sent as soon as the socket appears still stops the server cleanly; a SIGHUP that
+        is ignored (``nohup``) stays ignored."""
         self._check_open()
         if self._running:
             raise ConfigError("this server is already running")
-        self.listen()
-        self._running = True
-        self._loop_ident = threading.get_ident()
-        old = {}
+        old: Dict[int, object] = {}
         got: List[int] = []
         if handle_signals:
             # The handler only asks the loop to stop: it runs between any two bytecodes of this
@@ -394,14 +407,15 @@ class Server:
                 got.append(signum)
                 self._request_stop()
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, on_signal)
+            old = install_stop_handlers(on_signal)
         try:
+            self.listen()
+            self._running = True
+            self._loop_ident = threading.get_ident()
             self._run(lambda: got and log.info("received %s, shutting down",
                                                signal.Signals(got[0]).name))
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            restore_handlers(old)
 
     def stop(self) -> None:
         """Stop serving: every peer is told of every other's departure, the socket path is
@@ -914,6 +928,7 @@ class Server:
             self._orphan.release()
             self._orphan = None
         self._memory.unlink()
+        self._memory.close()
         self._listening = False
         self._peers_changed()
 
@@ -949,6 +964,11 @@ def _clear_stale_socket(path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"{path} is a directory; -S takes the path of the socket file to create, such as "
+            f"{os.path.join(path, 'ivshmem_socket')}"
+        )
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
         raise ConfigError(
@@ -958,6 +978,7 @@ def _clear_stale_socket(path: str) -> None:
     probe.setblocking(False)
     try:
         probe.connect(path)
+        _read_greeting(probe)
     except ConnectionRefusedError:
         try:
             now = os.lstat(path)
@@ -970,14 +991,23 @@ def _clear_stale_socket(path: str) -> None:
                 os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            # e.g. another user's stale socket in a sticky directory such as /tmp
+            cls = AccessDeniedError if isinstance(exc, PermissionError) else SystemCallError
+            raise cls(
+                exc.errno, f"{path} is a stale socket file (nobody accepts on it) that cannot "
+                f"be removed: {exc.strerror}; remove it as its owner (uid {st.st_uid}) or "
+                "choose another socket path (-S)"
+            ) from exc
         return
     except FileNotFoundError:
         return
     except (BlockingIOError, InterruptedError):
         pass   # a listener with a full backlog: alive
     except PermissionError as exc:
-        raise PermissionError(
-            exc.errno, f"cannot check whether {path} is in use: permission denied"
+        raise AccessDeniedError(
+            exc.errno, f"cannot check whether {path} is in use: permission denied (run as a "
+            "user allowed to connect to it, or choose another socket path (-S))"
         ) from exc
     finally:
         probe.close()
@@ -985,6 +1015,86 @@ def _clear_stale_socket(path: str) -> None:
         f"{path} is in use: a server accepts connections on it; stop that server or choose "
         "another socket path (-S)"
     )
+
+
+#: The signals that stop a server cleanly when it handles signals (the command line does).
+#: QEMU's server stops cleanly on the first two only; SIGHUP (a closed terminal) killed it,
+#: leaving the socket file and the -M memory behind.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def install_stop_handlers(handler: Callable[[int, object], None]) -> Dict[int, object]:
+    """Install ``handler`` for :data:`STOP_SIGNALS`; the previous handlers, for
+    :func:`restore_handlers`. A SIGHUP ignored by whoever started the process (``nohup``) is
+    left ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        raise ConfigError(
+            "signal handlers can only be installed from the main thread: call "
+            "serve_forever(handle_signals=True) there, or handle_signals=False (and stop() the "
+            "server yourself) in another thread"
+        )
+    old: Dict[int, object] = {}
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def restore_handlers(old: Dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _start_error(exc: OSError, socket_path: str) -> IvshmemError:
+    """An OSError from starting a server, as a pyivshmem error with the same errno."""
+    what = f"cannot start the ivshmem server on {socket_path}: {exc.strerror or exc}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        what += (" (out of file descriptors: raise the open-file limit, e.g. ulimit -n, or "
+                 "close some)")
+    if isinstance(exc, PermissionError):
+        return AccessDeniedError(exc.errno, what)
+    return SystemCallError(exc.errno, what)
+
+
+#: How long the in-use check waits for a live server's greeting before it hangs up.
+_PROBE_WAIT = 2.0
+
+
+def _read_greeting(probe: socket.socket) -> None:
+    """Read what a live ivshmem server sends a new client first (version, id, memory: 24
+    bytes), closing any fd received, or give up after _PROBE_WAIT seconds or at EOF. QEMU's
+    ivshmem-server exits when one of those first three sends fails, which it would if the
+    check hung up at once; with the greeting read, it only sees a peer come and go."""
+    import array
+    import select
+
+    want = 3 * 8
+    got = 0
+    deadline = time.monotonic() + _PROBE_WAIT
+    poller = select.poll()
+    poller.register(probe.fileno(), select.POLLIN)
+    while got < want:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(int(left * 1000) + 1):
+            return
+        try:
+            data, anc, _flags, _addr = probe.recvmsg(
+                want - got, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            return
+        for level, kind, payload in anc:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)
+        if not data:
+            return
+        got += len(data)
 
 
 def _raise_nofile_limit() -> None:

@@ -13,10 +13,11 @@ import logging
 import os
 import stat
 import tempfile
+import weakref
 from typing import Optional, Tuple, Union
 
 from .._size import parse_size
-from ..errors import ConfigError
+from ..errors import AccessDeniedError, ConfigError, SystemCallError
 from ._ffi import lib
 
 __all__ = ["Memory", "parse_qemu_size", "round_up_pow2", "MAX_SIZE", "SHM_DIR"]
@@ -50,16 +51,50 @@ def round_up_pow2(size: int) -> int:
 
 
 
+_PATH_HINTS = {
+    errno.ENOENT: "a directory on that path does not exist: create it or choose another path",
+    errno.ENOTDIR: "a component of that path is not a directory: choose another path",
+    errno.EISDIR: "it is a directory: give the path of a file",
+    errno.EROFS: "a read-only file system: choose a writable place",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
 def path_error(exc: OSError, what: str, path) -> Exception:
-    """An OSError about ``path`` turned into one that says what to do."""
+    """An OSError about ``path`` turned into a pyivshmem error (still an OSError with the same
+    errno) that says what to do."""
     if isinstance(exc, PermissionError):
-        return PermissionError(
+        return AccessDeniedError(
             exc.errno, f"{what} {path}: permission denied (check its owner and mode, or run "
             "as a user allowed to write there)"
         )
     if exc.errno == errno.ELOOP:
         return ConfigError(f"{what} {path}: it is a symbolic link, which the server never follows")
-    return OSError(exc.errno, f"{what} {path}: {exc.strerror}")
+    hint = _PATH_HINTS.get(exc.errno or 0)
+    return SystemCallError(
+        exc.errno, f"{what} {path}: {exc.strerror}" + (f" ({hint})" if hint else "")
+    )
+
+
+_locked: "weakref.WeakSet[Memory]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the servers' lock descriptors (the lock stays
+    with the parent's; the child's copy would only keep it alive after the parent let go)."""
+    for memory in list(_locked):
+        if memory.lock_survives_fork:
+            continue
+        _locked.discard(memory)
+        fd, memory._lock_fd = memory._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def seal(fd: int) -> None:
@@ -97,7 +132,7 @@ class Memory:
             raise ConfigError(f"choose one kind of shared memory, not {' and '.join(chosen)}")
         self.kind = chosen[0] if chosen else "memfd"
         if shm_name is not None:
-            if not shm_name or "/" in shm_name.strip("/") or shm_name.strip("/") in (".", ".."):
+            if "/" in shm_name.strip("/") or shm_name.strip("/") in ("", ".", ".."):
                 raise ConfigError(
                     f"invalid shared memory name {shm_name!r}: give a plain name such as "
                     "'ivshmem' (it becomes /dev/shm/<name>)"
@@ -106,8 +141,20 @@ class Memory:
         self._shm_name = shm_name
         self._shm_path = os.fspath(shm_path) if shm_path is not None else None
         self._shm_dir = os.fspath(shm_dir) if shm_dir is not None else None
-        self._shm_fd = shm_fd
         self.requested_size = parse_qemu_size(size)
+        # The caller's fd is duplicated now, not when the server starts: the caller may close
+        # its own at once, and that fd number may then name another file of the process.
+        self._shm_fd: Optional[int] = None
+        if shm_fd is not None:
+            try:
+                self._shm_fd = os.dup(shm_fd)
+            except (OSError, TypeError) as exc:
+                raise SystemCallError(
+                    getattr(exc, "errno", None) or errno.EBADF,
+                    f"cannot use shm_fd {shm_fd!r}: "
+                    f"{getattr(exc, 'strerror', None) or exc} (pass an open file descriptor)",
+                ) from exc
+            os.set_inheritable(self._shm_fd, False)
         #: the real size once open() ran (a filesystem may have asked for more)
         self.size = round_up_pow2(self.requested_size)
         self._mode = mode
@@ -115,6 +162,11 @@ class Memory:
         self._keep_shm = bool(keep_shm)
         self._link: Optional[Tuple[str, int, int]] = None   # (path, dev, ino) to unlink
         self._created = False
+        self._lock_fd: Optional[int] = None
+        #: True in the process that daemonizes: the daemon keeps the lock across its fork.
+        #: Any other forked child drops its copy, so that a worker forked while the server
+        #: ran never keeps the memory locked after the server closed.
+        self.lock_survives_fork = False
 
     def open(self) -> int:
         """Create or open the memory, size it, prepare it; the fd (close-on-exec) is the
@@ -125,9 +177,10 @@ class Memory:
             fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             where = "a memfd"
         elif kind == "shm_fd":
-            fd = os.dup(self._shm_fd)  # type: ignore[arg-type]
-            os.set_inheritable(fd, False)
-            where = f"fd {self._shm_fd}"
+            if self._shm_fd is None:
+                raise ConfigError("this server's shm_fd was released already")
+            fd, self._shm_fd = self._shm_fd, None      # the caller (the server) owns it now
+            where = f"the shm_fd given (now fd {fd})"
         elif kind == "shm_dir":
             try:
                 fd, tmp = tempfile.mkstemp(prefix="ivshmem.", dir=self._shm_dir)
@@ -160,6 +213,7 @@ class Memory:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise ConfigError(f"{path} is not a regular file; choose another shared memory path")
+            self._lock_against_other_servers(fd, path)
             if kind == "shm_name":
                 self._link = (path, st.st_dev, st.st_ino)
                 self._created = created
@@ -171,8 +225,57 @@ class Memory:
                 seal(fd)
         except BaseException:
             os.close(fd)
+            self._unlock()
             raise
         return fd
+
+    def _lock_against_other_servers(self, fd: int, path: str) -> None:
+        """Refuse memory another pyivshmem server is serving. Two servers on one memory (every
+        server's default -M name is the same) hand out the same peer ids, and the second one
+        would resize it and wipe the first one's live region. The lock is taken on an open
+        file description of its own, never handed to peers: it goes with this server, even
+        while peers of a session that ended still hold the memory's fd."""
+        import fcntl
+
+        try:
+            lock = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return       # no /proc: no check (as QEMU's server, which makes none)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                # a file system without locks (ENOLCK, EOPNOTSUPP): serve without the check
+                log.debug("cannot lock %s (%s): not checking for another server",
+                          path, exc.strerror)
+                return
+            os.close(fd)
+            raise ConfigError(
+                f"the shared memory {path} is in use by another ivshmem server; stop that "
+                "server or choose another shared memory name (-M) or file"
+            ) from None
+        self._lock_fd = lock
+        _locked.add(self)
+
+    def _unlock(self) -> None:
+        lock, self._lock_fd = self._lock_fd, None
+        if lock is not None:
+            os.close(lock)
+
+    def close(self) -> None:
+        """Release the copy of a caller's ``shm_fd`` if open() never took it over, and the
+        lock that keeps other servers off named memory."""
+        fd, self._shm_fd = self._shm_fd, None
+        if fd is not None:
+            os.close(fd)
+        self._unlock()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
 
     def unlink(self, failed_start: bool = False) -> None:
         """Unlink the ``-M`` name (QEMU's behaviour) unless kept, only if it still names the
@@ -214,7 +317,7 @@ class Memory:
                 if exc.errno == errno.EINVAL and size < (1 << 30):
                     size <<= 1
                     continue
-                raise OSError(
+                raise SystemCallError(
                     exc.errno,
                     f"cannot size the shared memory ({where}) to {self.size} bytes: "
                     f"{os.strerror(exc.errno or 0)}",

@@ -39,13 +39,16 @@ examples:
 
 
 def _size_list(text: str) -> List[int]:
-    from .. import parse_size
+    from .. import ConfigError, parse_size
 
     out = []
     for part in text.split(","):
         part = part.strip()
         if part:
-            n = parse_size(part)
+            try:
+                n = parse_size(part, "message size")
+            except ConfigError as exc:  # argparse shows only an ArgumentTypeError's message
+                raise argparse.ArgumentTypeError(str(exc)) from None
             if n < 8:
                 raise argparse.ArgumentTypeError(f"message size {part!r}: at least 8 bytes")
             out.append(n)

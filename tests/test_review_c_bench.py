@@ -1,0 +1,30 @@
+"""`pyivshmem bench` used as a hostile user would: bad option values, output paths that cannot be
+written, a transport whose setup fails, and the run stopped by SIGTERM."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyivshmem import bench
+from pyivshmem.bench.workers import usable_cpus
+
+# a run that does almost nothing, for options checked before anything runs
+TINY = ["--scenarios", "roundtrip", "--peers", "none", "--rtt-samples", "20", "--repeat", "1",
+        "--quiet"]
+
+
+def _bench(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pyivshmem", "bench", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.parametrize("opt", ["--sizes", "--rtt-size"])
+@pytest.mark.parametrize("value, needle", [("1X", "'1X'"), ("0", "at least"), ("1.5", "fraction")])
+def test_bad_size_says_why(capsys, opt, value, needle):
+    assert bench.main(TINY + [opt, value]) == 2
+    err = capsys.readouterr().err
+    assert opt in err and needle in err

@@ -28,3 +28,27 @@ def test_bad_size_says_why(capsys, opt, value, needle):
     assert bench.main(TINY + [opt, value]) == 2
     err = capsys.readouterr().err
     assert opt in err and needle in err
+
+
+def test_cpu_that_cannot_be_used_is_refused(capsys):
+    bad = max(usable_cpus()) + 1000
+    assert bench.main(TINY + ["--cpus", f"{min(usable_cpus())},{bad}"]) == 2
+    err = capsys.readouterr().err
+    assert "--cpus" in err and str(bad) in err
+
+
+@pytest.mark.parametrize("opt", ["--json", "--markdown"])
+def test_output_file_that_is_a_directory_is_refused_before_the_run(capsys, tmp_path, opt):
+    assert bench.main(TINY + [opt, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert opt in err and "directory" in err
+    assert not os.listdir(tmp_path)
+
+
+def test_plot_dir_that_is_a_file_is_refused_before_the_run(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    f = tmp_path / "plots"
+    f.write_text("x")
+    assert bench.main(TINY + ["--plot", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and "not a directory" in err

@@ -226,6 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"pyivshmem bench: unknown scenario {', '.join(bad) or '(none)'}; choose from "
                   f"{', '.join(SCENARIOS)}", file=sys.stderr)
             return 2
+    # everything that could make the run's end fail is checked before the run
     for opt, path in (("--json", args.json), ("--markdown", args.markdown)):
         if not path:
             continue
@@ -233,6 +234,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isdir(parent):
             print(f"pyivshmem bench: {opt} {path}: directory {parent} does not exist",
                   file=sys.stderr)
+            return 2
+        if os.path.isdir(path):
+            print(f"pyivshmem bench: {opt} {path} is a directory; name a file in it, e.g. "
+                  f"{os.path.join(path, 'results.json' if opt == '--json' else 'results.md')}",
+                  file=sys.stderr)
+            return 2
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        print(f"pyivshmem bench: --plot {args.plot} is not a directory; name a directory "
+              "(it is created if missing)", file=sys.stderr)
+        return 2
+    if args.cpus:
+        from .workers import usable_cpus
+
+        bad = [c for c in args.cpus if c not in usable_cpus()]
+        if bad:
+            print(f"pyivshmem bench: --cpus: this process may not run on CPU "
+                  f"{', '.join(map(str, bad))}; choose from "
+                  f"{', '.join(map(str, usable_cpus()))}", file=sys.stderr)
             return 2
 
     s = Settings.preset(args.quick)

@@ -72,3 +72,46 @@ def test_setup_failure_of_a_transport_is_reported_and_the_run_goes_on(tmp_path):
     pipe = [r for r in recs if r["transport"] == "os-pipe"]
     assert ivs and all(r["status"] == "failed" and "socket path" in r["note"] for r in ivs)
     assert pipe and all(r["status"] == "ok" for r in pipe)
+
+
+def _wait_for(cond, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def short_tmp():
+    """A TMPDIR short enough for the run's UNIX socket addresses (107 bytes)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sigterm_mid_run_leaves_no_temp_dir(short_tmp):
+    tmp = short_tmp
+    env = dict(os.environ, TMPDIR=str(tmp))
+    p = subprocess.Popen([sys.executable, "-m", "pyivshmem", "bench", "--scenarios", "throughput",
+                          "--sizes", "64", "--peers", "none", "--duration", "60", "--repeat", "1"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, text=True)
+    try:
+        # the run's server socket exists: the run is under way
+        _wait_for(lambda: glob.glob(str(tmp / "pyivshmem-bench-*" / "ivshmem.sock"))
+                  or p.poll() is not None, "the bench's server socket")
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert not os.listdir(tmp), os.listdir(tmp)

@@ -18,10 +18,13 @@ report (JSON, table, plots), guests and vmloops (the guest topologies).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -156,6 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that its clean-up (workers, servers, temp dirs and
+    sockets, /dev/shm files) runs as it does for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread while the block runs (the default
+    action would end the process at once, leaving the run's files and processes behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The shell's status for a run ended by ``exc``: 128 + the signal's number."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
 def _select_peers(spec: str) -> list:
     from .peers import PEERS, peer_by_key
 
@@ -282,10 +313,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         transports = [PyivshmemTransport()] + peers
         runner = Runner(s, transports, None if args.quiet else progress)
         try:
-            records = runner.run()
-        except KeyboardInterrupt:
+            with sigterm_interrupts():
+                records = runner.run()
+        except KeyboardInterrupt as exc:
             print("pyivshmem bench: interrupted", file=sys.stderr)
-            return 130
+            return interrupted_status(exc)
         notes = runner.notes
     else:
         from .guests import GuestsUnavailable, check_available, guest_settings, run_guests
@@ -315,11 +347,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         guest.update(accel=choice.accel, accel_reason=choice.reason,
                      accel_requested=choice.requested)
         try:
-            records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
-                                        None if args.quiet else progress)
-        except KeyboardInterrupt:
+            with sigterm_interrupts():
+                records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
+                                            None if args.quiet else progress)
+        except KeyboardInterrupt as exc:
             print("pyivshmem bench: interrupted", file=sys.stderr)
-            return 130
+            return interrupted_status(exc)
     doc = build_document(records, settings, notes, ["pyivshmem", "bench"] + args_list,
                          list(s.cpus) or usable_cpus(), time.monotonic() - started)
     print(format_report(doc))

@@ -43,6 +43,41 @@ def _payload(size: int) -> bytearray:
     return bytearray((pattern * (size // len(pattern) + 1))[:size])
 
 
+# -- processes -----------------------------------------------------------------------------------
+def _child(parent, target, *args):
+    """A subscriber process: it ends with the benchmark (PR_SET_PDEATHSIG, so even a SIGKILLed
+    benchmark leaves no subscriber polling for a stop marker that never comes), and Ctrl-C is
+    the benchmark's to handle (it stops its subscribers itself)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the benchmark ended before the prctl
+        return
+    target(*args)
+
+
+def _start(ctx, target, args, n):
+    procs = [ctx.Process(target=_child, args=(os.getpid(), target) + tuple(args), daemon=True)
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _stop(procs):
+    """Subscribers still running when a run ends early (an error, Ctrl-C, SIGTERM) are killed."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(10)
+
+
 # -- pyivshmem -----------------------------------------------------------------------------------
 def _region_size(size: int, capacity: int) -> int:
     need = 64 * 1024 + capacity * (size + 64) + 16 * 1024
@@ -142,13 +177,11 @@ def _run_ivs(nsubs, size, mode, seconds, latency, gap_ns):
     path = f"/dev/shm/pyivshmem-bench-pubsub-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     cap = _capacity(size)
     region = Region.create(path, _region_size(size, cap))
+    procs: list = []
     try:
         ring = region.create_ring("bench", kind="pubsub", slot_size=max(size, 16), capacity=cap)
         ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
-        procs = [ctx.Process(target=_ivs_sub, args=(path, ready, go, out, mode, latency))
-                 for _ in range(nsubs)]
-        for p in procs:
-            p.start()
+        procs = _start(ctx, _ivs_sub, (path, ready, go, out, mode, latency), nsubs)
         ready.wait(60)
         go.wait(60)
         t0 = time.perf_counter_ns()
@@ -158,6 +191,7 @@ def _run_ivs(nsubs, size, mode, seconds, latency, gap_ns):
             p.join(30)
         ring.close()
     finally:
+        _stop(procs)
         region.close()
         os.unlink(path)
     return _summary(sent, t0, res)
@@ -221,27 +255,28 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
     pub = (svc.publisher_builder().initial_max_slice_len(max(size, 16))
            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered).create())
     ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
-    procs = [ctx.Process(target=_iox_sub, args=(name, max(size, 16), nsubs, ready, go, out, mode,
-                                                latency)) for _ in range(nsubs)]
-    for p in procs:
-        p.start()
-    ready.wait(60)
-    go.wait(60)
-    data = _payload(size)
-    buf = (ctypes.c_uint8 * size).from_buffer(data)
-    loan, memmove = pub.loan_slice_uninit, ctypes.memmove
+    procs = _start(ctx, _iox_sub, (name, max(size, 16), nsubs, ready, go, out, mode, latency),
+                   nsubs)
+    try:
+        ready.wait(60)
+        go.wait(60)
+        data = _payload(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(data)
+        loan, memmove = pub.loan_slice_uninit, ctypes.memmove
 
-    def send_one():
-        s = loan(size)
-        memmove(s.payload_ptr, buf, size)
-        s.assume_init().send()
+        def send_one():
+            s = loan(size)
+            memmove(s.payload_ptr, buf, size)
+            s.assume_init().send()
 
-    t0 = time.perf_counter_ns()
-    sent = _publish_for(seconds, latency, gap_ns, data, send_one)
-    res = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
-    del buf
+        t0 = time.perf_counter_ns()
+        sent = _publish_for(seconds, latency, gap_ns, data, send_one)
+        res = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        del buf
+    finally:
+        _stop(procs)
     pub.delete()
     return _summary(sent, t0, res)
 
@@ -293,6 +328,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("iceoryx2 is not installed (pip install iceoryx2): measuring pyivshmem alone",
                   file=sys.stderr)
             peers.remove("iceoryx2")
+    from . import interrupted_status, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            results = _run_all(args, peers, runners)
+    except KeyboardInterrupt as exc:
+        print("pyivshmem bench pubsub: interrupted", file=sys.stderr)
+        return interrupted_status(exc)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds": args.seconds, "repeat": args.repeat, "results": results}, f,
+                      indent=2)
+    return 0
+
+
+def _run_all(args, peers, runners) -> List[Dict]:
     results: List[Dict] = []
     gap = int(args.latency_gap_us * 1000)
     for nsubs in [int(x) for x in args.subscribers.split(",")]:
@@ -312,11 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     row[p] = {k: statistics.median(v) for k, v in fig[p].items()}
                 results.append(row)
                 _print_row(row, peers)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seconds": args.seconds, "repeat": args.repeat, "results": results}, f,
-                      indent=2)
-    return 0
+    return results
 
 
 def _print_row(row, peers):

@@ -1,0 +1,84 @@
+"""`pyivshmem bench pubsub` used as a hostile user would: values that cannot work, and the run
+stopped in the middle (SIGTERM, or SIGINT sent to the benchmark's process alone)."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyivshmem.bench import pubsub
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _running(pid):
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_for(cond, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_benchmark_stops_subscribers_and_removes_its_region(sig):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pyivshmem", "bench", "pubsub", "--peers", "pyivshmem",
+         "--subscribers", "2", "--sizes", "64", "--modes", "copy", "--seconds", "60",
+         "--repeat", "1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a signal for the benchmark alone, as kill(1) sends it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    region = f"/dev/shm/pyivshmem-bench-pubsub-{p.pid}-*"
+    subs = []
+    try:
+        def started():
+            subs[:] = [c for c in _children(p.pid) if "spawn_main" in _cmdline(c)
+                       and "resource_tracker" not in _cmdline(c)]
+            return (len(subs) == 2 and glob.glob(region)) or p.poll() is not None
+
+        _wait_for(started, "the region and two subscriber processes")
+        assert p.poll() is None, p.communicate()
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        try:
+            _wait_for(lambda: not any(_running(s) for s in subs), "the subscribers to end",
+                      timeout=30)
+        finally:
+            for s in subs:
+                if _running(s):
+                    os.kill(s, signal.SIGKILL)
+            for f in glob.glob(region):
+                os.unlink(f)
+    assert p.returncode == 128 + sig, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert not glob.glob(region)

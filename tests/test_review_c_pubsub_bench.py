@@ -12,6 +12,33 @@ import pytest
 from pyivshmem.bench import pubsub
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--subscribers", "0"], "--subscribers"),
+    (["--subscribers", "65"], "--subscribers"),
+    (["--subscribers", "two"], "--subscribers"),
+    (["--sizes", "0"], "--sizes"),
+    (["--sizes", "1X"], "--sizes"),
+    (["--peers", "carrier-pigeon"], "carrier-pigeon"),
+    (["--modes", "telepathy"], "telepathy"),
+    (["--repeat", "0"], "--repeat"),
+    (["--seconds", "0"], "--seconds"),
+    (["--seconds", "nan"], "--seconds"),
+    (["--latency-gap-us", "-5"], "--latency-gap-us"),
+])
+def test_values_that_cannot_work_are_usage_errors(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        pubsub.main(argv + ["--peers", "pyivshmem"] if "--peers" not in argv else argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_json_path_that_is_a_directory_is_refused_before_the_run(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        pubsub.main(["--peers", "pyivshmem", "--json", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--json" in capsys.readouterr().err
+
+
 def _children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:

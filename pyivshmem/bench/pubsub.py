@@ -295,32 +295,90 @@ def _summary(sent, t0, res):
 
 
 # -- driver --------------------------------------------------------------------------------------
-def _sizes(text):
+MODES = ("copy", "zero-copy")
+PEERS = ("pyivshmem", "iceoryx2")
+MAX_SUBSCRIBERS = 64  # a pubsub ring's table
+
+
+def _list_of(parse, what):
+    def convert(text):
+        out = []
+        for part in text.split(","):
+            part = part.strip()
+            if part:
+                try:
+                    out.append(parse(part))
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise argparse.ArgumentTypeError(f"{part!r}: {exc}") from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        return out
+    return convert
+
+
+def _size(text):
     from pyivshmem import parse_size
 
-    return [parse_size(x) for x in text.split(",") if x.strip()]
+    n = parse_size(text, "message size")
+    if n < STAMP.size:
+        raise argparse.ArgumentTypeError(f"at least {STAMP.size} bytes (the latency stamp)")
+    return n
+
+
+def _subscribers(text):
+    n = int(text)
+    if not 1 <= n <= MAX_SUBSCRIBERS:
+        raise argparse.ArgumentTypeError(f"1 to {MAX_SUBSCRIBERS} subscribers (a ring's table)")
+    return n
+
+
+def _choice(choices):
+    def convert(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+        return text
+    return convert
+
+
+def _positive(kind):
+    def convert(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
+        return x
+    return convert
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pyivshmem bench pubsub", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subscribers", default="1,2,4", help="subscriber counts (1,2,4)")
-    ap.add_argument("--sizes", default="64,4K,1M", help="message sizes (64,4K,1M)")
-    ap.add_argument("--modes", default="copy,zero-copy")
-    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per throughput trial")
-    ap.add_argument("--repeat", type=int, default=3, help="trials per figure (median)")
-    ap.add_argument("--latency-gap-us", type=float, default=200.0,
+    ap.add_argument("--subscribers", default=[1, 2, 4], type=_list_of(_subscribers, "counts"),
+                    help="subscriber counts (1,2,4)")
+    ap.add_argument("--sizes", default=[64, 4096, 1 << 20], type=_list_of(_size, "sizes"),
+                    help="message sizes (64,4K,1M)")
+    ap.add_argument("--modes", default=list(MODES), type=_list_of(_choice(MODES), "modes"),
+                    help="copy, zero-copy or both (copy,zero-copy)")
+    ap.add_argument("--seconds", type=_positive(float), default=1.0,
+                    help="seconds per throughput trial")
+    ap.add_argument("--repeat", type=_positive(int), default=3, help="trials per figure (median)")
+    ap.add_argument("--latency-gap-us", type=_positive(float), default=200.0,
                     help="microseconds between latency probes (paced)")
     ap.add_argument("--quick", action="store_true", help="0.3 s trials, one each")
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--peers", default="pyivshmem,iceoryx2")
+    ap.add_argument("--peers", default=list(PEERS), type=_list_of(_choice(PEERS), "peers"),
+                    help="pyivshmem, iceoryx2 or both (pyivshmem,iceoryx2)")
     args = ap.parse_args(argv)
+    if args.json:  # checked now: the figures of a whole run are not lost at its end
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(parent):
+            ap.error(f"--json {args.json}: name a file in an existing directory")
     if args.quick:
         args.seconds, args.repeat = 0.3, 1
-    if any(n < STAMP.size for n in _sizes(args.sizes)):
-        ap.error(f"message sizes must be at least {STAMP.size} bytes (the latency stamp)")
     runners = {"pyivshmem": _run_ivs, "iceoryx2": _run_iox}
-    peers = [p for p in args.peers.split(",") if p]
+    peers = list(dict.fromkeys(args.peers))
     if "iceoryx2" in peers:
         try:
             import iceoryx2  # noqa: F401
@@ -328,6 +386,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("iceoryx2 is not installed (pip install iceoryx2): measuring pyivshmem alone",
                   file=sys.stderr)
             peers.remove("iceoryx2")
+    if not peers:
+        print("pyivshmem bench pubsub: nothing to measure", file=sys.stderr)
+        return 2
     from . import interrupted_status, sigterm_interrupts
 
     try:
@@ -346,9 +407,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run_all(args, peers, runners) -> List[Dict]:
     results: List[Dict] = []
     gap = int(args.latency_gap_us * 1000)
-    for nsubs in [int(x) for x in args.subscribers.split(",")]:
-        for size in _sizes(args.sizes):
-            for mode in args.modes.split(","):
+    for nsubs in args.subscribers:
+        for size in args.sizes:
+            for mode in args.modes:
                 fig: Dict[str, Dict[str, List[float]]] = {p: {"rate": [], "p50": [], "p99": []}
                                                           for p in peers}
                 for _ in range(args.repeat):

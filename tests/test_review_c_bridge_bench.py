@@ -28,6 +28,40 @@ def _bench(tmp, *args):
                           env=dict(os.environ, TMPDIR=tmp))
 
 
+@pytest.mark.parametrize("value, needle", [("0", "at least one byte"), ("1X", "'1X'"),
+                                           ("1M", "at most"), ("4", "at least 8")])
+def test_size_that_cannot_work_is_a_usage_error_and_leaves_nothing(short_tmp, value, needle):
+    out = _bench(short_tmp, "--sizes", value, "--rounds", "1", "--count", "100", "--pings", "5")
+    assert out.returncode == 2, out.stderr
+    assert "--sizes" in out.stderr and needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not os.listdir(short_tmp)
+
+
+def test_size_with_a_suffix_is_accepted(short_tmp, tmp_path):
+    res = tmp_path / "r.json"
+    out = _bench(short_tmp, "--sizes", "1K", "--rounds", "1", "--count", "2000", "--pings", "5",
+                 "--no-doorbells", "--json", str(res))
+    assert out.returncode == 0, out.stderr
+    assert "throughput 1024 B" in out.stdout
+    assert not os.listdir(short_tmp)
+
+
+@pytest.mark.parametrize("count", ["256", "512"])
+def test_count_of_one_batch_is_a_usage_error(short_tmp, count):
+    """Each rate is timed from its first batch's arrival: a run that is one batch has no rate
+    (it ended in a division by zero after the run)."""
+    out = _bench(short_tmp, "--count", count, "--rounds", "1", "--pings", "5", "--no-doorbells")
+    assert out.returncode == 2 and "--count" in out.stderr, out.stderr
+
+
+def test_json_path_that_is_a_directory_is_refused_before_the_run(short_tmp, tmp_path):
+    out = _bench(short_tmp, "--json", str(tmp_path), "--rounds", "1", "--count", "100",
+                 "--pings", "5")
+    assert out.returncode == 2 and "--json" in out.stderr, out.stderr
+    assert not os.listdir(tmp_path) and not os.listdir(short_tmp)
+
+
 def _descendants(pid):
     out, todo = [], [pid]
     while todo:

@@ -40,6 +40,8 @@ PY = sys.executable
 ME = ["-m", "pyivshmem.bench.bridge"]  # how child processes run this module's roles
 SLOTS = 1024  # slots of every ring of a Bridged pair
 REGION = 64 << 20  # each side's region: 3 rings of SLOTS slots
+MAX_SIZE = 16 << 10  # the largest message those rings take (slot = the largest --sizes)
+FIRST_BATCH = 512  # the bridged consumer's recv_many: its first batch starts the clock
 
 
 def _popen(args, **kw):
@@ -286,7 +288,7 @@ class Bridged:
         got = 0
         t0 = None
         while got < count:
-            msgs = ch.recv_many(512, timeout=60)
+            msgs = ch.recv_many(FIRST_BATCH, timeout=60)
             if not msgs:
                 raise RuntimeError(f"bridged throughput stalled after {got} messages")
             if t0 is None:  # timed from the first batch, as the zmq sink is
@@ -343,12 +345,22 @@ def pct(lat, q):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="pyivshmem bench bridge",
                                  description=__doc__.split("\n\n")[0])
-    from . import _positive_int
+    from . import _positive_int, _size_list
+
+    def sizes_type(text):
+        sizes = _size_list(text)
+        big = [n for n in sizes if n > MAX_SIZE]
+        if big:
+            raise argparse.ArgumentTypeError(
+                f"{big[0]} bytes: at most {MAX_SIZE} (the benchmark's rings hold {SLOTS} slots "
+                f"of the largest size in a {REGION >> 20} MiB region)")
+        return sizes
 
     ap.add_argument("--rounds", type=_positive_int, default=3, help="trials of each figure")
     ap.add_argument("--count", type=_positive_int, default=200_000,
                     help="messages per throughput trial")
-    ap.add_argument("--sizes", default="64,1024", help="message sizes in bytes, comma-separated")
+    ap.add_argument("--sizes", default=[64, 1024], type=sizes_type,
+                    help=f"message sizes, comma-separated, 8 to {MAX_SIZE >> 10}K (64,1024)")
     ap.add_argument("--batch", type=_positive_int, default=256,
                     help="messages per ZeroMQ batch of the direct trials")
     ap.add_argument("--pings", type=_positive_int, default=2000,
@@ -359,9 +371,17 @@ def main(argv=None):
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run the bridge of another source tree (DIR holds its pyivshmem "
                          "package, built), in the same alternation: this bridge against that one")
-    ap.add_argument("--json")
+    ap.add_argument("--json", metavar="FILE")
     try:
         args = ap.parse_args(argv)
+        if args.json and (os.path.isdir(args.json)
+                          or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+            # checked now: the figures of a whole run are not lost at its end
+            ap.error(f"--json {args.json}: name a file in an existing directory")
+        if args.count <= max(args.batch, FIRST_BATCH):
+            # each rate is timed from its first batch: a run of one batch has no rate
+            ap.error(f"--count {args.count}: more than {max(args.batch, FIRST_BATCH)} messages "
+                     f"(--batch and the consumer's first batch of up to {FIRST_BATCH})")
     except SystemExit as exc:  # usage errors and --help: a status, as `pyivshmem bench` returns
         return int(exc.code or 0)
     try:
@@ -372,7 +392,7 @@ def main(argv=None):
         return 2
     from . import interrupted_status, sigterm_interrupts
 
-    sizes = [int(x) for x in args.sizes.split(",")]
+    sizes = args.sizes
     try:
         with sigterm_interrupts():
             res, kinds = _run(args, sizes)

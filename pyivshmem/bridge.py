@@ -1311,6 +1311,16 @@ class Bridge:
             raise ConfigError("nothing to bridge: give at least one out ring or one in ring")
         if len(set(out.values())) != len(out):
             raise ConfigError("two local rings forward to one remote ring: one producer per ring")
+        twice = sorted({r for r in in_rings if in_rings.count(r) > 1})
+        if twice:
+            raise ConfigError(f"in ring {twice[0]!r} named twice: the bridge is a ring's one "
+                              "producer; name each in ring once")
+        both = sorted(set(out) & set(in_rings))
+        if both:
+            raise ConfigError(
+                f"ring {both[0]!r} is both an out ring and an in ring: the bridge would consume "
+                "it beside its local consumer and send its own deliveries back; bridge two rings, "
+                "one each way (docs/bridge.md)")
         if not 1 <= batch <= 4096:
             raise ConfigError(f"batch must be 1..4096, not {batch}")
         for v, what in ((idle_wait, "idle_wait"), (resend_after, "resend_after"),

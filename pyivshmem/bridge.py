@@ -1891,7 +1891,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="report the remote unreachable after this many seconds")
     p.add_argument("--stats-interval", type=float, default=10.0,
                    help="log metrics every N seconds (0: never)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     args = p.parse_args(argv)
     if zmq is None:
         print(f"pyivshmem bridge: ZeroMQ (the pyzmq package) is not installed: {INSTALL_HINT}",
@@ -1900,7 +1901,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The process is the bridge's: hand the GIL between its threads (pump, network, delivery)
     # every 0.5 ms instead of 5 ms, so a thread woken by a doorbell or a socket runs sooner.
     sys.setswitchinterval(0.0005)
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ._ring import Region, parse_size
 
@@ -1914,7 +1915,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             region = peer.region
         else:
             region = Region.open(args.region)
-        out = dict(_parse_out(s) for s in args.out)
+        out: Dict[str, str] = {}
+        for spec in args.out:
+            local, remote = _parse_out(spec)
+            if local in out:  # a dict would keep the last silently
+                raise ConfigError(f"--out: local ring {local!r} named twice; forward each ring "
+                                  "once")
+            out[local] = remote
         bridge = Bridge(region, listen=args.listen, connect=args.connect, out=out,
                         in_rings=args.in_rings, state_dir=args.state_dir, name=args.name,
                         doorbell=peer, vector=args.vector, spill_size=parse_size(args.spill_size),

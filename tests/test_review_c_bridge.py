@@ -39,3 +39,20 @@ def test_a_ring_delivered_twice_is_refused(tmp_path, region):
     region.create_ring("s", slot_size=64, capacity=8)
     _refused(region, "'s'.*twice", connect="tcp://127.0.0.1:1", in_rings=["s", "s"],
              state_dir=str(tmp_path))
+
+
+def test_cli_refuses_one_local_ring_forwarded_twice(tmp_path, region):
+    """`--out up --out up=down` used to keep only the last, silently."""
+    region.create_ring("up", slot_size=64, capacity=8)
+    out = _bridge("--region", region.path, "--connect", "tcp://127.0.0.1:1", "--out", "up",
+                  "--out", "up=down", "--state-dir", str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert "'up'" in out.stderr and "twice" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_unknown_log_level_is_a_usage_error(tmp_path, region):
+    region.create_ring("up", slot_size=64, capacity=8)
+    out = _bridge("--region", region.path, "--connect", "tcp://127.0.0.1:1", "--out", "up",
+                  "--state-dir", str(tmp_path), "--log-level", "LOUD")
+    assert out.returncode == 2, out.stderr
+    assert "--log-level" in out.stderr and "Traceback" not in out.stderr

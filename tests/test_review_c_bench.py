@@ -115,3 +115,23 @@ def test_sigterm_mid_run_leaves_no_temp_dir(short_tmp):
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "interrupted" in err and "Traceback" not in err, err
     assert not os.listdir(tmp), os.listdir(tmp)
+
+
+def test_a_peer_package_that_fails_on_import_is_reported_and_the_run_goes_on(tmp_path):
+    """posix_ipc is imported in this process to check a message size: a broken build of it
+    (an import that raises) ended the run with a traceback."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "posix_ipc.py").write_text('raise RuntimeError("this build is broken")\n')
+    env = dict(os.environ, PYTHONPATH=str(broken))
+    out = _bench("--scenarios", "roundtrip", "--peers", "posix-mq,os-pipe", "--rtt-samples", "20",
+                 "--repeat", "1", "--quiet", "--json", str(tmp_path / "r.json"), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    import json
+
+    recs = json.loads((tmp_path / "r.json").read_text())["records"]
+    mq = [r for r in recs if r["transport"] == "posix-mq"]
+    pipe = [r for r in recs if r["transport"] == "os-pipe"]
+    assert mq and all(r["status"] != "ok" and "this build is broken" in r["note"] for r in mq)
+    assert pipe and all(r["status"] == "ok" for r in pipe)

@@ -355,7 +355,10 @@ class Runner:
             wanted.add(self.s.rtt_size)
         ok, bad = [], []
         for size in sorted(wanted):
-            why = t.size_problem(size)
+            try:
+                why = t.size_problem(size)
+            except Exception as exc:  # a peer's package failing here fails that peer, not the run
+                why = f"{t.key} failed: {type(exc).__name__}: {exc}"
             if why:
                 bad.append((size, why))
             else:

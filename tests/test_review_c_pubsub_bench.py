@@ -109,3 +109,51 @@ def test_signal_to_the_benchmark_stops_subscribers_and_removes_its_region(sig):
     assert p.returncode == 128 + sig, err
     assert "interrupted" in err and "Traceback" not in err, err
     assert not glob.glob(region)
+
+
+def _publishing(path):
+    """The benchmark's publisher has published (the start barriers are behind it)."""
+    from pyivshmem import Region
+
+    try:
+        with Region.open(path) as r:
+            return any(x.get("name") == "bench" and x.get("head", 0) > 0 for x in r.rings())
+    except Exception:  # not formatted yet, or the ring not created yet
+        return False
+
+
+def test_a_subscriber_killed_mid_run_is_reported_not_waited_for_forever():
+    """The publisher is the killed subscriber's parent: unreaped, the subscriber stayed a zombie
+    that the ring takes for alive, so the publisher waited for it for good."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pyivshmem", "bench", "pubsub", "--peers", "pyivshmem",
+         "--subscribers", "2", "--sizes", "64", "--modes", "copy", "--seconds", "60",
+         "--repeat", "1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    region = f"/dev/shm/pyivshmem-bench-pubsub-{p.pid}-*"
+    subs = []
+    try:
+        def started():
+            subs[:] = [c for c in _children(p.pid) if "spawn_main" in _cmdline(c)
+                       and "resource_tracker" not in _cmdline(c)]
+            return (len(subs) == 2 and glob.glob(region)) or p.poll() is not None
+
+        _wait_for(started, "the region and two subscriber processes")
+        assert p.poll() is None, p.communicate()
+        _wait_for(lambda: _publishing(glob.glob(region)[0]) or p.poll() is not None,
+                  "the publisher to publish")
+        os.kill(subs[0], signal.SIGKILL)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for s in subs:
+            if _running(s):
+                os.kill(s, signal.SIGKILL)
+        for f in glob.glob(region):
+            os.unlink(f)
+    assert p.returncode == 1, err
+    assert "subscriber process" in err and "exit code -9" in err, err
+    assert "Traceback" not in err, err

@@ -69,6 +69,54 @@ def _start(ctx, target, args, n):
     return procs
 
 
+class BenchFailed(RuntimeError):
+    """A run that cannot give a figure (a subscriber died, a message was lost); the message says
+    which."""
+
+
+def _check_alive(procs):
+    """BenchFailed if a subscriber process has ended before its results (is_alive() reaps it:
+    unreaped, a killed subscriber stays a zombie that the publisher must take for alive)."""
+    for i, p in enumerate(procs):
+        if not p.is_alive() and p.exitcode != 0:
+            raise BenchFailed(f"subscriber process {i + 1} of {len(procs)} (pid {p.pid}) ended "
+                              f"with exit code {p.exitcode} during the run")
+
+
+def _meet(procs, *barriers, timeout=60.0):
+    """The publisher's side of the start barriers; BenchFailed, naming a subscriber that died,
+    when they break."""
+    import threading
+
+    try:
+        for b in barriers:
+            b.wait(timeout)
+    except threading.BrokenBarrierError:
+        for b in barriers:
+            b.abort()  # the subscribers still waiting are released (and stopped by _stop)
+        _check_alive(procs)
+        raise BenchFailed(f"the subscribers did not start within {timeout:.0f} s") from None
+
+
+def _results(out, procs, timeout=120.0):
+    """Every subscriber's (count, end time, latencies), watching that none has died."""
+    import queue
+
+    res = []
+    deadline = time.monotonic() + timeout
+    while len(res) < len(procs):
+        try:
+            res.append(out.get(timeout=0.1))
+            continue
+        except queue.Empty:
+            pass
+        _check_alive(procs)
+        if time.monotonic() > deadline:
+            raise BenchFailed(f"{len(procs) - len(res)} subscriber(s) did not report within "
+                              f"{timeout:.0f} s")
+    return res
+
+
 def _stop(procs):
     """Subscribers still running when a run ends early (an error, Ctrl-C, SIGTERM) are killed."""
     for p in procs:
@@ -130,9 +178,17 @@ def _ivs_sub(path, ready, go, out, mode, latency):
     region.close()
 
 
-def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
+def _ivs_pub(ring, size, mode, seconds, latency, gap_ns, procs=()):
     data = _payload(size)
-    try_send, reserve, commit, yield_ = ring.try_send, ring.reserve, ring.commit, os.sched_yield
+    try_send, reserve, commit, sched_yield = ring.try_send, ring.reserve, ring.commit, os.sched_yield
+    waits = 0
+
+    def yield_():  # a full ring: every 1024th time, see that no subscriber died
+        nonlocal waits
+        waits += 1
+        if not waits & 1023:
+            _check_alive(procs)
+        sched_yield()
 
     def publish():  # one message, waiting (yielding the CPU) while the slowest subscriber lags
         if mode == "zero-copy":
@@ -182,11 +238,10 @@ def _run_ivs(nsubs, size, mode, seconds, latency, gap_ns):
         ring = region.create_ring("bench", kind="pubsub", slot_size=max(size, 16), capacity=cap)
         ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
         procs = _start(ctx, _ivs_sub, (path, ready, go, out, mode, latency), nsubs)
-        ready.wait(60)
-        go.wait(60)
+        _meet(procs, ready, go)
         t0 = time.perf_counter_ns()
-        sent = _ivs_pub(ring, size, mode, seconds, latency, gap_ns)
-        res = [out.get(timeout=120) for _ in procs]
+        sent = _ivs_pub(ring, size, mode, seconds, latency, gap_ns, procs)
+        res = _results(out, procs)
         for p in procs:
             p.join(30)
         ring.close()
@@ -258,8 +313,7 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
     procs = _start(ctx, _iox_sub, (name, max(size, 16), nsubs, ready, go, out, mode, latency),
                    nsubs)
     try:
-        ready.wait(60)
-        go.wait(60)
+        _meet(procs, ready, go)
         data = _payload(size)
         buf = (ctypes.c_uint8 * size).from_buffer(data)
         loan, memmove = pub.loan_slice_uninit, ctypes.memmove
@@ -271,7 +325,7 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
 
         t0 = time.perf_counter_ns()
         sent = _publish_for(seconds, latency, gap_ns, data, send_one)
-        res = [out.get(timeout=120) for _ in procs]
+        res = _results(out, procs)
         for p in procs:
             p.join(30)
         del buf
@@ -284,7 +338,7 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
 def _summary(sent, t0, res):
     for count, _, _ in res:
         if count != sent:
-            raise RuntimeError(f"a subscriber got {count} of {sent} messages (lossless run)")
+            raise BenchFailed(f"a subscriber got {count} of {sent} messages (lossless run)")
     t_end = max(r[1] for r in res)
     lat = sorted(x for r in res for x in r[2])
     d = {"sent": sent, "rate": sent / ((t_end - t0) / 1e9)}
@@ -397,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as exc:
         print("pyivshmem bench pubsub: interrupted", file=sys.stderr)
         return interrupted_status(exc)
+    except BenchFailed as exc:
+        print(f"pyivshmem bench pubsub: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seconds": args.seconds, "repeat": args.repeat, "results": results}, f,

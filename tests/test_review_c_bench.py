@@ -135,3 +135,11 @@ def test_a_peer_package_that_fails_on_import_is_reported_and_the_run_goes_on(tmp
     pipe = [r for r in recs if r["transport"] == "os-pipe"]
     assert mq and all(r["status"] != "ok" and "this build is broken" in r["note"] for r in mq)
     assert pipe and all(r["status"] == "ok" for r in pipe)
+
+
+@pytest.mark.parametrize("opt", ["--duration", "--rtt-seconds", "--wake-gap", "--max-spread"])
+def test_infinite_seconds_are_a_usage_error(capsys, opt):
+    """--duration inf ran a throughput trial that never ends."""
+    assert bench.main(TINY + [opt, "inf"]) == 2
+    err = capsys.readouterr().err
+    assert opt in err and "finite" in err

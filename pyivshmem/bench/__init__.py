@@ -75,8 +75,8 @@ def _positive_float(text: str) -> float:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if not 0 < x < float("inf"):  # inf: a trial (or a sleep) that never ends
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number")
     return x
 
 

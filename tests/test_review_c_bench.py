@@ -143,3 +143,11 @@ def test_infinite_seconds_are_a_usage_error(capsys, opt):
     assert bench.main(TINY + [opt, "inf"]) == 2
     err = capsys.readouterr().err
     assert opt in err and "finite" in err
+
+
+def test_one_cpu_named_twice_is_refused(capsys):
+    """--cpus 0,0 ran both processes on CPU 0 with busy-poll figures labelled "cross"."""
+    cpu = min(usable_cpus())
+    assert bench.main(TINY + ["--cpus", f"{cpu},{cpu}"]) == 2
+    err = capsys.readouterr().err
+    assert "--cpus" in err and "different" in err

@@ -103,6 +103,9 @@ def _cpu_pair(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"--cpus {text!r}: use A,B, e.g. 0,1") from None
     if not 1 <= len(cpus) <= 2 or min(cpus) < 0:
         raise argparse.ArgumentTypeError(f"--cpus {text!r}: one or two CPU numbers")
+    if len(cpus) == 2 and cpus[0] == cpus[1]:  # the figures would say "cross" for one CPU
+        raise argparse.ArgumentTypeError(f"--cpus {text!r}: two different CPUs; for both "
+                                         f"processes on one CPU give --cpus {cpus[0]}")
     return cpus
 
 

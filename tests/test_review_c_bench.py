@@ -151,3 +151,14 @@ def test_one_cpu_named_twice_is_refused(capsys):
     assert bench.main(TINY + ["--cpus", f"{cpu},{cpu}"]) == 2
     err = capsys.readouterr().err
     assert "--cpus" in err and "different" in err
+
+
+def test_a_peer_named_twice_is_measured_once(tmp_path):
+    import json
+
+    out = tmp_path / "r.json"
+    assert bench.main(["--scenarios", "roundtrip", "--peers", "os-pipe,os-pipe", "--rtt-samples",
+                       "20", "--repeat", "1", "--quiet", "--json", str(out)]) == 0
+    recs = [r for r in json.loads(out.read_text())["records"] if r["transport"] == "os-pipe"]
+    groups = [r["group"] for r in recs]
+    assert recs and len(groups) == len(set(groups)), groups

@@ -198,7 +198,8 @@ def _select_peers(spec: str) -> list:
         return list(PEERS)
     if spec in ("none", ""):
         return []
-    return [peer_by_key(k.strip()) for k in spec.split(",") if k.strip()]
+    # each once: a peer named twice was measured twice, two rows of one name in every table
+    return list(dict.fromkeys(peer_by_key(k.strip()) for k in spec.split(",") if k.strip()))
 
 
 def _list(out) -> int:

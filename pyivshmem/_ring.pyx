@@ -2357,6 +2357,13 @@ cdef extern from "<errno.h>":
 cdef uint64_t _NS_KEY = 0
 cdef bint _NS_KEY_SET = False
 
+
+def _cut_behind(cut_head, cut_cursor):
+    """Messages a cut-off subscriber had not read, or None when its cursor was ahead of the
+    publisher (a forged cursor: the u64 difference would wrap to nearly 2**64)."""
+    return cut_head - cut_cursor if cut_cursor <= cut_head else None
+
+
 _CUT_REASONS = {
     IVSHM_SUB_CUT_SLOW: "slow",
     IVSHM_SUB_CUT_DEAD: "dead",
@@ -2642,7 +2649,7 @@ cdef class PubSubRing(_Ring):
                      "same_host": buf[i].ns_key == _ns_key() and buf[i].ns_key != 0}
                 if buf[i].state == IVSHM_SUB_DROPPED:
                     d["reason"] = _CUT_REASONS.get(buf[i].reason, "unknown")
-                    d["cut_behind"] = buf[i].cut_head - buf[i].cut_cursor
+                    d["cut_behind"] = _cut_behind(buf[i].cut_head, buf[i].cut_cursor)
                 out.append(d)
             if self._m.lost: self._raise_lost()
             return out
@@ -2739,7 +2746,8 @@ cdef class Subscriber(_Ring):
         if rc != 0:
             d["state"] = "dropped"
             d["reason"] = _CUT_REASONS.get(st.reason, "unknown") if st.state == IVSHM_SUB_DROPPED else "unknown"
-            d["behind"] = st.cut_head - st.cut_cursor if st.state == IVSHM_SUB_DROPPED else None
+            d["behind"] = (_cut_behind(st.cut_head, st.cut_cursor)
+                           if st.state == IVSHM_SUB_DROPPED else None)
         if self._m.lost: self._raise_lost()
         return d
 
@@ -2771,10 +2779,12 @@ cdef class Subscriber(_Ring):
             ivshm_pubsub_sub_status(&self._s, &st)
             if st.state == IVSHM_SUB_DROPPED:
                 reason = _CUT_REASONS.get(st.reason, "unknown")
-                behind = st.cut_head - st.cut_cursor
+                behind = _cut_behind(st.cut_head, st.cut_cursor)
+                where = (f"it was {behind} messages behind" if behind is not None else
+                         "its cursor was ahead of the publisher")
                 msg = (f"{what}: subscriber {self._s.index} of ring {self._name!r} was cut off by "
-                       f"the publisher: {_CUT_WHY.get(reason, 'reason unknown')}; it was {behind} "
-                       f"messages behind (at message {st.cut_cursor}, the publisher at "
+                       f"the publisher: {_CUT_WHY.get(reason, 'reason unknown')}; {where} "
+                       f"(at message {st.cut_cursor}, the publisher at "
                        f"{st.cut_head}).  Close it and subscribe again to follow the stream from now.")
             else:
                 reason, behind = "unknown", None

@@ -1311,6 +1311,16 @@ class Bridge:
             raise ConfigError("nothing to bridge: give at least one out ring or one in ring")
         if len(set(out.values())) != len(out):
             raise ConfigError("two local rings forward to one remote ring: one producer per ring")
+        twice = sorted({r for r in in_rings if in_rings.count(r) > 1})
+        if twice:
+            raise ConfigError(f"in ring {twice[0]!r} named twice: the bridge is a ring's one "
+                              "producer; name each in ring once")
+        both = sorted(set(out) & set(in_rings))
+        if both:
+            raise ConfigError(
+                f"ring {both[0]!r} is both an out ring and an in ring: the bridge would consume "
+                "it beside its local consumer and send its own deliveries back; bridge two rings, "
+                "one each way (docs/bridge.md)")
         if not 1 <= batch <= 4096:
             raise ConfigError(f"batch must be 1..4096, not {batch}")
         for v, what in ((idle_wait, "idle_wait"), (resend_after, "resend_after"),
@@ -1881,7 +1891,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="report the remote unreachable after this many seconds")
     p.add_argument("--stats-interval", type=float, default=10.0,
                    help="log metrics every N seconds (0: never)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     args = p.parse_args(argv)
     if zmq is None:
         print(f"pyivshmem bridge: ZeroMQ (the pyzmq package) is not installed: {INSTALL_HINT}",
@@ -1890,7 +1901,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The process is the bridge's: hand the GIL between its threads (pump, network, delivery)
     # every 0.5 ms instead of 5 ms, so a thread woken by a doorbell or a socket runs sooner.
     sys.setswitchinterval(0.0005)
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ._ring import Region, parse_size
 
@@ -1904,7 +1915,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             region = peer.region
         else:
             region = Region.open(args.region)
-        out = dict(_parse_out(s) for s in args.out)
+        out: Dict[str, str] = {}
+        for spec in args.out:
+            local, remote = _parse_out(spec)
+            if local in out:  # a dict would keep the last silently
+                raise ConfigError(f"--out: local ring {local!r} named twice; forward each ring "
+                                  "once")
+            out[local] = remote
         bridge = Bridge(region, listen=args.listen, connect=args.connect, out=out,
                         in_rings=args.in_rings, state_dir=args.state_dir, name=args.name,
                         doorbell=peer, vector=args.vector, spill_size=parse_size(args.spill_size),

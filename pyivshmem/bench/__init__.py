@@ -18,10 +18,13 @@ report (JSON, table, plots), guests and vmloops (the guest topologies).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -39,13 +42,16 @@ examples:
 
 
 def _size_list(text: str) -> List[int]:
-    from .. import parse_size
+    from .. import ConfigError, parse_size
 
     out = []
     for part in text.split(","):
         part = part.strip()
         if part:
-            n = parse_size(part)
+            try:
+                n = parse_size(part, "message size")
+            except ConfigError as exc:  # argparse shows only an ArgumentTypeError's message
+                raise argparse.ArgumentTypeError(str(exc)) from None
             if n < 8:
                 raise argparse.ArgumentTypeError(f"message size {part!r}: at least 8 bytes")
             out.append(n)
@@ -69,8 +75,8 @@ def _positive_float(text: str) -> float:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if not 0 < x < float("inf"):  # inf: a trial (or a sleep) that never ends
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number")
     return x
 
 
@@ -97,6 +103,9 @@ def _cpu_pair(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"--cpus {text!r}: use A,B, e.g. 0,1") from None
     if not 1 <= len(cpus) <= 2 or min(cpus) < 0:
         raise argparse.ArgumentTypeError(f"--cpus {text!r}: one or two CPU numbers")
+    if len(cpus) == 2 and cpus[0] == cpus[1]:  # the figures would say "cross" for one CPU
+        raise argparse.ArgumentTypeError(f"--cpus {text!r}: two different CPUs; for both "
+                                         f"processes on one CPU give --cpus {cpus[0]}")
     return cpus
 
 
@@ -153,6 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that its clean-up (workers, servers, temp dirs and
+    sockets, /dev/shm files) runs as it does for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread while the block runs (the default
+    action would end the process at once, leaving the run's files and processes behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The shell's status for a run ended by ``exc``: 128 + the signal's number."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
 def _select_peers(spec: str) -> list:
     from .peers import PEERS, peer_by_key
 
@@ -161,7 +198,8 @@ def _select_peers(spec: str) -> list:
         return list(PEERS)
     if spec in ("none", ""):
         return []
-    return [peer_by_key(k.strip()) for k in spec.split(",") if k.strip()]
+    # each once: a peer named twice was measured twice, two rows of one name in every table
+    return list(dict.fromkeys(peer_by_key(k.strip()) for k in spec.split(",") if k.strip()))
 
 
 def _list(out) -> int:
@@ -223,6 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"pyivshmem bench: unknown scenario {', '.join(bad) or '(none)'}; choose from "
                   f"{', '.join(SCENARIOS)}", file=sys.stderr)
             return 2
+    # everything that could make the run's end fail is checked before the run
     for opt, path in (("--json", args.json), ("--markdown", args.markdown)):
         if not path:
             continue
@@ -230,6 +269,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isdir(parent):
             print(f"pyivshmem bench: {opt} {path}: directory {parent} does not exist",
                   file=sys.stderr)
+            return 2
+        if os.path.isdir(path):
+            print(f"pyivshmem bench: {opt} {path} is a directory; name a file in it, e.g. "
+                  f"{os.path.join(path, 'results.json' if opt == '--json' else 'results.md')}",
+                  file=sys.stderr)
+            return 2
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        print(f"pyivshmem bench: --plot {args.plot} is not a directory; name a directory "
+              "(it is created if missing)", file=sys.stderr)
+        return 2
+    if args.cpus:
+        from .workers import usable_cpus
+
+        bad = [c for c in args.cpus if c not in usable_cpus()]
+        if bad:
+            print(f"pyivshmem bench: --cpus: this process may not run on CPU "
+                  f"{', '.join(map(str, bad))}; choose from "
+                  f"{', '.join(map(str, usable_cpus()))}", file=sys.stderr)
             return 2
 
     s = Settings.preset(args.quick)
@@ -260,10 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         transports = [PyivshmemTransport()] + peers
         runner = Runner(s, transports, None if args.quiet else progress)
         try:
-            records = runner.run()
-        except KeyboardInterrupt:
+            with sigterm_interrupts():
+                records = runner.run()
+        except KeyboardInterrupt as exc:
             print("pyivshmem bench: interrupted", file=sys.stderr)
-            return 130
+            return interrupted_status(exc)
         notes = runner.notes
     else:
         from .guests import GuestsUnavailable, check_available, guest_settings, run_guests
@@ -293,11 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         guest.update(accel=choice.accel, accel_reason=choice.reason,
                      accel_requested=choice.requested)
         try:
-            records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
-                                        None if args.quiet else progress)
-        except KeyboardInterrupt:
+            with sigterm_interrupts():
+                records, notes = run_guests(s, guest, image, list(s.cpus) or usable_cpus(),
+                                            None if args.quiet else progress)
+        except KeyboardInterrupt as exc:
             print("pyivshmem bench: interrupted", file=sys.stderr)
-            return 130
+            return interrupted_status(exc)
     doc = build_document(records, settings, notes, ["pyivshmem", "bench"] + args_list,
                          list(s.cpus) or usable_cpus(), time.monotonic() - started)
     print(format_report(doc))

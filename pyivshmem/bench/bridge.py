@@ -24,6 +24,7 @@ peers, so idle waits sleep on doorbells (`pyivshmem bridge --server`); ``--no-do
 /dev/shm region files instead, where idle waits poll with back-off up to 1 ms.
 """
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -32,10 +33,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import signal
 import time
 
 PY = sys.executable
 ME = ["-m", "pyivshmem.bench.bridge"]  # how child processes run this module's roles
+SLOTS = 1024  # slots of every ring of a Bridged pair
+REGION = 64 << 20  # each side's region: 3 rings of SLOTS slots
+MAX_SIZE = 16 << 10  # the largest message those rings take (slot = the largest --sizes)
+FIRST_BATCH = 512  # the bridged consumer's recv_many: its first batch starts the clock
+
+
+def _popen(args, **kw):
+    """A child process that gets SIGTERM when this benchmark ends, however it ends (SIGKILL
+    included): none of the bridges, producers, sinks and echoes it starts waits on for good."""
+    parent = os.getpid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after fork
+    except (OSError, AttributeError):
+        prctl = None
+
+    def die_with_parent():
+        if prctl is not None:
+            prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it ended before the prctl
+            os._exit(1)
+
+    return subprocess.Popen(args, preexec_fn=die_with_parent, **kw)
 
 
 def free_port():
@@ -159,9 +183,9 @@ def role_ring_echo(path):
 
 def zmq_throughput(count, size, batch):
     port = free_port()
-    sink = subprocess.Popen([PY, *ME, "_role", "zmq_sink", str(port), str(count), str(batch)],
+    sink = _popen([PY, *ME, "_role", "zmq_sink", str(port), str(count), str(batch)],
                             stdout=subprocess.PIPE, text=True)
-    src = subprocess.Popen([PY, *ME, "_role", "zmq_source", str(port), str(count), str(size),
+    src = _popen([PY, *ME, "_role", "zmq_source", str(port), str(count), str(size),
                             str(batch), "64"], stdout=subprocess.PIPE, text=True)
     out = json.loads(sink.communicate(timeout=600)[0])
     src_cpu = json.loads(src.communicate(timeout=60)[0])["cpu"]
@@ -179,7 +203,7 @@ def zmq_roundtrip(pings, size):
     import zmq
 
     port = free_port()
-    echo = subprocess.Popen([PY, *ME, "_role", "zmq_echo", str(port)])
+    echo = _popen([PY, *ME, "_role", "zmq_echo", str(port)])
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.connect(f"tcp://127.0.0.1:{port}")
@@ -203,18 +227,25 @@ class Bridged:
     """Two regions (two hosts) and two bridge processes between them, kept for the whole run."""
 
     def __init__(self, tmp, slot, doorbells, source=None):
+        self.tmp = tmp
+        self.procs, self.closers = [], []
+        try:
+            self._start(tmp, slot, doorbells, source)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, tmp, slot, doorbells, source):
         from pyivshmem import Peer, Region, Server
 
-        self.tmp = tmp
         os.makedirs(tmp, exist_ok=True)
         env = None
         if source is not None:  # the bridge processes run another tree's pyivshmem
             env = dict(os.environ, PYTHONPATH=os.path.abspath(source))
-        self.closers = []
         if doorbells:  # two servers (the two hosts); everyone joins as a peer, sleeps on doorbells
             self.a, self.b = os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")
             for sock in (self.a, self.b):
-                srv = Server(sock, size="64M", vectors=4)
+                srv = Server(sock, size=REGION, vectors=4)
                 srv.start()
                 self.closers.append(srv.close)
             self.pa, self.pb = Peer.connect(self.a), Peer.connect(self.b)
@@ -226,37 +257,38 @@ class Bridged:
             tag = "base" if source else "this"
             self.a = f"/dev/shm/pyivshmem-bb-{os.getpid()}-{tag}-a"
             self.b = f"/dev/shm/pyivshmem-bb-{os.getpid()}-{tag}-b"
-            self.ra, self.rb = Region.create(self.a, "64M"), Region.create(self.b, "64M")
-            self.closers = [self.ra.close, self.rb.close, lambda: os.unlink(self.a),
-                            lambda: os.unlink(self.b)]
+            self.ra = Region.create(self.a, REGION)
+            self.closers += [self.ra.close, lambda: os.unlink(self.a)]
+            self.rb = Region.create(self.b, REGION)
+            self.closers += [self.rb.close, lambda: os.unlink(self.b)]
             where = ["--region", self.a], ["--region", self.b]
         for r in (self.ra, self.rb):
-            r.create_ring("ping", slot_size=slot, capacity=1024)
-            r.create_ring("pong", slot_size=slot, capacity=1024)
-        self.ra.create_ring("up", slot_size=slot, capacity=1024)
-        self.rb.create_ring("down", slot_size=slot, capacity=1024)
+            r.create_ring("ping", slot_size=slot, capacity=SLOTS)
+            r.create_ring("pong", slot_size=slot, capacity=SLOTS)
+        self.ra.create_ring("up", slot_size=slot, capacity=SLOTS)
+        self.rb.create_ring("down", slot_size=slot, capacity=SLOTS)
         port = free_port()
         common = [PY, "-m", "pyivshmem", "bridge", "--stats-interval", "0", "--log-level",
                   "WARNING"]
-        self.procs = [
-            subprocess.Popen(common + where[1] + ["--listen", f"tcp://127.0.0.1:{port}",
+        self.procs.append(
+            _popen(common + where[1] + ["--listen", f"tcp://127.0.0.1:{port}",
                                        "--in", "down", "--in", "ping", "--out", "pong",
-                                       "--state-dir", os.path.join(tmp, "b")], env=env),
-            subprocess.Popen(common + where[0] + ["--connect", f"tcp://127.0.0.1:{port}",
+                                       "--state-dir", os.path.join(tmp, "b")], env=env))
+        self.procs.append(
+            _popen(common + where[0] + ["--connect", f"tcp://127.0.0.1:{port}",
                                        "--out", "up=down", "--out", "ping", "--in", "pong",
-                                       "--state-dir", os.path.join(tmp, "a")], env=env),
-        ]
+                                       "--state-dir", os.path.join(tmp, "a")], env=env))
 
     def throughput(self, count, size):
         from pyivshmem import Channel
 
         ch = Channel(self.rb.ring("down"), self.pb, vector=1)
         c0 = sum(cpu_seconds(p.pid) for p in self.procs)
-        prod = subprocess.Popen([PY, *ME, "_role", "ring_producer", self.a, str(count), str(size)])
+        prod = _popen([PY, *ME, "_role", "ring_producer", self.a, str(count), str(size)])
         got = 0
         t0 = None
         while got < count:
-            msgs = ch.recv_many(512, timeout=60)
+            msgs = ch.recv_many(FIRST_BATCH, timeout=60)
             if not msgs:
                 raise RuntimeError(f"bridged throughput stalled after {got} messages")
             if t0 is None:  # timed from the first batch, as the zmq sink is
@@ -271,7 +303,7 @@ class Bridged:
     def roundtrip(self, pings, size):
         from pyivshmem import Channel
 
-        echo = subprocess.Popen([PY, *ME, "_role", "ring_echo", self.b])
+        echo = _popen([PY, *ME, "_role", "ring_echo", self.b])
         tx = Channel(self.ra.ring("ping"), self.pa, vector=0)
         rx = Channel(self.ra.ring("pong"), self.pa, vector=1)
         msg = b"p" * size
@@ -291,11 +323,17 @@ class Bridged:
         return lat
 
     def close(self):
-        for p in self.procs:
+        procs, self.procs = self.procs, []
+        closers, self.closers = self.closers, []
+        for p in procs:
             p.terminate()
-        for p in self.procs:
-            p.wait(30)
-        for c in self.closers:
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for c in closers:
             c()
 
 
@@ -307,12 +345,22 @@ def pct(lat, q):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="pyivshmem bench bridge",
                                  description=__doc__.split("\n\n")[0])
-    from . import _positive_int
+    from . import _positive_int, _size_list
+
+    def sizes_type(text):
+        sizes = _size_list(text)
+        big = [n for n in sizes if n > MAX_SIZE]
+        if big:
+            raise argparse.ArgumentTypeError(
+                f"{big[0]} bytes: at most {MAX_SIZE} (the benchmark's rings hold {SLOTS} slots "
+                f"of the largest size in a {REGION >> 20} MiB region)")
+        return sizes
 
     ap.add_argument("--rounds", type=_positive_int, default=3, help="trials of each figure")
     ap.add_argument("--count", type=_positive_int, default=200_000,
                     help="messages per throughput trial")
-    ap.add_argument("--sizes", default="64,1024", help="message sizes in bytes, comma-separated")
+    ap.add_argument("--sizes", default=[64, 1024], type=sizes_type,
+                    help=f"message sizes, comma-separated, 8 to {MAX_SIZE >> 10}K (64,1024)")
     ap.add_argument("--batch", type=_positive_int, default=256,
                     help="messages per ZeroMQ batch of the direct trials")
     ap.add_argument("--pings", type=_positive_int, default=2000,
@@ -323,9 +371,17 @@ def main(argv=None):
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run the bridge of another source tree (DIR holds its pyivshmem "
                          "package, built), in the same alternation: this bridge against that one")
-    ap.add_argument("--json")
+    ap.add_argument("--json", metavar="FILE")
     try:
         args = ap.parse_args(argv)
+        if args.json and (os.path.isdir(args.json)
+                          or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+            # checked now: the figures of a whole run are not lost at its end
+            ap.error(f"--json {args.json}: name a file in an existing directory")
+        if args.count <= max(args.batch, FIRST_BATCH):
+            # each rate is timed from its first batch: a run of one batch has no rate
+            ap.error(f"--count {args.count}: more than {max(args.batch, FIRST_BATCH)} messages "
+                     f"(--batch and the consumer's first batch of up to {FIRST_BATCH})")
     except SystemExit as exc:  # usage errors and --help: a status, as `pyivshmem bench` returns
         return int(exc.code or 0)
     try:
@@ -334,16 +390,30 @@ def main(argv=None):
         print("pyivshmem bench bridge: the bridge benchmark needs pyzmq: "
               "pip install 'pyivshmem[bridge]'", file=sys.stderr)
         return 2
-    sizes = [int(x) for x in args.sizes.split(",")]
-    tmp = tempfile.mkdtemp(prefix="pyivshmem-bridge-bench-")
-    kinds = {"bridge": Bridged(os.path.join(tmp, "this"), max(sizes), not args.no_doorbells)}
-    if args.baseline:
-        kinds["baseline"] = Bridged(os.path.join(tmp, "base"), max(sizes), not args.no_doorbells,
-                                    source=args.baseline)
-    res = {"throughput": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
-           "cpu": {s: {k: [] for k in ["zmq", *kinds]} for s in sizes},
-           "roundtrip": {k: [] for k in ["zmq", *kinds]}}
+    from . import interrupted_status, sigterm_interrupts
+
+    sizes = args.sizes
     try:
+        with sigterm_interrupts():
+            res, kinds = _run(args, sizes)
+    except KeyboardInterrupt as exc:
+        print("pyivshmem bench bridge: interrupted", file=sys.stderr)
+        return interrupted_status(exc)
+    _report(args, sizes, res, kinds)
+    return 0
+
+
+def _run(args, sizes):
+    tmp = tempfile.mkdtemp(prefix="pyivshmem-bridge-bench-")
+    kinds = {}
+    res = {"throughput": {s: {k: [] for k in ["zmq", "bridge", "baseline"]} for s in sizes},
+           "cpu": {s: {k: [] for k in ["zmq", "bridge", "baseline"]} for s in sizes},
+           "roundtrip": {k: [] for k in ["zmq", "bridge", "baseline"]}}
+    try:
+        kinds["bridge"] = Bridged(os.path.join(tmp, "this"), max(sizes), not args.no_doorbells)
+        if args.baseline:
+            kinds["baseline"] = Bridged(os.path.join(tmp, "base"), max(sizes),
+                                        not args.no_doorbells, source=args.baseline)
         for b in kinds.values():
             b.roundtrip(10, 64)  # warm up: both bridges connected
         for r in range(args.rounds):
@@ -363,6 +433,10 @@ def main(argv=None):
         for b in kinds.values():
             b.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    return res, kinds
+
+
+def _report(args, sizes, res, kinds):
     out = {"throughput": {}, "roundtrip": {}}
     base = "baseline" in kinds
     head = f"{'figure':34s} {'zmq direct':>14s} {'bridged':>14s} {'bridge/zmq':>11s}"
@@ -402,7 +476,6 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": out}, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,6 +43,89 @@ def _payload(size: int) -> bytearray:
     return bytearray((pattern * (size // len(pattern) + 1))[:size])
 
 
+# -- processes -----------------------------------------------------------------------------------
+def _child(parent, target, *args):
+    """A subscriber process: it ends with the benchmark (PR_SET_PDEATHSIG, so even a SIGKILLed
+    benchmark leaves no subscriber polling for a stop marker that never comes), and Ctrl-C is
+    the benchmark's to handle (it stops its subscribers itself)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the benchmark ended before the prctl
+        return
+    target(*args)
+
+
+def _start(ctx, target, args, n):
+    procs = [ctx.Process(target=_child, args=(os.getpid(), target) + tuple(args), daemon=True)
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+class BenchFailed(RuntimeError):
+    """A run that cannot give a figure (a subscriber died, a message was lost); the message says
+    which."""
+
+
+def _check_alive(procs):
+    """BenchFailed if a subscriber process has ended before its results (is_alive() reaps it:
+    unreaped, a killed subscriber stays a zombie that the publisher must take for alive)."""
+    for i, p in enumerate(procs):
+        if not p.is_alive() and p.exitcode != 0:
+            raise BenchFailed(f"subscriber process {i + 1} of {len(procs)} (pid {p.pid}) ended "
+                              f"with exit code {p.exitcode} during the run")
+
+
+def _meet(procs, *barriers, timeout=60.0):
+    """The publisher's side of the start barriers; BenchFailed, naming a subscriber that died,
+    when they break."""
+    import threading
+
+    try:
+        for b in barriers:
+            b.wait(timeout)
+    except threading.BrokenBarrierError:
+        for b in barriers:
+            b.abort()  # the subscribers still waiting are released (and stopped by _stop)
+        _check_alive(procs)
+        raise BenchFailed(f"the subscribers did not start within {timeout:.0f} s") from None
+
+
+def _results(out, procs, timeout=120.0):
+    """Every subscriber's (count, end time, latencies), watching that none has died."""
+    import queue
+
+    res = []
+    deadline = time.monotonic() + timeout
+    while len(res) < len(procs):
+        try:
+            res.append(out.get(timeout=0.1))
+            continue
+        except queue.Empty:
+            pass
+        _check_alive(procs)
+        if time.monotonic() > deadline:
+            raise BenchFailed(f"{len(procs) - len(res)} subscriber(s) did not report within "
+                              f"{timeout:.0f} s")
+    return res
+
+
+def _stop(procs):
+    """Subscribers still running when a run ends early (an error, Ctrl-C, SIGTERM) are killed."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(10)
+
+
 # -- pyivshmem -----------------------------------------------------------------------------------
 def _region_size(size: int, capacity: int) -> int:
     need = 64 * 1024 + capacity * (size + 64) + 16 * 1024
@@ -95,9 +178,17 @@ def _ivs_sub(path, ready, go, out, mode, latency):
     region.close()
 
 
-def _ivs_pub(ring, size, mode, seconds, latency, gap_ns):
+def _ivs_pub(ring, size, mode, seconds, latency, gap_ns, procs=()):
     data = _payload(size)
-    try_send, reserve, commit, yield_ = ring.try_send, ring.reserve, ring.commit, os.sched_yield
+    try_send, reserve, commit, sched_yield = ring.try_send, ring.reserve, ring.commit, os.sched_yield
+    waits = 0
+
+    def yield_():  # a full ring: every 1024th time, see that no subscriber died
+        nonlocal waits
+        waits += 1
+        if not waits & 1023:
+            _check_alive(procs)
+        sched_yield()
 
     def publish():  # one message, waiting (yielding the CPU) while the slowest subscriber lags
         if mode == "zero-copy":
@@ -142,22 +233,20 @@ def _run_ivs(nsubs, size, mode, seconds, latency, gap_ns):
     path = f"/dev/shm/pyivshmem-bench-pubsub-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     cap = _capacity(size)
     region = Region.create(path, _region_size(size, cap))
+    procs: list = []
     try:
         ring = region.create_ring("bench", kind="pubsub", slot_size=max(size, 16), capacity=cap)
         ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
-        procs = [ctx.Process(target=_ivs_sub, args=(path, ready, go, out, mode, latency))
-                 for _ in range(nsubs)]
-        for p in procs:
-            p.start()
-        ready.wait(60)
-        go.wait(60)
+        procs = _start(ctx, _ivs_sub, (path, ready, go, out, mode, latency), nsubs)
+        _meet(procs, ready, go)
         t0 = time.perf_counter_ns()
-        sent = _ivs_pub(ring, size, mode, seconds, latency, gap_ns)
-        res = [out.get(timeout=120) for _ in procs]
+        sent = _ivs_pub(ring, size, mode, seconds, latency, gap_ns, procs)
+        res = _results(out, procs)
         for p in procs:
             p.join(30)
         ring.close()
     finally:
+        _stop(procs)
         region.close()
         os.unlink(path)
     return _summary(sent, t0, res)
@@ -221,27 +310,27 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
     pub = (svc.publisher_builder().initial_max_slice_len(max(size, 16))
            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered).create())
     ready, go, out = ctx.Barrier(nsubs + 1), ctx.Barrier(nsubs + 1), ctx.Queue()
-    procs = [ctx.Process(target=_iox_sub, args=(name, max(size, 16), nsubs, ready, go, out, mode,
-                                                latency)) for _ in range(nsubs)]
-    for p in procs:
-        p.start()
-    ready.wait(60)
-    go.wait(60)
-    data = _payload(size)
-    buf = (ctypes.c_uint8 * size).from_buffer(data)
-    loan, memmove = pub.loan_slice_uninit, ctypes.memmove
+    procs = _start(ctx, _iox_sub, (name, max(size, 16), nsubs, ready, go, out, mode, latency),
+                   nsubs)
+    try:
+        _meet(procs, ready, go)
+        data = _payload(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(data)
+        loan, memmove = pub.loan_slice_uninit, ctypes.memmove
 
-    def send_one():
-        s = loan(size)
-        memmove(s.payload_ptr, buf, size)
-        s.assume_init().send()
+        def send_one():
+            s = loan(size)
+            memmove(s.payload_ptr, buf, size)
+            s.assume_init().send()
 
-    t0 = time.perf_counter_ns()
-    sent = _publish_for(seconds, latency, gap_ns, data, send_one)
-    res = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
-    del buf
+        t0 = time.perf_counter_ns()
+        sent = _publish_for(seconds, latency, gap_ns, data, send_one)
+        res = _results(out, procs)
+        for p in procs:
+            p.join(30)
+        del buf
+    finally:
+        _stop(procs)
     pub.delete()
     return _summary(sent, t0, res)
 
@@ -249,7 +338,7 @@ def _run_iox(nsubs, size, mode, seconds, latency, gap_ns):
 def _summary(sent, t0, res):
     for count, _, _ in res:
         if count != sent:
-            raise RuntimeError(f"a subscriber got {count} of {sent} messages (lossless run)")
+            raise BenchFailed(f"a subscriber got {count} of {sent} messages (lossless run)")
     t_end = max(r[1] for r in res)
     lat = sorted(x for r in res for x in r[2])
     d = {"sent": sent, "rate": sent / ((t_end - t0) / 1e9)}
@@ -260,32 +349,90 @@ def _summary(sent, t0, res):
 
 
 # -- driver --------------------------------------------------------------------------------------
-def _sizes(text):
+MODES = ("copy", "zero-copy")
+PEERS = ("pyivshmem", "iceoryx2")
+MAX_SUBSCRIBERS = 64  # a pubsub ring's table
+
+
+def _list_of(parse, what):
+    def convert(text):
+        out = []
+        for part in text.split(","):
+            part = part.strip()
+            if part:
+                try:
+                    out.append(parse(part))
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise argparse.ArgumentTypeError(f"{part!r}: {exc}") from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        return out
+    return convert
+
+
+def _size(text):
     from pyivshmem import parse_size
 
-    return [parse_size(x) for x in text.split(",") if x.strip()]
+    n = parse_size(text, "message size")
+    if n < STAMP.size:
+        raise argparse.ArgumentTypeError(f"at least {STAMP.size} bytes (the latency stamp)")
+    return n
+
+
+def _subscribers(text):
+    n = int(text)
+    if not 1 <= n <= MAX_SUBSCRIBERS:
+        raise argparse.ArgumentTypeError(f"1 to {MAX_SUBSCRIBERS} subscribers (a ring's table)")
+    return n
+
+
+def _choice(choices):
+    def convert(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+        return text
+    return convert
+
+
+def _positive(kind):
+    def convert(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
+        return x
+    return convert
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pyivshmem bench pubsub", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subscribers", default="1,2,4", help="subscriber counts (1,2,4)")
-    ap.add_argument("--sizes", default="64,4K,1M", help="message sizes (64,4K,1M)")
-    ap.add_argument("--modes", default="copy,zero-copy")
-    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per throughput trial")
-    ap.add_argument("--repeat", type=int, default=3, help="trials per figure (median)")
-    ap.add_argument("--latency-gap-us", type=float, default=200.0,
+    ap.add_argument("--subscribers", default=[1, 2, 4], type=_list_of(_subscribers, "counts"),
+                    help="subscriber counts (1,2,4)")
+    ap.add_argument("--sizes", default=[64, 4096, 1 << 20], type=_list_of(_size, "sizes"),
+                    help="message sizes (64,4K,1M)")
+    ap.add_argument("--modes", default=list(MODES), type=_list_of(_choice(MODES), "modes"),
+                    help="copy, zero-copy or both (copy,zero-copy)")
+    ap.add_argument("--seconds", type=_positive(float), default=1.0,
+                    help="seconds per throughput trial")
+    ap.add_argument("--repeat", type=_positive(int), default=3, help="trials per figure (median)")
+    ap.add_argument("--latency-gap-us", type=_positive(float), default=200.0,
                     help="microseconds between latency probes (paced)")
     ap.add_argument("--quick", action="store_true", help="0.3 s trials, one each")
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--peers", default="pyivshmem,iceoryx2")
+    ap.add_argument("--peers", default=list(PEERS), type=_list_of(_choice(PEERS), "peers"),
+                    help="pyivshmem, iceoryx2 or both (pyivshmem,iceoryx2)")
     args = ap.parse_args(argv)
+    if args.json:  # checked now: the figures of a whole run are not lost at its end
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(parent):
+            ap.error(f"--json {args.json}: name a file in an existing directory")
     if args.quick:
         args.seconds, args.repeat = 0.3, 1
-    if any(n < STAMP.size for n in _sizes(args.sizes)):
-        ap.error(f"message sizes must be at least {STAMP.size} bytes (the latency stamp)")
     runners = {"pyivshmem": _run_ivs, "iceoryx2": _run_iox}
-    peers = [p for p in args.peers.split(",") if p]
+    peers = list(dict.fromkeys(args.peers))
     if "iceoryx2" in peers:
         try:
             import iceoryx2  # noqa: F401
@@ -293,11 +440,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("iceoryx2 is not installed (pip install iceoryx2): measuring pyivshmem alone",
                   file=sys.stderr)
             peers.remove("iceoryx2")
+    if not peers:
+        print("pyivshmem bench pubsub: nothing to measure", file=sys.stderr)
+        return 2
+    from . import interrupted_status, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            results = _run_all(args, peers, runners)
+    except KeyboardInterrupt as exc:
+        print("pyivshmem bench pubsub: interrupted", file=sys.stderr)
+        return interrupted_status(exc)
+    except BenchFailed as exc:
+        print(f"pyivshmem bench pubsub: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds": args.seconds, "repeat": args.repeat, "results": results}, f,
+                      indent=2)
+    return 0
+
+
+def _run_all(args, peers, runners) -> List[Dict]:
     results: List[Dict] = []
     gap = int(args.latency_gap_us * 1000)
-    for nsubs in [int(x) for x in args.subscribers.split(",")]:
-        for size in _sizes(args.sizes):
-            for mode in args.modes.split(","):
+    for nsubs in args.subscribers:
+        for size in args.sizes:
+            for mode in args.modes:
                 fig: Dict[str, Dict[str, List[float]]] = {p: {"rate": [], "p50": [], "p99": []}
                                                           for p in peers}
                 for _ in range(args.repeat):
@@ -312,11 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     row[p] = {k: statistics.median(v) for k, v in fig[p].items()}
                 results.append(row)
                 _print_row(row, peers)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seconds": args.seconds, "repeat": args.repeat, "results": results}, f,
-                      indent=2)
-    return 0
+    return results
 
 
 def _print_row(row, peers):

@@ -94,10 +94,14 @@ class _Session:
               order: Optional[Sequence[str]] = None) -> None:
         """run() in two halves (WorkerGroup.start/finish): several sessions at once."""
         if self.group is None:
-            self.state = self.transport.setup(
-                self.runner.ctx, f"{self.runner.run_id}-{self.runner.next_serial()}",
-                self.sizes, self.runner.workdir,
-            )
+            try:
+                self.state = self.transport.setup(
+                    self.runner.ctx, f"{self.runner.run_id}-{self.runner.next_serial()}",
+                    self.sizes, self.runner.workdir,
+                )
+            except Exception as exc:  # this transport's figures fail, the run goes on
+                raise WorkerFailed(f"{self.transport.key}: setup failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
             try:
                 self.group = WorkerGroup(self.transport, self.state, self.roles, self.cpus,
                                          self.runner.ctx)
@@ -351,7 +355,10 @@ class Runner:
             wanted.add(self.s.rtt_size)
         ok, bad = [], []
         for size in sorted(wanted):
-            why = t.size_problem(size)
+            try:
+                why = t.size_problem(size)
+            except Exception as exc:  # a peer's package failing here fails that peer, not the run
+                why = f"{t.key} failed: {type(exc).__name__}: {exc}"
             if why:
                 bad.append((size, why))
             else:

@@ -79,7 +79,7 @@ __all__ = ["Region", "SpscRing", "MpmcRing", "PubSubRing", "Subscriber", "SlotVi
            "parse_size"]
 
 cdef extern from "Python.h":
-    int PySequence_Fast_GET_SIZE(object o)
+    Py_ssize_t PySequence_Fast_GET_SIZE(object o)
     void *PySequence_Fast_ITEMS(object o)
 
 _KINDS = {"spsc": IVSHM_KIND_SPSC, "mpmc": IVSHM_KIND_MPMC, "pubsub": IVSHM_KIND_PUBSUB}
@@ -1183,19 +1183,44 @@ cdef class _Ring:
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
         raise NotImplementedError  # rings that send in batches (SPSC, publish-subscribe)
 
+    cdef Py_ssize_t _send_slow(self, seq, Py_ssize_t start, Py_ssize_t end) except -1:
+        cdef Py_ssize_t i
+        for i in range(start, end):
+            if i >= PySequence_Fast_GET_SIZE(seq):
+                return i - start  # another thread shortened the list: the rest is gone
+            try:
+                if self._send_obj(seq[i]) != 0:
+                    return i - start
+            except Exception as e:
+                # too large, or not bytes-like (TypeError): the caller must learn how many of
+                # the batch went before it, or it could not resend the rest exactly once
+                e.sent = i
+                raise
+        return end - start
+
     cdef _send_many_batched(self, messages, timeout):
-        """send_many of the rings with a _send_batch: batches until all are sent, the ring is
-        full (timeout=0) or the wait for room ends; how many were sent."""
+        """send_many of the rings with a _send_batch (arguments checked, then _send_many_from)."""
         self._check_send()
         cdef double t = _timeout_arg(timeout)
         seq = self._sequence(messages)
-        cdef Py_ssize_t total = len(seq), sent = 0
+        return self._send_many_from(seq, 0, t, timeout)
+
+    cdef Py_ssize_t _send_many_from(self, seq, Py_ssize_t start, double t, timeout) except -1:
+        """send_many from message ``start`` of ``seq`` (a list or tuple), ``t`` a timeout that
+        _timeout_arg validated: the index reached, so messages before it are sent.  An error
+        about a message carries ``.sent``, counted from ``seq[0]``: a Channel resumes a batch at
+        ``start`` without slicing it, and still tells its caller what went.  This one batches
+        (rings with a _send_batch) until all are sent, the ring is full (t=0) or the wait for
+        room ends."""
+        cdef Py_ssize_t sent = start
         cdef _Waiter w = None
         cdef Py_ssize_t n
         while True:
-            n = self._send_batch(seq, sent, total)
+            # its length again after each pause: the GIL was released, and another thread may
+            # have shortened the list
+            n = self._send_batch(seq, sent, PySequence_Fast_GET_SIZE(seq))
             sent += n
-            if sent >= total or t == 0:
+            if sent >= PySequence_Fast_GET_SIZE(seq) or t == 0:
                 if self._m.lost: self._raise_lost()
                 return sent
             if w is None:
@@ -1549,60 +1574,78 @@ cdef class SpscRing(_Ring):
         return self._send_many_batched(messages, timeout)
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
-        cdef Py_ssize_t i, k, n, done = 0
+        cdef Py_ssize_t k, n, done = 0
         cdef int rc = 0
-        cdef object item
-        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef object item, keep
+        cdef PyObject **items
         cdef _Mapping mp = self._m
-        cdef uint64_t pending
-        while start + done < total:
+        cdef uint64_t nbytes
+        while True:
+            # (again after each copy without the GIL: another thread may have changed the list,
+            # moving its items array or shortening it)
+            if total > PySequence_Fast_GET_SIZE(seq):
+                total = PySequence_Fast_GET_SIZE(seq)
+            if start + done >= total:
+                break
             self._check_send()  # the GIL may have been released: the region may have been closed
+            items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
                 n = _BATCH
             # gather pointers with the GIL (bytes fast path; other buffers are converted)
+            nbytes = 0
             for k in range(n):
                 item = <object>items[start + done + k]
                 if not PyBytes_CheckExact(item):
-                    return done + self._send_slow(seq, start + done, start + done + n)
+                    k = self._send_slow(seq, start + done, start + done + n)
+                    done += k
+                    if k < n:
+                        return done
+                    break
                 self._ptrs[k] = PyBytes_AS_STRING(item)
                 self._lens[k] = PyBytes_GET_SIZE(item)
-            # copy and publish without it
-            mp.enter()
-            try:
-                with nogil:
-                    k = 0
-                    pending = 0
-                    while k < n:
-                        rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
-                        if rc != 0:
-                            break
-                        pending += self._lens[k]
-                        if pending >= _OVERLAP_BYTES:
-                            # much written: let the consumer start on it now
-                            ivshm_spsc_publish(&self._q)
-                            pending = 0
-                        k += 1
-                    ivshm_spsc_publish(&self._q)
-            finally:
-                mp.leave()
-            done += k
-            if rc == -EAGAIN:
-                return done
-            if rc != 0:
-                self._send_error(rc, start + done)
+                nbytes += self._lens[k]
+            else:
+                if nbytes <= _NOGIL_BYTES:
+                    # a short copy keeps the GIL: no other thread can free the messages meanwhile
+                    rc = self._write_n(n, &k)
+                else:
+                    # the pointers are borrowed from the caller's list, which another thread may
+                    # change while the GIL is released: hold the batch's messages until done
+                    keep = seq[start + done:start + done + n]
+                    mp.enter()
+                    try:
+                        with nogil:
+                            rc = self._write_n(n, &k)
+                    finally:
+                        mp.leave()
+                    keep = None
+                done += k
+                if rc == -EAGAIN:
+                    return done
+                if rc != 0:
+                    self._send_error(rc, start + done)
         return done
 
-    cdef Py_ssize_t _send_slow(self, seq, Py_ssize_t start, Py_ssize_t end) except -1:
-        cdef Py_ssize_t i
-        for i in range(start, end):
-            try:
-                if self._send_obj(seq[i]) != 0:
-                    return i - start
-            except MessageTooLargeError as e:
-                e.sent = i
-                raise
-        return end - start
+    cdef int _write_n(self, Py_ssize_t n, Py_ssize_t *written) noexcept nogil:
+        """Write the n gathered messages and publish (as they go, every _OVERLAP_BYTES): 0, or
+        the error that stopped it; *written says how many went."""
+        cdef Py_ssize_t k = 0
+        cdef int rc = 0
+        cdef uint64_t pending = 0
+        while k < n:
+            rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
+            if rc != 0:
+                break
+            pending += self._lens[k]
+            if pending >= _OVERLAP_BYTES:
+                # much written: let the consumer start on it now
+                ivshm_spsc_publish(&self._q)
+                pending = 0
+            k += 1
+        ivshm_spsc_publish(&self._q)
+        written[0] = k
+        return rc
 
     cdef _send_error(self, int rc, Py_ssize_t index):
         if rc == -EMSGSIZE:
@@ -2089,14 +2132,20 @@ cdef class MpmcRing(_Ring):
         self._check_send()
         cdef double t = _timeout_arg(timeout)
         seq = self._sequence(messages)
-        cdef Py_ssize_t total = len(seq), sent = 0
+        return self._send_many_from(seq, 0, t, timeout)
+
+    cdef Py_ssize_t _send_many_from(self, seq, Py_ssize_t start, double t, timeout) except -1:
+        cdef Py_ssize_t total, sent = start
         cdef _Waiter w = None
-        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef PyObject **items
         cdef object item
-        cdef Py_ssize_t ln, before = 0
+        cdef Py_ssize_t ln, before = start
         cdef int rc
         while True:
             self._check_send()  # again after each pause: the region may have been closed
+            # and the list looked at again: another thread may have changed it meanwhile
+            items = <PyObject **>PySequence_Fast_ITEMS(seq)
+            total = PySequence_Fast_GET_SIZE(seq)
             try:
                 while sent < total:
                     item = <object>items[sent]
@@ -2114,11 +2163,15 @@ cdef class MpmcRing(_Ring):
                         # a buffer object may have run Python code: look at everything again
                         self._check_send()
                         items = <PyObject **>PySequence_Fast_ITEMS(seq)
-                        total = min(total, len(seq))
+                        total = min(total, PySequence_Fast_GET_SIZE(seq))
                     sent += 1
-            except MessageTooLargeError as e:
+            except Exception as e:
+                # too large, not bytes-like (TypeError), or corrupt: the caller must learn how
+                # many went before it, or it could not resend the rest exactly once
                 e.sent = sent
-                e.args = (f"{e.args[0]}; message {sent} of the batch, the {sent} before it were sent",)
+                if isinstance(e, MessageTooLargeError):
+                    e.args = (f"{e.args[0]}; message {sent} of the batch, the {sent} before it "
+                              "were sent",)
                 raise
             if sent >= total or t == 0:
                 if self._m.lost: self._raise_lost()
@@ -2507,59 +2560,88 @@ cdef class PubSubRing(_Ring):
         return self._send_many_batched(messages, timeout)
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
-        cdef Py_ssize_t k, n, m, done = 0
+        cdef Py_ssize_t k, n, m = 0, done = 0
         cdef int64_t room = 0
         cdef int rc = 0
-        cdef object item
-        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef object item, keep
+        cdef PyObject **items
         cdef _Mapping mp = self._m
-        cdef uint32_t ss = self._info.slot_size
-        cdef uint64_t cap = self._info.capacity
-        while start + done < total:
+        cdef uint64_t nbytes
+        while True:
+            # (again after each copy without the GIL: another thread may have changed the list)
+            if total > PySequence_Fast_GET_SIZE(seq):
+                total = PySequence_Fast_GET_SIZE(seq)
+            if start + done >= total:
+                break
             self._check()
+            items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
                 n = _BATCH
+            nbytes = 0
             for k in range(n):
                 item = <object>items[start + done + k]
                 if not PyBytes_CheckExact(item):
                     # other buffers one at a time, through the buffer protocol
-                    for k in range(start + done, start + done + n):
-                        if self._send_obj(seq[k]) != 0:
-                            return k - start
-                    done += n
+                    k = self._send_slow(seq, start + done, start + done + n)
+                    done += k
+                    if k < n:
+                        return done
                     break
                 self._ptrs[k] = PyBytes_AS_STRING(item)
                 self._lens[k] = PyBytes_GET_SIZE(item)
+                nbytes += self._lens[k]
             else:
-                mp.enter()
-                try:
-                    with nogil:
-                        # asking for the whole batch makes a look at the table when the cached
-                        # room is smaller, so a batch is cut short only by a real lack of room
-                        room = ivshm_pubsub_room(&self._p, <uint64_t>n if <uint64_t>n <= cap else cap)
-                        m = 0
-                        if room > 0:
-                            while m < n and m < room:
-                                if self._lens[m] > ss:
-                                    rc = -EMSGSIZE
-                                    break
-                                memcpy(ivshm_pubsub_begin(&self._p), self._ptrs[m], self._lens[m])
-                                ivshm_pubsub_end(&self._p, <uint32_t>self._lens[m])
-                                m += 1
-                            ivshm_pubsub_publish(&self._p)
-                finally:
-                    mp.leave()
+                if nbytes <= _NOGIL_BYTES:
+                    # a short copy keeps the GIL: no other thread can free the messages meanwhile
+                    rc = self._publish_n(n, &room, &m)
+                else:
+                    # the pointers are borrowed from the caller's list, which another thread may
+                    # change while the GIL is released: hold the batch's messages until done
+                    keep = seq[start + done:start + done + n]
+                    mp.enter()
+                    try:
+                        with nogil:
+                            rc = self._publish_n(n, &room, &m)
+                    finally:
+                        mp.leave()
+                    keep = None
                 done += m
                 if room < 0:
                     raise self._pub_error(<int>room, "send_many")
                 if rc != 0:
-                    raise MessageTooLargeError(
+                    err = MessageTooLargeError(
                         f"message {start + done} does not fit pubsub ring {self._name!r} (at most "
-                        f"{ss} bytes); the {start + done} before it were sent")
+                        f"{self.slot_size} bytes); the {start + done} before it were sent")
+                    err.sent = start + done
+                    raise err
                 if m < n:
                     return done
         return done
+
+    cdef int _publish_n(self, Py_ssize_t n, int64_t *room_out, Py_ssize_t *written) noexcept nogil:
+        """Publish the n gathered messages, as many as there is room for: 0, or -EMSGSIZE for
+        one over the slot size; *room_out is the room found (< 0: an error code), *written how
+        many went."""
+        cdef uint32_t ss = self._info.slot_size
+        cdef uint64_t cap = self._info.capacity
+        cdef Py_ssize_t m = 0
+        cdef int rc = 0
+        # asking for the whole batch makes a look at the table when the cached room is smaller,
+        # so a batch is cut short only by a real lack of room
+        cdef int64_t room = ivshm_pubsub_room(&self._p, <uint64_t>n if <uint64_t>n <= cap else cap)
+        if room > 0:
+            while m < n and m < room:
+                if self._lens[m] > ss:
+                    rc = -EMSGSIZE
+                    break
+                memcpy(ivshm_pubsub_begin(&self._p), self._ptrs[m], self._lens[m])
+                ivshm_pubsub_end(&self._p, <uint32_t>self._lens[m])
+                m += 1
+            ivshm_pubsub_publish(&self._p)
+        room_out[0] = room
+        written[0] = m
+        return rc
 
     def reserve(self, size):
         """A writable SlotView of ``size`` bytes in the next slot, or None when the ring is full;
@@ -2801,6 +2883,9 @@ cdef class Subscriber(_Ring):
         raise self._send_obj_error()
 
     def send_many(self, *a, **k):
+        raise self._send_obj_error()
+
+    cdef Py_ssize_t _send_many_from(self, seq, Py_ssize_t start, double t, timeout) except -1:
         raise self._send_obj_error()
 
     def reserve(self, *a, **k):
@@ -3503,34 +3588,48 @@ cdef class Channel:
         tuple; ConfigError for an iterator, whose unsent rest could not be given back)."""
         cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
+        self._ring._check_send()
         seq = self._ring._sequence(messages)  # a sequence: the rest, messages[n:], stays the caller's
-        cdef Py_ssize_t total = len(seq)
-        cdef Py_ssize_t sent = self._ring.send_many(seq, 0.0)
-        if sent:
-            self._sent += sent
-            self._wake_other(IVSHM_CHAN_SEND)
-        if sent >= total or t == 0:
+        cdef Py_ssize_t sent = self._send_part(seq, 0)
+        if sent >= len(seq) or t == 0:
             return sent
         cdef ivshm_chan_call call
         cdef Py_ssize_t n
         ivshm_chan_call_init(&call, IVSHM_CHAN_SEND, t, self._slots_for(seq[sent]))
         try:
-            while sent < total:
+            while sent < len(seq):
                 try:
                     self._wait(&call, timeout, True)
                 except WaitTimeout as e:
                     if type(e) is WaitTimeout:
                         break
                     raise
-                n = self._ring.send_many(seq[sent:] if sent else seq, 0.0)
-                if n:
-                    sent += n
-                    self._sent += n
-                    self._wake_other(IVSHM_CHAN_SEND)
+                n = self._send_part(seq, sent)
+                if n > sent:
+                    sent = n
                     ivshm_chan_call_progress(&call)  # spin again before the next slot's sleep
         finally:
             self._pass_on(&call)
         return sent
+
+    cdef Py_ssize_t _send_part(self, seq, Py_ssize_t start) except -1:
+        """The ring's send_many from message ``start`` of ``seq``, never waiting: the index
+        reached.  Messages sent before an error (one too large, one not bytes-like) are counted
+        and woken for like any others: a receiver asleep on the empty ring must not sleep through
+        them.  The error's ``.sent`` counts from ``seq[0]``, whatever the waits in between."""
+        cdef Py_ssize_t n
+        try:
+            n = self._ring._send_many_from(seq, start, 0.0, 0.0)
+        except BaseException as e:
+            sent = getattr(e, "sent", None)
+            if type(sent) is int and sent > start:
+                self._sent += sent - start
+                self._wake_other(IVSHM_CHAN_SEND)
+            raise
+        if n > start:
+            self._sent += n - start
+            self._wake_other(IVSHM_CHAN_SEND)
+        return n
 
     # -- asyncio ------------------------------------------------------------------------------
     async def recv_async(self, timeout=None):

@@ -2731,12 +2731,11 @@ cdef class PubSubRing(_Ring):
         finally:
             free(buf)
 
-    def cut(self, int index):
+    def cut(self, index):
         """Cut subscriber ``index`` off (its next call raises SubscriberDroppedError): True if it
         was active."""
         self._check()
-        if not 0 <= index < IVSHM_PUBSUB_MAX_SUBS:
-            raise ConfigError(f"subscriber index must be 0..{IVSHM_PUBSUB_MAX_SUBS - 1}, not {index}")
+        index = _int_arg(index, "subscriber index", 0, IVSHM_PUBSUB_MAX_SUBS - 1)
         n = ivshm_pubsub_cut(&self._p, index) == 1
         if self._m.lost: self._raise_lost()
         return n
@@ -2983,7 +2982,7 @@ cdef class Subscriber(_Ring):
         cdef Py_buffer buf
         cdef ivshm_pubsub_msg m
         cdef int rc
-        PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
+        _get_writable(buffer, &buf)  # ConfigError for an unusable one, as the other rings say
         cdef _Mapping mp = self._m
         try:
             self._check()
@@ -3501,12 +3500,13 @@ cdef class Channel:
         finally:
             self._pass_on(&call)
 
-    def recv_many(self, Py_ssize_t max_count=256, timeout=0.0):
+    def recv_many(self, max_count=256, timeout=0.0):
         """Up to ``max_count`` messages already there; with ``timeout`` > 0 or None, waits that
         long for the first one ([] when none came)."""
         cdef int64_t t = _seconds_ns(timeout, "timeout", True)
-        if max_count < 0:
-            raise ConfigError(f"max_count must be >= 0, not {max_count}")
+        # as the ring's recv_many checks it (ConfigError), not as a C argument (TypeError for a
+        # float or a str, OverflowError for a large int; True taken for 1)
+        max_count = _size_arg(max_count, "max_count", 0, PY_SSIZE_T_MAX)
         self._check()
         out = self._ring.recv_many(max_count, 0.0)
         cdef ivshm_chan_call call
@@ -3651,7 +3651,10 @@ cdef class Channel:
 
     async def _async_wait(self, uint32_t side, data, timeout):
         loop = _asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        # the validated seconds, not the argument: math.inf and ints too large for a float wait
+        # forever, as in the blocking calls
+        cdef double t = _timeout_arg(timeout)
+        deadline = None if t < 0 else loop.time() + t
         cdef _AsyncCall c = _AsyncCall()
         ivshm_chan_call_init(&c.call, side, -1, self._slots_for(data) if side == IVSHM_CHAN_SEND else 1)
         c.call.slept = 1  # pass on when leaving without acting on a wake-up

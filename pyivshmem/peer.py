@@ -34,7 +34,7 @@ import warnings
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ._ffi_doorbell import ffi, lib
-from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
+from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, _timeout_seconds, timeout_ms
 from .doorbell import drain as doorbell_drain
 from .doorbell import eventfd as doorbell_eventfd
 from .doorbell import ring as doorbell_ring
@@ -99,6 +99,11 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _is_int(value: object, lo: int, hi: int) -> bool:
+    """An int (not a bool) in [lo, hi]."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 def _show(value: int, fd: int) -> str:
@@ -180,15 +185,22 @@ class Peer:
         Raises ProtocolError when the server breaks the protocol or stalls during set-up, and
         ConnectionRefusedError / FileNotFoundError when nothing listens there.
         """
+        # arguments first (ConfigError), before anything is made
+        try:
+            path = os.fspath(socket_path)
+        except TypeError:
+            raise ConfigError(f"socket_path must be a str or os.PathLike, not "
+                              f"{type(socket_path).__name__}") from None
+        if vectors is not None and not _is_int(vectors, 0, MAX_VECTORS):
+            raise ConfigError(f"vectors must be None or an int 0..{MAX_VECTORS}, not {vectors!r}")
+        seconds = _timeout_seconds(timeout)
         self = cls()
-        self._path = os.fspath(socket_path)
+        self._path = path
         self._format_region = format_region
-        if vectors is not None and not 0 <= vectors <= MAX_VECTORS:
-            raise ConfigError(f"vectors must be None or 0..{MAX_VECTORS}, not {vectors!r}")
-        deadline = _deadline(timeout)
+        deadline = _deadline(seconds)
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(timeout)
+            self._sock.settimeout(seconds)
             try:
                 self._sock.connect(self._path)
             except OSError as e:
@@ -581,9 +593,9 @@ class Peer:
                 f"cannot notify peer {peer_id}: not connected to the server at {self._path!r} "
                 f"(connected peers: {sorted(self._peers) or 'none'}; my id is {self._id})"
             )
-        if not 0 <= vector < len(fds):
+        if not _is_int(vector, 0, len(fds) - 1):
             raise ConfigError(
-                f"cannot notify peer {peer_id} on vector {vector}: it has {len(fds)} vector(s), "
+                f"cannot notify peer {peer_id} on vector {vector!r}: it has {len(fds)} vector(s), "
                 f"0..{len(fds) - 1}"
             )
         rc = lib.ivshm_eventfd_ring(fds[vector])
@@ -594,8 +606,8 @@ class Peer:
         """The eventfd of my own ``vector`` (readable when it fires; read 8 bytes to drain).
         The Peer owns it: valid until close()."""
         self._live()
-        if not 0 <= vector < len(self._own):
-            raise ConfigError(f"I have {len(self._own)} vector(s); there is no vector {vector}")
+        if not _is_int(vector, 0, len(self._own) - 1):
+            raise ConfigError(f"I have {len(self._own)} vector(s); there is no vector {vector!r}")
         return self._own[vector]
 
     def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
@@ -607,7 +619,7 @@ class Peer:
         # events(), and a protocol error is raised there)
         self._drain_server(implicit=True)
         fds = self._fds_of(peer_id)
-        if fds is None or not 0 <= vector < len(fds):
+        if fds is None or not _is_int(vector, 0, len(fds) - 1):
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)
 

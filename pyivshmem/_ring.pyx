@@ -1178,6 +1178,7 @@ cdef class _Ring:
     cdef ivshm_ring_ctrl *_ctrl
     cdef const char **_ptrs    # batch calls' pointer and length arrays (_batch_arrays), or NULL
     cdef uint64_t *_lens
+    cdef object _channels      # the Channels over this handle (weak), woken by close(), or None
     cdef object __weakref__
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
@@ -1331,6 +1332,11 @@ cdef class _Ring:
         if not self._m.closed:
             self._drop_zero_copy(True)
         self._closed = True
+        if self._channels is not None:
+            # their calls asleep on a doorbell would otherwise sleep on until their re-check:
+            # woken, they find this handle closed and raise ClosedError
+            for ch in list(self._channels):
+                ch._ring_closed()
 
     cdef int _drop_zero_copy(self, bint strict) except -1:
         """Give back an open reservation or peek (see close()).  With raw exports alive: raise if
@@ -3394,6 +3400,14 @@ cdef class Channel:
                 share = _fd_shares[self._fd] = _FdShare()
             self._share = share
             self._ch.fd_share = &self._share.share
+        if r._channels is None:
+            r._channels = _weakref.WeakSet()
+        r._channels.add(self)
+
+    def _ring_closed(self):
+        """Its ring handle was closed: wake every call blocked on this channel (they raise
+        ClosedError, as every later call does)."""
+        _chan_signal(self._cancel_fd)
 
     def __dealloc__(self):
         if self._cancel_fd >= 0:

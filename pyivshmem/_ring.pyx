@@ -3334,11 +3334,13 @@ cdef class Channel:
     cdef uint64_t _sent, _received
     cdef _FdShare _share
     cdef _BellCtx _bells
+    cdef uint64_t _fork_gen        # _fork_gen in the process that made _cancel_fd
     cdef object __weakref__
 
     def __cinit__(self):
         self._cancel_fd = -1
         self._fd = -1
+        self._fork_gen = _fork_gen
 
     def __init__(self, ring, doorbell=None, *, vector=0, spin=None, recheck=None):
         if not isinstance(ring, _Ring):
@@ -3407,7 +3409,15 @@ cdef class Channel:
     def _ring_closed(self):
         """Its ring handle was closed: wake every call blocked on this channel (they raise
         ClosedError, as every later call does)."""
-        _chan_signal(self._cancel_fd)
+        self._cancel()
+
+    cdef void _cancel(self) noexcept:
+        """Make _cancel_fd readable for good: every call asleep on this channel wakes and leaves.
+        Not in a forked child: the fd is the parent's eventfd, and writing it would end every
+        wait of the parent's channel, which the parent still uses (the child's own sleepers, if
+        it made any, see the close at their next re-check)."""
+        if self._fork_gen == _fork_gen:
+            _chan_signal(self._cancel_fd)
 
     def __dealloc__(self):
         if self._cancel_fd >= 0:
@@ -3798,7 +3808,7 @@ cdef class Channel:
             return
         self._closed = True
         self._bells.closed = 1
-        _chan_signal(self._cancel_fd)
+        self._cancel()
 
     @property
     def closed(self):

@@ -75,3 +75,32 @@ def test_closing_the_ring_handle_wakes_an_asyncio_recv(region, fds):
 
     asyncio.run(main())
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["channel", "ring handle"])
+def test_closing_in_a_forked_child_leaves_the_parents_channel_alone(shm_path, what):
+    # The channel's cancel eventfd is shared across fork: a child closing its copy of the
+    # channel wrote it, and every wait of the parent's channel raised ClosedError from then on.
+    from pyivshmem import Region, WaitTimeout
+
+    with Region.create(shm_path, "1M") as r:
+        ring = r.create_ring("a", slot_size=64, capacity=4)
+        rx = Channel(ring, spin=0)
+        tx = Channel(r.ring("a"), spin=0)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                (rx if what == "channel" else ring).close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not rx.closed
+        with pytest.raises(WaitTimeout):  # a real wait, not an instant ClosedError
+            rx.recv(timeout=0.05)
+        tx.send(b"after the child closed its copy")
+        assert rx.recv(timeout=10) == b"after the child closed its copy"
+        rx.close()
+        tx.close()

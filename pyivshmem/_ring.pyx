@@ -3319,8 +3319,9 @@ cdef class Channel:
     may share a channel).  Without a doorbell, or when the provider has no interrupt fd (a guest
     without VFIO), sleeping degrades to polling with back-off (50 us to 1 ms).
 
-    ``close()`` (of the channel or of its region), from any thread, wakes every call blocked on
-    this channel; they raise ClosedError.
+    ``close()`` (of the channel, its ring handle or its region), from any thread, wakes every
+    call blocked on this channel; they raise ClosedError.  So does closing its :class:`Peer`
+    (their doorbell fds go with it), and every later wait then raises ClosedError too.
     """
     cdef _Ring _ring
     cdef object _doorbell
@@ -3335,6 +3336,7 @@ cdef class Channel:
     cdef _FdShare _share
     cdef _BellCtx _bells
     cdef uint64_t _fork_gen        # _fork_gen in the process that made _cancel_fd
+    cdef bint _doorbell_gone       # the doorbell provider was closed: its fds are gone
     cdef object __weakref__
 
     def __cinit__(self):
@@ -3405,6 +3407,25 @@ cdef class Channel:
         if r._channels is None:
             r._channels = _weakref.WeakSet()
         r._channels.add(self)
+        register = getattr(doorbell, "_register_channel", None) if doorbell is not None else None
+        if register is not None:
+            register(self)  # a Peer closes its channels before it closes their doorbell fds
+
+    def _doorbell_closed(self):
+        """Its doorbell provider (a Peer) is closing, and its fds go: calls asleep on them wake
+        and raise ClosedError, and so does every later wait (it would sleep on a closed fd, or
+        on whatever file reused its number).  Calls that need no wait go on; they ring nobody
+        (the provider's bell table is empty)."""
+        self._doorbell_gone = True
+        self._bells.closed = 1
+        self._cancel()
+
+    cdef inline int _check_doorbell(self) except -1:
+        if self._doorbell_gone:
+            raise ClosedError(f"channel over ring {self._ring._name!r}: its doorbell provider "
+                              f"({type(self._doorbell).__name__}) was closed, so it cannot sleep "
+                              "(calls that need no wait still work)")
+        return 0
 
     def _ring_closed(self):
         """Its ring handle was closed: wake every call blocked on this channel (they raise
@@ -3453,6 +3474,7 @@ cdef class Channel:
         while True:
             if self._closed or m.closed:  # a copy that released the GIL may have seen a close
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
+            self._check_doorbell()
             m.enter()
             with nogil:
                 rc = ivshm_chan_wait(&self._ch, call)
@@ -3460,6 +3482,7 @@ cdef class Channel:
             if m.lost:  # the SIGBUS guard wrote the region's closed_fd: the memory is gone
                 raise m.lost_error(f"channel over ring {self._ring._name!r}")
             if self._closed or m.closed or rc == -ECANCELED:
+                self._check_doorbell()
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
             if rc == -EINTR_:
                 PyErr_CheckSignals()  # Ctrl-C raises here; otherwise wait again
@@ -3692,6 +3715,7 @@ cdef class Channel:
                     self._ring._timeout_error(timeout)
                 span = self._recheck if left is None else min(self._recheck, left)
                 self._check()  # closed meanwhile (another thread): the mapping may be gone
+                self._check_doorbell()  # its fd may be gone
                 m.enter()  # the mapping stays while this call holds a sleeper entry
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)

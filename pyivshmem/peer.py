@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ._ffi_doorbell import ffi, lib
@@ -157,6 +158,8 @@ class Peer:
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
+        # the Channels over this Peer (weakly): close() tells them before their doorbell fds go
+        self._channels: "weakref.WeakSet" = weakref.WeakSet()
         #: The shared memory, a pyivshmem Region (closed with the Peer).
         self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
 
@@ -623,6 +626,10 @@ class Peer:
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)
 
+    def _register_channel(self, channel: object) -> None:
+        """A Channel over this Peer: told by close(), before the fds it sleeps on go."""
+        self._channels.add(channel)
+
     @property
     def _bell_table(self) -> int:
         """The address of my bell table (csrc/ivshm_doorbell.h), for Channel: how to ring every
@@ -771,6 +778,12 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        # First the Channels sleeping on my vectors: they wake (ClosedError) instead of sleeping
+        # on, until their re-check, on fds closed below, whose numbers a later open may reuse;
+        # and they sleep on them no more.  (In a forked child the parent's sleepers are left
+        # alone.)
+        for ch in list(self._channels):
+            ch._doorbell_closed()
         if os.getpid() != self._pid:
             self._release_inherited()
             return

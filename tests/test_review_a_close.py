@@ -104,3 +104,68 @@ def test_closing_in_a_forked_child_leaves_the_parents_channel_alone(shm_path, wh
         assert rx.recv(timeout=10) == b"after the child closed its copy"
         rx.close()
         tx.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["the peer's region", "another region"])
+def test_closing_the_peer_ends_a_channel_call_asleep_on_its_doorbell(tmp_path, shm_path, where):
+    # Peer.close() closed the vector eventfd a Channel slept on and told it nothing: with its
+    # ring in another region the call slept on until its re-check (here an hour), then it and
+    # every later call raised a bare OSError (EBADF), or polled whatever file reused the number.
+    from pyivshmem import Peer, Region, Server
+
+    sock = os.path.join(tmp_path, "srv")
+    with Server(sock, size="1M", vectors=2):
+        peer = Peer.connect(sock)
+        other = Region.create(shm_path, "1M") if where == "another region" else None
+        try:
+            region = other if other is not None else peer.region
+            ch = Channel(region.create_ring("q", slot_size=16, capacity=2), peer, vector=0,
+                         recheck=3600)
+            out = []
+
+            def blocked():
+                try:
+                    out.append(ch.recv())  # no timeout: only a close can end it
+                except BaseException as e:  # noqa: B902 - reported below
+                    out.append(e)
+
+            t = threading.Thread(target=blocked, daemon=True)
+            t.start()
+            wait_until_in_wait(os.getpid(), t.native_id, what="the channel's sleep")
+            peer.close()
+            t.join(60)
+            assert not t.is_alive(), "the channel's recv did not end when its Peer closed"
+            assert len(out) == 1 and isinstance(out[0], ClosedError), out
+            with pytest.raises(ClosedError):
+                ch.recv(timeout=0.05)
+        finally:
+            peer.close()
+            if other is not None:
+                other.close()
+
+
+@pytest.mark.timeout(120)
+def test_closing_the_peer_ends_an_asyncio_recv_on_its_doorbell(tmp_path, shm_path):
+    from pyivshmem import Peer, Region, Server
+
+    sock = os.path.join(tmp_path, "srv")
+    with Server(sock, size="1M", vectors=2), Region.create(shm_path, "1M") as region:
+        peer = Peer.connect(sock)
+        try:
+            ch = Channel(region.create_ring("q", slot_size=16, capacity=2), peer, vector=0,
+                         recheck=3600)
+
+            async def main():
+                task = asyncio.ensure_future(ch.recv_async())  # only a close can end it
+                await asyncio.sleep(0)  # the task's first step: the ring is empty, it waits
+                assert not task.done()
+                peer.close()
+                with pytest.raises(ClosedError):
+                    await asyncio.wait_for(task, 60)
+                with pytest.raises(ClosedError):
+                    await ch.recv_async(timeout=0.05)
+
+            asyncio.run(main())
+        finally:
+            peer.close()

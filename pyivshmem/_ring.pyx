@@ -363,6 +363,7 @@ cdef _ViewState _new_state(_Mapping m, void *base, bint readonly):
 
 cdef SlotView _new_view(_ViewState st, Py_ssize_t off, Py_ssize_t n):
     cdef SlotView v = SlotView.__new__(SlotView)
+    v.released = False
     v.st = st
     v.off = off
     v.n = n
@@ -386,6 +387,11 @@ cdef class SlotView:
     cdef Py_ssize_t off
     cdef Py_ssize_t n
     cdef bint released
+
+    def __cinit__(self):
+        # one made by SlotView.__new__ has no slot: every use raises ClosedError (_ok looks at
+        # `released` first); _new_view clears it
+        self.released = True
 
     def __init__(self, *a, **k):
         raise TypeError("SlotViews are made by reserve() and peek()")
@@ -414,7 +420,7 @@ cdef class SlotView:
 
     @property
     def readonly(self):
-        return self.st.readonly
+        return self.st is None or self.st.readonly
 
     @property
     def format(self):
@@ -552,6 +558,8 @@ cdef class SlotView:
     __hash__ = None
 
     def __repr__(self):
+        if self.st is None:
+            return "<pyivshmem.SlotView of nothing>"
         state = "valid" if self.valid else "invalid"
         kind = "read-only" if self.st.readonly else "writable"
         return f"<pyivshmem.SlotView {kind} {self.n} bytes, {state}>"
@@ -1249,8 +1257,14 @@ cdef class _Ring:
         free(self._ptrs)
         free(self._lens)
 
+    def __cinit__(self):
+        # one made by __new__ (not by a Region) has no ring: every call raises ClosedError
+        self._closed = True
+        self._m = _CLOSED_MAPPING
+
     cdef _init(self, Region region, ivshm_ring_info *info):
         self._region = region
+        self._closed = False
         self._m = region._m
         self._info = info[0]
         self._ctrl = <ivshm_ring_ctrl *>(region._m.base + info.offset)
@@ -1376,6 +1390,8 @@ cdef class _Ring:
         self.close()
 
     def __repr__(self):
+        if self._name is None:
+            return f"<pyivshmem.{type(self).__name__} of no ring>"
         return f"<pyivshmem.{type(self).__name__} {self._name!r} capacity={self.capacity} slot_size={self.slot_size}>"
 
     cdef int _raise_lost(self) except -1:
@@ -3343,8 +3359,13 @@ cdef class Channel:
         self._cancel_fd = -1
         self._fd = -1
         self._fork_gen = _fork_gen
+        self._closed = True  # until __init__ completes: a Channel made by __new__ has no ring
 
     def __init__(self, ring, doorbell=None, *, vector=0, spin=None, recheck=None):
+        if self._ring is not None or self._cancel_fd >= 0:
+            # (it would leak its cancel eventfd, and change the C channel under calls asleep in it)
+            raise ConfigError("this Channel is already set up: make a new Channel for another "
+                              "ring or doorbell")
         if not isinstance(ring, _Ring):
             raise ConfigError(f"Channel needs an SpscRing, MpmcRing, PubSubRing (its publisher) or "
                               f"Subscriber, not {type(ring).__name__}")
@@ -3409,7 +3430,8 @@ cdef class Channel:
         r._channels.add(self)
         register = getattr(doorbell, "_register_channel", None) if doorbell is not None else None
         if register is not None:
-            register(self)  # a Peer closes its channels before it closes their doorbell fds
+            register(self)  # a Peer tells its channels before it closes their doorbell fds
+        self._closed = False
 
     def _doorbell_closed(self):
         """Its doorbell provider (a Peer) is closing, and its fds go: calls asleep on them wake
@@ -3822,6 +3844,8 @@ cdef class Channel:
         return self._fd
 
     def __len__(self):
+        if self._ring is None:
+            raise ClosedError("this Channel was never set up (made by Channel.__new__)")
         return len(self._ring)
 
     def close(self):
@@ -3846,6 +3870,8 @@ cdef class Channel:
         self.close()
 
     def __repr__(self):
+        if self._ring is None:
+            return "<pyivshmem.Channel of no ring>"
         return f"<pyivshmem.Channel ring={self._ring._name!r} vector={self._vector} fd={self._fd}>"
 
     def wake(self, side):

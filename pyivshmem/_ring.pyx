@@ -2782,6 +2782,9 @@ cdef class Subscriber(_Ring):
     subscriber still in the table)."""
     cdef ivshm_pubsub_sub _s
     cdef bint _joined
+    cdef Py_ssize_t _busy         # calls of this handle inside a stretch that may let another
+                                  # thread run (a copy with the GIL released)
+    cdef bint _leave_pending      # close() came during one: the last of them leaves the ring
     cdef object _pending_error
 
     def __cinit__(self):
@@ -2847,13 +2850,32 @@ cdef class Subscriber(_Ring):
         return d
 
     def close(self):
-        """Leave the ring (frees this subscriber's entry).  Idempotent."""
+        """Leave the ring (frees this subscriber's entry).  Idempotent.  From another thread
+        while a receive of this handle copies, the entry is freed when that receive is done."""
         cdef _Mapping m = self._m
         _Ring.close(self)
         if self._joined:
-            self._joined = False
-            if m is not None and not m.closed:
-                ivshm_pubsub_unsubscribe(&self._s)
+            if self._busy:
+                # The receive in flight still moves this entry's cursor when its copy is done:
+                # freed now, the entry could be taken by a new subscriber (of any process) at
+                # once, and that write would set the newcomer's cursor back.
+                self._leave_pending = True
+                return
+            self._unjoin(m)
+
+    cdef int _unjoin(self, _Mapping m) except -1:
+        self._leave_pending = False
+        self._joined = False
+        if m is not None and not m.closed:
+            ivshm_pubsub_unsubscribe(&self._s)
+        return 0
+
+    cdef int _done(self) except -1:
+        """The end of a stretch counted in _busy: leave the ring if close() came meanwhile."""
+        self._busy -= 1
+        if self._busy == 0 and self._leave_pending:
+            self._unjoin(self._m)
+        return 0
 
     def __del__(self):
         if self._joined:
@@ -2948,8 +2970,12 @@ cdef class Subscriber(_Ring):
             return None
         if rc != 0:
             raise self._sub_error(rc, "recv")
-        out = self._take(&m)
-        ivshm_pubsub_release(&self._s)
+        self._busy += 1  # a large copy releases the GIL
+        try:
+            out = self._take(&m)
+            ivshm_pubsub_release(&self._s)
+        finally:
+            self._done()
         return out
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
@@ -2966,8 +2992,9 @@ cdef class Subscriber(_Ring):
         while True:
             self._check()
             mp.enter()
+            self._busy += 1  # large copies release the GIL: a close() then waits for _done()
             try:
-                while len(out) < maxc:
+                while len(out) < maxc and not self._closed:
                     rc = ivshm_pubsub_next(&self._s, &m)
                     if rc != 0:
                         break
@@ -2980,6 +3007,7 @@ cdef class Subscriber(_Ring):
                         break
             finally:
                 ivshm_pubsub_release(&self._s)  # what was taken, also when the next one failed
+                self._done()
                 mp.leave()
             if rc != 0 and rc != -EAGAIN:
                 err = self._sub_error(rc, "recv_many")
@@ -3009,6 +3037,7 @@ cdef class Subscriber(_Ring):
         try:
             self._check()
             mp.enter()
+            self._busy += 1  # the copy releases the GIL: a close() then waits for _done()
             try:
                 rc = ivshm_pubsub_next(&self._s, &m)
                 if rc == -EAGAIN:
@@ -3028,6 +3057,7 @@ cdef class Subscriber(_Ring):
                 ivshm_pubsub_advance(&self._s)
                 ivshm_pubsub_release(&self._s)
             finally:
+                self._done()
                 mp.leave()
         finally:
             PyBuffer_Release(&buf)

@@ -2785,6 +2785,7 @@ cdef class Subscriber(_Ring):
     cdef Py_ssize_t _busy         # calls of this handle inside a stretch that may let another
                                   # thread run (a copy with the GIL released)
     cdef bint _leave_pending      # close() came during one: the last of them leaves the ring
+    cdef uint64_t _sub_gen        # _fork_gen in the process that subscribed (owns the entry)
     cdef object _pending_error
 
     def __cinit__(self):
@@ -2805,6 +2806,7 @@ cdef class Subscriber(_Ring):
         if rc != 0:
             raise _ring_error(rc, f"subscribe to ring {self._name!r}", why, self._name)
         self._joined = True
+        self._sub_gen = _fork_gen
 
     @property
     def kind(self):
@@ -2851,7 +2853,9 @@ cdef class Subscriber(_Ring):
 
     def close(self):
         """Leave the ring (frees this subscriber's entry).  Idempotent.  From another thread
-        while a receive of this handle copies, the entry is freed when that receive is done."""
+        while a receive of this handle copies, the entry is freed when that receive is done.  In
+        a child that inherited it across fork, it only drops the child's copy: the entry stays
+        the parent's."""
         cdef _Mapping m = self._m
         _Ring.close(self)
         if self._joined:
@@ -2866,7 +2870,9 @@ cdef class Subscriber(_Ring):
     cdef int _unjoin(self, _Mapping m) except -1:
         self._leave_pending = False
         self._joined = False
-        if m is not None and not m.closed:
+        # Not in a forked child: the entry is the parent's subscriber's, which goes on reading
+        # (freed, the publisher would take it back and cut the parent's subscriber off).
+        if m is not None and not m.closed and self._sub_gen == _fork_gen:
             ivshm_pubsub_unsubscribe(&self._s)
         return 0
 
@@ -2879,9 +2885,10 @@ cdef class Subscriber(_Ring):
 
     def __del__(self):
         if self._joined:
-            _warnings.warn(f"unclosed {self!r}: a subscriber holds a place in the ring until it "
-                           "closes (or, once its region is closed, until its process exits)",
-                           ResourceWarning, source=self)
+            if self._sub_gen == _fork_gen:  # (a copy inherited across fork is the parent's)
+                _warnings.warn(f"unclosed {self!r}: a subscriber holds a place in the ring until "
+                               "it closes (or, once its region is closed, until its process "
+                               "exits)", ResourceWarning, source=self)
             self.close()
 
     def __repr__(self):

@@ -50,3 +50,38 @@ def test_subscriber_closed_during_its_copy_never_moves_the_next_subscribers_curs
         newcomer.close()
     region.close()
     assert not wrong, f"(round, receive's result, shared cursor, newcomer's position): {wrong}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["close", "garbage collection"])
+def test_subscriber_dropped_in_a_forked_child_stays_the_parents(shm_path, how):
+    # The child's copy freed the parent's entry in the subscriber table: the publisher took it
+    # back and the parent's subscriber was cut off (SubscriberDroppedError on its next call).
+    import gc
+    import os
+    import warnings
+
+    from pyivshmem import Region
+
+    with Region.create(shm_path, "1M") as region:
+        pub = region.create_ring("p", "pubsub", slot_size=16, capacity=4)
+        sub = pub.subscribe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                if how == "close":
+                    sub.close()
+                else:
+                    warnings.simplefilter("ignore")  # (as errors, they would stop __del__)
+                    del sub
+                    gc.collect()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert [d["index"] for d in pub.subscribers() if d["state"] == "active"] == [sub.index]
+        assert pub.send(b"after the child", timeout=10) is None
+        assert sub.recv(timeout=10) == b"after the child"
+        sub.close()

@@ -58,6 +58,11 @@ class Doorbell(Protocol):
     their fds are closed, memory valid while the provider lives) and ``_bell_refresh()`` (called,
     with the GIL, when the table's watch fd is readable).  A Channel over such a provider rings
     from C without calling :meth:`notify_target`; docs/wakeup.md says why that is safe.
+
+    A provider that closes the fds a Channel sleeps on also has ``_register_channel(channel)``
+    (called by the Channel when it is made): before those fds go, it calls
+    ``channel._doorbell_closed()``, which wakes the channel's sleepers and refuses its later
+    waits (ClosedError).
     """
 
     @property

@@ -79,7 +79,7 @@ __all__ = ["Region", "SpscRing", "MpmcRing", "PubSubRing", "Subscriber", "SlotVi
            "parse_size"]
 
 cdef extern from "Python.h":
-    int PySequence_Fast_GET_SIZE(object o)
+    Py_ssize_t PySequence_Fast_GET_SIZE(object o)
     void *PySequence_Fast_ITEMS(object o)
 
 _KINDS = {"spsc": IVSHM_KIND_SPSC, "mpmc": IVSHM_KIND_MPMC, "pubsub": IVSHM_KIND_PUBSUB}
@@ -363,6 +363,7 @@ cdef _ViewState _new_state(_Mapping m, void *base, bint readonly):
 
 cdef SlotView _new_view(_ViewState st, Py_ssize_t off, Py_ssize_t n):
     cdef SlotView v = SlotView.__new__(SlotView)
+    v.released = False
     v.st = st
     v.off = off
     v.n = n
@@ -386,6 +387,11 @@ cdef class SlotView:
     cdef Py_ssize_t off
     cdef Py_ssize_t n
     cdef bint released
+
+    def __cinit__(self):
+        # one made by SlotView.__new__ has no slot: every use raises ClosedError (_ok looks at
+        # `released` first); _new_view clears it
+        self.released = True
 
     def __init__(self, *a, **k):
         raise TypeError("SlotViews are made by reserve() and peek()")
@@ -414,7 +420,7 @@ cdef class SlotView:
 
     @property
     def readonly(self):
-        return self.st.readonly
+        return self.st is None or self.st.readonly
 
     @property
     def format(self):
@@ -552,6 +558,8 @@ cdef class SlotView:
     __hash__ = None
 
     def __repr__(self):
+        if self.st is None:
+            return "<pyivshmem.SlotView of nothing>"
         state = "valid" if self.valid else "invalid"
         kind = "read-only" if self.st.readonly else "writable"
         return f"<pyivshmem.SlotView {kind} {self.n} bytes, {state}>"
@@ -1178,24 +1186,50 @@ cdef class _Ring:
     cdef ivshm_ring_ctrl *_ctrl
     cdef const char **_ptrs    # batch calls' pointer and length arrays (_batch_arrays), or NULL
     cdef uint64_t *_lens
+    cdef object _channels      # the Channels over this handle (weak), woken by close(), or None
     cdef object __weakref__
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
         raise NotImplementedError  # rings that send in batches (SPSC, publish-subscribe)
 
+    cdef Py_ssize_t _send_slow(self, seq, Py_ssize_t start, Py_ssize_t end) except -1:
+        cdef Py_ssize_t i
+        for i in range(start, end):
+            if i >= PySequence_Fast_GET_SIZE(seq):
+                return i - start  # another thread shortened the list: the rest is gone
+            try:
+                if self._send_obj(seq[i]) != 0:
+                    return i - start
+            except Exception as e:
+                # too large, or not bytes-like (TypeError): the caller must learn how many of
+                # the batch went before it, or it could not resend the rest exactly once
+                e.sent = i
+                raise
+        return end - start
+
     cdef _send_many_batched(self, messages, timeout):
-        """send_many of the rings with a _send_batch: batches until all are sent, the ring is
-        full (timeout=0) or the wait for room ends; how many were sent."""
+        """send_many of the rings with a _send_batch (arguments checked, then _send_many_from)."""
         self._check_send()
         cdef double t = _timeout_arg(timeout)
         seq = self._sequence(messages)
-        cdef Py_ssize_t total = len(seq), sent = 0
+        return self._send_many_from(seq, 0, t, timeout)
+
+    cdef Py_ssize_t _send_many_from(self, seq, Py_ssize_t start, double t, timeout) except -1:
+        """send_many from message ``start`` of ``seq`` (a list or tuple), ``t`` a timeout that
+        _timeout_arg validated: the index reached, so messages before it are sent.  An error
+        about a message carries ``.sent``, counted from ``seq[0]``: a Channel resumes a batch at
+        ``start`` without slicing it, and still tells its caller what went.  This one batches
+        (rings with a _send_batch) until all are sent, the ring is full (t=0) or the wait for
+        room ends."""
+        cdef Py_ssize_t sent = start
         cdef _Waiter w = None
         cdef Py_ssize_t n
         while True:
-            n = self._send_batch(seq, sent, total)
+            # its length again after each pause: the GIL was released, and another thread may
+            # have shortened the list
+            n = self._send_batch(seq, sent, PySequence_Fast_GET_SIZE(seq))
             sent += n
-            if sent >= total or t == 0:
+            if sent >= PySequence_Fast_GET_SIZE(seq) or t == 0:
                 if self._m.lost: self._raise_lost()
                 return sent
             if w is None:
@@ -1223,8 +1257,14 @@ cdef class _Ring:
         free(self._ptrs)
         free(self._lens)
 
+    def __cinit__(self):
+        # one made by __new__ (not by a Region) has no ring: every call raises ClosedError
+        self._closed = True
+        self._m = _CLOSED_MAPPING
+
     cdef _init(self, Region region, ivshm_ring_info *info):
         self._region = region
+        self._closed = False
         self._m = region._m
         self._info = info[0]
         self._ctrl = <ivshm_ring_ctrl *>(region._m.base + info.offset)
@@ -1306,6 +1346,11 @@ cdef class _Ring:
         if not self._m.closed:
             self._drop_zero_copy(True)
         self._closed = True
+        if self._channels is not None:
+            # their calls asleep on a doorbell would otherwise sleep on until their re-check:
+            # woken, they find this handle closed and raise ClosedError
+            for ch in list(self._channels):
+                ch._ring_closed()
 
     cdef int _drop_zero_copy(self, bint strict) except -1:
         """Give back an open reservation or peek (see close()).  With raw exports alive: raise if
@@ -1345,6 +1390,8 @@ cdef class _Ring:
         self.close()
 
     def __repr__(self):
+        if self._name is None:
+            return f"<pyivshmem.{type(self).__name__} of no ring>"
         return f"<pyivshmem.{type(self).__name__} {self._name!r} capacity={self.capacity} slot_size={self.slot_size}>"
 
     cdef int _raise_lost(self) except -1:
@@ -1549,60 +1596,78 @@ cdef class SpscRing(_Ring):
         return self._send_many_batched(messages, timeout)
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
-        cdef Py_ssize_t i, k, n, done = 0
+        cdef Py_ssize_t k, n, done = 0
         cdef int rc = 0
-        cdef object item
-        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef object item, keep
+        cdef PyObject **items
         cdef _Mapping mp = self._m
-        cdef uint64_t pending
-        while start + done < total:
+        cdef uint64_t nbytes
+        while True:
+            # (again after each copy without the GIL: another thread may have changed the list,
+            # moving its items array or shortening it)
+            if total > PySequence_Fast_GET_SIZE(seq):
+                total = PySequence_Fast_GET_SIZE(seq)
+            if start + done >= total:
+                break
             self._check_send()  # the GIL may have been released: the region may have been closed
+            items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
                 n = _BATCH
             # gather pointers with the GIL (bytes fast path; other buffers are converted)
+            nbytes = 0
             for k in range(n):
                 item = <object>items[start + done + k]
                 if not PyBytes_CheckExact(item):
-                    return done + self._send_slow(seq, start + done, start + done + n)
+                    k = self._send_slow(seq, start + done, start + done + n)
+                    done += k
+                    if k < n:
+                        return done
+                    break
                 self._ptrs[k] = PyBytes_AS_STRING(item)
                 self._lens[k] = PyBytes_GET_SIZE(item)
-            # copy and publish without it
-            mp.enter()
-            try:
-                with nogil:
-                    k = 0
-                    pending = 0
-                    while k < n:
-                        rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
-                        if rc != 0:
-                            break
-                        pending += self._lens[k]
-                        if pending >= _OVERLAP_BYTES:
-                            # much written: let the consumer start on it now
-                            ivshm_spsc_publish(&self._q)
-                            pending = 0
-                        k += 1
-                    ivshm_spsc_publish(&self._q)
-            finally:
-                mp.leave()
-            done += k
-            if rc == -EAGAIN:
-                return done
-            if rc != 0:
-                self._send_error(rc, start + done)
+                nbytes += self._lens[k]
+            else:
+                if nbytes <= _NOGIL_BYTES:
+                    # a short copy keeps the GIL: no other thread can free the messages meanwhile
+                    rc = self._write_n(n, &k)
+                else:
+                    # the pointers are borrowed from the caller's list, which another thread may
+                    # change while the GIL is released: hold the batch's messages until done
+                    keep = seq[start + done:start + done + n]
+                    mp.enter()
+                    try:
+                        with nogil:
+                            rc = self._write_n(n, &k)
+                    finally:
+                        mp.leave()
+                    keep = None
+                done += k
+                if rc == -EAGAIN:
+                    return done
+                if rc != 0:
+                    self._send_error(rc, start + done)
         return done
 
-    cdef Py_ssize_t _send_slow(self, seq, Py_ssize_t start, Py_ssize_t end) except -1:
-        cdef Py_ssize_t i
-        for i in range(start, end):
-            try:
-                if self._send_obj(seq[i]) != 0:
-                    return i - start
-            except MessageTooLargeError as e:
-                e.sent = i
-                raise
-        return end - start
+    cdef int _write_n(self, Py_ssize_t n, Py_ssize_t *written) noexcept nogil:
+        """Write the n gathered messages and publish (as they go, every _OVERLAP_BYTES): 0, or
+        the error that stopped it; *written says how many went."""
+        cdef Py_ssize_t k = 0
+        cdef int rc = 0
+        cdef uint64_t pending = 0
+        while k < n:
+            rc = ivshm_spsc_write(&self._q, self._ptrs[k], self._lens[k])
+            if rc != 0:
+                break
+            pending += self._lens[k]
+            if pending >= _OVERLAP_BYTES:
+                # much written: let the consumer start on it now
+                ivshm_spsc_publish(&self._q)
+                pending = 0
+            k += 1
+        ivshm_spsc_publish(&self._q)
+        written[0] = k
+        return rc
 
     cdef _send_error(self, int rc, Py_ssize_t index):
         if rc == -EMSGSIZE:
@@ -2089,14 +2154,20 @@ cdef class MpmcRing(_Ring):
         self._check_send()
         cdef double t = _timeout_arg(timeout)
         seq = self._sequence(messages)
-        cdef Py_ssize_t total = len(seq), sent = 0
+        return self._send_many_from(seq, 0, t, timeout)
+
+    cdef Py_ssize_t _send_many_from(self, seq, Py_ssize_t start, double t, timeout) except -1:
+        cdef Py_ssize_t total, sent = start
         cdef _Waiter w = None
-        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef PyObject **items
         cdef object item
-        cdef Py_ssize_t ln, before = 0
+        cdef Py_ssize_t ln, before = start
         cdef int rc
         while True:
             self._check_send()  # again after each pause: the region may have been closed
+            # and the list looked at again: another thread may have changed it meanwhile
+            items = <PyObject **>PySequence_Fast_ITEMS(seq)
+            total = PySequence_Fast_GET_SIZE(seq)
             try:
                 while sent < total:
                     item = <object>items[sent]
@@ -2114,11 +2185,15 @@ cdef class MpmcRing(_Ring):
                         # a buffer object may have run Python code: look at everything again
                         self._check_send()
                         items = <PyObject **>PySequence_Fast_ITEMS(seq)
-                        total = min(total, len(seq))
+                        total = min(total, PySequence_Fast_GET_SIZE(seq))
                     sent += 1
-            except MessageTooLargeError as e:
+            except Exception as e:
+                # too large, not bytes-like (TypeError), or corrupt: the caller must learn how
+                # many went before it, or it could not resend the rest exactly once
                 e.sent = sent
-                e.args = (f"{e.args[0]}; message {sent} of the batch, the {sent} before it were sent",)
+                if isinstance(e, MessageTooLargeError):
+                    e.args = (f"{e.args[0]}; message {sent} of the batch, the {sent} before it "
+                              "were sent",)
                 raise
             if sent >= total or t == 0:
                 if self._m.lost: self._raise_lost()
@@ -2514,59 +2589,88 @@ cdef class PubSubRing(_Ring):
         return self._send_many_batched(messages, timeout)
 
     cdef Py_ssize_t _send_batch(self, seq, Py_ssize_t start, Py_ssize_t total) except -1:
-        cdef Py_ssize_t k, n, m, done = 0
+        cdef Py_ssize_t k, n, m = 0, done = 0
         cdef int64_t room = 0
         cdef int rc = 0
-        cdef object item
-        cdef PyObject **items = <PyObject **>PySequence_Fast_ITEMS(seq)
+        cdef object item, keep
+        cdef PyObject **items
         cdef _Mapping mp = self._m
-        cdef uint32_t ss = self._info.slot_size
-        cdef uint64_t cap = self._info.capacity
-        while start + done < total:
+        cdef uint64_t nbytes
+        while True:
+            # (again after each copy without the GIL: another thread may have changed the list)
+            if total > PySequence_Fast_GET_SIZE(seq):
+                total = PySequence_Fast_GET_SIZE(seq)
+            if start + done >= total:
+                break
             self._check()
+            items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
                 n = _BATCH
+            nbytes = 0
             for k in range(n):
                 item = <object>items[start + done + k]
                 if not PyBytes_CheckExact(item):
                     # other buffers one at a time, through the buffer protocol
-                    for k in range(start + done, start + done + n):
-                        if self._send_obj(seq[k]) != 0:
-                            return k - start
-                    done += n
+                    k = self._send_slow(seq, start + done, start + done + n)
+                    done += k
+                    if k < n:
+                        return done
                     break
                 self._ptrs[k] = PyBytes_AS_STRING(item)
                 self._lens[k] = PyBytes_GET_SIZE(item)
+                nbytes += self._lens[k]
             else:
-                mp.enter()
-                try:
-                    with nogil:
-                        # asking for the whole batch makes a look at the table when the cached
-                        # room is smaller, so a batch is cut short only by a real lack of room
-                        room = ivshm_pubsub_room(&self._p, <uint64_t>n if <uint64_t>n <= cap else cap)
-                        m = 0
-                        if room > 0:
-                            while m < n and m < room:
-                                if self._lens[m] > ss:
-                                    rc = -EMSGSIZE
-                                    break
-                                memcpy(ivshm_pubsub_begin(&self._p), self._ptrs[m], self._lens[m])
-                                ivshm_pubsub_end(&self._p, <uint32_t>self._lens[m])
-                                m += 1
-                            ivshm_pubsub_publish(&self._p)
-                finally:
-                    mp.leave()
+                if nbytes <= _NOGIL_BYTES:
+                    # a short copy keeps the GIL: no other thread can free the messages meanwhile
+                    rc = self._publish_n(n, &room, &m)
+                else:
+                    # the pointers are borrowed from the caller's list, which another thread may
+                    # change while the GIL is released: hold the batch's messages until done
+                    keep = seq[start + done:start + done + n]
+                    mp.enter()
+                    try:
+                        with nogil:
+                            rc = self._publish_n(n, &room, &m)
+                    finally:
+                        mp.leave()
+                    keep = None
                 done += m
                 if room < 0:
                     raise self._pub_error(<int>room, "send_many")
                 if rc != 0:
-                    raise MessageTooLargeError(
+                    err = MessageTooLargeError(
                         f"message {start + done} does not fit pubsub ring {self._name!r} (at most "
-                        f"{ss} bytes); the {start + done} before it were sent")
+                        f"{self.slot_size} bytes); the {start + done} before it were sent")
+                    err.sent = start + done
+                    raise err
                 if m < n:
                     return done
         return done
+
+    cdef int _publish_n(self, Py_ssize_t n, int64_t *room_out, Py_ssize_t *written) noexcept nogil:
+        """Publish the n gathered messages, as many as there is room for: 0, or -EMSGSIZE for
+        one over the slot size; *room_out is the room found (< 0: an error code), *written how
+        many went."""
+        cdef uint32_t ss = self._info.slot_size
+        cdef uint64_t cap = self._info.capacity
+        cdef Py_ssize_t m = 0
+        cdef int rc = 0
+        # asking for the whole batch makes a look at the table when the cached room is smaller,
+        # so a batch is cut short only by a real lack of room
+        cdef int64_t room = ivshm_pubsub_room(&self._p, <uint64_t>n if <uint64_t>n <= cap else cap)
+        if room > 0:
+            while m < n and m < room:
+                if self._lens[m] > ss:
+                    rc = -EMSGSIZE
+                    break
+                memcpy(ivshm_pubsub_begin(&self._p), self._ptrs[m], self._lens[m])
+                ivshm_pubsub_end(&self._p, <uint32_t>self._lens[m])
+                m += 1
+            ivshm_pubsub_publish(&self._p)
+        room_out[0] = room
+        written[0] = m
+        return rc
 
     def reserve(self, size):
         """A writable SlotView of ``size`` bytes in the next slot, or None when the ring is full;
@@ -2656,12 +2760,11 @@ cdef class PubSubRing(_Ring):
         finally:
             free(buf)
 
-    def cut(self, int index):
+    def cut(self, index):
         """Cut subscriber ``index`` off (its next call raises SubscriberDroppedError): True if it
         was active."""
         self._check()
-        if not 0 <= index < IVSHM_PUBSUB_MAX_SUBS:
-            raise ConfigError(f"subscriber index must be 0..{IVSHM_PUBSUB_MAX_SUBS - 1}, not {index}")
+        index = _int_arg(index, "subscriber index", 0, IVSHM_PUBSUB_MAX_SUBS - 1)
         n = ivshm_pubsub_cut(&self._p, index) == 1
         if self._m.lost: self._raise_lost()
         return n
@@ -2686,6 +2789,10 @@ cdef class Subscriber(_Ring):
     subscriber still in the table)."""
     cdef ivshm_pubsub_sub _s
     cdef bint _joined
+    cdef Py_ssize_t _busy         # calls of this handle inside a stretch that may let another
+                                  # thread run (a copy with the GIL released)
+    cdef bint _leave_pending      # close() came during one: the last of them leaves the ring
+    cdef uint64_t _sub_gen        # _fork_gen in the process that subscribed (owns the entry)
     cdef object _pending_error
 
     def __cinit__(self):
@@ -2706,6 +2813,7 @@ cdef class Subscriber(_Ring):
         if rc != 0:
             raise _ring_error(rc, f"subscribe to ring {self._name!r}", why, self._name)
         self._joined = True
+        self._sub_gen = _fork_gen
 
     @property
     def kind(self):
@@ -2752,19 +2860,43 @@ cdef class Subscriber(_Ring):
         return d
 
     def close(self):
-        """Leave the ring (frees this subscriber's entry).  Idempotent."""
+        """Leave the ring (frees this subscriber's entry).  Idempotent.  From another thread
+        while a receive of this handle copies, the entry is freed when that receive is done.  In
+        a child that inherited it across fork, it only drops the child's copy: the entry stays
+        the parent's."""
         cdef _Mapping m = self._m
         _Ring.close(self)
         if self._joined:
-            self._joined = False
-            if m is not None and not m.closed:
-                ivshm_pubsub_unsubscribe(&self._s)
+            if self._busy:
+                # The receive in flight still moves this entry's cursor when its copy is done:
+                # freed now, the entry could be taken by a new subscriber (of any process) at
+                # once, and that write would set the newcomer's cursor back.
+                self._leave_pending = True
+                return
+            self._unjoin(m)
+
+    cdef int _unjoin(self, _Mapping m) except -1:
+        self._leave_pending = False
+        self._joined = False
+        # Not in a forked child: the entry is the parent's subscriber's, which goes on reading
+        # (freed, the publisher would take it back and cut the parent's subscriber off).
+        if m is not None and not m.closed and self._sub_gen == _fork_gen:
+            ivshm_pubsub_unsubscribe(&self._s)
+        return 0
+
+    cdef int _done(self) except -1:
+        """The end of a stretch counted in _busy: leave the ring if close() came meanwhile."""
+        self._busy -= 1
+        if self._busy == 0 and self._leave_pending:
+            self._unjoin(self._m)
+        return 0
 
     def __del__(self):
         if self._joined:
-            _warnings.warn(f"unclosed {self!r}: a subscriber holds a place in the ring until it "
-                           "closes (or, once its region is closed, until its process exits)",
-                           ResourceWarning, source=self)
+            if self._sub_gen == _fork_gen:  # (a copy inherited across fork is the parent's)
+                _warnings.warn(f"unclosed {self!r}: a subscriber holds a place in the ring until "
+                               "it closes (or, once its region is closed, until its process "
+                               "exits)", ResourceWarning, source=self)
             self.close()
 
     def __repr__(self):
@@ -2813,6 +2945,9 @@ cdef class Subscriber(_Ring):
     def send_many(self, *a, **k):
         raise self._send_obj_error()
 
+    cdef Py_ssize_t _send_many_from(self, seq, Py_ssize_t start, double t, timeout) except -1:
+        raise self._send_obj_error()
+
     def reserve(self, *a, **k):
         raise self._send_obj_error()
 
@@ -2852,8 +2987,12 @@ cdef class Subscriber(_Ring):
             return None
         if rc != 0:
             raise self._sub_error(rc, "recv")
-        out = self._take(&m)
-        ivshm_pubsub_release(&self._s)
+        self._busy += 1  # a large copy releases the GIL
+        try:
+            out = self._take(&m)
+            ivshm_pubsub_release(&self._s)
+        finally:
+            self._done()
         return out
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
@@ -2870,8 +3009,9 @@ cdef class Subscriber(_Ring):
         while True:
             self._check()
             mp.enter()
+            self._busy += 1  # large copies release the GIL: a close() then waits for _done()
             try:
-                while len(out) < maxc:
+                while len(out) < maxc and not self._closed:
                     rc = ivshm_pubsub_next(&self._s, &m)
                     if rc != 0:
                         break
@@ -2884,6 +3024,7 @@ cdef class Subscriber(_Ring):
                         break
             finally:
                 ivshm_pubsub_release(&self._s)  # what was taken, also when the next one failed
+                self._done()
                 mp.leave()
             if rc != 0 and rc != -EAGAIN:
                 err = self._sub_error(rc, "recv_many")
@@ -2908,11 +3049,12 @@ cdef class Subscriber(_Ring):
         cdef Py_buffer buf
         cdef ivshm_pubsub_msg m
         cdef int rc
-        PyObject_GetBuffer(buffer, &buf, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
+        _get_writable(buffer, &buf)  # ConfigError for an unusable one, as the other rings say
         cdef _Mapping mp = self._m
         try:
             self._check()
             mp.enter()
+            self._busy += 1  # the copy releases the GIL: a close() then waits for _done()
             try:
                 rc = ivshm_pubsub_next(&self._s, &m)
                 if rc == -EAGAIN:
@@ -2932,6 +3074,7 @@ cdef class Subscriber(_Ring):
                 ivshm_pubsub_advance(&self._s)
                 ivshm_pubsub_release(&self._s)
             finally:
+                self._done()
                 mp.leave()
         finally:
             PyBuffer_Release(&buf)
@@ -3239,8 +3382,9 @@ cdef class Channel:
     may share a channel).  Without a doorbell, or when the provider has no interrupt fd (a guest
     without VFIO), sleeping degrades to polling with back-off (50 us to 1 ms).
 
-    ``close()`` (of the channel or of its region), from any thread, wakes every call blocked on
-    this channel; they raise ClosedError.
+    ``close()`` (of the channel, its ring handle or its region), from any thread, wakes every
+    call blocked on this channel; they raise ClosedError.  So does closing its :class:`Peer`
+    (their doorbell fds go with it), and every later wait then raises ClosedError too.
     """
     cdef _Ring _ring
     cdef object _doorbell
@@ -3254,13 +3398,21 @@ cdef class Channel:
     cdef uint64_t _sent, _received
     cdef _FdShare _share
     cdef _BellCtx _bells
+    cdef uint64_t _fork_gen        # _fork_gen in the process that made _cancel_fd
+    cdef bint _doorbell_gone       # the doorbell provider was closed: its fds are gone
     cdef object __weakref__
 
     def __cinit__(self):
         self._cancel_fd = -1
         self._fd = -1
+        self._fork_gen = _fork_gen
+        self._closed = True  # until __init__ completes: a Channel made by __new__ has no ring
 
     def __init__(self, ring, doorbell=None, *, vector=0, spin=None, recheck=None):
+        if self._ring is not None or self._cancel_fd >= 0:
+            # (it would leak its cancel eventfd, and change the C channel under calls asleep in it)
+            raise ConfigError("this Channel is already set up: make a new Channel for another "
+                              "ring or doorbell")
         if not isinstance(ring, _Ring):
             raise ConfigError(f"Channel needs an SpscRing, MpmcRing, PubSubRing (its publisher) or "
                               f"Subscriber, not {type(ring).__name__}")
@@ -3320,6 +3472,42 @@ cdef class Channel:
                 share = _fd_shares[self._fd] = _FdShare()
             self._share = share
             self._ch.fd_share = &self._share.share
+        if r._channels is None:
+            r._channels = _weakref.WeakSet()
+        r._channels.add(self)
+        register = getattr(doorbell, "_register_channel", None) if doorbell is not None else None
+        if register is not None:
+            register(self)  # a Peer tells its channels before it closes their doorbell fds
+        self._closed = False
+
+    def _doorbell_closed(self):
+        """Its doorbell provider (a Peer) is closing, and its fds go: calls asleep on them wake
+        and raise ClosedError, and so does every later wait (it would sleep on a closed fd, or
+        on whatever file reused its number).  Calls that need no wait go on; they ring nobody
+        (the provider's bell table is empty)."""
+        self._doorbell_gone = True
+        self._bells.closed = 1
+        self._cancel()
+
+    cdef inline int _check_doorbell(self) except -1:
+        if self._doorbell_gone:
+            raise ClosedError(f"channel over ring {self._ring._name!r}: its doorbell provider "
+                              f"({type(self._doorbell).__name__}) was closed, so it cannot sleep "
+                              "(calls that need no wait still work)")
+        return 0
+
+    def _ring_closed(self):
+        """Its ring handle was closed: wake every call blocked on this channel (they raise
+        ClosedError, as every later call does)."""
+        self._cancel()
+
+    cdef void _cancel(self) noexcept:
+        """Make _cancel_fd readable for good: every call asleep on this channel wakes and leaves.
+        Not in a forked child: the fd is the parent's eventfd, and writing it would end every
+        wait of the parent's channel, which the parent still uses (the child's own sleepers, if
+        it made any, see the close at their next re-check)."""
+        if self._fork_gen == _fork_gen:
+            _chan_signal(self._cancel_fd)
 
     def __dealloc__(self):
         if self._cancel_fd >= 0:
@@ -3355,6 +3543,7 @@ cdef class Channel:
         while True:
             if self._closed or m.closed:  # a copy that released the GIL may have seen a close
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
+            self._check_doorbell()
             m.enter()
             with nogil:
                 rc = ivshm_chan_wait(&self._ch, call)
@@ -3362,6 +3551,7 @@ cdef class Channel:
             if m.lost:  # the SIGBUS guard wrote the region's closed_fd: the memory is gone
                 raise m.lost_error(f"channel over ring {self._ring._name!r}")
             if self._closed or m.closed or rc == -ECANCELED:
+                self._check_doorbell()
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
             if rc == -EINTR_:
                 PyErr_CheckSignals()  # Ctrl-C raises here; otherwise wait again
@@ -3426,12 +3616,13 @@ cdef class Channel:
         finally:
             self._pass_on(&call)
 
-    def recv_many(self, Py_ssize_t max_count=256, timeout=0.0):
+    def recv_many(self, max_count=256, timeout=0.0):
         """Up to ``max_count`` messages already there; with ``timeout`` > 0 or None, waits that
         long for the first one ([] when none came)."""
         cdef int64_t t = _seconds_ns(timeout, "timeout", True)
-        if max_count < 0:
-            raise ConfigError(f"max_count must be >= 0, not {max_count}")
+        # as the ring's recv_many checks it (ConfigError), not as a C argument (TypeError for a
+        # float or a str, OverflowError for a large int; True taken for 1)
+        max_count = _size_arg(max_count, "max_count", 0, PY_SSIZE_T_MAX)
         self._check()
         out = self._ring.recv_many(max_count, 0.0)
         cdef ivshm_chan_call call
@@ -3513,34 +3704,48 @@ cdef class Channel:
         tuple; ConfigError for an iterator, whose unsent rest could not be given back)."""
         cdef int64_t t = _seconds_ns(timeout, "timeout", True)
         self._check()
+        self._ring._check_send()
         seq = self._ring._sequence(messages)  # a sequence: the rest, messages[n:], stays the caller's
-        cdef Py_ssize_t total = len(seq)
-        cdef Py_ssize_t sent = self._ring.send_many(seq, 0.0)
-        if sent:
-            self._sent += sent
-            self._wake_other(IVSHM_CHAN_SEND)
-        if sent >= total or t == 0:
+        cdef Py_ssize_t sent = self._send_part(seq, 0)
+        if sent >= len(seq) or t == 0:
             return sent
         cdef ivshm_chan_call call
         cdef Py_ssize_t n
         ivshm_chan_call_init(&call, IVSHM_CHAN_SEND, t, self._slots_for(seq[sent]))
         try:
-            while sent < total:
+            while sent < len(seq):
                 try:
                     self._wait(&call, timeout, True)
                 except WaitTimeout as e:
                     if type(e) is WaitTimeout:
                         break
                     raise
-                n = self._ring.send_many(seq[sent:] if sent else seq, 0.0)
-                if n:
-                    sent += n
-                    self._sent += n
-                    self._wake_other(IVSHM_CHAN_SEND)
+                n = self._send_part(seq, sent)
+                if n > sent:
+                    sent = n
                     ivshm_chan_call_progress(&call)  # spin again before the next slot's sleep
         finally:
             self._pass_on(&call)
         return sent
+
+    cdef Py_ssize_t _send_part(self, seq, Py_ssize_t start) except -1:
+        """The ring's send_many from message ``start`` of ``seq``, never waiting: the index
+        reached.  Messages sent before an error (one too large, one not bytes-like) are counted
+        and woken for like any others: a receiver asleep on the empty ring must not sleep through
+        them.  The error's ``.sent`` counts from ``seq[0]``, whatever the waits in between."""
+        cdef Py_ssize_t n
+        try:
+            n = self._ring._send_many_from(seq, start, 0.0, 0.0)
+        except BaseException as e:
+            sent = getattr(e, "sent", None)
+            if type(sent) is int and sent > start:
+                self._sent += sent - start
+                self._wake_other(IVSHM_CHAN_SEND)
+            raise
+        if n > start:
+            self._sent += n - start
+            self._wake_other(IVSHM_CHAN_SEND)
+        return n
 
     # -- asyncio ------------------------------------------------------------------------------
     async def recv_async(self, timeout=None):
@@ -3562,7 +3767,10 @@ cdef class Channel:
 
     async def _async_wait(self, uint32_t side, data, timeout):
         loop = _asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        # the validated seconds, not the argument: math.inf and ints too large for a float wait
+        # forever, as in the blocking calls
+        cdef double t = _timeout_arg(timeout)
+        deadline = None if t < 0 else loop.time() + t
         cdef _AsyncCall c = _AsyncCall()
         ivshm_chan_call_init(&c.call, side, -1, self._slots_for(data) if side == IVSHM_CHAN_SEND else 1)
         c.call.slept = 1  # pass on when leaving without acting on a wake-up
@@ -3576,6 +3784,7 @@ cdef class Channel:
                     self._ring._timeout_error(timeout)
                 span = self._recheck if left is None else min(self._recheck, left)
                 self._check()  # closed meanwhile (another thread): the mapping may be gone
+                self._check_doorbell()  # its fd may be gone
                 m.enter()  # the mapping stays while this call holds a sleeper entry
                 try:
                     armed = ivshm_chan_arm(&self._ch, &c.call)
@@ -3682,6 +3891,8 @@ cdef class Channel:
         return self._fd
 
     def __len__(self):
+        if self._ring is None:
+            raise ClosedError("this Channel was never set up (made by Channel.__new__)")
         return len(self._ring)
 
     def close(self):
@@ -3692,7 +3903,7 @@ cdef class Channel:
             return
         self._closed = True
         self._bells.closed = 1
-        _chan_signal(self._cancel_fd)
+        self._cancel()
 
     @property
     def closed(self):
@@ -3706,6 +3917,8 @@ cdef class Channel:
         self.close()
 
     def __repr__(self):
+        if self._ring is None:
+            return "<pyivshmem.Channel of no ring>"
         return f"<pyivshmem.Channel ring={self._ring._name!r} vector={self._vector} fd={self._fd}>"
 
     def wake(self, side):

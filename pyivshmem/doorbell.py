@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import math
+import numbers
 import os
 import time
 import warnings
@@ -57,6 +58,11 @@ class Doorbell(Protocol):
     their fds are closed, memory valid while the provider lives) and ``_bell_refresh()`` (called,
     with the GIL, when the table's watch fd is readable).  A Channel over such a provider rings
     from C without calling :meth:`notify_target`; docs/wakeup.md says why that is safe.
+
+    A provider that closes the fds a Channel sleeps on also has ``_register_channel(channel)``
+    (called by the Channel when it is made): before those fds go, it calls
+    ``channel._doorbell_closed()``, which wakes the channel's sleepers and refuses its later
+    waits (ClosedError).
     """
 
     @property
@@ -104,14 +110,33 @@ def timeout_ms(deadline: Optional[float]) -> int:
     return min(_INT_MAX_MS, math.ceil(left * 1000.0))
 
 
-def _deadline(timeout: Optional[float]) -> Optional[float]:
+#: A timeout longer than this (about 285 years) waits forever, as in the rings' calls.
+_FOREVER_S = 9e9
+
+
+def _timeout_seconds(timeout: object, what: str = "timeout") -> Optional[float]:
+    """A timeout as every call takes it (docs/api-rules.md): None, math.inf (and anything over
+    _FOREVER_S, an int too large for a float too) wait forever (None); NaN, negative numbers,
+    bools and anything not a real number raise ConfigError naming the argument."""
     if timeout is None:
         return None
-    if timeout != timeout or timeout < 0:  # NaN or negative
-        raise ConfigError(f"timeout must be None (wait forever) or a number >= 0, not {timeout!r}")
-    if timeout == math.inf:
-        return None      # forever, as for the rings (an infinite deadline has no millisecond count)
-    return time.monotonic() + timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise ConfigError(f"{what} must be a number of seconds, or None to wait forever, not "
+                          f"{type(timeout).__name__} {timeout!r}")
+    try:
+        t = float(timeout)
+    except OverflowError:
+        t = math.inf if timeout > 0 else -math.inf
+    if t != t:
+        raise ConfigError(f"{what} is NaN: pass a number of seconds, or None to wait forever")
+    if t < 0:
+        raise ConfigError(f"{what} must be >= 0 seconds, or None to wait forever, got {timeout!r}")
+    return None if t > _FOREVER_S else t
+
+
+def _deadline(timeout: object, what: str = "timeout") -> Optional[float]:
+    t = _timeout_seconds(timeout, what)
+    return None if t is None else time.monotonic() + t
 
 
 def eventfd(*, nonblock: bool = True) -> int:

@@ -31,10 +31,11 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ._ffi_doorbell import ffi, lib
-from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, timeout_ms
+from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, _timeout_seconds, timeout_ms
 from .doorbell import drain as doorbell_drain
 from .doorbell import eventfd as doorbell_eventfd
 from .doorbell import ring as doorbell_ring
@@ -101,6 +102,11 @@ def _close(fd: int) -> None:
         pass
 
 
+def _is_int(value: object, lo: int, hi: int) -> bool:
+    """An int (not a bool) in [lo, hi]."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 def _show(value: int, fd: int) -> str:
     return f"{value} with an fd" if fd >= 0 else f"{value} without an fd"
 
@@ -152,6 +158,8 @@ class Peer:
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
+        # the Channels over this Peer (weakly): close() tells them before their doorbell fds go
+        self._channels: "weakref.WeakSet" = weakref.WeakSet()
         #: The shared memory, a pyivshmem Region (closed with the Peer).
         self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
 
@@ -180,15 +188,22 @@ class Peer:
         Raises ProtocolError when the server breaks the protocol or stalls during set-up, and
         ConnectionRefusedError / FileNotFoundError when nothing listens there.
         """
+        # arguments first (ConfigError), before anything is made
+        try:
+            path = os.fspath(socket_path)
+        except TypeError:
+            raise ConfigError(f"socket_path must be a str or os.PathLike, not "
+                              f"{type(socket_path).__name__}") from None
+        if vectors is not None and not _is_int(vectors, 0, MAX_VECTORS):
+            raise ConfigError(f"vectors must be None or an int 0..{MAX_VECTORS}, not {vectors!r}")
+        seconds = _timeout_seconds(timeout)
         self = cls()
-        self._path = os.fspath(socket_path)
+        self._path = path
         self._format_region = format_region
-        if vectors is not None and not 0 <= vectors <= MAX_VECTORS:
-            raise ConfigError(f"vectors must be None or 0..{MAX_VECTORS}, not {vectors!r}")
-        deadline = _deadline(timeout)
+        deadline = _deadline(seconds)
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(None if deadline is None else timeout)
+            self._sock.settimeout(seconds)
             try:
                 self._sock.connect(self._path)
             except OSError as e:
@@ -586,9 +601,9 @@ class Peer:
                 f"cannot notify peer {peer_id}: not connected to the server at {self._path!r} "
                 f"(connected peers: {sorted(self._peers) or 'none'}; my id is {self._id})"
             )
-        if not 0 <= vector < len(fds):
+        if not _is_int(vector, 0, len(fds) - 1):
             raise ConfigError(
-                f"cannot notify peer {peer_id} on vector {vector}: it has {len(fds)} vector(s), "
+                f"cannot notify peer {peer_id} on vector {vector!r}: it has {len(fds)} vector(s), "
                 f"0..{len(fds) - 1}"
             )
         rc = lib.ivshm_eventfd_ring(fds[vector])
@@ -599,8 +614,8 @@ class Peer:
         """The eventfd of my own ``vector`` (readable when it fires; read 8 bytes to drain).
         The Peer owns it: valid until close()."""
         self._live()
-        if not 0 <= vector < len(self._own):
-            raise ConfigError(f"I have {len(self._own)} vector(s); there is no vector {vector}")
+        if not _is_int(vector, 0, len(self._own) - 1):
+            raise ConfigError(f"I have {len(self._own)} vector(s); there is no vector {vector!r}")
         return self._own[vector]
 
     def notify_target(self, peer_id: int, vector: int) -> Optional[Tuple[int, int, int]]:
@@ -612,9 +627,13 @@ class Peer:
         # events(), and a protocol error is raised there)
         self._drain_server(implicit=True)
         fds = self._fds_of(peer_id)
-        if fds is None or not 0 <= vector < len(fds):
+        if fds is None or not _is_int(vector, 0, len(fds) - 1):
             return None
         return (NOTIFY_EVENTFD, fds[vector], 0)
+
+    def _register_channel(self, channel: object) -> None:
+        """A Channel over this Peer: told by close(), before the fds it sleeps on go."""
+        self._channels.add(channel)
 
     @property
     def _bell_table(self) -> int:
@@ -764,6 +783,12 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        # First the Channels sleeping on my vectors: they wake (ClosedError) instead of sleeping
+        # on, until their re-check, on fds closed below, whose numbers a later open may reuse;
+        # and they sleep on them no more.  (In a forked child the parent's sleepers are left
+        # alone.)
+        for ch in list(self._channels):
+            ch._doorbell_closed()
         if os.getpid() != self._pid:
             self._release_inherited()
             return

@@ -6,7 +6,6 @@ working.  Named (-M, /dev/shm) and file (-m) memory cannot be sealed: the other 
 maps zero pages over the lost mapping and every call on it raises RegionLostError, a blocked
 Channel.recv included; each peer process exits normally, none dies of a signal.
 """
-import errno
 import json
 import os
 import signal

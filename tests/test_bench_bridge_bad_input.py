@@ -7,9 +7,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+from _procwait import (
+    descendants as _descendants,
+    cmdline as _cmdline,
+    running as _running,
+    wait_for as _wait_for,
+)
 
 pytest.importorskip("zmq")
 
@@ -60,44 +65,6 @@ def test_json_path_that_is_a_directory_is_refused_before_the_run(short_tmp, tmp_
                  "--pings", "5")
     assert out.returncode == 2 and "--json" in out.stderr, out.stderr
     assert not os.listdir(tmp_path) and not os.listdir(short_tmp)
-
-
-def _descendants(pid):
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except FileNotFoundError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-def _running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def _wait_for(cond, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_sigterm_mid_run_stops_every_child_and_removes_the_temp_dir(short_tmp):

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from pyivshmem import bench
 from pyivshmem.bench.workers import usable_cpus
+from _procwait import wait_for as _wait_for
 
 # a run that does almost nothing, for options checked before anything runs
 TINY = ["--scenarios", "roundtrip", "--peers", "none", "--rtt-samples", "20", "--repeat", "1",
@@ -72,14 +72,6 @@ def test_setup_failure_of_a_transport_is_reported_and_the_run_goes_on(tmp_path):
     pipe = [r for r in recs if r["transport"] == "os-pipe"]
     assert ivs and all(r["status"] == "failed" and "socket path" in r["note"] for r in ivs)
     assert pipe and all(r["status"] == "ok" for r in pipe)
-
-
-def _wait_for(cond, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -131,7 +131,7 @@ def test_the_daemon_keeps_its_memory_locked_after_the_fork(tmp_path, shm_name):
     import subprocess
     import sys
 
-    from test_review_b_cli import _env, _pid_alive, _wait_for
+    from test_server_cli_errors import _env, _pid_alive, _wait_for
 
     pidfile = tmp_path / "server.pid"
     r = subprocess.run(

@@ -5,11 +5,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from pyivshmem.bench import pubsub
+from _procwait import (
+    children as _children,
+    cmdline as _cmdline,
+    running as _running,
+    wait_for as _wait_for,
+)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -37,39 +42,6 @@ def test_json_path_that_is_a_directory_is_refused_before_the_run(capsys, tmp_pat
         pubsub.main(["--peers", "pyivshmem", "--json", str(tmp_path)])
     assert e.value.code == 2
     assert "--json" in capsys.readouterr().err
-
-
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-def _running(pid):
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def _wait_for(cond, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -19,7 +19,8 @@ CC=${CC:-gcc}
 DEFAULT_TESTS="tests/test_hostile_memory.py tests/test_malicious_peer.py tests/test_crash.py
 tests/test_fuzz_python.py tests/test_rings.py tests/test_region.py tests/test_cross_process.py
 tests/test_chan_wakeup.py tests/test_channel.py tests/test_mapping_lifetime.py tests/test_ring_defects.py
-tests/test_ring_model.py tests/test_mpmc_kill.py tests/test_region_lost.py"
+tests/test_ring_model.py tests/test_mpmc_kill.py tests/test_region_lost.py tests/test_send_many_changing_list.py
+tests/test_uninitialised_objects.py tests/test_subscriber_close.py tests/test_close_wakes_channels.py"
 start=$(date +%s)
 
 rm -rf "$build"

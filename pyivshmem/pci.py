@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -255,6 +256,10 @@ class PciDevice:
         self._timer_fd = -1
         self._region = None
         self._mmap: Optional[mmap.mmap] = None
+        # the Channels over this device (weakly): close() and a hot-unplug tell them, so that
+        # calls asleep on its vectors wake (ClosedError) instead of sleeping on, until their
+        # re-check, on eventfds that fire no more or are closed
+        self._channels: "weakref.WeakSet" = weakref.WeakSet()
         # hot-unplug: why the device is gone (None while present), the VFIO request eventfd, an
         # eventfd the watcher raises (in the epoll set, so wait() wakes), and the lock that keeps
         # register accesses and the release apart
@@ -561,6 +566,7 @@ class PciDevice:
             self._gone = why
             if self._gone_fd >= 0:
                 os.write(self._gone_fd, (1).to_bytes(8, "little"))
+            self._tell_channels()
             if self._region is not None:
                 self._region.close()      # callers inside finish first; later calls: ClosedError
                 self._region = None
@@ -582,6 +588,14 @@ class PciDevice:
             if self._mem_fd >= 0 and self._mmap is None:
                 os.close(self._mem_fd)
                 self._mem_fd = -1
+
+    def _register_channel(self, channel: object) -> None:
+        """A Channel over this device: told by close() and by a hot-unplug."""
+        self._channels.add(channel)
+
+    def _tell_channels(self) -> None:
+        for ch in list(self._channels):
+            ch._doorbell_closed()
 
     def _start_watch(self, dev_fd: int) -> None:
         """VFIO: bind the device's request interrupt to an eventfd and release everything on it."""
@@ -632,6 +646,7 @@ class PciDevice:
             self._region.close()
             self._region = None
         self._closed = True
+        self._tell_channels()  # before their eventfds are closed
         _dlib.ivshm_bell_table_clear(self._bells)  # before BAR0 is unmapped
         lib = _lib
         if self._ws is not None:

@@ -5,12 +5,16 @@ The real thing, with QEMU's device_del/device_add, is tests/test_vm_hotplug.py."
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import threading
 
 import pytest
 
-from pyivshmem import ClosedError, DeviceError, DeviceGoneError, PciDevice, WaitTimeout
+from pyivshmem import (Channel, ClosedError, DeviceError, DeviceGoneError, PciDevice, Region,
+                       WaitTimeout)
 
+from _procwait import thread_native_id, wait_until_in_wait
 from test_documented_options import _fake_device, needs_root
 
 
@@ -63,3 +67,42 @@ def test_wait_for_finds_a_device_or_times_out(sysfs):
     assert PciDevice.wait_for(None, 5, sysfs=str(sysfs)).bdf == "0000:00:05.0"
     with pytest.raises(WaitTimeout):
         PciDevice.wait_for("00:06.0", 0, sysfs=str(sysfs))
+
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_closing_the_device_ends_a_channel_wait_on_a_ring_elsewhere(sysfs, shm_path):
+    """A Channel whose doorbell is the device and whose ring lives in another region: closing
+    the device wakes the call asleep on it (ClosedError naming the device), as closing a Peer
+    does, instead of leaving it asleep until its timeout on vectors that fire no more."""
+    _fake_device(sysfs, doorbell=True)
+    dev = PciDevice.open(vfio=False, sysfs=str(sysfs), poll_interval=0.01)
+    with Region.create(shm_path, "1M") as r:
+        ring = r.create_ring("elsewhere", slot_size=64, capacity=8)
+        rx = Channel(ring, dev, vector=0, spin=0)
+        got = []
+
+        def receive():
+            try:
+                got.append(rx.recv(timeout=30))
+            except BaseException as exc:  # noqa: BLE001 - what the call raised is the result
+                got.append(exc)
+
+        t = threading.Thread(target=receive)
+        t.start()
+        try:
+            wait_until_in_wait(os.getpid(), thread_native_id(t), what="the channel's sleep")
+            dev.close()
+            t.join(30)
+            assert not t.is_alive(), "the receive slept on after the device was closed"
+            assert len(got) == 1 and isinstance(got[0], ClosedError), got
+            assert "PciDevice" in str(got[0])
+            with pytest.raises(ClosedError):  # and later waits refuse
+                rx.recv(timeout=0.01)
+            ring.send(b"no wait needed")      # the ring itself goes on
+            assert ring.recv(timeout=0) == b"no wait needed"
+        finally:
+            dev.close()
+            t.join(30)
+            rx.close()

@@ -2987,12 +2987,18 @@ cdef class Subscriber(_Ring):
             return None
         if rc != 0:
             raise self._sub_error(rc, "recv")
-        self._busy += 1  # a large copy releases the GIL
+        # A large copy releases the GIL: a Region.close() meanwhile must not unmap the memory
+        # that _take's check of the slot and the release below still read and write (the copy's
+        # own enter/leave ends before them), and a close() of this handle waits for _done().
+        cdef _Mapping mp = self._m
+        mp.enter()
+        self._busy += 1
         try:
             out = self._take(&m)
             ivshm_pubsub_release(&self._s)
         finally:
             self._done()
+            mp.leave()
         return out
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):

@@ -169,3 +169,31 @@ def test_closing_the_peer_ends_an_asyncio_recv_on_its_doorbell(tmp_path, shm_pat
             asyncio.run(main())
         finally:
             peer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_closed_while_a_channel_is_made_on_it_still_ends_its_waits(tmp_path, shm_path):
+    # Peer.close() tells the Channels it knows; one being made took its vector fd before the
+    # close and registered after it, so it was never told: its waits slept on the closed fd
+    # number (or on whatever file reused it) until their timeout.
+    from pyivshmem import Peer, Region, Server
+
+    class ClosedMeanwhile(Peer):
+        # another thread's close(), landing after the Channel took its fd, before it registered
+        @property
+        def _bell_table(self):
+            table = Peer._bell_table.fget(self)
+            self.close()
+            return table
+
+    sock = os.path.join(tmp_path, "srv")
+    with Server(sock, size="1M", vectors=2), Region.create(shm_path, "1M") as region:
+        peer = ClosedMeanwhile.connect(sock)
+        try:
+            ch = Channel(region.create_ring("q", slot_size=16, capacity=2), peer, vector=0,
+                         recheck=3600)
+            assert peer.closed
+            with pytest.raises(ClosedError):
+                ch.recv(timeout=30)  # not a WaitTimeout after 30 s
+        finally:
+            peer.close()

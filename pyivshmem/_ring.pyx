@@ -3839,7 +3839,11 @@ cdef class Channel:
         finally:
             for fd in fds:
                 _unwatch_fd(loop, fd, fut)
-        if armed and not self._closed:
+        # Not once its doorbell provider closed: the fd was closed with it, and the number may
+        # name another file by now, whose contents the settling read (and write) would take.
+        # (The provider tells the channel, with the GIL, before it closes its fds, and absorb
+        # runs with the GIL held: no close can fall between this look and the read.)
+        if armed and not self._closed and not self._doorbell_gone:
             ivshm_chan_absorb(&self._ch, &c.call)
 
     # -- the rest -----------------------------------------------------------------------------

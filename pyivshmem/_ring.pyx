@@ -3143,12 +3143,14 @@ import math as _math
 cdef extern from "<errno.h>":
     enum:
         ECANCELED
+        EBADF
 
 cdef int _chan_eventfd() except -1:
     cdef int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
     if fd < 0:
         e = errno
-        raise OSError(e, f"cannot create an eventfd: {_os.strerror(e)}")
+        raise SystemCallError(e, f"cannot create an eventfd for a channel: {_os.strerror(e)}"
+                              " (out of file descriptors? raise the limit, e.g. ulimit -n)")
     return fd
 
 
@@ -3568,7 +3570,12 @@ cdef class Channel:
                 if sending:
                     self._full_timeout(timeout)
                 self._ring._timeout_error(timeout)
-            raise OSError(-rc, f"waiting on channel over ring {self._ring._name!r}: {_os.strerror(-rc)}")
+            what = f"waiting on channel over ring {self._ring._name!r}: {_os.strerror(-rc)}"
+            if rc == -EBADF:
+                what += (f" (its doorbell fd {self._fd}, vector {self._vector} of its "
+                         f"{type(self._doorbell).__name__}, was closed under it: close this "
+                         "channel, and make a new one over an open doorbell provider)")
+            raise SystemCallError(-rc, what)
 
     cdef uint64_t _slots_for(self, data) except 0:
         """Slots the message needs: an SPSC producer waits for that much room."""

@@ -1,5 +1,6 @@
 """Closing what a blocked Channel call stands on ends the call with ClosedError."""
 import asyncio
+import errno
 import os
 import threading
 
@@ -234,3 +235,19 @@ def test_an_asyncio_recv_woken_by_its_peers_close_reads_nothing_from_the_fd_numb
             peer.close()
             for f in held:
                 os.close(f)
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_on_a_doorbell_fd_its_provider_closed_raises_a_pyivshmem_error(region):
+    # A provider without _register_channel that closes its fds under a Channel: the wait failed
+    # with a bare OSError (EBADF), not one of the package's errors saying what to do.
+    from pyivshmem import IvshmemError
+
+    fds = make_fds([0])
+    ch = Channel(region.create_ring("q", "mpmc", slot_size=16, capacity=2), FdBell(0, fds),
+                 vector=0, spin=0, recheck=3600)
+    close_fds(fds)
+    with pytest.raises(IvshmemError) as info:
+        ch.recv(timeout=5)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EBADF
+    assert "doorbell" in str(info.value)

@@ -1609,7 +1609,13 @@ cdef class SpscRing(_Ring):
                 total = PySequence_Fast_GET_SIZE(seq)
             if start + done >= total:
                 break
-            self._check_send()  # the GIL may have been released: the region may have been closed
+            try:
+                self._check_send()  # the GIL may have been released: the region may have been closed
+            except BaseException as e:
+                # after a batch that went: the caller (a Channel waking the receivers for them)
+                # must learn how many did
+                e.sent = start + done
+                raise
             items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
@@ -1676,7 +1682,9 @@ cdef class SpscRing(_Ring):
                 f"bytes); the {index} before it were sent")
             err.sent = index
             raise err
-        raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
+        err = self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
+        err.sent = index
+        raise err
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
         """Up to ``max_count`` messages that are already there, as a list (one release for all),
@@ -2164,11 +2172,11 @@ cdef class MpmcRing(_Ring):
         cdef Py_ssize_t ln, before = start
         cdef int rc
         while True:
-            self._check_send()  # again after each pause: the region may have been closed
-            # and the list looked at again: another thread may have changed it meanwhile
-            items = <PyObject **>PySequence_Fast_ITEMS(seq)
-            total = PySequence_Fast_GET_SIZE(seq)
             try:
+                self._check_send()  # again after each pause: the region may have been closed
+                # and the list looked at again: another thread may have changed it meanwhile
+                items = <PyObject **>PySequence_Fast_ITEMS(seq)
+                total = PySequence_Fast_GET_SIZE(seq)
                 while sent < total:
                     item = <object>items[sent]
                     ln = PyBytes_GET_SIZE(item) if PyBytes_CheckExact(item) else -1
@@ -2182,10 +2190,13 @@ cdef class MpmcRing(_Ring):
                     else:
                         if self._send_obj(item) != 0:
                             break
-                        # a buffer object may have run Python code: look at everything again
+                        sent += 1  # before the look below: an error there must count it as sent
+                        # a buffer object may have run Python code, and a large copy released
+                        # the GIL: look at everything again
                         self._check_send()
                         items = <PyObject **>PySequence_Fast_ITEMS(seq)
                         total = min(total, PySequence_Fast_GET_SIZE(seq))
+                        continue
                     sent += 1
             except Exception as e:
                 # too large, not bytes-like (TypeError), or corrupt: the caller must learn how
@@ -2602,7 +2613,11 @@ cdef class PubSubRing(_Ring):
                 total = PySequence_Fast_GET_SIZE(seq)
             if start + done >= total:
                 break
-            self._check()
+            try:
+                self._check()  # the GIL may have been released: the region may have been closed
+            except BaseException as e:
+                e.sent = start + done  # (as for SPSC: after a batch that went)
+                raise
             items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
@@ -2637,7 +2652,9 @@ cdef class PubSubRing(_Ring):
                     keep = None
                 done += m
                 if room < 0:
-                    raise self._pub_error(<int>room, "send_many")
+                    err = self._pub_error(<int>room, "send_many")
+                    err.sent = start + done
+                    raise err
                 if rc != 0:
                     err = MessageTooLargeError(
                         f"message {start + done} does not fit pubsub ring {self._name!r} (at most "

@@ -1609,7 +1609,13 @@ cdef class SpscRing(_Ring):
                 total = PySequence_Fast_GET_SIZE(seq)
             if start + done >= total:
                 break
-            self._check_send()  # the GIL may have been released: the region may have been closed
+            try:
+                self._check_send()  # the GIL may have been released: the region may have been closed
+            except BaseException as e:
+                # after a batch that went: the caller (a Channel waking the receivers for them)
+                # must learn how many did
+                e.sent = start + done
+                raise
             items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
@@ -1676,7 +1682,9 @@ cdef class SpscRing(_Ring):
                 f"bytes); the {index} before it were sent")
             err.sent = index
             raise err
-        raise self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
+        err = self._corrupt(rc, self._q.why, self._q.why_a, self._q.why_b, "send_many")
+        err.sent = index
+        raise err
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
         """Up to ``max_count`` messages that are already there, as a list (one release for all),
@@ -2164,11 +2172,11 @@ cdef class MpmcRing(_Ring):
         cdef Py_ssize_t ln, before = start
         cdef int rc
         while True:
-            self._check_send()  # again after each pause: the region may have been closed
-            # and the list looked at again: another thread may have changed it meanwhile
-            items = <PyObject **>PySequence_Fast_ITEMS(seq)
-            total = PySequence_Fast_GET_SIZE(seq)
             try:
+                self._check_send()  # again after each pause: the region may have been closed
+                # and the list looked at again: another thread may have changed it meanwhile
+                items = <PyObject **>PySequence_Fast_ITEMS(seq)
+                total = PySequence_Fast_GET_SIZE(seq)
                 while sent < total:
                     item = <object>items[sent]
                     ln = PyBytes_GET_SIZE(item) if PyBytes_CheckExact(item) else -1
@@ -2182,10 +2190,13 @@ cdef class MpmcRing(_Ring):
                     else:
                         if self._send_obj(item) != 0:
                             break
-                        # a buffer object may have run Python code: look at everything again
+                        sent += 1  # before the look below: an error there must count it as sent
+                        # a buffer object may have run Python code, and a large copy released
+                        # the GIL: look at everything again
                         self._check_send()
                         items = <PyObject **>PySequence_Fast_ITEMS(seq)
                         total = min(total, PySequence_Fast_GET_SIZE(seq))
+                        continue
                     sent += 1
             except Exception as e:
                 # too large, not bytes-like (TypeError), or corrupt: the caller must learn how
@@ -2602,7 +2613,11 @@ cdef class PubSubRing(_Ring):
                 total = PySequence_Fast_GET_SIZE(seq)
             if start + done >= total:
                 break
-            self._check()
+            try:
+                self._check()  # the GIL may have been released: the region may have been closed
+            except BaseException as e:
+                e.sent = start + done  # (as for SPSC: after a batch that went)
+                raise
             items = <PyObject **>PySequence_Fast_ITEMS(seq)
             n = total - start - done
             if n > _BATCH:
@@ -2637,7 +2652,9 @@ cdef class PubSubRing(_Ring):
                     keep = None
                 done += m
                 if room < 0:
-                    raise self._pub_error(<int>room, "send_many")
+                    err = self._pub_error(<int>room, "send_many")
+                    err.sent = start + done
+                    raise err
                 if rc != 0:
                     err = MessageTooLargeError(
                         f"message {start + done} does not fit pubsub ring {self._name!r} (at most "
@@ -2987,12 +3004,18 @@ cdef class Subscriber(_Ring):
             return None
         if rc != 0:
             raise self._sub_error(rc, "recv")
-        self._busy += 1  # a large copy releases the GIL
+        # A large copy releases the GIL: a Region.close() meanwhile must not unmap the memory
+        # that _take's check of the slot and the release below still read and write (the copy's
+        # own enter/leave ends before them), and a close() of this handle waits for _done().
+        cdef _Mapping mp = self._m
+        mp.enter()
+        self._busy += 1
         try:
             out = self._take(&m)
             ivshm_pubsub_release(&self._s)
         finally:
             self._done()
+            mp.leave()
         return out
 
     def recv_many(self, max_count=_BATCH, timeout=0.0):
@@ -3137,12 +3160,14 @@ import math as _math
 cdef extern from "<errno.h>":
     enum:
         ECANCELED
+        EBADF
 
 cdef int _chan_eventfd() except -1:
     cdef int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
     if fd < 0:
         e = errno
-        raise OSError(e, f"cannot create an eventfd: {_os.strerror(e)}")
+        raise SystemCallError(e, f"cannot create an eventfd for a channel: {_os.strerror(e)}"
+                              " (out of file descriptors? raise the limit, e.g. ulimit -n)")
     return fd
 
 
@@ -3562,7 +3587,12 @@ cdef class Channel:
                 if sending:
                     self._full_timeout(timeout)
                 self._ring._timeout_error(timeout)
-            raise OSError(-rc, f"waiting on channel over ring {self._ring._name!r}: {_os.strerror(-rc)}")
+            what = f"waiting on channel over ring {self._ring._name!r}: {_os.strerror(-rc)}"
+            if rc == -EBADF:
+                what += (f" (its doorbell fd {self._fd}, vector {self._vector} of its "
+                         f"{type(self._doorbell).__name__}, was closed under it: close this "
+                         "channel, and make a new one over an open doorbell provider)")
+            raise SystemCallError(-rc, what)
 
     cdef uint64_t _slots_for(self, data) except 0:
         """Slots the message needs: an SPSC producer waits for that much room."""
@@ -3833,7 +3863,11 @@ cdef class Channel:
         finally:
             for fd in fds:
                 _unwatch_fd(loop, fd, fut)
-        if armed and not self._closed:
+        # Not once its doorbell provider closed: the fd was closed with it, and the number may
+        # name another file by now, whose contents the settling read (and write) would take.
+        # (The provider tells the channel, with the GIL, before it closes its fds, and absorb
+        # runs with the GIL held: no close can fall between this look and the read.)
+        if armed and not self._closed and not self._doorbell_gone:
             ivshm_chan_absorb(&self._ch, &c.call)
 
     # -- the rest -----------------------------------------------------------------------------

@@ -592,6 +592,10 @@ class PciDevice:
     def _register_channel(self, channel: object) -> None:
         """A Channel over this device: told by close() and by a hot-unplug."""
         self._channels.add(channel)
+        if self._closed or self._gone is not None:
+            # closed or unplugged (in another thread) after the Channel took its vector fd and
+            # before it got here: the loop over the channels missed this one, so tell it now
+            channel._doorbell_closed()  # type: ignore[attr-defined]
 
     def _tell_channels(self) -> None:
         for ch in list(self._channels):

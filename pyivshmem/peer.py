@@ -634,6 +634,11 @@ class Peer:
     def _register_channel(self, channel: object) -> None:
         """A Channel over this Peer: told by close(), before the fds it sleeps on go."""
         self._channels.add(channel)
+        if self._closed:
+            # close() ran (in another thread) after the Channel took its vector fd and before
+            # it got here, so its loop over the channels missed this one: tell it now.  (close()
+            # sets _closed before that loop, so one of the two always tells it.)
+            channel._doorbell_closed()  # type: ignore[attr-defined]
 
     @property
     def _bell_table(self) -> int:

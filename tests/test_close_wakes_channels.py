@@ -1,5 +1,6 @@
 """Closing what a blocked Channel call stands on ends the call with ClosedError."""
 import asyncio
+import errno
 import os
 import threading
 
@@ -169,3 +170,84 @@ def test_closing_the_peer_ends_an_asyncio_recv_on_its_doorbell(tmp_path, shm_pat
             asyncio.run(main())
         finally:
             peer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_closed_while_a_channel_is_made_on_it_still_ends_its_waits(tmp_path, shm_path):
+    # Peer.close() tells the Channels it knows; one being made took its vector fd before the
+    # close and registered after it, so it was never told: its waits slept on the closed fd
+    # number (or on whatever file reused it) until their timeout.
+    from pyivshmem import Peer, Region, Server
+
+    class ClosedMeanwhile(Peer):
+        # another thread's close(), landing after the Channel took its fd, before it registered
+        @property
+        def _bell_table(self):
+            table = Peer._bell_table.fget(self)
+            self.close()
+            return table
+
+    sock = os.path.join(tmp_path, "srv")
+    with Server(sock, size="1M", vectors=2), Region.create(shm_path, "1M") as region:
+        peer = ClosedMeanwhile.connect(sock)
+        try:
+            ch = Channel(region.create_ring("q", slot_size=16, capacity=2), peer, vector=0,
+                         recheck=3600)
+            assert peer.closed
+            with pytest.raises(ClosedError):
+                ch.recv(timeout=30)  # not a WaitTimeout after 30 s
+        finally:
+            peer.close()
+
+
+@pytest.mark.timeout(120)
+def test_an_asyncio_recv_woken_by_its_peers_close_reads_nothing_from_the_fd_number(tmp_path,
+                                                                                    shm_path):
+    # Woken by the Peer's close(), the task settled its doorbell fd (an 8-byte read) as after
+    # any sleep, though that fd was closed by then: a file opened meanwhile under the same
+    # number (here an eventfd holding 5) lost what it held to the task's read.
+    from pyivshmem import Peer, Region, Server
+
+    sock = os.path.join(tmp_path, "srv")
+    with Server(sock, size="1M", vectors=2), Region.create(shm_path, "1M") as region:
+        peer = Peer.connect(sock)
+        held = []
+        try:
+            fd = peer.vector_fd(0)
+            ch = Channel(region.create_ring("q", slot_size=16, capacity=2), peer, vector=0,
+                         spin=0, recheck=3600)
+
+            async def main():
+                task = asyncio.ensure_future(ch.recv_async())  # only a close can end it
+                await asyncio.sleep(0)  # the task's first step: the ring is empty, it sleeps
+                assert not task.done()
+                peer.close()
+                while not held or held[-1] != fd:  # a new file under the closed fd's number
+                    held.append(os.eventfd(0, os.EFD_NONBLOCK))
+                    assert len(held) < 1000, "the fd number was not reused"
+                os.eventfd_write(fd, 5)
+                with pytest.raises(ClosedError):
+                    await asyncio.wait_for(task, 60)
+
+            asyncio.run(main())
+            assert os.eventfd_read(fd) == 5  # still there: the channel did not read it
+        finally:
+            peer.close()
+            for f in held:
+                os.close(f)
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_on_a_doorbell_fd_its_provider_closed_raises_a_pyivshmem_error(region):
+    # A provider without _register_channel that closes its fds under a Channel: the wait failed
+    # with a bare OSError (EBADF), not one of the package's errors saying what to do.
+    from pyivshmem import IvshmemError
+
+    fds = make_fds([0])
+    ch = Channel(region.create_ring("q", "mpmc", slot_size=16, capacity=2), FdBell(0, fds),
+                 vector=0, spin=0, recheck=3600)
+    close_fds(fds)
+    with pytest.raises(IvshmemError) as info:
+        ch.recv(timeout=5)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EBADF
+    assert "doorbell" in str(info.value)

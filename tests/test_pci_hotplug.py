@@ -106,3 +106,30 @@ def test_closing_the_device_ends_a_channel_wait_on_a_ring_elsewhere(sysfs, shm_p
             dev.close()
             t.join(30)
             rx.close()
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_a_device_closed_while_a_channel_is_made_on_it_still_ends_its_waits(sysfs, shm_path):
+    """close() tells the Channels the device knows; one being made took its vector fd before the
+    close and registered after it, so it was never told and slept on a closed eventfd."""
+    _fake_device(sysfs, doorbell=True)
+
+    class ClosedMeanwhile(PciDevice):
+        # another thread's close(), landing after the Channel took its fd, before it registered
+        @property
+        def _bell_table(self):
+            table = PciDevice._bell_table.fget(self)
+            self.close()
+            return table
+
+    dev = ClosedMeanwhile.open(vfio=False, sysfs=str(sysfs), poll_interval=0.01)
+    with Region.create(shm_path, "1M") as r:
+        rx = Channel(r.create_ring("elsewhere", slot_size=64, capacity=8), dev, vector=0, spin=0)
+        try:
+            assert dev.closed
+            with pytest.raises(ClosedError):
+                rx.recv(timeout=30)  # not a WaitTimeout after 30 s, nor EBADF
+        finally:
+            dev.close()
+            rx.close()

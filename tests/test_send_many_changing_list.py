@@ -199,3 +199,82 @@ def test_channel_send_many_error_after_a_wait_counts_from_the_first_message(regi
     assert info.value.sent == 3
     assert got == [b"old", b"old", b"a", b"b", b"c"]
     assert producer.stats["sent"] == 3
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", KINDS)
+def test_handle_closed_during_a_channel_send_many_copy_still_wakes_and_counts(shm_path, kind):
+    # The sending handle closed by another thread while send_many copied a large message with
+    # the GIL released: the message was published, but the ClosedError that followed carried no
+    # .sent (SPSC, pubsub) or one that left it out (MPMC).  The Channel then neither counted it
+    # nor rang the receiver asleep on the ring, which slept on until its re-check (here an
+    # hour), and the caller was told nothing of what went.
+    child = run_child("""
+        import os, sys, threading
+        import pyivshmem as P
+        from _fdbell import FdBell, make_fds
+        from _procwait import wait_until_in_wait
+        path, kind = sys.argv[1], sys.argv[2]
+        MIB = 1 << 20
+        sys.setswitchinterval(100)  # the sender gives the GIL up only for its copies
+        fds = make_fds([0, 1])
+        for rnd in range(10):  # until a close lands during a copy (rounds it missed prove little)
+            r = P.Region.create(path + str(rnd), "128M")
+            if kind == "mpmc":  # one large message: its copy releases the GIL
+                ring = r.create_ring("q", kind, slot_size=32 * MIB, capacity=2)
+                msgs, first = [bytes(32 * MIB)], 1
+            else:  # a batch of 256 (30 MiB) copied without the GIL, then one more batch
+                ring = r.create_ring("q", kind, slot_size=128 * 1024, capacity=512)
+                msgs, first = [bytes(120 * 1024)] * 257, 256
+            reader = ring.subscribe() if kind == "pubsub" else r.ring("q")
+            rx = P.Channel(reader, FdBell(0, fds), vector=0, spin=0, recheck=3600)
+            tx = P.Channel(ring, FdBell(1, fds), vector=0, spin=0, recheck=3600)
+            got, err = [], []
+            inside = threading.Event()
+
+            def receive():
+                try:
+                    got.append(len(rx.recv()))  # no timeout: only the wake can end it
+                except BaseException as e:
+                    got.append(repr(e))
+
+            def send():
+                inside.set()
+                try:
+                    tx.send_many(msgs, timeout=0)
+                except P.ClosedError as e:
+                    err.append(e)
+
+            t = threading.Thread(target=receive, daemon=True)  # (a failed run leaves it asleep)
+            t.start()
+            wait_until_in_wait(os.getpid(), t.native_id, what="the receiver's sleep")
+            s = threading.Thread(target=send)
+            s.start()
+            inside.wait(30)
+            ring.close()  # lands during a copy: the sender released the GIL for it
+            s.join(60)
+            t.join(60)
+            assert not t.is_alive(), "the receiver was not woken for the messages that went"
+            assert got == [len(msgs[0])], got
+            if err:
+                assert getattr(err[0], "sent", None) == first, (err[0], err[0].__dict__)
+                assert tx.stats["sent"] == first, tx.stats
+            rx.close()
+            tx.close()
+            if kind == "pubsub":
+                reader.close()
+            r.close()
+            os.unlink(path + str(rnd))
+            if err:
+                print("ok", rnd)
+                break
+        else:
+            print("the close never landed during a copy")
+    """, shm_path, kind)
+    for rnd in range(10):
+        try:
+            os.unlink(shm_path + str(rnd))
+        except FileNotFoundError:
+            pass
+    assert child.returncode == 0, child.stdout + child.stderr[-3000:]
+    assert "ok" in child.stdout

@@ -85,3 +85,54 @@ def test_subscriber_dropped_in_a_forked_child_stays_the_parents(shm_path, how):
         assert pub.send(b"after the child", timeout=10) is None
         assert sub.recv(timeout=10) == b"after the child"
         sub.close()
+
+
+@pytest.mark.timeout(150)
+def test_region_closed_during_a_subscribers_recv_copy_does_not_crash(shm_path):
+    # Subscriber.recv (try_recv, Channel.recv) held the mapping only for the copy itself: a
+    # Region.close() from another thread during it unmapped the memory when the copy ended,
+    # and the check of the slot's stamp and the cursor's release after it touched unmapped
+    # memory (SIGSEGV).
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, threading
+        from pyivshmem import ClosedError, Region
+        MIB = 1 << 20
+        sys.setswitchinterval(100)  # the receiver gives the GIL up only for its copy
+        for rnd in range(3):
+            region = Region.create(sys.argv[1] + str(rnd), "128M")
+            ring = region.create_ring("p", "pubsub", slot_size=32 * MIB, capacity=2)
+            sub = ring.subscribe()
+            assert ring.send_many([bytes(32 * MIB)]) == 1
+            inside = threading.Event()
+            out = []
+
+            def receive():
+                inside.set()
+                try:
+                    out.append(len(sub.recv(timeout=0)))
+                except ClosedError as e:  # a close seen before or after the copy is fine
+                    out.append("ClosedError")
+
+            t = threading.Thread(target=receive)
+            t.start()
+            inside.wait(30)
+            region.close()  # lands during the copy: the receiver released the GIL for it
+            t.join(60)
+            assert not t.is_alive()
+            assert out and out[0] in (32 * MIB, "ClosedError"), out
+    """)
+    try:
+        child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, shm_path],
+                               capture_output=True, text=True, timeout=120)
+    finally:
+        for rnd in range(3):
+            try:
+                os.unlink(shm_path + str(rnd))
+            except FileNotFoundError:
+                pass
+    assert child.returncode == 0, child.stderr[-3000:]

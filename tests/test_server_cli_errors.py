@@ -222,6 +222,9 @@ def test_sighup_stops_the_foreground_server_cleanly(sock_path, shm_name):
          "-l", "4K"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, env=_env(),
+        # as from a terminal: a test run started under nohup (or by a runner that ignores SIGHUP)
+        # would hand its ignored SIGHUP down, and the server rightly leaves an ignored SIGHUP be
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     try:
         _serving(sock_path, proc)

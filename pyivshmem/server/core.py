@@ -917,10 +917,12 @@ class Server:
         if self._sel is not None:
             self._sel.close()
             self._sel = None
-        for fd in (self._wake_r, self._wake_w):
+        # -1 first: a signal handler (_request_stop) that runs between the two closes must not
+        # write to a closed fd, whose number another thread may already have reused
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self._wake_r = self._wake_w = -1
         if self._shm is not None:
             self._shm.release()
             self._shm = None

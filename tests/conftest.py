@@ -36,6 +36,17 @@ def shm_path():
 
 
 @pytest.fixture
+def shm_name():
+    """A unique name for the server's -M (shm_open) memory; /dev/shm/NAME removed after the test."""
+    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture
 def image():
     """The QEMU guest image of the VM tests (tests/vm/harness.py): built or found once, and the
     test skips, saying why, where QEMU or what the image needs is missing."""

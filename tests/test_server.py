@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import time
-import uuid
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -144,16 +143,6 @@ def open_fd_count() -> int:
 @pytest.fixture
 def sock_path(tmp_path):
     return str(tmp_path / "ivshmem.sock")
-
-
-@pytest.fixture
-def shm_name():
-    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except FileNotFoundError:
-        pass
 
 
 @pytest.fixture(autouse=True)

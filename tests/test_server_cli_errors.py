@@ -13,20 +13,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from typing import Dict
 
 import pytest
 
-
-def _env() -> Dict[str, str]:
-    """Subprocesses import the same pyivshmem as this process (in-place build or installed)."""
-    import pyivshmem
-
-    env = dict(os.environ)
-    where = os.path.dirname(os.path.dirname(os.path.abspath(pyivshmem.__file__)))
-    env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+from _procwait import running as _pid_alive
+from test_server import _env
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -34,14 +25,6 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "pyivshmem", "server", *args],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env(), **kw,
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -55,16 +38,6 @@ def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None
 @pytest.fixture
 def sock_path(tmp_path):
     return str(tmp_path / "ivshmem.sock")
-
-
-@pytest.fixture
-def shm_name():
-    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except FileNotFoundError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------

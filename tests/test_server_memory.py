@@ -57,18 +57,6 @@ def test_a_server_never_started_releases_its_copy_of_shm_fd(tmp_path):
 # ------------------------------------------------------------------------------------------
 # two servers on one named memory (every server's default -M is "ivshmem")
 # ------------------------------------------------------------------------------------------
-@pytest.fixture
-def shm_name():
-    import uuid
-
-    name = f"pyivshmem-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    try:
-        os.unlink(f"/dev/shm/{name}")
-    except FileNotFoundError:
-        pass
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["shm_name", "shm_path"])
 def test_a_second_server_on_the_same_memory_is_refused_and_the_first_keeps_its_region(

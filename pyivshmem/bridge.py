@@ -1468,7 +1468,9 @@ class Bridge:
         self._poke()
 
     def run_forever(self, stats_interval: float = 0.0) -> None:
-        """Run until close() (from a signal handler) or a fatal error; logs metrics."""
+        """Run until close() (from a signal handler) or a fatal error; logs metrics every
+        ``stats_interval`` seconds (0: never).  ConfigError for a negative or NaN interval."""
+        _check_stats_interval(stats_interval)
         self.start()
         last = time.monotonic()
         while not self._stop.wait(0.2):
@@ -1852,6 +1854,12 @@ class Bridge:
 # command line
 # ---------------------------------------------------------------------------------------------
 
+def _check_stats_interval(v: object, what: str = "stats_interval") -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ConfigError(f"{what} must be a number of seconds >= 0 (0: never log metrics), "
+                          f"not {v!r}")
+
+
 def _parse_out(spec: str) -> Tuple[str, str]:
     local, _, remote = spec.partition("=")
     if not local or (_ and not remote):
@@ -1908,6 +1916,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peer = None
     region = None
     try:
+        _check_stats_interval(args.stats_interval, "--stats-interval")  # before joining or opening anything
         if args.server:
             from .peer import Peer
 

@@ -56,3 +56,32 @@ def test_cli_unknown_log_level_is_a_usage_error(tmp_path, region):
                   "--state-dir", str(tmp_path), "--log-level", "LOUD")
     assert out.returncode == 2, out.stderr
     assert "--log-level" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_cli_refuses_a_negative_or_nan_stats_interval_before_opening_anything(tmp_path, region,
+                                                                              value):
+    region.create_ring("up", slot_size=64, capacity=8)
+    state = tmp_path / "state"
+    out = _bridge("--region", region.path, "--connect", "tcp://127.0.0.1:1", "--out", "up",
+                  "--state-dir", str(state), "--stats-interval", value)
+    assert out.returncode == 2, out.stderr
+    assert "--stats-interval" in out.stderr and ">= 0" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not state.exists()  # refused before the bridge made its state directory
+
+
+@pytest.mark.timeout(30)  # an accepted interval runs the bridge until the timeout
+@pytest.mark.parametrize("value", [-1, float("nan"), "10", True])
+def test_run_forever_refuses_a_bad_stats_interval_before_starting(tmp_path, region, value):
+    from pyivshmem import Bridge, ConfigError
+
+    region.create_ring("up", slot_size=64, capacity=8)
+    b = Bridge(region, connect="tcp://127.0.0.1:1", out={"up": "up"}, state_dir=str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="stats_interval"):
+            b.run_forever(value)
+        assert not b._threads  # nothing was started
+    finally:
+        b.close()

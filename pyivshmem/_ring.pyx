@@ -1058,16 +1058,33 @@ cdef class Region:
             })
 
     def info(self):
-        """The region header as a dict."""
+        """The region header as a dict: size, version, generation, rings (directory entries
+        handed out), allocated and free bytes, directory_locked, and errors.  Any peer can write
+        the header: a count out of its range is given as None, with the reason in ``errors``
+        (empty when the header is sound)."""
         self._ensure_open()
         cdef ivshm_region_hdr *h = <ivshm_region_hdr *>self._m.base
         # copies first: no Python code (and so no thread switch) between the reads
         cdef uint32_t version = h.version, nrings = h.nrings
         cdef uint64_t gen = h.generation, alloc = h.alloc_off, lock = h.lock
         self._ensure_open()
-        return {"size": self._size, "version": version, "generation": gen,
-                "rings": nrings, "allocated": alloc, "free": self._size - alloc
-                if alloc <= self._size else 0, "directory_locked": lock != 0}
+        errors = []
+        if version != IVSHM_LAYOUT_VERSION:
+            errors.append(f"layout version {version} (this library reads "
+                          f"{IVSHM_LAYOUT_VERSION}): overwritten since the region was opened")
+        rings = nrings
+        if nrings > IVSHM_MAX_RINGS:
+            errors.append(f"ring count {nrings} is over the directory's {IVSHM_MAX_RINGS} entries")
+            rings = None
+        allocated = alloc
+        if alloc < IVSHM_HDR_SIZE or alloc > self._size:
+            errors.append(f"allocation offset {alloc} is outside the region's data area "
+                          f"({IVSHM_HDR_SIZE}..{self._size})")
+            allocated = None
+        return {"size": self._size, "version": version, "generation": gen, "rings": rings,
+                "allocated": allocated,
+                "free": None if allocated is None else self._size - alloc,
+                "directory_locked": lock != 0, "errors": errors}
 
 
 def _may_shrink(int fd):

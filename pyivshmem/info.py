@@ -15,13 +15,18 @@ def describe(path: str) -> dict:
         return {"path": path, "header": region.info(), "rings": region.rings()}
 
 
+def _known(v: object) -> str:
+    return "?" if v is None else str(v)
+
+
 def format_table(d: dict) -> str:
     h = d["header"]
     lines = [
         f"region {d['path']}: {h['size']} bytes, layout v{h['version']}, generation {h['generation']:#018x}",
-        f"  {h['rings']} ring(s), {h['allocated']} bytes allocated, {h['free']} free"
-        + (", directory lock HELD" if h["directory_locked"] else ""),
+        f"  {_known(h['rings'])} ring(s), {_known(h['allocated'])} bytes allocated, "
+        f"{_known(h['free'])} free" + (", directory lock HELD" if h["directory_locked"] else ""),
     ]
+    lines += [f"  header: CORRUPT: {e}" for e in h["errors"]]
     if d["rings"]:
         lines.append(f"  {'name':20s} {'kind':6s} {'slots':>8s} {'slot size':>9s} {'queued':>8s} "
                      f"{'fill':>6s} {'prod wait':>9s} {'cons wait':>9s}")

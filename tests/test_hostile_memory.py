@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # csrc/ivshm_layout.h
 HDR_MAGIC, HDR_VERSION, HDR_HDR_SIZE, HDR_REGION_SIZE, HDR_GENERATION = 0, 8, 12, 16, 24
-HDR_MAX_RINGS, HDR_ALLOC_OFF, HDR_LOCK = 32, 40, 48
+HDR_MAX_RINGS, HDR_NRINGS, HDR_ALLOC_OFF, HDR_LOCK = 32, 36, 40, 48
 DIR_BASE, DIR_ENTRY = 128, 64
 D_NAME, D_STATE, D_KIND, D_OFFSET, D_SIZE, D_SLOT_SIZE, D_CAPACITY = 0, 32, 36, 40, 48, 56, 60
 C_MAGIC, C_KIND, C_SLOT_SIZE, C_CAPACITY, C_STRIDE = 0, 8, 12, 16, 20
@@ -491,6 +491,46 @@ def test_allocation_pointer_corrupt(setup, alloc):
     peer.put(HDR_ALLOC_OFF, "Q", alloc)
     with pytest.raises(ConfigError, match="not enough free space"):
         region.create_ring("new", "spsc", slot_size=64, capacity=16)
+    bystander_works(region, rings)
+
+
+@pytest.mark.parametrize("field, fmt, value, key, words", [
+    (HDR_NRINGS, "I", 2**32 - 1, "rings", "ring count 4294967295"),
+    (HDR_NRINGS, "I", 63, "rings", "ring count 63"),
+    (HDR_ALLOC_OFF, "Q", 2**64 - 1, "allocated", "allocation offset"),
+    (HDR_ALLOC_OFF, "Q", 100, "allocated", "allocation offset"),
+    (HDR_VERSION, "I", 7, None, "layout version 7"),
+])
+def test_info_flags_a_header_overwritten_after_open(setup, shm_path, field, fmt, value, key,
+                                                     words):
+    """The header is the peers' to write: info() and `pyivshmem info` say which count is out of
+    range instead of printing it as the truth."""
+    import json
+    import subprocess
+    import sys
+
+    region, rings, peer = setup
+    sound = region.info()
+    assert sound["errors"] == [] and sound["rings"] == 3 and sound["free"] > 0
+    peer.put(field, fmt, value)
+    info = region.info()
+    assert any(words in e for e in info["errors"]), info
+    if key is not None:
+        assert info[key] is None
+        if key == "allocated":
+            assert info["free"] is None
+    cli = [sys.executable, "-m", "pyivshmem", "info", shm_path]
+    if field == HDR_VERSION:  # a region of another layout is refused at open, as it should be
+        out = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and "version" in out.stderr, out
+    else:
+        out = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "header: CORRUPT" in out.stdout and words in out.stdout, out.stdout
+        assert str(value) not in out.stdout.splitlines()[1]  # the counts line shows "?"
+        out = subprocess.run(cli + ["--json"], capture_output=True, text=True, timeout=30)
+        d = json.loads(out.stdout)["header"]
+        assert d[key] is None and any(words in e for e in d["errors"])
     bystander_works(region, rings)
 
 

@@ -242,6 +242,67 @@ def _after_fork_in_child():
 _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+cdef class _FdKeeper:
+    """The fds of one owner (a WaitSet, a Peer, a PciDevice) that its calls use with the GIL
+    released: a wait sleeping on them, a ring or a drain writing or reading them.
+
+    A call holds the keeper from before it looks an fd up until its C call returned
+    (:meth:`enter`, :meth:`leave`).  The owner hands the fds it no longer needs to
+    :meth:`close_later`: they are closed at once when no call is inside, else by the last call
+    to leave.  So an fd number is never closed, and reused by another file, under a call that
+    still uses it (as _Mapping keeps its memory).  ``final=True`` (the owner is closing) also
+    refuses every later :meth:`enter`.
+
+    Each method runs no Python code (the closes are close(2) calls with the GIL held), so it is
+    atomic under the GIL: another thread or a signal handler runs between two calls, never
+    inside one, and nothing here can deadlock (docs/wakeup.md, "fd lifetimes")."""
+    cdef Py_ssize_t inside
+    cdef list pending
+    cdef bint final
+
+    def __cinit__(self):
+        self.inside = 0
+        self.pending = []
+        self.final = False
+
+    def enter(self):
+        """Hold the fds; False (and nothing held) once the owner closed."""
+        if self.final:
+            return False
+        self.inside += 1
+        return True
+
+    def leave(self):
+        if self.inside > 0:
+            self.inside -= 1
+        if self.inside == 0:
+            self._close_pending()
+
+    def close_later(self, fds, final=False):
+        cdef int fd
+        if final:
+            self.final = True
+        for f in fds:
+            fd = f
+            if fd >= 0:
+                self.pending.append(fd)
+        if self.inside == 0:
+            self._close_pending()
+
+    cdef void _close_pending(self) noexcept:
+        cdef int fd
+        while self.pending:
+            fd = self.pending.pop()
+            _c_close(fd)
+
+    def __dealloc__(self):
+        # (a keeper of a Peer that was never closed: its __del__ closed it, or the process ends)
+        cdef int fd
+        if self.pending:
+            for fd in self.pending:
+                _c_close(fd)
+
+
 cdef class _Mapping:
     """The mapping of one Region, owned jointly by the region, its rings, its channels and every
     call or zero-copy view in flight.
@@ -3442,6 +3503,7 @@ cdef class Channel:
     cdef _BellCtx _bells
     cdef uint64_t _fork_gen        # _fork_gen in the process that made _cancel_fd
     cdef bint _doorbell_gone       # the doorbell provider was closed: its fds are gone
+    cdef object _fdk               # the provider's _FdKeeper (doorbell.py), or None
     cdef object __weakref__
 
     def __cinit__(self):
@@ -3477,6 +3539,9 @@ cdef class Channel:
             if isinstance(my_id, bool) or not isinstance(my_id, int) or not 0 <= my_id <= IVSHM_MAX_PEER_ID:
                 raise ConfigError(f"the doorbell's id must be a peer id 0..{IVSHM_MAX_PEER_ID}, not {my_id!r}")
             self._my_id = my_id
+            # held around each sleep on the provider's fd: a close() meanwhile closes it after
+            # the sleep, never under it
+            self._fdk = getattr(doorbell, "_fdk", None)
             fd = doorbell.vector_fd(vector)
             if fd is not None:
                 _os.set_blocking(fd, False)
@@ -3586,10 +3651,16 @@ cdef class Channel:
             if self._closed or m.closed:  # a copy that released the GIL may have seen a close
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
             self._check_doorbell()
+            fdk = self._fdk
+            if fdk is not None and not fdk.enter():
+                self._doorbell_gone = True  # (its close told us, or is about to)
+                self._check_doorbell()
             m.enter()
             with nogil:
                 rc = ivshm_chan_wait(&self._ch, call)
             m.leave()
+            if fdk is not None:
+                fdk.leave()
             if m.lost:  # the SIGBUS guard wrote the region's closed_fd: the memory is gone
                 raise m.lost_error(f"channel over ring {self._ring._name!r}")
             if self._closed or m.closed or rc == -ECANCELED:

@@ -23,6 +23,7 @@ import warnings
 from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 from ._ffi_doorbell import ffi, lib
+from ._ring import _FdKeeper  # noqa: F401 - the keeper of fds that calls use without the GIL
 from .errors import ClosedError, ConfigError, error_from_code
 
 __all__ = [
@@ -62,7 +63,9 @@ class Doorbell(Protocol):
     A provider that closes the fds a Channel sleeps on also has ``_register_channel(channel)``
     (called by the Channel when it is made): before those fds go, it calls
     ``channel._doorbell_closed()``, which wakes the channel's sleepers and refuses its later
-    waits (ClosedError).
+    waits (ClosedError).  Such a provider may also have ``_fdk`` (an ``_FdKeeper``): a Channel
+    holds it around each sleep on the provider's fd, so that the provider's close() closes that fd
+    after the sleep ended, never under it.
     """
 
     @property
@@ -166,20 +169,36 @@ def wait_readable(fd: int, timeout: Optional[float]) -> bool:
         return _check(rc, f"wait for fd {fd}") > 0
 
 
+#: The tag of a WaitSet's own close eventfd: not for add().
+_WS_CLOSE_TAG = lib.IVSHM_WS_TAG_MAX
+
+
 class WaitSet:
     """A set of fds to sleep on (an epoll instance).
 
-    Each fd is registered with a tag (0..0x7fffffff).  Eventfds registered with ``drain=True``
+    Each fd is registered with a tag (0..0x7ffffffe).  Eventfds registered with ``drain=True``
     are drained when they fire and reported with the count read; other fds (a socket) are only
     reported.  The WaitSet does not own the fds it watches; close them after removing them (or
-    after closing the WaitSet).
+    after closing the WaitSet).  close() from another thread (or a signal handler) wakes a
+    blocked :meth:`wait`, which raises ClosedError; the epoll fd is closed once it has left.
     """
 
     def __init__(self, max_events: int = 64):
         if max_events < 1:
             raise ConfigError(f"max_events must be at least 1, not {max_events}")
         self._fd = -1
+        self._wake = -1
+        self._fdk = _FdKeeper()
+        self._pid = os.getpid()
         self._fd = _check(lib.ivshm_waitset_create(), "create an epoll wait set")
+        try:
+            self._wake = eventfd()
+            _check(lib.ivshm_waitset_add(self._fd, self._wake, _WS_CLOSE_TAG, 0),
+                   "watch the wait set's close eventfd")
+        except BaseException:
+            self._fdk.close_later([self._fd, self._wake], final=True)
+            self._fd = self._wake = -1
+            raise
         self._max = max_events
         self._out = ffi.new("struct ivshm_fired[]", max_events)
 
@@ -192,38 +211,81 @@ class WaitSet:
             raise ClosedError("this WaitSet is closed")
         return self._fd
 
+    def _enter(self) -> int:
+        """Hold the epoll fd for one call; its number."""
+        if not self._fdk.enter():
+            raise ClosedError("this WaitSet is closed")
+        fd = self._fd
+        if fd < 0:  # (close() sets _fd before it hands the fd over)
+            self._fdk.leave()
+            raise ClosedError("this WaitSet is closed")
+        return fd
+
     def fileno(self) -> int:
         """The epoll fd: readable whenever a watched fd is readable."""
         return self._live()
 
     def add(self, fd: int, tag: int, *, drain: bool = True) -> None:
-        if not 0 <= tag <= lib.IVSHM_WS_TAG_MAX:
-            raise ConfigError(f"tag must be in 0..{lib.IVSHM_WS_TAG_MAX}, not {tag}")
+        if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < _WS_CLOSE_TAG:
+            raise ConfigError(f"tag must be an int in 0..{_WS_CLOSE_TAG - 1}, not {tag!r} "
+                              f"({_WS_CLOSE_TAG} is the wait set's own)")
         flags = lib.IVSHM_WS_DRAIN if drain else 0
-        _check(lib.ivshm_waitset_add(self._live(), fd, tag, flags), f"watch fd {fd}")
+        ep = self._enter()
+        try:
+            _check(lib.ivshm_waitset_add(ep, fd, tag, flags), f"watch fd {fd}")
+        finally:
+            self._fdk.leave()
 
     def remove(self, fd: int) -> None:
-        _check(lib.ivshm_waitset_remove(self._live(), fd), f"stop watching fd {fd}")
+        ep = self._enter()
+        try:
+            _check(lib.ivshm_waitset_remove(ep, fd), f"stop watching fd {fd}")
+        finally:
+            self._fdk.leave()
 
     def wait(self, timeout: Optional[float]) -> List[Tuple[int, int]]:
         """Sleep (GIL released) until a watched fd is readable or ``timeout`` seconds pass
         (None: no limit).  Returns ``[(tag, count), ...]`` (count 0 for non-drained fds), or []
         on timeout.  Signals interrupt the sleep so their Python handlers run; the wait then
-        resumes with the time left."""
+        resumes with the time left.  ClosedError when the WaitSet is closed, also while it
+        sleeps."""
         deadline = _deadline(timeout)
         out = self._out
-        while True:
-            rc = lib.ivshm_waitset_wait(self._live(), timeout_ms(deadline), 0, out, self._max,
-                                        ffi.NULL)
-            if rc == -errno.EINTR:
-                continue  # Python runs its signal handlers here (Ctrl-C raises), then we resume
-            n = _check(rc, "wait on the doorbells")
-            return [(int(out[i].tag), int(out[i].count)) for i in range(n)]
+        ep = self._enter()
+        try:
+            while True:
+                rc = lib.ivshm_waitset_wait(ep, timeout_ms(deadline), 0, out, self._max,
+                                            ffi.NULL)
+                if rc == -errno.EINTR:
+                    if self._fd < 0:  # closed by the signal's handler
+                        raise ClosedError("this WaitSet was closed while waiting")
+                    continue  # Python runs its signal handlers here (Ctrl-C raises); resume
+                n = _check(rc, "wait on the doorbells")
+                fired = [(int(out[i].tag), int(out[i].count)) for i in range(n)]
+                if any(tag == _WS_CLOSE_TAG for tag, _ in fired):
+                    raise ClosedError("this WaitSet was closed while waiting")
+                return fired
+        finally:
+            self._fdk.leave()
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        """Close the epoll fd; a wait blocked in another thread wakes and raises ClosedError
+        (the fd is closed once it has left).  Idempotent.  In a process that inherited it
+        across fork, closes that process's copies and leaves the parent's waits alone."""
+        fd, wake = self._fd, self._wake
+        if fd < 0:
+            return
+        self._fd = self._wake = -1
+        if os.getpid() != self._pid:
+            # the eventfd is the parent's too (ringing it would end the parent's waits), and
+            # the keeper's count may be the parent's threads': close this process's copies
+            for f in (fd, wake):
+                if f >= 0:
+                    os.close(f)
+            return
+        if wake >= 0:
+            ring(wake)  # level-triggered and never drained: every wait inside wakes
+        self._fdk.close_later([fd, wake], final=True)
 
     def __enter__(self) -> "WaitSet":
         return self

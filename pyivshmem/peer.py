@@ -35,7 +35,8 @@ import weakref
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ._ffi_doorbell import ffi, lib
-from .doorbell import NOTIFY_EVENTFD, WaitSet, _deadline, _timeout_seconds, timeout_ms
+from .doorbell import (NOTIFY_EVENTFD, WaitSet, _deadline, _FdKeeper, _timeout_seconds,
+                       timeout_ms)
 from .doorbell import drain as doorbell_drain
 from .doorbell import eventfd as doorbell_eventfd
 from .doorbell import ring as doorbell_ring
@@ -66,7 +67,7 @@ BELL_WATCH_INTERVAL = 0.001
 #: Events kept for events() before joined-and-left pairs are dropped (then twice what is left).
 _COMPACT_MIN = 256
 
-_SOCK_TAG = 0x7FFFFFFF  # wait-set tag of the server socket; vectors use their number
+_SOCK_TAG = 0x7FFFFFFE  # wait-set tag of the server socket; vectors use their number
 
 
 class PeerEvent(NamedTuple):
@@ -127,6 +128,9 @@ class Peer:
             raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
         self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
         self._closed = False
+        # Every fd this Peer closes goes through here: never under a call of it (or of a Channel
+        # over it) that uses that fd with the GIL released.  (_FdKeeper, docs/wakeup.md)
+        self._fdk = _FdKeeper()
         # The process that made this Peer.  A child that inherits it across fork shares the
         # server connection and the epoll sets with the parent: it may only close() it (its own
         # copies of the fds), never read the socket or change the epoll sets.
@@ -427,8 +431,7 @@ class Peer:
                            f"(known peers: {sorted(self._peers) or 'none'})")
             # out of the table first: a Channel's waker must never ring a closed (or reused) fd
             lib.ivshm_bell_table_clear_peer(self._bells, value)
-            for f in fds:
-                _close(f)
+            self._fdk.close_later(fds)  # a notify() may be writing one of them right now
             announced = value in self._whole
             self._whole.discard(value)
             return PeerEvent(LEFT, value, len(fds)) if announced and not during_setup else None
@@ -459,8 +462,8 @@ class Peer:
         """Keep an event for events().  Past _compact_at events waiting, coalesce them."""
         if ev is None:
             return
-        if not self._pending and self._ready >= 0:
-            doorbell_ring(self._ready)
+        if not self._pending:
+            self._ring_ready()
         self._pending.append(ev)
         if len(self._pending) > self._compact_at:
             self._compact()
@@ -490,8 +493,17 @@ class Peer:
         right now, leave it to that thread)."""
         if self._sock is None:
             return
-        if implicit and self._poll is not None and not self._poll.poll(0):
-            return  # nothing waiting (and no EOF): one poll() instead of the whole path
+        if not self._fdk.enter():  # (the socket's fd stays open while this reads it)
+            return
+        try:
+            poll = self._poll
+            if implicit and poll is not None and not poll.poll(0):
+                return  # nothing waiting (and no EOF): one poll() instead of the whole path
+            self._drain_keeping(setup_got, implicit)
+        finally:
+            self._fdk.leave()
+
+    def _drain_keeping(self, setup_got: Optional[List[str]], implicit: bool) -> None:
         if not self._lock.acquire(blocking=not implicit):
             return
         try:
@@ -500,8 +512,7 @@ class Peer:
             if not implicit:
                 raise
             self._error = e  # for events(); fileno() turns readable for it
-            if self._ready >= 0:
-                doorbell_ring(self._ready)
+            self._ring_ready()
         finally:
             self._lock.release()
 
@@ -530,8 +541,21 @@ class Peer:
                 self._ws.remove(sock.fileno())
             self._sock_watched = False
             self._poll = None
-            sock.close()
+            self._fdk.close_later([sock.detach()])  # a drain may be reading it right now
         lib.ivshm_proto_msg_reset(self._msg)
+
+    def _hold(self) -> None:
+        """Hold my fds for one call that uses them with the GIL released (then _fdk.leave())."""
+        if not self._fdk.enter():
+            raise ClosedError("this Peer is closed")
+
+    def _ring_ready(self) -> None:
+        if self._fdk.enter():
+            try:
+                if self._ready >= 0:
+                    doorbell_ring(self._ready)
+            finally:
+                self._fdk.leave()
 
     # ------------------------------------------------------------------ public API
     def _live(self) -> None:
@@ -595,18 +619,24 @@ class Peer:
         connected or a vector it does not have."""
         self._live()
         self._drain_server(implicit=True)
-        fds = self._fds_of(peer_id)
-        if fds is None:
-            raise ConfigError(
-                f"cannot notify peer {peer_id}: not connected to the server at {self._path!r} "
-                f"(connected peers: {sorted(self._peers) or 'none'}; my id is {self._id})"
-            )
-        if not _is_int(vector, 0, len(fds) - 1):
-            raise ConfigError(
-                f"cannot notify peer {peer_id} on vector {vector!r}: it has {len(fds)} vector(s), "
-                f"0..{len(fds) - 1}"
-            )
-        rc = lib.ivshm_eventfd_ring(fds[vector])
+        # held from the look-up to the write: a leave (or a close) in another thread meanwhile
+        # closes the fd after the write, never under it
+        self._hold()
+        try:
+            fds = self._fds_of(peer_id)
+            if fds is None:
+                self._live()  # closed by another thread since the look at the top: ClosedError
+                raise ConfigError(
+                    f"cannot notify peer {peer_id}: not connected to the server at "
+                    f"{self._path!r} (connected peers: {sorted(self._peers) or 'none'}; my id "
+                    f"is {self._id})")
+            if not _is_int(vector, 0, len(fds) - 1):
+                raise ConfigError(
+                    f"cannot notify peer {peer_id} on vector {vector!r}: it has {len(fds)} "
+                    f"vector(s), 0..{len(fds) - 1}")
+            rc = lib.ivshm_eventfd_ring(fds[vector])
+        finally:
+            self._fdk.leave()
         if rc < 0:
             raise OSError(-rc, f"ringing peer {peer_id} vector {vector}: {os.strerror(-rc)}")
 
@@ -672,13 +702,21 @@ class Peer:
         no limit).  Returns the vectors that fired (drained), or [] on timeout.
 
         Server messages arriving meanwhile are handled (their events wait for events()); a signal
-        runs its Python handler (Ctrl-C raises KeyboardInterrupt) and the wait goes on."""
+        runs its Python handler (Ctrl-C raises KeyboardInterrupt) and the wait goes on.
+        close() from another thread (or a signal handler) ends the wait with ClosedError."""
         self._live()
-        assert self._ws is not None
+        ws = self._ws
+        assert ws is not None
         deadline = _deadline(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            fired = self._ws.wait(left)
+            self._hold()  # the vectors' fds, drained inside the wait, stay open until it returns
+            try:
+                fired = ws.wait(left)
+            except ClosedError:
+                raise ClosedError("this Peer was closed while waiting") from None
+            finally:
+                self._fdk.leave()
             vectors = sorted({tag for tag, _ in fired if tag != _SOCK_TAG})
             if any(tag == _SOCK_TAG for tag, _ in fired):
                 self._drain_server()
@@ -702,6 +740,13 @@ class Peer:
         first) and the connection to it is dropped (the doorbells of known peers keep
         working)."""
         self._live()
+        self._hold()  # _ready, drained below
+        try:
+            return self._events_held()
+        finally:
+            self._fdk.leave()
+
+    def _events_held(self) -> List[PeerEvent]:
         with self._lock:
             if self._error is not None:
                 err, self._error = self._error, None
@@ -739,23 +784,16 @@ class Peer:
     def _release(self) -> None:
         lib.ivshm_bell_table_clear(self._bells)  # before any fd is closed (see _bell_table)
         self._drop_server(self._server_gone or "closed")
-        if self._outer is not None:
-            self._outer.close()
-            self._outer = None
-        if self._ready >= 0:
-            _close(self._ready)
-            self._ready = -1
-        if self._ws is not None:
-            self._ws.close()
-            self._ws = None
-        for fd in self._own:
-            _close(fd)
-        self._own = []
-        for fds in self._peers.values():
-            for fd in fds:
-                _close(fd)
-        self._peers = {}
+        for ws in (self._outer, self._ws):
+            if ws is not None:
+                ws.close()  # a wait() asleep in another thread wakes: ClosedError
+        self._outer = self._ws = None
+        fds = [self._ready] + self._own + [fd for lst in self._peers.values() for fd in lst]
+        self._ready, self._own, self._peers = -1, [], {}
         self._whole = set()
+        # closed now, or by the last call still inside (a Channel waking from its sleep on
+        # a vector, a wait() draining one, a notify() ringing one)
+        self._fdk.close_later(fds, final=True)
         lib.ivshm_proto_msg_reset(self._msg)
         if self.region is not None:
             self.region.close()

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ._ffi_doorbell import ffi as _dffi
 from ._ffi_doorbell import lib as _dlib
-from .doorbell import WaitSet
+from .doorbell import WaitSet, _FdKeeper
 from .errors import ClosedError, ConfigError, DeviceError, DeviceGoneError, WaitTimeout
 
 
@@ -62,7 +62,7 @@ try:
     _BAR0_SIZE = int(_vlib.IVSHM_BAR0_SIZE)
 except ImportError:  # pragma: no cover - a broken build: PciDevice.open() says so through _cffi()
     _REG_IVPOSITION = _REG_DOORBELL = _BAR0_SIZE = 0
-_GONE_TAG = 0x7FFFFFFF  # wait-set tag of the hot-unplug eventfd; vectors use their number
+_GONE_TAG = 0x7FFFFFFE  # wait-set tag of the hot-unplug eventfd; vectors use their number
 _PCI_COMMAND = 0x04
 _PCI_COMMAND_MEMORY = 0x2
 _PCI_STATUS = 0x06
@@ -269,6 +269,9 @@ class PciDevice:
         self._stop_fd = -1
         self._watcher: Optional[threading.Thread] = None
         self._lock = threading.RLock()
+        # the eventfds that waits (and Channels asleep on a vector) use with the GIL released:
+        # close() closes them once those calls have left (_FdKeeper, docs/wakeup.md)
+        self._fdk = _FdKeeper()
 
     # -- discovery -----------------------------------------------------------------------------
     @staticmethod
@@ -564,8 +567,12 @@ class PciDevice:
             if self._gone is not None or self._closed:
                 return
             self._gone = why
-            if self._gone_fd >= 0:
-                os.write(self._gone_fd, (1).to_bytes(8, "little"))
+            if self._fdk.enter():  # (a close() in another thread closes it after the write)
+                try:
+                    if self._gone_fd >= 0:
+                        os.write(self._gone_fd, (1).to_bytes(8, "little"))
+                finally:
+                    self._fdk.leave()
             self._tell_channels()
             if self._region is not None:
                 self._region.close()      # callers inside finish first; later calls: ClosedError
@@ -654,24 +661,23 @@ class PciDevice:
         _dlib.ivshm_bell_table_clear(self._bells)  # before BAR0 is unmapped
         lib = _lib
         if self._ws is not None:
-            self._ws.close()
+            self._ws.close()  # a wait() asleep in another thread wakes: ClosedError
             self._ws = None
         if self._vfio is not None and lib is not None:
             lib.ivshm_vfio_close(self._vfio)  # disables MSI-X before closing the device
             self._vfio = None
-        for fd in self._efds:
-            os.close(fd)
-        self._efds = []
-        if self._timer_fd >= 0:
-            os.close(self._timer_fd)
-            self._timer_fd = -1
-        if self._bar0 and lib is not None:
-            lib.ivshm_mmio_unmap(self._bar0, self._bar0_len)
-        self._bar0 = 0
+        # closed now, or by the last wait (or Channel sleep) still using them
+        fds, self._efds = self._efds + [self._timer_fd, self._gone_fd], []
+        self._timer_fd = self._gone_fd = -1
+        self._fdk.close_later(fds, final=True)
+        with self._lock:  # not under a register access of another thread
+            if self._bar0 and lib is not None:
+                lib.ivshm_mmio_unmap(self._bar0, self._bar0_len)
+            self._bar0 = 0
         if self._mem_fd >= 0:
             os.close(self._mem_fd)
             self._mem_fd = -1
-        for name in ("_req_fd", "_gone_fd", "_stop_fd"):
+        for name in ("_req_fd", "_stop_fd"):  # the watcher's: it has returned (joined above)
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -820,12 +826,23 @@ class PciDevice:
         self._live()
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ConfigError(f"timeout must be None or a number >= 0, not {timeout!r}")
-        if self._ws is None:
+        if not self._fdk.enter():  # the eventfds stay open until this wait has left
+            raise ClosedError(f"PciDevice {self.bdf or '?'} is closed")
+        try:
+            return self._wait_held(timeout)
+        except ClosedError:
+            raise ClosedError(f"PciDevice {self.bdf or '?'} was closed while waiting") from None
+        finally:
+            self._fdk.leave()
+
+    def _wait_held(self, timeout: Optional[float]) -> List[int]:
+        ws, timer = self._ws, self._timer_fd
+        if ws is None:
             delay = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
             if delay > 0:
                 time.sleep(delay)
-            _drain(self._timer_fd)
             self.check()
+            _drain(timer)
             return []
         fired = self._drain_vectors()
         if fired:
@@ -833,7 +850,7 @@ class PciDevice:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            events = self._ws.wait(left)  # drains the vectors that fired
+            events = ws.wait(left)  # drains the vectors that fired; ClosedError on close()
             if self._gone is not None:
                 raise self._gone_error()
             fired = sorted({tag for tag, _ in events if tag != _GONE_TAG})

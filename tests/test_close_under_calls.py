@@ -47,19 +47,25 @@ def _in_thread(fn):
     return t, out
 
 
+def _closing_ends(call, close, what):
+    """``call()`` blocked in another thread; ``close()`` ends it with ClosedError."""
+    t, out = _in_thread(call)
+    wait_until_in_wait(os.getpid(), t.native_id, what=what)
+    close()
+    t.join(30)
+    assert not t.is_alive(), f"{what} slept on after the close"
+    assert len(out) == 1 and isinstance(out[0], ClosedError), out
+    return out[0]
+
+
 @pytest.mark.parametrize("timeout", [None, 60])
 def test_closing_a_peer_ends_a_wait_blocked_in_another_thread(server, timeout):
     # It slept on: forever without a timeout, and with one it returned [] at its end, as if
     # nothing had happened.
     peer = Peer.connect(server)
     try:
-        t, out = _in_thread(lambda: peer.wait(timeout))
-        wait_until_in_wait(os.getpid(), t.native_id, what="Peer.wait")
-        peer.close()
-        t.join(30)
-        assert not t.is_alive(), "Peer.wait() slept on after its Peer was closed"
-        assert len(out) == 1 and isinstance(out[0], ClosedError), out
-        assert "closed while waiting" in str(out[0])
+        err = _closing_ends(lambda: peer.wait(timeout), peer.close, "Peer.wait")
+        assert "closed while waiting" in str(err)
     finally:
         peer.close()
 
@@ -70,12 +76,7 @@ def test_closing_a_waitset_ends_a_wait_blocked_in_another_thread_then_closes_its
     try:
         ws.add(r, 3, drain=False)
         ep = ws.fileno()
-        t, out = _in_thread(lambda: ws.wait(None))
-        wait_until_in_wait(os.getpid(), t.native_id, what="WaitSet.wait")
-        ws.close()
-        t.join(30)
-        assert not t.is_alive(), "WaitSet.wait() slept on after the WaitSet was closed"
-        assert len(out) == 1 and isinstance(out[0], ClosedError), out
+        _closing_ends(lambda: ws.wait(None), ws.close, "WaitSet.wait")
         assert not is_open(ep)  # closed once the wait had left
         with pytest.raises(ClosedError):
             ws.wait(0)

@@ -59,6 +59,32 @@ def test_wait_polls_and_notices_the_removal(sysfs):
             dev.wait(0.01)
 
 
+@needs_root
+@pytest.mark.timeout(60)
+def test_closing_a_polled_device_ends_a_wait_in_another_thread_with_closed_error(sysfs):
+    # The wait read the timer fd that close() had closed meanwhile: OSError EBADF (or a read of
+    # whatever file reused the number) instead of ClosedError.
+    _fake_device(sysfs, doorbell=True)
+    dev = PciDevice.open(vfio=False, sysfs=str(sysfs), poll_interval=0.05)
+    out = []
+    started = threading.Event()
+
+    def waits():
+        started.set()
+        try:
+            while True:
+                dev.wait(None)
+        except BaseException as e:  # noqa: B902 - checked below
+            out.append(e)
+
+    t = threading.Thread(target=waits, daemon=True)
+    t.start()
+    started.wait(10)
+    dev.close()
+    t.join(30)
+    assert not t.is_alive() and len(out) == 1 and isinstance(out[0], ClosedError), out
+
+
 def test_wait_for_finds_a_device_or_times_out(sysfs):
     with pytest.raises(WaitTimeout, match="no ivshmem device 0000:00:05.0 appeared within 0.05 s"):
         PciDevice.wait_for("00:05.0", 0.05, sysfs=str(sysfs))

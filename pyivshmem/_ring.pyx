@@ -3940,21 +3940,37 @@ cdef class Channel:
     async def _await_fds(self, loop, span, bint on_fd, bint armed, int closed_fd, _AsyncCall c):
         fut = loop.create_future()
         fds = [self._cancel_fd, closed_fd]  # the mapping's own: held by the caller
+        fdk = None
         if on_fd:
+            # the provider's fd stays open while the loop watches it: a close() meanwhile closes
+            # it after the remove_reader below, which so never unregisters another file that
+            # took its number
+            fdk = self._fdk
+            if fdk is not None and not fdk.enter():
+                self._doorbell_gone = True  # (its close told us, or is about to)
+                self._check_doorbell()
             fds.append(self._fd)
         try:
-            for fd in fds:
-                _watch_fd(loop, fd, fut)  # shared with other waiters on the fd (see there)
-            await _asyncio.wait_for(fut, span)
-        except _asyncio.TimeoutError:
-            pass
+            try:
+                for fd in fds:
+                    _watch_fd(loop, fd, fut)  # shared with other waiters on the fd (see there)
+                await _asyncio.wait_for(fut, span)
+            except _asyncio.TimeoutError:
+                pass
+            finally:
+                for fd in fds:
+                    _unwatch_fd(loop, fd, fut)
+            self._absorb_after_await(armed, c)
         finally:
-            for fd in fds:
-                _unwatch_fd(loop, fd, fut)
-        # Not once its doorbell provider closed: the fd was closed with it, and the number may
-        # name another file by now, whose contents the settling read (and write) would take.
-        # (The provider tells the channel, with the GIL, before it closes its fds, and absorb
-        # runs with the GIL held: no close can fall between this look and the read.)
+            if fdk is not None:
+                fdk.leave()
+
+    cdef void _absorb_after_await(self, bint armed, _AsyncCall c) noexcept:
+        # Not once its doorbell provider closed: the fd goes with it (when not watched, at
+        # once), and the number may name another file by then, whose contents the settling
+        # read (and write) would take.  (The provider tells the channel, with the GIL, before
+        # it closes its fds, and absorb runs with the GIL held: no close can fall between this
+        # look and the read.)
         if armed and not self._closed and not self._doorbell_gone:
             ivshm_chan_absorb(&self._ch, &c.call)
 

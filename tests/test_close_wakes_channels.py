@@ -205,7 +205,10 @@ def test_an_asyncio_recv_woken_by_its_peers_close_reads_nothing_from_the_fd_numb
                                                                                     shm_path):
     # Woken by the Peer's close(), the task settled its doorbell fd (an 8-byte read) as after
     # any sleep, though that fd was closed by then: a file opened meanwhile under the same
-    # number (here an eventfd holding 5) lost what it held to the task's read.
+    # number lost what it held to the task's read, and the loop's remove_reader() could drop
+    # that file's registration.  Now the fd stays open while the loop watches it (the Peer's
+    # fd keeper): nothing can take its number until the task has left, and the task, told of
+    # the close, does not read it.
     from pyivshmem import Peer, Region, Server
 
     sock = os.path.join(tmp_path, "srv")
@@ -222,15 +225,20 @@ def test_an_asyncio_recv_woken_by_its_peers_close_reads_nothing_from_the_fd_numb
                 await asyncio.sleep(0)  # the task's first step: the ring is empty, it sleeps
                 assert not task.done()
                 peer.close()
-                while not held or held[-1] != fd:  # a new file under the closed fd's number
-                    held.append(os.eventfd(0, os.EFD_NONBLOCK))
-                    assert len(held) < 1000, "the fd number was not reused"
+                assert os.fstat(fd)  # still open: the task watches it
+                same = os.dup(fd)  # the same eventfd, to look at it once the Peer's copy is gone
+                held.append(same)
                 os.eventfd_write(fd, 5)
                 with pytest.raises(ClosedError):
                     await asyncio.wait_for(task, 60)
+                assert os.eventfd_read(same) == 5  # the task did not read it
+                # the last user has left: closed now, and its number free for another file
+                while not held or held[-1] != fd:
+                    held.append(os.eventfd(7, os.EFD_NONBLOCK))
+                    assert len(held) < 1000, "the fd was not closed after the task left"
 
             asyncio.run(main())
-            assert os.eventfd_read(fd) == 5  # still there: the channel did not read it
+            assert os.eventfd_read(held[-1]) == 7  # the new file under the number is untouched
         finally:
             peer.close()
             for f in held:

@@ -101,3 +101,34 @@ def test_sigterm_mid_run_stops_every_child_and_removes_the_temp_dir(short_tmp):
     assert "interrupted" in err and "Traceback" not in err, err
     assert not os.listdir(short_tmp), os.listdir(short_tmp)
     assert not glob.glob(f"/dev/shm/pyivshmem-bb-{p.pid}-*")
+
+
+def test_sigkill_mid_run_leaves_no_child_running(short_tmp):
+    """Nothing can clean up after SIGKILL, but no bridge, producer or echo may run on: each
+    child asks the kernel for SIGTERM when the benchmark dies (PR_SET_PDEATHSIG, set by the
+    child itself before it execs)."""
+    p = subprocess.Popen([sys.executable, "-m", "pyivshmem", "bench", "bridge", "--rounds", "1000",
+                          "--count", "2000", "--pings", "20"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True,
+                         env=dict(os.environ, TMPDIR=short_tmp))
+    kids = []
+    try:
+        _wait_for(lambda: len([k for k in _descendants(p.pid)
+                               if "pyivshmem bridge" in _cmdline(k)]) == 2 or p.poll() is not None,
+                  "the two bridge processes")
+        _wait_for(lambda: len(_descendants(p.pid)) > 2 or p.poll() is not None, "a trial")
+        assert p.poll() is None
+        kids[:] = _descendants(p.pid)
+        os.kill(p.pid, signal.SIGKILL)  # the benchmark only, not its process group
+        p.wait(30)
+        _wait_for(lambda: not any(_running(k) for k in kids), "the children to end", 30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for k in kids:
+            if _running(k):
+                os.kill(k, signal.SIGKILL)
+        for f in glob.glob(f"/dev/shm/pyivshmem-bb-{p.pid}-*"):
+            os.unlink(f)

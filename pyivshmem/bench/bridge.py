@@ -46,20 +46,21 @@ FIRST_BATCH = 512  # the bridged consumer's recv_many: its first batch starts th
 
 def _popen(args, **kw):
     """A child process that gets SIGTERM when this benchmark ends, however it ends (SIGKILL
-    included): none of the bridges, producers, sinks and echoes it starts waits on for good."""
-    parent = os.getpid()
+    included): none of the bridges, producers, sinks and echoes it starts waits on for good.
+    The child sets that up itself (``_exec`` below, then execv): no Python code runs between
+    fork and exec in this process, which has threads."""
+    return subprocess.Popen([PY, *ME, "_exec", str(os.getpid()), *args], **kw)
+
+
+def _exec_dying_with(parent, args):
+    """``_exec PARENT ARGS...``: PR_SET_PDEATHSIG(SIGTERM), kept across the execv of ARGS."""
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after fork
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        prctl = None
-
-    def die_with_parent():
-        if prctl is not None:
-            prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # it ended before the prctl
-            os._exit(1)
-
-    return subprocess.Popen(args, preexec_fn=die_with_parent, **kw)
+        pass
+    if os.getppid() != parent:  # it ended before the prctl
+        sys.exit(1)
+    os.execv(args[0], args)
 
 
 def free_port():
@@ -479,6 +480,8 @@ def _report(args, sizes, res, kinds):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "_exec":
+        _exec_dying_with(int(sys.argv[2]), sys.argv[3:])
     if len(sys.argv) > 1 and sys.argv[1] == "_role":
         role, rest = sys.argv[2], sys.argv[3:]
         fn = globals()[f"role_{role}"]

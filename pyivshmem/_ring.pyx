@@ -267,15 +267,21 @@ cdef class _FdKeeper:
 
     def enter(self):
         """Hold the fds; False (and nothing held) once the owner closed."""
+        return self.c_enter()
+
+    def leave(self):
+        self.c_leave()
+
+    cdef inline bint c_enter(self) noexcept:
         if self.final:
             return False
         self.inside += 1
         return True
 
-    def leave(self):
+    cdef inline void c_leave(self) noexcept:
         if self.inside > 0:
             self.inside -= 1
-        if self.inside == 0:
+        if self.inside == 0 and self.pending:
             self._close_pending()
 
     def close_later(self, fds, final=False):
@@ -3503,7 +3509,7 @@ cdef class Channel:
     cdef _BellCtx _bells
     cdef uint64_t _fork_gen        # _fork_gen in the process that made _cancel_fd
     cdef bint _doorbell_gone       # the doorbell provider was closed: its fds are gone
-    cdef object _fdk               # the provider's _FdKeeper (doorbell.py), or None
+    cdef _FdKeeper _fdk            # the provider's fd keeper, or None
     cdef object __weakref__
 
     def __cinit__(self):
@@ -3541,7 +3547,8 @@ cdef class Channel:
             self._my_id = my_id
             # held around each sleep on the provider's fd: a close() meanwhile closes it after
             # the sleep, never under it
-            self._fdk = getattr(doorbell, "_fdk", None)
+            fdk = getattr(doorbell, "_fdk", None)
+            self._fdk = fdk if isinstance(fdk, _FdKeeper) else None
             fd = doorbell.vector_fd(vector)
             if fd is not None:
                 _os.set_blocking(fd, False)
@@ -3647,12 +3654,13 @@ cdef class Channel:
         raises ClosedError, WaitTimeout/StallError, KeyboardInterrupt (signals), OSError."""
         cdef _Mapping m = self._ring._m
         cdef int rc
+        cdef _FdKeeper fdk
         while True:
             if self._closed or m.closed:  # a copy that released the GIL may have seen a close
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
             self._check_doorbell()
             fdk = self._fdk
-            if fdk is not None and not fdk.enter():
+            if fdk is not None and not fdk.c_enter():
                 self._doorbell_gone = True  # (its close told us, or is about to)
                 self._check_doorbell()
             m.enter()
@@ -3660,7 +3668,7 @@ cdef class Channel:
                 rc = ivshm_chan_wait(&self._ch, call)
             m.leave()
             if fdk is not None:
-                fdk.leave()
+                fdk.c_leave()
             if m.lost:  # the SIGBUS guard wrote the region's closed_fd: the memory is gone
                 raise m.lost_error(f"channel over ring {self._ring._name!r}")
             if self._closed or m.closed or rc == -ECANCELED:
@@ -3938,15 +3946,15 @@ cdef class Channel:
             self._pass_on(&c.call)
 
     async def _await_fds(self, loop, span, bint on_fd, bint armed, int closed_fd, _AsyncCall c):
+        cdef _FdKeeper fdk = None
         fut = loop.create_future()
         fds = [self._cancel_fd, closed_fd]  # the mapping's own: held by the caller
-        fdk = None
         if on_fd:
             # the provider's fd stays open while the loop watches it: a close() meanwhile closes
             # it after the remove_reader below, which so never unregisters another file that
             # took its number
             fdk = self._fdk
-            if fdk is not None and not fdk.enter():
+            if fdk is not None and not fdk.c_enter():
                 self._doorbell_gone = True  # (its close told us, or is about to)
                 self._check_doorbell()
             fds.append(self._fd)
@@ -3963,7 +3971,7 @@ cdef class Channel:
             self._absorb_after_await(armed, c)
         finally:
             if fdk is not None:
-                fdk.leave()
+                fdk.c_leave()
 
     cdef void _absorb_after_await(self, bint armed, _AsyncCall c) noexcept:
         # Not once its doorbell provider closed: the fd goes with it (when not watched, at

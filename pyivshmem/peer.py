@@ -624,8 +624,10 @@ class Peer:
         self._hold()
         try:
             fds = self._fds_of(peer_id)
+            # closed by another thread since the look at the top (my own list is empty then,
+            # another peer's is gone): ClosedError, not ConfigError
+            self._live()
             if fds is None:
-                self._live()  # closed by another thread since the look at the top: ClosedError
                 raise ConfigError(
                     f"cannot notify peer {peer_id}: not connected to the server at "
                     f"{self._path!r} (connected peers: {sorted(self._peers) or 'none'}; my id "

@@ -141,3 +141,101 @@ def test_an_exception_from_a_signal_handler_never_leaves_a_waitset_holding_its_f
             assert not is_open(ep), "an interrupted call left the WaitSet's fds held for good"
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+_SERVE = """
+import sys, time
+from pyivshmem import Server
+with Server(sys.argv[1], size="1M", vectors=2):
+    time.sleep(float(sys.argv[2]))
+"""
+
+_CHURN = """
+import sys, time
+from pyivshmem import Peer
+until = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    Peer.connect(sys.argv[1]).close()
+"""
+
+
+def _fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _drains_racing_close(tmp_path, seconds, until_found):
+    """Peers join and leave (another process) while two threads take the server's messages in
+    (``peers``) and the main thread closes the Peer under them, round after round.  Returns the
+    rounds that left an fd open for good and the errors the readers met other than ClosedError
+    (it stops at the first of ``until_found``: "leak" or "error").
+    The server runs in another process, so every fd of this one is the Peer's."""
+    import random
+    import threading
+
+    sock = os.path.join(tmp_path, "srv")
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    server = subprocess.Popen([sys.executable, "-c", _SERVE, sock, str(seconds + 60)])
+    churn = None
+    try:
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.02)
+        Peer.connect(sock).close()  # the server answers
+        churn = subprocess.Popen([sys.executable, "-c", _CHURN, sock, str(seconds + 30)])
+        leaked, errors = [], []
+        until = time.monotonic() + seconds
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)  # many thread switches: close() lands inside the reads
+        try:
+            while time.monotonic() < until and not {"leak": leaked, "error": errors}[until_found]:
+                before = _fds()
+                peer = Peer.connect(sock)
+                stop = threading.Event()
+
+                def reader():
+                    while not stop.is_set():
+                        try:
+                            peer.peers
+                        except ClosedError:
+                            return
+                        except BaseException as e:  # noqa: B902 - reported below
+                            errors.append(e)
+                            return
+
+                readers = [threading.Thread(target=reader) for _ in range(2)]
+                for t in readers:
+                    t.start()
+                time.sleep(rng.random() * 0.01)
+                peer.close()
+                stop.set()
+                for t in readers:
+                    t.join(30)
+                after = _fds() - before
+                if after:
+                    leaked.append({f: os.readlink(f"/proc/self/fd/{f}") for f in after
+                                   if os.path.exists(f"/proc/self/fd/{f}")})
+        finally:
+            sys.setswitchinterval(old)
+        return leaked, errors, seed
+    finally:
+        for p in (churn, server):
+            if p is not None:
+                p.terminate()
+                p.wait(30)
+
+
+def test_a_close_racing_reads_of_the_server_socket_leaks_no_fd(tmp_path):
+    # close() did not wait for a reader in another thread: the reader stored the fd of a peer
+    # that just joined into the closed Peer's tables (or reset the message the reader was
+    # filling in C), so that eventfd stayed open for good.
+    leaked, errors, seed = _drains_racing_close(tmp_path, 4.0, "leak")
+    assert not leaked, f"fds left open after close() (seed {seed}): {leaked}"
+
+
+def test_concurrent_reads_of_the_server_socket_raise_only_pyivshmem_errors(tmp_path):
+    # Two threads' implicit drains polled the same select.poll object at once: RuntimeError
+    # ("concurrent poll() invocation") from peers / notify() / wait().
+    leaked, errors, seed = _drains_racing_close(tmp_path, 4.0, "error")
+    assert not errors, f"seed {seed}: {errors!r}"

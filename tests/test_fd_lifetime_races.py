@@ -239,3 +239,43 @@ def test_concurrent_reads_of_the_server_socket_raise_only_pyivshmem_errors(tmp_p
     # ("concurrent poll() invocation") from peers / notify() / wait().
     leaked, errors, seed = _drains_racing_close(tmp_path, 4.0, "error")
     assert not errors, f"seed {seed}: {errors!r}"
+
+
+def test_a_close_in_a_signal_handler_inside_a_read_of_the_server_socket_leaks_no_fd(server):
+    # A signal handler runs in the thread it interrupts, between two steps of its code: here
+    # inside the Peer's own read of the server socket, which had just taken in a joining peer's
+    # fd.  close() tore the tables down under the read, which then stored the fd into the
+    # closed Peer's (new, empty) tables: open for good.  The profile hook runs close() at
+    # that point, as a handler would.
+    peer = Peer.connect(server)
+    other = None
+    got = []
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_handle":
+            m = frame.f_locals.get("m")
+            if m is not None and m.fd >= 0 and not got:
+                got.append(m.fd)
+                sys.setprofile(None)
+                peer.close()
+
+    try:
+        other = Peer.connect(server)
+        sys.setprofile(hook)
+        try:
+            for _ in range(200):
+                if got:
+                    break
+                peer.wait(0.05)  # takes the server's messages in
+        except ClosedError:
+            pass
+        finally:
+            sys.setprofile(None)
+        assert got, "no fd arrived"
+        assert peer.closed
+        assert not is_open(got[0]), "the fd taken in under the close stayed open"
+    finally:
+        sys.setprofile(None)
+        peer.close()
+        if other is not None:
+            other.close()

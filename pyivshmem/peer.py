@@ -158,7 +158,12 @@ class Peer:
         self._pending: List[PeerEvent] = []
         self._compact_at = _COMPACT_MIN
         self._error: Optional[ProtocolError] = None  # found by an implicit drain; for events()
-        self._lock = threading.Lock()  # one thread at a time reads the server socket
+        # One thread at a time reads the server socket and keeps the tables it fills (_own,
+        # _peers, _msg), and close() does not tear them down under such a reader: it waits for
+        # it, or (a signal handler interrupting this thread's own reader, which holds the lock:
+        # re-entrant, hence RLock) leaves the release to that reader (_close_deferred).
+        self._lock = threading.RLock()
+        self._close_deferred = False
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
@@ -496,17 +501,22 @@ class Peer:
         if not self._fdk.enter():  # (the socket's fd stays open while this reads it)
             return
         try:
-            poll = self._poll
-            if implicit and poll is not None and not poll.poll(0):
-                return  # nothing waiting (and no EOF): one poll() instead of the whole path
             self._drain_keeping(setup_got, implicit)
         finally:
             self._fdk.leave()
 
     def _drain_keeping(self, setup_got: Optional[List[str]], implicit: bool) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            return  # a signal handler inside this thread's own read: that read goes on
         if not self._lock.acquire(blocking=not implicit):
             return
         try:
+            if self._closed and setup_got is None:
+                return  # closed while this waited for the lock
+            # under the lock: a select.poll object refuses two threads at once (RuntimeError)
+            poll = self._poll
+            if implicit and poll is not None and not poll.poll(0):
+                return  # nothing waiting (and no EOF): one poll() instead of the whole path
             self._drain_locked(setup_got)
         except ProtocolError as e:
             if not implicit:
@@ -514,10 +524,21 @@ class Peer:
             self._error = e  # for events(); fileno() turns readable for it
             self._ring_ready()
         finally:
-            self._lock.release()
+            try:
+                self._finish_deferred_close()
+            finally:
+                self._lock.release()
+
+    def _finish_deferred_close(self) -> None:
+        """With the lock held: a close() that ran in a signal handler inside this thread's read
+        of the socket left the release to the read, which has now stopped."""
+        if self._close_deferred:
+            self._close_deferred = False
+            self._release()
 
     def _drain_locked(self, setup_got: Optional[List[str]]) -> None:
-        while self._sock is not None:
+        # (stops at a close() that a signal handler ran meanwhile: _close_deferred)
+        while self._sock is not None and not self._close_deferred:
             try:
                 m = self._recv(0.0, "a peer id", setup_got or [])
                 if m is None:
@@ -749,7 +770,11 @@ class Peer:
             self._fdk.leave()
 
     def _events_held(self) -> List[PeerEvent]:
+        # a signal handler inside this thread's own read of the socket: no read of its own
+        nested = self._lock._is_owned()  # type: ignore[attr-defined]
         with self._lock:
+            if self._closed:
+                raise ClosedError("this Peer is closed")
             if self._error is not None:
                 err, self._error = self._error, None
                 if self._ready >= 0:
@@ -760,8 +785,14 @@ class Peer:
                     f"no longer connected to the ivshmem server at {self._path!r}: "
                     f"{self._server_gone}"
                 )
-            if self._sock is not None:
-                self._drain_locked(None)
+            try:
+                if self._sock is not None and not nested:
+                    self._drain_locked(None)
+            finally:
+                if not nested:
+                    self._finish_deferred_close()
+            if self._closed:
+                raise ClosedError("this Peer is closed")
             out, self._pending = self._pending, []
             self._compact_at = _COMPACT_MIN
             if self._ready >= 0:
@@ -837,7 +868,17 @@ class Peer:
         if os.getpid() != self._pid:
             self._release_inherited()
             return
-        self._release()
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            # a signal handler inside this thread's own read of the server socket: tearing the
+            # tables down under it would lose (or leak) what it is taking in.  It stops and
+            # releases everything when it leaves; the waits of other threads wake now.
+            self._close_deferred = True
+            for ws in (self._outer, self._ws):
+                if ws is not None:
+                    ws.close()
+            return
+        with self._lock:  # after a read of the socket in another thread (never blocks long)
+            self._release()
 
     def __enter__(self) -> "Peer":
         return self

@@ -494,8 +494,8 @@ class Peer:
         """Handle every message already waiting on the socket (never blocks); events go to the
         pending list.  On EOF the server connection is dropped and a DISCONNECTED event queued;
         on a protocol violation it is dropped and ProtocolError raised (``implicit``: kept
-        for the next events() call instead; and when another thread is reading the socket
-        right now, leave it to that thread)."""
+        for the next events() call instead).  A read in another thread is waited for (reads
+        never block); inside this thread's own read (a signal handler) this does nothing."""
         if self._sock is None:
             return
         if not self._fdk.enter():  # (the socket's fd stays open while this reads it)
@@ -508,26 +508,25 @@ class Peer:
     def _drain_keeping(self, setup_got: Optional[List[str]], implicit: bool) -> None:
         if self._lock._is_owned():  # type: ignore[attr-defined]
             return  # a signal handler inside this thread's own read: that read goes on
-        if not self._lock.acquire(blocking=not implicit):
-            return
-        try:
-            if self._closed and setup_got is None:
-                return  # closed while this waited for the lock
-            # under the lock: a select.poll object refuses two threads at once (RuntimeError)
-            poll = self._poll
-            if implicit and poll is not None and not poll.poll(0):
-                return  # nothing waiting (and no EOF): one poll() instead of the whole path
-            self._drain_locked(setup_got)
-        except ProtocolError as e:
-            if not implicit:
-                raise
-            self._error = e  # for events(); fileno() turns readable for it
-            self._ring_ready()
-        finally:
+        # A with, not acquire() then try: an exception from a signal handler right after a
+        # plain acquire() returned would leave the lock held for good (and close() in another
+        # thread waiting on it).  Another thread's read is waited for (reads never block).
+        with self._lock:
             try:
-                self._finish_deferred_close()
+                if self._closed and setup_got is None:
+                    return  # closed while this waited for the lock
+                # under the lock: a select.poll object refuses two threads at once
+                poll = self._poll
+                if implicit and poll is not None and not poll.poll(0):
+                    return  # nothing waiting (and no EOF): one poll() instead of the whole path
+                self._drain_locked(setup_got)
+            except ProtocolError as e:
+                if not implicit:
+                    raise
+                self._error = e  # for events(); fileno() turns readable for it
+                self._ring_ready()
             finally:
-                self._lock.release()
+                self._finish_deferred_close()
 
     def _finish_deferred_close(self) -> None:
         """With the lock held: a close() that ran in a signal handler inside this thread's read

@@ -322,3 +322,32 @@ def test_closing_an_inherited_peer_in_a_child_ends_its_own_channel_wait(server, 
             assert _in_child(child) == 0
     finally:
         peer.close()
+
+
+def test_a_peer_interrupted_in_its_constructor_is_collected_without_an_error():
+    # Ctrl-C inside Peer() (here: raised as its channel set is made) left an object whose
+    # __del__ called close(), which failed on the attributes never set (AttributeError,
+    # reported as "Exception ignored in: Peer.__del__").
+    import gc
+
+    seen = []
+    old_hook = sys.unraisablehook
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "__init__" and \
+                frame.f_code.co_filename.endswith("_weakrefset.py"):
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.unraisablehook = seen.append
+    try:
+        sys.setprofile(hook)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                Peer()
+        finally:
+            sys.setprofile(None)
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert not [u for u in seen if "Peer" in repr(u.object)], [u.exc_value for u in seen]

@@ -127,7 +127,9 @@ class Peer:
         if rc < 0:
             raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
         self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
-        self._closed = False
+        # closed until every attribute below exists: __del__ (after a Ctrl-C in here) then
+        # leaves the half-made object alone
+        self._closed = True
         # Every fd this Peer closes goes through here: never under a call of it (or of a Channel
         # over it) that uses that fd with the GIL released.  (_FdKeeper, docs/wakeup.md)
         self._fdk = _FdKeeper()
@@ -171,6 +173,7 @@ class Peer:
         self._channels: "weakref.WeakSet" = weakref.WeakSet()
         #: The shared memory, a pyivshmem Region (closed with the Peer).
         self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
+        self._closed = False
 
     # ------------------------------------------------------------------ connecting
     @classmethod

@@ -168,6 +168,7 @@ def test_two_threads_closing_a_device_close_its_fds_once(sysfs):
     # the mmap's close, before it marks the device closed), and both closed resource2's fd:
     # the second os.close() hit whatever file had taken the number in between.  The profile
     # hooks hold the second close() just before its os.close(), while the first one finishes.
+    import mmap
     import sys
 
     _fake_device(sysfs, doorbell=True)
@@ -190,7 +191,7 @@ def test_two_threads_closing_a_device_close_its_fds_once(sysfs):
             sys.setprofile(None)
 
     def first_hook(frame, event, arg):
-        if event == "c_call" and frame.f_code.co_name == "close" and \
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), mmap.mmap) and \
                 frame.f_code.co_filename.endswith("pci.py") and not second:
             sys.setprofile(None)
             t = threading.Thread(target=second_close, daemon=True)

@@ -351,3 +351,54 @@ def test_a_peer_interrupted_in_its_constructor_is_collected_without_an_error():
     finally:
         sys.unraisablehook = old_hook
     assert not [u for u in seen if "Peer" in repr(u.object)], [u.exc_value for u in seen]
+
+
+def test_a_close_in_a_signal_handler_late_in_events_still_closes_every_fd(server):
+    # The handler ran close() inside events() after its read of the socket had finished, but
+    # with the read lock still held: the close was left to a read that had already looked
+    # for it, and the Peer's fds stayed open for good.  The hook runs close() there.
+    peer = Peer.connect(server)
+    mine = peer.vector_fd(0)
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "drain" and \
+                frame.f_back is not None and frame.f_back.f_code.co_name == "_events_held":
+            sys.setprofile(None)
+            peer.close()
+
+    try:
+        sys.setprofile(hook)
+        try:
+            peer.events()
+        except ClosedError:
+            pass
+        finally:
+            sys.setprofile(None)
+        assert peer.closed
+        assert not is_open(mine), "the Peer's fds stayed open after its close()"
+    finally:
+        sys.setprofile(None)
+        peer.close()
+
+
+@pytest.mark.parametrize("call", ["wait", "fileno"])
+def test_a_close_in_a_signal_handler_right_after_the_open_check_raises_closed_error(server, call):
+    # close() ran (a signal handler) just after the call's look at _closed: the next line's
+    # assert on the wait set raised AssertionError, which is no pyivshmem error.
+    peer = Peer.connect(server)
+
+    def hook(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "_live" and \
+                frame.f_back is not None and frame.f_back.f_code.co_name == call:
+            sys.setprofile(None)
+            peer.close()
+
+    try:
+        sys.setprofile(hook)
+        try:
+            with pytest.raises(ClosedError):
+                getattr(peer, call)(0) if call == "wait" else peer.fileno()
+        finally:
+            sys.setprofile(None)
+    finally:
+        peer.close()

@@ -514,29 +514,34 @@ class Peer:
         # A with, not acquire() then try: an exception from a signal handler right after a
         # plain acquire() returned would leave the lock held for good (and close() in another
         # thread waiting on it).  Another thread's read is waited for (reads never block).
-        with self._lock:
-            try:
+        try:
+            with self._lock:
                 if self._closed and setup_got is None:
                     return  # closed while this waited for the lock
                 # under the lock: a select.poll object refuses two threads at once
                 poll = self._poll
                 if implicit and poll is not None and not poll.poll(0):
                     return  # nothing waiting (and no EOF): one poll() instead of the whole path
-                self._drain_locked(setup_got)
-            except ProtocolError as e:
-                if not implicit:
-                    raise
-                self._error = e  # for events(); fileno() turns readable for it
-                self._ring_ready()
-            finally:
-                self._finish_deferred_close()
+                try:
+                    self._drain_locked(setup_got)
+                except ProtocolError as e:
+                    if not implicit:
+                        raise
+                    self._error = e  # for events(); fileno() turns readable for it
+                    self._ring_ready()
+        finally:
+            self._finish_deferred_close()
 
     def _finish_deferred_close(self) -> None:
-        """With the lock held: a close() that ran in a signal handler inside this thread's read
-        of the socket left the release to the read, which has now stopped."""
-        if self._close_deferred:
-            self._close_deferred = False
-            self._release()
+        """After this thread let go of the read lock: a close() that a signal handler ran while
+        it held it (anywhere in the with) left the release to it.  A handler that runs after
+        this look finds the lock free and releases by itself; one that runs between the
+        unlock and this look found the Peer closed already, and this look does its work."""
+        if self._close_deferred and not self._lock._is_owned():  # type: ignore[attr-defined]
+            with self._lock:
+                if self._close_deferred:
+                    self._close_deferred = False
+                    self._release()
 
     def _drain_locked(self, setup_got: Optional[List[str]]) -> None:
         # (stops at a close() that a signal handler ran meanwhile: _close_deferred)
@@ -719,8 +724,10 @@ class Peer:
         events taken in by another call wait for events(): register it with
         select/epoll/asyncio, then call wait(0) and events()."""
         self._live()
-        assert self._outer is not None
-        return self._outer.fileno()
+        outer = self._outer
+        if outer is None:  # closed since the look above (a signal handler)
+            raise ClosedError("this Peer is closed")
+        return outer.fileno()
 
     def wait(self, timeout: Optional[float] = None) -> List[int]:
         """Sleep (GIL released) until one of my vectors fires, at most ``timeout`` seconds (None:
@@ -731,7 +738,8 @@ class Peer:
         close() from another thread (or a signal handler) ends the wait with ClosedError."""
         self._live()
         ws = self._ws
-        assert ws is not None
+        if ws is None:  # closed since the look above (a signal handler)
+            raise ClosedError("this Peer is closed")
         deadline = _deadline(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -774,6 +782,12 @@ class Peer:
     def _events_held(self) -> List[PeerEvent]:
         # a signal handler inside this thread's own read of the socket: no read of its own
         nested = self._lock._is_owned()  # type: ignore[attr-defined]
+        try:
+            return self._events_locked(nested)
+        finally:
+            self._finish_deferred_close()
+
+    def _events_locked(self, nested: bool) -> List[PeerEvent]:
         with self._lock:
             if self._closed:
                 raise ClosedError("this Peer is closed")
@@ -787,12 +801,8 @@ class Peer:
                     f"no longer connected to the ivshmem server at {self._path!r}: "
                     f"{self._server_gone}"
                 )
-            try:
-                if self._sock is not None and not nested:
-                    self._drain_locked(None)
-            finally:
-                if not nested:
-                    self._finish_deferred_close()
+            if self._sock is not None and not nested:
+                self._drain_locked(None)
             if self._closed:
                 raise ClosedError("this Peer is closed")
             out, self._pending = self._pending, []
@@ -859,6 +869,9 @@ class Peer:
         already closed) and close every fd.  Idempotent.  In a child that inherited this Peer
         across fork it closes only the child's copies and leaves the parent's connection alone."""
         if self._closed:
+            # (a close() left to this thread's read of the socket, which an exception ended
+            # before it could look: done now)
+            self._finish_deferred_close()
             return
         self._closed = True
         # First the Channels sleeping on my vectors: they wake (ClosedError) instead of sleeping
@@ -892,7 +905,7 @@ class Peer:
         if (not getattr(self, "_closed", True) and getattr(self, "_id", -1) >= 0
                 and getattr(self, "_pid", None) == os.getpid()):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-        if not getattr(self, "_closed", True):
+        if not getattr(self, "_closed", True) or getattr(self, "_close_deferred", False):
             self.close()
 
     def __repr__(self) -> str:

@@ -24,7 +24,7 @@ from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 from ._ffi_doorbell import ffi, lib
 from ._ring import _FdKeeper  # noqa: F401 - the keeper of fds that calls use without the GIL
-from .errors import ClosedError, ConfigError, error_from_code
+from .errors import ClosedError, ConfigError, InheritedError, error_from_code
 
 __all__ = [
     "Doorbell",
@@ -181,6 +181,8 @@ class WaitSet:
     reported.  The WaitSet does not own the fds it watches; close them after removing them (or
     after closing the WaitSet).  close() from another thread (or a signal handler) wakes a
     blocked :meth:`wait`, which raises ClosedError; the epoll fd is closed once it has left.
+    A child that inherits it across fork may only close() it: add(), remove() and wait() raise
+    InheritedError there (the epoll set is the parent's too).
     """
 
     def __init__(self, max_events: int = 64):
@@ -213,6 +215,16 @@ class WaitSet:
 
     def _enter(self) -> int:
         """Hold the epoll fd for one call; its number."""
+        if os.getpid() != self._pid:
+            # The epoll set and the close eventfd are the parent's too: a wait here would drain
+            # the parent's eventfds, and nothing could wake it (ringing the close eventfd ends
+            # the parent's waits), so close() would close the fd under it.
+            if self._fd < 0:
+                raise ClosedError("this WaitSet is closed")
+            raise InheritedError(
+                f"this WaitSet was made by process {self._pid} and inherited across fork: its "
+                "epoll set is shared with that process, so it cannot be used here; close() it "
+                "(which leaves the parent's alone) and make a new one in this process")
         if not self._fdk.enter():
             raise ClosedError("this WaitSet is closed")
         fd = self._fd

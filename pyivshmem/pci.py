@@ -226,6 +226,7 @@ class PciDevice:
 
     def __init__(self) -> None:  # use PciDevice.open()
         self._closed = True
+        self._closing = False  # a close() is under way (in some thread)
         self._sysfs = "/sys"
         self.info: PciDeviceInfo
         self.bdf = ""
@@ -643,19 +644,30 @@ class PciDevice:
 
     def close(self) -> None:
         """Release everything (interrupts, mappings, fds). Idempotent. The vfio-pci binding stays
-        (see :meth:`unbind_vfio`). Refused (BufferError) while views of ``memory`` are held."""
-        if self._closed:
-            return
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            os.write(self._stop_fd, (1).to_bytes(8, "little"))
-            self._watcher.join()
-        # these two refuse (BufferError) while views of them are held: release nothing else then
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
-        if self._region is not None:
-            self._region.close()
-            self._region = None
+        (see :meth:`unbind_vfio`). Refused (BufferError) while views of ``memory`` are held.
+        A close() while another thread's close() is under way returns at once."""
+        # One close() releases: the steps below let the GIL go (the watcher's join, the mmap's
+        # close) before the device is marked closed, and a second close() that got past a plain
+        # look at _closed closed the same fd numbers (and freed the VFIO handle) again.
+        with self._lock:  # (held only for the look: the watcher takes it too, and is joined)
+            if self._closed or self._closing:
+                return
+            self._closing = True
+        try:
+            if self._watcher is not None and self._watcher is not threading.current_thread():
+                os.write(self._stop_fd, (1).to_bytes(8, "little"))
+                self._watcher.join()
+            # these two refuse (BufferError) while views of them are held: release nothing
+            # else then
+            if self._mmap is not None:
+                self._mmap.close()
+                self._mmap = None
+            if self._region is not None:
+                self._region.close()
+                self._region = None
+        except BaseException:
+            self._closing = False  # nothing released: a later close() tries again
+            raise
         self._closed = True
         self._tell_channels()  # before their eventfds are closed
         _dlib.ivshm_bell_table_clear(self._bells)  # before BAR0 is unmapped

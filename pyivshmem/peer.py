@@ -127,7 +127,9 @@ class Peer:
         if rc < 0:
             raise OSError(-rc, f"cannot make a doorbell table: {os.strerror(-rc)}")
         self._bells = ffi.gc(out[0], lib.ivshm_bell_table_destroy)
-        self._closed = False
+        # closed until every attribute below exists: __del__ (after a Ctrl-C in here) then
+        # leaves the half-made object alone
+        self._closed = True
         # Every fd this Peer closes goes through here: never under a call of it (or of a Channel
         # over it) that uses that fd with the GIL released.  (_FdKeeper, docs/wakeup.md)
         self._fdk = _FdKeeper()
@@ -158,7 +160,12 @@ class Peer:
         self._pending: List[PeerEvent] = []
         self._compact_at = _COMPACT_MIN
         self._error: Optional[ProtocolError] = None  # found by an implicit drain; for events()
-        self._lock = threading.Lock()  # one thread at a time reads the server socket
+        # One thread at a time reads the server socket and keeps the tables it fills (_own,
+        # _peers, _msg), and close() does not tear them down under such a reader: it waits for
+        # it, or (a signal handler interrupting this thread's own reader, which holds the lock:
+        # re-entrant, hence RLock) leaves the release to that reader (_close_deferred).
+        self._lock = threading.RLock()
+        self._close_deferred = False
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
@@ -166,6 +173,7 @@ class Peer:
         self._channels: "weakref.WeakSet" = weakref.WeakSet()
         #: The shared memory, a pyivshmem Region (closed with the Peer).
         self.region: "Region" = None  # type: ignore[assignment]  # set by connect()
+        self._closed = False
 
     # ------------------------------------------------------------------ connecting
     @classmethod
@@ -489,35 +497,55 @@ class Peer:
         """Handle every message already waiting on the socket (never blocks); events go to the
         pending list.  On EOF the server connection is dropped and a DISCONNECTED event queued;
         on a protocol violation it is dropped and ProtocolError raised (``implicit``: kept
-        for the next events() call instead; and when another thread is reading the socket
-        right now, leave it to that thread)."""
+        for the next events() call instead).  A read in another thread is waited for (reads
+        never block); inside this thread's own read (a signal handler) this does nothing."""
         if self._sock is None:
             return
         if not self._fdk.enter():  # (the socket's fd stays open while this reads it)
             return
         try:
-            poll = self._poll
-            if implicit and poll is not None and not poll.poll(0):
-                return  # nothing waiting (and no EOF): one poll() instead of the whole path
             self._drain_keeping(setup_got, implicit)
         finally:
             self._fdk.leave()
 
     def _drain_keeping(self, setup_got: Optional[List[str]], implicit: bool) -> None:
-        if not self._lock.acquire(blocking=not implicit):
-            return
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            return  # a signal handler inside this thread's own read: that read goes on
+        # A with, not acquire() then try: an exception from a signal handler right after a
+        # plain acquire() returned would leave the lock held for good (and close() in another
+        # thread waiting on it).  Another thread's read is waited for (reads never block).
         try:
-            self._drain_locked(setup_got)
-        except ProtocolError as e:
-            if not implicit:
-                raise
-            self._error = e  # for events(); fileno() turns readable for it
-            self._ring_ready()
+            with self._lock:
+                if self._closed and setup_got is None:
+                    return  # closed while this waited for the lock
+                # under the lock: a select.poll object refuses two threads at once
+                poll = self._poll
+                if implicit and poll is not None and not poll.poll(0):
+                    return  # nothing waiting (and no EOF): one poll() instead of the whole path
+                try:
+                    self._drain_locked(setup_got)
+                except ProtocolError as e:
+                    if not implicit:
+                        raise
+                    self._error = e  # for events(); fileno() turns readable for it
+                    self._ring_ready()
         finally:
-            self._lock.release()
+            self._finish_deferred_close()
+
+    def _finish_deferred_close(self) -> None:
+        """After this thread let go of the read lock: a close() that a signal handler ran while
+        it held it (anywhere in the with) left the release to it.  A handler that runs after
+        this look finds the lock free and releases by itself; one that runs between the
+        unlock and this look found the Peer closed already, and this look does its work."""
+        if self._close_deferred and not self._lock._is_owned():  # type: ignore[attr-defined]
+            with self._lock:
+                if self._close_deferred:
+                    self._close_deferred = False
+                    self._release()
 
     def _drain_locked(self, setup_got: Optional[List[str]]) -> None:
-        while self._sock is not None:
+        # (stops at a close() that a signal handler ran meanwhile: _close_deferred)
+        while self._sock is not None and not self._close_deferred:
             try:
                 m = self._recv(0.0, "a peer id", setup_got or [])
                 if m is None:
@@ -624,8 +652,10 @@ class Peer:
         self._hold()
         try:
             fds = self._fds_of(peer_id)
+            # closed by another thread since the look at the top (my own list is empty then,
+            # another peer's is gone): ClosedError, not ConfigError
+            self._live()
             if fds is None:
-                self._live()  # closed by another thread since the look at the top: ClosedError
                 raise ConfigError(
                     f"cannot notify peer {peer_id}: not connected to the server at "
                     f"{self._path!r} (connected peers: {sorted(self._peers) or 'none'}; my id "
@@ -694,8 +724,10 @@ class Peer:
         events taken in by another call wait for events(): register it with
         select/epoll/asyncio, then call wait(0) and events()."""
         self._live()
-        assert self._outer is not None
-        return self._outer.fileno()
+        outer = self._outer
+        if outer is None:  # closed since the look above (a signal handler)
+            raise ClosedError("this Peer is closed")
+        return outer.fileno()
 
     def wait(self, timeout: Optional[float] = None) -> List[int]:
         """Sleep (GIL released) until one of my vectors fires, at most ``timeout`` seconds (None:
@@ -706,7 +738,8 @@ class Peer:
         close() from another thread (or a signal handler) ends the wait with ClosedError."""
         self._live()
         ws = self._ws
-        assert ws is not None
+        if ws is None:  # closed since the look above (a signal handler)
+            raise ClosedError("this Peer is closed")
         deadline = _deadline(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -747,7 +780,17 @@ class Peer:
             self._fdk.leave()
 
     def _events_held(self) -> List[PeerEvent]:
+        # a signal handler inside this thread's own read of the socket: no read of its own
+        nested = self._lock._is_owned()  # type: ignore[attr-defined]
+        try:
+            return self._events_locked(nested)
+        finally:
+            self._finish_deferred_close()
+
+    def _events_locked(self, nested: bool) -> List[PeerEvent]:
         with self._lock:
+            if self._closed:
+                raise ClosedError("this Peer is closed")
             if self._error is not None:
                 err, self._error = self._error, None
                 if self._ready >= 0:
@@ -758,8 +801,10 @@ class Peer:
                     f"no longer connected to the ivshmem server at {self._path!r}: "
                     f"{self._server_gone}"
                 )
-            if self._sock is not None:
+            if self._sock is not None and not nested:
                 self._drain_locked(None)
+            if self._closed:
+                raise ClosedError("this Peer is closed")
             out, self._pending = self._pending, []
             self._compact_at = _COMPACT_MIN
             if self._ready >= 0:
@@ -824,6 +869,9 @@ class Peer:
         already closed) and close every fd.  Idempotent.  In a child that inherited this Peer
         across fork it closes only the child's copies and leaves the parent's connection alone."""
         if self._closed:
+            # (a close() left to this thread's read of the socket, which an exception ended
+            # before it could look: done now)
+            self._finish_deferred_close()
             return
         self._closed = True
         # First the Channels sleeping on my vectors: they wake (ClosedError) instead of sleeping
@@ -835,7 +883,17 @@ class Peer:
         if os.getpid() != self._pid:
             self._release_inherited()
             return
-        self._release()
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            # a signal handler inside this thread's own read of the server socket: tearing the
+            # tables down under it would lose (or leak) what it is taking in.  It stops and
+            # releases everything when it leaves; the waits of other threads wake now.
+            self._close_deferred = True
+            for ws in (self._outer, self._ws):
+                if ws is not None:
+                    ws.close()
+            return
+        with self._lock:  # after a read of the socket in another thread (never blocks long)
+            self._release()
 
     def __enter__(self) -> "Peer":
         return self
@@ -847,7 +905,7 @@ class Peer:
         if (not getattr(self, "_closed", True) and getattr(self, "_id", -1) >= 0
                 and getattr(self, "_pid", None) == os.getpid()):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-        if not getattr(self, "_closed", True):
+        if not getattr(self, "_closed", True) or getattr(self, "_close_deferred", False):
             self.close()
 
     def __repr__(self) -> str:

@@ -159,3 +159,64 @@ def test_a_device_closed_while_a_channel_is_made_on_it_still_ends_its_waits(sysf
         finally:
             dev.close()
             rx.close()
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_two_threads_closing_a_device_close_its_fds_once(sysfs):
+    # Both close() calls got past the "already closed?" look (the first one lets the GIL go in
+    # the mmap's close, before it marks the device closed), and both closed resource2's fd:
+    # the second os.close() hit whatever file had taken the number in between.  The profile
+    # hooks hold the second close() just before its os.close(), while the first one finishes.
+    import mmap
+    import sys
+
+    _fake_device(sysfs, doorbell=True)
+    dev = PciDevice.open(vfio=False, sysfs=str(sysfs))
+    dev.memory.release()  # maps BAR2 (an mmap that close() closes first, a C call)
+    at_close, go = threading.Event(), threading.Event()
+    second = []
+
+    def second_hook(frame, event, arg):
+        if event == "c_call" and arg is os.close and frame.f_code.co_filename.endswith("pci.py"):
+            sys.setprofile(None)
+            at_close.set()
+            go.wait(30)
+
+    def second_close():
+        sys.setprofile(second_hook)
+        try:
+            dev.close()
+        finally:
+            sys.setprofile(None)
+
+    def first_hook(frame, event, arg):
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), mmap.mmap) and \
+                frame.f_code.co_filename.endswith("pci.py") and not second:
+            sys.setprofile(None)
+            t = threading.Thread(target=second_close, daemon=True)
+            second.append(t)
+            t.start()
+            while t.is_alive() and not at_close.is_set():
+                t.join(0.001)  # observing: at its os.close(), or done
+
+    decoy = -1
+    try:
+        sys.setprofile(first_hook)
+        try:
+            dev.close()
+        finally:
+            sys.setprofile(None)
+        assert second, "close() made no call"
+        decoy = os.open(os.devnull, os.O_RDONLY)  # may take the number close() freed
+        go.set()
+        second[0].join(30)
+        assert not second[0].is_alive()
+        os.fstat(decoy)  # EBADF: closed by the second close() of the same number
+    finally:
+        go.set()
+        if decoy >= 0:
+            try:
+                os.close(decoy)
+            except OSError:
+                pass

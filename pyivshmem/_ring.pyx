@@ -255,15 +255,38 @@ cdef class _FdKeeper:
 
     Each method runs no Python code (the closes are close(2) calls with the GIL held), so it is
     atomic under the GIL: another thread or a signal handler runs between two calls, never
-    inside one, and nothing here can deadlock (docs/wakeup.md, "fd lifetimes")."""
+    inside one, and nothing here can deadlock (docs/wakeup.md, "fd lifetimes").
+
+    Python callers hold it with ``with keeper:`` (ClosedError naming ``what`` once the owner
+    closed) or ``with keeper.if_open() as held:`` (False then): the with statement takes the
+    hold and arms its release in one step, so an exception from a signal handler can neither
+    come between them nor leave the hold taken for good (as it could after a plain enter())."""
     cdef Py_ssize_t inside
     cdef list pending
     cdef bint final
+    cdef object what
 
-    def __cinit__(self):
+    def __cinit__(self, what="this object"):
         self.inside = 0
         self.pending = []
         self.final = False
+        self.what = what
+
+    def __enter__(self):
+        if not self.c_enter():
+            raise ClosedError(f"{self.what} is closed")
+        return self
+
+    def __exit__(self, *exc):
+        self.c_leave()
+        return False
+
+    def if_open(self):
+        """A context manager: holds the fds and gives True, or gives False once the owner
+        closed (and holds nothing)."""
+        cdef _FdHold h = _FdHold.__new__(_FdHold)
+        h.keeper = self
+        return h
 
     def enter(self):
         """Hold the fds; False (and nothing held) once the owner closed."""
@@ -307,6 +330,22 @@ cdef class _FdKeeper:
         if self.pending:
             for fd in self.pending:
                 _c_close(fd)
+
+
+cdef class _FdHold:
+    """``_FdKeeper.if_open()``: one hold, taken by __enter__ if the owner is open."""
+    cdef _FdKeeper keeper
+    cdef bint held
+
+    def __enter__(self):
+        self.held = self.keeper.c_enter()
+        return self.held
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.held = False
+            self.keeper.c_leave()
+        return False
 
 
 cdef class _Mapping:

@@ -190,7 +190,7 @@ class WaitSet:
             raise ConfigError(f"max_events must be at least 1, not {max_events}")
         self._fd = -1
         self._wake = -1
-        self._fdk = _FdKeeper()
+        self._fdk = _FdKeeper("this WaitSet")
         self._pid = os.getpid()
         self._fd = _check(lib.ivshm_waitset_create(), "create an epoll wait set")
         try:
@@ -213,8 +213,8 @@ class WaitSet:
             raise ClosedError("this WaitSet is closed")
         return self._fd
 
-    def _enter(self) -> int:
-        """Hold the epoll fd for one call; its number."""
+    def _here(self) -> None:
+        """Refuse a use in a child that inherited this WaitSet across fork."""
         if os.getpid() != self._pid:
             # The epoll set and the close eventfd are the parent's too: a wait here would drain
             # the parent's eventfds, and nothing could wake it (ringing the close eventfd ends
@@ -225,13 +225,6 @@ class WaitSet:
                 f"this WaitSet was made by process {self._pid} and inherited across fork: its "
                 "epoll set is shared with that process, so it cannot be used here; close() it "
                 "(which leaves the parent's alone) and make a new one in this process")
-        if not self._fdk.enter():
-            raise ClosedError("this WaitSet is closed")
-        fd = self._fd
-        if fd < 0:  # (close() sets _fd before it hands the fd over)
-            self._fdk.leave()
-            raise ClosedError("this WaitSet is closed")
-        return fd
 
     def fileno(self) -> int:
         """The epoll fd: readable whenever a watched fd is readable."""
@@ -242,18 +235,14 @@ class WaitSet:
             raise ConfigError(f"tag must be an int in 0..{_WS_CLOSE_TAG - 1}, not {tag!r} "
                               f"({_WS_CLOSE_TAG} is the wait set's own)")
         flags = lib.IVSHM_WS_DRAIN if drain else 0
-        ep = self._enter()
-        try:
-            _check(lib.ivshm_waitset_add(ep, fd, tag, flags), f"watch fd {fd}")
-        finally:
-            self._fdk.leave()
+        self._here()
+        with self._fdk:  # the epoll fd stays open until the call returned
+            _check(lib.ivshm_waitset_add(self._live(), fd, tag, flags), f"watch fd {fd}")
 
     def remove(self, fd: int) -> None:
-        ep = self._enter()
-        try:
-            _check(lib.ivshm_waitset_remove(ep, fd), f"stop watching fd {fd}")
-        finally:
-            self._fdk.leave()
+        self._here()
+        with self._fdk:
+            _check(lib.ivshm_waitset_remove(self._live(), fd), f"stop watching fd {fd}")
 
     def wait(self, timeout: Optional[float]) -> List[Tuple[int, int]]:
         """Sleep (GIL released) until a watched fd is readable or ``timeout`` seconds pass
@@ -263,8 +252,9 @@ class WaitSet:
         sleeps."""
         deadline = _deadline(timeout)
         out = self._out
-        ep = self._enter()
-        try:
+        self._here()
+        with self._fdk:  # the epoll fd stays open until the wait returned
+            ep = self._live()  # (close() sets _fd before it hands the fd over)
             while True:
                 rc = lib.ivshm_waitset_wait(ep, timeout_ms(deadline), 0, out, self._max,
                                             ffi.NULL)
@@ -277,8 +267,6 @@ class WaitSet:
                 if any(tag == _WS_CLOSE_TAG for tag, _ in fired):
                     raise ClosedError("this WaitSet was closed while waiting")
                 return fired
-        finally:
-            self._fdk.leave()
 
     def close(self) -> None:
         """Close the epoll fd; a wait blocked in another thread wakes and raises ClosedError

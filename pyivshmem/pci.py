@@ -272,7 +272,7 @@ class PciDevice:
         self._lock = threading.RLock()
         # the eventfds that waits (and Channels asleep on a vector) use with the GIL released:
         # close() closes them once those calls have left (_FdKeeper, docs/wakeup.md)
-        self._fdk = _FdKeeper()
+        self._fdk = _FdKeeper("this PciDevice")
 
     # -- discovery -----------------------------------------------------------------------------
     @staticmethod
@@ -568,12 +568,9 @@ class PciDevice:
             if self._gone is not None or self._closed:
                 return
             self._gone = why
-            if self._fdk.enter():  # (a close() in another thread closes it after the write)
-                try:
-                    if self._gone_fd >= 0:
-                        os.write(self._gone_fd, (1).to_bytes(8, "little"))
-                finally:
-                    self._fdk.leave()
+            with self._fdk.if_open() as held:  # (a close() meanwhile closes it after the write)
+                if held and self._gone_fd >= 0:
+                    os.write(self._gone_fd, (1).to_bytes(8, "little"))
             self._tell_channels()
             if self._region is not None:
                 self._region.close()      # callers inside finish first; later calls: ClosedError
@@ -675,17 +672,19 @@ class PciDevice:
         if self._ws is not None:
             self._ws.close()  # a wait() asleep in another thread wakes: ClosedError
             self._ws = None
-        if self._vfio is not None and lib is not None:
-            lib.ivshm_vfio_close(self._vfio)  # disables MSI-X before closing the device
-            self._vfio = None
+        # not under a register access of another thread (BAR0's mapping, or the VFIO device
+        # fd when BAR0 is not mapped): those take the lock, and see the device closed after
+        with self._lock:
+            if self._vfio is not None and lib is not None:
+                lib.ivshm_vfio_close(self._vfio)  # disables MSI-X before closing the device
+                self._vfio = None
+            if self._bar0 and lib is not None:
+                lib.ivshm_mmio_unmap(self._bar0, self._bar0_len)
+            self._bar0 = 0
         # closed now, or by the last wait (or Channel sleep) still using them
         fds, self._efds = self._efds + [self._timer_fd, self._gone_fd], []
         self._timer_fd = self._gone_fd = -1
         self._fdk.close_later(fds, final=True)
-        with self._lock:  # not under a register access of another thread
-            if self._bar0 and lib is not None:
-                lib.ivshm_mmio_unmap(self._bar0, self._bar0_len)
-            self._bar0 = 0
         if self._mem_fd >= 0:
             os.close(self._mem_fd)
             self._mem_fd = -1
@@ -838,14 +837,11 @@ class PciDevice:
         self._live()
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ConfigError(f"timeout must be None or a number >= 0, not {timeout!r}")
-        if not self._fdk.enter():  # the eventfds stay open until this wait has left
-            raise ClosedError(f"PciDevice {self.bdf or '?'} is closed")
         try:
-            return self._wait_held(timeout)
+            with self._fdk:  # the eventfds stay open until this wait has left
+                return self._wait_held(timeout)
         except ClosedError:
             raise ClosedError(f"PciDevice {self.bdf or '?'} was closed while waiting") from None
-        finally:
-            self._fdk.leave()
 
     def _wait_held(self, timeout: Optional[float]) -> List[int]:
         ws, timer = self._ws, self._timer_fd

@@ -132,7 +132,7 @@ class Peer:
         self._closed = True
         # Every fd this Peer closes goes through here: never under a call of it (or of a Channel
         # over it) that uses that fd with the GIL released.  (_FdKeeper, docs/wakeup.md)
-        self._fdk = _FdKeeper()
+        self._fdk = _FdKeeper("this Peer")
         # The process that made this Peer.  A child that inherits it across fork shares the
         # server connection and the epoll sets with the parent: it may only close() it (its own
         # copies of the fds), never read the socket or change the epoll sets.
@@ -501,12 +501,9 @@ class Peer:
         never block); inside this thread's own read (a signal handler) this does nothing."""
         if self._sock is None:
             return
-        if not self._fdk.enter():  # (the socket's fd stays open while this reads it)
-            return
-        try:
-            self._drain_keeping(setup_got, implicit)
-        finally:
-            self._fdk.leave()
+        with self._fdk.if_open() as held:  # (the socket's fd stays open while this reads it)
+            if held:
+                self._drain_keeping(setup_got, implicit)
 
     def _drain_keeping(self, setup_got: Optional[List[str]], implicit: bool) -> None:
         if self._lock._is_owned():  # type: ignore[attr-defined]
@@ -572,18 +569,10 @@ class Peer:
             self._fdk.close_later([sock.detach()])  # a drain may be reading it right now
         lib.ivshm_proto_msg_reset(self._msg)
 
-    def _hold(self) -> None:
-        """Hold my fds for one call that uses them with the GIL released (then _fdk.leave())."""
-        if not self._fdk.enter():
-            raise ClosedError("this Peer is closed")
-
     def _ring_ready(self) -> None:
-        if self._fdk.enter():
-            try:
-                if self._ready >= 0:
-                    doorbell_ring(self._ready)
-            finally:
-                self._fdk.leave()
+        with self._fdk.if_open() as held:
+            if held and self._ready >= 0:
+                doorbell_ring(self._ready)
 
     # ------------------------------------------------------------------ public API
     def _live(self) -> None:
@@ -649,8 +638,7 @@ class Peer:
         self._drain_server(implicit=True)
         # held from the look-up to the write: a leave (or a close) in another thread meanwhile
         # closes the fd after the write, never under it
-        self._hold()
-        try:
+        with self._fdk:
             fds = self._fds_of(peer_id)
             # closed by another thread since the look at the top (my own list is empty then,
             # another peer's is gone): ClosedError, not ConfigError
@@ -665,8 +653,6 @@ class Peer:
                     f"cannot notify peer {peer_id} on vector {vector!r}: it has {len(fds)} "
                     f"vector(s), 0..{len(fds) - 1}")
             rc = lib.ivshm_eventfd_ring(fds[vector])
-        finally:
-            self._fdk.leave()
         if rc < 0:
             raise OSError(-rc, f"ringing peer {peer_id} vector {vector}: {os.strerror(-rc)}")
 
@@ -743,13 +729,11 @@ class Peer:
         deadline = _deadline(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._hold()  # the vectors' fds, drained inside the wait, stay open until it returns
             try:
-                fired = ws.wait(left)
+                with self._fdk:  # the vectors' fds, drained inside the wait, stay open
+                    fired = ws.wait(left)
             except ClosedError:
                 raise ClosedError("this Peer was closed while waiting") from None
-            finally:
-                self._fdk.leave()
             vectors = sorted({tag for tag, _ in fired if tag != _SOCK_TAG})
             if any(tag == _SOCK_TAG for tag, _ in fired):
                 self._drain_server()
@@ -773,11 +757,8 @@ class Peer:
         first) and the connection to it is dropped (the doorbells of known peers keep
         working)."""
         self._live()
-        self._hold()  # _ready, drained below
-        try:
+        with self._fdk:  # _ready, drained below
             return self._events_held()
-        finally:
-            self._fdk.leave()
 
     def _events_held(self) -> List[PeerEvent]:
         # a signal handler inside this thread's own read of the socket: no read of its own

@@ -265,12 +265,21 @@ cdef class _FdKeeper:
     cdef list pending
     cdef bint final
     cdef object what
+    cdef uint64_t gen  # _fork_gen of the process whose calls ``inside`` counts
 
     def __cinit__(self, what="this object"):
         self.inside = 0
         self.pending = []
         self.final = False
         self.what = what
+        self.gen = _fork_gen
+
+    cdef inline void _here(self) noexcept:
+        # In a child made by fork the parent's threads do not exist: the calls they had inside
+        # never leave here.  Count this process's own calls only.
+        if self.gen != _fork_gen:
+            self.gen = _fork_gen
+            self.inside = 0
 
     def __enter__(self):
         if not self.c_enter():
@@ -296,12 +305,14 @@ cdef class _FdKeeper:
         self.c_leave()
 
     cdef inline bint c_enter(self) noexcept:
+        self._here()
         if self.final:
             return False
         self.inside += 1
         return True
 
     cdef inline void c_leave(self) noexcept:
+        self._here()
         if self.inside > 0:
             self.inside -= 1
         if self.inside == 0 and self.pending:
@@ -309,6 +320,7 @@ cdef class _FdKeeper:
 
     def close_later(self, fds, final=False):
         cdef int fd
+        self._here()
         if final:
             self.final = True
         for f in fds:
@@ -3688,12 +3700,28 @@ cdef class Channel:
             _bells_after_wake(&self._bells)
         return rung
 
+    cdef int _own_cancel_fd(self) except -1:
+        """In a child made by fork, before its first wait there: a cancel fd of its own (the
+        inherited one is the parent's, which this process must not write), so that a close in
+        this process wakes this process's sleepers."""
+        cdef int fd = _chan_eventfd()
+        if self._cancel_fd >= 0:
+            _os.close(self._cancel_fd)  # this process's copy of the parent's
+        self._cancel_fd = fd
+        self._ch.cancel_fd2 = fd
+        self._fork_gen = _fork_gen
+        if self._closed or self._doorbell_gone:
+            _chan_signal(fd)  # (closed before the fork: its waits end at once here too)
+        return 0
+
     cdef int _wait(self, ivshm_chan_call *call, timeout, bint sending) except -1:
         """One blocking wait (GIL released, mapping held).  Returns when the ring may be ready;
         raises ClosedError, WaitTimeout/StallError, KeyboardInterrupt (signals), OSError."""
         cdef _Mapping m = self._ring._m
         cdef int rc
         cdef _FdKeeper fdk
+        if self._fork_gen != _fork_gen:
+            self._own_cancel_fd()
         while True:
             if self._closed or m.closed:  # a copy that released the GIL may have seen a close
                 raise ClosedError(f"channel over ring {self._ring._name!r} closed while waiting")
@@ -3986,6 +4014,8 @@ cdef class Channel:
 
     async def _await_fds(self, loop, span, bint on_fd, bint armed, int closed_fd, _AsyncCall c):
         cdef _FdKeeper fdk = None
+        if self._fork_gen != _fork_gen:
+            self._own_cancel_fd()  # (see there)
         fut = loop.create_future()
         fds = [self._cancel_fd, closed_fd]  # the mapping's own: held by the caller
         if on_fd:

@@ -837,11 +837,11 @@ class Peer:
                 ws.close()  # our copy of the epoll fd; its registrations belong to the parent too
         self._outer = self._ws = None
         fds = [self._ready] + self._own + [fd for lst in self._peers.values() for fd in lst]
-        for fd in fds:
-            if fd >= 0:
-                _close(fd)
         self._ready, self._own, self._peers = -1, [], {}
         self._whole = set()
+        # this process's copies: closed now, or after this process's own Channel sleeps on
+        # them have left (the keeper counts only this process's calls)
+        self._fdk.close_later(fds, final=True)
         if self.region is not None:
             self.region.close()  # our mapping only
 

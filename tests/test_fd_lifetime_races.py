@@ -278,9 +278,6 @@ def test_a_close_in_a_signal_handler_inside_a_read_of_the_server_socket_leaks_no
             other.close()
 
 
-@pytest.mark.xfail(reason="in a forked child Channel._cancel() does not wake the child's own "
-                          "sleepers (no cancel fd of its own) and the inherited _FdKeeper "
-                          "counts the parent's calls: needs _ring.pyx", strict=True)
 def test_closing_an_inherited_peer_in_a_child_ends_its_own_channel_wait(server, shm_path):
     # A child's thread asleep on a Channel over the Peer it inherited: the child's close() closed
     # the vector fd under the sleep (it never woke until its recheck, then failed with EBADF, or

@@ -197,8 +197,8 @@ def test_two_threads_closing_a_device_close_its_fds_once(sysfs):
             t = threading.Thread(target=second_close, daemon=True)
             second.append(t)
             t.start()
-            while t.is_alive() and not at_close.is_set():
-                t.join(0.001)  # observing: at its os.close(), or done
+            while t.is_alive() and not at_close.is_set() and not _waits_for_a_close(dev):
+                t.join(0.001)  # observing: at its os.close(), waiting for this close, or done
 
     decoy = -1
     try:
@@ -250,9 +250,10 @@ def test_a_close_racing_another_threads_close_returns_once_the_device_is_release
             t = threading.Thread(target=second_close, daemon=True)
             second.append(t)
             t.start()
-            # observe the second close() while the first is held here: it either returned
-            # (the defect) or waits for this one (then the join times out, and this goes on)
-            t.join(1.0)
+            # observe the second close() while the first is held here: it returned (the
+            # defect) or waits for this one
+            while t.is_alive() and not _waits_for_a_close(dev):
+                t.join(0.001)
 
     try:
         sys.setprofile(first_hook)
@@ -276,3 +277,9 @@ def _is_open(fd: int) -> bool:
         assert e.errno == errno.EBADF
         return False
     return True
+
+
+def _waits_for_a_close(dev) -> bool:
+    """A close() of ``dev`` waits for another thread's close() to finish."""
+    done = getattr(dev, "_close_done", None)
+    return done is not None and bool(done._waiters)

@@ -270,6 +270,9 @@ class PciDevice:
         self._stop_fd = -1
         self._watcher: Optional[threading.Thread] = None
         self._lock = threading.RLock()
+        # close(): the thread whose close() is under way (_closing), and the others' wait for it
+        self._closer: Optional[int] = None
+        self._close_done = threading.Condition(self._lock)
         # the eventfds that waits (and Channels asleep on a vector) use with the GIL released:
         # close() closes them once those calls have left (_FdKeeper, docs/wakeup.md)
         self._fdk = _FdKeeper("this PciDevice")
@@ -642,29 +645,41 @@ class PciDevice:
     def close(self) -> None:
         """Release everything (interrupts, mappings, fds). Idempotent. The vfio-pci binding stays
         (see :meth:`unbind_vfio`). Refused (BufferError) while views of ``memory`` are held.
-        A close() while another thread's close() is under way returns at once."""
+        A close() while another thread's close() is under way returns once that one is done
+        (it tries again if that one was refused); one run by a signal handler inside this
+        thread's own close() returns at once."""
         # One close() releases: the steps below let the GIL go (the watcher's join, the mmap's
         # close) before the device is marked closed, and a second close() that got past a plain
-        # look at _closed closed the same fd numbers (and freed the VFIO handle) again.
+        # look at _closed closed the same fd numbers (and freed the VFIO handle) again.  The
+        # others wait for it: returning at once would let a caller go on (check `closed`, unbind
+        # the driver) while the device is still open.
+        me = threading.get_ident()
         with self._lock:  # (held only for the look: the watcher takes it too, and is joined)
+            while self._closing and self._closer != me:
+                self._close_done.wait()  # (lets the lock go meanwhile)
             if self._closed or self._closing:
                 return
-            self._closing = True
+            self._closing, self._closer = True, me
         try:
-            if self._watcher is not None and self._watcher is not threading.current_thread():
-                os.write(self._stop_fd, (1).to_bytes(8, "little"))
-                self._watcher.join()
-            # these two refuse (BufferError) while views of them are held: release nothing
-            # else then
-            if self._mmap is not None:
-                self._mmap.close()
-                self._mmap = None
-            if self._region is not None:
-                self._region.close()
-                self._region = None
-        except BaseException:
-            self._closing = False  # nothing released: a later close() tries again
-            raise
+            self._close_claimed()
+        finally:
+            with self._lock:
+                self._closing, self._closer = False, None
+                self._close_done.notify_all()
+
+    def _close_claimed(self) -> None:
+        # (an exception before _closed is set released nothing: a later close() tries again)
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            os.write(self._stop_fd, (1).to_bytes(8, "little"))
+            self._watcher.join()
+        # these two refuse (BufferError) while views of them are held: release nothing
+        # else then
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self._region is not None:
+            self._region.close()
+            self._region = None
         self._closed = True
         self._tell_channels()  # before their eventfds are closed
         _dlib.ivshm_bell_table_clear(self._bells)  # before BAR0 is unmapped

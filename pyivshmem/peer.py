@@ -103,6 +103,18 @@ def _close(fd: int) -> None:
         pass
 
 
+def _quiet(poll: "Optional[select.poll]") -> bool:
+    """True when ``poll`` (a Peer's look at its server socket) finds nothing waiting.  False
+    when something is, when there is no socket, and when another thread polls it right now (a
+    select.poll object refuses two at once: RuntimeError): the caller reads, under the lock."""
+    if poll is None:
+        return False
+    try:
+        return not poll.poll(0)
+    except RuntimeError:
+        return False
+
+
 def _is_int(value: object, lo: int, hi: int) -> bool:
     """An int (not a bool) in [lo, hi]."""
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
@@ -166,6 +178,8 @@ class Peer:
         # re-entrant, hence RLock) leaves the release to that reader (_close_deferred).
         self._lock = threading.RLock()
         self._close_deferred = False
+        # a _drain_locked() is under way (in some thread): set before its first recv
+        self._reading = False
         self._server_gone: Optional[str] = None  # why the server connection ended
         self._path = ""
         self._format_region = True
@@ -501,6 +515,12 @@ class Peer:
         never block); inside this thread's own read (a signal handler) this does nothing."""
         if self._sock is None:
             return
+        # The cheap look first, without the read lock or a hold (notify() and the Channel
+        # wakers come here for every ring): nothing waiting and nobody reading.  In this order:
+        # a read that took the last bytes before the poll still has _reading set after it.  (A
+        # poll only looks: on a socket fd closed meanwhile it finds nothing to miss.)
+        if implicit and _quiet(self._poll) and not self._reading:
+            return
         with self._fdk.if_open() as held:  # (the socket's fd stays open while this reads it)
             if held:
                 self._drain_keeping(setup_got, implicit)
@@ -515,9 +535,8 @@ class Peer:
             with self._lock:
                 if self._closed and setup_got is None:
                     return  # closed while this waited for the lock
-                # under the lock: a select.poll object refuses two threads at once
-                poll = self._poll
-                if implicit and poll is not None and not poll.poll(0):
+                # (again under the lock: the read we waited for may have taken it all)
+                if implicit and _quiet(self._poll):
                     return  # nothing waiting (and no EOF): one poll() instead of the whole path
                 try:
                     self._drain_locked(setup_got)
@@ -541,6 +560,14 @@ class Peer:
                     self._release()
 
     def _drain_locked(self, setup_got: Optional[List[str]]) -> None:
+        # (_reading: implicit drains of other threads wait for this one instead of skipping)
+        self._reading = True
+        try:
+            self._drain_loop(setup_got)
+        finally:
+            self._reading = False
+
+    def _drain_loop(self, setup_got: Optional[List[str]]) -> None:
         # (stops at a close() that a signal handler ran meanwhile: _close_deferred)
         while self._sock is not None and not self._close_deferred:
             try:

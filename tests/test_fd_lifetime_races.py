@@ -396,3 +396,78 @@ def test_a_close_in_a_signal_handler_right_after_the_open_check_raises_closed_er
             sys.setprofile(None)
     finally:
         peer.close()
+
+
+def test_notify_waits_for_another_threads_read_that_took_a_departure_in(server):
+    # notify() takes the server's news in first, so a peer that has left is known to have left.
+    # Another thread's read had already taken the departure off the socket (nothing left to
+    # poll) and was about to apply it: notify() must wait for that read, not see an idle socket
+    # and ring the departed peer.  The profile hooks hold the reader at that point and note when
+    # the notifier goes for the read lock.
+    import threading
+
+    from pyivshmem import ConfigError
+
+    peer = Peer.connect(server)
+    other = Peer.connect(server)
+    try:
+        gone = other.id
+        for _ in range(200):
+            if gone in peer.peers:
+                break
+            peer.wait(0.05)
+        assert gone in peer.peers, "the other peer never showed up"
+        peer.events()
+        other.close()
+        import select
+        assert select.select([peer._sock], [], [], 30)[0], "the departure never arrived"
+        in_read, go, at_lock = threading.Event(), threading.Event(), threading.Event()
+        results = {}
+
+        def reader_hook(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "_handle":
+                sys.setprofile(None)
+                in_read.set()
+                go.wait(30)
+
+        def reader():
+            sys.setprofile(reader_hook)
+            try:
+                results["events"] = peer.events()
+            except BaseException as e:  # pragma: no cover - reported below
+                results["events"] = e
+            finally:
+                sys.setprofile(None)
+
+        def notifier_hook(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "_drain_keeping":
+                sys.setprofile(None)
+                at_lock.set()
+
+        def notifier():
+            sys.setprofile(notifier_hook)
+            try:
+                peer.notify(gone, 0)
+                results["notify"] = "rang"
+            except BaseException as e:
+                results["notify"] = e
+            finally:
+                sys.setprofile(None)
+
+        r = threading.Thread(target=reader, daemon=True)
+        r.start()
+        assert in_read.wait(30), "the reader never took the message in"
+        n = threading.Thread(target=notifier, daemon=True)
+        n.start()
+        while n.is_alive() and not at_lock.is_set():
+            n.join(0.001)
+        go.set()
+        r.join(30)
+        n.join(30)
+        assert not r.is_alive() and not n.is_alive()
+        assert isinstance(results["notify"], ConfigError), \
+            f"notify() of the departed peer during the read of its departure: {results!r}"
+    finally:
+        sys.setprofile(None)
+        peer.close()
+        other.close()

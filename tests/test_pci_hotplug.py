@@ -197,8 +197,8 @@ def test_two_threads_closing_a_device_close_its_fds_once(sysfs):
             t = threading.Thread(target=second_close, daemon=True)
             second.append(t)
             t.start()
-            while t.is_alive() and not at_close.is_set():
-                t.join(0.001)  # observing: at its os.close(), or done
+            while t.is_alive() and not at_close.is_set() and not _waits_for_a_close(dev):
+                t.join(0.001)  # observing: at its os.close(), waiting for this close, or done
 
     decoy = -1
     try:
@@ -220,3 +220,66 @@ def test_two_threads_closing_a_device_close_its_fds_once(sysfs):
                 os.close(decoy)
             except OSError:
                 pass
+
+
+@needs_root
+def test_a_close_racing_another_threads_close_returns_once_the_device_is_released(sysfs):
+    # The second close() (another thread) found the first one under way and returned at once:
+    # after it returned the device was not closed yet (closed False, BAR2's fd still open), so
+    # a caller that closes and then unbinds the driver, or checks `closed`, raced the first one.
+    # The profile hook holds the first close() at its mmap's close (before anything is released)
+    # while the second one runs.
+    import mmap
+    import sys
+
+    _fake_device(sysfs, doorbell=True)
+    dev = PciDevice.open(vfio=False, sysfs=str(sysfs))
+    dev.memory.release()  # maps BAR2 (an mmap that close() closes first, a C call)
+    mem_fd = dev._mem_fd
+    seen = []
+    second = []
+
+    def second_close():
+        dev.close()
+        seen.append((dev.closed, mem_fd >= 0 and _is_open(mem_fd)))
+
+    def first_hook(frame, event, arg):
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), mmap.mmap) and \
+                frame.f_code.co_filename.endswith("pci.py") and not second:
+            sys.setprofile(None)
+            t = threading.Thread(target=second_close, daemon=True)
+            second.append(t)
+            t.start()
+            # observe the second close() while the first is held here: it returned (the
+            # defect) or waits for this one
+            while t.is_alive() and not _waits_for_a_close(dev):
+                t.join(0.001)
+
+    try:
+        sys.setprofile(first_hook)
+        try:
+            dev.close()
+        finally:
+            sys.setprofile(None)
+        assert second, "close() made no call"
+        second[0].join(30)
+        assert not second[0].is_alive(), "the second close() never returned"
+        assert seen == [(True, False)], \
+            f"after the second close() returned: (closed, BAR2 fd open) = {seen}"
+    finally:
+        dev.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True
+
+
+def _waits_for_a_close(dev) -> bool:
+    """A close() of ``dev`` waits for another thread's close() to finish."""
+    done = getattr(dev, "_close_done", None)
+    return done is not None and bool(done._waiters)

@@ -19,7 +19,7 @@ cimport cython
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
-from cpython.exc cimport PyErr_CheckSignals
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetInterrupt
 from cpython.list cimport PyList_Append
 from cpython.long cimport PyLong_CheckExact, PyLong_AsSsize_t
 from cpython.float cimport PyFloat_CheckExact, PyFloat_AS_DOUBLE
@@ -257,10 +257,12 @@ cdef class _FdKeeper:
     atomic under the GIL: another thread or a signal handler runs between two calls, never
     inside one, and nothing here can deadlock (docs/wakeup.md, "fd lifetimes").
 
-    Python callers hold it with ``with keeper:`` (ClosedError naming ``what`` once the owner
-    closed) or ``with keeper.if_open() as held:`` (False then): the with statement takes the
-    hold and arms its release in one step, so an exception from a signal handler can neither
-    come between them nor leave the hold taken for good (as it could after a plain enter())."""
+    Python callers hold it with ``with keeper.hold():`` (ClosedError naming ``what`` once the
+    owner closed) or ``with keeper.if_open() as held:`` (False then).  Each gives a hold object
+    of its own: the with statement takes the hold and arms its release in one step, and the
+    object gives the hold back when it is freed if __exit__ never ran (Python 3.10 can unwind a
+    with block without calling __exit__ when a second signal handler raises meanwhile), so an
+    exception from a signal handler cannot leave a hold taken for good."""
     cdef Py_ssize_t inside
     cdef list pending
     cdef bint final
@@ -281,20 +283,18 @@ cdef class _FdKeeper:
             self.gen = _fork_gen
             self.inside = 0
 
-    def __enter__(self):
-        if not self.c_enter():
-            raise ClosedError(f"{self.what} is closed")
-        return self
-
-    def __exit__(self, *exc):
-        self.c_leave()
-        return False
+    def hold(self):
+        """A context manager that holds the fds; ClosedError once the owner closed."""
+        cdef _FdHold h = _FdHold.__new__(_FdHold)
+        h.keeper = self
+        return h
 
     def if_open(self):
         """A context manager: holds the fds and gives True, or gives False once the owner
         closed (and holds nothing)."""
         cdef _FdHold h = _FdHold.__new__(_FdHold)
         h.keeper = self
+        h.quiet = True
         return h
 
     def enter(self):
@@ -345,12 +345,16 @@ cdef class _FdKeeper:
 
 
 cdef class _FdHold:
-    """``_FdKeeper.if_open()``: one hold, taken by __enter__ if the owner is open."""
+    """One hold of an _FdKeeper (``hold()``, ``if_open()``), taken by __enter__, given back by
+    __exit__ or, failing that, when this object is freed."""
     cdef _FdKeeper keeper
     cdef bint held
+    cdef bint quiet
 
     def __enter__(self):
         self.held = self.keeper.c_enter()
+        if not self.held and not self.quiet:
+            raise ClosedError(f"{self.keeper.what} is closed")
         return self.held
 
     def __exit__(self, *exc):
@@ -358,6 +362,11 @@ cdef class _FdHold:
             self.held = False
             self.keeper.c_leave()
         return False
+
+    def __dealloc__(self):
+        if self.held and self.keeper is not None:
+            self.held = False
+            self.keeper.c_leave()
 
 
 cdef class _Mapping:
@@ -3378,6 +3387,10 @@ cdef void _refresh_bells(void *chan) noexcept with gil:
     cdef Channel ch = <Channel>chan
     try:
         ch._doorbell._bell_refresh()
+    except KeyboardInterrupt:
+        # (Ctrl-C while the refresh waited for another thread's read of the socket) not lost:
+        # raised again at the next check, once the wake is done
+        PyErr_SetInterrupt()
     except BaseException:
         pass  # the table stays as it is; a ring to a peer it lacks is lost and re-checked
 

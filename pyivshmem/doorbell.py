@@ -236,12 +236,12 @@ class WaitSet:
                               f"({_WS_CLOSE_TAG} is the wait set's own)")
         flags = lib.IVSHM_WS_DRAIN if drain else 0
         self._here()
-        with self._fdk:  # the epoll fd stays open until the call returned
+        with self._fdk.hold():  # the epoll fd stays open until the call returned
             _check(lib.ivshm_waitset_add(self._live(), fd, tag, flags), f"watch fd {fd}")
 
     def remove(self, fd: int) -> None:
         self._here()
-        with self._fdk:
+        with self._fdk.hold():
             _check(lib.ivshm_waitset_remove(self._live(), fd), f"stop watching fd {fd}")
 
     def wait(self, timeout: Optional[float]) -> List[Tuple[int, int]]:
@@ -253,7 +253,7 @@ class WaitSet:
         deadline = _deadline(timeout)
         out = self._out
         self._here()
-        with self._fdk:  # the epoll fd stays open until the wait returned
+        with self._fdk.hold():  # the epoll fd stays open until the wait returned
             ep = self._live()  # (close() sets _fd before it hands the fd over)
             while True:
                 rc = lib.ivshm_waitset_wait(ep, timeout_ms(deadline), 0, out, self._max,

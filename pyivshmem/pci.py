@@ -853,7 +853,7 @@ class PciDevice:
         if timeout is not None and (timeout != timeout or timeout < 0):
             raise ConfigError(f"timeout must be None or a number >= 0, not {timeout!r}")
         try:
-            with self._fdk:  # the eventfds stay open until this wait has left
+            with self._fdk.hold():  # the eventfds stay open until this wait has left
                 return self._wait_held(timeout)
         except ClosedError:
             raise ClosedError(f"PciDevice {self.bdf or '?'} was closed while waiting") from None

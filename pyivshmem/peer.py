@@ -665,7 +665,7 @@ class Peer:
         self._drain_server(implicit=True)
         # held from the look-up to the write: a leave (or a close) in another thread meanwhile
         # closes the fd after the write, never under it
-        with self._fdk:
+        with self._fdk.hold():
             fds = self._fds_of(peer_id)
             # closed by another thread since the look at the top (my own list is empty then,
             # another peer's is gone): ClosedError, not ConfigError
@@ -757,7 +757,7 @@ class Peer:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                with self._fdk:  # the vectors' fds, drained inside the wait, stay open
+                with self._fdk.hold():  # the vectors' fds, drained inside the wait, stay open
                     fired = ws.wait(left)
             except ClosedError:
                 raise ClosedError("this Peer was closed while waiting") from None
@@ -784,7 +784,7 @@ class Peer:
         first) and the connection to it is dropped (the doorbells of known peers keep
         working)."""
         self._live()
-        with self._fdk:  # _ready, drained below
+        with self._fdk.hold():  # _ready, drained below
             return self._events_held()
 
     def _events_held(self) -> List[PeerEvent]:

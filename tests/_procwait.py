@@ -194,3 +194,16 @@ def wait_for(cond, what="the condition", timeout=60.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)  # polling an observable state
+
+
+def is_open(fd):
+    """True while ``fd`` is an open file descriptor of this process (EBADF: False)."""
+    import errno
+    import os
+
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True

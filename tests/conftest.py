@@ -128,3 +128,13 @@ def fd_limit():
 
     yield need
     resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An ivshmem server (1 MiB, 2 vectors) serving in a thread; its socket path."""
+    from pyivshmem import Server
+
+    sock = os.path.join(tmp_path, "srv")
+    with Server(sock, size="1M", vectors=2):
+        yield sock

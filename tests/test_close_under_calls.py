@@ -4,33 +4,16 @@ A blocked Peer.wait() or WaitSet.wait() must end with ClosedError instead of sle
 (closing an epoll fd does not wake a thread asleep in it), and no fd may be closed under a call
 that still uses it: its number could be reused by another file, which the call would then read
 or write (docs/wakeup.md, "fd lifetimes")."""
-import errno
 import os
 import threading
 
 import pytest
-from _procwait import wait_until_in_wait
+from _procwait import is_open, wait_until_in_wait
 
-from pyivshmem import Channel, ClosedError, Peer, Region, Server
+from pyivshmem import Channel, ClosedError, Peer, Region
 from pyivshmem.doorbell import WaitSet
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as e:
-        assert e.errno == errno.EBADF
-        return False
-    return True
-
-
-@pytest.fixture
-def server(tmp_path):
-    sock = os.path.join(tmp_path, "srv")
-    with Server(sock, size="1M", vectors=2):
-        yield sock
 
 
 def _in_thread(fn):

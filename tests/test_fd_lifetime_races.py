@@ -1,6 +1,5 @@
 """Races and misuse around the fd keeper (docs/wakeup.md, "fd lifetimes"): fork, signal handlers
 and a close() that lands between two steps of a call in another thread."""
-import errno
 import os
 import signal
 import subprocess
@@ -9,26 +8,12 @@ import time
 
 import pytest
 
-from pyivshmem import ClosedError, InheritedError, Peer, Server
+from _procwait import is_open
+
+from pyivshmem import ClosedError, InheritedError, Peer
 from pyivshmem.doorbell import WaitSet
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as e:
-        assert e.errno == errno.EBADF
-        return False
-    return True
-
-
-@pytest.fixture
-def server(tmp_path):
-    sock = os.path.join(tmp_path, "srv")
-    with Server(sock, size="1M", vectors=2):
-        yield sock
 
 
 def _in_child(fn) -> int:

@@ -14,7 +14,7 @@ import pytest
 from pyivshmem import (Channel, ClosedError, DeviceError, DeviceGoneError, PciDevice, Region,
                        WaitTimeout)
 
-from _procwait import thread_native_id, wait_until_in_wait
+from _procwait import is_open, thread_native_id, wait_until_in_wait
 from test_documented_options import _fake_device, needs_root
 
 
@@ -241,7 +241,7 @@ def test_a_close_racing_another_threads_close_returns_once_the_device_is_release
 
     def second_close():
         dev.close()
-        seen.append((dev.closed, mem_fd >= 0 and _is_open(mem_fd)))
+        seen.append((dev.closed, mem_fd >= 0 and is_open(mem_fd)))
 
     def first_hook(frame, event, arg):
         if event == "c_call" and isinstance(getattr(arg, "__self__", None), mmap.mmap) and \
@@ -268,15 +268,6 @@ def test_a_close_racing_another_threads_close_returns_once_the_device_is_release
             f"after the second close() returned: (closed, BAR2 fd open) = {seen}"
     finally:
         dev.close()
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError as e:
-        assert e.errno == errno.EBADF
-        return False
-    return True
 
 
 def _waits_for_a_close(dev) -> bool:
